@@ -1,0 +1,1 @@
+"""Slurm launch through submitit: multi-node torchrun, requeue on preemption, job specs."""

@@ -1,0 +1,66 @@
+import pytest
+
+from training.config import ConfigError, RunConfig, load_config
+
+
+def test_presets_load_and_match_the_recipe():
+    cfg = load_config("gpt2-124m")
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size) == (12, 12, 768, 1024)
+    assert cfg.model.padded_vocab_size == 50304
+    assert cfg.train.total_batch_tokens == 524288 and cfg.train.max_steps == 19073
+    assert cfg.optim.max_lr == 6e-4 and cfg.optim.warmup_steps == 715 and cfg.optim.weight_decay == 0.1
+    assert cfg.grad_accum_steps(world_size=8) == 1 and cfg.grad_accum_steps(world_size=1) == 8
+    tiny = load_config("tiny")
+    assert tiny.model.n_layer <= 2 and tiny.train.seq_len <= tiny.model.block_size
+
+
+def test_overrides_by_dotted_path_and_unique_bare_name():
+    cfg = load_config("tiny", ["optim.max_lr=3e-3", "max_steps=7", "compile=true", "run_dir=s3://b/runs/x"])
+    assert cfg.optim.max_lr == 3e-3 and cfg.train.max_steps == 7 and cfg.train.compile is True
+    assert cfg.train.run_dir == "s3://b/runs/x"
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        (["max_lrr=1"], "max_lr"),                      # typo: suggests the real name
+        (["optim.max_lr=-1"], "optim.max_lr"),           # invalid value names the field
+        (["micro_batch=3"], "train.total_batch_tokens"),  # batch does not split into micro-batches
+        (["vocab_size=1000"], "model.vocab_size"),       # too small for the GPT-2 tokenizer
+        (["seq_len=128"], "train.seq_len"),              # longer than the model's context
+        (["n_head=3"], "model.n_embd"),                  # heads must divide the width
+        (["compile=maybe"], "train.compile"),
+    ],
+)
+def test_bad_values_are_clear_errors_naming_the_field(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", override)
+    assert needle in str(err.value)
+
+
+def test_typo_in_a_toml_file_is_rejected(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text('[optim]\nmax_lr = 1e-3\nwarmpu_steps = 3\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert "optim.warmpu_steps" in str(err.value) and "warmup_steps" in str(err.value)
+
+
+def test_world_size_must_divide_the_batch():
+    cfg = load_config("tiny")  # 2048 tokens = 8 x 64 x 4 micro-steps on one rank
+    assert cfg.grad_accum_steps(1) == 4 and cfg.grad_accum_steps(4) == 1
+    with pytest.raises(ConfigError, match="world_size"):
+        cfg.grad_accum_steps(3)
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ConfigError, match="tiny"):
+        load_config("gpt2-125m")
+
+
+def test_resolved_config_round_trips_through_json():
+    from training.config import config_from_json
+
+    cfg = load_config("tiny", ["seed=7"])
+    assert config_from_json(cfg.to_json()) == cfg
+    assert isinstance(cfg, RunConfig)

@@ -1,0 +1,270 @@
+"""Checkpoint format, atomic writes, validation and retention.
+
+    {run_dir}/checkpoints/step_000500/
+        model.safetensors    weights (padded vocab rows included; the tied lm_head is stored once, as wte)
+        optimizer.pt         AdamW state_dict
+        rank_00000.pt ...    per-rank loader state and RNG states (python, numpy, torch CPU, CUDA)
+        train_state.json     step, resolved config, code version, world size, anything the loop adds
+        manifest.json        written LAST: every file's size and sha256. No manifest = not a checkpoint.
+
+Readers trust the manifest, never the listing, and verify each file's sha256 as they read it; a checkpoint
+that fails is skipped with a warning and the previous one is used. Nothing here unpickles code:
+tensors go through safetensors and `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from training import store
+from training.config import RunConfig, config_from_json
+from training.model import GPT, unwrap
+
+log = logging.getLogger(__name__)
+
+FORMAT = "gpt2-repro-checkpoint/1"
+CHECKPOINTS_DIR = "checkpoints"
+MANIFEST = "manifest.json"
+_STEP_RE = re.compile(r"^step_(\d{6,})$")
+_TIED = "lm_head.weight"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or corrupt; the message names it."""
+
+
+def step_dir(run_dir: str, step: int) -> str:
+    return store.join(run_dir, CHECKPOINTS_DIR, f"step_{step:06d}")
+
+
+def code_version() -> str:
+    """The git commit of the code that wrote the checkpoint (with +dirty), or the package version."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if rev.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return "gpt2-repro " + version("gpt2-repro")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def model_bytes(model: torch.nn.Module) -> bytes:
+    sd = {k: v.detach().contiguous() for k, v in unwrap(model).state_dict().items() if k != _TIED}
+    return st_save(sd, metadata={"format": FORMAT})
+
+
+def load_model_state(model: GPT, data: bytes) -> None:
+    sd = st_load(data)
+    sd[_TIED] = sd["transformer.wte.weight"]
+    unwrap(model).load_state_dict(sd, strict=True)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_checkpoint(
+    run_dir: str,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    config: RunConfig,
+    rank_state: dict[str, Any],
+    rank: int = 0,
+    world_size: int = 1,
+    train_state: dict[str, Any] | None = None,
+    gather: Callable[[Any], list[Any] | None] | None = None,
+) -> str | None:
+    """Write one checkpoint collectively. Every rank calls this with its own `rank_state`; `gather` sends each
+    rank's file record to rank 0 (None on the others; in a single process, `lambda x: [x]`). Rank 0 writes
+    the shared files and, last, the manifest. Returns the checkpoint URL on rank 0."""
+    url = step_dir(run_dir, step)
+    gather = gather or (lambda x: [x])
+    rank_name = f"rank_{rank:05d}.pt"
+    data = _torch_bytes(rank_state)
+    store.write_bytes(store.join(url, rank_name), data)
+    records = gather({"name": rank_name, "bytes": len(data), "sha256": _sha256(data)})
+    if rank != 0:
+        return None
+    files = {r["name"]: {"bytes": r["bytes"], "sha256": r["sha256"]} for r in records}
+    if len(files) != world_size:
+        raise CheckpointError(f"{url}: expected {world_size} rank states, got {sorted(files)}")
+    shared = {
+        "model.safetensors": model_bytes(model),
+        "train_state.json": json.dumps(
+            {"step": step, "world_size": world_size, "code_version": code_version(),
+             "config": json.loads(config.to_json()), **(train_state or {})}, indent=2).encode(),
+    }
+    if optimizer is not None:
+        shared["optimizer.pt"] = _torch_bytes(optimizer.state_dict())
+    for name, blob in shared.items():
+        store.write_bytes(store.join(url, name), blob)
+        files[name] = {"bytes": len(blob), "sha256": _sha256(blob)}
+    store.write_json(store.join(url, MANIFEST), {"format": FORMAT, "step": step, "world_size": world_size, "files": files})
+    return url
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Checkpoint:
+    url: str
+    manifest: dict[str, Any]
+    _cache: dict[str, bytes] = field(default_factory=dict, repr=False)
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+    @property
+    def world_size(self) -> int:
+        return int(self.manifest["world_size"])
+
+    def read(self, name: str) -> bytes:
+        """A file's bytes, verified against the manifest's sha256."""
+        if name in self._cache:
+            return self._cache[name]
+        meta = self.manifest["files"].get(name)
+        if meta is None:
+            raise CheckpointError(f"{self.url}: {name} is not in the manifest")
+        try:
+            data = store.read_bytes(store.join(self.url, name))
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.url}: {name} is listed in the manifest but missing") from None
+        if len(data) != meta["bytes"] or _sha256(data) != meta["sha256"]:
+            raise CheckpointError(f"{self.url}: {name} is corrupt (size or sha256 differs from the manifest)")
+        if name.endswith(".json"):
+            self._cache[name] = data
+        return data
+
+    def train_state(self) -> dict[str, Any]:
+        return json.loads(self.read("train_state.json"))
+
+    def config(self) -> RunConfig:
+        return config_from_json(json.dumps(self.train_state()["config"]))
+
+    def model_state_bytes(self) -> bytes:
+        return self.read("model.safetensors")
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return torch.load(io.BytesIO(self.read("optimizer.pt")), map_location="cpu", weights_only=True)
+
+    def rank_state(self, rank: int) -> dict[str, Any]:
+        return torch.load(io.BytesIO(self.read(f"rank_{rank:05d}.pt")), map_location="cpu", weights_only=True)
+
+    def verify(self) -> None:
+        """Read and hash every file (the thorough check before trusting a checkpoint to resume from)."""
+        for name in self.manifest["files"]:
+            self.read(name)
+
+
+def open_checkpoint(url: str) -> Checkpoint:
+    try:
+        manifest = store.read_json(store.join(url, MANIFEST))
+    except FileNotFoundError:
+        raise CheckpointError(f"{url}: no {MANIFEST} (incomplete or not a checkpoint)") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{url}: unreadable {MANIFEST}: {err}") from None
+    if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{url}: {MANIFEST} is not a {FORMAT} manifest")
+    return Checkpoint(url=url, manifest=manifest)
+
+
+def list_steps(run_dir: str) -> list[int]:
+    """Steps that have a directory under checkpoints/ (complete or not), ascending."""
+    steps = []
+    for name in store.listdir(store.join(run_dir, CHECKPOINTS_DIR)):
+        m = _STEP_RE.match(name)
+        if m:
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def _valid_newest_first(run_dir: str, verify: bool):
+    for step in reversed(list_steps(run_dir)):
+        try:
+            ckpt = open_checkpoint(step_dir(run_dir, step))
+            if verify:
+                ckpt.verify()
+        except CheckpointError as err:
+            log.warning("skipping checkpoint: %s", err)
+            continue
+        yield ckpt
+
+
+def valid_checkpoints(run_dir: str, verify: bool = False) -> list[Checkpoint]:
+    """Complete checkpoints, newest first; incomplete or corrupt ones are skipped with a warning."""
+    return list(_valid_newest_first(run_dir, verify))
+
+
+def latest_checkpoint(run_dir: str, verify: bool = True) -> Checkpoint | None:
+    """The newest checkpoint that passes validation (every file hashed when `verify`), or None."""
+    return next(_valid_newest_first(run_dir, verify), None)
+
+
+def resolve(url: str) -> Checkpoint:
+    """A checkpoint directory, or a run directory (its latest valid checkpoint)."""
+    if store.exists(store.join(url, MANIFEST)):
+        return open_checkpoint(url)
+    if store.exists(store.join(url, CHECKPOINTS_DIR)):
+        ckpt = latest_checkpoint(url)
+        if ckpt is None:
+            raise CheckpointError(f"{url}: no valid checkpoint under {CHECKPOINTS_DIR}/")
+        return ckpt
+    raise CheckpointError(f"{url}: neither a checkpoint (no {MANIFEST}) nor a run directory (no {CHECKPOINTS_DIR}/)")
+
+
+def load_model(url: str, device: str | torch.device = "cpu") -> tuple[GPT, RunConfig, int]:
+    """The model stored in a checkpoint (or a run's latest checkpoint): (model in eval mode, config, step)."""
+    ckpt = resolve(url)
+    config = ckpt.config()
+    model = GPT(config.model)
+    load_model_state(model, ckpt.model_state_bytes())
+    return model.to(device).eval(), config, ckpt.step
+
+
+# ----------------------------------------------------------------------------- retention
+
+
+def prune(run_dir: str, keep_last: int, keep_every: int, current_step: int) -> list[int]:
+    """Delete checkpoints outside keep-last-K and keep-every-N, and stale incomplete ones. Returns deleted steps."""
+    complete = [c.step for c in valid_checkpoints(run_dir)]
+    keep = set(sorted(complete)[-keep_last:]) | {s for s in complete if keep_every and s % keep_every == 0}
+    keep.add(current_step)
+    deleted = []
+    for step in list_steps(run_dir):
+        if step not in keep:
+            store.remove_tree(step_dir(run_dir, step))
+            deleted.append(step)
+    return deleted

@@ -1,0 +1,241 @@
+"""The one typed run config: model, data, optimisation, training, checkpointing, evaluation.
+
+Presets live in `configs/*.toml`; `--set key=value` overrides take either a dotted path
+(`optim.max_lr=3e-4`) or a bare field name when it is unique across sections (`max_lr=3e-4`).
+Everything is validated here, before a GPU is allocated or a Slurm job is queued.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+GPT2_TOKENIZER_VOCAB = 50257  # tiktoken "gpt2": 50,000 merges + 256 bytes + <|endoftext|>
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the offending field."""
+
+
+class _Section(BaseModel):
+    # extra="forbid" turns a typo into an error instead of a silently ignored key.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class GPTConfig(_Section):
+    """Shape of the GPT-2 network (defaults: GPT-2 124M)."""
+
+    block_size: int = Field(1024, gt=0, description="maximum context length (learned positions)")
+    vocab_size: int = Field(GPT2_TOKENIZER_VOCAB, gt=0, description="tokens the tokenizer can emit")
+    n_layer: int = Field(12, gt=0)
+    n_head: int = Field(12, gt=0)
+    n_embd: int = Field(768, gt=0)
+    pad_vocab_to: int = Field(
+        64, gt=0, description="round the embedding/logit rows up to a multiple of this (50257 -> 50304); 1 = off"
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "GPTConfig":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        return self
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_to
+        return (self.vocab_size + m - 1) // m * m
+
+
+class DataConfig(_Section):
+    data_url: str = Field("store/data/fineweb-edu/sample-10BT", description="fsspec URL of the token shards")
+    shuffle: bool = Field(False, description="seeded per-epoch shuffling (off = build-nanogpt's exact order)")
+    verify_checksums: bool = Field(True, description="check shard sha256 against the manifest when one exists")
+
+
+class OptimConfig(_Section):
+    max_lr: float = Field(6e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR as a fraction of max_lr (cosine floor)")
+    warmup_steps: int = Field(715, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="global grad-norm clip; 0 disables")
+
+
+class TrainConfig(_Section):
+    run_dir: str = Field("runs/default", description="fsspec URL everything this run writes goes under")
+    max_steps: int = Field(19073, gt=0)
+    total_batch_tokens: int = Field(524288, gt=0, description="tokens per optimizer step, all ranks")
+    micro_batch: int = Field(64, gt=0, description="sequences per rank per micro-step")
+    seq_len: int = Field(1024, gt=0)
+    seed: int = 1337
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="autocast dtype; auto = bf16 on CUDA")
+    compile: bool = False
+    tf32: bool = True
+    log_every: int = Field(1, gt=0)
+
+
+class CheckpointConfig(_Section):
+    checkpoint_every: int = Field(1000, gt=0)
+    keep_last: int = Field(3, gt=0, description="keep this many newest checkpoints")
+    keep_every: int = Field(5000, ge=0, description="also keep every checkpoint whose step is a multiple; 0 = none")
+
+
+class EvalConfig(_Section):
+    val_every: int = Field(250, gt=0)
+    val_steps: int = Field(20, gt=0, description="val micro-batches per rank per evaluation")
+    sample_every: int = Field(1000, ge=0, description="0 disables sampling during training")
+    sample_prompt: str = "Hello, I'm a language model,"
+    sample_count: int = Field(4, gt=0)
+    sample_tokens: int = Field(32, gt=0)
+
+
+class RunConfig(_Section):
+    """Everything one training run needs. `name` is informational (shows in logs and the UI)."""
+
+    name: str = "run"
+    model: GPTConfig = Field(default_factory=GPTConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunConfig":
+        t, m = self.train, self.model
+        if m.vocab_size < GPT2_TOKENIZER_VOCAB:
+            raise ValueError(
+                f"model.vocab_size ({m.vocab_size}) is smaller than the GPT-2 tokenizer's {GPT2_TOKENIZER_VOCAB} tokens"
+            )
+        if t.seq_len > m.block_size:
+            raise ValueError(f"train.seq_len ({t.seq_len}) exceeds model.block_size ({m.block_size})")
+        per_micro = t.micro_batch * t.seq_len
+        if t.total_batch_tokens % per_micro:
+            raise ValueError(
+                f"train.total_batch_tokens ({t.total_batch_tokens}) must be divisible by "
+                f"train.micro_batch x train.seq_len ({t.micro_batch} x {t.seq_len} = {per_micro})"
+            )
+        return self
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-steps per optimizer step on each rank; raises when the batch does not split evenly."""
+        t = self.train
+        per_step = t.micro_batch * t.seq_len * world_size
+        if world_size < 1 or t.total_batch_tokens % per_step:
+            raise ConfigError(
+                f"train.total_batch_tokens ({t.total_batch_tokens}) must be divisible by "
+                f"train.micro_batch x train.seq_len x world_size ({t.micro_batch} x {t.seq_len} x {world_size} = {per_step})"
+            )
+        return t.total_batch_tokens // per_step
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+# ----------------------------------------------------------------------------- loading and overrides
+
+
+def _leaf_paths(model_cls: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    out = []
+    for name, field in model_cls.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += _leaf_paths(ann, f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+LEAF_PATHS = _leaf_paths()
+
+
+def resolve_key(key: str) -> str:
+    """Map a `--set` key (dotted path or unique bare name) to its dotted path, or raise naming close matches."""
+    if key in LEAF_PATHS:
+        return key
+    matches = [p for p in LEAF_PATHS if p.rsplit(".", 1)[-1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise ConfigError(f"config key {key!r} is ambiguous; use one of {matches}")
+    names = sorted(set(LEAF_PATHS) | {p.rsplit(".", 1)[-1] for p in LEAF_PATHS})
+    close = difflib.get_close_matches(key, names, n=3)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _parse_value(raw: str) -> Any:
+    # TOML/JSON literals where they parse (numbers, booleans, quoted strings), else the raw string.
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        path = resolve_key(key.strip()).split(".")
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = _parse_value(raw.strip())
+    return data
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(loc, LEAF_PATHS + [p.rsplit(".", 1)[0] for p in LEAF_PATHS], n=1)
+            msg = "unknown field" + (f"; did you mean {close[0]}?" if close else "")
+        lines.append(f"  {loc or '<root>'}: {msg}" + (f" (got {e['input']!r})" if "input" in e and e["type"] != "extra_forbidden" and not isinstance(e["input"], dict) else ""))
+    return "\n".join(lines)
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    """A preset name (`tiny`, `gpt2-124m`) or a path to a TOML file."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        if not p.exists():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        return p
+    candidate = CONFIG_DIR / f"{name_or_path}.toml"
+    if not candidate.exists():
+        known = sorted(x.stem for x in CONFIG_DIR.glob("*.toml"))
+        raise ConfigError(f"unknown preset {str(name_or_path)!r}; presets: {known}")
+    return candidate
+
+
+def build_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = preset_path(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    apply_overrides(data, list(overrides or []))
+    return build_config(data, str(path))
+
+
+def config_from_json(text: str) -> RunConfig:
+    return build_config(json.loads(text), "resolved config.json")

@@ -1,0 +1,34 @@
+"""Export a checkpoint to a Hugging Face GPT-2 directory (config.json, model.safetensors, tokenizer files)
+that `GPT2LMHeadModel.from_pretrained`, `AutoTokenizer.from_pretrained` and lm-eval's `hf` model load as is.
+
+    python -m training.export_hf --checkpoint URL --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from training.checkpoint import CheckpointError, load_model
+from training.hf import export_hf_dir
+from training.tokenizer import TokenizerFilesError
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.export_hf", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (latest); fsspec URL")
+    ap.add_argument("--out", required=True, help="output directory (local)")
+    ap.add_argument("--no-tokenizer", action="store_true", help="skip writing the GPT-2 tokenizer files")
+    args = ap.parse_args(argv)
+    try:
+        model, _, step = load_model(args.checkpoint)
+        out = export_hf_dir(model, args.out, with_tokenizer=not args.no_tokenizer)
+    except (CheckpointError, TokenizerFilesError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported step {step} of {args.checkpoint} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""GPT-2, as in the GPT-2 paper and build-nanogpt: learned positions, pre-norm blocks, tanh-GELU,
+causal SDPA (flash) attention, final LayerNorm, and an lm_head that shares its tensor with wte.
+
+Parameter names follow Hugging Face's GPT-2 (`transformer.h.0.attn.c_attn.weight`, ...), so importing
+and exporting weights is a transpose of the Conv1D layers and nothing else (see `training/hf.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from training.config import GPTConfig
+
+__all__ = ["GPT", "GPTConfig", "flops_per_token", "unwrap"]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE_INIT = True  # output projections into the residual stream
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_dim)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention where available
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE_INIT = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        vocab = config.padded_vocab_size  # rows past config.vocab_size are padding: never input, never output
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(vocab, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying: one tensor, counted and optimised once
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "RESIDUAL_SCALE_INIT", False):
+                # keeps the residual stream's variance from growing with depth (two adds per block)
+                std *= (2 * self.config.n_layer) ** -0.5
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, exclude_positions: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied tensor once
+        if exclude_positions:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx: (B, T) token ids. Returns logits over the real vocabulary (B, T, vocab_size) and the loss."""
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            # Padding only makes the matmul shape friendly; the padded rows are not tokens, so they are
+            # sliced off here and can never be sampled, scored, or take probability mass in the loss.
+            logits = logits[..., : self.config.vocab_size]
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    @classmethod
+    def from_hf(cls, model_or_dir, pad_vocab_to: int = 64) -> "GPT":
+        """Our model with Hugging Face GPT-2 weights: a GPT2LMHeadModel object or a local HF directory."""
+        from training.hf import gpt_from_hf
+
+        return gpt_from_hf(model_or_dir, pad_vocab_to=pad_vocab_to)
+
+
+def flops_per_token(config: GPTConfig, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls (fwd + bwd) plus 12 * L * H * Q * T for attention
+    (PaLM appendix B; Q = head dim, T = sequence length)."""
+    head_dim = config.n_embd // config.n_head
+    return 6 * n_params + 12 * config.n_layer * config.n_head * head_dim * seq_len
+
+
+def unwrap(model: nn.Module) -> GPT:
+    """The plain GPT under torch.compile (`_orig_mod`) and DDP (`module`) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module") and not isinstance(model, GPT):
+            model = model.module
+        else:
+            return model

@@ -1,0 +1,91 @@
+"""Reading and writing the store: any fsspec URL (a local path by default, `s3://bucket/prefix` via s3fs).
+
+Writers make a file visible under its final name only when it is complete: on a local disk through a
+temporary name and an atomic rename; on object stores a single PUT already is atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(str(url))
+    return fs, path
+
+
+def join(url: str, *parts: str) -> str:
+    return posixpath.join(str(url).rstrip("/"), *parts)
+
+
+def is_local(url: str) -> bool:
+    return isinstance(fs_and_path(url)[0], LocalFileSystem)
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    fs, path = fs_and_path(url)
+    if isinstance(fs, LocalFileSystem):
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = fs_and_path(url)
+    return fs.cat_file(path)
+
+
+def write_json(url: str, obj: Any) -> None:
+    write_bytes(url, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(url: str) -> Any:
+    return json.loads(read_bytes(url))
+
+
+def exists(url: str) -> bool:
+    fs, path = fs_and_path(url)
+    return fs.exists(path)
+
+
+def listdir(url: str) -> list[str]:
+    """Base names directly under `url` (empty when it does not exist)."""
+    fs, path = fs_and_path(url)
+    try:
+        entries = fs.ls(path, detail=False, refresh=True) if not isinstance(fs, LocalFileSystem) else fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+
+def append_text(url: str, text: str) -> None:
+    """Append to a log-like file. Local files append in place; object stores have no append, so those
+    rewrite the object (callers batch lines to keep that cheap)."""
+    fs, path = fs_and_path(url)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a") as f:
+            f.write(text)
+    else:
+        old = fs.cat_file(path) if fs.exists(path) else b""
+        fs.pipe_file(path, old + text.encode())
+
+
+def remove_tree(url: str) -> None:
+    fs, path = fs_and_path(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
