@@ -39,3 +39,30 @@ def small_hf_model(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_hea
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
+
+
+def make_shards(url, sizes, *, manifest=True, seed=0, values=None):
+    """Token shards in the real format: sizes[0] is the val shard, the rest train shards.
+    `values="positions"` fills each shard with its token positions (unique ids for coverage checks)."""
+    import numpy as np
+
+    from data_prep.shards import shard_name, write_manifest, write_shard
+
+    rng = np.random.default_rng(seed)
+    records = []
+    for i, n in enumerate(sizes):
+        toks = np.arange(n, dtype=np.uint16) if values == "positions" else rng.integers(0, 50257, n, dtype=np.uint16)
+        records.append(write_shard(str(url), shard_name("val" if i == 0 else "train", i), toks))
+    if manifest:
+        write_manifest(str(url), records)
+    return records
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """Real English tokens (Python stdlib docstrings) in real shards."""
+    from data_prep.demo_corpus import build
+
+    url = str(tmp_path_factory.mktemp("demo-data"))
+    build(url, shard_tokens=50_000, max_shards=4)
+    return url

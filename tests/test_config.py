@@ -47,10 +47,16 @@ def test_typo_in_a_toml_file_is_rejected(tmp_path):
 
 
 def test_world_size_must_divide_the_batch():
-    cfg = load_config("tiny")  # 2048 tokens = 8 x 64 x 4 micro-steps on one rank
-    assert cfg.grad_accum_steps(1) == 4 and cfg.grad_accum_steps(4) == 1
+    cfg = load_config("tiny")  # 512 tokens = 4 x 64 x 2 micro-steps on one rank
+    assert cfg.grad_accum_steps(1) == 2 and cfg.grad_accum_steps(2) == 1
     with pytest.raises(ConfigError, match="world_size"):
         cfg.grad_accum_steps(3)
+    # val reads the same tokens on any world size that divides them
+    assert cfg.val_steps_per_rank(1) == 4 and cfg.val_steps_per_rank(4) == 1
+    with pytest.raises(ConfigError, match="eval.val_tokens"):
+        cfg.val_steps_per_rank(3)
+    big = load_config("gpt2-124m")
+    assert big.val_steps_per_rank(8) == 20 and big.grad_accum_steps(8) == 1
 
 
 def test_unknown_preset_lists_the_presets():

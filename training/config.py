@@ -81,6 +81,9 @@ class TrainConfig(_Section):
     compile: bool = False
     tf32: bool = True
     log_every: int = Field(1, gt=0)
+    stop_after_steps: int | None = Field(
+        None, gt=0, description="leave after this many steps in this process, checkpointing as on preemption "
+        "(a time-boxed allocation); the next launch resumes")
 
 
 class CheckpointConfig(_Section):
@@ -91,7 +94,9 @@ class CheckpointConfig(_Section):
 
 class EvalConfig(_Section):
     val_every: int = Field(250, gt=0)
-    val_steps: int = Field(20, gt=0, description="val micro-batches per rank per evaluation")
+    val_tokens: int = Field(
+        10_485_760, gt=0, description="tokens per val evaluation, all ranks together (the same tokens whatever "
+        "the world size); build-nanogpt: 20 steps x 64 x 1024 x 8 GPUs")
     sample_every: int = Field(1000, ge=0, description="0 disables sampling during training")
     sample_prompt: str = "Hello, I'm a language model,"
     sample_count: int = Field(4, gt=0)
@@ -136,6 +141,15 @@ class RunConfig(_Section):
                 f"train.micro_batch x train.seq_len x world_size ({t.micro_batch} x {t.seq_len} x {world_size} = {per_step})"
             )
         return t.total_batch_tokens // per_step
+
+    def val_steps_per_rank(self, world_size: int) -> int:
+        t, v = self.train, self.eval.val_tokens
+        per_step = t.micro_batch * t.seq_len * world_size
+        if v % per_step:
+            raise ConfigError(
+                f"eval.val_tokens ({v}) must be divisible by train.micro_batch x train.seq_len x world_size "
+                f"({t.micro_batch} x {t.seq_len} x {world_size} = {per_step})")
+        return v // per_step
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)

@@ -1,0 +1,121 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_shards
+from training.data import ShardError, ShardLoader, list_shards
+
+
+def _drain(loader, n):
+    return [tuple(t.clone() for t in loader.next_batch()) for _ in range(n)]
+
+
+def test_batches_match_build_nanogpt_layout(tmp_path):
+    make_shards(tmp_path, [100, 1000], values="positions")
+    ld = ShardLoader(str(tmp_path), "train", B=2, T=8, prefetch=False)
+    x, y = ld.next_batch()
+    assert x.dtype == torch.uint16 and x.shape == (2, 8)
+    assert x.flatten().tolist() == list(range(16)) and y.flatten().tolist() == list(range(1, 17))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_rank_striding_covers_each_token_once_per_epoch(tmp_path, world):
+    B, T = 2, 8
+    make_shards(tmp_path, [100, 1001, 700, 500], values="positions")
+    loaders = [ShardLoader(str(tmp_path), "train", B, T, rank=r, world_size=world) for r in range(world)]
+    seen = {1: [], 2: [], 3: []}
+    shard_slot = 0
+    for _ in range(200):
+        slot = loaders[0].slot
+        epoch = loaders[0].epoch
+        if epoch > 0:
+            break
+        for ld in loaders:
+            x, _ = ld.next_batch()
+            seen[slot + 1] += x.flatten().tolist()
+        shard_slot = slot
+    stride = B * T * world
+    for shard, n in zip((1, 2, 3), (1001, 700, 500)):
+        full = (n - 1) // stride * stride  # build-nanogpt drops the tail that cannot fill a whole step
+        assert sorted(seen[shard]) == list(range(full)), shard
+    assert shard_slot == 2 and loaders[0].epoch == 1  # wrapped into the next epoch
+    for ld in loaders:
+        ld.close()
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_state_round_trips_across_shards_and_epochs(tmp_path, shuffle):
+    make_shards(tmp_path, [100, 300, 250, 400])
+    a = ShardLoader(str(tmp_path), "train", 2, 8, shuffle=shuffle, seed=3)
+    for k in (0, 5, 17, 40):
+        a2 = ShardLoader(str(tmp_path), "train", 2, 8, shuffle=shuffle, seed=3)
+        _drain(a2, k)
+        state = json.loads(json.dumps(a2.state_dict()))  # plain data: fits a weights_only checkpoint
+        b = ShardLoader(str(tmp_path), "train", 2, 8, shuffle=shuffle, seed=3)
+        b.load_state_dict(state)
+        for (x1, y1), (x2, y2) in zip(_drain(a2, 25), _drain(b, 25)):
+            assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert a.state_dict()["epoch"] == 0
+
+
+def test_shuffle_is_seeded_and_changes_the_order(tmp_path):
+    make_shards(tmp_path, [100] + [200] * 5, values="positions")
+    def first(seed, shuffle=True):
+        ld = ShardLoader(str(tmp_path), "train", 2, 8, shuffle=shuffle, seed=seed)
+        return [x.flatten().tolist() for x, _ in _drain(ld, 30)]
+    assert first(1) == first(1)
+    assert first(1) != first(2) and first(1) != first(0, shuffle=False)
+
+
+def test_resume_on_another_world_size_continues_the_token_stream(tmp_path):
+    make_shards(tmp_path, [100, 4000], values="positions")
+    two = [ShardLoader(str(tmp_path), "train", 2, 8, rank=r, world_size=2) for r in range(2)]
+    for ld in two:
+        _drain(ld, 5)  # 5 steps x 32 tokens
+    one = ShardLoader(str(tmp_path), "train", 2, 8, rank=0, world_size=1)
+    one.load_state_dict(two[0].state_dict())
+    x, _ = one.next_batch()
+    assert x.flatten()[0].item() == 5 * 2 * 16
+
+
+def test_folder_without_manifest_like_build_nanogpt_writes(tmp_path):
+    make_shards(tmp_path, [100, 200, 300], manifest=False)
+    assert [s.name for s in list_shards(str(tmp_path), "train")] == [
+        "edufineweb_train_000001.npy", "edufineweb_train_000002.npy"]
+    assert list_shards(str(tmp_path), "val")[0].tokens is None
+
+
+def test_corrupt_shard_is_rejected_naming_it(tmp_path):
+    make_shards(tmp_path, [100, 300, 300])
+    p = tmp_path / "edufineweb_train_000002.npy"
+    data = bytearray(p.read_bytes())
+    data[-3] ^= 0x01
+    p.write_bytes(bytes(data))
+    ld = ShardLoader(str(tmp_path), "train", 2, 8, prefetch=False)
+    with pytest.raises(ShardError, match="edufineweb_train_000002.npy.*sha256"):
+        _drain(ld, 40)
+
+
+def test_truncated_wrong_dtype_and_missing_shards_are_clear_errors(tmp_path):
+    make_shards(tmp_path, [100, 300], manifest=False)
+    p = tmp_path / "edufineweb_train_000001.npy"
+    p.write_bytes(p.read_bytes()[:-50])
+    with pytest.raises(ShardError, match="edufineweb_train_000001.npy.*truncated"):
+        ShardLoader(str(tmp_path), "train", 2, 8)
+    np.save(p, np.arange(300, dtype=np.int32))
+    with pytest.raises(ShardError, match="edufineweb_train_000001.npy.*int32"):
+        ShardLoader(str(tmp_path), "train", 2, 8)
+    with pytest.raises(ShardError, match="no train shards"):
+        list_shards(str(tmp_path / "empty"), "train")
+    make_shards(tmp_path / "m", [100, 300])
+    (tmp_path / "m" / "edufineweb_train_000001.npy").unlink()
+    with pytest.raises(ShardError, match="missing"):
+        ShardLoader(str(tmp_path / "m"), "train", 2, 8)
+
+
+def test_shard_too_small_for_a_step(tmp_path):
+    make_shards(tmp_path, [100, 30])
+    with pytest.raises(ShardError, match="one step needs 33"):
+        ShardLoader(str(tmp_path), "train", 2, 8, world_size=2)

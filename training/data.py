@@ -1,0 +1,216 @@
+"""Token-shard loader: build-nanogpt's shard format and rank-strided batches, resumable and verified.
+
+A shard is `np.save` of a 1-D uint16 array named `*_{train,val}_NNNNNN.npy` (data_prep writes them; so does
+build-nanogpt's fineweb.py). When the folder has a `manifest.json` (data_prep's), its shard list, token counts
+and sha256s are trusted and checked; without one, the listing is used.
+
+Batches: every rank reads B*T+1 tokens at `base + rank*B*T` and the window advances by B*T*world per
+micro-step, exactly as build-nanogpt's DataLoaderLite; at the end of a shard the next one is taken (already
+fetched by a background thread), and after the last shard the next epoch starts. The loader's global state
+(shard, base position, epoch) is the same on every rank, so a run can resume on a different world size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from training import store
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+_NAME_RE = re.compile(r"_(train|val)_(\d+)\.npy$")
+
+
+class ShardError(ValueError):
+    """A shard (or the shard set) that cannot be trained on; the message names it."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str
+    url: str
+    tokens: int | None = None
+    sha256: str | None = None
+
+
+def list_shards(data_url: str, split: str) -> list[Shard]:
+    """The split's shards in order: from manifest.json when present, else from the folder listing."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    manifest_url = store.join(data_url, MANIFEST)
+    if store.exists(manifest_url):
+        try:
+            manifest = store.read_json(manifest_url)
+            entries = manifest["shards"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ShardError(f"{manifest_url}: unreadable shard manifest ({err})") from None
+        shards = [
+            Shard(e["name"], store.join(data_url, e["name"]), int(e["tokens"]), e.get("sha256"))
+            for e in entries
+            if (m := _NAME_RE.search(e["name"])) and m.group(1) == split
+        ]
+    else:
+        names = [n for n in store.listdir(data_url) if (m := _NAME_RE.search(n)) and m.group(1) == split]
+        shards = [Shard(n, store.join(data_url, n)) for n in names]
+    shards.sort(key=lambda s: int(_NAME_RE.search(s.name).group(2)))
+    if not shards:
+        raise ShardError(f"no {split} shards (*_{split}_NNNNNN.npy) under {data_url}")
+    return shards
+
+
+def load_shard(shard: Shard, verify: bool = True) -> np.ndarray:
+    """The shard's tokens as a 1-D uint16 array; wrong dtype, truncation or a checksum mismatch is an error."""
+    try:
+        data = store.read_bytes(shard.url)
+    except FileNotFoundError:
+        raise ShardError(f"shard {shard.name} is missing ({shard.url})") from None
+    if verify and shard.sha256 and hashlib.sha256(data).hexdigest() != shard.sha256:
+        raise ShardError(f"shard {shard.name} fails its sha256 check (corrupt or changed since the manifest)")
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, EOFError, OSError) as err:
+        raise ShardError(f"shard {shard.name} is not a readable .npy file (truncated?): {err}") from None
+    if arr.dtype != np.uint16 or arr.ndim != 1:
+        raise ShardError(f"shard {shard.name} holds {arr.dtype} with shape {arr.shape}; expected 1-D uint16 tokens")
+    if shard.tokens is not None and arr.size != shard.tokens:
+        raise ShardError(f"shard {shard.name} has {arr.size} tokens; the manifest says {shard.tokens} (truncated?)")
+    return arr
+
+
+class ShardLoader:
+    """Rank-strided (B, T) batches over a split's shards, with a state that round-trips exactly."""
+
+    def __init__(
+        self,
+        data_url: str,
+        split: str,
+        B: int,
+        T: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = False,
+        seed: int = 0,
+        verify: bool = True,
+        prefetch: bool = True,
+    ):
+        self.shards = list_shards(data_url, split)
+        self.split, self.B, self.T = split, B, T
+        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.seed, self.verify = shuffle, seed, verify
+        need = B * T * world_size + 1
+        for s in self.shards:
+            if s.tokens is not None and s.tokens < need:
+                raise ShardError(f"shard {s.name} has {s.tokens} tokens; one step needs {need} (B*T*world+1)")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch") if prefetch else None
+        self._next: tuple[int, int, Future] | None = None  # (epoch, slot) -> future of tokens
+        self.epoch = 0
+        self.slot = 0  # index into this epoch's shard order
+        self.base = 0  # rank 0's offset in the current shard; rank r reads at base + r*B*T
+        self._loaded: int | None = None
+        self._load_current()
+
+    # -- order ------------------------------------------------------------------------------------------
+    def _order(self, epoch: int) -> list[int]:
+        idx = list(range(len(self.shards)))
+        if self.shuffle:
+            np.random.default_rng([self.seed, epoch]).shuffle(idx)
+        return idx
+
+    def _blocks(self, n_tokens: int) -> np.ndarray | None:
+        """With shuffling on, the order in which the shard's step-sized windows are visited."""
+        if not self.shuffle:
+            return None
+        n = (n_tokens - 1) // (self.B * self.T * self.world_size)
+        return np.random.default_rng([self.seed, self.epoch, self.slot, 1]).permutation(n)
+
+    def _fetch(self, epoch: int, slot: int) -> np.ndarray:
+        tokens = load_shard(self.shards[self._order(epoch)[slot]], self.verify)
+        if tokens.size < self.B * self.T * self.world_size + 1:
+            raise ShardError(f"shard {self.shards[self._order(epoch)[slot]].name} has {tokens.size} tokens; "
+                             f"one step needs {self.B * self.T * self.world_size + 1}")
+        return tokens
+
+    def _following(self, epoch: int, slot: int) -> tuple[int, int]:
+        return (epoch, slot + 1) if slot + 1 < len(self.shards) else (epoch + 1, 0)
+
+    def _load_current(self) -> None:
+        key = (self.epoch, self.slot)
+        idx = self._order(self.epoch)[self.slot]
+        if idx != self._loaded:  # a single unshuffled shard stays in memory across epochs
+            if self._next is not None and self._next[:2] == key:
+                self.tokens = self._next[2].result()
+            else:
+                self.tokens = self._fetch(*key)
+            self._loaded = idx
+        self._blocks_order = self._blocks(self.tokens.size)
+        nxt = self._following(*key)
+        self._next = None
+        if self._pool is not None and self._order(nxt[0])[nxt[1]] != idx:
+            self._next = (*nxt, self._pool.submit(self._fetch, *nxt))
+
+    # -- batches ----------------------------------------------------------------------------------------
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) as uint16 CPU tensors of shape (B, T); widen them on the device (`.long()` after `.to`)."""
+        B, T, stride = self.B, self.T, self.B * self.T * self.world_size
+        base = self.base
+        if self._blocks_order is not None:
+            base = int(self._blocks_order[self.base // stride]) * stride
+        start = base + B * T * self.rank
+        buf = torch.from_numpy(self.tokens[start : start + B * T + 1].copy())
+        x, y = buf[:-1].view(B, T), buf[1:].view(B, T)
+        self.base += stride
+        if self.base + stride + 1 > self.tokens.size:
+            self.epoch, self.slot = self._following(self.epoch, self.slot)
+            self._load_current()
+            self.base = 0
+        return x, y
+
+    def reset(self) -> None:
+        """Back to the first batch of epoch 0 (validation reads the same batches every time)."""
+        if (self.epoch, self.slot) != (0, 0):
+            self.epoch, self.slot = 0, 0
+            self._load_current()
+        self.base = 0
+
+    # -- state ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"split": self.split, "epoch": self.epoch, "slot": self.slot, "base": self.base,
+                "shuffle": self.shuffle, "seed": self.seed, "num_shards": len(self.shards),
+                "B": self.B, "T": self.T, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position. `base` is the same on every rank, so a state saved under another world size
+        (or micro-batch) still resumes at the same place in the token stream, rounded down to a step boundary."""
+        if state["num_shards"] != len(self.shards) or state["split"] != self.split:
+            raise ShardError(
+                f"loader state is for {state['num_shards']} {state['split']} shards, the data has "
+                f"{len(self.shards)} {self.split} shards: the dataset changed since the checkpoint")
+        self.shuffle, self.seed = bool(state["shuffle"]), int(state["seed"])
+        self.epoch, self.slot = int(state["epoch"]), int(state["slot"])
+        self._load_current()
+        stride = self.B * self.T * self.world_size
+        base = int(state["base"])
+        if (state["B"], state["T"], state["world_size"]) != (self.B, self.T, self.world_size):
+            base -= base % stride
+            if self._blocks_order is not None and base:
+                log.warning("shuffled loader resumed with a different batch layout: restarting this shard")
+                base = 0
+        if base + stride + 1 > self.tokens.size:
+            self.epoch, self.slot = self._following(self.epoch, self.slot)
+            self._load_current()
+            base = 0
+        self.base = base
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,79 @@
+"""Per-step metrics: MFU against a known peak, `metrics.jsonl` in the run directory, one console line a step."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import torch
+
+from training import store
+
+# Dense bf16 peak FLOP/s per GPU (no sparsity). Unknown devices (CPU included) report no MFU rather than a guess.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,  # SXM
+    "A100": 312e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_BF16_FLOPS.items():  # ordered so "H100 PCIe" wins over "H100"
+        if key in name:
+            return peak
+    return None
+
+
+class MetricsLog:
+    """Appends one JSON object per step to `{run_dir}/metrics.jsonl`.
+
+    Local run dirs get each line appended at once. Object stores have no append, so there the file is
+    rewritten at most every `flush_seconds` and at every flush() (checkpoints, exit)."""
+
+    def __init__(self, run_dir: str, resume_step: int, flush_seconds: float = 30.0):
+        self.url = store.join(run_dir, "metrics.jsonl")
+        self.local = store.is_local(run_dir)
+        self.flush_seconds = flush_seconds
+        self._last_flush = time.monotonic()
+        # Keep the history up to the checkpoint we resume from: steps after it are about to be redone.
+        self.lines: list[str] = []
+        if store.exists(self.url):
+            for line in store.read_bytes(self.url).decode().splitlines():
+                try:
+                    if json.loads(line)["step"] < resume_step:
+                        self.lines.append(line)
+                except (ValueError, KeyError):
+                    continue  # a torn last line from a killed writer
+        store.write_bytes(self.url, "".join(x + "\n" for x in self.lines).encode())
+
+    def log(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, separators=(",", ":"))
+        self.lines.append(line)
+        if self.local:
+            store.append_text(self.url, line + "\n")
+        elif time.monotonic() - self._last_flush > self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.local:
+            store.write_bytes(self.url, "".join(x + "\n" for x in self.lines).encode())
+        self._last_flush = time.monotonic()
+
+
+def console_line(r: dict[str, Any], max_steps: int) -> str:
+    parts = [f"step {r['step']:>6}/{max_steps}", f"loss {r['loss']:.4f}"]
+    if "val_loss" in r:
+        parts.append(f"val {r['val_loss']:.4f}")
+    parts += [f"lr {r['lr']:.2e}", f"norm {r['grad_norm']:.3f}", f"{r['step_ms']:.1f} ms", f"{r['tokens_per_s']:,.0f} tok/s"]
+    if r.get("mfu") is not None:
+        parts.append(f"mfu {100 * r['mfu']:.1f}%")
+    if r.get("mem_gb") is not None:
+        parts.append(f"mem {r['mem_gb']:.1f} GB")
+    return " | ".join(parts)
