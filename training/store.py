@@ -89,3 +89,29 @@ def remove_tree(url: str) -> None:
     fs, path = fs_and_path(url)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+class StoreError(RuntimeError):
+    """The store cannot be used (no credentials, no bucket, no permission, unreachable); names the URL."""
+
+
+def preflight(url: str, write: bool) -> None:
+    """Fail early and clearly if `url` cannot be read (or written): before a model is built or a job queued."""
+    try:
+        fs, path = fs_and_path(url)
+        if write:
+            probe = join(url, f".preflight-{uuid.uuid4().hex}")
+            write_bytes(probe, b"ok")
+            fs.rm(fs_and_path(probe)[1])
+        else:
+            fs.ls(path)
+    except FileNotFoundError:
+        if write:
+            raise StoreError(f"cannot write under {url}: the bucket or parent does not exist") from None
+        # a missing path is reported by the caller, which knows what it expected to find there
+    except Exception as err:  # botocore/aiohttp/permission errors differ by backend; the message is what matters
+        name = type(err).__name__
+        hint = ""
+        if "Credentials" in name or "credential" in str(err).lower():
+            hint = " (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role)"
+        raise StoreError(f"cannot {'write to' if write else 'read'} {url}: {name}: {err}{hint}") from None

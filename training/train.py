@@ -119,9 +119,11 @@ def _train(cfg: RunConfig, device: torch.device, info: distributed.DistInfo) -> 
     t, run_dir = cfg.train, cfg.train.run_dir
     grad_accum = cfg.grad_accum_steps(info.world_size)
     val_steps = cfg.val_steps_per_rank(info.world_size)
-    # Fail on missing data before building a model or touching the GPU.
+    # Fail on an unusable store or missing data before building a model or touching the GPU.
+    store.preflight(cfg.data.data_url, write=False)
     list_shards(cfg.data.data_url, "train")
     list_shards(cfg.data.data_url, "val")
+    store.preflight(run_dir, write=True)
 
     if device.type == "cuda" and t.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -310,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg)
-    except (ConfigError, ShardError, ck.CheckpointError) as err:
+    except (ConfigError, ShardError, ck.CheckpointError, store.StoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return CONFIG_ERROR_EXIT_CODE
     if os.environ.get("RANK", "0") == "0":

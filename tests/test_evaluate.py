@@ -1,0 +1,149 @@
+"""HellaSwag (ours) and lm-eval on checkpoints; no hub: examples and task YAMLs are written by the tests."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from conftest import REPO, small_hf_model
+from training import checkpoint as ck
+from training import hellaswag as hs
+from training.config import load_config
+from training.evaluate import evaluate
+from training.model import GPT
+
+WORDS = ("the a river stone bright quickly walked under over green sleeps music window cold warm table "
+         "slowly opened closed paper garden light dark morning evening laughed").split()
+
+
+def make_examples(n, seed=0):
+    rng = torch.Generator().manual_seed(seed)
+    pick = lambda k: " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (k,), generator=rng).tolist())
+    out = []
+    for i in range(n):
+        endings = [pick(int(torch.randint(2, 7, (1,), generator=rng))) + "." for _ in range(4)]
+        out.append({"ind": i, "ctx": pick(6).capitalize() + ".", "endings": endings,
+                    "label": int(torch.randint(0, 4, (1,), generator=rng)), "activity_label": "test"})
+    return out
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_hellaswag_scores_equal_an_independent_computation_with_transformers(enc):
+    hf = small_hf_model(seed=5, n_positions=128)
+    ours = GPT.from_hf(hf).eval()
+    examples = make_examples(12)
+    got = hs.evaluate(ours, examples, enc, torch.device("cpu"))
+    correct = correct_norm = 0
+    for ex in examples:
+        sums, means = [], []
+        for ending in ex["endings"]:
+            ctx, end = enc.encode(ex["ctx"]), enc.encode(" " + ending)
+            with torch.no_grad():
+                logp = F.log_softmax(hf(torch.tensor([ctx + end])).logits[0].float(), dim=-1)
+            nll = [-logp[len(ctx) + j - 1, tok].item() for j, tok in enumerate(end)]
+            sums.append(sum(nll))
+            means.append(sum(nll) / len(nll))
+        correct += min(range(4), key=sums.__getitem__) == ex["label"]
+        correct_norm += min(range(4), key=means.__getitem__) == ex["label"]
+    assert got == {"acc": correct / 12, "acc_norm": correct_norm / 12, "n": 12}
+    preds = list(hs.iter_predictions(ours, examples, enc, torch.device("cpu")))
+    assert len({p for p, _ in preds}) > 1  # a scorer that always says "0" would not pass unnoticed
+
+
+def test_bad_hellaswag_file_is_a_clear_error(tmp_path):
+    url = write_jsonl(tmp_path / "hs.jsonl", [{"ctx": "x", "endings": ["a", "b"], "label": 0}])
+    with pytest.raises(hs.HellaSwagFormatError, match="line 1"):
+        hs.read_examples(url)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    cfg = load_config("tiny", ["block_size=128", "seq_len=64"])
+    torch.manual_seed(2)
+    model = GPT(cfg.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # less uniform predictions than a fresh init
+    run = tmp_path_factory.mktemp("store") / "runs" / "r"
+    return ck.write_checkpoint(str(run), 7, model=model, optimizer=None, config=cfg, rank_state={})
+
+
+def test_evaluate_writes_results_and_second_call_is_a_cache_hit(checkpoint, tmp_path):
+    data = write_jsonl(tmp_path / "hs.jsonl", make_examples(10, seed=1))
+    first = evaluate(checkpoint, ["hellaswag"], hellaswag_data=data)
+    assert first["hellaswag"]["n"] == 10 and first["hellaswag"]["cached"] is False
+    stored = json.loads((ck.resolve(checkpoint).url and open(f"{checkpoint}/eval/hellaswag.json").read()))
+    assert stored["acc"] == first["hellaswag"]["acc"] and stored["step"] == 7
+    assert stored["references"]["gpt2-124m (OpenAI weights, this method: acc_norm)"] == 0.2955
+    second = evaluate(checkpoint, ["hellaswag"], hellaswag_data=data)
+    assert second["hellaswag"]["cached"] is True and second["hellaswag"]["acc"] == first["hellaswag"]["acc"]
+    third = evaluate(checkpoint, ["hellaswag"], hellaswag_data=data, limit=5)  # other work: not a cache hit
+    assert third["hellaswag"]["cached"] is False and third["hellaswag"]["n"] == 5
+
+
+def test_lm_eval_on_the_export_matches_our_scoring(checkpoint, tmp_path, enc, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    examples = make_examples(16, seed=3)
+    data = write_jsonl(tmp_path / "hs.jsonl", examples)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_hellaswag.yaml").write_text(f"""task: tiny_hellaswag
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {data}
+validation_split: validation
+output_type: multiple_choice
+doc_to_text: "{{{{ctx}}}}"
+doc_to_target: "{{{{label}}}}"
+doc_to_choice: "{{{{endings}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+""")
+    summary = evaluate(checkpoint, ["hellaswag", "tiny_hellaswag"], hellaswag_data=data, include_path=str(tasks),
+                       batch_size=4)
+    lm = summary["lm_eval"]["tasks"]["tiny_hellaswag"]
+    assert summary["lm_eval"]["n_samples"]["tiny_hellaswag"] == 16
+    # lm-eval's acc (summed log-likelihood of " " + ending) is our acc (summed loss) on the same examples
+    assert lm["acc"] == pytest.approx(summary["hellaswag"]["acc"])
+    saved = json.load(open(f"{checkpoint}/eval/lm_eval.json"))
+    assert saved["tasks"]["tiny_hellaswag"]["acc"] == lm["acc"] and saved["versions"]["lm_eval"]
+    export = saved["hf_export"]
+    assert os.path.exists(f"{export}/model.safetensors") and os.path.exists(f"{export}/tokenizer.json")
+    again = evaluate(checkpoint, ["tiny_hellaswag"], include_path=str(tasks))
+    assert again["lm_eval"]["cached"] is True
+
+
+def test_evaluate_cli_prints_json_summary(checkpoint, tmp_path):
+    data = write_jsonl(tmp_path / "hs.jsonl", make_examples(6, seed=4))
+    p = subprocess.run([sys.executable, "-m", "training.evaluate", "--checkpoint", checkpoint, "--tasks", "hellaswag",
+                        "--hellaswag-data", data, "--limit", "4"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert set(out["hellaswag"]) >= {"acc", "acc_norm", "n"} and out["hellaswag"]["n"] == 4
+    bad = subprocess.run([sys.executable, "-m", "training.evaluate", "--checkpoint", str(tmp_path / "none")],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "neither a checkpoint" in bad.stderr
+
+
+def test_hellaswag_split_over_two_torchrun_ranks_equals_one_process(checkpoint, tmp_path):
+    data = write_jsonl(tmp_path / "hs.jsonl", make_examples(9, seed=6))
+    single = evaluate(checkpoint, ["hellaswag"], hellaswag_data=data)["hellaswag"]
+    os.remove(f"{checkpoint}/eval/hellaswag.json")  # force recomputation
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "training.evaluate", "--checkpoint", checkpoint, "--tasks", "hellaswag",
+                        "--hellaswag-data", data], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    dist = json.loads(p.stdout)["hellaswag"]
+    assert (dist["acc"], dist["acc_norm"], dist["n"]) == (single["acc"], single["acc_norm"], 9)

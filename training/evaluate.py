@@ -1,0 +1,164 @@
+"""Evaluate a checkpoint: HellaSwag (ours) and any lm-eval tasks; results land next to the checkpoint.
+
+    python -m training.evaluate --checkpoint URL --tasks hellaswag[,arc_easy,...] [--hellaswag-data URL] [--limit N]
+
+`hellaswag` means our build-nanogpt scorer; `lm_eval:<task>` (or any other task name) goes to lm-eval.
+Results go to `{checkpoint}/eval/hellaswag.json` and `{checkpoint}/eval/lm_eval.json`; work already done for
+the same tasks and limit is skipped, so this can run on every checkpoint, concurrently with training, and
+again after a crash. The HF export lm-eval needs is written once to `{run_dir}/exports/step_NNNNNN-hf/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import posixpath
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training import checkpoint as ck
+from training import distributed, store
+from training import hellaswag as hs
+
+OURS = "hellaswag"
+
+
+def default_hellaswag_url(checkpoint_url: str) -> str:
+    """{store}/runs/{run}/checkpoints/step_N -> {store}/data/hellaswag/hellaswag_val.jsonl (DESIGN.md layout)."""
+    store_root = posixpath.dirname(posixpath.dirname(posixpath.dirname(posixpath.dirname(checkpoint_url.rstrip("/")))))
+    return store.join(store_root, "data", "hellaswag", "hellaswag_val.jsonl")
+
+
+def _cached(url: str, key: dict[str, Any]) -> dict[str, Any] | None:
+    if not store.exists(url):
+        return None
+    try:
+        old = store.read_json(url)
+    except ValueError:
+        return None
+    return old if old.get("key") == key else None
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "code": ck.code_version()}
+
+
+def run_hellaswag(ckpt: ck.Checkpoint, data_url: str, limit: int | None, device: torch.device,
+                  progress: bool, info: distributed.DistInfo) -> dict[str, Any]:
+    from training.model import GPT
+    from training.tokenizer import get_encoding
+
+    out_url = store.join(ckpt.url, "eval", "hellaswag.json")
+    key = {"task": "hellaswag", "data": data_url, "limit": limit}
+    if (hit := _cached(out_url, key)) is not None:
+        return {**hit, "cached": True}
+    examples = hs.read_examples(data_url, limit)
+    model = GPT(ckpt.config().model)
+    ck.load_model_state(model, ckpt.model_state_bytes())
+    model.to(device)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    scores = hs.evaluate(model, examples, get_encoding(), device, amp, progress and info.is_master,
+                         info.rank, info.world_size)
+    result = {"key": key, "step": ckpt.step, "checkpoint": ckpt.url, **scores,
+              "references": hs.REFERENCES, "versions": _versions()}
+    if info.is_master:
+        store.write_json(out_url, result)
+    return {**result, "cached": False}
+
+
+def hf_export_url(ckpt: ck.Checkpoint) -> str:
+    run_dir = posixpath.dirname(posixpath.dirname(ckpt.url.rstrip("/")))
+    return store.join(run_dir, "exports", f"step_{ckpt.step:06d}-hf")
+
+
+def run_lm_eval(ckpt: ck.Checkpoint, tasks: list[str], limit: int | None, device: torch.device,
+                batch_size: int, include_path: str | None) -> dict[str, Any]:
+    from training import lm_eval_runner
+    from training.hf import export_hf_dir
+    from training.model import GPT
+
+    out_url = store.join(ckpt.url, "eval", "lm_eval.json")
+    key = {"tasks": sorted(tasks), "limit": limit, "include_path": include_path}
+    if (hit := _cached(out_url, key)) is not None:
+        return {**hit, "cached": True}
+    export_url = hf_export_url(ckpt)
+    tmp = Path(tempfile.mkdtemp(prefix="hf-export-"))
+    try:
+        model = GPT(ckpt.config().model)
+        ck.load_model_state(model, ckpt.model_state_bytes())
+        export_hf_dir(model, tmp)
+        if not store.exists(store.join(export_url, "config.json")):
+            # config.json goes last: a reader that sees it sees a complete export
+            files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
+            for f in files:
+                store.write_bytes(store.join(export_url, f.name), f.read_bytes())
+        res = lm_eval_runner.run(tmp, tasks, batch_size=batch_size, device=str(device), limit=limit,
+                                 include_path=include_path, max_length=min(1024, model.config.block_size),
+                                 dtype="bfloat16" if device.type == "cuda" else "float32")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result = {"key": key, "step": ckpt.step, "checkpoint": ckpt.url, "hf_export": export_url, **res,
+              "versions": {**_versions(), "lm_eval": res.pop("lm_eval_version", None)}}
+    store.write_json(out_url, result)
+    return {**result, "cached": False}
+
+
+def evaluate(checkpoint_url: str, tasks: list[str], *, hellaswag_data: str | None = None, limit: int | None = None,
+             device: str | None = None, batch_size: int = 8, include_path: str | None = None,
+             progress: bool = False) -> dict[str, Any]:
+    """The per-checkpoint contract the flows call: run what is not done yet, return a summary per task family."""
+    if not tasks:
+        raise ValueError("no tasks given")
+    ckpt = ck.resolve(checkpoint_url)
+    ckpt.verify()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    info = distributed.init(dev.type)
+    try:
+        summary: dict[str, Any] = {"checkpoint": ckpt.url, "step": ckpt.step}
+        ours = [t for t in tasks if t == OURS]
+        others = [t.removeprefix("lm_eval:") for t in tasks if t != OURS]
+        if ours:
+            data = hellaswag_data or default_hellaswag_url(ckpt.url)
+            r = run_hellaswag(ckpt, data, limit, dev, progress, info)
+            summary["hellaswag"] = {k: r[k] for k in ("acc", "acc_norm", "n", "cached")}
+        if others and info.is_master:
+            r = run_lm_eval(ckpt, others, limit, dev, batch_size, include_path)
+            summary["lm_eval"] = {"tasks": r["tasks"], "n_samples": r["n_samples"], "cached": r["cached"]}
+        return summary
+    finally:
+        distributed.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir (latest checkpoint); fsspec URL")
+    ap.add_argument("--tasks", default="hellaswag", help="comma-separated: hellaswag (ours) and/or lm-eval task names")
+    ap.add_argument("--hellaswag-data", default=None, help="HellaSwag val jsonl URL (default: {store}/data/hellaswag/)")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate the first N examples per task")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    ap.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs")
+    args = ap.parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        summary = evaluate(args.checkpoint, tasks, hellaswag_data=args.hellaswag_data, limit=args.limit,
+                           device=args.device, batch_size=args.batch_size, include_path=args.include_path,
+                           progress=True)
+    except (ck.CheckpointError, hs.HellaSwagFormatError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the same summary
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""lm-evaluation-harness on a checkpoint, through its Hugging Face export and lm-eval's own `hf` model.
+
+Hub-free use: tasks may come from `include_path` (task YAMLs with `dataset_path: json` and local data files),
+and with HF_DATASETS_OFFLINE=1 the stock tasks read a pre-populated datasets cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TASKS = ["hellaswag", "arc_easy", "piqa", "winogrande", "lambada_openai"]
+
+
+def run(hf_dir: str | Path, tasks: list[str], *, batch_size: int = 8, device: str = "cpu", dtype: str = "float32",
+        limit: int | None = None, include_path: str | None = None, max_length: int = 1024) -> dict[str, Any]:
+    """Results of `lm_eval.simple_evaluate` reduced to what we keep: metrics, versions, sample counts, config."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    out = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(hf_dir), "dtype": dtype, "max_length": max_length},
+        tasks=list(tasks),
+        batch_size=batch_size,
+        device=device,
+        limit=limit,
+        task_manager=manager,
+        log_samples=False,
+        bootstrap_iters=0,
+    )
+    metrics = {
+        task: {k.split(",")[0]: v for k, v in vals.items() if k != "alias" and not k.split(",")[0].endswith("_stderr")}
+        for task, vals in out["results"].items()
+    }
+    return {
+        "tasks": metrics,
+        "versions": {k: v for k, v in out.get("versions", {}).items()},
+        "n_samples": {k: v.get("effective", v.get("original")) for k, v in out.get("n-samples", {}).items()},
+        "lm_eval_version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None,
+        "config": json.loads(json.dumps({k: out["config"].get(k) for k in ("batch_size", "device", "limit")},
+                                        default=str)),
+    }
