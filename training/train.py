@@ -32,6 +32,7 @@ from training.data import ShardError, ShardLoader, list_shards
 from training.metrics import MetricsLog, console_line, peak_flops
 from training.model import GPT, flops_per_token
 from training.optim import configure_optimizer, cosine_lr
+from training.step import train_step
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on request with a checkpoint; run me again"
 CONFIG_ERROR_EXIT_CODE = 2
@@ -175,7 +176,7 @@ def _train(cfg: RunConfig, device: torch.device, info: distributed.DistInfo) -> 
                                                                     "device": str(device)}})
     metrics = MetricsLog(run_dir, start_step) if info.is_master else None
     stop = StopSignal()
-    n_params = raw_model.num_parameters()
+    n_params = raw_model.num_parameters(exclude_positions=True)  # position lookups are not matmuls
     tokens_per_step = t.total_batch_tokens
     flops_step = flops_per_token(cfg.model, n_params, t.seq_len) * tokens_per_step
     peak = peak_flops(device)
@@ -206,31 +207,12 @@ def _train(cfg: RunConfig, device: torch.device, info: distributed.DistInfo) -> 
         if cfg.eval.sample_every and step > 0 and step % cfg.eval.sample_every == 0 and info.is_master:
             _sample(raw_model, cfg, run_dir, step, amp_dtype)
 
-        model.train()
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss_accum = torch.zeros((), device=device)
-        for micro in range(grad_accum):
-            x, y = loader.next_batch()
-            x = x.to(device, non_blocking=True).long()  # uint16 over the wire, widened on the device
-            y = y.to(device, non_blocking=True).long()
-            sync = micro == grad_accum - 1
-            with (model.no_sync() if info.enabled and not sync else nullcontext()):
-                with amp():
-                    _, loss = model(x, y)
-                loss = loss / grad_accum  # the gradient of the mean over the whole batch
-                loss_accum += loss.detach()
-                loss.backward()
-        distributed.mean(loss_accum)
-        if cfg.optim.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
         lr = cosine_lr(step, max_lr=cfg.optim.max_lr, min_lr=min_lr, warmup_steps=cfg.optim.warmup_steps,
                        max_steps=t.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
+        loss_accum, norm = train_step(model, optimizer, loader.next_batch, grad_accum=grad_accum, device=device,
+                                      lr=lr, grad_clip=cfg.optim.grad_clip, autocast_dtype=amp_dtype,
+                                      ddp=info.enabled)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
