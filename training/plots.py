@@ -1,0 +1,94 @@
+"""Curves a person would rather look at than read: train/val loss per step, and HellaSwag per checkpoint with
+the GPT-2 124M (0.2955) and GPT-3 125M (0.337) reference lines, as in build-nanogpt's final plot.
+
+    python -m training.plots RUN_URL [--out curves.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from typing import Any
+
+from training import checkpoint as ck
+from training import store
+
+GPT2_124M_HELLASWAG = 0.2955
+GPT3_125M_HELLASWAG = 0.337
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    url = store.join(run_dir, "metrics.jsonl")
+    if not store.exists(url):
+        return []
+    rows = []
+    for line in store.read_bytes(url).decode().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a torn last line while training writes
+    return rows
+
+
+def read_hellaswag(run_dir: str) -> list[tuple[int, float]]:
+    points = []
+    for c in ck.valid_checkpoints(run_dir):
+        url = store.join(c.url, "eval", "hellaswag.json")
+        if store.exists(url):
+            points.append((c.step, float(store.read_json(url)["acc_norm"])))
+    return sorted(points)
+
+
+def render_png(run_dir: str, title: str | None = None) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on login or compute nodes
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    hella = read_hellaswag(run_dir)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    if rows:
+        ax1.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8, alpha=0.8, label="train loss")
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        if val:
+            ax1.plot(*zip(*val), "o-", ms=3, label="val loss")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss")
+    ax1.set_title("loss")
+    ax1.grid(alpha=0.3)
+    ax1.legend(loc="upper right")
+    if hella:
+        ax2.plot(*zip(*hella), "o-", ms=3, label="ours (acc_norm)")
+    ax2.axhline(GPT2_124M_HELLASWAG, color="tab:red", ls="--", label=f"GPT-2 124M ({GPT2_124M_HELLASWAG})")
+    ax2.axhline(GPT3_125M_HELLASWAG, color="tab:green", ls="--", label=f"GPT-3 125M ({GPT3_125M_HELLASWAG})")
+    ax2.set_xlabel("step")
+    ax2.set_title("HellaSwag")
+    ax2.grid(alpha=0.3)
+    ax2.legend(loc="lower right")
+    fig.suptitle(title or run_dir)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.plots", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir", help="run directory (fsspec URL)")
+    ap.add_argument("--out", default=None, help="PNG path or URL (default: {run_dir}/curves.png)")
+    args = ap.parse_args(argv)
+    if not read_metrics(args.run_dir):
+        print(f"error: {args.run_dir} has no metrics.jsonl yet", file=sys.stderr)
+        return 2
+    out = args.out or store.join(args.run_dir, "curves.png")
+    store.write_bytes(out, render_png(args.run_dir))
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
