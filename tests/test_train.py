@@ -157,3 +157,11 @@ def test_compile_flag_keeps_losses_val_and_sampling(demo_data, tmp_path):
         assert r1["loss"] == pytest.approx(r2["loss"], abs=1e-4)
         assert r1.get("val_loss", 0) == pytest.approx(r2.get("val_loss", 0), abs=1e-4)
     assert "sample step 2:" in p.stdout and (tmp_path / "compiled" / "samples.jsonl").exists()
+
+
+def test_missing_tokenizer_files_fail_at_start_when_sampling_is_on(demo_data, tmp_path):
+    env = dict(_env(), TIKTOKEN_CACHE_DIR=str(tmp_path / "empty-cache"), HOME=str(tmp_path))
+    p = subprocess.run(train_cmd(demo_data, tmp_path / "run", "sample_every=2"), cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "training.tokenizer stage" in p.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -33,6 +33,7 @@ from training.metrics import MetricsLog, console_line, peak_flops
 from training.model import GPT, flops_per_token
 from training.optim import configure_optimizer, cosine_lr
 from training.step import train_step
+from training.tokenizer import TokenizerFilesError
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on request with a checkpoint; run me again"
 CONFIG_ERROR_EXIT_CODE = 2
@@ -125,6 +126,10 @@ def _train(cfg: RunConfig, device: torch.device, info: distributed.DistInfo) -> 
     list_shards(cfg.data.data_url, "train")
     list_shards(cfg.data.data_url, "val")
     store.preflight(run_dir, write=True)
+    if cfg.eval.sample_every:
+        from training.tokenizer import get_encoding
+
+        get_encoding()  # sampling needs the BPE files: fail now, not at the first sample hours in
 
     if device.type == "cuda" and t.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -294,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg)
-    except (ConfigError, ShardError, ck.CheckpointError, store.StoreError) as err:
+    except (ConfigError, ShardError, ck.CheckpointError, store.StoreError, TokenizerFilesError) as err:
         print(f"error: {err}", file=sys.stderr)
         return CONFIG_ERROR_EXIT_CODE
     if os.environ.get("RANK", "0") == "0":
