@@ -2,7 +2,8 @@
 
     python -m training.evaluate --checkpoint URL --tasks hellaswag[,arc_easy,...] [--hellaswag-data URL] [--limit N]
 
-`hellaswag` means our build-nanogpt scorer; `lm_eval:<task>` (or any other task name) goes to lm-eval.
+`hellaswag` means our build-nanogpt scorer; `lm_eval:<task>` (or any other task name) goes to lm-eval, and
+`lm_eval` alone stands for its default list (hellaswag, arc_easy, piqa, winogrande, lambada_openai).
 Results go to `{checkpoint}/eval/hellaswag.json` and `{checkpoint}/eval/lm_eval.json`; work already done for
 the same tasks and limit is skipped, so this can run on every checkpoint, concurrently with training, and
 again after a crash. The HF export lm-eval needs is written once to `{run_dir}/exports/step_NNNNNN-hf/`.
@@ -25,6 +26,7 @@ import torch
 from training import checkpoint as ck
 from training import distributed, store
 from training import hellaswag as hs
+from training.lm_eval_runner import DEFAULT_TASKS
 
 OURS = "hellaswag"
 
@@ -80,7 +82,7 @@ def hf_export_url(ckpt: ck.Checkpoint) -> str:
 
 
 def run_lm_eval(ckpt: ck.Checkpoint, tasks: list[str], limit: int | None, device: torch.device,
-                batch_size: int, include_path: str | None) -> dict[str, Any]:
+                batch_size: int, include_path: str | None, dtype: str | None = None) -> dict[str, Any]:
     from training import lm_eval_runner
     from training.hf import export_hf_dir
     from training.model import GPT
@@ -102,7 +104,7 @@ def run_lm_eval(ckpt: ck.Checkpoint, tasks: list[str], limit: int | None, device
                 store.write_bytes(store.join(export_url, f.name), f.read_bytes())
         res = lm_eval_runner.run(tmp, tasks, batch_size=batch_size, device=str(device), limit=limit,
                                  include_path=include_path, max_length=min(1024, model.config.block_size),
-                                 dtype="bfloat16" if device.type == "cuda" else "float32")
+                                 dtype=dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result = {"key": key, "step": ckpt.step, "checkpoint": ckpt.url, "hf_export": export_url, **res,
@@ -113,7 +115,7 @@ def run_lm_eval(ckpt: ck.Checkpoint, tasks: list[str], limit: int | None, device
 
 def evaluate(checkpoint_url: str, tasks: list[str], *, hellaswag_data: str | None = None, limit: int | None = None,
              device: str | None = None, batch_size: int = 8, include_path: str | None = None,
-             progress: bool = False) -> dict[str, Any]:
+             dtype: str | None = None, progress: bool = False) -> dict[str, Any]:
     """The per-checkpoint contract the flows call: run what is not done yet, return a summary per task family."""
     if not tasks:
         raise ValueError("no tasks given")
@@ -124,13 +126,18 @@ def evaluate(checkpoint_url: str, tasks: list[str], *, hellaswag_data: str | Non
     try:
         summary: dict[str, Any] = {"checkpoint": ckpt.url, "step": ckpt.step}
         ours = [t for t in tasks if t == OURS]
-        others = [t.removeprefix("lm_eval:") for t in tasks if t != OURS]
+        others = []
+        for t in tasks:
+            if t in ("lm_eval", "lm-eval"):
+                others += [x for x in DEFAULT_TASKS if x not in others]
+            elif t != OURS and t.removeprefix("lm_eval:") not in others:
+                others.append(t.removeprefix("lm_eval:"))
         if ours:
             data = hellaswag_data or default_hellaswag_url(ckpt.url)
             r = run_hellaswag(ckpt, data, limit, dev, progress, info)
             summary["hellaswag"] = {k: r[k] for k in ("acc", "acc_norm", "n", "cached")}
         if others and info.is_master:
-            r = run_lm_eval(ckpt, others, limit, dev, batch_size, include_path)
+            r = run_lm_eval(ckpt, others, limit, dev, batch_size, include_path, dtype)
             summary["lm_eval"] = {"tasks": r["tasks"], "n_samples": r["n_samples"], "cached": r["cached"]}
         return summary
     finally:
@@ -145,13 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first N examples per task")
     ap.add_argument("--device", default=None)
     ap.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="lm-eval model dtype (default: bfloat16 on CUDA, float32 on CPU)")
     ap.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs")
     args = ap.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
         summary = evaluate(args.checkpoint, tasks, hellaswag_data=args.hellaswag_data, limit=args.limit,
                            device=args.device, batch_size=args.batch_size, include_path=args.include_path,
-                           progress=True)
+                           dtype=args.dtype, progress=True)
     except (ck.CheckpointError, hs.HellaSwagFormatError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
