@@ -1,0 +1,111 @@
+"""The pretrain flow on a real (temporary) Prefect server, with the local executor."""
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from flows.executors import LocalExecutor
+from flows.params import PretrainParams
+from prefect import flow
+
+from flows.pretrain import FlowFailure, pretrain, run_pretrain
+from conftest import make_shards
+from test_evaluate import make_examples, write_jsonl
+
+FAST = ["micro_batch=2", "seq_len=32", "total_batch_tokens=128", "max_steps=6", "warmup_steps=2", "val_every=3",
+        "val_tokens=64", "sample_every=0", "checkpoint_every=3"]
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _params(tmp_path, **kw):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    hs = write_jsonl(tmp_path / "hs.jsonl", make_examples(4))
+    kw = {"overrides": FAST, **kw}
+    return PretrainParams(store=str(tmp_path / "store"), run_name="t", hellaswag_data=hs, poll_seconds=0.5,
+                          backoff_seconds=0, **kw)
+
+
+def _read_jsonl(path):
+    return [json.loads(x) for x in open(path).read().splitlines()]
+
+
+def test_flow_trains_evaluates_every_checkpoint_and_reports(prefect_server, tmp_path):
+    result = asyncio.run(pretrain(_params(tmp_path)))
+    assert result["final_step"] == 6 and result["attempts"] == 1
+    assert [r["step"] for r in result["evaluations"]] == [3, 6]
+    assert all(r["hellaswag_acc_norm"] is not None for r in result["evaluations"])
+    run = tmp_path / "store" / "runs" / "t"
+    assert (run / "checkpoints" / "step_000003" / "eval" / "hellaswag.json").exists()
+    assert (run / "curves.png").exists()
+    assert _read_jsonl(run / "attempts.jsonl")[0]["state"] == "completed"
+
+    from prefect.client.orchestration import get_client
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts()
+
+    kinds = {a.type for a in asyncio.run(artifacts())}
+    assert {"progress", "table", "markdown"} <= kinds
+
+
+class KillFirstAttempt(LocalExecutor):
+    """A node failure: SIGKILL the first attempt once it has trained past its first checkpoint."""
+
+    def submit(self, preset, overrides, log_path):
+        attempt = super().submit(preset, overrides, log_path)
+        if not getattr(self, "_killed", False):
+            self._killed = True
+            run_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("run_dir="))
+            metrics = os.path.join(run_dir, "metrics.jsonl")
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 5:
+                    break
+                time.sleep(0.05)
+            os.killpg(attempt.proc.pid, signal.SIGKILL)
+        return attempt
+
+
+def test_failed_attempt_is_resubmitted_and_the_loss_trace_matches(prefect_server, tmp_path):
+    clean = asyncio.run(pretrain(_params(tmp_path / "a", eval_tasks=[])))
+
+    @flow(name="pretrain-gpt2-node-failure")
+    async def with_node_failure(params: PretrainParams):
+        return await run_pretrain(params, KillFirstAttempt())
+
+    killed = asyncio.run(with_node_failure(_params(tmp_path / "b", eval_tasks=[])))
+    assert clean["attempts"] == 1 and killed["attempts"] == 2
+    attempts = _read_jsonl(tmp_path / "b" / "store" / "runs" / "t" / "attempts.jsonl")
+    assert attempts[0]["state"] == "failed" and "signal 9" in attempts[0]["reason"] and attempts[0]["end_step"] == 3
+    assert attempts[1]["start_step"] == 3 and attempts[1]["state"] == "completed"
+    trace = lambda d: [(m["step"], m["loss"]) for m in _read_jsonl(d / "store" / "runs" / "t" / "metrics.jsonl")]
+    assert trace(tmp_path / "b") == trace(tmp_path / "a")
+
+
+def test_crash_loop_stops_with_a_clear_message(prefect_server, tmp_path):
+    data = tmp_path / "data"
+    make_shards(data, [5000, 5000])
+    shard = data / "edufineweb_train_000001.npy"
+    shard.write_bytes(shard.read_bytes()[:-2] + b"\x00\x00")  # bit rot: every attempt dies on its checksum
+    p = _params(tmp_path, eval_tasks=[], data=str(data))
+    with pytest.raises(FlowFailure, match="crash loop at step 0"):
+        asyncio.run(pretrain(p))
+    assert len(_read_jsonl(tmp_path / "store" / "runs" / "t" / "attempts.jsonl")) == 2
+
+
+def test_bad_parameter_fails_before_anything_runs(prefect_server, tmp_path):
+    with pytest.raises(FlowFailure, match="bad parameter.*max_lrr"):
+        asyncio.run(pretrain(_params(tmp_path, overrides=["max_lrr=1"])))
+    assert not (tmp_path / "store" / "runs").exists()
