@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from prefect.settings import PREFECT_UI_URL
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
     update_progress_artifact
 
@@ -103,6 +105,9 @@ async def run_pretrain(params: PretrainParams, executor: Executor) -> dict[str, 
     """The flow's body, with the executor injectable (Slurm, local, or a test's). Call inside a flow run."""
     log = get_run_logger()
     p = params
+    ui = PREFECT_UI_URL.value()
+    if ui and flow_run.id:
+        log.info("watch this run: %s/runs/flow-run/%s", ui.rstrip("/"), flow_run.id)
     try:
         cfg, overrides = resolve_config(p)
     except Exception as err:
@@ -117,6 +122,8 @@ async def run_pretrain(params: PretrainParams, executor: Executor) -> dict[str, 
     t0 = time.monotonic()
 
     def start_evals() -> None:
+        if not p.eval_tasks:
+            return
         for c in ck.valid_checkpoints(run_dir):
             if c.step not in evals and c.step not in pending:
                 pending[c.step] = asyncio.create_task(evaluate_checkpoint(c.url, p))
@@ -194,8 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store", default="store")
     ap.add_argument("--run-name", default="tiny-demo")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--eval-tasks", default="hellaswag", help="comma-separated; empty = no evaluation")
+    ap.add_argument("--hellaswag-data", default=None)
     args = ap.parse_args(argv)
-    params = PretrainParams(preset=args.preset, store=args.store, run_name=args.run_name, overrides=args.overrides)
+    params = PretrainParams(preset=args.preset, store=args.store, run_name=args.run_name, overrides=args.overrides,
+                            eval_tasks=[t for t in args.eval_tasks.split(",") if t], hellaswag_data=args.hellaswag_data)
     result = asyncio.run(pretrain(params))
     print(json.dumps(result, indent=2, default=str))
     return 0
