@@ -66,3 +66,52 @@ def demo_data(tmp_path_factory):
     url = str(tmp_path_factory.mktemp("demo-data"))
     build(url, shard_tokens=50_000, max_shards=4)
     return url
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's real S3 server on 127.0.0.1 (a free port) for the whole session.
+
+    Yields {"endpoint_url": "http://127.0.0.1:PORT", "env": {...}, "make_bucket": fn}: `env` holds the
+    variables a process needs for plain s3:// URLs (AWS_ACCESS_KEY_ID/SECRET "testing",
+    FSSPEC_S3_ENDPOINT_URL, AWS_EC2_METADATA_DISABLED); pass it to subprocesses. `make_bucket(name)` creates
+    the bucket (no error if it exists) and returns "s3://name". In-process use: the `s3_env` fixture."""
+    import socket
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "FSSPEC_S3_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def make_bucket(name: str) -> str:
+        fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=endpoint, skip_instance_cache=True)
+        if not fs.exists(name):
+            fs.mkdir(name)
+        return f"s3://{name}"
+
+    yield {"endpoint_url": endpoint, "env": env, "make_bucket": make_bucket}
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """s3_server, with this process set up for it during one test: its env in os.environ and the endpoint in
+    fsspec's config (fsspec reads FSSPEC_* variables only at import), so plain s3:// URLs work in-process."""
+    import fsspec.config
+    import s3fs
+
+    for k, v in s3_server["env"].items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}),
+                                                   "endpoint_url": s3_server["endpoint_url"]})
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield s3_server
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -3,7 +3,6 @@ patching): checkpoints, metrics and resume work on an object store, and a partia
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,28 +15,19 @@ from test_train import BASE
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    from moto.server import ThreadedMotoServer
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+def s3(s3_server):
+    """The shared moto server, with this module's process set up for plain s3:// URLs and demo shards."""
     import fsspec.config
     import s3fs
 
+    env = s3_server["env"]
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     # fsspec reads FSSPEC_* variables when it is imported; subprocesses get them from the environment
     old_conf = dict(fsspec.config.conf.get("s3", {}))
-    fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = env["FSSPEC_S3_ENDPOINT_URL"]
-
+    fsspec.config.conf["s3"] = {**old_conf, "endpoint_url": s3_server["endpoint_url"]}
     s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().mkdir("bucket")
+    s3_server["make_bucket"]("bucket")
     from data_prep.demo_corpus import build
 
     build("s3://bucket/data", shard_tokens=50_000, max_shards=3)
@@ -49,7 +39,6 @@ def s3(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    server.stop()
 
 
 def _run(run, *extra, env):

@@ -1,0 +1,140 @@
+"""Documents -> token shards in build-nanogpt's layout, resumable after a crash at any point.
+
+The concatenated token stream ([<|endoftext|>] + encode_ordinary(text) per document) is cut into consecutive
+slices of `shard_tokens`; slice 0 is `*_val_000000.npy`, the others `*_train_NNNNNN.npy`, the last one
+holds the remainder. That is exactly what build-nanogpt's fineweb.py writes for the same documents.
+
+Resume: after each shard is stored, a small sidecar `.prep/<shard>.json` records its manifest entry and the
+stream position where the next shard starts (document index, token offset in that document). A rerun keeps
+the longest run of shards that have sidecars, skips the documents before that position without tokenizing
+them, and rewrites everything after it, so the result is byte-identical to an uninterrupted run. The
+manifest is written last: its presence means the store is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from data_prep.shards import MANIFEST, PREFIX, shard_name, write_manifest, write_shard
+from data_prep.tokenize import tokenize_units
+from training import store
+
+STATE_DIR = ".prep"
+DEFAULT_SHARD_TOKENS = 100_000_000  # build-nanogpt's shard_size
+
+
+class PrepError(RuntimeError):
+    """The output store holds something this run must not overwrite or extend; the message says why."""
+
+
+def _split(index: int) -> str:
+    return "val" if index == 0 else "train"
+
+
+def fingerprint(source: dict[str, Any], shard_tokens: int, prefix: str) -> str:
+    """What fixes the output bytes; a resumed run must match it."""
+    key = json.dumps({"source": source, "shard_tokens": shard_tokens, "prefix": prefix, "tokenizer": "gpt2"},
+                     sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _finished(out_url: str, fp: str, prefix: str) -> list[dict[str, Any]]:
+    """Sidecar states of the shards 0..k-1 that are complete for this fingerprint."""
+    state_url = store.join(out_url, STATE_DIR)
+    have_shards = set(store.listdir(out_url))
+    have_states = set(store.listdir(state_url))
+    done: list[dict[str, Any]] = []
+    while True:
+        name = shard_name(_split(len(done)), len(done), prefix)
+        if name not in have_shards or f"{name}.json" not in have_states:
+            return done
+        state = store.read_json(store.join(state_url, f"{name}.json"))
+        if state.get("fingerprint") != fp:
+            raise PrepError(f"{out_url} holds shards from another source or shard size (fingerprint "
+                            f"{state.get('fingerprint')} != {fp}); write to an empty --out")
+        done.append(state)
+
+
+def build(out_url: str, source, shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int = 1,
+          prefix: str = PREFIX, progress: bool = True, max_shards: int | None = None) -> dict[str, Any]:
+    """Tokenize `source` (see data_prep.sources) into shards under `out_url`; returns the manifest.
+    `max_shards` stops after that many shards (a crash stand-in for tests, and the demo corpus's cap)."""
+    if shard_tokens <= 0:
+        raise ValueError("shard_tokens must be positive")
+    store.preflight(out_url, write=True)  # no credentials / no bucket: fail before reading any data
+    desc = source.describe()
+    fp = fingerprint(desc, shard_tokens, prefix)
+    manifest_url = store.join(out_url, MANIFEST)
+    if store.exists(manifest_url):
+        manifest = store.read_json(manifest_url)
+        if manifest.get("fingerprint") != fp:
+            raise PrepError(f"{out_url} is already complete for another source or shard size; write to an empty --out")
+        return manifest
+
+    done = _finished(out_url, fp, prefix)
+    records = [s["shard"] for s in done]
+    start_doc, skip = done[-1]["end"] if done else (0, 0)
+    state_url = store.join(out_url, STATE_DIR)
+
+    def store_shard(index: int, tokens: np.ndarray, end: tuple[int, int]) -> dict[str, Any]:
+        rec = write_shard(out_url, shard_name(_split(index), index, prefix), tokens)
+        # the sidecar goes after the shard: a sidecar never points at a missing or partial shard
+        store.write_json(store.join(state_url, rec["name"] + ".json"),
+                         {"shard": rec, "end": list(end), "fingerprint": fp})
+        return rec
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=source.approx_tokens(), initial=sum(r["tokens"] for r in records), unit="tok",
+               unit_scale=True, desc="tokenizing", disable=not progress, dynamic_ncols=True)
+    bar.set_postfix(shards=len(records))
+    index, docs_end = len(records), start_doc
+    buf, fill = np.empty(shard_tokens, dtype=np.uint16), 0
+    writes: list[Future] = []
+    stop = False
+    # one writer thread: uploads and hashing overlap tokenization; at most two shard buffers wait on it
+    with bar, ThreadPoolExecutor(1) as writer:
+        def submit(tokens: np.ndarray, end: tuple[int, int]) -> None:
+            nonlocal index
+            while len(writes) >= 2:
+                records.append(writes.pop(0).result())
+            writes.append(writer.submit(store_shard, index, tokens, end))
+            index += 1
+            bar.set_postfix(shards=index)
+
+        if max_shards is None or index < max_shards:
+            for first, toks, lens in tokenize_units(source.batches(start_doc), workers):
+                cum = np.cumsum(lens, dtype=np.int64)
+                pos = skip if first == start_doc else 0  # the resumed document's tokens already in a shard
+                skip = 0
+                while pos < toks.size:
+                    take = min(toks.size - pos, shard_tokens - fill)
+                    buf[fill:fill + take] = toks[pos:pos + take]
+                    fill, pos = fill + take, pos + take
+                    if fill == shard_tokens:
+                        d = int(np.searchsorted(cum, pos, side="right"))
+                        submit(buf, (first + d, pos - (int(cum[d - 1]) if d else 0)))
+                        buf, fill = np.empty(shard_tokens, dtype=np.uint16), 0
+                        if max_shards is not None and index >= max_shards:
+                            stop = True
+                            break
+                bar.update(int(toks.size))
+                docs_end = first + len(lens)
+                if stop:
+                    break
+            if fill and not stop:
+                submit(buf[:fill].copy(), (docs_end, 0))  # build-nanogpt writes the remainder too
+        for f in writes:
+            records.append(f.result())
+    if stop:
+        return {"shards": records, "complete": False}
+    if not records:
+        raise PrepError(f"the source has no documents (empty dataset): {desc}")
+    write_manifest(out_url, records, source=desc, shard_tokens=shard_tokens, documents=docs_end,
+                   eot_token=50256, fingerprint=fp)
+    return store.read_json(manifest_url)

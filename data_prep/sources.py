@@ -1,0 +1,219 @@
+"""Document sources for data_prep: the FineWeb-Edu dataset on the Hugging Face hub, or parquet/jsonl files.
+
+A source yields its documents in a fixed order as batches `(first_doc_index, texts)`; `texts` is a list of
+str or a pyarrow string array (cheap to send to a worker process, which converts it). `batches(start_doc)`
+skips the documents before `start_doc` without handing them to the tokenizer, which is how a resumed run
+picks up where its last finished shard ended.
+
+SOURCE specs:
+    hf:HuggingFaceFW/fineweb-edu:sample-10BT[@revision]   the hub dataset (also: a bare `sample-10BT`)
+    path/or/url.parquet, file.jsonl[.gz], a folder of them, a glob; several, comma separated
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import fsspec
+
+HUB_DATASET = "HuggingFaceFW/fineweb-edu"
+HUB_CONFIGS = ("sample-10BT", "sample-100BT", "sample-350BT")
+DEFAULT_SOURCE = f"hf:{HUB_DATASET}:sample-10BT"
+# Approximate GPT-2 token totals of the hub configs: only for the progress bar's ETA.
+HUB_TOKENS = {"sample-10BT": 10_000_000_000, "sample-100BT": 100_000_000_000, "sample-350BT": 350_000_000_000}
+FILE_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".json", ".json.gz")
+BATCH_DOCS = 512  # documents per unit of tokenizer work: large enough to amortise IPC, small for memory
+BATCH_CHARS = 1 << 20  # ... and at most about this much text, so long documents still spread over workers
+
+
+class SourceError(RuntimeError):
+    """The source cannot be read (missing, unreachable, empty, wrong schema); the message names it."""
+
+
+@dataclass
+class HubSource:
+    dataset: str
+    config: str | None
+    revision: str | None = None
+    # `load_dataset` keyword arguments, e.g. {"data_files": [...]} for the "parquet" builder in tests
+    load_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        d = {"kind": "hf", "dataset": self.dataset, "config": self.config, "revision": self.revision or "main"}
+        if self.load_kwargs:
+            d["load_kwargs"] = {k: v if isinstance(v, (str, int, float, bool)) else repr(v) for k, v in self.load_kwargs.items()}
+        return d
+
+    def approx_tokens(self) -> int | None:
+        return HUB_TOKENS.get(self.config or "")
+
+    def _dataset(self):
+        try:
+            import datasets
+
+            # streaming: documents arrive file by file in the dataset's order, never the whole set in RAM/disk
+            return datasets.load_dataset(self.dataset, name=self.config, split="train", streaming=True,
+                                         revision=self.revision, **self.load_kwargs)
+        except Exception as err:  # hub/network/auth errors come in many types; the message is what matters
+            raise SourceError(f"cannot open dataset {self.dataset!r} (config {self.config!r}): "
+                              f"{type(err).__name__}: {err}") from None
+
+    def batches(self, start_doc: int = 0) -> Iterator[tuple[int, list[str]]]:
+        ds = self._dataset()
+        if start_doc:
+            ds = ds.skip(start_doc)  # still streamed past, but not tokenized
+        index, texts, chars = start_doc, [], 0
+        try:
+            for ex in ds:
+                texts.append(ex["text"])
+                chars += len(texts[-1])
+                if len(texts) == BATCH_DOCS or chars >= BATCH_CHARS:
+                    yield index, texts
+                    index, texts, chars = index + len(texts), [], 0
+        except KeyError:
+            raise SourceError(f"dataset {self.dataset!r} has no 'text' column") from None
+        except SourceError:
+            raise
+        except Exception as err:
+            raise SourceError(f"reading dataset {self.dataset!r}: {type(err).__name__}: {err}") from None
+        if texts:
+            yield index, texts
+
+
+@dataclass
+class FileSource:
+    urls: list[str]  # fully qualified (protocol included), in reading order
+
+    def describe(self) -> dict[str, Any]:
+        fs_sizes = []
+        for u in self.urls:
+            fs, path = fsspec.core.url_to_fs(u)
+            fs_sizes.append({"name": posixpath.basename(path), "bytes": int(fs.size(path))})
+        return {"kind": "files", "files": fs_sizes}
+
+    def approx_tokens(self) -> int | None:
+        return None
+
+    def batches(self, start_doc: int = 0) -> Iterator[tuple[int, Any]]:
+        index = 0
+        for url in self.urls:
+            reader = _parquet_batches if url.endswith(".parquet") else _jsonl_batches
+            for texts in reader(url):
+                n = len(texts)
+                if index + n <= start_doc:  # wholly before the resume point: skipped without tokenizing
+                    index += n
+                    continue
+                if index < start_doc:
+                    texts = texts[start_doc - index:]
+                    index = start_doc
+                yield index, texts
+                index += len(texts)
+
+
+def _parquet_batches(url: str) -> Iterator[Any]:
+    import pyarrow.parquet as pq
+
+    fs, path = fsspec.core.url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        try:
+            pf = pq.ParquetFile(f)
+        except Exception as err:
+            raise SourceError(f"{url}: not a readable parquet file ({err})") from None
+        if "text" not in pf.schema_arrow.names:
+            raise SourceError(f"{url}: no 'text' column (columns: {pf.schema_arrow.names})")
+        for batch in pf.iter_batches(batch_size=BATCH_DOCS, columns=["text"]):
+            yield batch.column(0)
+
+
+def _jsonl_batches(url: str) -> Iterator[list[str]]:
+    fs, path = fsspec.core.url_to_fs(url)
+    with fs.open(path, "rb") as raw:
+        f = gzip.open(raw) if path.endswith(".gz") else raw
+        texts, chars = [], 0
+        for lineno, line in enumerate(io.TextIOWrapper(f, encoding="utf-8"), 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(json.loads(line)["text"])
+            except (ValueError, KeyError, TypeError):
+                raise SourceError(f"{url} line {lineno}: not a JSON object with a 'text' field") from None
+            chars += len(texts[-1])
+            if len(texts) == BATCH_DOCS or chars >= BATCH_CHARS:
+                yield texts
+                texts, chars = [], 0
+        if texts:
+            yield texts
+
+
+def _expand(spec: str) -> list[str]:
+    """Files named by one path/URL: the file itself, a folder's data files (sorted), or a glob's matches."""
+    try:
+        fs, path = fsspec.core.url_to_fs(spec)
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        qualify = (lambda p: p) if protocol in ("file", "local") else (lambda p: f"{protocol}://{p}")
+        if any(c in path for c in "*?["):
+            found = sorted(fs.glob(path))
+        elif fs.isdir(path):
+            found = sorted(p for p in fs.find(path) if p.endswith(FILE_SUFFIXES))
+            if not found:
+                raise SourceError(f"{spec}: folder has no {'/'.join(FILE_SUFFIXES)} files (empty dataset)")
+        elif fs.exists(path):
+            found = [path]
+        else:
+            raise SourceError(f"{spec}: no such file or folder")
+    except SourceError:
+        raise
+    except Exception as err:
+        raise SourceError(f"cannot reach source {spec}: {type(err).__name__}: {err}") from None
+    bad = [p for p in found if not p.endswith(FILE_SUFFIXES)]
+    if bad:
+        raise SourceError(f"{spec}: unsupported file type {bad[0]} (expected {', '.join(FILE_SUFFIXES)})")
+    if not found:
+        raise SourceError(f"{spec}: matches no files (empty dataset)")
+    return [qualify(p) for p in found]
+
+
+def open_source(spec: str | None) -> HubSource | FileSource:
+    spec = spec or DEFAULT_SOURCE
+    if spec in HUB_CONFIGS:
+        spec = f"hf:{HUB_DATASET}:{spec}"
+    if spec.startswith("hf:"):
+        body, _, revision = spec[3:].partition("@")
+        parts = body.split(":")
+        if len(parts) > 2 or not parts[0]:
+            raise SourceError(f"bad hub spec {spec!r}: expected hf:OWNER/NAME[:CONFIG][@REVISION]")
+        return HubSource(parts[0], parts[1] if len(parts) == 2 else None, revision or None)
+    urls: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if part:
+            urls.extend(_expand(part))
+    return FileSource(urls)
+
+
+@dataclass
+class TextsSource:
+    """Documents already in memory (the benchmark, the demo corpus, tests)."""
+
+    texts: list[str]
+    name: str = "in-memory"
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.name, "documents": len(self.texts)}
+
+    def approx_tokens(self) -> int | None:
+        return None
+
+    def batches(self, start_doc: int = 0) -> Iterator[tuple[int, list[str]]]:
+        i = start_doc
+        while i < len(self.texts):
+            j, chars = i, 0
+            while j < len(self.texts) and j - i < BATCH_DOCS and chars < BATCH_CHARS:
+                chars += len(self.texts[j])
+                j += 1
+            yield i, self.texts[i:j]
+            i = j

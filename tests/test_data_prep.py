@@ -1,0 +1,267 @@
+"""data_prep.fineweb: FineWeb-Edu-schema parquet/jsonl -> shards byte-identical to build-nanogpt's layout,
+whatever the parallelism; resumable after a crash or kill; on S3 (moto's server); verify; clear errors."""
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO
+from data_prep import pipeline
+from data_prep.shards import shard_name
+from data_prep.sources import FileSource, HubSource, SourceError, TextsSource, open_source
+from data_prep.tokenize import TokenRangeError, to_uint16
+from data_prep.verify import verify
+from training import store
+
+SHARD = 5_000
+WORDS = ("the of and to in is was for that on as with by he at from his an were are which this be or it "
+         "education learning student teacher school science history water energy cells é naïve 東京 — "
+         "“quoted” 3.14 2024 can't won't  \n\n").split(" ")
+
+
+def corpus(n_docs=2500, seed=0, max_words=80):
+    rng = np.random.default_rng(seed)
+    docs = [" ".join(rng.choice(WORDS, rng.integers(0, max_words))) for _ in range(n_docs)]
+    docs[5] = ""  # an empty document is still [<|endoftext|>]
+    docs[7] = "special-token text is ordinary text: <|endoftext|> <|fim_prefix|>"  # as in encode_ordinary
+    return docs
+
+
+def reference_shards(docs, shard_size, enc):
+    """build-nanogpt's fineweb.py loop, single process: {name: npy bytes}."""
+    out = {}
+
+    def write(index, toks):
+        buf = io.BytesIO()
+        np.save(buf, toks)
+        out[shard_name("val" if index == 0 else "train", index)] = buf.getvalue()
+
+    shard_index, all_tokens_np, token_count = 0, np.empty((shard_size,), dtype=np.uint16), 0
+    for doc in docs:
+        tokens = np.array([enc._special_tokens["<|endoftext|>"]] + enc.encode_ordinary(doc)).astype(np.uint16)
+        if token_count + len(tokens) < shard_size:
+            all_tokens_np[token_count:token_count + len(tokens)] = tokens
+            token_count += len(tokens)
+        else:
+            remainder = shard_size - token_count
+            all_tokens_np[token_count:token_count + remainder] = tokens[:remainder]
+            write(shard_index, all_tokens_np)
+            shard_index += 1
+            all_tokens_np[0:len(tokens) - remainder] = tokens[remainder:]
+            token_count = len(tokens) - remainder
+    if token_count != 0:
+        write(shard_index, all_tokens_np[:token_count])
+    return out
+
+
+FIELDS = ("text", "id", "dump", "url", "file_path", "language", "language_score", "token_count", "score", "int_score")
+
+
+def write_parquet(path, docs, row_group_size=300):
+    n = len(docs)
+    table = pa.table({
+        "text": docs, "id": [f"<urn:uuid:{i}>" for i in range(n)], "dump": ["CC-MAIN-2024-10"] * n,
+        "url": [f"https://example.org/{i}" for i in range(n)], "file_path": ["s3://commoncrawl/x.warc.gz"] * n,
+        "language": ["en"] * n, "language_score": [0.97] * n, "token_count": [len(d.split()) for d in docs],
+        "score": [3.1] * n, "int_score": [3] * n,
+    })
+    assert tuple(table.column_names) == FIELDS
+    pq.write_table(table, path, row_group_size=row_group_size)
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return corpus()
+
+
+@pytest.fixture(scope="module")
+def reference(docs, enc):
+    return reference_shards(docs, SHARD, enc)
+
+
+@pytest.fixture(scope="module")
+def parquet_dir(docs, tmp_path_factory):
+    d = tmp_path_factory.mktemp("fineweb-parquet")
+    cuts = [0, 700, 1900, len(docs)]  # three files of different sizes, several row groups each
+    for i in range(3):
+        write_parquet(d / f"{i:03d}_00000.parquet", docs[cuts[i]:cuts[i + 1]])
+    return d
+
+
+def shard_files(url):
+    return {n: store.read_bytes(store.join(url, n)) for n in store.listdir(url) if n.endswith(".npy")}
+
+
+def cli(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "data_prep.fineweb", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_byte_identical_to_build_nanogpt_whatever_the_workers(parquet_dir, reference, docs, tmp_path, workers):
+    out = str(tmp_path / "shards")
+    manifest = pipeline.build(out, open_source(str(parquet_dir)), SHARD, workers, progress=False)
+    names = sorted(reference, key=lambda n: n[-10:])
+    assert len(names) > 5 and len(reference[names[-1]]) < len(reference[names[0]])  # a remainder shard
+    assert shard_files(out) == reference
+    assert [s["name"] for s in manifest["shards"]] == names
+    assert manifest["shards"][0]["name"] == "edufineweb_val_000000.npy"
+    assert all(s["sha256"] == hashlib.sha256(reference[s["name"]]).hexdigest() for s in manifest["shards"])
+    assert manifest["documents"] == len(docs) and manifest["tokenizer"] == "gpt2"
+    assert manifest["source"]["kind"] == "files" and len(manifest["source"]["files"]) == 3
+    assert verify(out) == ([], [])
+    from training.data import list_shards, load_shard  # the training loader reads what we wrote
+
+    assert load_shard(list_shards(out, "val")[0]).size == SHARD
+
+
+def test_jsonl_and_hub_code_path_match_parquet(parquet_dir, docs, reference, tmp_path):
+    jl = tmp_path / "docs.jsonl"
+    jl.write_text("".join(json.dumps({"text": d, "id": str(i)}) + "\n" for i, d in enumerate(docs)))
+    pipeline.build(str(tmp_path / "jsonl"), open_source(str(jl)), SHARD, 2, progress=False)
+    assert shard_files(str(tmp_path / "jsonl")) == reference
+    # the same load_dataset(..., split="train", streaming=True) call as for HuggingFaceFW/fineweb-edu
+    files = sorted(str(p) for p in parquet_dir.glob("*.parquet"))
+    hub = HubSource("parquet", None, load_kwargs={"data_files": files})
+    pipeline.build(str(tmp_path / "hub"), hub, SHARD, 2, progress=False)
+    assert shard_files(str(tmp_path / "hub")) == reference
+
+
+def test_hub_spec_parsing():
+    s = open_source(None)
+    assert (s.dataset, s.config, s.revision) == ("HuggingFaceFW/fineweb-edu", "sample-10BT", None)
+    s = open_source("sample-350BT")
+    assert s.config == "sample-350BT"
+    s = open_source("hf:HuggingFaceFW/fineweb-edu:sample-100BT@v1.2.0")
+    assert (s.config, s.revision) == ("sample-100BT", "v1.2.0")
+
+
+def test_crash_after_some_shards_then_resume_is_byte_identical(parquet_dir, reference, tmp_path):
+    full = str(tmp_path / "full")
+    pipeline.build(full, open_source(str(parquet_dir)), SHARD, 2, progress=False)
+    out = str(tmp_path / "crashed")
+    r = pipeline.build(out, open_source(str(parquet_dir)), SHARD, 2, progress=False, max_shards=7)
+    assert r["complete"] is False and not store.exists(store.join(out, "manifest.json"))
+    # what a kill leaves behind: a stray temp file, a shard without its sidecar, a truncated one
+    (tmp_path / "crashed" / ".edufineweb_train_000007.npy.1234.tmp").write_bytes(b"partial")
+    (tmp_path / "crashed" / ".prep" / "edufineweb_train_000006.npy.json").unlink()
+    (tmp_path / "crashed" / "edufineweb_train_000006.npy").write_bytes(b"truncated")
+    manifest = pipeline.build(out, open_source(str(parquet_dir)), SHARD, 1, progress=False)
+    assert shard_files(out) == reference
+    assert store.read_bytes(store.join(out, "manifest.json")) == store.read_bytes(store.join(full, "manifest.json"))
+    assert verify(out)[0] == []
+    before = os.stat(tmp_path / "crashed" / "manifest.json").st_mtime_ns
+    assert pipeline.build(out, open_source(str(parquet_dir)), SHARD, 2, progress=False) == manifest
+    assert os.stat(tmp_path / "crashed" / "manifest.json").st_mtime_ns == before  # a complete store is left alone
+
+
+def test_kill_cli_mid_run_then_rerun_is_byte_identical(tmp_path, enc):
+    docs = corpus(12_000, seed=1, max_words=120)
+    src = tmp_path / "src"
+    src.mkdir()
+    write_parquet(src / "000.parquet", docs)
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "data_prep.fineweb", "--source", str(src), "--out", str(out),
+                          "--shard-tokens", "4000", "--workers", "2", "--no-progress"], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while p.poll() is None and time.time() < deadline:
+        if len(list((out / ".prep").glob("*.json"))) >= 3:
+            os.kill(p.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    p.wait()
+    killed = p.returncode == -signal.SIGKILL
+    if killed:
+        assert not (out / "manifest.json").exists()
+    r = cli("--source", str(src), "--out", str(out), "--shard-tokens", "4000", "--workers", "2", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert shard_files(str(out)) == reference_shards(docs, 4000, enc)
+    assert killed, "the run finished before it could be killed; the resume path was not exercised"
+    v = cli("verify", str(out))
+    assert v.returncode == 0 and "OK" in v.stdout, v.stdout + v.stderr
+
+
+def test_s3_output_resume_and_verify(s3_env, parquet_dir, reference):
+    bucket = s3_env["make_bucket"]("prep")
+    out = f"{bucket}/fineweb"
+    r = pipeline.build(out, open_source(str(parquet_dir)), SHARD, 2, progress=False, max_shards=4)
+    assert r["complete"] is False
+    pipeline.build(out, open_source(str(parquet_dir)), SHARD, 2, progress=False)
+    assert shard_files(out) == reference
+    assert verify(out) == ([], [])
+    from training.data import list_shards
+
+    assert len(list_shards(out, "train")) == len(reference) - 1
+
+
+def test_s3_source_files(s3_env, parquet_dir, reference, tmp_path):
+    import s3fs
+
+    bucket = s3_env["make_bucket"]("fineweb-src")
+    fs = s3fs.S3FileSystem()
+    for p in sorted(parquet_dir.glob("*.parquet")):
+        fs.put_file(str(p), f"fineweb-src/sample/{p.name}")
+    pipeline.build(str(tmp_path / "o"), open_source(f"{bucket}/sample"), SHARD, 2, progress=False)
+    assert shard_files(str(tmp_path / "o")) == reference
+
+
+def test_missing_s3_credentials_fail_early(s3_server, parquet_dir):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(FSSPEC_S3_ENDPOINT_URL=s3_server["endpoint_url"], AWS_CONFIG_FILE="/nonexistent",
+               AWS_SHARED_CREDENTIALS_FILE="/nonexistent", AWS_EC2_METADATA_DISABLED="true")
+    r = subprocess.run([sys.executable, "-m", "data_prep.fineweb", "--source", str(parquet_dir), "--out",
+                        "s3://nobucket/x", "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "s3://nobucket/x" in r.stderr and "credentials" in r.stderr.lower(), r.stderr
+
+
+def test_verify_detects_corruption_and_missing_shards(parquet_dir, tmp_path):
+    out = tmp_path / "v"
+    pipeline.build(str(out), open_source(str(parquet_dir)), SHARD, 1, progress=False)
+    data = bytearray((out / "edufineweb_train_000002.npy").read_bytes())
+    data[-1] ^= 1
+    (out / "edufineweb_train_000002.npy").write_bytes(bytes(data))
+    (out / "edufineweb_train_000003.npy").unlink()
+    problems, _ = verify(str(out))
+    assert any("000002" in p and "sha256" in p for p in problems)
+    assert any("000003" in p and "missing" in p for p in problems)
+    r = cli("verify", str(out))
+    assert r.returncode == 1 and "FAIL" in r.stdout
+    assert cli("verify", str(tmp_path / "nothing")).returncode == 1
+
+
+def test_clear_errors(tmp_path, parquet_dir):
+    r = cli("--source", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "no such file" in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = cli("--source", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "empty dataset" in r.stderr
+    write_parquet(tmp_path / "zero.parquet", [])
+    r = cli("--source", str(tmp_path / "zero.parquet"), "--out", str(tmp_path / "o"), "--no-progress")
+    assert r.returncode == 2 and "no documents" in r.stderr
+    pq.write_table(pa.table({"content": ["x"]}), tmp_path / "notext.parquet")
+    with pytest.raises(SourceError, match="no 'text' column"):
+        pipeline.build(str(tmp_path / "o2"), open_source(str(tmp_path / "notext.parquet")), SHARD, 1, progress=False)
+    with pytest.raises(TokenRangeError, match="70000"):
+        to_uint16([50256, 70000], "in document 3 ")
+    # a store made with another shard size is never extended or overwritten
+    pipeline.build(str(tmp_path / "s"), TextsSource(["a b c"] * 50), 40, 1, progress=False, max_shards=1)
+    with pytest.raises(pipeline.PrepError, match="another source or shard size"):
+        pipeline.build(str(tmp_path / "s"), TextsSource(["a b c"] * 50), 50, 1, progress=False)
+
+
+def test_unreachable_hub_is_a_clear_error(tmp_path):
+    r = cli("--source", "hf:HuggingFaceFW/fineweb-edu:sample-10BT", "--out", str(tmp_path / "o"), "--no-progress",
+            env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert r.returncode == 2 and "cannot open dataset 'HuggingFaceFW/fineweb-edu'" in r.stderr, r.stderr[-2000:]
