@@ -26,6 +26,7 @@ from training import checkpoint as ck
 from training import store
 from training.config import RunConfig, load_config
 from training.data import list_shards
+from training.plots import read_metrics, render_png
 
 
 class FlowFailure(RuntimeError):
@@ -58,12 +59,6 @@ def ensure_data(cfg: RunConfig) -> None:
 def latest_step(run_dir: str) -> int:
     c = ck.latest_checkpoint(run_dir, verify=False)
     return c.step if c else 0
-
-
-def read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    from training.plots import read_metrics as _read
-
-    return _read(run_dir)
 
 
 async def evaluate_checkpoint(url: str, p: PretrainParams) -> dict[str, Any]:
@@ -181,8 +176,6 @@ async def run_pretrain(params: PretrainParams, executor: Executor) -> dict[str, 
     rows = _report_table(evals, metrics)
     await create_table_artifact(rows, key=f"{p.run_name.lower().replace('_', '-').replace('.', '-')}-checkpoints",
                                 description="Checkpoints: val loss and evaluations")
-    from training.plots import render_png
-
     plot_url = store.join(run_dir, "curves.png")
     store.write_bytes(plot_url, render_png(run_dir, p.run_name))
     result = {"run_dir": run_dir, "final_step": latest_step(run_dir), "attempts": attempt_no,
