@@ -115,3 +115,21 @@ def s3_env(s3_server, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
     yield s3_server
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The real local Slurm cluster (cluster/local/slurm_cluster.sh: munge, MariaDB + slurmdbd, slurmctld, emulated
+    nodes n1 and n2). Started if it is not running, and then stopped at session end; left running otherwise."""
+    import subprocess
+
+    script = REPO / "cluster" / "local" / "slurm_cluster.sh"
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster needs root (daemons, /etc/hosts, apt-get)")
+    running = subprocess.run(["bash", str(script), "status"], capture_output=True).returncode == 0
+    if not running:
+        p = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0, f"slurm_cluster.sh start failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    yield {"nodes": ["n1", "n2"], "partition": "debug"}
+    if not running:
+        subprocess.run(["bash", str(script), "stop"], capture_output=True, timeout=300)

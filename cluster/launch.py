@@ -1,0 +1,246 @@
+"""The callable submitit runs once per node: torchrun for `training.train`, signal forwarding and requeue.
+
+One submitit task per node starts
+    python -m torch.distributed.run --nnodes N --nproc_per_node P --node_rank $SLURM_NODEID
+        --master_addr <first host> --master_port <from the job id> -m cluster.worker <training args>
+Static rendezvous, not c10d: c10d ignores --node_rank, and rank == node order keeps logs and checkpoints readable.
+
+Preemption / time limit: Slurm sends USR2 to every process of the job step. torchrun itself ignores USR2 (it
+would die of it); its workers catch it, finish the step, write a collective checkpoint and exit 75. On the
+first task submitit calls `checkpoint()`: it forwards USR2 to the torchrun process group (in case the workers
+were not signalled directly), waits for them to stop and returns a resubmission with the timeout or preemption
+counted, or raises once a cap is reached. Every requeue and the end are appended to {run_dir}/attempts.jsonl.
+
+Nothing secret is pickled: the object holds the config name, overrides and counters; credentials reach the
+workers through the job's environment (sbatch exports the submitting environment at run time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REQUEUE_EXIT = 75  # training.train.REQUEUE_EXIT_CODE (not imported: keeps torch out of the submitit process)
+REPO = Path(__file__).resolve().parent.parent
+log = logging.getLogger("cluster.launch")
+
+
+class RunFailed(RuntimeError):
+    """The training run ended without completing and will not be requeued; the message says why."""
+
+
+class RequeueCapReached(RunFailed):
+    pass
+
+
+def master_port(job_id: str) -> int:
+    """A port that two jobs sharing a node never both use (job ids differ), away from well-known ports."""
+    return 20000 + int(str(job_id).split("_")[0]) % 30000
+
+
+@dataclasses.dataclass
+class TrainLaunch:
+    config: str
+    overrides: list[str]
+    run_dir: str
+    procs_per_node: int
+    exit_root: str  # shared folder for per-rank exit records
+    time_min: int
+    max_timeout_requeues: int
+    max_preemption_requeues: int
+    stop_timeout_s: float = 60.0
+    timeouts: int = 0
+    preemptions: int = 0
+
+    # ------------------------------------------------------------------ run on each node
+
+    def __call__(self) -> dict[str, Any]:
+        import submitit
+
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        env = submitit.JobEnvironment()
+        self._start = time.time()
+        self._signalled: str | None = None
+        self._node, self._nnodes, self._job_id = env.node, env.num_nodes, env.job_id
+        self._attempt = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        self._exit_dir = os.path.join(self.exit_root, f"{self._job_id}_{self._attempt}")
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            self._chain(sig)
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={self._nnodes}",
+               f"--nproc_per_node={self.procs_per_node}", f"--node_rank={self._node}",
+               f"--master_addr={env.hostnames[0]}", f"--master_port={master_port(self._job_id)}",
+               "--max_restarts=0", "-m", "cluster.worker", "--config", self.config,
+               *[a for kv in self.overrides for a in ("--set", kv)]]
+        penv = dict(os.environ, CLUSTER_EXIT_DIR=self._exit_dir, PYTHONUNBUFFERED="1")
+        cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", os.cpu_count() or 1))
+        penv.setdefault("OMP_NUM_THREADS", str(max(1, cpus // self.procs_per_node)))
+        log.info("node %d/%d attempt %d: %s", self._node, self._nnodes, self._attempt, " ".join(cmd))
+        # Own session: signals go to torchrun and its workers as a group. USR2 ignored in torchrun (the
+        # default action would kill it); the workers inherit the ignore and training installs its own handler.
+        self._proc = subprocess.Popen(cmd, cwd=REPO, env=penv, start_new_session=True,
+                                      preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
+        self._done = threading.Event()
+        # A thread reaps torchrun so that checkpoint(), which runs inside a signal handler, can wait on an Event
+        # instead of re-entering Popen.wait.
+        threading.Thread(target=lambda: (self._proc.wait(), self._done.set()), daemon=True).start()
+        try:
+            while not self._done.wait(0.5):
+                pass
+            return self._outcome()
+        finally:
+            self._stop_children()
+
+    def _chain(self, sig: signal.Signals) -> None:
+        """Remember that Slurm signalled us, then let submitit's handler (checkpoint/requeue or bypass) run."""
+        prev = signal.getsignal(sig)
+
+        def handler(signum, frame):
+            self._signalled = signal.Signals(signum).name
+            if callable(prev):
+                prev(signum, frame)
+
+        signal.signal(sig, handler)
+
+    def _stop_children(self) -> None:
+        if self._proc.poll() is None:
+            log.warning("stopping torchrun (pid %d) and its workers", self._proc.pid)
+            self._killpg(signal.SIGTERM)
+            if not self._done.wait(30):
+                self._killpg(signal.SIGKILL)
+
+    def _killpg(self, sig: signal.Signals) -> None:
+        try:
+            os.killpg(self._proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    # ------------------------------------------------------------------ how this attempt ended
+
+    def _records(self) -> list[dict[str, Any]]:
+        out = []
+        for p in sorted(Path(self._exit_dir).glob("rank_*.json")):
+            try:
+                out.append(json.loads(p.read_text()))
+            except (OSError, ValueError):
+                pass
+        return out
+
+    def _outcome(self) -> dict[str, Any]:
+        code = self._proc.returncode
+        first = self.procs_per_node * self._node
+        mine = [r for r in self._records() if first <= r["rank"] < first + self.procs_per_node]
+        codes = {r["exit_code"] for r in mine}
+        if code == 0 and codes <= {0}:
+            if self._node != 0:
+                return {"node": self._node, "exit_code": 0}
+            result = self._result()
+            self._log_attempt("completed", result)
+            return {**result, "job_id": self._job_id, "run_dir": self.run_dir, "timeouts": self.timeouts,
+                    "preemptions": self.preemptions}
+        if mine and len(mine) == self.procs_per_node and codes <= {0, REQUEUE_EXIT}:
+            return self._stopped()
+        raise self._failure(code)
+
+    def _stopped(self) -> dict[str, Any]:
+        """Every local rank checkpointed and exited 75."""
+        if self._signalled:
+            # Slurm is requeueing (the first task's checkpoint() does it) or killing the job: wait for that
+            # rather than leave a result that the restarted job would contradict.
+            log.info("node %d: training checkpointed after %s; waiting for the requeue", self._node, self._signalled)
+            time.sleep(max(self.stop_timeout_s, 60))
+        if self._node != 0:
+            return {"node": self._node, "exit_code": REQUEUE_EXIT}
+        result = self._result()  # stopped without a signal: stop_after_steps
+        self._log_attempt("stopped", result)
+        return {**result, "job_id": self._job_id, "run_dir": self.run_dir, "timeouts": self.timeouts,
+                "preemptions": self.preemptions}
+
+    def _failure(self, torchrun_code: int) -> RunFailed:
+        time.sleep(2)  # let the other nodes' ranks record their exits (shared folder) to find the first failure
+        failed = sorted((r for r in self._records() if r["exit_code"] not in (0, REQUEUE_EXIT)),
+                        key=lambda r: r["time"])
+        latest = self._latest_checkpoint()
+        if failed:
+            r = failed[0]
+            msg = (f"rank {r['rank']} on {r['host']} failed first (exit {r['exit_code']}):\n"
+                   f"{r['error'].strip()[-3000:]}")
+        else:
+            msg = f"torchrun on node {self._node} exited {torchrun_code} with no rank reporting an error " \
+                  "(killed: out of memory, node failure?)"
+        msg += f"\nlatest checkpoint: {latest}"
+        if self._node == 0:
+            self._log_attempt("failed", {"reason": msg.splitlines()[0], "checkpoint": latest})
+        return RunFailed(msg)
+
+    def _result(self) -> dict[str, Any]:
+        from training import store
+
+        return store.read_json(store.join(self.run_dir, "result.json"))
+
+    def _latest_checkpoint(self) -> str | None:
+        from training import checkpoint as ck
+
+        try:
+            latest = ck.latest_checkpoint(self.run_dir)
+        except Exception as err:  # reporting a failure must not fail on an unreadable store
+            return f"unknown ({err})"
+        return latest.url if latest else None
+
+    def _log_attempt(self, event: str, info: dict[str, Any]) -> None:
+        from training import store
+
+        rec = {"event": event, "job_id": self._job_id, "attempt": self._attempt, "time": time.time(),
+               "timeouts": self.timeouts, "preemptions": self.preemptions, **info}
+        log.info("attempt %s", json.dumps(rec))
+        try:
+            store.append_text(store.join(self.run_dir, "attempts.jsonl"), json.dumps(rec) + "\n")
+        except Exception as err:
+            log.warning("could not append to attempts.jsonl: %s", err)
+
+    # ------------------------------------------------------------------ requeue (first task only)
+
+    def _timed_out(self) -> bool:
+        # submitit's rule (JobEnvironment.has_timed_out): a signal after min(80%, limit - 10 min) is the limit.
+        limit = self.time_min * 60
+        return time.time() - self._start >= min(0.8 * limit, limit - 600)
+
+    def checkpoint(self):
+        """Called by submitit on USR2 (first task): stop training with a checkpoint, then requeue or give up."""
+        from submitit.helpers import DelayedSubmission
+
+        timed_out = self._timed_out()
+        reason = "timeout" if timed_out else "preemption"
+        log.warning("%s signal: asking training to checkpoint", reason)
+        self._killpg(signal.SIGUSR2)
+        if not self._done.wait(self.stop_timeout_s):
+            log.warning("training did not stop within %.0f s; requeueing from the latest checkpoint",
+                        self.stop_timeout_s)
+        try:
+            result = self._result()
+        except Exception:
+            result = {}
+        nxt = dataclasses.replace(self, timeouts=self.timeouts + timed_out,
+                                  preemptions=self.preemptions + (not timed_out))
+        info = {"reason": reason, "step": result.get("final_step"), "checkpoint": self._latest_checkpoint()}
+        if nxt.timeouts > self.max_timeout_requeues or nxt.preemptions > self.max_preemption_requeues:
+            cap = self.max_timeout_requeues if timed_out else self.max_preemption_requeues
+            self._log_attempt("gave_up", info)
+            raise RequeueCapReached(f"{reason} #{nxt.timeouts if timed_out else nxt.preemptions} exceeds the cap "
+                                    f"of {cap} requeues; not requeued. latest checkpoint: {info['checkpoint']}")
+        self._log_attempt("requeue", info)
+        return DelayedSubmission(nxt)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Only the dataclass fields travel (no process handles, events or per-attempt state).
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -1,0 +1,63 @@
+"""The Slurm job spec of a training run: what to ask Slurm for, typed and checked field by field."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Container(BaseModel):
+    """Where the job's Python runs: a pyxis/enroot image (srun --container-image) or an apptainer image."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(description="pyxis: an enroot image (e.g. 'nvcr.io#nvidia/pytorch:24.05-py3' or a .sqsh); "
+                                   "apptainer: a .sif path")
+    runtime: Literal["pyxis", "apptainer"] = "pyxis"
+    mounts: list[str] = Field(default_factory=list, description="SRC:DST[:ro] bind mounts (the repo, the shared folder)")
+    python: str = Field("python", description="the interpreter inside the container")
+    workdir: str | None = Field(None, description="pyxis --container-workdir")
+
+
+class JobSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0, description="0 = CPU nodes: one gloo process per node")
+    cpus_per_task: int | None = Field(None, ge=1, description="CPUs of the one task per node (all its ranks)")
+    mem_gb: int | None = Field(None, ge=1, description="memory per node")
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_min: int = Field(60, ge=1, description="time limit of one attempt (each requeue gets it again)")
+    constraint: str | None = None
+    exclusive: bool = False
+    job_name: str = "gpt2-train"
+    sbatch_extra: list[str] = Field(default_factory=list,
+                                    description="extra sbatch options, e.g. '--reservation=big' or '--exclude=n3'")
+    setup: list[str] = Field(default_factory=list,
+                             description="shell lines run before the tasks (module load, source a venv)")
+    container: Container | None = None
+    folder: str = Field("slurm_logs", description="submitit's folder (pickles, logs): a path every node can read")
+    max_timeout_requeues: int = Field(3, ge=0, description="requeues after hitting the time limit")
+    max_preemption_requeues: int = Field(10, ge=0, description="requeues after preemption")
+    signal_delay_s: int = Field(90, ge=10, description="Slurm sends USR2 this long before the time limit")
+    gres: bool = Field(True, description="request --gpus-per-node (turn off on clusters without GPU GRES)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "JobSpec":
+        for line in self.sbatch_extra:
+            if not line.startswith("--"):
+                raise ValueError(f"sbatch_extra entries are long options like '--reservation=x', got {line!r}")
+        if self.signal_delay_s >= self.time_min * 60:
+            raise ValueError(f"signal_delay_s={self.signal_delay_s} is not shorter than time_min={self.time_min} min")
+        return self
+
+    @property
+    def procs_per_node(self) -> int:
+        return max(1, self.gpus_per_node)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node

@@ -1,0 +1,223 @@
+"""Submit a training run to Slurm as one job (one submitit task per node), watch it, or reattach to it.
+
+    python -m cluster.submit --config configs/gpt2-124m.toml --nodes 2 --gpus-per-node 8 \
+        --partition gpu --time 240 --set run_dir=s3://bucket/runs/x [--wait]
+    python -m cluster.submit --reattach 1234 --folder slurm_logs --wait
+
+Environment: nothing from the environment is pickled or written into the job script. sbatch exports the
+submitting process's environment to the job at run time (Slurm's default --export=ALL), so store credentials
+(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, FSSPEC_S3_ENDPOINT_URL, ...), HF_TOKEN, TIKTOKEN_CACHE_DIR and
+OMP_NUM_THREADS reach torchrun and every rank as they were when `submit` ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from cluster.launch import RunFailed, TrainLaunch
+from cluster.spec import JobSpec
+from cluster.validate import SpecError, validate
+
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED", "ENDED")
+
+
+def build_executor(spec: JobSpec) -> submitit.SlurmExecutor:
+    python = None
+    srun_args = ["--kill-on-bad-exit=1"]  # one node's task failing ends the step instead of leaving peers hung
+    c = spec.container
+    if c is not None and c.runtime == "pyxis":
+        srun_args.append(f"--container-image={c.image}")
+        if c.mounts:
+            srun_args.append(f"--container-mounts={','.join(c.mounts)}")
+        if c.workdir:
+            srun_args.append(f"--container-workdir={c.workdir}")
+        python = c.python
+    elif c is not None:
+        binds = [a for m in c.mounts for a in ("--bind", m)]
+        python = shlex.join(["apptainer", "exec", *(["--nv"] if spec.gpus_per_node else []), *binds, c.image,
+                             c.python])
+    ex = submitit.SlurmExecutor(folder=spec.folder, max_num_timeout=spec.max_timeout_requeues, python=python)
+    params: dict[str, Any] = dict(nodes=spec.nodes, ntasks_per_node=1, time=spec.time_min, job_name=spec.job_name,
+                                  signal_delay_s=spec.signal_delay_s, srun_args=srun_args, setup=list(spec.setup))
+    if spec.gpus_per_node and spec.gres:
+        params["gpus_per_node"] = spec.gpus_per_node
+    if spec.cpus_per_task:
+        params["cpus_per_task"] = spec.cpus_per_task
+    if spec.mem_gb:
+        params["mem"] = f"{spec.mem_gb}GB"
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(spec, key):
+            params[key] = getattr(spec, key)
+    if spec.exclusive:
+        params["exclusive"] = True
+    extra = {}
+    for line in spec.sbatch_extra:
+        key, _, value = line[2:].partition("=")
+        extra[key.replace("-", "_")] = value if value else True
+    if extra:
+        params["additional_parameters"] = extra
+    ex.update_parameters(**params)
+    return ex
+
+
+def sacct_state(job_id: str) -> tuple[str, str]:
+    """(State, ExitCode) of the job's allocation from accounting, else squeue's state, else ('ENDED', '')."""
+    out = subprocess.run(["sacct", "-j", str(job_id), "-X", "-n", "-P", "-o", "State,ExitCode"],
+                         capture_output=True, text=True, timeout=60)
+    lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
+    if out.returncode != 0 or not lines:
+        # Not yet in accounting (just submitted): ask the controller.
+        sq = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
+                            timeout=60)
+        # Neither accounting nor the controller knows it: without slurmdbd a finished job just disappears.
+        return (sq.stdout.strip() or "ENDED"), ""
+    state, code = lines[-1].split("|")  # a requeued job has one line per attempt: the last is current
+    return state, code
+
+
+class RunHandle:
+    """A submitted (or reattached) training job."""
+
+    def __init__(self, job_id: str, folder: str, nodes: int, run_dir: str):
+        self.job_id, self.folder, self.nodes, self.run_dir = str(job_id), folder, nodes, run_dir
+        self.job: submitit.SlurmJob = submitit.SlurmJob(folder, self.job_id, tasks=list(range(nodes)))
+        self.job._cancel_at_deletion = False  # a handle going out of scope never cancels the run
+
+    def _meta_path(self) -> Path:
+        return Path(self.folder) / f"{self.job_id}_run.json"
+
+    def save(self) -> None:
+        self._meta_path().write_text(json.dumps({"job_id": self.job_id, "nodes": self.nodes,
+                                                 "run_dir": self.run_dir}))
+
+    def state(self) -> str:
+        return sacct_state(self.job_id)[0]
+
+    def done(self) -> bool:
+        return self.state().startswith(FINAL_STATES)
+
+    def cancel(self) -> None:
+        subprocess.run(["scancel", self.job_id], check=True)
+
+    def attempts(self) -> list[dict[str, Any]]:
+        from training import store
+
+        url = store.join(self.run_dir, "attempts.jsonl")
+        if not store.exists(url):
+            return []
+        return [json.loads(ln) for ln in store.read_bytes(url).decode().splitlines() if ln.strip()]
+
+    def wait(self, timeout_s: float | None = None, poll_s: float = 2.0) -> dict[str, Any]:
+        """Blocks until the job ends (requeues included); the training result, or RunFailed with the reason."""
+        deadline = None if timeout_s is None else time.time() + timeout_s
+        while not self.done():
+            if deadline is not None and time.time() > deadline:
+                raise TimeoutError(f"job {self.job_id} still {self.state()} after {timeout_s} s")
+            time.sleep(poll_s)
+        return self.result()
+
+    def result(self) -> dict[str, Any]:
+        state, code = sacct_state(self.job_id)
+        outcomes, errors = [], []
+        for i in range(self.nodes):
+            try:
+                outcome, value = self.job.task(i)._get_outcome_and_result()
+            except submitit.core.utils.UncompletedJobError as err:
+                errors.append(f"node {i}: no result ({str(err).splitlines()[0]})")
+                continue
+            if outcome == "error":
+                errors.append(f"node {i}: {_last_error(value)}")
+            outcomes.append(value)
+        if state in ("COMPLETED", "ENDED") and not errors and outcomes and isinstance(outcomes[0], dict):
+            return outcomes[0]
+        raise RunFailed(f"job {self.job_id} ended {state} (exit {code})\n" + "\n".join(errors))
+
+
+def _last_error(trace: str) -> str:
+    """The raised exception's message out of the traceback text submitit stores."""
+    lines = trace.strip().splitlines()
+    for i, ln in enumerate(lines):
+        if ln.startswith(("cluster.launch.RunFailed", "cluster.launch.RequeueCapReached")):
+            return "\n".join(lines[i:])
+    return "\n".join(lines[-20:])
+
+
+def submit(spec: JobSpec, config: str, overrides: list[str] | None = None, *, check: bool = True) -> RunHandle:
+    """Validate, then sbatch one job: `spec.nodes` tasks, each running torchrun for `training.train`."""
+    overrides = list(overrides or [])
+    cfg = validate(spec, config, overrides, check_cluster=check, check_data=check)
+    Path(spec.folder).mkdir(parents=True, exist_ok=True)
+    launch = TrainLaunch(config=str(config), overrides=overrides, run_dir=cfg.train.run_dir,
+                         procs_per_node=spec.procs_per_node, exit_root=str(Path(spec.folder).resolve() / "exits"),
+                         time_min=spec.time_min, max_timeout_requeues=spec.max_timeout_requeues,
+                         max_preemption_requeues=spec.max_preemption_requeues,
+                         stop_timeout_s=max(10.0, spec.signal_delay_s - 10))
+    job = build_executor(spec).submit(launch)
+    handle = RunHandle(job.job_id, spec.folder, spec.nodes, cfg.train.run_dir)
+    handle.save()
+    return handle
+
+
+def reattach(job_id: str, folder: str) -> RunHandle:
+    """Watch an existing job (e.g. after the submitting process restarted) instead of submitting a duplicate."""
+    path = Path(folder) / f"{job_id}_run.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no job {job_id} submitted through cluster.submit under {folder}")
+    meta = json.loads(path.read_text())
+    return RunHandle(meta["job_id"], folder, meta["nodes"], meta["run_dir"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cluster.submit", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", help="preset name or TOML file of the run")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--nodes", type=int)
+    ap.add_argument("--gpus-per-node", type=int)
+    ap.add_argument("--cpus-per-task", type=int)
+    ap.add_argument("--mem-gb", type=int)
+    ap.add_argument("--partition")
+    ap.add_argument("--account")
+    ap.add_argument("--qos")
+    ap.add_argument("--time", type=int, help="minutes per attempt")
+    ap.add_argument("--folder", help="submitit folder on a shared filesystem")
+    ap.add_argument("--spec", help="JSON file with JobSpec fields (the flags above override it)")
+    ap.add_argument("--wait", action="store_true", help="block until the run ends and print its result")
+    ap.add_argument("--reattach", metavar="JOB_ID", help="watch an existing job instead of submitting")
+    args = ap.parse_args(argv)
+    try:
+        if args.reattach:
+            handle = reattach(args.reattach, args.folder or "slurm_logs")
+        else:
+            if not args.config:
+                ap.error("--config is required unless --reattach")
+            fields = json.loads(Path(args.spec).read_text()) if args.spec else {}
+            flags = {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "time_min": args.time,
+                     "folder": args.folder, "cpus_per_task": args.cpus_per_task, "mem_gb": args.mem_gb,
+                     "partition": args.partition, "account": args.account, "qos": args.qos}
+            spec = JobSpec(**{**fields, **{k: v for k, v in flags.items() if v is not None}})
+            handle = submit(spec, args.config, args.overrides)
+        print(handle.job_id, flush=True)
+        if args.wait:
+            print(json.dumps(handle.wait()), flush=True)
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RunFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

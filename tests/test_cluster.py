@@ -1,0 +1,166 @@
+"""Training jobs on a real Slurm cluster (cluster/local/slurm_cluster.sh: slurmctld + slurmd n1, n2 + slurmdbd on
+this machine) through submitit and torchrun (gloo on CPU, one process per emulated node)."""
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.launch import RunFailed
+from cluster.spec import JobSpec
+from cluster.submit import main as submit_cli
+from cluster.submit import reattach, sacct_state, submit
+from cluster.validate import SpecError
+from test_train import BASE, losses, run_train
+
+SECRET = "s3cret-never-pickled-0xC0FFEE"
+STEPS = 60
+
+
+@pytest.fixture
+def job_env(slurm_cluster, monkeypatch):
+    # The job inherits this environment at run time (sbatch --export=ALL): one thread per rank on 2 cores.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+    monkeypatch.setenv("GPT2_TEST_SECRET", SECRET)
+    return slurm_cluster
+
+
+def sets(data, run, *extra):
+    return [*BASE, f"max_steps={STEPS}", "val_every=10", f"data_url={data}", f"run_dir={run}", *extra]
+
+
+def spec(folder, **kw):
+    # time_min=20: with time_min < ~10 submitit counts every signal as a time-out (FACTS.md).
+    return JobSpec(**{"nodes": 2, "time_min": 20, "folder": str(folder), **kw})
+
+
+def wait_for_steps(run: Path, n: int, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        f = run / "metrics.jsonl"
+        if f.exists() and len(f.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{run} did not reach {n} steps")
+
+
+def release_after_requeue(job_id: str, timeout=60):
+    """A requeued job is held PENDING (Reason=BeginTime) ~120 s by Slurm; start it now instead."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
+        if state.strip() == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"job {job_id} was not requeued")
+
+
+def attempts(run: Path):
+    return [json.loads(x) for x in (run / "attempts.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight(demo_data, tmp_path_factory):
+    """The same run in one plain process (same global batch)."""
+    run = tmp_path_factory.mktemp("one") / "run"
+    run_train(demo_data, run, f"max_steps={STEPS}", "val_every=10")
+    return losses(run)
+
+
+def test_two_node_job_matches_one_process_and_pickles_no_secret(job_env, demo_data, straight, tmp_path):
+    run, folder = tmp_path / "run", tmp_path / "slurm"
+    handle = submit(spec(folder), "tiny", sets(demo_data, run))
+    result = handle.wait(timeout_s=180)
+    assert result["complete"] and result["final_step"] == STEPS and result["job_id"] == handle.job_id
+    assert result["checkpoint"].endswith(f"step_{STEPS:06d}")
+    assert json.loads((run / "config.json").read_text())["resolved"]["world_size"] == 2
+    two = losses(run)
+    assert [s for s, _ in two] == list(range(STEPS))
+    for (_, a), (_, b) in zip(two, straight):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert sacct_state(handle.job_id)[0] == "COMPLETED"
+    # Both emulated nodes ran a task: ranks 0 and 1 each recorded their exit.
+    exits = sorted(p.name for p in (folder / "exits").rglob("rank_*.json"))
+    assert exits == ["rank_00000.json", "rank_00001.json"]
+    # Secrets travel in the environment, never in pickles or the job script.
+    for f in folder.rglob("*"):
+        if f.is_file() and f.suffix in (".pkl", ".sh", ".json"):
+            assert SECRET.encode() not in f.read_bytes(), f
+    # A new process can pick the job up by id.
+    assert reattach(handle.job_id, str(folder)).wait(timeout_s=30) == result
+
+
+def test_preempted_job_is_requeued_and_resumes_bit_exact(job_env, demo_data, tmp_path):
+    straight_run = tmp_path / "straight"
+    ref = submit(spec(tmp_path / "slurm"), "tiny", sets(demo_data, straight_run))
+    ref.wait(timeout_s=180)
+
+    run = tmp_path / "run"
+    handle = submit(spec(tmp_path / "slurm"), "tiny", sets(demo_data, run))
+    wait_for_steps(run, 3)
+    subprocess.run(["scancel", "--signal=USR2", handle.job_id], check=True)  # what Slurm sends before preempting
+    release_after_requeue(handle.job_id)
+    result = handle.wait(timeout_s=180)
+    assert result["complete"] and result["preemptions"] == 1 and result["timeouts"] == 0
+    log = attempts(run)
+    assert [a["event"] for a in log] == ["requeue", "completed"]
+    assert log[0]["reason"] == "preemption" and 3 <= log[0]["step"] < STEPS  # stopped mid-run, with a checkpoint
+    assert log[1]["attempt"] == 1
+    assert losses(run) == losses(straight_run)  # same world size on resume: exact
+
+
+def test_bad_specs_are_rejected_before_sbatch(job_env, demo_data, tmp_path):
+    def queued():
+        return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+
+    before = queued()
+    run = tmp_path / "run"
+    with pytest.raises(SpecError) as err:  # 3 nodes: too many, and 4 micro-batches do not split over 3 ranks
+        submit(spec(tmp_path, nodes=3), "tiny", sets(demo_data, run))
+    assert "world size 3" in str(err.value) and "partition 'debug' has 2" in str(err.value)
+    with pytest.raises(SpecError, match="at most 0 GPUs"):
+        submit(spec(tmp_path, gpus_per_node=1, gres=False), "tiny", sets(demo_data, run, "total_batch_tokens=128"))
+    with pytest.raises(SpecError, match="'nope' does not exist"):
+        submit(spec(tmp_path, partition="nope"), "tiny", sets(demo_data, run))
+    with pytest.raises(SpecError, match="data URL .* is not readable"):
+        submit(spec(tmp_path), "tiny", sets(tmp_path / "no-data", run))
+    with pytest.raises(SpecError, match="invalid run config"):
+        submit(spec(tmp_path), "tiny", sets(demo_data, run, "optim.max_lr=-1"))
+    with pytest.raises(ValueError, match="nodez"):
+        JobSpec(nodez=2)
+    # The CLI says the same and exits 2.
+    assert submit_cli(["--config", "tiny", "--nodes", "3", "--folder", str(tmp_path),
+                       *[a for kv in sets(demo_data, run) for a in ("--set", kv)]]) == 2
+    assert queued() == before and not run.exists()
+    assert not list(tmp_path.glob("*_submitted.pkl"))
+
+
+def test_failure_reports_the_failing_rank_and_the_latest_checkpoint(job_env, tmp_path):
+    # Skip submit-time checks so that the job itself meets the missing data (every rank exits 2).
+    handle = submit(spec(tmp_path / "slurm"), "tiny", sets(tmp_path / "no-data", tmp_path / "run"), check=False)
+    with pytest.raises(RunFailed) as err:
+        handle.wait(timeout_s=120)
+    msg = str(err.value)
+    assert f"job {handle.job_id} ended FAILED" in msg
+    assert "failed first (exit 2)" in msg and "no train shards" in msg and "latest checkpoint: None" in msg
+
+
+def test_time_limit_requeues_stop_at_the_cap(job_env, demo_data, tmp_path):
+    # time_min=5 < 10: submitit's rule (and the launcher's) treats each signal as the time limit arriving.
+    run = tmp_path / "run"
+    s = spec(tmp_path / "slurm", time_min=5, max_timeout_requeues=1)
+    handle = submit(s, "tiny", sets(demo_data, run, "max_steps=100000", "val_every=100000"))
+    wait_for_steps(run, 3)
+    subprocess.run(["scancel", "--signal=USR2", handle.job_id], check=True)
+    release_after_requeue(handle.job_id)
+    time.sleep(1)
+    wait_for_steps(run, attempts(run)[0]["step"] + 3)  # the second attempt resumed and is training
+    subprocess.run(["scancel", "--signal=USR2", handle.job_id], check=True)
+    with pytest.raises(RunFailed, match=r"timeout #2 exceeds the cap of 1 requeues") as err:
+        handle.wait(timeout_s=180)
+    assert "latest checkpoint: " in str(err.value) and "step_" in str(err.value)
+    assert [(a["event"], a["reason"]) for a in attempts(run)] == [("requeue", "timeout"), ("gave_up", "timeout")]
