@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -15,12 +17,13 @@ REQUEUE_EXIT_CODE = 75  # training.train's "stopped with a checkpoint, run me ag
 
 @dataclass
 class Outcome:
-    state: str  # "completed" | "requeue" | "failed"
+    state: str  # "completed" | "requeue" (stopped with a checkpoint) | "failed" (resubmit) | "cancelled" (stop)
     reason: str
 
 
 class Attempt(Protocol):
     job_id: str
+    log_path: str  # the training's console output, tailed into the flow run's logs
 
     def poll(self) -> Outcome | None: ...  # None while running
 
@@ -30,12 +33,14 @@ class Attempt(Protocol):
 class Executor(Protocol):
     def submit(self, preset: str, overrides: list[str], log_path: str) -> Attempt: ...
 
-    def reattach(self, job_id: str) -> Attempt | None: ...
+    def reattach(self, job_id: str) -> Attempt | None: ...  # None: nothing running under that id
+
+    def describe(self) -> dict: ...  # what the run dir's job.json records, so a restarted flow can reattach
 
 
 class LocalAttempt:
-    def __init__(self, proc: subprocess.Popen, log):
-        self.proc, self._log = proc, log
+    def __init__(self, proc: subprocess.Popen, log, log_path: str):
+        self.proc, self._log, self.log_path = proc, log, log_path
         self.job_id = f"local-{proc.pid}"
 
     def poll(self) -> Outcome | None:
@@ -75,7 +80,27 @@ class LocalExecutor:
         log = open(log_path, "ab")
         proc = subprocess.Popen(cmd, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
-        return LocalAttempt(proc, log)
+        return LocalAttempt(proc, log, log_path)
 
     def reattach(self, job_id: str) -> Attempt | None:
-        return None  # a local subprocess dies with its worker: nothing to reattach to
+        """A local attempt cannot be watched from another process (its exit code is lost), but it may outlive
+        a crashed flow (own session): stop it with a checkpoint (SIGTERM -> exit 75) so that the next attempt
+        resumes from there instead of two processes training into one run dir."""
+        pid = int(job_id.removeprefix("local-")) if job_id.startswith("local-") else 0
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if pid else []
+        except OSError:
+            cmdline = []
+        if b"training.train" in cmdline:
+            os.killpg(pid, signal.SIGTERM)
+            for _ in range(1200):  # up to 2 min for the checkpoint
+                try:
+                    if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+                        break  # exited, not yet reaped by its (dead) parent
+                except OSError:
+                    break
+                time.sleep(0.1)
+        return None
+
+    def describe(self) -> dict:
+        return {"executor": "local"}

@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster.spec import JobSpec
+
 
 class PretrainParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -17,13 +19,23 @@ class PretrainParams(BaseModel):
     run_name: str = Field("tiny-demo", pattern=r"^[A-Za-z0-9._-]+$", description="run directory name under runs/")
     data: str | None = Field(None, description="token shards URL (default: the preset's data_url under the store)")
     overrides: list[str] = Field(default_factory=list, description="extra `key=value` config overrides")
-    executor: Literal["local"] = Field("local", description="where training runs (local subprocess)")
-    nproc: int = Field(1, ge=1, description="processes per node (local: torchrun --standalone when > 1)")
+    executor: Literal["local", "slurm"] = Field("local", description="where training runs: a local subprocess, "
+                                                                  "or a Slurm job shaped by `slurm`")
+    nproc: int = Field(1, ge=1, description="local executor: processes (torchrun --standalone when > 1)")
+    slurm: JobSpec = Field(default_factory=JobSpec, description="the Slurm job of each attempt (executor=slurm)")
+    prepare_source: str | None = Field(None, description="when the data URL holds no shards yet: build them from "
+                                       "this source (hf:HuggingFaceFW/fineweb-edu:sample-10BT, or parquet/jsonl files)")
+    shard_tokens: int = Field(100_000_000, ge=1, description="tokens per shard when the data is prepared")
+    credentials_secret: str | None = Field(None, description="name of a Prefect Secret block holding a JSON object "
+                                           "of environment variables (AWS_ACCESS_KEY_ID, ...) for the store")
     eval_tasks: list[str] = Field(default_factory=lambda: ["hellaswag"], description="evaluation per checkpoint")
     hellaswag_data: str | None = Field(None, description="HellaSwag jsonl (default: {store}/data/hellaswag/...)")
     max_resubmits: int = Field(3, ge=0, description="resubmissions after failures (requeues don't count)")
     backoff_seconds: float = Field(5.0, ge=0)
     poll_seconds: float = Field(2.0, gt=0)
+
+    def world_size(self) -> int:
+        return self.slurm.world_size if self.executor == "slurm" else self.nproc
 
     def run_dir(self) -> str:
         return self.store.rstrip("/") + "/runs/" + self.run_name

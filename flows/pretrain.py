@@ -1,5 +1,6 @@
-"""`pretrain-gpt2`: validate -> ensure data -> train (resubmitting on failure) while evaluating every new
-checkpoint in its own process -> final report. Orchestration only: the model math is in training/.
+"""`pretrain-gpt2` (deployed as `pretrain-124m`): validate -> ensure data -> train, resubmitting on failure,
+while every new checkpoint is evaluated in its own process -> final report. Orchestration only: the model math
+is in training/, the Slurm launch in cluster/.
 
     python -m flows.pretrain [--preset tiny] [--store store] [--run-name tiny-demo]   # run once, locally
 """
@@ -11,26 +12,37 @@ import asyncio
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_UI_URL
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
-    update_progress_artifact
 
-from flows.executors import Executor, LocalExecutor, Outcome
+from flows.evaluate_checkpoint import run_evaluation, summary_row
+from flows.executors import Attempt, Executor, LocalExecutor, Outcome
 from flows.params import PretrainParams
+from flows.report import artifact_key, publish_curves, publish_summary
 from training import checkpoint as ck
 from training import store
 from training.config import RunConfig, load_config
-from training.data import list_shards
-from training.plots import read_metrics, render_png
+from training.data import ShardError, list_shards
+from training.plots import read_metrics
+
+JOB_FILE = "job.json"  # {run_dir}/job.json: the attempt in flight, so a restarted flow run reattaches to it
+SUBMISSIONS_FILE = "submissions.jsonl"  # one line per attempt: job id, outcome, reason, step range
 
 
 class FlowFailure(RuntimeError):
     """A run that cannot go on; the message is the one line a person reads in the UI."""
+
+
+def make_executor(p: PretrainParams) -> Executor:
+    if p.executor == "slurm":
+        from flows.slurm_executor import SlurmExecutor
+
+        return SlurmExecutor(p.slurm)
+    return LocalExecutor(nproc=p.nproc)
 
 
 def resolve_config(p: PretrainParams) -> tuple[RunConfig, list[str]]:
@@ -40,20 +52,44 @@ def resolve_config(p: PretrainParams) -> tuple[RunConfig, list[str]]:
     data = p.data or (p.store.rstrip("/") + preset_data[len("store"):] if preset_data.startswith("store/") else preset_data)
     overrides = [f"run_dir={p.run_dir()}", f"data_url={data}", *p.overrides]
     cfg = load_config(p.preset, overrides)
-    cfg.grad_accum_steps(p.nproc)
-    cfg.val_steps_per_rank(p.nproc)
+    cfg.grad_accum_steps(p.world_size())
+    cfg.val_steps_per_rank(p.world_size())
     return cfg, overrides
 
 
-def ensure_data(cfg: RunConfig) -> None:
-    """Shards present, or the offline demo corpus built when the run asks for it (the embedded default)."""
-    url = cfg.data.data_url
-    if not store.exists(store.join(url, "manifest.json")) and url.rstrip("/").endswith("data/demo"):
-        from data_prep.demo_corpus import build
+def validate_job(p: PretrainParams, overrides: list[str]) -> None:
+    """A Slurm job that could never start is refused here, before data prep and before sbatch."""
+    if p.executor != "slurm":
+        return
+    from cluster.validate import SpecError, validate
 
-        build(url)
-    list_shards(url, "train")
-    list_shards(url, "val")
+    try:
+        validate(p.slurm, p.preset, overrides, check_cluster=True, check_data=False)
+    except SpecError as err:
+        raise FlowFailure(f"Slurm job rejected: {err}") from None
+
+
+async def ensure_data(cfg: RunConfig, p: PretrainParams) -> None:
+    """Shards present, or built by the prepare-data flow (a subflow in the UI) when the run says from what."""
+    from flows.prepare_data import DEMO_SOURCE, prepare_data
+
+    url = cfg.data.data_url
+    try:
+        list_shards(url, "train")
+    except ShardError:
+        source = DEMO_SOURCE if url.rstrip("/").endswith("data/demo") else p.prepare_source
+        if not source:
+            raise FlowFailure(f"no token shards at {url}: run the prepare-data flow first, or set prepare_source") \
+                from None
+        try:
+            await prepare_data(source=source, out=url, shard_tokens=p.shard_tokens)
+        except Exception as err:
+            raise FlowFailure(f"data preparation failed: {err}") from None
+    try:
+        list_shards(url, "train")
+        list_shards(url, "val")
+    except ShardError as err:
+        raise FlowFailure(f"bad data: {err}") from None
 
 
 def latest_step(run_dir: str) -> int:
@@ -61,39 +97,74 @@ def latest_step(run_dir: str) -> int:
     return c.step if c else 0
 
 
-async def evaluate_checkpoint(url: str, p: PretrainParams) -> dict[str, Any]:
-    """`python -m training.evaluate` in its own process (never inside the training job)."""
-    cmd = [sys.executable, "-m", "training.evaluate", "--checkpoint", url, "--tasks", ",".join(p.eval_tasks)]
-    if p.hellaswag_data:
-        cmd += ["--hellaswag-data", p.hellaswag_data]
-    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                                                cwd=str(Path(__file__).resolve().parent.parent))
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        return {"checkpoint": url, "error": err.decode()[-500:].strip().splitlines()[-1:] or ["failed"]}
-    return json.loads(out)
+class LogTail:
+    """New lines of a growing file (the training's console, the launcher's attempts.jsonl) since the last call."""
+
+    def __init__(self, url: str):
+        self.url, self.offset = url, 0
+
+    def read(self) -> list[str]:
+        try:
+            if not store.exists(self.url):
+                return []
+            data = store.read_bytes(self.url)
+        except OSError:
+            return []
+        if len(data) < self.offset:  # truncated (a requeued Slurm job reopened its log)
+            self.offset = 0
+        end = data.rfind(b"\n", self.offset) + 1  # whole lines only
+        if end <= self.offset:
+            return []
+        chunk, self.offset = data[self.offset:end], end
+        return chunk.decode(errors="replace").splitlines()
 
 
-def _attempt_record(run_dir: str, record: dict[str, Any]) -> None:
-    store.append_text(store.join(run_dir, "attempts.jsonl"), json.dumps(record) + "\n")
+class Progress:
+    """Step / max steps, tokens seen and ETA, from metrics.jsonl, into the progress artifact and the log."""
+
+    def __init__(self, artifact_id, max_steps: int, log):
+        self.id, self.max_steps, self.log = artifact_id, max_steps, log
+        self.first: tuple[float, int] | None = None
+        self.last_log = 0.0
+
+    async def update(self, metrics: list[dict[str, Any]], force_log: bool = False) -> None:
+        if not metrics:
+            return
+        done, now = metrics[-1]["step"] + 1, time.monotonic()
+        if self.first is None or done < self.first[1]:
+            self.first = (now, done)
+        await update_progress_artifact(self.id, 100.0 * min(done, self.max_steps) / self.max_steps)
+        if force_log or now - self.last_log >= 30:
+            self.last_log = now
+            t0, s0 = self.first
+            rate = (done - s0) / (now - t0) if now > t0 and done > s0 else 0.0
+            eta = f", ETA {_duration((self.max_steps - done) / rate)}" if rate else ""
+            self.log.info("step %d/%d (%.1f%%), %s tokens seen%s", done, self.max_steps, 100.0 * done / self.max_steps,
+                          f"{metrics[-1].get('tokens_seen', 0):,}", eta)
 
 
-def _report_table(evals: dict[int, dict[str, Any]], metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    val = {m["step"] + 1: m["val_loss"] for m in metrics if "val_loss" in m}
-    rows = []
-    for step in sorted(evals):
-        e = evals[step]
-        near = max((s for s in val if s <= step), default=None)
-        rows.append({"step": step, "val_loss": round(val[near], 4) if near else None,
-                     "hellaswag_acc_norm": e.get("hellaswag", {}).get("acc_norm"),
-                     "checkpoint": e.get("checkpoint"), "error": e.get("error")})
-    return rows
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-@flow(name="pretrain-gpt2", log_prints=True)
+def _cancel_job(flow, flow_run_, state) -> None:
+    """Cancelling the flow run in the UI also cancels its Slurm job (a local attempt dies with the flow)."""
+    try:
+        p = PretrainParams.model_validate(flow_run_.parameters.get("params", {}))
+        rec = store.read_json(store.join(p.run_dir(), JOB_FILE))
+        if rec.get("executor") == "slurm" and not rec.get("ended"):
+            import subprocess
+
+            subprocess.run(["scancel", str(rec["job_id"])], capture_output=True, timeout=60)
+    except Exception:  # a hook must not mask the cancellation itself
+        pass
+
+
+@flow(name="pretrain-gpt2", log_prints=True, on_cancellation=[_cancel_job])
 async def pretrain(params: PretrainParams = PretrainParams()) -> dict[str, Any]:
-    """The deployment's entry point; the parameters form is PretrainParams."""
-    return await run_pretrain(params, LocalExecutor(nproc=params.nproc))
+    """GPT-2 pretraining: data -> training (local or Slurm, resubmitted on failure) -> evaluation per checkpoint."""
+    return await run_pretrain(params, make_executor(params))
 
 
 async def run_pretrain(params: PretrainParams, executor: Executor) -> dict[str, Any]:
@@ -103,17 +174,34 @@ async def run_pretrain(params: PretrainParams, executor: Executor) -> dict[str, 
     ui = PREFECT_UI_URL.value()
     if ui and flow_run.id:
         log.info("watch this run: %s/runs/flow-run/%s", ui.rstrip("/"), flow_run.id)
+    if p.credentials_secret:
+        from flows.credentials import CredentialsError, apply_secret
+
+        try:
+            names = await apply_secret(p.credentials_secret)
+        except CredentialsError as err:
+            raise FlowFailure(str(err)) from None
+        log.info("store credentials from Secret %r: %s", p.credentials_secret, ", ".join(names))
     try:
         cfg, overrides = resolve_config(p)
     except Exception as err:
         raise FlowFailure(f"bad parameter: {err}") from None
+    validate_job(p, overrides)
     run_dir = cfg.train.run_dir
-    ensure_data(cfg)
-    progress_id = await create_progress_artifact(0.0, key=None, description=f"{p.run_name}: training progress")
+    try:
+        store.preflight(run_dir, write=True)
+    except store.StoreError as err:
+        raise FlowFailure(f"store unreachable: {err}") from None
+    await ensure_data(cfg, p)
+
+    key = artifact_key(p.run_name)
+    progress = Progress(await create_progress_artifact(0.0, description=f"{p.run_name}: training progress"),
+                        cfg.train.max_steps, log)
     evals: dict[int, dict[str, Any]] = {}
     pending: dict[int, asyncio.Task] = {}
     failures, attempt_no, last_fail_step = 0, 0, None
-    log_dir = Path(store.fs_and_path(run_dir)[1]) / "logs" if store.is_local(run_dir) else Path("logs") / p.run_name
+    events = LogTail(store.join(run_dir, "attempts.jsonl"))  # requeues logged by the Slurm launcher
+    events.read()  # earlier attempts' events were logged by earlier flow runs
     t0 = time.monotonic()
 
     def start_evals() -> None:
@@ -121,70 +209,94 @@ async def run_pretrain(params: PretrainParams, executor: Executor) -> dict[str, 
             return
         for c in ck.valid_checkpoints(run_dir):
             if c.step not in evals and c.step not in pending:
-                pending[c.step] = asyncio.create_task(evaluate_checkpoint(c.url, p))
+                pending[c.step] = asyncio.create_task(run_evaluation(c.url, p.eval_tasks, p.hellaswag_data))
 
     async def collect_evals(wait: bool) -> None:
+        new = False
         for step, task in list(pending.items()):
             if wait or task.done():
                 evals[step] = await task
                 del pending[step]
-                log.info("evaluated step %d: %s", step, json.dumps({k: v for k, v in evals[step].items()
-                                                                    if k in ("hellaswag", "error")}))
+                new = True
+                log.info("evaluated step %d: %s", step, json.dumps(summary_row(evals[step])))
+        if new:
+            await create_table_artifact([summary_row(evals[s]) for s in sorted(evals)], key=f"{key}-checkpoints",
+                                        description=f"{p.run_name}: evaluation of every checkpoint")
+            await publish_curves(run_dir, p.run_name, key)
+
+    job_url = store.join(run_dir, JOB_FILE)
+    attempt: Attempt | None = None
+    if store.exists(job_url):
+        rec = store.read_json(job_url)
+        attempt_no = int(rec.get("attempt", 0))
+        if rec.get("executor") == executor.describe()["executor"] and not rec.get("ended"):
+            attempt = executor.reattach(str(rec["job_id"]))
+            if attempt is not None:
+                log.info("reattached to job %s, submitted by an earlier flow run (attempt %d)", attempt.job_id,
+                         attempt_no)
 
     while True:
-        attempt_no += 1
         start = latest_step(run_dir)
-        log_path = str(log_dir / f"attempt-{attempt_no:03d}.log")
-        attempt = executor.submit(p.preset, overrides, log_path)
-        log.info("attempt %d: job %s from step %d", attempt_no, attempt.job_id, start)
-        seen_lines = 0
+        if attempt is None:
+            attempt_no += 1
+            log_path = str(store.fs_and_path(store.join(run_dir, "logs"))[1]) + f"/attempt-{attempt_no:03d}.log" \
+                if store.is_local(run_dir) else f"logs/{p.run_name}/attempt-{attempt_no:03d}.log"
+            try:
+                attempt = executor.submit(p.preset, overrides, log_path)
+            except Exception as err:
+                raise FlowFailure(f"submission refused: {err}") from None
+            store.write_json(job_url, {"job_id": attempt.job_id, "attempt": attempt_no, **executor.describe()})
+            log.info("attempt %d: job %s from step %d", attempt_no, attempt.job_id, start)
+        console = LogTail(attempt.log_path)
         outcome: Outcome | None = None
         while outcome is None:
             await asyncio.sleep(p.poll_seconds)
             outcome = attempt.poll()
-            lines = Path(log_path).read_text(errors="replace").splitlines() if Path(log_path).exists() else []
-            for line in lines[seen_lines:][-20:]:  # the training's own console, tail only
+            for line in console.read()[-20:]:  # the training's own console, tail only
                 log.info("[train] %s", line)
-            seen_lines = len(lines)
-            metrics = read_metrics(run_dir)
-            if metrics:
-                done = metrics[-1]["step"] + 1
-                await update_progress_artifact(progress_id, 100.0 * done / cfg.train.max_steps)
+            for line in events.read():
+                ev = json.loads(line)
+                log.warning("job %s: %s%s at step %s (checkpoint %s)", ev.get("job_id"), ev.get("event"),
+                            f" ({ev['reason']})" if ev.get("reason") else "", ev.get("step", ev.get("final_step")),
+                            ev.get("checkpoint"))
+            await progress.update(read_metrics(run_dir))
             start_evals()
             await collect_evals(wait=False)
         end = latest_step(run_dir)
-        _attempt_record(run_dir, {"attempt": attempt_no, "job_id": attempt.job_id, "state": outcome.state,
-                                  "reason": outcome.reason, "start_step": start, "end_step": end})
+        store.write_json(job_url, {"job_id": attempt.job_id, "attempt": attempt_no, "ended": outcome.state,
+                                   **executor.describe()})
+        store.append_text(store.join(run_dir, SUBMISSIONS_FILE), json.dumps(
+            {"attempt": attempt_no, "job_id": attempt.job_id, "state": outcome.state, "reason": outcome.reason,
+             "start_step": start, "end_step": end, "time": time.time()}) + "\n")
         log.info("attempt %d ended: %s (%s), steps %d -> %d", attempt_no, outcome.state, outcome.reason, start, end)
+        attempt = None
         if outcome.state == "completed":
             break
         if outcome.state == "requeue":
             continue
+        if outcome.state == "cancelled":
+            raise FlowFailure(f"{outcome.reason} at step {end}; not resubmitted (run the flow again to resume)")
         failures += 1
         if last_fail_step is not None and end == last_fail_step and end == start:
-            raise FlowFailure(f"crash loop at step {end}: two attempts in a row made no progress ({outcome.reason}); "
-                              f"see {log_path}")
+            raise FlowFailure(f"crash loop at step {end}: two attempts in a row made no progress ({outcome.reason})")
         last_fail_step = end
         if failures > p.max_resubmits:
             raise FlowFailure(f"gave up after {failures} failed attempts (last: {outcome.reason}) at step {end}")
-        await asyncio.sleep(p.backoff_seconds * 2 ** (failures - 1))
+        wait = p.backoff_seconds * 2 ** (failures - 1)
+        log.warning("resubmitting from step %d in %.0f s (failure %d of at most %d)", end, wait, failures,
+                    p.max_resubmits + 1)
+        await asyncio.sleep(wait)
 
-    await update_progress_artifact(progress_id, 100.0)
+    metrics = read_metrics(run_dir)
+    await progress.update(metrics, force_log=True)
     start_evals()
     await collect_evals(wait=True)
-    metrics = read_metrics(run_dir)
-    rows = _report_table(evals, metrics)
-    await create_table_artifact(rows, key=f"{p.run_name.lower().replace('_', '-').replace('.', '-')}-checkpoints",
-                                description="Checkpoints: val loss and evaluations")
-    plot_url = store.join(run_dir, "curves.png")
-    store.write_bytes(plot_url, render_png(run_dir, p.run_name))
+    curves = await publish_curves(run_dir, p.run_name, key)
+    rows = [summary_row(evals[s]) for s in sorted(evals)]
     result = {"run_dir": run_dir, "final_step": latest_step(run_dir), "attempts": attempt_no,
-              "final_loss": metrics[-1]["loss"] if metrics else None, "evaluations": rows,
+              "final_loss": metrics[-1]["loss"] if metrics else None, "evaluations": rows, "curves": curves,
               "minutes": round((time.monotonic() - t0) / 60, 2)}
-    await create_markdown_artifact(
-        f"# {p.run_name}\n\n- final step: {result['final_step']} / {cfg.train.max_steps}\n"
-        f"- final train loss: {result['final_loss']}\n- attempts: {attempt_no}\n- curves: `{plot_url}`\n",
-        description="Run summary")
+    await publish_summary(run_dir, p.run_name, key, cfg.train.max_steps, result)
     return result
 
 
@@ -196,10 +308,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--eval-tasks", default="hellaswag", help="comma-separated; empty = no evaluation")
     ap.add_argument("--hellaswag-data", default=None)
+    ap.add_argument("--params", default=None, help="JSON object of PretrainParams fields (overrides the flags)")
     args = ap.parse_args(argv)
-    params = PretrainParams(preset=args.preset, store=args.store, run_name=args.run_name, overrides=args.overrides,
-                            eval_tasks=[t for t in args.eval_tasks.split(",") if t], hellaswag_data=args.hellaswag_data)
-    result = asyncio.run(pretrain(params))
+    fields = dict(preset=args.preset, store=args.store, run_name=args.run_name, overrides=args.overrides,
+                  eval_tasks=[t for t in args.eval_tasks.split(",") if t], hellaswag_data=args.hellaswag_data)
+    params = PretrainParams(**{**fields, **json.loads(args.params or "{}")})
+    try:
+        result = asyncio.run(pretrain(params))
+    except FlowFailure as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(json.dumps(result, indent=2, default=str))
     return 0
 

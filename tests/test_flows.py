@@ -48,7 +48,7 @@ def test_flow_trains_evaluates_every_checkpoint_and_reports(prefect_server, tmp_
     run = tmp_path / "store" / "runs" / "t"
     assert (run / "checkpoints" / "step_000003" / "eval" / "hellaswag.json").exists()
     assert (run / "curves.png").exists()
-    assert _read_jsonl(run / "attempts.jsonl")[0]["state"] == "completed"
+    assert _read_jsonl(run / "submissions.jsonl")[0]["state"] == "completed"
 
     from prefect.client.orchestration import get_client
 
@@ -87,7 +87,7 @@ def test_failed_attempt_is_resubmitted_and_the_loss_trace_matches(prefect_server
 
     killed = asyncio.run(with_node_failure(_params(tmp_path / "b", eval_tasks=[])))
     assert clean["attempts"] == 1 and killed["attempts"] == 2
-    attempts = _read_jsonl(tmp_path / "b" / "store" / "runs" / "t" / "attempts.jsonl")
+    attempts = _read_jsonl(tmp_path / "b" / "store" / "runs" / "t" / "submissions.jsonl")
     assert attempts[0]["state"] == "failed" and "signal 9" in attempts[0]["reason"] and attempts[0]["end_step"] == 3
     assert attempts[1]["start_step"] == 3 and attempts[1]["state"] == "completed"
     trace = lambda d: [(m["step"], m["loss"]) for m in _read_jsonl(d / "store" / "runs" / "t" / "metrics.jsonl")]
@@ -102,7 +102,7 @@ def test_crash_loop_stops_with_a_clear_message(prefect_server, tmp_path):
     p = _params(tmp_path, eval_tasks=[], data=str(data))
     with pytest.raises(FlowFailure, match="crash loop at step 0"):
         asyncio.run(pretrain(p))
-    assert len(_read_jsonl(tmp_path / "store" / "runs" / "t" / "attempts.jsonl")) == 2
+    assert len(_read_jsonl(tmp_path / "store" / "runs" / "t" / "submissions.jsonl")) == 2
 
 
 def test_bad_parameter_fails_before_anything_runs(prefect_server, tmp_path):

@@ -1,0 +1,257 @@
+"""The deployments as users run them: a real Prefect server (`prefect server start`), prefect.yaml deployed to a
+process work pool with a real worker, training jobs on the real local Slurm cluster, an S3 store on moto's
+server, and the UI checked in headless Chromium."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from test_evaluate import make_examples, write_jsonl
+
+PREFECT = str(Path(sys.executable).parent / "prefect")
+SECRET = "s3cret-flow-0xBADC0DE"  # the store's secret key: must never show up in logs, artifacts or job files
+FAST = ["micro_batch=2", "seq_len=32", "total_batch_tokens=128", "max_steps=10", "warmup_steps=2", "val_every=5",
+        "val_tokens=64", "sample_every=0", "checkpoint_every=5", "log_every=1"]
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """`prefect server start` on a free port with its own PREFECT_HOME; yields the env its clients need."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="1",
+               PREFECT_RUNNER_POLL_FREQUENCY="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    log = open(home / "server.log", "wb")
+    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    import urllib.request
+
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail("prefect server did not start:\n" + (home / "server.log").read_text()[-3000:])
+            time.sleep(0.5)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        yield {"env": env, "ui": f"http://127.0.0.1:{port}", "home": home}
+    os.killpg(server.pid, signal.SIGTERM)  # SIGTERM, not SIGINT (FACTS.md)
+    server.wait(timeout=60)
+
+
+def _api(coro_fn):
+    from prefect.client.orchestration import get_client
+
+    async def run():
+        async with get_client() as client:
+            return await coro_fn(client)
+
+    return asyncio.run(run())
+
+
+def _slurm(folder, name, **kw):
+    # time_min=20: below ~10 min submitit counts every signal as a time-out (FACTS.md)
+    return {"nodes": 1, "time_min": 20, "folder": str(folder), "job_name": name, **kw}
+
+
+def _jsonl(path):
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+
+
+def _sacct_jobs(name):
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "--name", name, "-o", "JobID,State", "-S", "now-1hour"],
+                         capture_output=True, text=True).stdout
+    return [ln.split("|") for ln in out.splitlines() if ln.strip()]
+
+
+def _all_bytes(root: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in root.rglob("*") if p.is_file())
+
+
+def test_pretrain_124m_deployment_on_slurm_with_an_s3_store(prefect_api, slurm_cluster, s3_server, tmp_path):
+    env = prefect_api["env"]
+    bucket = s3_server["make_bucket"]("gpt2-flows")
+    folder = tmp_path / "slurm"
+    hs = write_jsonl(tmp_path / "hs.jsonl", make_examples(4))
+
+    def cli(*args, **kw):
+        p = subprocess.run([PREFECT, *args], env={**env, **kw.pop("env", {})}, cwd=REPO, capture_output=True,
+                           text=True, timeout=kw.pop("timeout", 300))
+        assert p.returncode == 0, f"prefect {' '.join(args)}: exit {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+        return p.stdout
+
+    cli("work-pool", "create", "gpt2-slurm", "--type", "process")
+    cli("--no-prompt", "deploy", "--all", env={"GPT2_STORE": f"{bucket}/store"})
+    names = {d.name for d in _api(lambda c: c.read_deployments())}
+    assert {"pretrain-124m", "prepare-fineweb-edu", "evaluate"} <= names
+
+    # The worker and the server know nothing of S3: the credentials reach the run only through a Secret block.
+    from prefect.blocks.system import Secret
+
+    s3 = {**s3_server["env"], "AWS_SECRET_ACCESS_KEY": SECRET}
+    Secret(value=json.dumps(s3)).save("gpt2-store", overwrite=True)
+    worker_log = open(tmp_path / "worker.log", "wb")
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "gpt2-slurm"], env=env, cwd=tmp_path,
+                              stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        params = {"preset": "tiny", "store": f"{bucket}/store", "run_name": "slurm-s3", "executor": "slurm",
+                  "slurm": _slurm(folder, "gpt2-flow-s3"), "overrides": FAST, "eval_tasks": ["hellaswag"],
+                  "hellaswag_data": hs, "credentials_secret": "gpt2-store", "poll_seconds": 1}
+        out = cli("deployment", "run", "pretrain-gpt2/pretrain-124m", "--params", json.dumps({"params": params}),
+                  "--watch", "--watch-timeout", "600", timeout=700)
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+    assert "Completed" in out, out[-3000:]
+    run_id = next(r for r in _api(lambda c: c.read_flow_runs()) if r.name in out and r.parent_task_run_id is None).id
+    prefect_api["run"] = {"id": str(run_id), "out": out}
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(key="testing", secret=SECRET, endpoint_url=s3_server["endpoint_url"],
+                           skip_instance_cache=True)
+    run = "gpt2-flows/store/runs/slurm-s3"
+    assert fs.exists("gpt2-flows/store/data/demo/manifest.json")  # prepared by the prepare-data subflow
+    for step in (5, 10):
+        assert json.loads(fs.cat(f"{run}/checkpoints/step_{step:06d}/eval/hellaswag.json"))["n"] == 4
+    assert [s["state"] for s in json.loads("[" + fs.cat(f"{run}/submissions.jsonl").decode().strip()
+                                           .replace("\n", ",") + "]")] == ["completed"]
+    assert fs.exists(f"{run}/curves.png")
+
+    flows = {f.id: f.name for f in _api(lambda c: c.read_flows())}
+    assert "prepare-data" in {flows[r.flow_id] for r in _api(lambda c: c.read_flow_runs())}
+    arts = _api(lambda c: c.read_artifacts())
+    kinds = {a.type for a in arts}
+    assert {"progress", "table", "markdown"} <= kinds
+    curves = [a for a in arts if a.key == "slurm-s3-curves"]
+    assert curves and "data:image/png;base64," in curves[0].data
+    table = [a for a in arts if a.key == "slurm-s3-checkpoints"]
+    assert [row["step"] for row in json.loads(table[0].data)] == [5, 10]
+
+    # The secret is nowhere: not in submitit's pickles and job scripts, the artifacts, the logs, the run dir.
+    from prefect.client.schemas.filters import LogFilter
+
+    logs = _api(lambda c: c.read_logs(LogFilter()))
+    assert any("[train]" in lg.message for lg in logs)  # the training's own console reached the flow's log
+    assert SECRET.encode() not in _all_bytes(folder)
+    assert SECRET not in " ".join(str(a.data) for a in arts) + " ".join(lg.message for lg in logs) + out
+    assert not any(SECRET.encode() in fs.cat(f) for f in fs.find(run) if not f.endswith((".npy", ".pt",
+                                                                                          ".safetensors")))
+
+
+def test_the_run_page_shows_the_run_and_its_curves_in_a_browser(prefect_api, tmp_path):
+    from browser import BrowserError, chromium_path, dump_dom, screenshot
+
+    run = prefect_api.get("run")
+    if run is None:
+        pytest.skip("needs the deployment run of the test above")
+    if chromium_path() is None:
+        pytest.skip("no chromium and no way to install it (needs root and apt-get)")
+    ui = prefect_api["ui"]
+    flow_run = _api(lambda c: c.read_flow_run(run["id"]))
+    page = f"{ui}/v2/runs/flow-run/{run['id']}?tab=Artifacts"
+    png = screenshot(page, str(tmp_path / "run.png"))
+    assert os.path.getsize(png) > 10_000
+    dom = dump_dom(page)
+    assert flow_run.name in dom and "Completed" in dom
+    assert "slurm-s3-curves" in dom  # the artifact cards
+    curves = next(a for a in _api(lambda c: c.read_artifacts()) if a.key == "slurm-s3-curves")
+    dom = dump_dom(f"{ui}/v2/artifacts/artifact/{curves.id}")
+    assert '<img' in dom and 'src="data:image/png;base64,' in dom
+
+
+def _flow_cmd(params):
+    return [sys.executable, "-m", "flows.pretrain", "--params", json.dumps(params)]
+
+
+def test_a_killed_slurm_job_is_resubmitted_and_the_loss_trace_matches(prefect_api, slurm_cluster, demo_data,
+                                                                      tmp_path):
+    env = prefect_api["env"]
+    store_root, folder = tmp_path / "store", tmp_path / "slurm"
+    params = {"preset": "tiny", "store": str(store_root), "run_name": "killed", "data": demo_data,
+              "executor": "slurm", "slurm": _slurm(folder, "gpt2-flow-kill"), "overrides": FAST, "eval_tasks": [],
+              "poll_seconds": 0.5, "backoff_seconds": 0}
+    run = store_root / "runs" / "killed"
+
+    def kill_first_job():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            m = run / "metrics.jsonl"
+            if (run / "checkpoints" / "step_000005" / "manifest.json").exists() and m.exists() \
+                    and len(m.read_text().splitlines()) >= 7:
+                job = json.loads((run / "job.json").read_text())["job_id"]
+                # A node failure, not a preemption: every process of the job dies at once, without a checkpoint.
+                # (scancel would let Slurm SIGTERM the training first, which checkpoints: a graceful stop.)
+                pids = subprocess.run(["scontrol", "listpids", job], capture_output=True, text=True).stdout
+                for pid in {int(ln.split()[0]) for ln in pids.splitlines()[1:] if ln.split()[0].isdigit()}:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_first_job, daemon=True)
+    killer.start()
+    p = subprocess.run(_flow_cmd(params), env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    subs = _jsonl(run / "submissions.jsonl")
+    assert [s["state"] for s in subs] == ["failed", "completed"], subs
+    assert subs[0]["end_step"] == subs[1]["start_step"] == 5  # resumed from the last checkpoint before the kill
+
+    # The same run uninterrupted, in one plain process.
+    ref = tmp_path / "ref"
+    sets = [a for kv in [f"run_dir={ref}", f"data_url={demo_data}", *FAST] for a in ("--set", kv)]
+    subprocess.run([sys.executable, "-m", "training.train", "--config", "tiny", *sets], cwd=REPO, env=env,
+                   check=True, capture_output=True, timeout=300)
+    trace = lambda d: {m["step"]: m["loss"] for m in _jsonl(d / "metrics.jsonl")}  # last write of a step wins
+    assert trace(run) == trace(ref)
+
+
+def test_a_restarted_flow_reattaches_to_its_job_instead_of_submitting_another(prefect_api, slurm_cluster, demo_data,
+                                                                             tmp_path):
+    env = prefect_api["env"]
+    store_root, folder = tmp_path / "store", tmp_path / "slurm"
+    params = {"preset": "tiny", "store": str(store_root), "run_name": "restarted", "data": demo_data,
+              "executor": "slurm", "slurm": _slurm(folder, "gpt2-flow-restart"),
+              "overrides": [*FAST, "max_steps=30"], "eval_tasks": [], "poll_seconds": 0.5}
+    run = store_root / "runs" / "restarted"
+    first = subprocess.Popen(_flow_cmd(params), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while not (run / "job.json").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    job = json.loads((run / "job.json").read_text())["job_id"]
+    os.killpg(first.pid, signal.SIGKILL)  # the worker dies; the Slurm job goes on
+    first.wait()
+    second = subprocess.run(_flow_cmd(params), env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
+    assert f"reattached to job {job}" in second.stdout + second.stderr
+    subs = _jsonl(run / "submissions.jsonl")
+    assert [(s["job_id"], s["state"]) for s in subs] == [(job, "completed")]
+    assert [j[0] for j in _sacct_jobs("gpt2-flow-restart")] == [job]
+    assert _jsonl(run / "metrics.jsonl")[-1]["step"] == 29
