@@ -255,3 +255,31 @@ def test_a_restarted_flow_reattaches_to_its_job_instead_of_submitting_another(pr
     assert [(s["job_id"], s["state"]) for s in subs] == [(job, "completed")]
     assert [j[0] for j in _sacct_jobs("gpt2-flow-restart")] == [job]
     assert _jsonl(run / "metrics.jsonl")[-1]["step"] == 29
+
+
+def test_served_deployments_run_without_a_work_pool(prefect_api, demo_data, tmp_path):
+    """The laptop path: `python -m flows.serve` serves the same deployments from one process (local executor)."""
+    env = prefect_api["env"]
+    log = open(tmp_path / "serve.log", "wb")
+    served = subprocess.Popen([sys.executable, "-m", "flows.serve", "--store", str(tmp_path / "store")], env=env,
+                              cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            deps = {d.name: d for d in _api(lambda c: c.read_deployments())}
+            if "pretrain-124m" in deps and deps["pretrain-124m"].work_pool_name is None:
+                break  # now served by this process, not by the work pool
+            assert served.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        else:
+            pytest.fail("flows.serve did not register pretrain-124m:\n" + (tmp_path / "serve.log").read_text()[-3000:])
+        params = {"preset": "tiny", "store": str(tmp_path / "store"), "run_name": "laptop", "data": demo_data,
+                  "overrides": FAST, "eval_tasks": [], "poll_seconds": 0.5}
+        p = subprocess.run([PREFECT, "deployment", "run", "pretrain-gpt2/pretrain-124m", "--params",
+                            json.dumps({"params": params}), "--watch", "--watch-timeout", "300"], env=env, cwd=REPO,
+                           capture_output=True, text=True, timeout=400)
+    finally:
+        os.killpg(served.pid, signal.SIGTERM)
+        served.wait(timeout=60)
+    assert p.returncode == 0 and "Completed" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    assert _jsonl(tmp_path / "store" / "runs" / "laptop" / "metrics.jsonl")[-1]["step"] == 9
