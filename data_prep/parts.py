@@ -1,0 +1,115 @@
+"""Source files tokenized independently ("parts"), then laid out as shards: the map and reduce of a data-prep
+job array (cluster/prep_array.py runs one `tokenize_part` per array task, then `assemble` once).
+
+A part is the raw uint16 token stream of one source file ([<|endoftext|>] + encode_ordinary(text) per
+document) at `{out}/.prep/parts/part_NNNNN.bin`, with a sidecar `.json` (tokens, documents, sha256) written
+after it. Shards are consecutive slices of the concatenation of the parts in file order, so `assemble`
+writes exactly the shards and the manifest that pipeline.build writes for the same files in one process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+
+from data_prep.pipeline import DEFAULT_SHARD_TOKENS, PrepError, fingerprint
+from data_prep.shards import MANIFEST, PREFIX, shard_name, write_manifest, write_shard
+from data_prep.sources import FileSource
+from data_prep.tokenize import tokenize_units
+from training import store
+
+PARTS_DIR = ".prep/parts"
+READ_TOKENS = 1 << 24  # 32 MB of tokens per read while assembling: memory stays bounded
+
+
+def part_url(out_url: str, index: int) -> str:
+    return store.join(out_url, PARTS_DIR, f"part_{index:05d}.bin")
+
+
+def _sidecar(out_url: str, index: int) -> str:
+    return part_url(out_url, index)[: -len(".bin")] + ".json"
+
+
+def part_done(out_url: str, index: int, file_url: str) -> dict[str, Any] | None:
+    """The part's record when it is complete for this very file (name and size), else None."""
+    url = _sidecar(out_url, index)
+    if not store.exists(url):
+        return None
+    rec = store.read_json(url)
+    return rec if rec.get("file") == FileSource([file_url]).describe()["files"][0] else None
+
+
+def tokenize_part(out_url: str, file_url: str, index: int, workers: int = 1) -> dict[str, Any]:
+    """Tokenize one source file into part `index`; a part already complete for this file is kept."""
+    done = part_done(out_url, index, file_url)
+    if done is not None:
+        return done
+    src = FileSource([file_url])
+    digest, tokens, documents = hashlib.sha256(), 0, 0
+    fs, path = store.fs_and_path(part_url(out_url, index))
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as f:  # streamed: a part never sits whole in memory
+        for _, toks, lens in tokenize_units(src.batches(), workers):
+            data = toks.tobytes()
+            f.write(data)
+            digest.update(data)
+            tokens += int(toks.size)
+            documents += int(lens.size)
+    rec = {"file": src.describe()["files"][0], "tokens": tokens, "documents": documents,
+           "sha256": digest.hexdigest()}
+    store.write_json(_sidecar(out_url, index), rec)  # last: a sidecar never points at a partial part
+    return rec
+
+
+def _part_tokens(out_url: str, index: int):
+    """The part's tokens in bounded chunks."""
+    fs, path = store.fs_and_path(part_url(out_url, index))
+    with fs.open(path, "rb") as f:
+        while True:
+            data = f.read(2 * READ_TOKENS)
+            if not data:
+                return
+            yield np.frombuffer(data, dtype=np.uint16)
+
+
+def assemble(out_url: str, file_urls: list[str], shard_tokens: int = DEFAULT_SHARD_TOKENS,
+             prefix: str = PREFIX) -> dict[str, Any]:
+    """Parts 0..n-1 -> shards + manifest.json (identical to pipeline.build over the same files)."""
+    manifest_url = store.join(out_url, MANIFEST)
+    desc = FileSource(file_urls).describe()
+    fp = fingerprint(desc, shard_tokens, prefix)
+    if store.exists(manifest_url):
+        manifest = store.read_json(manifest_url)
+        if manifest.get("fingerprint") != fp:
+            raise PrepError(f"{out_url} is already complete for another source or shard size")
+        return manifest
+    missing = [i for i, u in enumerate(file_urls) if part_done(out_url, i, u) is None]
+    if missing:
+        raise PrepError(f"parts {missing[:10]}{'...' if len(missing) > 10 else ''} of {len(file_urls)} are not "
+                        f"tokenized yet (or their source file changed)")
+    records, documents = [], 0
+    buf, fill = np.empty(shard_tokens, dtype=np.uint16), 0
+    for i in range(len(file_urls)):
+        documents += store.read_json(_sidecar(out_url, i))["documents"]
+        for toks in _part_tokens(out_url, i):
+            pos = 0
+            while pos < toks.size:
+                take = min(toks.size - pos, shard_tokens - fill)
+                buf[fill:fill + take] = toks[pos:pos + take]
+                fill, pos = fill + take, pos + take
+                if fill == shard_tokens:
+                    index = len(records)
+                    records.append(write_shard(out_url, shard_name("val" if index == 0 else "train", index, prefix),
+                                               buf))
+                    fill = 0
+    if fill:
+        index = len(records)
+        records.append(write_shard(out_url, shard_name("val" if index == 0 else "train", index, prefix),
+                                   buf[:fill].copy()))
+    if not records:
+        raise PrepError(f"the source has no documents (empty dataset): {desc}")
+    write_manifest(out_url, records, source=desc, shard_tokens=shard_tokens, documents=documents,
+                   eot_token=50256, fingerprint=fp)
+    return store.read_json(manifest_url)

@@ -1,0 +1,42 @@
+"""Data prep as a Slurm job array on the real local cluster (one task per source file, then an assembly job):
+the same shard and manifest bytes as one process, and a rerun keeps the parts already tokenized."""
+
+import os
+
+import pytest
+
+from cluster.prep_array import submit_prep
+from data_prep import parts, pipeline
+from data_prep.sources import SourceError, open_source
+from training import store
+from test_data_prep import SHARD, parquet_dir, docs, shard_files  # noqa: F401  (fixtures)
+
+
+def test_job_array_writes_the_same_bytes_as_one_process(slurm_cluster, parquet_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    one = str(tmp_path / "one")
+    pipeline.build(one, open_source(str(parquet_dir)), SHARD, 1, progress=False)
+
+    out, folder = str(tmp_path / "array"), str(tmp_path / "slurm")
+    jobs = submit_prep(str(parquet_dir), out, folder=folder, shard_tokens=SHARD, time_min=20)
+    assert len(jobs.array) == 3  # one array task per file
+    manifest = jobs.wait()
+    assert shard_files(out) == shard_files(one)
+    assert store.read_bytes(store.join(out, "manifest.json")) == store.read_bytes(store.join(one, "manifest.json"))
+    assert manifest["documents"] == store.read_json(store.join(one, "manifest.json"))["documents"]
+
+    # A rerun after losing the shards (e.g. the assembly job died): parts already tokenized are not redone.
+    first = {i: os.stat(parts.part_url(out, i)).st_mtime_ns for i in range(3)}
+    for name in [n for n in store.listdir(out) if n.endswith((".npy", ".json"))]:
+        os.remove(os.path.join(out, name))
+    submit_prep(str(parquet_dir), out, folder=folder, shard_tokens=SHARD, time_min=20).wait()
+    assert {i: os.stat(parts.part_url(out, i)).st_mtime_ns for i in range(3)} == first
+    assert shard_files(out) == shard_files(one)
+
+
+def test_job_array_rejects_a_hub_source_and_a_missing_folder_before_sbatch(tmp_path):
+    with pytest.raises(SourceError, match="needs source files"):
+        submit_prep("hf:HuggingFaceFW/fineweb-edu:sample-10BT", str(tmp_path / "out"), folder=str(tmp_path / "s"))
+    with pytest.raises(SourceError):
+        submit_prep(str(tmp_path / "nothing-here"), str(tmp_path / "out"), folder=str(tmp_path / "s"))
+    assert not (tmp_path / "s").exists()  # nothing was submitted
