@@ -56,7 +56,8 @@ def _finished(out_url: str, fp: str, prefix: str) -> list[dict[str, Any]]:
         state = store.read_json(store.join(state_url, f"{name}.json"))
         if state.get("fingerprint") != fp:
             raise PrepError(f"{out_url} holds shards from another source or shard size (fingerprint "
-                            f"{state.get('fingerprint')} != {fp}); write to an empty --out")
+                            f"{state.get('fingerprint')} != {fp}; a hub dataset updated since the first run "
+                            f"does this too: pin its revision with @COMMIT); write to an empty --out")
         done.append(state)
 
 
@@ -67,6 +68,8 @@ def build(out_url: str, source, shard_tokens: int = DEFAULT_SHARD_TOKENS, worker
     if shard_tokens <= 0:
         raise ValueError("shard_tokens must be positive")
     store.preflight(out_url, write=True)  # no credentials / no bucket: fail before reading any data
+    if hasattr(source, "resolved"):
+        source = source.resolved()  # a hub dataset pinned to a commit: the manifest names it
     desc = source.describe()
     fp = fingerprint(desc, shard_tokens, prefix)
     manifest_url = store.join(out_url, MANIFEST)

@@ -12,10 +12,12 @@ SOURCE specs:
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import json
 import posixpath
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -51,6 +53,20 @@ class HubSource:
 
     def approx_tokens(self) -> int | None:
         return HUB_TOKENS.get(self.config or "")
+
+    def resolved(self) -> "HubSource":
+        """Pinned to the commit its revision (default: main) points at now. The manifest then records that
+        commit, and a resumed run reads the same documents even if the dataset was updated in between."""
+        if self.load_kwargs or (self.revision and re.fullmatch(r"[0-9a-f]{40}", self.revision)):
+            return self  # a local builder (tests) or already a commit
+        try:
+            from huggingface_hub import HfApi
+
+            sha = HfApi().dataset_info(self.dataset, revision=self.revision).sha
+        except Exception as err:  # offline, unknown dataset, no access: one clear message
+            raise SourceError(f"cannot resolve dataset {self.dataset!r} at revision {self.revision or 'main'!r} "
+                              f"on the hub: {type(err).__name__}: {err}") from None
+        return dataclasses.replace(self, revision=sha)
 
     def _dataset(self):
         try:
@@ -102,8 +118,13 @@ class FileSource:
     def batches(self, start_doc: int = 0) -> Iterator[tuple[int, Any]]:
         index = 0
         for url in self.urls:
-            reader = _parquet_batches if url.endswith(".parquet") else _jsonl_batches
-            for texts in reader(url):
+            if url.endswith(".parquet"):
+                # Row counts are in the parquet footer: a resumed run skips whole files and row groups
+                # without downloading their data (what matters for hf:// or s3:// sources).
+                yield from _parquet_batches(url, index, start_doc)
+                index += _parquet_rows(url)
+                continue
+            for texts in _jsonl_batches(url):
                 n = len(texts)
                 if index + n <= start_doc:  # wholly before the resume point: skipped without tokenizing
                     index += n
@@ -115,19 +136,45 @@ class FileSource:
                 index += len(texts)
 
 
-def _parquet_batches(url: str) -> Iterator[Any]:
+def _parquet_file(f, url: str):
     import pyarrow.parquet as pq
 
+    try:
+        pf = pq.ParquetFile(f)
+    except Exception as err:
+        raise SourceError(f"{url}: not a readable parquet file ({err})") from None
+    if "text" not in pf.schema_arrow.names:
+        raise SourceError(f"{url}: no 'text' column (columns: {pf.schema_arrow.names})")
+    return pf
+
+
+def _parquet_rows(url: str) -> int:
     fs, path = fsspec.core.url_to_fs(url)
     with fs.open(path, "rb") as f:
-        try:
-            pf = pq.ParquetFile(f)
-        except Exception as err:
-            raise SourceError(f"{url}: not a readable parquet file ({err})") from None
-        if "text" not in pf.schema_arrow.names:
-            raise SourceError(f"{url}: no 'text' column (columns: {pf.schema_arrow.names})")
-        for batch in pf.iter_batches(batch_size=BATCH_DOCS, columns=["text"]):
-            yield batch.column(0)
+        return _parquet_file(f, url).metadata.num_rows
+
+
+def _parquet_batches(url: str, first: int = 0, start_doc: int = 0) -> Iterator[tuple[int, Any]]:
+    """(index, texts) of the file's documents from `start_doc` on; the file's first document has index `first`."""
+    fs, path = fsspec.core.url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        pf = _parquet_file(f, url)
+        index = first
+        for rg in range(pf.metadata.num_row_groups):
+            rows = pf.metadata.row_group(rg).num_rows
+            if index + rows <= start_doc:
+                index += rows  # wholly before the resume point: not even read
+                continue
+            for batch in pf.iter_batches(batch_size=BATCH_DOCS, row_groups=[rg], columns=["text"]):
+                texts = batch.column(0)
+                if index + len(texts) <= start_doc:
+                    index += len(texts)
+                    continue
+                if index < start_doc:
+                    texts = texts.slice(start_doc - index)
+                    index = start_doc
+                yield index, texts
+                index += len(texts)
 
 
 def _jsonl_batches(url: str) -> Iterator[list[str]]:

@@ -264,4 +264,26 @@ def test_clear_errors(tmp_path, parquet_dir):
 def test_unreachable_hub_is_a_clear_error(tmp_path):
     r = cli("--source", "hf:HuggingFaceFW/fineweb-edu:sample-10BT", "--out", str(tmp_path / "o"), "--no-progress",
             env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
-    assert r.returncode == 2 and "cannot open dataset 'HuggingFaceFW/fineweb-edu'" in r.stderr, r.stderr[-2000:]
+    # the hub source is pinned to a commit first (the manifest records it): that is where it fails here
+    assert r.returncode == 2 and "cannot resolve dataset 'HuggingFaceFW/fineweb-edu' at revision 'main'" in r.stderr, \
+        r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("start", [0, 1, 299, 300, 301, 699, 700, 701, 1500, 2499])
+def test_parquet_resume_point_yields_exactly_the_remaining_documents(parquet_dir, docs, start):
+    # 300-row groups in files of 700, 1200 and 600 documents: starts on and around group and file boundaries
+    got, index = [], start
+    for first, texts in open_source(str(parquet_dir)).batches(start):
+        assert first == index
+        texts = texts.to_pylist() if hasattr(texts, "to_pylist") else texts
+        got += texts
+        index += len(texts)
+    assert got == docs[start:]
+
+
+def test_a_hub_source_already_pinned_to_a_commit_is_not_resolved_again():
+    # (resolving main needs the hub, unreachable here: test_unreachable_hub_is_a_clear_error runs that code)
+    pinned = HubSource("HuggingFaceFW/fineweb-edu", "sample-10BT", "a" * 40)
+    assert pinned.resolved() is pinned
+    local = HubSource("parquet", None, load_kwargs={"data_files": ["x.parquet"]})
+    assert local.resolved() is local
