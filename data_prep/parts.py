@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from data_prep.pipeline import DEFAULT_SHARD_TOKENS, PrepError, fingerprint
-from data_prep.shards import MANIFEST, PREFIX, shard_name, write_manifest, write_shard
+from data_prep.shards import MANIFEST, PREFIX, ShardPacker, shard_name, write_manifest, write_shard
 from data_prep.sources import FileSource
 from data_prep.tokenize import tokenize_units
 from training import store
@@ -90,24 +90,20 @@ def assemble(out_url: str, file_urls: list[str], shard_tokens: int = DEFAULT_SHA
         raise PrepError(f"parts {missing[:10]}{'...' if len(missing) > 10 else ''} of {len(file_urls)} are not "
                         f"tokenized yet (or their source file changed)")
     records, documents = [], 0
-    buf, fill = np.empty(shard_tokens, dtype=np.uint16), 0
+    packer = ShardPacker(shard_tokens)
+
+    def write(tokens: np.ndarray) -> None:
+        index = len(records)
+        records.append(write_shard(out_url, shard_name("val" if index == 0 else "train", index, prefix), tokens))
+
     for i in range(len(file_urls)):
         documents += store.read_json(_sidecar(out_url, i))["documents"]
         for toks in _part_tokens(out_url, i):
-            pos = 0
-            while pos < toks.size:
-                take = min(toks.size - pos, shard_tokens - fill)
-                buf[fill:fill + take] = toks[pos:pos + take]
-                fill, pos = fill + take, pos + take
-                if fill == shard_tokens:
-                    index = len(records)
-                    records.append(write_shard(out_url, shard_name("val" if index == 0 else "train", index, prefix),
-                                               buf))
-                    fill = 0
-    if fill:
-        index = len(records)
-        records.append(write_shard(out_url, shard_name("val" if index == 0 else "train", index, prefix),
-                                   buf[:fill].copy()))
+            for shard, _ in packer.add(toks):
+                write(shard)
+    rest = packer.rest()
+    if rest is not None:
+        write(rest)
     if not records:
         raise PrepError(f"the source has no documents (empty dataset): {desc}")
     write_manifest(out_url, records, source=desc, shard_tokens=shard_tokens, documents=documents,

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.shards import MANIFEST, PREFIX, shard_name, write_manifest, write_shard
+from data_prep.shards import MANIFEST, PREFIX, ShardPacker, shard_name, write_manifest, write_shard
 from data_prep.tokenize import tokenize_units
 from training import store
 
@@ -97,7 +97,7 @@ def build(out_url: str, source, shard_tokens: int = DEFAULT_SHARD_TOKENS, worker
                unit_scale=True, desc="tokenizing", disable=not progress, dynamic_ncols=True)
     bar.set_postfix(shards=len(records))
     index, docs_end = len(records), start_doc
-    buf, fill = np.empty(shard_tokens, dtype=np.uint16), 0
+    packer = ShardPacker(shard_tokens)
     writes: list[Future] = []
     stop = False
     # one writer thread: uploads and hashing overlap tokenization; at most two shard buffers wait on it
@@ -115,23 +115,19 @@ def build(out_url: str, source, shard_tokens: int = DEFAULT_SHARD_TOKENS, worker
                 cum = np.cumsum(lens, dtype=np.int64)
                 pos = skip if first == start_doc else 0  # the resumed document's tokens already in a shard
                 skip = 0
-                while pos < toks.size:
-                    take = min(toks.size - pos, shard_tokens - fill)
-                    buf[fill:fill + take] = toks[pos:pos + take]
-                    fill, pos = fill + take, pos + take
-                    if fill == shard_tokens:
-                        d = int(np.searchsorted(cum, pos, side="right"))
-                        submit(buf, (first + d, pos - (int(cum[d - 1]) if d else 0)))
-                        buf, fill = np.empty(shard_tokens, dtype=np.uint16), 0
-                        if max_shards is not None and index >= max_shards:
-                            stop = True
-                            break
+                for shard, pos in packer.add(toks, pos):
+                    d = int(np.searchsorted(cum, pos, side="right"))  # where the next shard starts: doc, offset
+                    submit(shard, (first + d, pos - (int(cum[d - 1]) if d else 0)))
+                    if max_shards is not None and index >= max_shards:
+                        stop = True
+                        break
                 bar.update(int(toks.size))
                 docs_end = first + len(lens)
                 if stop:
                     break
-            if fill and not stop:
-                submit(buf[:fill].copy(), (docs_end, 0))  # build-nanogpt writes the remainder too
+            rest = packer.rest()
+            if rest is not None and not stop:
+                submit(rest, (docs_end, 0))  # build-nanogpt writes the remainder too
         for f in writes:
             records.append(f.result())
     if stop:

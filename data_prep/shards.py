@@ -24,6 +24,28 @@ def shard_name(split: str, index: int, prefix: str = PREFIX) -> str:
     return f"{prefix}_{split}_{index:06d}.npy"
 
 
+class ShardPacker:
+    """Cuts a token stream into consecutive shards of `size` tokens (the last one, `rest()`, may be shorter)."""
+
+    def __init__(self, size: int):
+        self.size, self.fill = size, 0
+        self.buf = np.empty(size, dtype=np.uint16)
+
+    def add(self, toks: np.ndarray, pos: int = 0):
+        """Copy toks[pos:] in; yields (full shard, position in toks where the next shard starts) per shard filled.
+        Each yielded array is the packer's own, handed over (a new buffer is started), so it may be written later."""
+        while pos < toks.size:
+            take = min(toks.size - pos, self.size - self.fill)
+            self.buf[self.fill:self.fill + take] = toks[pos:pos + take]
+            self.fill, pos = self.fill + take, pos + take
+            if self.fill == self.size:
+                full, self.buf, self.fill = self.buf, np.empty(self.size, dtype=np.uint16), 0
+                yield full, pos
+
+    def rest(self) -> np.ndarray | None:
+        return self.buf[:self.fill].copy() if self.fill else None
+
+
 def shard_bytes(tokens: np.ndarray) -> bytes:
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise ValueError(f"shards hold 1-D uint16 tokens, got {tokens.dtype} {tokens.shape}")
