@@ -169,6 +169,12 @@ def submit(spec: JobSpec, config: str, overrides: list[str] | None = None, *, ch
     return handle
 
 
+def submit_function(spec: JobSpec, fn, *args, **kwargs) -> submitit.Job:
+    """Any picklable function as a job of this spec (evaluation, one-off tools); its return value is the result."""
+    Path(spec.folder).mkdir(parents=True, exist_ok=True)
+    return build_executor(spec).submit(fn, *args, **kwargs)
+
+
 def reattach(job_id: str, folder: str) -> RunHandle:
     """Watch an existing job (e.g. after the submitting process restarted) instead of submitting a duplicate."""
     path = Path(folder) / f"{job_id}_run.json"

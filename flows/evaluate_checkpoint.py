@@ -35,6 +35,23 @@ async def run_evaluation(url: str, tasks: list[str], hellaswag_data: str | None 
     return json.loads(out)
 
 
+async def run_evaluation_on_slurm(url: str, tasks: list[str], spec, hellaswag_data: str | None = None,
+                                  limit: int | None = None, poll_s: float = 2.0) -> dict[str, Any]:
+    """The same contract as a one-node Slurm job (spec: cluster.spec.JobSpec), watched without blocking."""
+    from cluster.submit import submit_function
+    from training.evaluate import evaluate
+
+    job = submit_function(spec.model_copy(update={"nodes": 1, "job_name": "gpt2-eval"}), evaluate, url, tasks,
+                          hellaswag_data=hellaswag_data, limit=limit)
+    while not job.done():
+        await asyncio.sleep(poll_s)
+    try:
+        return {**job.result(), "slurm_job": job.job_id}
+    except Exception as err:  # submitit re-raises the task's error with its traceback: keep the last line
+        lines = [ln for ln in str(err).splitlines() if ln.strip()]
+        return {"checkpoint": url, "error": f"Slurm job {job.job_id}: {lines[-1] if lines else err}"}
+
+
 def summary_row(result: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"step": result.get("step"), "checkpoint": result.get("checkpoint")}
     if "hellaswag" in result:

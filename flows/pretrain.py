@@ -19,7 +19,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_UI_URL
 
-from flows.evaluate_checkpoint import run_evaluation, summary_row
+from flows.evaluate_checkpoint import run_evaluation, run_evaluation_on_slurm, summary_row
 from flows.executors import Attempt, Executor, LocalExecutor, Outcome
 from flows.params import PretrainParams
 from flows.report import artifact_key, publish_curves, publish_summary
@@ -209,7 +209,9 @@ async def run_pretrain(params: PretrainParams, executor: Executor) -> dict[str, 
             return
         for c in ck.valid_checkpoints(run_dir):
             if c.step not in evals and c.step not in pending:
-                pending[c.step] = asyncio.create_task(run_evaluation(c.url, p.eval_tasks, p.hellaswag_data))
+                pending[c.step] = asyncio.create_task(
+                    run_evaluation_on_slurm(c.url, p.eval_tasks, p.eval_slurm, p.hellaswag_data) if p.eval_slurm
+                    else run_evaluation(c.url, p.eval_tasks, p.hellaswag_data))
 
     async def collect_evals(wait: bool) -> None:
         new = False

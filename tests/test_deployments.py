@@ -82,8 +82,9 @@ def _jsonl(path):
     return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
 
 
-def _sacct_jobs(name):
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "--name", name, "-o", "JobID,State", "-S", "now-1hour"],
+def _sacct_jobs(name, since: float):
+    start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since - 1))
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "--name", name, "-o", "JobID,State", "-S", start],
                          capture_output=True, text=True).stdout
     return [ln.split("|") for ln in out.splitlines() if ln.strip()]
 
@@ -93,7 +94,7 @@ def _all_bytes(root: Path) -> bytes:
 
 
 def test_pretrain_124m_deployment_on_slurm_with_an_s3_store(prefect_api, slurm_cluster, s3_server, tmp_path):
-    env = prefect_api["env"]
+    env, t0 = prefect_api["env"], time.time()
     bucket = s3_server["make_bucket"]("gpt2-flows")
     folder = tmp_path / "slurm"
     hs = write_jsonl(tmp_path / "hs.jsonl", make_examples(4))
@@ -120,7 +121,8 @@ def test_pretrain_124m_deployment_on_slurm_with_an_s3_store(prefect_api, slurm_c
     try:
         params = {"preset": "tiny", "store": f"{bucket}/store", "run_name": "slurm-s3", "executor": "slurm",
                   "slurm": _slurm(folder, "gpt2-flow-s3"), "overrides": FAST, "eval_tasks": ["hellaswag"],
-                  "hellaswag_data": hs, "credentials_secret": "gpt2-store", "poll_seconds": 1}
+                  "hellaswag_data": hs, "credentials_secret": "gpt2-store", "poll_seconds": 1,
+                  "eval_slurm": _slurm(folder, "ignored")}  # evaluations as their own Slurm jobs
         out = cli("deployment", "run", "pretrain-gpt2/pretrain-124m", "--params", json.dumps({"params": params}),
                   "--watch", "--watch-timeout", "600", timeout=700)
     finally:
@@ -141,6 +143,8 @@ def test_pretrain_124m_deployment_on_slurm_with_an_s3_store(prefect_api, slurm_c
     assert [s["state"] for s in json.loads("[" + fs.cat(f"{run}/submissions.jsonl").decode().strip()
                                            .replace("\n", ",") + "]")] == ["completed"]
     assert fs.exists(f"{run}/curves.png")
+    evals = [j for j in _sacct_jobs("gpt2-eval", t0) if j[1] == "COMPLETED"]
+    assert len(evals) >= 2  # one job per checkpoint, not on the training job's nodes
 
     flows = {f.id: f.name for f in _api(lambda c: c.read_flows())}
     assert "prepare-data" in {flows[r.flow_id] for r in _api(lambda c: c.read_flow_runs())}
@@ -232,13 +236,15 @@ def test_a_killed_slurm_job_is_resubmitted_and_the_loss_trace_matches(prefect_ap
     assert trace(run) == trace(ref)
 
 
-def test_a_restarted_flow_reattaches_to_its_job_instead_of_submitting_another(prefect_api, slurm_cluster, demo_data,
-                                                                             tmp_path):
-    env = prefect_api["env"]
+def test_a_restarted_flow_reattaches_to_its_job_and_logs_its_requeues(prefect_api, slurm_cluster, demo_data,
+                                                                      tmp_path):
+    from test_cluster import release_after_requeue
+
+    env, t0 = prefect_api["env"], time.time()
     store_root, folder = tmp_path / "store", tmp_path / "slurm"
     params = {"preset": "tiny", "store": str(store_root), "run_name": "restarted", "data": demo_data,
               "executor": "slurm", "slurm": _slurm(folder, "gpt2-flow-restart"),
-              "overrides": [*FAST, "max_steps=30"], "eval_tasks": [], "poll_seconds": 0.5}
+              "overrides": [*FAST, "max_steps=400", "checkpoint_every=100"], "eval_tasks": [], "poll_seconds": 0.5}
     run = store_root / "runs" / "restarted"
     first = subprocess.Popen(_flow_cmd(params), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
@@ -248,18 +254,32 @@ def test_a_restarted_flow_reattaches_to_its_job_instead_of_submitting_another(pr
     job = json.loads((run / "job.json").read_text())["job_id"]
     os.killpg(first.pid, signal.SIGKILL)  # the worker dies; the Slurm job goes on
     first.wait()
-    second = subprocess.run(_flow_cmd(params), env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
-    assert f"reattached to job {job}" in second.stdout + second.stderr
+
+    log_path = tmp_path / "second.log"
+    with open(log_path, "wb") as log:
+        second = subprocess.Popen(_flow_cmd(params), env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while f"reattached to job {job}" not in log_path.read_text() and time.time() < deadline:
+            assert second.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout
+        assert state.strip() == "RUNNING", f"job {job} is {state!r}: it must still be training to be preempted"
+        subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what Slurm sends before preempting
+        release_after_requeue(job)
+        assert second.wait(timeout=600) == 0, log_path.read_text()[-5000:]
+    out = log_path.read_text()
+    assert f"job {job}: requeue (preemption) at step" in out  # the requeue inside the job reached the flow's log
     subs = _jsonl(run / "submissions.jsonl")
     assert [(s["job_id"], s["state"]) for s in subs] == [(job, "completed")]
-    assert [j[0] for j in _sacct_jobs("gpt2-flow-restart")] == [job]
-    assert _jsonl(run / "metrics.jsonl")[-1]["step"] == 29
+    assert [j[0] for j in _sacct_jobs("gpt2-flow-restart", t0)] == [job]  # no second job
+    assert _jsonl(run / "metrics.jsonl")[-1]["step"] == 399
 
 
 def test_served_deployments_run_without_a_work_pool(prefect_api, demo_data, tmp_path):
     """The laptop path: `python -m flows.serve` serves the same deployments from one process (local executor)."""
     env = prefect_api["env"]
+    # Served and pool deployments of one name are alternatives: drop the one prefect.yaml registered above.
+    subprocess.run([PREFECT, "deployment", "delete", "pretrain-gpt2/pretrain-124m"], env=env, capture_output=True)
     log = open(tmp_path / "serve.log", "wb")
     served = subprocess.Popen([sys.executable, "-m", "flows.serve", "--store", str(tmp_path / "store")], env=env,
                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -267,8 +287,9 @@ def test_served_deployments_run_without_a_work_pool(prefect_api, demo_data, tmp_
         deadline = time.time() + 120
         while time.time() < deadline:
             deps = {d.name: d for d in _api(lambda c: c.read_deployments())}
-            if "pretrain-124m" in deps and deps["pretrain-124m"].work_pool_name is None:
-                break  # now served by this process, not by the work pool
+            if "pretrain-124m" in deps:
+                assert deps["pretrain-124m"].work_pool_name is None  # served by this process, not a pool
+                break
             assert served.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
             time.sleep(1)
         else:
