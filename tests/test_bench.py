@@ -46,3 +46,11 @@ def test_bf16_autocast_path_matches_fp32_within_bf16_tolerance(demo_data):
     fp32, bf16 = _losses(demo_data, False), _losses(demo_data, True)
     assert fp32[-1] < fp32[0] - 3  # it learned something, so the comparison means something
     assert abs(bf16[-1] - fp32[-1]) < 0.05 * fp32[-1]
+
+
+def test_tokenize_benchmark_prints_ours_against_the_reference_and_the_ceiling():
+    p = subprocess.run([sys.executable, "bench/tokenize_throughput.py", "--tokens", "3e5", "--shard-tokens", "50000"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for row in ("ceiling:", "reference:", "ours:", "ratio ours/reference:", "-process ceiling"):
+        assert row in p.stdout, p.stdout
