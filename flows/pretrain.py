@@ -15,7 +15,8 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
+    update_progress_artifact
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_UI_URL
 
@@ -120,32 +121,56 @@ class LogTail:
 
 
 class Progress:
-    """Step / max steps, tokens seen and ETA, from metrics.jsonl, into the progress artifact and the log."""
+    """Step / max steps, tokens seen and ETA, from metrics.jsonl: the progress artifact (a percentage, updated
+    in place), a status markdown artifact (a new version per 1% of the run, so at most ~100), and the log."""
 
-    def __init__(self, artifact_id, max_steps: int, log):
-        self.id, self.max_steps, self.log = artifact_id, max_steps, log
+    def __init__(self, artifact_id, max_steps: int, log, key: str):
+        self.id, self.max_steps, self.log, self.key = artifact_id, max_steps, log, key
         self.first: tuple[float, int] | None = None
-        self.last_log = 0.0
+        self.last_log, self.last_status = 0.0, -1
 
-    async def update(self, metrics: list[dict[str, Any]], force_log: bool = False) -> None:
+    async def update(self, metrics: list[dict[str, Any]], force: bool = False) -> None:
         if not metrics:
             return
         done, now = metrics[-1]["step"] + 1, time.monotonic()
         if self.first is None or done < self.first[1]:
             self.first = (now, done)
         await update_progress_artifact(self.id, 100.0 * min(done, self.max_steps) / self.max_steps)
-        if force_log or now - self.last_log >= 30:
+        t0, s0 = self.first
+        rate = (done - s0) / (now - t0) if now > t0 and done > s0 else 0.0
+        eta = _duration((self.max_steps - done) / rate) if rate else "-"
+        tokens = f"{metrics[-1].get('tokens_seen', 0):,}"
+        if force or now - self.last_log >= 30:
             self.last_log = now
-            t0, s0 = self.first
-            rate = (done - s0) / (now - t0) if now > t0 and done > s0 else 0.0
-            eta = f", ETA {_duration((self.max_steps - done) / rate)}" if rate else ""
-            self.log.info("step %d/%d (%.1f%%), %s tokens seen%s", done, self.max_steps, 100.0 * done / self.max_steps,
-                          f"{metrics[-1].get('tokens_seen', 0):,}", eta)
+            self.log.info("step %d/%d (%.1f%%), %s tokens seen, ETA %s", done, self.max_steps,
+                          100.0 * done / self.max_steps, tokens, eta)
+        percent = 100 * done // self.max_steps
+        if force or percent > self.last_status:
+            self.last_status = percent
+            last = metrics[-1]
+            val = next((m["val_loss"] for m in reversed(metrics) if "val_loss" in m), None)
+            await create_markdown_artifact(
+                f"| step | tokens seen | train loss | val loss | tokens/s | ETA |\n| --- | --- | --- | --- | --- | --- |\n"
+                f"| {done} / {self.max_steps} | {tokens} | {last['loss']:.4f} | "
+                f"{f'{val:.4f}' if val is not None else '-'} | {last.get('tokens_per_s', 0):,.0f} | {eta} |\n",
+                key=f"{self.key}-status", description="training status: step, tokens seen, losses, ETA")
 
 
 def _duration(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def checkpoint_rows(evals: dict[int, dict[str, Any]], metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per evaluated checkpoint: step, the val loss measured last at or before it, its evaluations."""
+    val = [(m["step"] + 1, m["val_loss"]) for m in metrics if "val_loss" in m]
+    rows = []
+    for step in sorted(evals):
+        v = next((loss for s, loss in reversed(val) if s <= step), None)
+        row = summary_row(evals[step])
+        rows.append({"step": step, "val_loss": round(v, 4) if v is not None else None,
+                     **{k: x for k, x in row.items() if k != "step"}})
+    return rows
 
 
 def _cancel_job(flow, flow_run_, state) -> None:
@@ -196,7 +221,7 @@ async def run_pretrain(params: PretrainParams, executor: Executor) -> dict[str, 
 
     key = artifact_key(p.run_name)
     progress = Progress(await create_progress_artifact(0.0, description=f"{p.run_name}: training progress"),
-                        cfg.train.max_steps, log)
+                        cfg.train.max_steps, log, key)
     evals: dict[int, dict[str, Any]] = {}
     pending: dict[int, asyncio.Task] = {}
     failures, attempt_no, last_fail_step = 0, 0, None
@@ -222,7 +247,7 @@ async def run_pretrain(params: PretrainParams, executor: Executor) -> dict[str, 
                 new = True
                 log.info("evaluated step %d: %s", step, json.dumps(summary_row(evals[step])))
         if new:
-            await create_table_artifact([summary_row(evals[s]) for s in sorted(evals)], key=f"{key}-checkpoints",
+            await create_table_artifact(checkpoint_rows(evals, read_metrics(run_dir)), key=f"{key}-checkpoints",
                                         description=f"{p.run_name}: evaluation of every checkpoint")
             await publish_curves(run_dir, p.run_name, key)
 
@@ -253,7 +278,7 @@ async def run_pretrain(params: PretrainParams, executor: Executor) -> dict[str, 
         outcome: Outcome | None = None
         while outcome is None:
             await asyncio.sleep(p.poll_seconds)
-            outcome = attempt.poll()
+            outcome = await asyncio.to_thread(attempt.poll)  # sacct/squeue calls: not on the event loop
             for line in console.read()[-20:]:  # the training's own console, tail only
                 log.info("[train] %s", line)
             for line in events.read():
@@ -290,11 +315,11 @@ async def run_pretrain(params: PretrainParams, executor: Executor) -> dict[str, 
         await asyncio.sleep(wait)
 
     metrics = read_metrics(run_dir)
-    await progress.update(metrics, force_log=True)
+    await progress.update(metrics, force=True)
     start_evals()
     await collect_evals(wait=True)
     curves = await publish_curves(run_dir, p.run_name, key)
-    rows = [summary_row(evals[s]) for s in sorted(evals)]
+    rows = checkpoint_rows(evals, metrics)
     result = {"run_dir": run_dir, "final_step": latest_step(run_dir), "attempts": attempt_no,
               "final_loss": metrics[-1]["loss"] if metrics else None, "evaluations": rows, "curves": curves,
               "minutes": round((time.monotonic() - t0) / 60, 2)}

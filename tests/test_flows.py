@@ -45,6 +45,7 @@ def test_flow_trains_evaluates_every_checkpoint_and_reports(prefect_server, tmp_
     assert result["final_step"] == 6 and result["attempts"] == 1
     assert [r["step"] for r in result["evaluations"]] == [3, 6]
     assert all(r["hellaswag_acc_norm"] is not None for r in result["evaluations"])
+    assert all(r["val_loss"] is not None for r in result["evaluations"])
     run = tmp_path / "store" / "runs" / "t"
     assert (run / "checkpoints" / "step_000003" / "eval" / "hellaswag.json").exists()
     assert (run / "curves.png").exists()
@@ -56,8 +57,10 @@ def test_flow_trains_evaluates_every_checkpoint_and_reports(prefect_server, tmp_
         async with get_client() as client:
             return await client.read_artifacts()
 
-    kinds = {a.type for a in asyncio.run(artifacts())}
-    assert {"progress", "table", "markdown"} <= kinds
+    arts = asyncio.run(artifacts())
+    assert {"progress", "table", "markdown"} <= {a.type for a in arts}
+    status = [a for a in arts if a.key == "t-status"]
+    assert any("| 6 / 6 |" in a.data for a in status)  # a version per 1% of the run, the last at its end
 
 
 class KillFirstAttempt(LocalExecutor):
