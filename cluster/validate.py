@@ -26,12 +26,18 @@ class NodeInfo:
 
 
 def cluster_nodes() -> tuple[list[NodeInfo], str | None] | None:
-    """The nodes sinfo reports and the default partition; None when there is no Slurm client to ask."""
+    """The nodes sinfo reports and the default partition; None when there is no Slurm client to ask.
+    A controller that does not answer is a SpecError: sbatch would fail the same way, less clearly."""
     if shutil.which("sinfo") is None:
         return None
-    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%G|%m"], capture_output=True, text=True, timeout=30)
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%G|%m"], capture_output=True, text=True,
+                             timeout=30)
+    except subprocess.TimeoutExpired:
+        raise SpecError("the Slurm controller did not answer sinfo within 30 s") from None
     if out.returncode != 0:
-        return None
+        first = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[0]
+        raise SpecError(f"the Slurm controller does not answer (sinfo: {first})")
     by_name: dict[str, NodeInfo] = {}
     default = None
     for line in out.stdout.splitlines():

@@ -327,6 +327,23 @@ async def run_pretrain(params: PretrainParams, executor: Executor) -> dict[str, 
     return result
 
 
+def api_problem() -> str | None:
+    """One line when PREFECT_API_URL names a server that does not answer (instead of a traceback mid-run)."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return None  # Prefect starts a temporary local server itself
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(url.rstrip("/") + "/health", timeout=10)
+    except OSError as err:
+        return (f"the Prefect server at {url} does not answer ({err}); start it (prefect server start) "
+                f"or unset PREFECT_API_URL")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.pretrain", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="tiny")
@@ -340,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     fields = dict(preset=args.preset, store=args.store, run_name=args.run_name, overrides=args.overrides,
                   eval_tasks=[t for t in args.eval_tasks.split(",") if t], hellaswag_data=args.hellaswag_data)
     params = PretrainParams(**{**fields, **json.loads(args.params or "{}")})
+    problem = api_problem()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         result = asyncio.run(pretrain(params))
     except FlowFailure as err:

@@ -164,3 +164,14 @@ def test_time_limit_requeues_stop_at_the_cap(job_env, demo_data, tmp_path):
         handle.wait(timeout_s=180)
     assert "latest checkpoint: " in str(err.value) and "step_" in str(err.value)
     assert [(a["event"], a["reason"]) for a in attempts(run)] == [("requeue", "timeout"), ("gave_up", "timeout")]
+
+
+def test_a_controller_that_does_not_answer_is_a_clear_error_before_sbatch(job_env, demo_data, tmp_path,
+                                                                          monkeypatch):
+    # The real Slurm client against a controller port where nothing listens (a dead slurmctld).
+    conf = [ln for ln in Path("/etc/slurm/slurm.conf").read_text().splitlines() if not ln.startswith("SlurmctldPort")]
+    (tmp_path / "slurm.conf").write_text("\n".join(conf + ["SlurmctldPort=1"]) + "\n")
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "slurm.conf"))
+    with pytest.raises(SpecError, match="Slurm controller does not answer"):
+        submit(spec(tmp_path / "slurm"), "tiny", sets(demo_data, tmp_path / "run"))
+    assert not (tmp_path / "slurm").exists()  # nothing was written for a job that never got queued

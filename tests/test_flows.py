@@ -112,3 +112,21 @@ def test_bad_parameter_fails_before_anything_runs(prefect_server, tmp_path):
     with pytest.raises(FlowFailure, match="bad parameter.*max_lrr"):
         asyncio.run(pretrain(_params(tmp_path, overrides=["max_lrr=1"])))
     assert not (tmp_path / "store" / "runs").exists()
+
+
+def test_a_dead_prefect_server_is_one_clear_line(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    p = subprocess.run([sys.executable, "-m", "flows.pretrain", "--store", str(tmp_path / "store")], cwd=REPO,
+                       env=dict(os.environ, PREFECT_API_URL=f"http://127.0.0.1:{port}/api"), capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and f"the Prefect server at http://127.0.0.1:{port}/api does not answer" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "store").exists()
