@@ -17,7 +17,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
     update_progress_artifact
-from prefect.runtime import flow_run
+from prefect.runtime import flow_run as current_run
 from prefect.settings import PREFECT_UI_URL
 
 from flows.evaluate_checkpoint import run_evaluation, run_evaluation_on_slurm, summary_row
@@ -173,10 +173,10 @@ def checkpoint_rows(evals: dict[int, dict[str, Any]], metrics: list[dict[str, An
     return rows
 
 
-def _cancel_job(flow, flow_run_, state) -> None:
+def _cancel_job(flow, flow_run, state) -> None:  # Prefect passes these by name
     """Cancelling the flow run in the UI also cancels its Slurm job (a local attempt dies with the flow)."""
     try:
-        p = PretrainParams.model_validate(flow_run_.parameters.get("params", {}))
+        p = PretrainParams.model_validate(flow_run.parameters.get("params", {}))
         rec = store.read_json(store.join(p.run_dir(), JOB_FILE))
         if rec.get("executor") == "slurm" and not rec.get("ended"):
             import subprocess
@@ -197,8 +197,8 @@ async def run_pretrain(params: PretrainParams, executor: Executor) -> dict[str, 
     log = get_run_logger()
     p = params
     ui = PREFECT_UI_URL.value()
-    if ui and flow_run.id:
-        log.info("watch this run: %s/runs/flow-run/%s", ui.rstrip("/"), flow_run.id)
+    if ui and current_run.id:
+        log.info("watch this run: %s/runs/flow-run/%s", ui.rstrip("/"), current_run.id)
     if p.credentials_secret:
         from flows.credentials import CredentialsError, apply_secret
 

@@ -275,6 +275,45 @@ def test_a_restarted_flow_reattaches_to_its_job_and_logs_its_requeues(prefect_ap
     assert _jsonl(run / "metrics.jsonl")[-1]["step"] == 399
 
 
+def test_cancelling_the_flow_run_cancels_its_slurm_job(prefect_api, slurm_cluster, demo_data, tmp_path):
+    env = prefect_api["env"]
+    subprocess.run([PREFECT, "work-pool", "create", "gpt2-slurm", "--type", "process", "--overwrite"], env=env,
+                   capture_output=True, check=True)
+    subprocess.run([PREFECT, "--no-prompt", "deploy", "--name", "pretrain-124m"], env={**env, "GPT2_STORE": "store"},
+                   cwd=REPO, capture_output=True, check=True)
+    run = tmp_path / "store" / "runs" / "cancelled"
+    params = {"preset": "tiny", "store": str(tmp_path / "store"), "run_name": "cancelled", "data": demo_data,
+              "executor": "slurm", "slurm": _slurm(tmp_path / "slurm", "gpt2-flow-cancel"),
+              "overrides": [*FAST, "max_steps=100000", "checkpoint_every=1000"], "eval_tasks": [],
+              "poll_seconds": 0.5}
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "gpt2-slurm"], env=env, cwd=tmp_path,
+                              stdout=open(tmp_path / "worker.log", "wb"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        subprocess.run([PREFECT, "deployment", "run", "pretrain-gpt2/pretrain-124m", "--params",
+                        json.dumps({"params": params})], env=env, cwd=REPO, capture_output=True, check=True)
+        run_id = next(str(r.id) for r in _api(lambda c: c.read_flow_runs())
+                      if r.parameters.get("params", {}).get("run_name") == "cancelled")
+        deadline = time.time() + 180
+        while not (run / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        job = json.loads((run / "job.json").read_text())["job_id"]
+        subprocess.run([PREFECT, "flow-run", "cancel", run_id], env=env, capture_output=True, check=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            state = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"], capture_output=True,
+                                   text=True).stdout.strip()
+            if state.startswith("CANCELLED"):
+                break
+            time.sleep(0.5)
+        assert state.startswith("CANCELLED"), f"job {job} is {state!r} after the flow run was cancelled:\n" + \
+            (tmp_path / "worker.log").read_text()[-3000:]
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+        subprocess.run(["scancel", "--name", "gpt2-flow-cancel"], capture_output=True)
+
+
 def test_served_deployments_run_without_a_work_pool(prefect_api, demo_data, tmp_path):
     """The laptop path: `python -m flows.serve` serves the same deployments from one process (local executor)."""
     env = prefect_api["env"]
