@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 import time
 from typing import Any
@@ -99,25 +100,29 @@ def latest_step(run_dir: str) -> int:
 
 
 class LogTail:
-    """New lines of a growing file (the training's console, the launcher's attempts.jsonl) since the last call."""
+    """New whole lines of a growing file (the training's console, metrics.jsonl, the launcher's attempts.jsonl)
+    since the last call; only the new bytes are read, so polling a long run's files stays cheap on S3 too."""
 
     def __init__(self, url: str):
         self.url, self.offset = url, 0
 
     def read(self) -> list[str]:
+        fs, path = store.fs_and_path(self.url)
         try:
-            if not store.exists(self.url):
+            fs.invalidate_cache(path)
+            size = fs.size(path)
+            if size < self.offset:  # truncated (a requeued Slurm job reopened its log)
+                self.offset = 0
+            if size == self.offset:
                 return []
-            data = store.read_bytes(self.url)
-        except OSError:
+            with fs.open(path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(size - self.offset)
+        except (FileNotFoundError, OSError):
             return []
-        if len(data) < self.offset:  # truncated (a requeued Slurm job reopened its log)
-            self.offset = 0
-        end = data.rfind(b"\n", self.offset) + 1  # whole lines only
-        if end <= self.offset:
-            return []
-        chunk, self.offset = data[self.offset:end], end
-        return chunk.decode(errors="replace").splitlines()
+        end = data.rfind(b"\n") + 1  # whole lines only: a torn last line is read next time
+        self.offset += end
+        return data[:end].decode(errors="replace").splitlines()
 
 
 class Progress:
@@ -227,6 +232,7 @@ async def run_pretrain(params: PretrainParams, executor: Executor) -> dict[str, 
     failures, attempt_no, last_fail_step = 0, 0, None
     events = LogTail(store.join(run_dir, "attempts.jsonl"))  # requeues logged by the Slurm launcher
     events.read()  # earlier attempts' events were logged by earlier flow runs
+    metrics_tail, metrics = LogTail(store.join(run_dir, "metrics.jsonl")), []
     t0 = time.monotonic()
 
     def start_evals() -> None:
@@ -247,7 +253,7 @@ async def run_pretrain(params: PretrainParams, executor: Executor) -> dict[str, 
                 new = True
                 log.info("evaluated step %d: %s", step, json.dumps(summary_row(evals[step])))
         if new:
-            await create_table_artifact(checkpoint_rows(evals, read_metrics(run_dir)), key=f"{key}-checkpoints",
+            await create_table_artifact(checkpoint_rows(evals, metrics), key=f"{key}-checkpoints",
                                         description=f"{p.run_name}: evaluation of every checkpoint")
             await publish_curves(run_dir, p.run_name, key)
 
@@ -264,6 +270,9 @@ async def run_pretrain(params: PretrainParams, executor: Executor) -> dict[str, 
 
     while True:
         start = latest_step(run_dir)
+        if attempt is None and start >= cfg.train.max_steps:
+            log.info("the run is complete (checkpoint at step %d): nothing to submit", start)
+            break
         if attempt is None:
             attempt_no += 1
             log_path = str(store.fs_and_path(store.join(run_dir, "logs"))[1]) + f"/attempt-{attempt_no:03d}.log" \
@@ -283,10 +292,12 @@ async def run_pretrain(params: PretrainParams, executor: Executor) -> dict[str, 
                 log.info("[train] %s", line)
             for line in events.read():
                 ev = json.loads(line)
-                log.warning("job %s: %s%s at step %s (checkpoint %s)", ev.get("job_id"), ev.get("event"),
-                            f" ({ev['reason']})" if ev.get("reason") else "", ev.get("step", ev.get("final_step")),
-                            ev.get("checkpoint"))
-            await progress.update(read_metrics(run_dir))
+                log.log(logging.INFO if ev.get("event") == "completed" else logging.WARNING,
+                        "job %s: %s%s at step %s (checkpoint %s)", ev.get("job_id"), ev.get("event"),
+                        f" ({ev['reason']})" if ev.get("reason") else "", ev.get("step", ev.get("final_step")),
+                        ev.get("checkpoint"))
+            metrics += [json.loads(x) for x in metrics_tail.read() if x.strip()]
+            await progress.update(metrics)
             start_evals()
             await collect_evals(wait=False)
         end = latest_step(run_dir)

@@ -130,3 +130,11 @@ def test_a_dead_prefect_server_is_one_clear_line(tmp_path):
                        text=True, timeout=120)
     assert p.returncode == 2 and f"the Prefect server at http://127.0.0.1:{port}/api does not answer" in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "store").exists()
+
+
+def test_rerunning_a_complete_run_submits_nothing(prefect_server, tmp_path):
+    p = _params(tmp_path, eval_tasks=[])
+    asyncio.run(pretrain(p))
+    again = asyncio.run(pretrain(p))
+    assert again["final_step"] == 6
+    assert len(_read_jsonl(tmp_path / "store" / "runs" / "t" / "submissions.jsonl")) == 1
