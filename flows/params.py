@@ -26,6 +26,8 @@ class PretrainParams(BaseModel):
     prepare_source: str | None = Field(None, description="when the data URL holds no shards yet: build them from "
                                        "this source (hf:HuggingFaceFW/fineweb-edu:sample-10BT, or parquet/jsonl files)")
     shard_tokens: int = Field(100_000_000, ge=1, description="tokens per shard when the data is prepared")
+    prepare_slurm: JobSpec | None = Field(None, description="prepare the data as a Slurm job array over the "
+                                          "source files (CPU nodes); default: in the flow's process")
     credentials_secret: str | None = Field(None, description="name of a Prefect Secret block holding a JSON object "
                                            "of environment variables (AWS_ACCESS_KEY_ID, ...) for the store")
     eval_tasks: list[str] = Field(default_factory=lambda: ["hellaswag"], description="evaluation per checkpoint")

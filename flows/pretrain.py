@@ -84,7 +84,7 @@ async def ensure_data(cfg: RunConfig, p: PretrainParams) -> None:
             raise FlowFailure(f"no token shards at {url}: run the prepare-data flow first, or set prepare_source") \
                 from None
         try:
-            await prepare_data(source=source, out=url, shard_tokens=p.shard_tokens)
+            await prepare_data(source=source, out=url, shard_tokens=p.shard_tokens, slurm=p.prepare_slurm)
         except Exception as err:
             raise FlowFailure(f"data preparation failed: {err}") from None
     try:
