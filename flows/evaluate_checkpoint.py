@@ -41,9 +41,10 @@ async def run_evaluation_on_slurm(url: str, tasks: list[str], spec, hellaswag_da
     from cluster.submit import submit_function
     from training.evaluate import evaluate
 
-    job = submit_function(spec.model_copy(update={"nodes": 1, "job_name": "gpt2-eval"}), evaluate, url, tasks,
-                          hellaswag_data=hellaswag_data, limit=limit)
-    while not job.done():
+    # sbatch and sacct are subprocess calls: off the event loop, which also watches training
+    job = await asyncio.to_thread(submit_function, spec.model_copy(update={"nodes": 1, "job_name": "gpt2-eval"}),
+                                  evaluate, url, tasks, hellaswag_data=hellaswag_data, limit=limit)
+    while not await asyncio.to_thread(job.done):
         await asyncio.sleep(poll_s)
     try:
         return {**job.result(), "slurm_job": job.job_id}

@@ -29,7 +29,7 @@ from training import checkpoint as ck
 from training import store
 from training.config import RunConfig, load_config
 from training.data import ShardError, list_shards
-from training.plots import read_metrics
+from training.plots import parse_metrics, read_metrics
 
 JOB_FILE = "job.json"  # {run_dir}/job.json: the attempt in flight, so a restarted flow run reattaches to it
 SUBMISSIONS_FILE = "submissions.jsonl"  # one line per attempt: job id, outcome, reason, step range
@@ -291,12 +291,15 @@ async def run_pretrain(params: PretrainParams, executor: Executor) -> dict[str, 
             for line in console.read()[-20:]:  # the training's own console, tail only
                 log.info("[train] %s", line)
             for line in events.read():
-                ev = json.loads(line)
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue  # torn by a killed writer
                 log.log(logging.INFO if ev.get("event") == "completed" else logging.WARNING,
                         "job %s: %s%s at step %s (checkpoint %s)", ev.get("job_id"), ev.get("event"),
                         f" ({ev['reason']})" if ev.get("reason") else "", ev.get("step", ev.get("final_step")),
                         ev.get("checkpoint"))
-            metrics += [json.loads(x) for x in metrics_tail.read() if x.strip()]
+            metrics += parse_metrics(metrics_tail.read())
             await progress.update(metrics)
             start_evals()
             await collect_evals(wait=False)

@@ -138,3 +138,19 @@ def test_rerunning_a_complete_run_submits_nothing(prefect_server, tmp_path):
     again = asyncio.run(pretrain(p))
     assert again["final_step"] == 6
     assert len(_read_jsonl(tmp_path / "store" / "runs" / "t" / "submissions.jsonl")) == 1
+
+
+def test_the_flow_reads_only_new_whole_lines_and_skips_torn_ones(tmp_path):
+    from flows.pretrain import LogTail
+    from training.plots import parse_metrics
+
+    f = tmp_path / "metrics.jsonl"
+    tail = LogTail(str(f))
+    assert tail.read() == []  # not there yet
+    f.write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "lo')  # a writer killed mid-line
+    assert parse_metrics(tail.read()) == [{"step": 0, "loss": 1.0}]
+    with open(f, "a") as out:  # the resumed run appends after the torn fragment
+        out.write('{"step": 1, "loss": 0.9}\n{"step": 2, "loss": 0.8}\n')
+    assert parse_metrics(tail.read()) == [{"step": 2, "loss": 0.8}]  # the torn line is skipped, nothing re-read
+    f.write_text('{"step": 0, "loss": 2.0}\n')  # truncated and rewritten: read from the start again
+    assert parse_metrics(tail.read()) == [{"step": 0, "loss": 2.0}]

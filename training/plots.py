@@ -23,12 +23,20 @@ def read_metrics(run_dir: str) -> list[dict[str, Any]]:
     url = store.join(run_dir, "metrics.jsonl")
     if not store.exists(url):
         return []
+    return parse_metrics(store.read_bytes(url).decode(errors="replace").splitlines())
+
+
+def parse_metrics(lines: list[str]) -> list[dict[str, Any]]:
+    """Rows of metrics.jsonl lines, skipping the ones a killed writer tore (a partial line, or one that a
+    resumed run's next line was appended to)."""
     rows = []
-    for line in store.read_bytes(url).decode().splitlines():
+    for line in lines:
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except ValueError:
-            continue  # a torn last line while training writes
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
     return rows
 
 
