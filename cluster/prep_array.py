@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +30,19 @@ class PrepArrayJobs:
     array: list[submitit.Job]  # one per source file
     assemble: submitit.Job
 
-    def wait(self) -> dict:
-        """The manifest, or the first failing task's error."""
+    def wait(self, progress: bool = False) -> dict:
+        """The manifest, or the first failing task's error; `progress`: a bar of finished array tasks."""
+        from tqdm import tqdm
+
+        with tqdm(total=len(self.array), unit="file", desc="tokenizing on Slurm", disable=not progress) as bar:
+            pending = list(self.array)
+            while pending:
+                pending = [j for j in pending if not j.done()]
+                bar.update(len(self.array) - len(pending) - bar.n)
+                if pending:
+                    time.sleep(2)
         for job in self.array:
-            job.result()
+            job.result()  # raises the first failed task's error
         return self.assemble.result()
 
 
@@ -95,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"array job {jobs.array[0].job_id.split('_')[0]} ({len(jobs.array)} files), "
           f"assembly job {jobs.assemble.job_id}", flush=True)
     if args.wait:
-        m = jobs.wait()
+        m = jobs.wait(progress=True)
         print(f"{args.out}: {len(m['shards'])} shards, {m['total_tokens']:,} tokens, {m['documents']:,} documents")
     return 0
 

@@ -118,14 +118,21 @@ class RunHandle:
             return []
         return [json.loads(ln) for ln in store.read_bytes(url).decode().splitlines() if ln.strip()]
 
-    def wait(self, timeout_s: float | None = None, poll_s: float = 2.0) -> dict[str, Any]:
-        """Blocks until the job ends (requeues included); the training result, or RunFailed with the reason."""
+    def wait(self, timeout_s: float | None = None, poll_s: float = 2.0, on_state=None) -> dict[str, Any]:
+        """Blocks until the job ends (requeues included); the training result, or RunFailed with the reason.
+        `on_state(state)` is called whenever the job's state changes (PENDING, RUNNING, REQUEUED, ...)."""
         deadline = None if timeout_s is None else time.time() + timeout_s
-        while not self.done():
+        last = None
+        while True:
+            state = self.state()
+            if state != last and on_state is not None:
+                on_state(state)
+            last = state
+            if state.startswith(FINAL_STATES):
+                return self.result()
             if deadline is not None and time.time() > deadline:
-                raise TimeoutError(f"job {self.job_id} still {self.state()} after {timeout_s} s")
+                raise TimeoutError(f"job {self.job_id} still {state} after {timeout_s} s")
             time.sleep(poll_s)
-        return self.result()
 
     def result(self) -> dict[str, Any]:
         state, code = sacct_state(self.job_id)
@@ -215,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             handle = submit(spec, args.config, args.overrides)
         print(handle.job_id, flush=True)
         if args.wait:
-            print(json.dumps(handle.wait()), flush=True)
+            result = handle.wait(on_state=lambda st: print(f"{time.strftime('%H:%M:%S')} job {handle.job_id}: {st}",
+                                                           file=sys.stderr, flush=True))
+            print(json.dumps(result), flush=True)
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -175,3 +175,19 @@ def test_a_controller_that_does_not_answer_is_a_clear_error_before_sbatch(job_en
     with pytest.raises(SpecError, match="Slurm controller does not answer"):
         submit(spec(tmp_path / "slurm"), "tiny", sets(demo_data, tmp_path / "run"))
     assert not (tmp_path / "slurm").exists()  # nothing was written for a job that never got queued
+
+
+def test_submit_cli_waits_showing_the_job_state_and_prints_the_result(job_env, demo_data, tmp_path):
+    import sys
+
+    from conftest import REPO
+
+    run = tmp_path / "run"
+    args = [a for kv in sets(demo_data, run) for a in ("--set", kv)]
+    p = subprocess.run([sys.executable, "-m", "cluster.submit", "--config", "tiny", "--nodes", "1", "--time", "20",
+                        "--folder", str(tmp_path / "slurm"), *args, "--wait"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    job_id, result = p.stdout.splitlines()[0], json.loads(p.stdout.splitlines()[-1])
+    assert result["complete"] and result["final_step"] == STEPS and result["job_id"] == job_id
+    assert f"job {job_id}: RUNNING" in p.stderr and f"job {job_id}: COMPLETED" in p.stderr
