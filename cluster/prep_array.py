@@ -46,10 +46,6 @@ class PrepArrayJobs:
         return self.assemble.result()
 
 
-def _tokenize(out: str, url: str, index: int, workers: int) -> dict:
-    return parts.tokenize_part(out, url, index, workers)
-
-
 def submit_prep(source: str, out: str, *, folder: str, shard_tokens: int = DEFAULT_SHARD_TOKENS,
                 cpus_per_task: int = 1, parallelism: int = 64, time_min: int = 240, partition: str | None = None,
                 account: str | None = None, setup: list[str] | None = None) -> PrepArrayJobs:
@@ -72,7 +68,7 @@ def submit_prep(source: str, out: str, *, folder: str, shard_tokens: int = DEFAU
     ex.update_parameters(job_name="gpt2-prep-tokenize", cpus_per_task=cpus_per_task, array_parallelism=parallelism,
                          **common)
     n = len(src.urls)
-    array = ex.map_array(_tokenize, [out] * n, src.urls, list(range(n)), [cpus_per_task] * n)
+    array = ex.map_array(parts.tokenize_part, [out] * n, src.urls, list(range(n)), [cpus_per_task] * n)
     base = array[0].job_id.split("_")[0]
     ex2 = submitit.SlurmExecutor(folder=folder)
     ex2.update_parameters(job_name="gpt2-prep-assemble", cpus_per_task=1,

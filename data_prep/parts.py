@@ -28,13 +28,13 @@ def part_url(out_url: str, index: int) -> str:
     return store.join(out_url, PARTS_DIR, f"part_{index:05d}.bin")
 
 
-def _sidecar(out_url: str, index: int) -> str:
+def sidecar_url(out_url: str, index: int) -> str:
     return part_url(out_url, index)[: -len(".bin")] + ".json"
 
 
 def part_done(out_url: str, index: int, file_url: str) -> dict[str, Any] | None:
     """The part's record when it is complete for this very file (name and size), else None."""
-    url = _sidecar(out_url, index)
+    url = sidecar_url(out_url, index)
     if not store.exists(url):
         return None
     rec = store.read_json(url)
@@ -59,7 +59,7 @@ def tokenize_part(out_url: str, file_url: str, index: int, workers: int = 1) -> 
             documents += int(lens.size)
     rec = {"file": src.describe()["files"][0], "tokens": tokens, "documents": documents,
            "sha256": digest.hexdigest()}
-    store.write_json(_sidecar(out_url, index), rec)  # last: a sidecar never points at a partial part
+    store.write_json(sidecar_url(out_url, index), rec)  # last: a sidecar never points at a partial part
     return rec
 
 
@@ -97,7 +97,7 @@ def assemble(out_url: str, file_urls: list[str], shard_tokens: int = DEFAULT_SHA
         records.append(write_shard(out_url, shard_name("val" if index == 0 else "train", index, prefix), tokens))
 
     for i in range(len(file_urls)):
-        documents += store.read_json(_sidecar(out_url, i))["documents"]
+        documents += store.read_json(sidecar_url(out_url, i))["documents"]
         for toks in _part_tokens(out_url, i):
             for shard, _ in packer.add(toks):
                 write(shard)

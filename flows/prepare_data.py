@@ -103,7 +103,7 @@ async def build_shards_on_slurm(source: str, out: str, shard_tokens: int, spec: 
     progress = await create_progress_artifact(0.0, description=f"tokenizing {n} files into {out} on Slurm")
     while not await asyncio.to_thread(jobs.assemble.done):
         await asyncio.sleep(5)
-        done = sum(store.exists(parts.part_url(out, i)[: -len(".bin")] + ".json") for i in range(n))
+        done = sum(store.exists(parts.sidecar_url(out, i)) for i in range(n))
         await update_progress_artifact(progress, 99.0 * done / n)
     try:
         manifest = await asyncio.to_thread(jobs.wait)
