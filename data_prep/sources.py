@@ -3,7 +3,8 @@
 A source yields its documents in a fixed order as batches `(first_doc_index, texts)`; `texts` is a list of
 str or a pyarrow string array (cheap to send to a worker process, which converts it). `batches(start_doc)`
 skips the documents before `start_doc` without handing them to the tokenizer, which is how a resumed run
-picks up where its last finished shard ended.
+picks up where its last finished shard ended. A hub dataset stored as parquet (FineWeb-Edu) is read from
+its resolved files like a FileSource, so that skip goes by footer row counts instead of streaming them.
 
 SOURCE specs:
     hf:HuggingFaceFW/fineweb-edu:sample-10BT[@revision]   the hub dataset (also: a bare `sample-10BT`)
@@ -68,19 +69,59 @@ class HubSource:
                               f"on the hub: {type(err).__name__}: {err}") from None
         return dataclasses.replace(self, revision=sha)
 
-    def _dataset(self):
+    def _builder(self):
         try:
             import datasets
 
-            # streaming: documents arrive file by file in the dataset's order, never the whole set in RAM/disk
-            return datasets.load_dataset(self.dataset, name=self.config, split="train", streaming=True,
-                                         revision=self.revision, **self.load_kwargs)
+            # what load_dataset(..., streaming=True) builds first: it resolves the config's data files
+            return datasets.load_dataset_builder(self.dataset, name=self.config, revision=self.revision,
+                                                 **self.load_kwargs)
         except Exception as err:  # hub/network/auth errors come in many types; the message is what matters
             raise SourceError(f"cannot open dataset {self.dataset!r} (config {self.config!r}): "
                               f"{type(err).__name__}: {err}") from None
 
-    def batches(self, start_doc: int = 0) -> Iterator[tuple[int, list[str]]]:
-        ds = self._dataset()
+    def _parquet_urls(self, builder) -> list[str] | None:
+        """The train split's files in the order the streaming parquet builder reads them, or None where
+        FileSource would not yield exactly the same documents (then the dataset is streamed)."""
+        from datasets.packaged_modules.parquet.parquet import Parquet
+
+        if not isinstance(builder, Parquet) or set(self.load_kwargs) - {"data_files", "data_dir"}:
+            return None  # another format, or options (columns, filters, features, token...) FileSource ignores
+        cfg = builder.config
+        if cfg.filters is not None or cfg.columns is not None or cfg.on_bad_files != "error":
+            return None
+        # Streaming reads data_files["train"] file after file, each file's row groups in order
+        # (Parquet._split_generators / _generate_tables; ArrowExamplesIterable keeps the shard order).
+        urls = [str(u) for u in (cfg.data_files or {}).get("train") or []]
+        if not urls or not all(u.endswith(".parquet") for u in urls):
+            return None  # nothing resolved, or compressed/chained files ("zip://...::x.zip")
+        pinned = self.revision if self.revision and re.fullmatch(r"[0-9a-f]{40}", self.revision) else None
+        if pinned and any(u.startswith("hf://") and f"@{pinned}/" not in u for u in urls):
+            return None  # not the pinned commit (not expected: datasets puts the commit in its hf:// URLs)
+        return urls
+
+    def batches(self, start_doc: int = 0) -> Iterator[tuple[int, Any]]:
+        builder = self._builder()
+        urls = self._parquet_urls(builder)
+        try:
+            if urls is not None:
+                # The same documents in the same order, but a resume skips whole files and row groups by
+                # their footer row counts instead of downloading and parsing every skipped document.
+                yield from FileSource(urls).batches(start_doc)
+            else:
+                yield from self._streamed(builder, start_doc)
+        except SourceError:
+            raise
+        except Exception as err:
+            raise SourceError(f"reading dataset {self.dataset!r}: {type(err).__name__}: {err}") from None
+
+    def _streamed(self, builder, start_doc: int) -> Iterator[tuple[int, list[str]]]:
+        try:
+            # what load_dataset(..., split="train", streaming=True) returns for this builder
+            ds = builder.as_streaming_dataset(split="train")
+        except Exception as err:
+            raise SourceError(f"cannot open dataset {self.dataset!r} (config {self.config!r}): "
+                              f"{type(err).__name__}: {err}") from None
         if start_doc:
             ds = ds.skip(start_doc)  # still streamed past, but not tokenized
         index, texts, chars = start_doc, [], 0
@@ -93,10 +134,6 @@ class HubSource:
                     index, texts, chars = index + len(texts), [], 0
         except KeyError:
             raise SourceError(f"dataset {self.dataset!r} has no 'text' column") from None
-        except SourceError:
-            raise
-        except Exception as err:
-            raise SourceError(f"reading dataset {self.dataset!r}: {type(err).__name__}: {err}") from None
         if texts:
             yield index, texts
 
