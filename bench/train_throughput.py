@@ -2,12 +2,15 @@
 
     python bench/train_throughput.py                          # gpt2-124m, micro-batches 16/32/64, on CUDA
     python bench/train_throughput.py --ablation               # + each build-nanogpt optimisation switched off
+    python bench/train_throughput.py --levers                 # + what goes beyond the recipe (see levers())
+    python bench/train_throughput.py --only chunked,cuDNN     # the baseline + the variants whose names match
+    python bench/train_throughput.py --render bench/results/train_throughput-X.json   # the markdown table
     python bench/train_throughput.py --config tiny --device cpu --micro-batches 2 --seq-len 64 --steps 2  # smoke
 
-Prints tokens/s, ms/step and MFU (6N + 12*L*H*Q*T FLOPs per token against the GPU's bf16 peak) for each
-variant next to the baseline, build-nanogpt's configuration (B=64, T=1024, bf16, TF32, compile, flash,
-vocab 50304, fused AdamW) run by the same code, and writes the figures with the machine they ran on to
-bench/results/.
+Prints tokens/s, ms/step, MFU (6N + 12*L*H*Q*T FLOPs per token against the GPU's bf16 peak), peak memory and
+compile time for each variant next to the baseline, build-nanogpt's configuration (B=64, T=1024, bf16, TF32,
+compile, SDPA, vocab 50304, fused AdamW) run by the same code. The figures and the machine they ran on go to
+bench/results/ after every variant, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import json
 import platform
 import sys
 import time
-from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from training import accel  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.metrics import peak_flops  # noqa: E402
 from training.model import GPT, flops_per_token  # noqa: E402
@@ -40,9 +43,11 @@ class Variant:
     bf16: bool = True
     tf32: bool = True
     compile: bool = True
-    flash: bool = True
+    attention: str = "auto"  # SDPA picks (flash on H100); else that backend alone (training/accel.py)
     pad_vocab: bool = True
     fused_adamw: bool = True
+    loss_chunk: int = 0
+    compile_mode: str = "default"
 
 
 def ablations(base: Variant) -> list[Variant]:
@@ -52,47 +57,56 @@ def ablations(base: Variant) -> list[Variant]:
         r(base, name="- TF32", tf32=False),
         r(base, name="- bf16 autocast", bf16=False),
         r(base, name="- torch.compile", compile=False),
-        r(base, name="- flash attention (SDPA math)", flash=False),
+        r(base, name="- flash attention (SDPA math)", attention="math"),
         r(base, name="- vocab 50304 (50257)", pad_vocab=False),
         r(base, name="- fused AdamW", fused_adamw=False),
-        Variant("plain fp32 (all off)", base.micro_batch, False, False, False, False, False, False),
+        Variant("plain fp32 (all off)", base.micro_batch, bf16=False, tf32=False, compile=False, attention="math",
+                pad_vocab=False, fused_adamw=False),
+    ]
+
+
+def levers(base: Variant) -> list[Variant]:
+    """Beyond build-nanogpt's recipe, one at a time on top of it (issue #9's list)."""
+    r = dataclasses.replace
+    return [
+        r(base, name="+ chunked lm_head+CE (8192 tok)", loss_chunk=8192),
+        r(base, name="+ chunked CE, B=96", micro_batch=96, loss_chunk=8192),
+        r(base, name="+ chunked CE, B=128", micro_batch=128, loss_chunk=8192),
+        r(base, name="+ flash attention forced", attention="flash"),
+        r(base, name="+ cuDNN attention", attention="cudnn"),
+        r(base, name="+ compile max-autotune-no-cudagraphs", compile_mode="max-autotune-no-cudagraphs"),
+        r(base, name="+ CUDA graphs (reduce-overhead)", compile_mode="reduce-overhead"),
     ]
 
 
 def measure(cfg, v: Variant, device: torch.device, seq_len: int, warmup: int, steps: int) -> dict:
     torch.manual_seed(0)
     model_cfg = cfg.model.model_copy(update={"pad_vocab_to": 64 if v.pad_vocab else 1})
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = v.tf32
-        torch.backends.cudnn.allow_tf32 = v.tf32
+    accel.configure(device, tf32=v.tf32, attention=v.attention if device.type == "cuda" else "auto")
     model = GPT(model_cfg).to(device)
     n_params = model.num_parameters(exclude_positions=True)
     opt = configure_optimizer(model, lr=6e-4, weight_decay=0.1, device_type=device.type,
                               fused=v.fused_adamw and device.type == "cuda")
-    run = torch.compile(model) if v.compile else model
+    mode = None if v.compile_mode == "default" else v.compile_mode
+    run = torch.compile(model, mode=mode) if v.compile else model
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.model.vocab_size, (v.micro_batch, seq_len + 1), generator=gen).to(torch.uint16)
     if device.type == "cuda":
         tokens = tokens.pin_memory()
     batch = lambda: (tokens[:, :-1], tokens[:, 1:])  # noqa: E731
     amp = torch.bfloat16 if v.bf16 else None
-    attn = nullcontext()
-    if not v.flash:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        attn = sdpa_kernel([SDPBackend.MATH])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
-    with attn:
-        for i in range(warmup + steps):
-            sync()
-            t0 = time.perf_counter()
-            loss, _ = train_step(run, opt, batch, grad_accum=1, device=device, lr=6e-4, grad_clip=1.0,
-                                 autocast_dtype=amp)
-            loss.item()
-            sync()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
+    for i in range(warmup + steps):
+        sync()
+        t0 = time.perf_counter()
+        loss, _ = train_step(run, opt, batch, grad_accum=1, device=device, lr=6e-4, grad_clip=1.0,
+                             autocast_dtype=amp, loss_chunk=v.loss_chunk)
+        loss.item()
+        sync()
+        times.append(time.perf_counter() - t0)
+    first_step = times[0]  # compilation and autotuning happen here
+    times = times[warmup:]
     dt = sorted(times)[len(times) // 2]  # median: robust to a stray slow step
     tok_s = v.micro_batch * seq_len / dt
     peak = peak_flops(device)
@@ -102,8 +116,9 @@ def measure(cfg, v: Variant, device: torch.device, seq_len: int, warmup: int, st
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    accel.configure(device, tf32=True)  # back to the defaults for the next variant
     return {**dataclasses.asdict(v), "ms_per_step": 1000 * dt, "tokens_per_s": tok_s, "mfu": mfu, "mem_gb": mem,
-            "final_loss": loss.item()}
+            "first_step_s": first_step, "final_loss": loss.item()}
 
 
 def machine(device: torch.device) -> dict:
@@ -116,6 +131,34 @@ def machine(device: torch.device) -> dict:
     return info
 
 
+def table(res: dict, markdown: bool = False) -> str:
+    """The rows next to the baseline (the first row), as text or as a markdown table for the README."""
+    rows, m = res["rows"], res["machine"]
+    base = rows[0].get("tokens_per_s")
+    head = ["variant", "B", "ms/step", "tok/s", "MFU", "vs baseline", "mem GB", "1st step s"]
+    body = []
+    for r in rows:
+        if "error" in r:
+            body.append([r["name"], str(r["micro_batch"]), r["error"], "", "", "", "", ""])
+            continue
+        body.append([r["name"], str(r["micro_batch"]), f"{r['ms_per_step']:.1f}", f"{r['tokens_per_s']:,.0f}",
+                     f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a",
+                     f"{r['tokens_per_s'] / base:.2f}x" if base else "n/a",
+                     f"{r['mem_gb']:.1f}" if r.get("mem_gb") is not None else "n/a",
+                     f"{r['first_step_s']:.1f}" if "first_step_s" in r else "n/a"])
+    where = (f"{m.get('gpu') or 'CPU'}, torch {m['torch']}" + (f", CUDA {m['cuda']}" if m.get("cuda") else "")
+             + f"; {res['config']}, T={res['seq_len']}, median of {res['steps']} steps after {res['warmup']}"
+             + f" warm-up; {res['when']}")
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body]
+        return "\n".join(lines + ["", f"Measured on {where}."])
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                for i, (c, w) in enumerate(zip(row, widths)))
+    return "\n".join([where, fmt(head), *map(fmt, body)])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="gpt2-124m")
@@ -125,39 +168,48 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--ablation", action="store_true")
+    ap.add_argument("--ablation", action="store_true", help="each optimisation of the recipe off on its own")
+    ap.add_argument("--levers", action="store_true", help="each lever beyond the recipe on its own")
+    ap.add_argument("--only", default=None, help="comma-separated parts of variant names; the baseline always runs")
     ap.add_argument("--no-compile", action="store_true", help="for machines without a working compiler toolchain")
     ap.add_argument("--out", default=None, help="results JSON (default: bench/results/train_throughput-<when>.json)")
+    ap.add_argument("--render", metavar="JSON", help="print a results file as a markdown table and exit")
     args = ap.parse_args(argv)
+    if args.render:
+        print(table(json.loads(Path(args.render).read_text()), markdown=True))
+        return 0
     device = torch.device(args.device)
     cfg = load_config(args.config)
     compile_ok = not args.no_compile
     baseline = Variant("baseline: build-nanogpt recipe", args.baseline_micro_batch, compile=compile_ok)
-    variants = [baseline] + [Variant(f"ours B={b}", int(b), compile=compile_ok) for b in args.micro_batches.split(",")]
+    variants = [Variant(f"ours B={b}", int(b), compile=compile_ok) for b in args.micro_batches.split(",") if b]
     if args.ablation:
         variants += ablations(baseline)
-    rows = []
-    for v in variants:
-        try:
-            rows.append(measure(cfg, v, device, args.seq_len, args.warmup, args.steps))
-        except torch.OutOfMemoryError:
-            rows.append({**dataclasses.asdict(v), "error": "out of memory"})
-            torch.cuda.empty_cache()
-    base = rows[0].get("tokens_per_s")
-    print(f"{'variant':38} {'B':>4} {'ms/step':>9} {'tok/s':>12} {'MFU':>7} {'vs baseline':>12}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['name']:38} {r['micro_batch']:>4} {r['error']}")
-            continue
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"{r['name']:38} {r['micro_batch']:>4} {r['ms_per_step']:>9.1f} {r['tokens_per_s']:>12,.0f} {mfu:>7} "
-              f"{r['tokens_per_s'] / base:>11.2f}x")
+    if args.levers:
+        variants += levers(baseline)
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        variants = [v for v in variants if any(w in v.name for w in wanted)]
+    variants = [baseline] + [dataclasses.replace(v, compile=v.compile and compile_ok) for v in variants]
     when = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out or Path(__file__).parent / "results" / f"train_throughput-{when}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"when": when, "machine": machine(device), "config": args.config,
-                               "seq_len": args.seq_len, "warmup": args.warmup, "steps": args.steps,
-                               "rows": rows}, indent=2))
+    res = {"when": when, "machine": machine(device), "config": args.config, "seq_len": args.seq_len,
+           "warmup": args.warmup, "steps": args.steps, "rows": []}
+    for v in variants:
+        try:
+            row = measure(cfg, v, device, args.seq_len, args.warmup, args.steps)
+        except torch.OutOfMemoryError:
+            row = {**dataclasses.asdict(v), "error": "out of memory"}
+        except Exception as err:  # a lever this torch/GPU cannot run (e.g. no cuDNN attention): say so, go on
+            row = {**dataclasses.asdict(v), "error": f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        res["rows"].append(row)
+        print(f"  {v.name}: " + (row["error"] if "error" in row else f"{row['ms_per_step']:.1f} ms/step"),
+              file=sys.stderr, flush=True)
+        out.write_text(json.dumps(res, indent=2))  # after every variant: a run cut short keeps what it measured
+    print(table(res))
     print(f"results: {out}")
     return 0
 

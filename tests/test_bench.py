@@ -19,16 +19,23 @@ def test_benchmark_prints_rows_against_the_baseline_and_records_the_machine(tmp_
     out = tmp_path / "r.json"
     p = subprocess.run([sys.executable, "bench/train_throughput.py", "--config", "tiny", "--device", "cpu",
                         "--micro-batches", "2", "--baseline-micro-batch", "2", "--seq-len", "32", "--warmup", "1",
-                        "--steps", "1", "--ablation", "--no-compile", "--out", str(out)],
+                        "--steps", "1", "--ablation", "--levers", "--only", "fused,chunked lm_head", "--no-compile",
+                        "--out", str(out)],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "baseline: build-nanogpt recipe" in p.stdout and "- fused AdamW" in p.stdout and "1.00x" in p.stdout
     res = json.loads(out.read_text())
-    assert res["machine"]["torch"] == torch.__version__ and len(res["rows"]) == 9
+    assert res["machine"]["torch"] == torch.__version__
+    assert [r["name"] for r in res["rows"]] == ["baseline: build-nanogpt recipe", "- fused AdamW",
+                                                "+ chunked lm_head+CE (8192 tok)"]
     assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in res["rows"])  # no invented MFU on CPU
+    md = subprocess.run([sys.executable, "bench/train_throughput.py", "--render", str(out)], cwd=REPO,
+                        capture_output=True, text=True, timeout=60).stdout
+    assert md.startswith("| variant | B | ms/step |") and "| - fused AdamW | 2 |" in md
+    assert f"Measured on CPU, torch {torch.__version__}" in md  # a figure always comes with its machine
 
 
-def _losses(demo_data, bf16: bool, steps=50):
+def _losses(demo_data, bf16: bool, steps=50, loss_chunk=0):
     cfg = load_config("tiny")
     torch.manual_seed(0)
     model = GPT(cfg.model)
@@ -37,15 +44,17 @@ def _losses(demo_data, bf16: bool, steps=50):
     out = []
     for _ in range(steps):
         loss, _ = train_step(model, opt, lambda: (x, y), grad_accum=1, device=torch.device("cpu"), lr=3e-3,
-                             grad_clip=1.0, autocast_dtype=torch.bfloat16 if bf16 else None)
+                             grad_clip=1.0, autocast_dtype=torch.bfloat16 if bf16 else None, loss_chunk=loss_chunk)
         out.append(loss.item())
     return out
 
 
-def test_bf16_autocast_path_matches_fp32_within_bf16_tolerance(demo_data):
+def test_bf16_autocast_and_chunked_loss_match_fp32_within_bf16_tolerance(demo_data):
     fp32, bf16 = _losses(demo_data, False), _losses(demo_data, True)
+    chunked = _losses(demo_data, True, loss_chunk=100)  # 256 tokens per micro-batch: 100 + 100 + 56
     assert fp32[-1] < fp32[0] - 3  # it learned something, so the comparison means something
     assert abs(bf16[-1] - fp32[-1]) < 0.05 * fp32[-1]
+    assert abs(chunked[-1] - fp32[-1]) < 0.05 * fp32[-1]
 
 
 def test_tokenize_benchmark_prints_ours_against_the_reference_and_the_ceiling():

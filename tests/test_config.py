@@ -30,6 +30,9 @@ def test_overrides_by_dotted_path_and_unique_bare_name():
         (["seq_len=128"], "train.seq_len"),              # longer than the model's context
         (["n_head=3"], "model.n_embd"),                  # heads must divide the width
         (["compile=maybe"], "train.compile"),
+        (["compile_mode=fast"], "train.compile_mode"),
+        (["attention=flash2"], "train.attention"),
+        (["loss_chunk=-1"], "train.loss_chunk"),
     ],
 )
 def test_bad_values_are_clear_errors_naming_the_field(override, needle):
@@ -70,3 +73,13 @@ def test_resolved_config_round_trips_through_json():
     cfg = load_config("tiny", ["seed=7"])
     assert config_from_json(cfg.to_json()) == cfg
     assert isinstance(cfg, RunConfig)
+
+
+def test_a_cuda_attention_kernel_on_a_cpu_run_is_an_error_before_any_model():
+    import torch
+
+    from training import accel
+
+    with pytest.raises(ConfigError, match="train.attention='flash' picks a CUDA kernel"):
+        accel.configure(torch.device("cpu"), tf32=True, attention="flash")
+    accel.configure(torch.device("cpu"), tf32=True, attention="auto")  # the default works everywhere

@@ -80,3 +80,32 @@ def test_flops_per_token_matches_formula():
     cfg = GPTConfig()
     n = 124_475_904
     assert flops_per_token(cfg, n, 1024) == 6 * n + 12 * 12 * 12 * 64 * 1024
+
+
+def _grads(model, x, y, amp, **kw):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16) if amp else torch.enable_grad():
+        logits, loss = model(x, y, **kw)
+    loss.backward()
+    return logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
+def test_chunked_loss_gives_the_plain_loss_and_gradients(amp):
+    cfg = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)
+    model = GPT(cfg)
+    with torch.no_grad():
+        model.lm_head.weight[cfg.vocab_size:] = 100.0  # the padded rows must stay out of the softmax
+    x = torch.randint(0, cfg.vocab_size, (3, 32))
+    y = torch.randint(0, cfg.vocab_size, (3, 32))
+    _, loss, grads = _grads(model, x, y, amp)
+    logits, chunked, chunked_grads = _grads(model, x, y, amp, loss_chunk=40)  # 96 tokens: 40 + 40 + 16
+    assert logits is None  # the point: no full logits
+    assert chunked.item() == pytest.approx(loss.item(), rel=1e-6 if not amp else 1e-3)
+    tol = 1e-5 if not amp else 2e-2  # bf16: the chunked path sums lm_head's gradient in fp32, the plain one in bf16
+    for name, g in grads.items():
+        err = (chunked_grads[name] - g).abs().max() / g.abs().max()
+        assert err < tol, (name, err.item())
+    assert torch.count_nonzero(chunked_grads["transformer.wte.weight"][cfg.vocab_size:]) == 0
+    with torch.no_grad():  # evaluation: the loss alone
+        assert model(x, y, loss_chunk=7)[1].item() == pytest.approx(model(x, y)[1].item(), rel=1e-5)

@@ -79,7 +79,14 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="autocast dtype; auto = bf16 on CUDA")
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode; reduce-overhead adds CUDA graphs")
     tf32: bool = True
+    attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = Field(
+        "auto", description="SDPA backend on CUDA; auto = PyTorch's choice, any other = that one only")
+    loss_chunk: int = Field(
+        0, ge=0, description="tokens per chunk of the lm_head + cross-entropy, so the full logits never exist "
+        "(less memory, a larger micro-batch fits); 0 = plain")
     log_every: int = Field(1, gt=0)
     stop_after_steps: int | None = Field(
         None, gt=0, description="leave after this many steps in this process, checkpointing as on preemption "

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from training.chunked_loss import chunked_linear_cross_entropy
 from training.config import GPTConfig
 
 __all__ = ["GPT", "GPTConfig", "flops_per_token", "unwrap"]
@@ -99,9 +100,12 @@ class GPT(nn.Module):
         return n
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx: (B, T) token ids. Returns logits over the real vocabulary (B, T, vocab_size) and the loss."""
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_chunk: int = 0
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """idx: (B, T) token ids. Returns logits over the real vocabulary (B, T, vocab_size) and the loss.
+
+        With targets and `loss_chunk` > 0, the loss is computed `loss_chunk` tokens at a time
+        (training/chunked_loss.py) and no logits are returned: the training step's memory lever."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -110,6 +114,10 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
+        if targets is not None and loss_chunk:
+            loss = chunked_linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                                self.config.vocab_size, loss_chunk)
+            return None, loss
         logits = self.lm_head(x)
         if self.config.padded_vocab_size != self.config.vocab_size:
             # Padding only makes the matmul shape friendly; the padded rows are not tokens, so they are

@@ -24,6 +24,7 @@ def train_step(
     grad_clip: float,
     autocast_dtype: torch.dtype | None = None,
     ddp: bool = False,
+    loss_chunk: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (loss averaged over micro-steps and ranks, global grad norm before clipping), both on device."""
     model.train()
@@ -36,7 +37,7 @@ def train_step(
         last = micro == grad_accum - 1
         with model.no_sync() if ddp and not last else nullcontext():
             with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext():
-                _, loss = model(x, y)
+                _, loss = model(x, y, loss_chunk=loss_chunk) if loss_chunk else model(x, y)
             loss = loss / grad_accum  # the gradient of the mean over the whole batch
             loss_accum += loss.detach()
             loss.backward()

@@ -26,7 +26,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from training import checkpoint as ck
-from training import distributed, store
+from training import accel, distributed, store
 from training.config import ConfigError, RunConfig, load_config
 from training.data import ShardError, ShardLoader, list_shards
 from training.metrics import MetricsLog, console_line, peak_flops
@@ -131,9 +131,7 @@ def _train(cfg: RunConfig, device: torch.device, info: distributed.DistInfo) -> 
 
         get_encoding()  # sampling needs the BPE files: fail now, not at the first sample hours in
 
-    if device.type == "cuda" and t.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    accel.configure(device, tf32=t.tf32, attention=t.attention)
     amp_dtype = autocast_dtype(cfg, device)
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
 
@@ -170,7 +168,7 @@ def _train(cfg: RunConfig, device: torch.device, info: distributed.DistInfo) -> 
 
     raw_model = model
     if t.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=None if t.compile_mode == "default" else t.compile_mode)
     if info.enabled:
         model = DDP(model, device_ids=[info.local_rank] if device.type == "cuda" else None)
 
@@ -208,7 +206,7 @@ def _train(cfg: RunConfig, device: torch.device, info: distributed.DistInfo) -> 
         record: dict[str, Any] = {}
         last_step = step == t.max_steps - 1
         if step % cfg.eval.val_every == 0 or last_step:
-            record["val_loss"] = evaluate_val(model, val_loader, val_steps, device, amp)
+            record["val_loss"] = evaluate_val(model, val_loader, val_steps, device, amp, t.loss_chunk)
         if cfg.eval.sample_every and step > 0 and step % cfg.eval.sample_every == 0 and info.is_master:
             _sample(raw_model, cfg, run_dir, step, amp_dtype)
 
@@ -217,7 +215,7 @@ def _train(cfg: RunConfig, device: torch.device, info: distributed.DistInfo) -> 
                        max_steps=t.max_steps)
         loss_accum, norm = train_step(model, optimizer, loader.next_batch, grad_accum=grad_accum, device=device,
                                       lr=lr, grad_clip=cfg.optim.grad_clip, autocast_dtype=amp_dtype,
-                                      ddp=info.enabled)
+                                      ddp=info.enabled, loss_chunk=t.loss_chunk)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -260,15 +258,18 @@ def _train(cfg: RunConfig, device: torch.device, info: distributed.DistInfo) -> 
 
 
 @torch.no_grad()
-def evaluate_val(model, val_loader: ShardLoader, steps: int, device: torch.device, amp) -> float:
-    """Mean loss over the first `steps` x world val batches (the same tokens every time), averaged over ranks."""
+def evaluate_val(model, val_loader: ShardLoader, steps: int, device: torch.device, amp,
+                 loss_chunk: int = 0) -> float:
+    """Mean loss over the first `steps` x world val batches (the same tokens every time), averaged over ranks.
+    With `loss_chunk`, val batches need no more memory than training ones (no full logits either)."""
     model.eval()
     val_loader.reset()
     total = torch.zeros((), device=device)
     for _ in range(steps):
         x, y = val_loader.next_batch()
         with amp():
-            _, loss = model(x.to(device).long(), y.to(device).long())
+            x, y = x.to(device).long(), y.to(device).long()
+            _, loss = model(x, y, loss_chunk=loss_chunk) if loss_chunk else model(x, y)
         total += loss.detach() / steps
     distributed.mean(total)
     return total.item()

@@ -1,0 +1,106 @@
+"""CUDA paths of the training step: bf16 autocast, torch.compile, the SDPA kernels, fused AdamW and the
+chunked loss give what the plain fp32 path gives. Needs a GPU: skipped on CPU machines (CI has none), run on
+a lent one with `bash bench/gpu_session.sh check`; the CPU halves of these checks are in test_model.py
+and test_bench.py."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from training import accel
+from training.config import GPTConfig, load_config
+from training.data import ShardLoader
+from training.model import GPT
+from training.optim import configure_optimizer
+from training.step import train_step
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")]
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _default_kernels():
+    yield
+    accel.configure(CUDA, tf32=True)
+
+
+def _losses(demo_data, *, fast: bool, steps=50, loss_chunk=0):
+    """50 optimizer steps of a GPT-2-shaped model (12 x 768, T=256) on real tokens, fast or plain fp32."""
+    cfg = GPTConfig(block_size=256)
+    accel.configure(CUDA, tf32=fast, attention="auto" if fast else "math")
+    torch.manual_seed(0)
+    model = GPT(cfg).to(CUDA)
+    opt = configure_optimizer(model, lr=6e-4, weight_decay=0.1, device_type="cuda", fused=fast)
+    run = torch.compile(model) if fast else model
+    loader = ShardLoader(demo_data, "train", 8, 256)
+    out = []
+    for _ in range(steps):
+        loss, _ = train_step(run, opt, loader.next_batch, grad_accum=2, device=CUDA, lr=6e-4, grad_clip=1.0,
+                             autocast_dtype=torch.bfloat16 if fast else None, loss_chunk=loss_chunk)
+        out.append(loss.item())
+    return out
+
+
+def test_optimized_step_matches_plain_fp32_after_50_steps(demo_data):
+    plain = _losses(demo_data, fast=False)
+    fast = _losses(demo_data, fast=True)
+    chunked = _losses(demo_data, fast=True, loss_chunk=1024)
+    assert plain[-1] < plain[0] - 2  # it learned, so agreeing means something
+    tail = lambda xs: sum(xs[-5:]) / 5  # noqa: E731
+    assert tail(fast) == pytest.approx(tail(plain), rel=0.02)
+    assert tail(chunked) == pytest.approx(tail(plain), rel=0.02)
+
+
+@pytest.mark.parametrize("backend", ["flash", "cudnn", "efficient"])
+def test_each_attention_kernel_matches_the_math_kernel(backend):
+    cfg = GPTConfig(block_size=1024, n_layer=2)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(CUDA)
+    x = torch.randint(0, cfg.vocab_size, (4, 1024), device=CUDA)
+
+    def run(attention):
+        accel.configure(CUDA, tf32=False, attention=attention)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, loss = model(x, x)
+        loss.backward()
+        return logits.float(), model.transformer.h[0].attn.c_attn.weight.grad.clone()
+
+    ref_logits, ref_grad = run("math")
+    try:
+        logits, grad = run(backend)
+    except RuntimeError as err:
+        if "No available kernel" in str(err):
+            pytest.skip(f"{backend} attention is not available with this torch/GPU: {str(err)[:120]}")
+        raise
+    assert (logits - ref_logits).abs().max() < 0.05 * ref_logits.abs().max()
+    assert (grad - ref_grad).abs().max() < 0.05 * ref_grad.abs().max()
+
+
+def test_training_job_on_cuda_with_compile_and_the_levers(demo_data, tmp_path):
+    """The real job on the GPU: compiled, bf16, chunked loss, checkpoint and resume (CUDA RNG state)."""
+    run = tmp_path / "run"
+    sets = ["micro_batch=8", "seq_len=64", "total_batch_tokens=1024", "max_steps=6", "warmup_steps=2",
+            "val_every=3", "val_tokens=1024", "sample_every=3", "checkpoint_every=3", "dtype=bfloat16",
+            "compile=true", "loss_chunk=256", "device=cuda", f"data_url={demo_data}", f"run_dir={run}"]
+
+    def job(*extra):
+        cmd = [sys.executable, "-m", "training.train", "--config", "tiny",
+               *[a for s in [*sets, *extra] for a in ("--set", s)]]
+        p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-4000:]
+        return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+    m = job()
+    assert [r["step"] for r in m] == list(range(6)) and all(r["mfu"] is None or r["mfu"] > 0 for r in m)
+    assert m[-1]["loss"] < m[0]["loss"]
+    m = job("max_steps=8")  # resumes from the step-6 checkpoint, CUDA RNG state included
+    assert [r["step"] for r in m] == list(range(8))
+    cfg = json.loads((Path(run) / "config.json").read_text())
+    assert cfg["resolved"]["device"].startswith("cuda")
