@@ -5,7 +5,9 @@ fp32, written and re-read several times per step, plus the same again for their 
 logits live only long enough to give that chunk's loss and its gradients (the approach of Liger-Kernel's
 fused linear cross-entropy): the forward pass also computes d loss / d hidden and d loss / d lm_head, and the
 backward pass only scales them. Same matmuls, same FLOPs; peak memory drops by the logits, which buys a
-larger micro-batch. Only the real vocabulary's rows enter the softmax, as in `GPT.forward`.
+larger micro-batch. The matmuls keep the padded vocabulary (50304: the friendly shape padding is for); the
+padded columns are set to -inf before the softmax, so, as in `GPT.forward`, they take no probability and get
+no gradient.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, vocab_size: int, chunk: int, dtype: torch.dtype):
         n = hidden.size(0)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        w = weight[:vocab_size].to(dtype)  # padded rows are not tokens: no logit, no gradient
+        w = weight.to(dtype)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
@@ -28,6 +30,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[start:start + chunk].to(dtype)
             t = targets[start:start + chunk]
             logits = (h @ w.t()).float()  # as autocast: bf16 matmul, cross-entropy in fp32
+            logits[:, vocab_size:] = float("-inf")  # padding is not a token: exp(-inf) = 0, no mass, no gradient
             lse = torch.logsumexp(logits, dim=-1)
             loss += (lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
             if need_grad:
@@ -36,7 +39,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 g.scatter_add_(1, t.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
                 g = g.div_(n).to(dtype)
                 grad_hidden[start:start + chunk] = (g @ w).to(hidden.dtype)
-                grad_weight[:vocab_size] += (g.t() @ h).float()
+                grad_weight += (g.t() @ h).float()
         if need_grad:
             ctx.save_for_backward(grad_hidden, grad_weight)
             ctx.weight_dtype = weight.dtype
