@@ -8,14 +8,15 @@
 #   bash bench/gpu_session.sh check      # GPU + torch facts, then tests/test_gpu.py (CUDA correctness)
 #   bash bench/gpu_session.sh train      # bench/train_throughput.py: baseline + micro-batches 16/32/64
 #   bash bench/gpu_session.sh ablation   # each optimisation of build-nanogpt's recipe off on its own
-#   bash bench/gpu_session.sh levers     # chunked CE, bigger B, attention kernels, compile modes
+#   bash bench/gpu_session.sh levers     # chunked CE, bigger B, attention kernels
+#   bash bench/gpu_session.sh compile-modes   # max-autotune, CUDA graphs (their compilation takes minutes)
 #   bash bench/gpu_session.sh tokenize   # bench/tokenize_throughput.py on all 16 cores (issue #4)
-# Results JSON and logs land in bench/results/ there and in $OUT, which the device tool brings back; copy
-# them into bench/results/ here and render the README table with `bench/train_throughput.py --render`.
+# Results JSON and logs land in $OUT (default bench/results/), which the device tool brings back; copy them
+# into bench/results/ here and render the README table with `bench/train_throughput.py --render FILE`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=.cache/device
-step=${1:?usage: gpu_session.sh prepare|check|train|ablation|levers|tokenize}
+step=${1:?usage: gpu_session.sh prepare|check|train|ablation|levers|compile-modes|tokenize}
 
 if [ "$step" = prepare ]; then
   PY=${VENV:-.venv}/bin/python
@@ -44,7 +45,8 @@ OUT=${OUT:-bench/results}
 mkdir -p "$OUT" bench/results
 when=$(date -u +%Y%m%dT%H%M%SZ)
 log="$OUT/$step-$when.log"
-bench() { python3 bench/train_throughput.py --out "bench/results/train_throughput-$step-$when.json" "$@"; }
+# straight into $OUT: a call cut off at its time limit still brings back every variant measured so far
+bench() { python3 bench/train_throughput.py --out "$OUT/train_throughput-$step-$when.json" "$@"; }
 
 {
   case "$step" in
@@ -55,11 +57,10 @@ bench() { python3 bench/train_throughput.py --out "bench/results/train_throughpu
       python3 -m pytest tests/test_gpu.py tests/test_model.py tests/test_bench.py -q -p no:cacheprovider -k "not tokenize" ;;
     train) bench ;;
     ablation) bench --micro-batches "" --ablation ;;
-    levers) bench --micro-batches "" --levers ;;
+    levers) bench --micro-batches "" --levers --only "chunked,attention" ;;
+    compile-modes) bench --micro-batches "" --levers --only "compile,CUDA graphs" ;;  # autotuning is slow
     tokenize) python3 bench/tokenize_throughput.py --tokens 200e6 --repeats 3 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 } 2>&1 | tee "$log"
-rc=${PIPESTATUS[0]}
-cp bench/results/*-"$step-$when".json "$OUT"/ 2>/dev/null || true
-exit "$rc"
+exit "${PIPESTATUS[0]}"

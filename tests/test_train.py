@@ -97,6 +97,18 @@ def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(demo_data, t
             assert r1["val_loss"] == pytest.approx(r2["val_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_ddp_with_the_chunked_loss_matches_one_plain_process(demo_data, tmp_path):
+    """The multi-GPU combination (DDP + torch.compile + train.loss_chunk) learns what the plain path learns."""
+    run_train(demo_data, tmp_path / "plain", "max_steps=4")
+    run_train(demo_data, tmp_path / "fast", "max_steps=4", "compile=true", "loss_chunk=48", nproc=2)
+    a, b = metrics(tmp_path / "plain"), metrics(tmp_path / "fast")
+    assert len(a) == len(b) == 4
+    for r1, r2 in zip(a, b):
+        assert r1["loss"] == pytest.approx(r2["loss"], abs=1e-4)
+        assert r1.get("val_loss", 0) == pytest.approx(r2.get("val_loss", 0), abs=1e-4)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM])
 def test_preemption_signal_checkpoints_and_exits_with_requeue_code(demo_data, tmp_path, sig):
     run = tmp_path / "run"
