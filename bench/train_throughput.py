@@ -88,7 +88,10 @@ def measure(cfg, v: Variant, device: torch.device, seq_len: int, warmup: int, st
     opt = configure_optimizer(model, lr=6e-4, weight_decay=0.1, device_type=device.type,
                               fused=v.fused_adamw and device.type == "cuda")
     mode = None if v.compile_mode == "default" else v.compile_mode
-    run = torch.compile(model, mode=mode) if v.compile else model
+    # A fresh compilation per variant: dynamo's caches would otherwise turn a second batch size into a
+    # dynamic-shape graph, and after 8 recompilations fall back to eager without a word.
+    torch._dynamo.reset()
+    run = torch.compile(model, mode=mode, dynamic=False) if v.compile else model
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.model.vocab_size, (v.micro_batch, seq_len + 1), generator=gen).to(torch.uint16)
     if device.type == "cuda":
