@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from training.config import GPTConfig
 from training.model import GPT, flops_per_token
@@ -46,9 +47,14 @@ def test_padded_vocab_never_reaches_the_output():
     model = GPT(cfg)
     with torch.no_grad():
         model.lm_head.weight[cfg.vocab_size:] = 100.0  # would win every argmax if it leaked
-    logits, _ = model(torch.randint(0, cfg.vocab_size, (2, 8)))
+    x, y = torch.randint(0, cfg.vocab_size, (2, 8)), torch.randint(0, cfg.vocab_size, (2, 8))
+    logits, loss = model(x, y)
     assert logits.shape == (2, 8, cfg.vocab_size) and cfg.padded_vocab_size == 50304
     assert logits.argmax(-1).max().item() < cfg.vocab_size
+    # the loss is over the real vocabulary alone, and the padded rows learn nothing from it
+    assert loss.item() == pytest.approx(F.cross_entropy(logits.reshape(-1, cfg.vocab_size), y.reshape(-1)).item())
+    loss.backward()
+    assert torch.count_nonzero(model.lm_head.weight.grad[cfg.vocab_size:]) == 0
 
 
 def test_attention_is_causal_and_loss_is_cross_entropy():
