@@ -134,6 +134,13 @@ def machine(device: torch.device) -> dict:
     return info
 
 
+# Published figures of the anchors, on their machines (not re-measured here; the baseline row is the one
+# measured side by side): context for a reader, never the comparison itself.
+ANCHORS = ("Published anchors: build-nanogpt ~90 ms/step at B=16, T=1024 on one A100 (~176k tok/s, ~48% MFU); "
+           "llm.c GPT-2 124M on 8xH100 ~468k tok/s per GPU (~38% MFU). Target (issue #9): >= 60% MFU "
+           "(~690k tok/s on one H100) and >= 1.3x the baseline row.")
+
+
 def table(res: dict, markdown: bool = False) -> str:
     """The rows next to the baseline (the first row), as text or as a markdown table for the README."""
     rows, m = res["rows"], res["machine"]
@@ -155,11 +162,11 @@ def table(res: dict, markdown: bool = False) -> str:
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body]
-        return "\n".join(lines + ["", f"Measured on {where}."])
+        return "\n".join(lines + ["", f"Measured on {where}.", "", ANCHORS])
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
     fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
                                 for i, (c, w) in enumerate(zip(row, widths)))
-    return "\n".join([where, fmt(head), *map(fmt, body)])
+    return "\n".join([where, fmt(head), *map(fmt, body), ANCHORS])
 
 
 def main(argv=None) -> int:
