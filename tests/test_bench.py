@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO
@@ -35,15 +36,16 @@ def test_benchmark_prints_rows_against_the_baseline_and_records_the_machine(tmp_
     assert f"Measured on CPU, torch {torch.__version__}" in md  # a figure always comes with its machine
 
 
-def _losses(demo_data, bf16: bool, steps=50, loss_chunk=0):
+def _losses(demo_data, bf16: bool, steps=50, loss_chunk=0, compile=False):
     cfg = load_config("tiny")
     torch.manual_seed(0)
     model = GPT(cfg.model)
     opt = configure_optimizer(model, lr=3e-3, weight_decay=0.1)
+    run = torch.compile(model) if compile else model
     x, y = ShardLoader(demo_data, "train", 4, 64).next_batch()
     out = []
     for _ in range(steps):
-        loss, _ = train_step(model, opt, lambda: (x, y), grad_accum=1, device=torch.device("cpu"), lr=3e-3,
+        loss, _ = train_step(run, opt, lambda: (x, y), grad_accum=1, device=torch.device("cpu"), lr=3e-3,
                              grad_clip=1.0, autocast_dtype=torch.bfloat16 if bf16 else None, loss_chunk=loss_chunk)
         out.append(loss.item())
     return out
@@ -55,6 +57,14 @@ def test_bf16_autocast_and_chunked_loss_match_fp32_within_bf16_tolerance(demo_da
     assert fp32[-1] < fp32[0] - 3  # it learned something, so the comparison means something
     assert abs(bf16[-1] - fp32[-1]) < 0.05 * fp32[-1]
     assert abs(chunked[-1] - fp32[-1]) < 0.05 * fp32[-1]
+
+
+@pytest.mark.slow
+def test_compiled_bf16_chunked_step_matches_fp32_after_50_steps(demo_data):
+    """The optimised path as far as a CPU has it (CUDA's flash attention and fused AdamW: tests/test_gpu.py)."""
+    fp32 = _losses(demo_data, False)
+    fast = _losses(demo_data, True, loss_chunk=100, compile=True)
+    assert abs(fast[-1] - fp32[-1]) < 0.05 * fp32[-1]
 
 
 def test_tokenize_benchmark_prints_ours_against_the_reference_and_the_ceiling():
