@@ -51,7 +51,7 @@ def tokenize_part(out_url: str, file_url: str, index: int, workers: int = 1) -> 
     fs, path = store.fs_and_path(part_url(out_url, index))
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "wb") as f:  # streamed: a part never sits whole in memory
-        for _, toks, lens in tokenize_units(src.batches(), workers):
+        for _, toks, lens in tokenize_units(src.units(), workers):
             data = toks.tobytes()
             f.write(data)
             digest.update(data)

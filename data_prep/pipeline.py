@@ -111,7 +111,7 @@ def build(out_url: str, source, shard_tokens: int = DEFAULT_SHARD_TOKENS, worker
             bar.set_postfix(shards=index)
 
         if max_shards is None or index < max_shards:
-            for first, toks, lens in tokenize_units(source.batches(start_doc), workers):
+            for first, toks, lens in tokenize_units(source.units(start_doc), workers):
                 cum = np.cumsum(lens, dtype=np.int64)
                 pos = skip if first == start_doc else 0  # the resumed document's tokens already in a shard
                 skip = 0

@@ -1,7 +1,10 @@
 """Document sources for data_prep: the FineWeb-Edu dataset on the Hugging Face hub, or parquet/jsonl files.
 
 A source yields its documents in a fixed order as batches `(first_doc_index, texts)`; `texts` is a list of
-str or a pyarrow string array (cheap to send to a worker process, which converts it). `batches(start_doc)`
+str or a pyarrow string array (cheap to send to a worker process, which converts it). `units(start_doc)` is
+the same stream for the tokenizer pool, where a parquet row group comes as a `ParquetRows` record instead
+of its texts: the worker reads it, so the one coordinating process never reads, decodes or ships text, and
+it does not saturate on a many-core machine. `batches(start_doc)`
 skips the documents before `start_doc` without handing them to the tokenizer, which is how a resumed run
 picks up where its last finished shard ended. A hub dataset stored as parquet (FineWeb-Edu) is read from
 its resolved files like a FileSource, so that skip goes by footer row counts instead of streaming them.
@@ -17,6 +20,7 @@ import dataclasses
 import gzip
 import io
 import json
+import os
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -101,13 +105,20 @@ class HubSource:
         return urls
 
     def batches(self, start_doc: int = 0) -> Iterator[tuple[int, Any]]:
+        return self._read(start_doc, lazy=False)
+
+    def units(self, start_doc: int = 0) -> Iterator[tuple[int, Any]]:
+        return self._read(start_doc, lazy=True)
+
+    def _read(self, start_doc: int, lazy: bool) -> Iterator[tuple[int, Any]]:
         builder = self._builder()
         urls = self._parquet_urls(builder)
         try:
             if urls is not None:
                 # The same documents in the same order, but a resume skips whole files and row groups by
                 # their footer row counts instead of downloading and parsing every skipped document.
-                yield from FileSource(urls).batches(start_doc)
+                files = FileSource(urls)
+                yield from files.units(start_doc) if lazy else files.batches(start_doc)
             else:
                 yield from self._streamed(builder, start_doc)
         except SourceError:
@@ -153,12 +164,18 @@ class FileSource:
         return None
 
     def batches(self, start_doc: int = 0) -> Iterator[tuple[int, Any]]:
+        return self._read(start_doc, lazy=False)
+
+    def units(self, start_doc: int = 0) -> Iterator[tuple[int, Any]]:
+        return self._read(start_doc, lazy=True)
+
+    def _read(self, start_doc: int, lazy: bool) -> Iterator[tuple[int, Any]]:
         index = 0
         for url in self.urls:
             if url.endswith(".parquet"):
                 # Row counts are in the parquet footer: a resumed run skips whole files and row groups
                 # without downloading their data (what matters for hf:// or s3:// sources).
-                yield from _parquet_batches(url, index, start_doc)
+                yield from _parquet_batches(url, index, start_doc, lazy)
                 index += _parquet_rows(url)
                 continue
             for texts in _jsonl_batches(url):
@@ -171,6 +188,54 @@ class FileSource:
                     index = start_doc
                 yield index, texts
                 index += len(texts)
+
+
+# A row group up to this size is one unit of tokenizer work, read by its worker (FineWeb-Edu's files are
+# written 1,000 documents per row group). A larger one is read here and sent as batches, so a worker never
+# holds an unbounded row group and no row group is read twice.
+LAZY_ROW_GROUP_DOCS = 16 * BATCH_DOCS
+
+
+@dataclass(frozen=True)
+class ParquetRows:
+    """Documents [offset, offset + count) of one row group of a parquet file: a few bytes to send to a
+    tokenizer worker, which reads the texts itself (`read`)."""
+
+    url: str
+    row_group: int
+    offset: int
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+    def read(self):
+        pf = _open_parquet_cached(self.url)
+        try:
+            texts = pf.read_row_group(self.row_group, columns=["text"]).column(0)
+        except Exception as err:  # corrupt pages, a dropped connection: say which file and where
+            raise SourceError(f"{self.url}: reading row group {self.row_group}: {type(err).__name__}: "
+                              f"{' '.join(str(err).split())}") from None
+        if len(texts) != self.offset + self.count:
+            raise SourceError(f"{self.url}: row group {self.row_group} has {len(texts)} rows, the footer said "
+                              f"{self.offset + self.count}")
+        return texts.slice(self.offset, self.count)
+
+
+_open_files: dict[tuple[int, str], Any] = {}
+
+
+def _open_parquet_cached(url: str):
+    """The worker's open ParquetFile for `url`: consecutive row groups of one file cost one open (a footer
+    read and, on S3 or the hub, a connection), not one per row group. Keyed by pid: never used across fork."""
+    key = (os.getpid(), url)
+    if key not in _open_files:
+        for old in list(_open_files):
+            _open_files.pop(old)[0].close()  # one file at a time per worker
+        fs, path = fsspec.core.url_to_fs(url)
+        f = fs.open(path, "rb")
+        _open_files[key] = (f, _parquet_file(f, url))
+    return _open_files[key][1]
 
 
 def _parquet_file(f, url: str):
@@ -191,8 +256,9 @@ def _parquet_rows(url: str) -> int:
         return _parquet_file(f, url).metadata.num_rows
 
 
-def _parquet_batches(url: str, first: int = 0, start_doc: int = 0) -> Iterator[tuple[int, Any]]:
-    """(index, texts) of the file's documents from `start_doc` on; the file's first document has index `first`."""
+def _parquet_batches(url: str, first: int = 0, start_doc: int = 0, lazy: bool = False) -> Iterator[tuple[int, Any]]:
+    """(index, texts) of the file's documents from `start_doc` on; the file's first document has index `first`.
+    With `lazy`, a row group of at most LAZY_ROW_GROUP_DOCS documents comes as a ParquetRows record."""
     fs, path = fsspec.core.url_to_fs(url)
     with fs.open(path, "rb") as f:
         pf = _parquet_file(f, url)
@@ -201,6 +267,11 @@ def _parquet_batches(url: str, first: int = 0, start_doc: int = 0) -> Iterator[t
             rows = pf.metadata.row_group(rg).num_rows
             if index + rows <= start_doc:
                 index += rows  # wholly before the resume point: not even read
+                continue
+            if lazy and rows <= LAZY_ROW_GROUP_DOCS:
+                offset = max(start_doc - index, 0)
+                yield index + offset, ParquetRows(url, rg, offset, rows - offset)
+                index += rows
                 continue
             for batch in pf.iter_batches(batch_size=BATCH_DOCS, row_groups=[rg], columns=["text"]):
                 texts = batch.column(0)
@@ -291,6 +362,9 @@ class TextsSource:
 
     def approx_tokens(self) -> int | None:
         return None
+
+    def units(self, start_doc: int = 0) -> Iterator[tuple[int, list[str]]]:
+        return self.batches(start_doc)
 
     def batches(self, start_doc: int = 0) -> Iterator[tuple[int, list[str]]]:
         i = start_doc

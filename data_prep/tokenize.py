@@ -1,6 +1,7 @@
 """Parallel GPT-2 tokenization of document batches, results in input order, bounded memory.
 
-Each unit of work is a batch of documents; a worker returns the batch's tokens as one uint16 array
+Each unit of work is a batch of documents, or a record of where to read them (a parquet row group: the
+worker reads it, see data_prep/sources.py); a worker returns the batch's tokens as one uint16 array
 ([<|endoftext|>] + encode_ordinary(text) per document, concatenated) and the per-document token counts.
 Compared with a pool over single documents (build-nanogpt), a batch costs one small pickle each way
 instead of a list of Python ints per document, so the collecting process stays far from saturation.
@@ -9,9 +10,10 @@ The output depends only on the documents and their order, never on the number of
 
 from __future__ import annotations
 
-import collections
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
+import pickle
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -43,6 +45,8 @@ def to_uint16(tokens: list[int], where: str = "") -> np.ndarray:
 
 def tokenize_texts(texts: Any, first_doc: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(tokens uint16, per-document token counts uint32) for a batch of documents."""
+    if hasattr(texts, "read"):  # sources.ParquetRows: read here, in the worker
+        texts = texts.read()
     if hasattr(texts, "to_pylist"):  # a pyarrow array straight from a parquet batch
         texts = texts.to_pylist()
     enc = _encoding()
@@ -94,30 +98,111 @@ def _init(cache_dir: str | None) -> None:
     _encoding()
 
 
+def _serve(tasks, results, cache_dir: str | None, inherited: list) -> None:
+    """A worker: one unit in, its tokens out, until the task pipe closes."""
+    for conn in inherited:  # the coordinator's pipe ends, copied by fork: else EOFs never come
+        conn.close()
+    try:
+        _init(cache_dir)
+    except BaseException as err:
+        results.send(("error", _picklable(err)))
+        return
+    while True:
+        try:
+            unit = tasks.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            results.send(("ok", _work(unit)))
+        except BaseException as err:  # the coordinator re-raises it with its message
+            results.send(("error", _picklable(err)))
+
+
+def _picklable(err: BaseException) -> BaseException:
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:
+        return RuntimeError(f"{type(err).__name__}: {err}")
+
+
 def tokenize_units(units: Iterable[tuple[int, Any]], workers: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yield (first_doc_index, tokens, lengths) per unit, in order. At most ~2 units per worker are in flight,
-    so a streaming source is never read far ahead (multiprocessing's imap would queue the whole input)."""
+    """Yield (first_doc_index, tokens, lengths) per unit, in order, with `workers` processes.
+
+    The coordinator (this generator) stays lean so it does not become the bottleneck on a many-core node: no
+    pool threads, one unit per worker at a time (a worker gets its next unit the moment its result is read,
+    so a send never waits on a worker that is itself waiting to send), and at most 2 x workers + 1 units
+    between the oldest one not yet yielded and the newest one handed out, so a streaming source is never
+    read far ahead and memory stays bounded."""
     _encoding()  # fail here, clearly, if the BPE files are missing; also sets TIKTOKEN_CACHE_DIR for workers
     if workers <= 1:
         for first, texts in units:
             toks, lens = tokenize_texts(texts, first)
             yield first, toks, lens
         return
-    # fork: workers start at once and need no importable __main__; the pool is created before this module
-    # starts any thread of its own (the shard writer thread starts with the first full shard)
+    # fork: workers start at once and need no importable __main__. They are started before the first unit
+    # is read and before this module starts any thread (the shard writer starts with the first full shard).
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
-    with ctx.Pool(workers, initializer=_init, initargs=(os.environ.get("TIKTOKEN_CACHE_DIR"),)) as pool:
-        pending: collections.deque = collections.deque()
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR")
+    procs, task_pipes, result_pipes = [], [], []
+    try:
+        for _ in range(workers):
+            task_r, task_w = ctx.Pipe(duplex=False)
+            result_r, result_w = ctx.Pipe(duplex=False)
+            parent_ends = task_pipes + result_pipes + [task_w, result_r]  # copied into the child by fork
+            proc = ctx.Process(target=_serve, args=(task_r, result_w, cache_dir, parent_ends), daemon=True)
+            proc.start()
+            task_r.close()
+            result_w.close()
+            procs.append(proc)
+            task_pipes.append(task_w)
+            result_pipes.append(result_r)
         it = iter(units)
         exhausted = False
-        while True:
-            while not exhausted and len(pending) < 2 * workers + 1:
+        next_seq, next_yield = 0, 0
+        busy: dict[int, int] = {}  # worker -> seq of the unit it holds
+        done: dict[int, tuple[int, bytes, bytes]] = {}
+        idle = list(range(workers))
+
+        def hand_out() -> None:
+            nonlocal exhausted, next_seq
+            while idle and not exhausted and next_seq - next_yield < 2 * workers + 1:
                 unit = next(it, None)
                 if unit is None:
                     exhausted = True
-                else:
-                    pending.append(pool.apply_async(_work, (unit,)))
-            if not pending:
-                return
-            first, tb, lb = pending.popleft().get()
+                    return
+                w = idle.pop()
+                task_pipes[w].send(unit)
+                busy[w] = next_seq
+                next_seq += 1
+
+        hand_out()
+        while busy or next_yield in done:
+            while next_yield not in done:
+                for conn in mp_connection.wait([result_pipes[w] for w in busy]):
+                    w = result_pipes.index(conn)
+                    try:
+                        status, payload = conn.recv()
+                    except EOFError:
+                        procs[w].join(1)
+                        raise RuntimeError(f"a tokenizer worker died (exit code {procs[w].exitcode}); "
+                                           "out of memory?") from None
+                    if status == "error":
+                        raise payload
+                    done[busy.pop(w)] = payload
+                    idle.append(w)
+                hand_out()  # before yielding: the freed workers start on their next unit at once
+            first, tb, lb = done.pop(next_yield)
+            next_yield += 1
+            hand_out()
             yield first, np.frombuffer(tb, dtype=np.uint16), np.frombuffer(lb, dtype=np.uint32)
+    finally:
+        for conn in task_pipes:
+            conn.close()  # a worker waiting for a task sees EOF and exits
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():  # still busy on a unit nobody will read
+                proc.terminate()
+                proc.join()
+        for conn in result_pipes:
+            conn.close()

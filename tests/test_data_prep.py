@@ -287,3 +287,60 @@ def test_a_hub_source_already_pinned_to_a_commit_is_not_resolved_again():
     assert pinned.resolved() is pinned
     local = HubSource("parquet", None, load_kwargs={"data_files": ["x.parquet"]})
     assert local.resolved() is local
+
+
+def test_parquet_row_groups_go_to_workers_as_small_records_with_the_same_documents(docs, tmp_path, monkeypatch):
+    """The coordinating process ships (file, row group, rows) records, not texts, so it does not saturate on
+    a many-core node; a row group too large to be one unit is still read here in batches."""
+    import pickle
+
+    from data_prep import sources
+
+    monkeypatch.setattr(sources, "LAZY_ROW_GROUP_DOCS", 400)
+    write_parquet(tmp_path / "a.parquet", docs[:900], row_group_size=300)  # records
+    write_parquet(tmp_path / "b.parquet", docs[900:2000], row_group_size=1000)  # 1000 > 400: batches, then 100
+    src = open_source(str(tmp_path))
+    for start in (0, 250, 1450, 2000):
+        units = list(src.units(start))
+        texts = [t for _, u in units for t in (u.read() if hasattr(u, "read") else u).to_pylist()]
+        assert texts == docs[start:2000]
+        firsts = [first for first, _ in units]
+        assert firsts == sorted(firsts) and (not units or firsts[0] == start)
+    records = [u for _, u in src.units(0) if isinstance(u, sources.ParquetRows)]
+    assert len(records) == 4 and all(len(pickle.dumps(r)) < 300 for r in records)
+    resumed = [u for _, u in src.units(250) if isinstance(u, sources.ParquetRows)]
+    assert [(r.url[-9:], r.row_group, r.offset, len(r)) for r in resumed] == [
+        ("a.parquet", 0, 250, 50), ("a.parquet", 1, 0, 300), ("a.parquet", 2, 0, 300), ("b.parquet", 1, 0, 100)]
+
+
+class _DiesWhenRead:
+    """A unit whose reading kills its worker process, as the kernel's OOM killer would."""
+
+    def __len__(self):
+        return 1
+
+    def read(self):
+        os._exit(9)
+
+
+def test_worker_failures_reach_the_coordinator_with_their_message(tmp_path, docs):
+    from data_prep.tokenize import tokenize_units
+
+    # a row group whose data is garbage: the worker that reads it reports it, the run stops with its message
+    write_parquet(tmp_path / "a.parquet", docs[:600], row_group_size=300)
+    data = bytearray((tmp_path / "a.parquet").read_bytes())
+    data[8:len(data) // 2] = os.urandom(len(data) // 2 - 8)  # row groups 0 and 1 (of 2); footer intact
+    (tmp_path / "a.parquet").write_bytes(bytes(data))
+    with pytest.raises(SourceError, match=r"a\.parquet: reading row group [01]: OSError"):
+        list(tokenize_units(open_source(str(tmp_path / "a.parquet")).units(), 2))
+    # a worker that dies: a clear error, not a hang
+    units = [(0, ["fine text"] * 10), (10, _DiesWhenRead()), (11, ["more"] * 5)]
+    with pytest.raises(RuntimeError, match="tokenizer worker died"):
+        list(tokenize_units(units, 2))
+    # the consumer stopping early leaves no worker behind
+    gen = tokenize_units(((i, ["a b c"] * 50) for i in range(0, 5000, 50)), 2)
+    next(gen)
+    gen.close()
+    import multiprocessing
+
+    assert multiprocessing.active_children() == []
