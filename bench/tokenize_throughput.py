@@ -3,16 +3,23 @@
     python bench/tokenize_throughput.py                       # ~10M tokens, all cores (small: a smoke run)
     python bench/tokenize_throughput.py --tokens 200e6 --repeats 3   # a real measurement
 
-Corpus: generated dictionary-word documents (seeded). Both pipelines write shards to a temporary folder:
+Corpus: generated dictionary-word documents (seeded), read from a Python list, then (`--source both`, the
+default) from parquet files of 1,000-document row groups as FineWeb-Edu is stored. Both pipelines write
+shards to a temporary folder:
   reference  multiprocessing.Pool(K).imap(tokenize, docs, chunksize=16), encode_ordinary per document,
-             one collecting process filling the shard buffer (build-nanogpt's loop);
+             one collecting process that also iterates the dataset, filling the shard buffer (build-nanogpt's
+             loop over its `load_dataset` rows);
   ours       data_prep.pipeline.build with K workers, including what it adds (resume sidecars, sha256s,
              manifest).
   ceiling    K processes tokenizing K slices of the corpus with no coordination at all (no IPC, no
              collector, no writes): the most K cores of this machine give, since cores slow each other down
              through shared caches, memory bandwidth and the hypervisor.
 Prints tokens/s of each, the ratio, and parallel efficiency = tokens/s / (K x single-thread tokens/s), and for
-ours also the fraction of the ceiling reached.
+ours also the fraction of the ceiling reached. For both pipelines it also prints the CPU time their one
+coordinating process spends per token (reading, sending, collecting, hashing, writing; the marginal cost, from
+a full and a tenth-size run, so start-up costs such as loading the BPE or forking do not count): the rate at
+which that process alone would saturate, i.e. how many cores' worth of tokenizing it can keep up with on a
+larger machine.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import argparse
 import io
 import multiprocessing as mp
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -31,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_prep import pipeline  # noqa: E402
-from data_prep.sources import TextsSource  # noqa: E402
+from data_prep.sources import TextsSource, open_source  # noqa: E402
 from training.tokenizer import get_encoding  # noqa: E402
 
 _enc = None
@@ -50,6 +58,27 @@ def make_corpus(n_tokens: int, seed: int = 0) -> list[str]:
         docs.append(" ".join(vocab[i] for i in idx) + ".")
         words += n
     return docs
+
+
+def write_parquet_corpus(docs: list[str], folder: str, files: int = 4, row_group: int = 1000) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    per_file = -(-len(docs) // files)
+    for i in range(files):
+        part = docs[i * per_file:(i + 1) * per_file]
+        if part:
+            pq.write_table(pa.table({"text": part}), os.path.join(folder, f"{i:03d}_00000.parquet"),
+                           row_group_size=row_group)
+
+
+def parquet_texts(folder: str):
+    """The documents as build-nanogpt's main process meets them: rows of an on-disk dataset, read in order."""
+    import pyarrow.parquet as pq
+
+    for name in sorted(os.listdir(folder)):
+        for batch in pq.ParquetFile(os.path.join(folder, name)).iter_batches(batch_size=1000, columns=["text"]):
+            yield from batch.column(0).to_pylist()
 
 
 def _ref_init():
@@ -98,15 +127,30 @@ def single_thread(docs: list[str]) -> tuple[int, float]:
     return n, time.perf_counter() - t
 
 
-def _slice_tokens(part: list[str]) -> int:
+_CORPUS: list[str] = []  # set before the ceiling's fork: the workers read it from the copied memory
+
+
+def _slice_tokens(slice_index: int, workers: int) -> int:
     enc = get_encoding()
-    return sum(len(enc.encode_ordinary(d)) + 1 for d in part)
+    return sum(len(enc.encode_ordinary(d)) + 1 for d in _CORPUS[slice_index::workers])
 
 
 def ceiling(docs: list[str], workers: int) -> int:
-    """K independent tokenizer processes over interleaved slices; no results travel but a count."""
-    with mp.get_context("fork").Pool(workers) as pool:
-        return sum(pool.map(_slice_tokens, [docs[i::workers] for i in range(workers)]))
+    """K independent tokenizer processes over interleaved slices; nothing travels but an index and a count
+    (the documents reach the workers through fork's copy of this process's memory)."""
+    global _CORPUS
+    _CORPUS = docs
+    try:
+        with mp.get_context("fork").Pool(workers) as pool:
+            return sum(pool.starmap(_slice_tokens, [(i, workers) for i in range(workers)]))
+    finally:
+        _CORPUS = []
+
+
+def _own_cpu() -> float:
+    """CPU seconds of this process, all its threads (not the worker processes)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def main(argv=None) -> int:
@@ -115,6 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--shard-tokens", type=int, default=1_000_000)
     ap.add_argument("--repeats", type=int, default=1, help="alternating runs; the best of each is reported")
+    ap.add_argument("--source", choices=("memory", "parquet", "both"), default="both",
+                    help="where the documents come from (both: one block each)")
     args = ap.parse_args(argv)
 
     docs = make_corpus(int(args.tokens))
@@ -122,25 +168,59 @@ def main(argv=None) -> int:
     single = n / dt
     print(f"corpus: {len(docs):,} documents, {n:,} tokens; cores used: {args.workers} (machine: {os.cpu_count()})")
     print(f"single-thread encode_ordinary: {single / 1e6:.2f} M tokens/s")
+    for source in ("memory", "parquet") if args.source == "both" else (args.source,):
+        measure(docs, n, single, source, args)
+    return 0
+
+
+def measure(docs: list[str], n: int, single: float, source: str, args) -> None:
+    print(f"\n[documents from {'a Python list' if source == 'memory' else 'parquet files, 1,000-doc row groups'}]")
     best = {"ceiling": 0.0, "reference": 0.0, "ours": 0.0}
+    # The full corpus and its first tenth (the coordinator's marginal CPU cost is their difference), written
+    # as parquet before any timing starts.
+    corpora = {"full": docs, "tenth": docs[: len(docs) // 10]}
+    src_dir = tempfile.TemporaryDirectory()
+    if source == "parquet":
+        for key, texts in corpora.items():
+            os.makedirs(os.path.join(src_dir.name, key))
+            write_parquet_corpus(texts, os.path.join(src_dir.name, key))
+
+    def run_reference(key: str, out: str) -> int:
+        texts = corpora[key] if source == "memory" else parquet_texts(os.path.join(src_dir.name, key))
+        return reference(texts, args.workers, args.shard_tokens, out)
+
+    def run_ours(key: str, out: str) -> int:
+        src = TextsSource(corpora[key]) if source == "memory" else open_source(os.path.join(src_dir.name, key))
+        return pipeline.build(out, src, args.shard_tokens, args.workers, progress=False)["total_tokens"]
+
+    runs = {"reference": run_reference, "ours": run_ours}
+    cpu = {name: {} for name in runs}  # corpus size -> (tokens, coordinator CPU seconds), best run
     for _ in range(args.repeats):
         t = time.perf_counter()
         total = ceiling(docs, args.workers)
         best["ceiling"] = max(best["ceiling"], total / (time.perf_counter() - t))
-        with tempfile.TemporaryDirectory() as d:
-            t = time.perf_counter()
-            total = reference(docs, args.workers, args.shard_tokens, d)
-            best["reference"] = max(best["reference"], total / (time.perf_counter() - t))
-        with tempfile.TemporaryDirectory() as d:
-            t = time.perf_counter()
-            m = pipeline.build(d, TextsSource(docs), args.shard_tokens, args.workers, progress=False)
-            best["ours"] = max(best["ours"], m["total_tokens"] / (time.perf_counter() - t))
-        assert m["total_tokens"] == total == n
+        for name, run in runs.items():
+            for key in corpora:
+                with tempfile.TemporaryDirectory() as d:
+                    t, c = time.perf_counter(), _own_cpu()
+                    tokens = run(key, d)
+                    dt, dc = time.perf_counter() - t, _own_cpu() - c
+                if key == "full":
+                    best[name] = max(best[name], tokens / dt)
+                    assert tokens == n
+                prev = cpu[name].get(key, (tokens, float("inf")))
+                cpu[name][key] = (tokens, min(prev[1], dc))
+    src_dir.cleanup()
     for name, tps in best.items():
         print(f"{name:>9}: {tps / 1e6:6.2f} M tokens/s   parallel efficiency {tps / (args.workers * single):5.1%}")
     print(f"ratio ours/reference: {best['ours'] / best['reference']:.2f}x; ours reaches "
           f"{best['ours'] / best['ceiling']:.0%} of this machine's {args.workers}-process ceiling")
-    return 0
+    for name, sizes in cpu.items():
+        (n_small, c_small), (n_full, c_full) = sorted(sizes.values())
+        per_token = max(c_full - c_small, 1e-9) / (n_full - n_small)
+        limit = 1 / per_token
+        print(f"coordinator {name:>9}: {per_token * 1e9:6.1f} CPU-ns per token: saturates at ~{limit / 1e6:.0f} M "
+              f"tokens/s, the tokenizing of ~{limit / single:.0f} cores")
 
 
 if __name__ == "__main__":
