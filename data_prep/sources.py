@@ -42,8 +42,18 @@ class SourceError(RuntimeError):
     """The source cannot be read (missing, unreachable, empty, wrong schema); the message names it."""
 
 
+class _Reader:
+    """`batches` hands out texts; `units` may hand out ParquetRows records instead (for the worker pool)."""
+
+    def batches(self, start_doc: int = 0) -> Iterator[tuple[int, Any]]:
+        return self._read(start_doc, lazy=False)
+
+    def units(self, start_doc: int = 0) -> Iterator[tuple[int, Any]]:
+        return self._read(start_doc, lazy=True)
+
+
 @dataclass
-class HubSource:
+class HubSource(_Reader):
     dataset: str
     config: str | None
     revision: str | None = None
@@ -104,12 +114,6 @@ class HubSource:
             return None  # not the pinned commit (not expected: datasets puts the commit in its hf:// URLs)
         return urls
 
-    def batches(self, start_doc: int = 0) -> Iterator[tuple[int, Any]]:
-        return self._read(start_doc, lazy=False)
-
-    def units(self, start_doc: int = 0) -> Iterator[tuple[int, Any]]:
-        return self._read(start_doc, lazy=True)
-
     def _read(self, start_doc: int, lazy: bool) -> Iterator[tuple[int, Any]]:
         builder = self._builder()
         urls = self._parquet_urls(builder)
@@ -150,7 +154,7 @@ class HubSource:
 
 
 @dataclass
-class FileSource:
+class FileSource(_Reader):
     urls: list[str]  # fully qualified (protocol included), in reading order
 
     def describe(self) -> dict[str, Any]:
@@ -162,12 +166,6 @@ class FileSource:
 
     def approx_tokens(self) -> int | None:
         return None
-
-    def batches(self, start_doc: int = 0) -> Iterator[tuple[int, Any]]:
-        return self._read(start_doc, lazy=False)
-
-    def units(self, start_doc: int = 0) -> Iterator[tuple[int, Any]]:
-        return self._read(start_doc, lazy=True)
 
     def _read(self, start_doc: int, lazy: bool) -> Iterator[tuple[int, Any]]:
         index = 0
