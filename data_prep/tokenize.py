@@ -145,6 +145,7 @@ def tokenize_units(units: Iterable[tuple[int, Any]], workers: int) -> Iterator[t
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
     cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR")
     procs, task_pipes, result_pipes = [], [], []
+    busy: dict[int, int] = {}  # worker -> seq of the unit it holds
     try:
         for _ in range(workers):
             task_r, task_w = ctx.Pipe(duplex=False)
@@ -160,7 +161,6 @@ def tokenize_units(units: Iterable[tuple[int, Any]], workers: int) -> Iterator[t
         it = iter(units)
         exhausted = False
         next_seq, next_yield = 0, 0
-        busy: dict[int, int] = {}  # worker -> seq of the unit it holds
         done: dict[int, tuple[int, bytes, bytes]] = {}
         idle = list(range(workers))
 
@@ -199,10 +199,12 @@ def tokenize_units(units: Iterable[tuple[int, Any]], workers: int) -> Iterator[t
     finally:
         for conn in task_pipes:
             conn.close()  # a worker waiting for a task sees EOF and exits
+        for w in busy:  # stopped early (an error, or the consumer closed us): nobody reads those results
+            procs[w].terminate()
         for proc in procs:
             proc.join(timeout=5)
-            if proc.is_alive():  # still busy on a unit nobody will read
-                proc.terminate()
+            if proc.is_alive():
+                proc.kill()
                 proc.join()
         for conn in result_pipes:
             conn.close()
