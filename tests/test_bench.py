@@ -72,6 +72,7 @@ def test_tokenize_benchmark_prints_ours_against_the_reference_and_the_ceiling():
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     for row in ("ceiling:", "reference:", "ours:", "ratio ours/reference:", "-process ceiling",
-                "coordinator      ours:", "[documents from a Python list]", "[documents from parquet files"):
+                "coordinator      ours:", "[documents from a Python list]", "[documents from parquet files",
+                "single thread: encode_ordinary", "of encode_ordinary,", "of encode_to_numpy"):
         assert row in p.stdout, p.stdout
     assert p.stdout.count("ratio ours/reference:") == 2  # one block per source
