@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_prep import pipeline  # noqa: E402
 from data_prep.sources import TextsSource, open_source  # noqa: E402
+from data_prep.tokenize import encode_ordinary_array  # noqa: E402
 from training.tokenizer import get_encoding  # noqa: E402
 
 _enc = None
@@ -127,7 +128,7 @@ def _count(enc, text: str) -> int:
     """Tokens of one document with the call data_prep makes (the same tokens as encode_ordinary)."""
     if not hasattr(enc, "encode_to_numpy"):  # tiktoken < 0.8
         return len(enc.encode_ordinary(text)) + 1
-    return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=()).size + 1
+    return encode_ordinary_array(enc, text).size + 1
 
 
 def single_thread(docs: list[str]) -> dict[str, float]:

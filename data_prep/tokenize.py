@@ -55,11 +55,9 @@ def tokenize_texts(texts: Any, first_doc: int = 0) -> tuple[np.ndarray, np.ndarr
             raise ValueError(f"document {first_doc + i}: text is {type(text).__name__}, not a string")
     if not hasattr(enc, "encode_to_numpy"):  # tiktoken < 0.8
         return _tokenize_lists(enc, texts, first_doc)
-    # encode_to_numpy with no special tokens allowed or checked is encode_ordinary (special-token text is
-    # ordinary text), returning tiktoken's buffer as an array: no list of Python ints per document
     pieces, lens = [], np.empty(len(texts), dtype=np.uint32)
     for i, text in enumerate(texts):
-        toks = enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        toks = encode_ordinary_array(enc, text)
         pieces.append(_EOT)
         pieces.append(toks)
         lens[i] = toks.size + 1
@@ -73,6 +71,13 @@ def tokenize_texts(texts: Any, first_doc: int = 0) -> tuple[np.ndarray, np.ndarr
 
 
 _EOT = np.array([EOT_TOKEN], dtype=np.uint32)
+
+
+def encode_ordinary_array(enc, text: str) -> np.ndarray:
+    """encode_ordinary(text) as a uint32 array (tiktoken >= 0.8). encode_to_numpy with no special tokens
+    allowed or checked is encode_ordinary (special-token text is ordinary text), returning tiktoken's buffer
+    as an array: no list of Python ints per document."""
+    return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
 
 
 def _tokenize_lists(enc, texts, first_doc: int) -> tuple[np.ndarray, np.ndarray]:
