@@ -16,7 +16,7 @@ shards to a temporary folder:
              most K cores of this machine give, since cores slow each other down through shared caches,
              memory bandwidth and the hypervisor.
 Prints tokens/s of each, the ratio, and parallel efficiency = tokens/s / (K x single-thread tokens/s) against
-two single-thread figures: `encode_ordinary` (the issue's definition, the call build-nanogpt makes) and
+two single-thread figures: `encode_ordinary` (the usual definition, the call build-nanogpt makes) and
 `encode_to_numpy` (the same tokens without building a list of Python ints, ~15% faster, the call ours
 makes: against it, what is lost is parallel overhead only). Ours is also given as a fraction of the ceiling.
 For both pipelines it also prints the CPU time their one coordinating process spends per token (reading,
@@ -28,7 +28,6 @@ how many cores' worth of tokenizing it can keep up with on a larger machine.
 from __future__ import annotations
 
 import argparse
-import io
 import multiprocessing as mp
 import os
 import resource
@@ -44,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_prep import pipeline  # noqa: E402
 from data_prep.sources import TextsSource, open_source  # noqa: E402
 from data_prep.tokenize import encode_ordinary_array  # noqa: E402
-from training.tokenizer import get_encoding  # noqa: E402
+from common.tokenizer import get_encoding  # noqa: E402
 
 _enc = None
 

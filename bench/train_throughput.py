@@ -66,7 +66,7 @@ def ablations(base: Variant) -> list[Variant]:
 
 
 def levers(base: Variant) -> list[Variant]:
-    """Beyond build-nanogpt's recipe, one at a time on top of it (issue #9's list)."""
+    """Beyond build-nanogpt's recipe, one at a time on top of it."""
     r = dataclasses.replace
     return [
         r(base, name="+ chunked lm_head+CE (8192 tok)", loss_chunk=8192),
@@ -137,7 +137,7 @@ def machine(device: torch.device) -> dict:
 # Published figures of the anchors, on their machines (not re-measured here; the baseline row is the one
 # measured side by side): context for a reader, never the comparison itself.
 ANCHORS = ("Published anchors: build-nanogpt ~90 ms/step at B=16, T=1024 on one A100 (~176k tok/s, ~48% MFU); "
-           "llm.c GPT-2 124M on 8xH100 ~468k tok/s per GPU (~38% MFU). Target (issue #9): >= 60% MFU "
+           "llm.c GPT-2 124M on 8xH100 ~468k tok/s per GPU (~38% MFU). Target: >= 60% MFU "
            "(~690k tok/s on one H100) and >= 1.3x the baseline row.")
 
 

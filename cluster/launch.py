@@ -6,10 +6,12 @@ One submitit task per node starts
 Static rendezvous, not c10d: c10d ignores --node_rank, and rank == node order keeps logs and checkpoints readable.
 
 Preemption / time limit: Slurm sends USR2 to every process of the job step. torchrun itself ignores USR2 (it
-would die of it); its workers catch it, finish the step, write a collective checkpoint and exit 75. On the
-first task submitit calls `checkpoint()`: it forwards USR2 to the torchrun process group (in case the workers
-were not signalled directly), waits for them to stop and returns a resubmission with the timeout or preemption
-counted, or raises once a cap is reached. Every requeue and the end are appended to {run_dir}/attempts.jsonl.
+would die of it); its workers catch it, finish the step, write a collective checkpoint and exit 75
+(exit_codes.REQUEUE). On the first task submitit calls `checkpoint()`: it forwards USR2 to the torchrun process
+group (in case the workers were not signalled directly), waits for them to stop and returns a resubmission with
+the timeout or preemption counted, or raises once a cap is reached. Every requeue and the end are appended to {run_dir}/attempts.jsonl.
+An "attempt" here is one start of the job by Slurm (SLURM_RESTART_COUNT); the flow calls each job it
+submits a "submission".
 
 Nothing secret is pickled: the object holds the config name, overrides and counters; credentials reach the
 workers through the job's environment (sbatch exports the submitting environment at run time).
@@ -29,12 +31,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-REQUEUE_EXIT = 75  # training.train.REQUEUE_EXIT_CODE (not imported: keeps torch out of the submitit process)
+from common import store
+from common.errors import ReproError
+from common.exit_codes import REQUEUE
+from common.layout import RunDir
+
 REPO = Path(__file__).resolve().parent.parent
 log = logging.getLogger("cluster.launch")
 
 
-class RunFailed(RuntimeError):
+class RunFailed(ReproError):
     """The training run ended without completing and will not be requeued; the message says why."""
 
 
@@ -148,7 +154,7 @@ class TrainLaunch:
             self._log_attempt("completed", result)
             return {**result, "job_id": self._job_id, "run_dir": self.run_dir, "timeouts": self.timeouts,
                     "preemptions": self.preemptions}
-        if mine and len(mine) == self.procs_per_node and codes <= {0, REQUEUE_EXIT}:
+        if mine and len(mine) == self.procs_per_node and codes <= {0, REQUEUE}:
             return self._stopped()
         raise self._failure(code)
 
@@ -160,7 +166,7 @@ class TrainLaunch:
             log.info("node %d: training checkpointed after %s; waiting for the requeue", self._node, self._signalled)
             time.sleep(max(self.stop_timeout_s, 60))
         if self._node != 0:
-            return {"node": self._node, "exit_code": REQUEUE_EXIT}
+            return {"node": self._node, "exit_code": REQUEUE}
         result = self._result()  # stopped without a signal: stop_after_steps
         self._log_attempt("stopped", result)
         return {**result, "job_id": self._job_id, "run_dir": self.run_dir, "timeouts": self.timeouts,
@@ -168,7 +174,7 @@ class TrainLaunch:
 
     def _failure(self, torchrun_code: int) -> RunFailed:
         time.sleep(2)  # let the other nodes' ranks record their exits (shared folder) to find the first failure
-        failed = sorted((r for r in self._records() if r["exit_code"] not in (0, REQUEUE_EXIT)),
+        failed = sorted((r for r in self._records() if r["exit_code"] not in (0, REQUEUE)),
                         key=lambda r: r["time"])
         latest = self._latest_checkpoint()
         if failed:
@@ -184,12 +190,10 @@ class TrainLaunch:
         return RunFailed(msg)
 
     def _result(self) -> dict[str, Any]:
-        from training import store
-
-        return store.read_json(store.join(self.run_dir, "result.json"))
+        return store.read_json(RunDir(self.run_dir).result)
 
     def _latest_checkpoint(self) -> str | None:
-        from training import checkpoint as ck
+        from training import checkpoint as ck  # torch: only when a failure is reported
 
         try:
             latest = ck.latest_checkpoint(self.run_dir)
@@ -198,13 +202,11 @@ class TrainLaunch:
         return latest.url if latest else None
 
     def _log_attempt(self, event: str, info: dict[str, Any]) -> None:
-        from training import store
-
         rec = {"event": event, "job_id": self._job_id, "attempt": self._attempt, "time": time.time(),
                "timeouts": self.timeouts, "preemptions": self.preemptions, **info}
         log.info("attempt %s", json.dumps(rec))
         try:
-            store.append_text(store.join(self.run_dir, "attempts.jsonl"), json.dumps(rec) + "\n")
+            store.append_text(RunDir(self.run_dir).attempts, json.dumps(rec) + "\n")
         except Exception as err:
             log.warning("could not append to attempts.jsonl: %s", err)
 

@@ -6,23 +6,27 @@ of its node), then one dependent job lays the parts out as shards (data_prep/par
         --out s3://bucket/data/fineweb-edu/sample-10BT --cpus-per-task 32 --parallelism 16 --partition cpu --wait
 
 The source must be files (paths, folders, globs, any fsspec URL; hf:// reads the hub's parquet files directly).
-Credentials reach the tasks through the environment at run time, as for training (cluster/submit.py).
+The jobs are shaped by a JobSpec like training's (flags or --spec: partition, account, qos, memory, container,
+extra sbatch options, ...), one node each. Credentials reach the tasks through the environment at run time, as
+for training (cluster/submit.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import submitit
 
+from cluster.sbatch import build_executor
+from cluster.spec import JobSpec
+from common import exit_codes, store
+from common.cli import add_model_flags, entry_point, model_from_flags, read_json_object
+from common.shards import PREFIX
 from data_prep import parts
-from data_prep.pipeline import DEFAULT_SHARD_TOKENS, PrepError
+from data_prep.pipeline import DEFAULT_SHARD_TOKENS, complete_manifest, fingerprint
 from data_prep.sources import FileSource, SourceError, open_source
-from training import store
 
 
 @dataclass
@@ -46,65 +50,50 @@ class PrepArrayJobs:
         return self.assemble.result()
 
 
-def submit_prep(source: str, out: str, *, folder: str, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-                cpus_per_task: int = 1, parallelism: int = 64, time_min: int = 240, partition: str | None = None,
-                account: str | None = None, setup: list[str] | None = None) -> PrepArrayJobs:
-    """Check the source and the store, then submit the array and the assembly job (afterok on the array)."""
+def submit_prep(source: str, out: str, spec: JobSpec, *, shard_tokens: int | None = None,
+                parallelism: int = 64) -> PrepArrayJobs:
+    """Check the source and the store, then submit the array (one task of `spec` per source file, at most
+    `parallelism` at once) and the assembly job (afterok on the array)."""
     src = open_source(source)
     if not isinstance(src, FileSource):
         raise SourceError("a job array needs source files; for the hub, name its parquet files, e.g. "
                           "hf://datasets/HuggingFaceFW/fineweb-edu/sample/10BT/*.parquet")
     if not src.urls:
         raise SourceError(f"{source}: no files")
+    shard_tokens = shard_tokens or DEFAULT_SHARD_TOKENS
     store.preflight(out, write=True)
-    if store.exists(store.join(out, parts.MANIFEST)):
-        manifest = store.read_json(store.join(out, parts.MANIFEST))
-        if manifest.get("fingerprint") != parts.fingerprint(src.describe(), shard_tokens, parts.PREFIX):
-            raise PrepError(f"{out} is already complete for another source or shard size")
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    common = dict(time=time_min, setup=list(setup or []), **{k: v for k, v in
-                  (("partition", partition), ("account", account)) if v})
-    ex = submitit.SlurmExecutor(folder=folder)
-    ex.update_parameters(job_name="gpt2-prep-tokenize", cpus_per_task=cpus_per_task, array_parallelism=parallelism,
-                         **common)
+    complete_manifest(out, fingerprint(src.describe(), shard_tokens, PREFIX))  # another source's store: refused
+    one_node = spec.model_copy(update={"nodes": 1})
+    workers = spec.cpus_per_task or 1
     n = len(src.urls)
-    array = ex.map_array(parts.tokenize_part, [out] * n, src.urls, list(range(n)), [cpus_per_task] * n)
+    array = build_executor(one_node, job_name="gpt2-prep-tokenize", array_parallelism=parallelism).map_array(
+        parts.tokenize_part, [out] * n, src.urls, list(range(n)), [workers] * n)
     base = array[0].job_id.split("_")[0]
-    ex2 = submitit.SlurmExecutor(folder=folder)
-    ex2.update_parameters(job_name="gpt2-prep-assemble", cpus_per_task=1,
-                          additional_parameters={"dependency": f"afterok:{base}", "kill_on_invalid_dep": "yes"},
-                          **common)
-    job = ex2.submit(parts.assemble, out, src.urls, shard_tokens)
-    return PrepArrayJobs(array, job)
+    assembly = build_executor(one_node, job_name="gpt2-prep-assemble", cpus_per_task=1,
+                              sbatch={"dependency": f"afterok:{base}", "kill_on_invalid_dep": "yes"})
+    return PrepArrayJobs(array, assembly.submit(parts.assemble, out, src.urls, shard_tokens))
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cluster.prep_array", description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", required=True, help="files: paths, folders, globs or URLs, comma separated")
     ap.add_argument("--out", required=True, help="fsspec URL of the shard store")
-    ap.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
-    ap.add_argument("--folder", default="slurm_logs", help="submitit folder on a shared filesystem")
-    ap.add_argument("--cpus-per-task", type=int, default=1, help="cores per array task (its tokenizer processes)")
+    ap.add_argument("--shard-tokens", type=int, default=None, help=f"default {DEFAULT_SHARD_TOKENS:,}")
     ap.add_argument("--parallelism", type=int, default=64, help="array tasks running at once")
-    ap.add_argument("--time", type=int, default=240, help="minutes per task")
-    ap.add_argument("--partition")
-    ap.add_argument("--account")
+    ap.add_argument("--spec", help="JSON file with JobSpec fields for every task (the flags below override it)")
     ap.add_argument("--wait", action="store_true", help="block until the shards are written")
+    add_model_flags(ap, JobSpec, aliases={"time_min": ["--time"]}, skip=("nodes", "max_preemption_requeues"))
     args = ap.parse_args(argv)
-    try:
-        jobs = submit_prep(args.source, args.out, folder=args.folder, shard_tokens=args.shard_tokens,
-                           cpus_per_task=args.cpus_per_task, parallelism=args.parallelism, time_min=args.time,
-                           partition=args.partition, account=args.account)
-    except (SourceError, PrepError, store.StoreError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    spec = model_from_flags(JobSpec, args, {"time_min": 240, **read_json_object(args.spec, "--spec")})
+    jobs = submit_prep(args.source, args.out, spec, shard_tokens=args.shard_tokens, parallelism=args.parallelism)
     print(f"array job {jobs.array[0].job_id.split('_')[0]} ({len(jobs.array)} files), "
           f"assembly job {jobs.assemble.job_id}", flush=True)
     if args.wait:
         m = jobs.wait(progress=True)
         print(f"{args.out}: {len(m['shards'])} shards, {m['total_tokens']:,} tokens, {m['documents']:,} documents")
-    return 0
+    return exit_codes.OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,4 +1,5 @@
-"""The Slurm job spec of a training run: what to ask Slurm for, typed and checked field by field."""
+"""The Slurm job spec: what to ask Slurm for (training, evaluation and data-prep jobs), typed and checked field
+by field. cluster/sbatch.py turns it into the job; the CLIs derive their flags from it."""
 
 from __future__ import annotations
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 import subprocess
 import sys
 import time
@@ -24,51 +22,17 @@ from typing import Any
 
 import submitit
 
+from common import exit_codes
+from common.cli import add_model_flags, entry_point, model_from_flags, read_json_object
+from common.errors import BadInput
+from common.layout import RunDir
 from cluster.launch import RunFailed, TrainLaunch
+from cluster.sbatch import build_executor
 from cluster.spec import JobSpec
-from cluster.validate import SpecError, validate
+from cluster.validate import validate
 
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED", "ENDED")
-
-
-def build_executor(spec: JobSpec) -> submitit.SlurmExecutor:
-    python = None
-    srun_args = ["--kill-on-bad-exit=1"]  # one node's task failing ends the step instead of leaving peers hung
-    c = spec.container
-    if c is not None and c.runtime == "pyxis":
-        srun_args.append(f"--container-image={c.image}")
-        if c.mounts:
-            srun_args.append(f"--container-mounts={','.join(c.mounts)}")
-        if c.workdir:
-            srun_args.append(f"--container-workdir={c.workdir}")
-        python = c.python
-    elif c is not None:
-        binds = [a for m in c.mounts for a in ("--bind", m)]
-        python = shlex.join(["apptainer", "exec", *(["--nv"] if spec.gpus_per_node else []), *binds, c.image,
-                             c.python])
-    ex = submitit.SlurmExecutor(folder=spec.folder, max_num_timeout=spec.max_timeout_requeues, python=python)
-    params: dict[str, Any] = dict(nodes=spec.nodes, ntasks_per_node=1, time=spec.time_min, job_name=spec.job_name,
-                                  signal_delay_s=spec.signal_delay_s, srun_args=srun_args, setup=list(spec.setup))
-    if spec.gpus_per_node and spec.gres:
-        params["gpus_per_node"] = spec.gpus_per_node
-    if spec.cpus_per_task:
-        params["cpus_per_task"] = spec.cpus_per_task
-    if spec.mem_gb:
-        params["mem"] = f"{spec.mem_gb}GB"
-    for key in ("partition", "account", "qos", "constraint"):
-        if getattr(spec, key):
-            params[key] = getattr(spec, key)
-    if spec.exclusive:
-        params["exclusive"] = True
-    extra = {}
-    for line in spec.sbatch_extra:
-        key, _, value = line[2:].partition("=")
-        extra[key.replace("-", "_")] = value if value else True
-    if extra:
-        params["additional_parameters"] = extra
-    ex.update_parameters(**params)
-    return ex
 
 
 def sacct_state(job_id: str) -> tuple[str, str]:
@@ -84,6 +48,10 @@ def sacct_state(job_id: str) -> tuple[str, str]:
         return (sq.stdout.strip() or "ENDED"), ""
     state, code = lines[-1].split("|")  # a requeued job has one line per attempt: the last is current
     return state, code
+
+
+class JobNotFound(BadInput, LookupError):
+    """No job of that id was submitted through cluster.submit under the given folder."""
 
 
 class RunHandle:
@@ -108,12 +76,14 @@ class RunHandle:
         return self.state().startswith(FINAL_STATES)
 
     def cancel(self) -> None:
-        subprocess.run(["scancel", self.job_id], check=True)
+        """scancel the job (every requeue of it included); a job that has ended already is left as it is."""
+        subprocess.run(["scancel", self.job_id], check=False, capture_output=True, timeout=60)
 
     def attempts(self) -> list[dict[str, Any]]:
-        from training import store
+        """The launcher's record of every start, requeue and end of this run (attempts.jsonl)."""
+        from common import store
 
-        url = store.join(self.run_dir, "attempts.jsonl")
+        url = RunDir(self.run_dir).attempts
         if not store.exists(url):
             return []
         return [json.loads(ln) for ln in store.read_bytes(url).decode().splitlines() if ln.strip()]
@@ -164,7 +134,6 @@ def submit(spec: JobSpec, config: str, overrides: list[str] | None = None, *, ch
     """Validate, then sbatch one job: `spec.nodes` tasks, each running torchrun for `training.train`."""
     overrides = list(overrides or [])
     cfg = validate(spec, config, overrides, check_cluster=check, check_data=check)
-    Path(spec.folder).mkdir(parents=True, exist_ok=True)
     launch = TrainLaunch(config=str(config), overrides=overrides, run_dir=cfg.train.run_dir,
                          procs_per_node=spec.procs_per_node, exit_root=str(Path(spec.folder).resolve() / "exits"),
                          time_min=spec.time_min, max_timeout_requeues=spec.max_timeout_requeues,
@@ -178,7 +147,6 @@ def submit(spec: JobSpec, config: str, overrides: list[str] | None = None, *, ch
 
 def submit_function(spec: JobSpec, fn, *args, **kwargs) -> submitit.Job:
     """Any picklable function as a job of this spec (evaluation, one-off tools); its return value is the result."""
-    Path(spec.folder).mkdir(parents=True, exist_ok=True)
     return build_executor(spec).submit(fn, *args, **kwargs)
 
 
@@ -186,53 +154,36 @@ def reattach(job_id: str, folder: str) -> RunHandle:
     """Watch an existing job (e.g. after the submitting process restarted) instead of submitting a duplicate."""
     path = Path(folder) / f"{job_id}_run.json"
     if not path.exists():
-        raise FileNotFoundError(f"no job {job_id} submitted through cluster.submit under {folder}")
+        raise JobNotFound(f"no job {job_id} submitted through cluster.submit under {folder}")
     meta = json.loads(path.read_text())
     return RunHandle(meta["job_id"], folder, meta["nodes"], meta["run_dir"])
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cluster.submit", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="preset name or TOML file of the run")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--nodes", type=int)
-    ap.add_argument("--gpus-per-node", type=int)
-    ap.add_argument("--cpus-per-task", type=int)
-    ap.add_argument("--mem-gb", type=int)
-    ap.add_argument("--partition")
-    ap.add_argument("--account")
-    ap.add_argument("--qos")
-    ap.add_argument("--time", type=int, help="minutes per attempt")
-    ap.add_argument("--folder", help="submitit folder on a shared filesystem")
-    ap.add_argument("--spec", help="JSON file with JobSpec fields (the flags above override it)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a run config value (repeatable)")
+    ap.add_argument("--spec", help="JSON file with JobSpec fields (the flags below override it)")
     ap.add_argument("--wait", action="store_true", help="block until the run ends and print its result")
     ap.add_argument("--reattach", metavar="JOB_ID", help="watch an existing job instead of submitting")
+    add_model_flags(ap, JobSpec, aliases={"time_min": ["--time"]})
     args = ap.parse_args(argv)
-    try:
-        if args.reattach:
-            handle = reattach(args.reattach, args.folder or "slurm_logs")
-        else:
-            if not args.config:
-                ap.error("--config is required unless --reattach")
-            fields = json.loads(Path(args.spec).read_text()) if args.spec else {}
-            flags = {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "time_min": args.time,
-                     "folder": args.folder, "cpus_per_task": args.cpus_per_task, "mem_gb": args.mem_gb,
-                     "partition": args.partition, "account": args.account, "qos": args.qos}
-            spec = JobSpec(**{**fields, **{k: v for k, v in flags.items() if v is not None}})
-            handle = submit(spec, args.config, args.overrides)
-        print(handle.job_id, flush=True)
-        if args.wait:
-            result = handle.wait(on_state=lambda st: print(f"{time.strftime('%H:%M:%S')} job {handle.job_id}: {st}",
-                                                           file=sys.stderr, flush=True))
-            print(json.dumps(result), flush=True)
-    except SpecError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except RunFailed as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    if args.reattach:
+        handle = reattach(args.reattach, getattr(args, "folder", None) or JobSpec().folder)
+    else:
+        if not args.config:
+            ap.error("--config is required unless --reattach")
+        spec = model_from_flags(JobSpec, args, read_json_object(args.spec, "--spec"))
+        handle = submit(spec, args.config, args.overrides)
+    print(handle.job_id, flush=True)
+    if args.wait:
+        result = handle.wait(on_state=lambda st: print(f"{time.strftime('%H:%M:%S')} job {handle.job_id}: {st}",
+                                                       file=sys.stderr, flush=True))
+        print(json.dumps(result), flush=True)
+    return exit_codes.OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -8,11 +8,12 @@ import subprocess
 from dataclasses import dataclass
 
 from cluster.spec import JobSpec
+from common.errors import BadInput
+from common.shards import ShardError, list_shards
 from training.config import ConfigError, RunConfig, load_config
-from training.data import ShardError, list_shards
 
 
-class SpecError(ValueError):
+class SpecError(BadInput, ValueError):
     """The job cannot run as specified; the message lists every problem found."""
 
 

@@ -1,8 +1,8 @@
 """What torchrun starts on each rank: `training.train`, plus a record of how the rank ended.
 
 torchrun reports 1 whatever its workers returned, so each rank writes {rank, exit_code, error, time} to
-$CLUSTER_EXIT_DIR/rank_<RANK>.json; the launcher tells "checkpointed for requeue" (75) from a failure with it
-and reports the first failing rank's error.
+$CLUSTER_EXIT_DIR/rank_<RANK>.json; the launcher tells "checkpointed for requeue" (exit_codes.REQUEUE) from a
+failure with it and reports the first failing rank's error.
 
     python -m cluster.worker --config tiny --set run_dir=...   (same arguments as training.train)
 """
@@ -16,6 +16,8 @@ import os
 import sys
 import time
 import traceback
+
+from common import exit_codes
 
 
 class _Tee(io.TextIOBase):
@@ -53,13 +55,13 @@ def main(argv: list[str]) -> int:
         with contextlib.redirect_stderr(tee):
             code = train_main(argv)
     except SystemExit as e:  # argparse errors
-        code = e.code if isinstance(e.code, int) else 2
+        code = e.code if isinstance(e.code, int) else exit_codes.BAD_INPUT
         _record(code, tee.tail)
         raise
     except BaseException:
         _record(1, traceback.format_exc()[-4000:])
         raise
-    _record(code, tee.tail if code not in (0, 75) else "")
+    _record(code, tee.tail if code not in (exit_codes.OK, exit_codes.REQUEUE) else "")
     return code
 
 

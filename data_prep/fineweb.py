@@ -4,7 +4,8 @@
     python -m data_prep.fineweb verify URL
 
 SOURCE: `hf:HuggingFaceFW/fineweb-edu:sample-10BT` (the default; also sample-100BT, sample-350BT, optional
-`@revision`), or parquet/jsonl files with a `text` column: paths, URLs, folders or globs, comma separated.
+`@revision`), parquet/jsonl files with a `text` column (paths, URLs, folders or globs, comma separated), or
+`demo` (Python's standard-library docstrings, offline).
 Rerunning after a crash or kill resumes from the last finished shard with identical output; a complete store
 (manifest.json present) is left as it is.
 """
@@ -15,13 +16,12 @@ import argparse
 import os
 import sys
 
+from common.cli import entry_point
 from data_prep import pipeline, verify
-from data_prep.sources import DEFAULT_SOURCE, SourceError, open_source
-from data_prep.tokenize import TokenRangeError
-from training import store
-from training.tokenizer import TokenizerFilesError
+from data_prep.sources import DEFAULT_SOURCE, open_source
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["verify"]:
@@ -30,20 +30,17 @@ def main(argv: list[str] | None = None) -> int:
                                  epilog="python -m data_prep.fineweb verify URL: re-read and check every shard")
     ap.add_argument("--source", default=DEFAULT_SOURCE, help=f"hub spec or files (default {DEFAULT_SOURCE})")
     ap.add_argument("--out", required=True, help="fsspec URL of the shard store (local path, s3://...)")
-    ap.add_argument("--shard-tokens", type=int, default=pipeline.DEFAULT_SHARD_TOKENS)
+    ap.add_argument("--shard-tokens", type=int, default=None,
+                    help=f"tokens per shard (default {pipeline.DEFAULT_SHARD_TOKENS:,}; demo: 100,000)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: all cores)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    try:
-        source = open_source(args.source)
-        manifest = pipeline.build(args.out, source, args.shard_tokens, args.workers, progress=not args.no_progress)
-    except (SourceError, store.StoreError, pipeline.PrepError, TokenRangeError, TokenizerFilesError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    source = open_source(args.source)
+    manifest = pipeline.build(args.out, source, args.shard_tokens, args.workers, progress=not args.no_progress)
     print(f"{args.out}: {len(manifest['shards'])} shards, {manifest['total_tokens']:,} tokens, "
           f"{manifest['documents']:,} documents")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

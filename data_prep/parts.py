@@ -14,11 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.pipeline import DEFAULT_SHARD_TOKENS, PrepError, fingerprint
-from data_prep.shards import MANIFEST, PREFIX, ShardPacker, shard_name, write_manifest, write_shard
+from common import store
+from common.shards import DTYPE, PREFIX, read_manifest, write_manifest, write_shard
+from common.tokenizer import EOT_TOKEN
+from data_prep.packer import ShardPacker
+from data_prep.pipeline import DEFAULT_SHARD_TOKENS, PrepError, complete_manifest, fingerprint
 from data_prep.sources import FileSource
 from data_prep.tokenize import tokenize_units
-from training import store
 
 PARTS_DIR = ".prep/parts"
 READ_TOKENS = 1 << 24  # 32 MB of tokens per read while assembling: memory stays bounded
@@ -39,6 +41,11 @@ def part_done(out_url: str, index: int, file_url: str) -> dict[str, Any] | None:
         return None
     rec = store.read_json(url)
     return rec if rec.get("file") == FileSource([file_url]).describe()["files"][0] else None
+
+
+def parts_done(out_url: str, count: int) -> int:
+    """How many of parts 0..count-1 are complete (their sidecars exist): cheap enough to poll for progress."""
+    return sum(store.exists(sidecar_url(out_url, i)) for i in range(count))
 
 
 def tokenize_part(out_url: str, file_url: str, index: int, workers: int = 1) -> dict[str, Any]:
@@ -71,19 +78,15 @@ def _part_tokens(out_url: str, index: int):
             data = f.read(2 * READ_TOKENS)
             if not data:
                 return
-            yield np.frombuffer(data, dtype=np.uint16)
+            yield np.frombuffer(data, dtype=DTYPE)
 
 
 def assemble(out_url: str, file_urls: list[str], shard_tokens: int = DEFAULT_SHARD_TOKENS,
              prefix: str = PREFIX) -> dict[str, Any]:
     """Parts 0..n-1 -> shards + manifest.json (identical to pipeline.build over the same files)."""
-    manifest_url = store.join(out_url, MANIFEST)
     desc = FileSource(file_urls).describe()
     fp = fingerprint(desc, shard_tokens, prefix)
-    if store.exists(manifest_url):
-        manifest = store.read_json(manifest_url)
-        if manifest.get("fingerprint") != fp:
-            raise PrepError(f"{out_url} is already complete for another source or shard size")
+    if (manifest := complete_manifest(out_url, fp)) is not None:
         return manifest
     missing = [i for i, u in enumerate(file_urls) if part_done(out_url, i, u) is None]
     if missing:
@@ -94,7 +97,7 @@ def assemble(out_url: str, file_urls: list[str], shard_tokens: int = DEFAULT_SHA
 
     def write(tokens: np.ndarray) -> None:
         index = len(records)
-        records.append(write_shard(out_url, shard_name("val" if index == 0 else "train", index, prefix), tokens))
+        records.append(write_shard(out_url, index, tokens, prefix))
 
     for i in range(len(file_urls)):
         documents += store.read_json(sidecar_url(out_url, i))["documents"]
@@ -107,5 +110,5 @@ def assemble(out_url: str, file_urls: list[str], shard_tokens: int = DEFAULT_SHA
     if not records:
         raise PrepError(f"the source has no documents (empty dataset): {desc}")
     write_manifest(out_url, records, source=desc, shard_tokens=shard_tokens, documents=documents,
-                   eot_token=50256, fingerprint=fp)
-    return store.read_json(manifest_url)
+                   eot_token=EOT_TOKEN, fingerprint=fp)
+    return read_manifest(out_url)

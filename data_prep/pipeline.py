@@ -20,20 +20,24 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.shards import MANIFEST, PREFIX, ShardPacker, shard_name, write_manifest, write_shard
+from common import store
+from common.errors import BadInput
+from common.shards import PREFIX, read_manifest, shard_name, write_manifest, write_shard
+from common.tokenizer import EOT_TOKEN
+from data_prep.packer import ShardPacker
 from data_prep.tokenize import tokenize_units
-from training import store
 
 STATE_DIR = ".prep"
 DEFAULT_SHARD_TOKENS = 100_000_000  # build-nanogpt's shard_size
 
 
-class PrepError(RuntimeError):
+class PrepError(BadInput):
     """The output store holds something this run must not overwrite or extend; the message says why."""
 
 
-def _split(index: int) -> str:
-    return "val" if index == 0 else "train"
+def default_shard_tokens(source) -> int:
+    """build-nanogpt's 100M tokens, or a small source's own size (the demo corpus: 100k)."""
+    return getattr(source, "default_shard_tokens", DEFAULT_SHARD_TOKENS)
 
 
 def fingerprint(source: dict[str, Any], shard_tokens: int, prefix: str) -> str:
@@ -43,6 +47,31 @@ def fingerprint(source: dict[str, Any], shard_tokens: int, prefix: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def complete_manifest(out_url: str, fp: str) -> dict[str, Any] | None:
+    """The manifest of a store that is complete for fingerprint `fp`, None when it is not complete yet; a
+    store completed from another source or shard size is a PrepError (it is never overwritten)."""
+    manifest = read_manifest(out_url)
+    if manifest is not None and manifest.get("fingerprint") != fp:
+        raise PrepError(f"{out_url} is already complete for another source or shard size; write to an empty --out")
+    return manifest
+
+
+def tokens_done(out_url: str) -> int:
+    """Tokens in the shards finished so far (from their resume sidecars): cheap enough to poll for progress."""
+    fs, path = store.fs_and_path(store.join(out_url, STATE_DIR))
+    try:
+        names = fs.glob(path.rstrip("/") + "/*.json")
+    except (FileNotFoundError, OSError):
+        return 0
+    total = 0
+    for name in names:
+        try:
+            total += json.loads(fs.cat_file(name))["shard"]["tokens"]
+        except (OSError, ValueError, KeyError):
+            pass  # a sidecar being written right now
+    return total
+
+
 def _finished(out_url: str, fp: str, prefix: str) -> list[dict[str, Any]]:
     """Sidecar states of the shards 0..k-1 that are complete for this fingerprint."""
     state_url = store.join(out_url, STATE_DIR)
@@ -50,7 +79,7 @@ def _finished(out_url: str, fp: str, prefix: str) -> list[dict[str, Any]]:
     have_states = set(store.listdir(state_url))
     done: list[dict[str, Any]] = []
     while True:
-        name = shard_name(_split(len(done)), len(done), prefix)
+        name = shard_name(len(done), prefix)
         if name not in have_shards or f"{name}.json" not in have_states:
             return done
         state = store.read_json(store.join(state_url, f"{name}.json"))
@@ -61,10 +90,12 @@ def _finished(out_url: str, fp: str, prefix: str) -> list[dict[str, Any]]:
         done.append(state)
 
 
-def build(out_url: str, source, shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int = 1,
+def build(out_url: str, source, shard_tokens: int | None = None, workers: int = 1,
           prefix: str = PREFIX, progress: bool = True, max_shards: int | None = None) -> dict[str, Any]:
     """Tokenize `source` (see data_prep.sources) into shards under `out_url`; returns the manifest.
-    `max_shards` stops after that many shards (a crash stand-in for tests, and the demo corpus's cap)."""
+    `shard_tokens` defaults to `default_shard_tokens(source)`. `max_shards` stops after that many shards
+    without a manifest (an interrupted run, for the tests of resume)."""
+    shard_tokens = default_shard_tokens(source) if shard_tokens is None else shard_tokens
     if shard_tokens <= 0:
         raise ValueError("shard_tokens must be positive")
     store.preflight(out_url, write=True)  # no credentials / no bucket: fail before reading any data
@@ -72,11 +103,7 @@ def build(out_url: str, source, shard_tokens: int = DEFAULT_SHARD_TOKENS, worker
         source = source.resolved()  # a hub dataset pinned to a commit: the manifest names it
     desc = source.describe()
     fp = fingerprint(desc, shard_tokens, prefix)
-    manifest_url = store.join(out_url, MANIFEST)
-    if store.exists(manifest_url):
-        manifest = store.read_json(manifest_url)
-        if manifest.get("fingerprint") != fp:
-            raise PrepError(f"{out_url} is already complete for another source or shard size; write to an empty --out")
+    if (manifest := complete_manifest(out_url, fp)) is not None:
         return manifest
 
     done = _finished(out_url, fp, prefix)
@@ -85,7 +112,7 @@ def build(out_url: str, source, shard_tokens: int = DEFAULT_SHARD_TOKENS, worker
     state_url = store.join(out_url, STATE_DIR)
 
     def store_shard(index: int, tokens: np.ndarray, end: tuple[int, int]) -> dict[str, Any]:
-        rec = write_shard(out_url, shard_name(_split(index), index, prefix), tokens)
+        rec = write_shard(out_url, index, tokens, prefix)
         # the sidecar goes after the shard: a sidecar never points at a missing or partial shard
         store.write_json(store.join(state_url, rec["name"] + ".json"),
                          {"shard": rec, "end": list(end), "fingerprint": fp})
@@ -135,5 +162,5 @@ def build(out_url: str, source, shard_tokens: int = DEFAULT_SHARD_TOKENS, worker
     if not records:
         raise PrepError(f"the source has no documents (empty dataset): {desc}")
     write_manifest(out_url, records, source=desc, shard_tokens=shard_tokens, documents=docs_end,
-                   eot_token=50256, fingerprint=fp)
-    return store.read_json(manifest_url)
+                   eot_token=EOT_TOKEN, fingerprint=fp)
+    return read_manifest(out_url)

@@ -12,6 +12,7 @@ its resolved files like a FileSource, so that skip goes by footer row counts ins
 SOURCE specs:
     hf:HuggingFaceFW/fineweb-edu:sample-10BT[@revision]   the hub dataset (also: a bare `sample-10BT`)
     path/or/url.parquet, file.jsonl[.gz], a folder of them, a glob; several, comma separated
+    demo                                                   Python's standard-library docstrings (offline)
 """
 
 from __future__ import annotations
@@ -23,14 +24,18 @@ import json
 import os
 import posixpath
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import fsspec
 
+from common.errors import BadInput
+
 HUB_DATASET = "HuggingFaceFW/fineweb-edu"
 HUB_CONFIGS = ("sample-10BT", "sample-100BT", "sample-350BT")
 DEFAULT_SOURCE = f"hf:{HUB_DATASET}:sample-10BT"
+DEMO_SOURCE = "demo"
 # Approximate GPT-2 token totals of the hub configs: only for the progress bar's ETA.
 HUB_TOKENS = {"sample-10BT": 10_000_000_000, "sample-100BT": 100_000_000_000, "sample-350BT": 350_000_000_000}
 FILE_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".json", ".json.gz")
@@ -38,7 +43,7 @@ BATCH_DOCS = 512  # documents per unit of tokenizer work: large enough to amorti
 BATCH_CHARS = 1 << 20  # ... and at most about this much text, so long documents still spread over workers
 
 
-class SourceError(RuntimeError):
+class SourceError(BadInput):
     """The source cannot be read (missing, unreachable, empty, wrong schema); the message names it."""
 
 
@@ -331,8 +336,10 @@ def _expand(spec: str) -> list[str]:
     return [qualify(p) for p in found]
 
 
-def open_source(spec: str | None) -> HubSource | FileSource:
+def open_source(spec: str | None) -> "HubSource | FileSource | TextsSource":
     spec = spec or DEFAULT_SOURCE
+    if spec == DEMO_SOURCE:
+        return DemoSource()
     if spec in HUB_CONFIGS:
         spec = f"hf:{HUB_DATASET}:{spec}"
     if spec.startswith("hf:"):
@@ -350,7 +357,7 @@ def open_source(spec: str | None) -> HubSource | FileSource:
 
 @dataclass
 class TextsSource:
-    """Documents already in memory (the benchmark, the demo corpus, tests)."""
+    """Documents already in memory: the demo corpus (data_prep/demo_corpus.py), benchmarks and tests."""
 
     texts: list[str]
     name: str = "in-memory"
@@ -373,3 +380,18 @@ class TextsSource:
                 j += 1
             yield i, self.texts[i:j]
             i = j
+
+
+class DemoSource(TextsSource):
+    """Python's standard-library docstrings (data_prep/demo_corpus.py), spec `demo`. Its natural shard size is
+    small, so that even this corpus has a val shard and several train shards."""
+
+    default_shard_tokens = 100_000
+
+    def __init__(self, max_docs: int | None = None):
+        from data_prep.demo_corpus import stdlib_documents
+
+        super().__init__(list(stdlib_documents(max_docs)), name="python-stdlib-docstrings")
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "python": sys.version.split()[0]}

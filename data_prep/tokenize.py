@@ -18,12 +18,15 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from training.tokenizer import EOT_TOKEN, get_encoding
+from common.errors import BadInput, ReproError
+from common.shards import DTYPE
+from common.tokenizer import EOT_TOKEN, VOCAB_SIZE, get_encoding
 
 _enc = None
+_MAX_ID = int(np.iinfo(DTYPE).max)  # the largest id a shard can hold
 
 
-class TokenRangeError(ValueError):
+class TokenRangeError(BadInput, ValueError):
     """A token id that does not fit in uint16 (the shard dtype)."""
 
 
@@ -37,10 +40,10 @@ def _encoding():
 def to_uint16(tokens: list[int], where: str = "") -> np.ndarray:
     """Exact conversion: a token id outside 0..65535 is an error, never silently wrapped."""
     try:
-        return np.array(tokens, dtype=np.uint16)
+        return np.array(tokens, dtype=DTYPE)
     except OverflowError:
-        bad = next(t for t in tokens if not 0 <= t < 2**16)
-        raise TokenRangeError(f"token id {bad} {where}does not fit in uint16 shards (GPT-2 ids are < 50257)") from None
+        bad = next(t for t in tokens if not 0 <= t <= _MAX_ID)
+        raise TokenRangeError(f"token id {bad} {where}does not fit in uint16 shards (GPT-2 ids are < {VOCAB_SIZE})") from None
 
 
 def tokenize_texts(texts: Any, first_doc: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -62,12 +65,12 @@ def tokenize_texts(texts: Any, first_doc: int = 0) -> tuple[np.ndarray, np.ndarr
         pieces.append(toks)
         lens[i] = toks.size + 1
     flat = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.uint32)
-    if flat.size and int(flat.max()) >= 2**16:
-        bad = int(np.argmax(flat >= 2**16))
+    if flat.size and int(flat.max()) > _MAX_ID:
+        bad = int(np.argmax(flat > _MAX_ID))
         doc = first_doc + int(np.searchsorted(np.cumsum(lens), bad, side="right"))
         raise TokenRangeError(f"token id {int(flat[bad])} in document {doc} does not fit in uint16 shards "
-                              f"(GPT-2 ids are < 50257)")
-    return flat.astype(np.uint16), lens
+                              f"(GPT-2 ids are < {VOCAB_SIZE})")
+    return flat.astype(DTYPE), lens
 
 
 _EOT = np.array([EOT_TOKEN], dtype=np.uint32)
@@ -190,7 +193,7 @@ def tokenize_units(units: Iterable[tuple[int, Any]], workers: int) -> Iterator[t
                         status, payload = conn.recv()
                     except EOFError:
                         procs[w].join(1)
-                        raise RuntimeError(f"a tokenizer worker died (exit code {procs[w].exitcode}); "
+                        raise ReproError(f"a tokenizer worker died (exit code {procs[w].exitcode}); "
                                            "out of memory?") from None
                     if status == "error":
                         raise payload
@@ -200,7 +203,7 @@ def tokenize_units(units: Iterable[tuple[int, Any]], workers: int) -> Iterator[t
             first, tb, lb = done.pop(next_yield)
             next_yield += 1
             hand_out()
-            yield first, np.frombuffer(tb, dtype=np.uint16), np.frombuffer(lb, dtype=np.uint32)
+            yield first, np.frombuffer(tb, dtype=DTYPE), np.frombuffer(lb, dtype=np.uint32)
     finally:
         for conn in task_pipes:
             conn.close()  # a worker waiting for a task sees EOF and exits

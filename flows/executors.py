@@ -1,9 +1,14 @@
-"""Where a training attempt runs. The flow only needs submit / reattach / poll / cancel, so a Slurm executor
-(cluster/) and the local one here are interchangeable."""
+"""Where a training submission runs. The flow only needs submit / reattach / poll / cancel, so the local
+executor here and the Slurm one (flows/slurm_executor.py) are interchangeable.
+
+A *submission* is one job the flow starts (a Slurm job, or a local process); a Slurm job may itself be
+started several times by Slurm (requeues after preemption: the launcher's *attempts*).
+"""
 
 from __future__ import annotations
 
 import os
+import posixpath
 import signal
 import subprocess
 import sys
@@ -12,16 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-REQUEUE_EXIT_CODE = 75  # training.train's "stopped with a checkpoint, run me again"
+from common import exit_codes, store
+from common.layout import RunDir
+
+REPO = Path(__file__).resolve().parent.parent
 
 
-@dataclass
+@dataclass(frozen=True)
 class Outcome:
     state: str  # "completed" | "requeue" (stopped with a checkpoint) | "failed" (resubmit) | "cancelled" (stop)
     reason: str
 
 
-class Attempt(Protocol):
+class Submission(Protocol):
     job_id: str
     log_path: str  # the training's console output, tailed into the flow run's logs
 
@@ -30,15 +38,15 @@ class Attempt(Protocol):
     def cancel(self) -> None: ...
 
 
-class Executor(Protocol):
-    def submit(self, preset: str, overrides: list[str], log_path: str) -> Attempt: ...
+class TrainingExecutor(Protocol):
+    def submit(self, preset: str, overrides: list[str], run: RunDir, number: int) -> Submission: ...
 
-    def reattach(self, job_id: str) -> Attempt | None: ...  # None: nothing running under that id
+    def reattach(self, job_id: str) -> Submission | None: ...  # None: nothing running under that id
 
     def describe(self) -> dict: ...  # what the run dir's job.json records, so a restarted flow can reattach
 
 
-class LocalAttempt:
+class LocalSubmission:
     def __init__(self, proc: subprocess.Popen, log, log_path: str):
         self.proc, self._log, self.log_path = proc, log, log_path
         self.job_id = f"local-{proc.pid}"
@@ -48,10 +56,10 @@ class LocalAttempt:
         if code is None:
             return None
         self._log.close()
-        if code == 0:
+        if code == exit_codes.OK:
             return Outcome("completed", "exit 0")
-        if code == REQUEUE_EXIT_CODE:
-            return Outcome("requeue", "stopped with a checkpoint (exit 75)")
+        if code == exit_codes.REQUEUE:
+            return Outcome("requeue", f"stopped with a checkpoint (exit {exit_codes.REQUEUE})")
         if code < 0:
             return Outcome("failed", f"killed by signal {-code}")
         return Outcome("failed", f"exit {code}")
@@ -62,30 +70,33 @@ class LocalAttempt:
             self.proc.wait(timeout=120)
 
 
-class LocalExecutor:
-    """Training as a subprocess of the worker (the embedded default: no cluster)."""
+class LocalTrainingExecutor:
+    """Training as a subprocess of the flow (the embedded default: no cluster)."""
 
     def __init__(self, nproc: int = 1, cwd: str | None = None):
         self.nproc = nproc
-        self.cwd = cwd or str(Path(__file__).resolve().parent.parent)
+        self.cwd = cwd or str(REPO)
 
-    def submit(self, preset: str, overrides: list[str], log_path: str) -> LocalAttempt:
+    def submit(self, preset: str, overrides: list[str], run: RunDir, number: int) -> LocalSubmission:
         sets = [a for kv in overrides for a in ("--set", kv)]
         if self.nproc == 1:
             cmd = [sys.executable, "-m", "training.train", "--config", preset, *sets]
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}",
                    "-m", "training.train", "--config", preset, *sets]
+        # the console goes next to the run when the run directory is local, else to ./logs/{run}/
+        log_path = store.fs_and_path(run.submission_log(number))[1] if store.is_local(run.url) else \
+            posixpath.join("logs", posixpath.basename(run.url.rstrip("/")), f"submission-{number:03d}.log")
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         log = open(log_path, "ab")
         proc = subprocess.Popen(cmd, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
-        return LocalAttempt(proc, log, log_path)
+        return LocalSubmission(proc, log, log_path)
 
-    def reattach(self, job_id: str) -> Attempt | None:
-        """A local attempt cannot be watched from another process (its exit code is lost), but it may outlive
-        a crashed flow (own session): stop it with a checkpoint (SIGTERM -> exit 75) so that the next attempt
-        resumes from there instead of two processes training into one run dir."""
+    def reattach(self, job_id: str) -> Submission | None:
+        """A local submission cannot be watched from another process (its exit code is lost), but it may
+        outlive a crashed flow (own session): stop it with a checkpoint (SIGTERM -> exit 75) so that the next
+        submission resumes from there instead of two processes training into one run dir."""
         pid = int(job_id.removeprefix("local-")) if job_id.startswith("local-") else 0
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if pid else []

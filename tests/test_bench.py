@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from helpers import REPO
 from training.config import load_config
-from training.data import ShardLoader
+from training.loader import ShardLoader
 from training.model import GPT
 from training.optim import configure_optimizer
 from training.step import train_step

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from helpers import REPO
 from training import checkpoint as ck
 from training.config import load_config
 from training.model import GPT

@@ -13,7 +13,7 @@ from cluster.spec import JobSpec
 from cluster.submit import main as submit_cli
 from cluster.submit import reattach, sacct_state, submit
 from cluster.validate import SpecError
-from test_train import BASE, losses, run_train
+from helpers import REPO, TRAIN_BASE, losses, release_after_requeue, run_train
 
 SECRET = "s3cret-never-pickled-0xC0FFEE"
 STEPS = 60
@@ -29,11 +29,11 @@ def job_env(slurm_cluster, monkeypatch):
 
 
 def sets(data, run, *extra):
-    return [*BASE, f"max_steps={STEPS}", "val_every=10", f"data_url={data}", f"run_dir={run}", *extra]
+    return [*TRAIN_BASE, f"max_steps={STEPS}", "val_every=10", f"data_url={data}", f"run_dir={run}", *extra]
 
 
 def spec(folder, **kw):
-    # time_min=20: with time_min < ~10 submitit counts every signal as a time-out (FACTS.md).
+    # time_min=20: with time_min < ~10 submitit counts every signal as a time-out.
     return JobSpec(**{"nodes": 2, "time_min": 20, "folder": str(folder), **kw})
 
 
@@ -45,18 +45,6 @@ def wait_for_steps(run: Path, n: int, timeout=120):
             return
         time.sleep(0.05)
     raise TimeoutError(f"{run} did not reach {n} steps")
-
-
-def release_after_requeue(job_id: str, timeout=60):
-    """A requeued job is held PENDING (Reason=BeginTime) ~120 s by Slurm; start it now instead."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
-        if state.strip() == "PENDING":
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"job {job_id} was not requeued")
 
 
 def attempts(run: Path):
@@ -179,8 +167,6 @@ def test_a_controller_that_does_not_answer_is_a_clear_error_before_sbatch(job_en
 
 def test_submit_cli_waits_showing_the_job_state_and_prints_the_result(job_env, demo_data, tmp_path):
     import sys
-
-    from conftest import REPO
 
     run = tmp_path / "run"
     args = [a for kv in sets(demo_data, run) for a in ("--set", kv)]

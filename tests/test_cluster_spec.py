@@ -3,7 +3,7 @@
 import pytest
 
 from cluster.spec import Container, JobSpec
-from cluster.submit import build_executor
+from cluster.sbatch import build_executor
 from cluster.validate import NodeInfo, check_capacity
 
 

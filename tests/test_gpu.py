@@ -1,7 +1,7 @@
 """CUDA paths of the training step: bf16 autocast, torch.compile, the SDPA kernels, fused AdamW and the
-chunked loss give what the plain fp32 path gives. Needs a GPU: skipped on CPU machines (CI has none), run on
-a lent one with `bash bench/gpu_session.sh check`; the CPU halves of these checks are in test_model.py
-and test_bench.py."""
+chunked loss give what the plain fp32 path gives. Needs a GPU: skipped on CPU machines (CI has none); on a GPU
+node, `bash bench/gpu_node.sh check` runs them. The CPU halves of these checks are in test_model.py and
+test_bench.py."""
 
 import json
 import subprocess
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from helpers import REPO
 from training import accel
-from training.config import GPTConfig, load_config
-from training.data import ShardLoader
+from training.config import GPTConfig
+from training.loader import ShardLoader
 from training.model import GPT
 from training.optim import configure_optimizer
 from training.step import train_step

@@ -1,4 +1,4 @@
-"""data_prep.hellaswag: stages a HellaSwag val jsonl into {store}/data/hellaswag/, validated, idempotent,
+"""evaluation.hellaswag_data: stages a HellaSwag val jsonl into {store}/data/hellaswag/, validated, idempotent,
 readable by the evaluation; also on S3 (moto's server)."""
 
 import json
@@ -8,10 +8,9 @@ import sys
 
 import pytest
 
-from conftest import REPO
-from data_prep import hellaswag as prep
-from training import hellaswag as hs
-from training import store
+from common import store
+from evaluation import hellaswag_data as prep
+from helpers import REPO
 
 EXAMPLES = [
     {"ind": 24, "ctx": "A man is sitting on a roof. he", "activity_label": "Roof shingle removal",
@@ -33,7 +32,7 @@ def source(tmp_path):
 
 
 def run(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "data_prep.hellaswag", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "evaluation.hellaswag_data", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=60, env=dict(os.environ, **(env or {})))
 
 
@@ -42,7 +41,7 @@ def test_stage_local_store_then_rerun(source, tmp_path):
     assert r.returncode == 0 and "3 examples" in r.stdout and "written" in r.stdout, r.stderr
     dst = tmp_path / "store" / "data" / "hellaswag" / "hellaswag_val.jsonl"
     assert dst.read_bytes() == source.read_bytes()
-    assert [e["label"] for e in hs.read_examples(str(dst))] == [3, 0, 2]  # what the evaluation reads
+    assert [e["label"] for e in prep.read_examples(str(dst))] == [3, 0, 2]  # what the evaluation reads
     r = run("--out", str(tmp_path / "store"), "--source", str(source))
     assert r.returncode == 0 and "already there" in r.stdout
 
@@ -63,7 +62,7 @@ def test_missing_source_and_empty_file(tmp_path):
     r = run("--out", str(tmp_path / "store"), "--source", str(tmp_path / "nope.jsonl"))
     assert r.returncode == 2 and "no such file" in r.stderr
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(prep.HellaSwagSourceError, match="no examples"):
+    with pytest.raises(prep.HellaSwagDataError, match="no examples"):
         prep.stage(str(tmp_path / "store"), str(tmp_path / "empty.jsonl"))
 
 

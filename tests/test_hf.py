@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from conftest import small_hf_model
+from common.errors import BadInput
+from helpers import small_hf_model
 from training.config import GPTConfig
-from training.hf import export_hf_dir, to_hf
+from training.hf import export_hf_dir, gpt_from_hf, to_hf
 from training.model import GPT
 from training.sample import generate
 
@@ -20,7 +21,7 @@ def _max_diff(ours: GPT, hf, ids: torch.Tensor) -> float:
 @pytest.mark.parametrize("pad", [64, 1])
 def test_import_small_model_logits_match(pad):
     hf = small_hf_model()
-    ours = GPT.from_hf(hf, pad_vocab_to=pad)
+    ours = gpt_from_hf(hf, pad_vocab_to=pad)
     assert ours.config.padded_vocab_size == (50304 if pad == 64 else 50257)
     ids = torch.randint(0, 50257, (2, 40))
     assert _max_diff(ours, hf, ids) <= 1e-4
@@ -31,7 +32,7 @@ def test_import_full_124m_logits_match():
 
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config()).eval()  # GPT-2 124M shape, random weights
-    ours = GPT.from_hf(hf)
+    ours = gpt_from_hf(hf)
     assert ours.num_parameters() == 124_439_808 + 47 * 768
     ids = torch.randint(0, 50257, (1, 64))
     assert _max_diff(ours, hf, ids) <= 1e-4
@@ -40,10 +41,10 @@ def test_import_full_124m_logits_match():
 def test_import_from_local_hf_directory(tmp_path):
     hf = small_hf_model()
     hf.save_pretrained(tmp_path)
-    ours = GPT.from_hf(str(tmp_path))
+    ours = gpt_from_hf(str(tmp_path))
     assert _max_diff(ours, hf, torch.randint(0, 50257, (1, 16))) <= 1e-4
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        GPT.from_hf(str(tmp_path / "nope"))
+    with pytest.raises(BadInput, match="config.json"):
+        gpt_from_hf(str(tmp_path / "nope"))
 
 
 def test_export_directory_loads_in_transformers_unchanged(tmp_path, enc):
@@ -68,7 +69,7 @@ def test_export_directory_loads_in_transformers_unchanged(tmp_path, enc):
 
 def test_greedy_generation_equals_hf_generate():
     hf = small_hf_model(seed=3)
-    ours = GPT.from_hf(hf)
+    ours = gpt_from_hf(hf)
     prompt = [15496, 11, 995, 0, 314]
     mine = generate(ours, prompt, max_new_tokens=20, temperature=0)[0]
     with torch.no_grad():
@@ -79,7 +80,7 @@ def test_greedy_generation_equals_hf_generate():
 
 def test_round_trip_ours_to_hf_to_ours_is_exact():
     ours = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16))
-    back = GPT.from_hf(to_hf(ours))
+    back = gpt_from_hf(to_hf(ours))
     for (n, a), (_, b) in zip(ours.state_dict().items(), back.state_dict().items()):
         if n in ("transformer.wte.weight", "lm_head.weight"):
             a, b = a[:50257], b[:50257]

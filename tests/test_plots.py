@@ -4,12 +4,13 @@ import sys
 
 import numpy as np
 
-from conftest import REPO
+from common import store
+from evaluation.plots import read_hellaswag
+from helpers import REPO
 from training import checkpoint as ck
-from training import store
 from training.config import load_config
+from training.metrics import read_metrics
 from training.model import GPT
-from training.plots import read_hellaswag, read_metrics
 
 
 def test_plot_cli_draws_loss_and_hellaswag_curves(tmp_path):
@@ -23,7 +24,7 @@ def test_plot_cli_draws_loss_and_hellaswag_curves(tmp_path):
     (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 2')
     assert len(read_metrics(run)) == 20  # a torn last line (writer killed mid-line) is skipped
     assert read_hellaswag(run) == [(10, 0.25), (20, 0.27)]
-    p = subprocess.run([sys.executable, "-m", "training.plots", run], cwd=REPO, capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "evaluation.plots", run], cwd=REPO, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0, p.stderr
     import matplotlib.pyplot as plt
@@ -34,6 +35,6 @@ def test_plot_cli_draws_loss_and_hellaswag_curves(tmp_path):
 
 
 def test_plot_without_metrics_is_a_clear_error(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "training.plots", str(tmp_path)], cwd=REPO, capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "evaluation.plots", str(tmp_path)], cwd=REPO, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 2 and "no metrics.jsonl" in p.stderr

@@ -2,14 +2,17 @@
 the same shard and manifest bytes as one process, and a rerun keeps the parts already tokenized."""
 
 import os
+from pathlib import Path
 
 import pytest
 
 from cluster.prep_array import submit_prep
+from cluster.spec import JobSpec
+from common import store
 from data_prep import parts, pipeline
 from data_prep.sources import SourceError, open_source
-from training import store
-from test_data_prep import SHARD, parquet_dir, docs, shard_files  # noqa: F401  (fixtures)
+from helpers import PARQUET_SHARD as SHARD
+from helpers import shard_files
 
 
 def test_job_array_writes_the_same_bytes_as_one_process(slurm_cluster, parquet_dir, tmp_path, monkeypatch):
@@ -18,8 +21,12 @@ def test_job_array_writes_the_same_bytes_as_one_process(slurm_cluster, parquet_d
     pipeline.build(one, open_source(str(parquet_dir)), SHARD, 1, progress=False)
 
     out, folder = str(tmp_path / "array"), str(tmp_path / "slurm")
-    jobs = submit_prep(str(parquet_dir), out, folder=folder, shard_tokens=SHARD, time_min=20)
+    spec = JobSpec(folder=folder, time_min=20, sbatch_extra=["--comment=gpt2-prep-test"])
+    jobs = submit_prep(str(parquet_dir), out, spec, shard_tokens=SHARD)
     assert len(jobs.array) == 3  # one array task per file
+    scripts = sorted(Path(folder).glob("*_submission.sh"))
+    assert len(scripts) == 2  # the array and the assembly job, each shaped by every field of the spec
+    assert all("#SBATCH --comment=gpt2-prep-test\n" in p.read_text() for p in scripts)
     manifest = jobs.wait()
     assert shard_files(out) == shard_files(one)
     assert store.read_bytes(store.join(out, "manifest.json")) == store.read_bytes(store.join(one, "manifest.json"))
@@ -29,16 +36,16 @@ def test_job_array_writes_the_same_bytes_as_one_process(slurm_cluster, parquet_d
     first = {i: os.stat(parts.part_url(out, i)).st_mtime_ns for i in range(3)}
     for name in [n for n in store.listdir(out) if n.endswith((".npy", ".json"))]:
         os.remove(os.path.join(out, name))
-    submit_prep(str(parquet_dir), out, folder=folder, shard_tokens=SHARD, time_min=20).wait()
+    submit_prep(str(parquet_dir), out, spec, shard_tokens=SHARD).wait()
     assert {i: os.stat(parts.part_url(out, i)).st_mtime_ns for i in range(3)} == first
     assert shard_files(out) == shard_files(one)
 
 
 def test_job_array_rejects_a_hub_source_and_a_missing_folder_before_sbatch(tmp_path):
     with pytest.raises(SourceError, match="needs source files"):
-        submit_prep("hf:HuggingFaceFW/fineweb-edu:sample-10BT", str(tmp_path / "out"), folder=str(tmp_path / "s"))
+        submit_prep("hf:HuggingFaceFW/fineweb-edu:sample-10BT", str(tmp_path / "out"), JobSpec(folder=str(tmp_path / "s")))
     with pytest.raises(SourceError):
-        submit_prep(str(tmp_path / "nothing-here"), str(tmp_path / "out"), folder=str(tmp_path / "s"))
+        submit_prep(str(tmp_path / "nothing-here"), str(tmp_path / "out"), JobSpec(folder=str(tmp_path / "s")))
     assert not (tmp_path / "s").exists()  # nothing was submitted
 
 
@@ -48,7 +55,6 @@ def test_prepare_data_flow_runs_the_job_array(slurm_cluster, parquet_dir, tmp_pa
 
     from prefect.testing.utilities import prefect_test_harness
 
-    from cluster.spec import JobSpec
     from flows.prepare_data import prepare_data
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

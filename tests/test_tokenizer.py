@@ -5,7 +5,7 @@ import tarfile
 import pytest
 import tiktoken
 
-from training import tokenizer
+from common import tokenizer
 
 
 def test_tiktoken_gpt2_works_offline():
@@ -25,7 +25,7 @@ def _tgz(tmp_path, files):
 
 
 def test_stage_from_tarball_writes_tiktoken_cache_names(tmp_path):
-    real = {n: tokenizer._cached_file(n).read_bytes() for n in tokenizer.GPT2_BPE_FILES}
+    real = {n: tokenizer.cached_file(n).read_bytes() for n in tokenizer.GPT2_BPE_FILES}
     dest = tmp_path / "cache"
     tokenizer.stage(_tgz(tmp_path, real), dest)
     assert tokenizer.staged(dest)
@@ -35,7 +35,7 @@ def test_stage_from_tarball_writes_tiktoken_cache_names(tmp_path):
 
 
 def test_stage_rejects_tampered_or_missing_files(tmp_path):
-    real = {n: tokenizer._cached_file(n).read_bytes() for n in tokenizer.GPT2_BPE_FILES}
+    real = {n: tokenizer.cached_file(n).read_bytes() for n in tokenizer.GPT2_BPE_FILES}
     bad = dict(real, **{"vocab.bpe": real["vocab.bpe"] + b"\n"})
     dest = tmp_path / "cache"
     with pytest.raises(tokenizer.TokenizerFilesError, match="vocab.bpe.*sha256"):
@@ -53,7 +53,7 @@ def test_stage_cli(tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()
     for n in tokenizer.GPT2_BPE_FILES:
-        (src / n).write_bytes(tokenizer._cached_file(n).read_bytes())
+        (src / n).write_bytes(tokenizer.cached_file(n).read_bytes())
     assert tokenizer.main(["stage", "--source", str(src), "--cache-dir", str(tmp_path / "c")]) == 0
     assert tokenizer.staged(tmp_path / "c")
     assert tokenizer.main(["stage", "--source", str(tmp_path / "missing")]) == 2

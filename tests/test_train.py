@@ -1,56 +1,19 @@
 """The training job as Slurm runs it: real `python -m training.train` and real torchrun (gloo on CPU)."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO
+from common.exit_codes import BAD_INPUT, REQUEUE
+from helpers import REPO, losses, metrics, run_train, train_cmd, train_env
 from training import checkpoint as ck
 from training.config import load_config
 from training.model import GPT
 from training.optim import configure_optimizer
-from training.train import REQUEUE_EXIT_CODE
-
-# Small enough for ~30 ms steps on 2 CPU cores, with gradient accumulation in play.
-BASE = ["micro_batch=2", "seq_len=32", "total_batch_tokens=256", "max_steps=8", "warmup_steps=2",
-        "val_every=3", "val_tokens=128", "sample_every=0", "checkpoint_every=100", "log_every=1"]
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return env
-
-
-def train_cmd(data, run, *extra, nproc=1):
-    sets = [a for kv in BASE + [f"data_url={data}", f"run_dir={run}", *extra] for a in ("--set", kv)]
-    if nproc == 1:
-        return [sys.executable, "-m", "training.train", "--config", "tiny", *sets]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "training.train", "--config", "tiny", *sets]
-
-
-def run_train(data, run, *extra, nproc=1, expect=0):
-    p = subprocess.run(train_cmd(data, run, *extra, nproc=nproc), cwd=REPO, env=_env(), capture_output=True,
-                       text=True, timeout=600)
-    ok = p.returncode == expect if nproc == 1 else (p.returncode == 0) == (expect == 0)
-    assert ok, f"exit {p.returncode} (wanted {expect}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    return p
-
-
-def metrics(run):
-    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run):
-    return [(m["step"], m["loss"]) for m in metrics(run)]
-
 
 def test_metrics_and_checkpoints_of_a_run(demo_data, tmp_path):
     run = tmp_path / "run"
@@ -70,7 +33,7 @@ def test_metrics_and_checkpoints_of_a_run(demo_data, tmp_path):
 
 def test_resume_is_bit_exact_single_process(demo_data, tmp_path):
     run_train(demo_data, tmp_path / "straight")
-    run_train(demo_data, tmp_path / "split", "stop_after_steps=3", expect=REQUEUE_EXIT_CODE)
+    run_train(demo_data, tmp_path / "split", "stop_after_steps=3", expect=REQUEUE)
     assert ck.list_steps(str(tmp_path / "split")) == [3]
     run_train(demo_data, tmp_path / "split")
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")  # exact equality, not approx
@@ -78,7 +41,7 @@ def test_resume_is_bit_exact_single_process(demo_data, tmp_path):
 
 def test_resume_is_bit_exact_under_torchrun_two_ranks(demo_data, tmp_path):
     run_train(demo_data, tmp_path / "straight", nproc=2)
-    run_train(demo_data, tmp_path / "split", "stop_after_steps=5", nproc=2, expect=REQUEUE_EXIT_CODE)
+    run_train(demo_data, tmp_path / "split", "stop_after_steps=5", nproc=2, expect=REQUEUE)
     ckpt = ck.latest_checkpoint(str(tmp_path / "split"))
     assert ckpt.step == 5 and ckpt.world_size == 2 and {"rank_00000.pt", "rank_00001.pt"} <= set(ckpt.manifest["files"])
     assert ckpt.rank_state(0)["loader"]["base"] == ckpt.rank_state(1)["loader"]["base"]
@@ -112,7 +75,7 @@ def test_compiled_ddp_with_the_chunked_loss_matches_one_plain_process(demo_data,
 @pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM])
 def test_preemption_signal_checkpoints_and_exits_with_requeue_code(demo_data, tmp_path, sig):
     run = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(demo_data, run, "max_steps=5000", "val_every=5000"), cwd=REPO, env=_env(),
+    proc = subprocess.Popen(train_cmd(demo_data, run, "max_steps=5000", "val_every=5000"), cwd=REPO, env=train_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -121,7 +84,7 @@ def test_preemption_signal_checkpoints_and_exits_with_requeue_code(demo_data, tm
         time.sleep(0.1)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
+    assert proc.returncode == REQUEUE, err[-3000:]
     done = len(metrics(run))
     assert ck.latest_checkpoint(str(run)).step == done  # the step in flight was finished, then saved
     assert json.loads(out.strip().splitlines()[-1])["stopped_by"] == sig.name
@@ -131,18 +94,18 @@ def test_preemption_signal_checkpoints_and_exits_with_requeue_code(demo_data, tm
 
 
 def test_missing_data_fails_before_anything_is_written(tmp_path):
-    p = run_train(tmp_path / "nodata", tmp_path / "run", expect=2)
+    p = run_train(tmp_path / "nodata", tmp_path / "run", expect=BAD_INPUT)
     assert "no train shards" in p.stderr and not (tmp_path / "run").exists()
 
 
 def test_bad_config_fails_naming_the_field(tmp_path):
-    p = run_train(tmp_path, tmp_path / "run", "optim.max_lr=-1", expect=2)
+    p = run_train(tmp_path, tmp_path / "run", "optim.max_lr=-1", expect=BAD_INPUT)
     assert "optim.max_lr" in p.stderr
 
 
 def test_model_overfits_a_single_batch(demo_data):
     """The lecture's first sanity check: the tiny model memorises one fixed batch."""
-    from training.data import ShardLoader
+    from training.loader import ShardLoader
 
     cfg = load_config("tiny")
     torch.manual_seed(0)
@@ -172,8 +135,8 @@ def test_compile_flag_keeps_losses_val_and_sampling(demo_data, tmp_path):
 
 
 def test_missing_tokenizer_files_fail_at_start_when_sampling_is_on(demo_data, tmp_path):
-    env = dict(_env(), TIKTOKEN_CACHE_DIR=str(tmp_path / "empty-cache"), HOME=str(tmp_path))
+    env = dict(train_env(), TIKTOKEN_CACHE_DIR=str(tmp_path / "empty-cache"), HOME=str(tmp_path))
     p = subprocess.run(train_cmd(demo_data, tmp_path / "run", "sample_every=2"), cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and "training.tokenizer stage" in p.stderr
+    assert p.returncode == BAD_INPUT and "common.tokenizer stage" in p.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from common import store
+from common.exit_codes import REQUEUE
+from helpers import REPO, TRAIN_BASE
 from training import checkpoint as ck
-from training.train import REQUEUE_EXIT_CODE
-from test_train import BASE
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +28,10 @@ def s3(s3_server):
     fsspec.config.conf["s3"] = {**old_conf, "endpoint_url": s3_server["endpoint_url"]}
     s3fs.S3FileSystem.clear_instance_cache()
     s3_server["make_bucket"]("bucket")
-    from data_prep.demo_corpus import build
+    from data_prep import pipeline
+    from data_prep.sources import DemoSource
 
-    build("s3://bucket/data", shard_tokens=50_000, max_shards=3)
+    pipeline.build("s3://bucket/data", DemoSource(), 50_000, workers=1, progress=False)
     yield env
     fsspec.config.conf["s3"] = old_conf
     s3fs.S3FileSystem.clear_instance_cache()
@@ -42,15 +43,13 @@ def s3(s3_server):
 
 
 def _run(run, *extra, env):
-    sets = [a for kv in BASE + ["data_url=s3://bucket/data", f"run_dir={run}", *extra] for a in ("--set", kv)]
+    sets = [a for kv in TRAIN_BASE + ["data_url=s3://bucket/data", f"run_dir={run}", *extra] for a in ("--set", kv)]
     return subprocess.run([sys.executable, "-m", "training.train", "--config", "tiny", *sets], cwd=REPO,
                           env=dict(os.environ, **env, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=300)
 
 
 def _losses(run):
-    from training import store
-
     return [(m["step"], m["loss"]) for m in map(json.loads, store.read_bytes(f"{run}/metrics.jsonl").decode().splitlines())]
 
 
@@ -60,7 +59,7 @@ def test_train_and_resume_on_s3_bit_exact(s3, tmp_path):
     straight = _run("s3://bucket/runs/straight", env=s3)
     assert straight.returncode == 0, straight.stderr[-3000:]
     first = _run("s3://bucket/runs/split", "stop_after_steps=3", "checkpoint_every=2", env=s3)
-    assert first.returncode == REQUEUE_EXIT_CODE, first.stderr[-3000:]
+    assert first.returncode == REQUEUE, first.stderr[-3000:]
     # a crash while writing step 4: files but no manifest; it must be ignored on resume
     fs = s3fs.S3FileSystem()
     fs.pipe_file("bucket/runs/split/checkpoints/step_000004/model.safetensors", b"partial")
@@ -78,7 +77,7 @@ def test_missing_credentials_fail_early_and_clearly(s3, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(FSSPEC_S3_ENDPOINT_URL=s3["FSSPEC_S3_ENDPOINT_URL"], AWS_CONFIG_FILE="/nonexistent",
                AWS_SHARED_CREDENTIALS_FILE="/nonexistent", AWS_EC2_METADATA_DISABLED="true")
-    sets = [a for kv in BASE + ["data_url=s3://bucket/data", "run_dir=s3://bucket/runs/nocreds"] for a in ("--set", kv)]
+    sets = [a for kv in TRAIN_BASE + ["data_url=s3://bucket/data", "run_dir=s3://bucket/runs/nocreds"] for a in ("--set", kv)]
     p = subprocess.run([sys.executable, "-m", "training.train", "--config", "tiny", *sets], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2, p.stderr[-2000:]

@@ -1,11 +1,28 @@
-"""The CUDA speed settings of a run, in one place for the training loop and the throughput benchmark:
-TF32 matmuls and which scaled-dot-product-attention kernel runs."""
+"""Where and how fast a run computes, in one place for the training loop and the throughput benchmark: the
+device, the autocast dtype, TF32 matmuls and which scaled-dot-product-attention kernel runs."""
 
 from __future__ import annotations
 
 import torch
 
-from training.config import ConfigError
+from training.config import ConfigError, RunConfig
+
+
+def resolve_device(cfg: RunConfig) -> torch.device:
+    want = cfg.train.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA device is visible")
+    return torch.device(want)
+
+
+def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA unless the config says float32; None = no autocast."""
+    dtype = cfg.train.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    return torch.bfloat16 if dtype == "bfloat16" else None
 
 ATTENTION_BACKENDS = ("flash", "cudnn", "efficient", "math")
 

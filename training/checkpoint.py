@@ -1,6 +1,6 @@
-"""Checkpoint format, atomic writes, validation and retention.
+"""Checkpoint format, atomic writes, validation and retention, and the RNG state a checkpoint stores.
 
-    {run_dir}/checkpoints/step_000500/
+    {run_dir}/checkpoints/step_000500/           (common/layout.py: RunDir.checkpoint)
         model.safetensors    weights (padded vocab rows included; the tied lm_head is stored once, as wte)
         optimizer.pt         AdamW state_dict
         rank_00000.pt ...    per-rank loader state and RNG states (python, numpy, torch CPU, CUDA)
@@ -14,39 +14,35 @@ tensors go through safetensors and `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
-import re
+import random
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from training import store
+from common import store
+from common.errors import BadInput
+from common.layout import RunDir
 from training.config import RunConfig, config_from_json
 from training.model import GPT, unwrap
 
 log = logging.getLogger(__name__)
 
 FORMAT = "gpt2-repro-checkpoint/1"
-CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"
-_STEP_RE = re.compile(r"^step_(\d{6,})$")
 _TIED = "lm_head.weight"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BadInput):
     """A checkpoint that is missing, incomplete or corrupt; the message names it."""
-
-
-def step_dir(run_dir: str, step: int) -> str:
-    return store.join(run_dir, CHECKPOINTS_DIR, f"step_{step:06d}")
 
 
 def code_version() -> str:
@@ -68,10 +64,6 @@ def code_version() -> str:
         return "unknown"
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _torch_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -87,6 +79,33 @@ def load_model_state(model: GPT, data: bytes) -> None:
     sd = st_load(data)
     sd[_TIED] = sd["transformer.wte.weight"]
     unwrap(model).load_state_dict(sd, strict=True)
+
+
+# ----------------------------------------------------------------------------- RNG state (per rank)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every generator training draws from (python, numpy, torch CPU, CUDA), as tensors and plain numbers
+    that `torch.load(weights_only=True)` reads back."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -108,12 +127,12 @@ def write_checkpoint(
     """Write one checkpoint collectively. Every rank calls this with its own `rank_state`; `gather` sends each
     rank's file record to rank 0 (None on the others; in a single process, `lambda x: [x]`). Rank 0 writes
     the shared files and, last, the manifest. Returns the checkpoint URL on rank 0."""
-    url = step_dir(run_dir, step)
+    url = RunDir(run_dir).checkpoint(step)
     gather = gather or (lambda x: [x])
     rank_name = f"rank_{rank:05d}.pt"
     data = _torch_bytes(rank_state)
     store.write_bytes(store.join(url, rank_name), data)
-    records = gather({"name": rank_name, "bytes": len(data), "sha256": _sha256(data)})
+    records = gather({"name": rank_name, "bytes": len(data), "sha256": store.sha256(data)})
     if rank != 0:
         return None
     files = {r["name"]: {"bytes": r["bytes"], "sha256": r["sha256"]} for r in records}
@@ -129,7 +148,7 @@ def write_checkpoint(
         shared["optimizer.pt"] = _torch_bytes(optimizer.state_dict())
     for name, blob in shared.items():
         store.write_bytes(store.join(url, name), blob)
-        files[name] = {"bytes": len(blob), "sha256": _sha256(blob)}
+        files[name] = {"bytes": len(blob), "sha256": store.sha256(blob)}
     store.write_json(store.join(url, MANIFEST), {"format": FORMAT, "step": step, "world_size": world_size, "files": files})
     return url
 
@@ -162,7 +181,7 @@ class Checkpoint:
             data = store.read_bytes(store.join(self.url, name))
         except FileNotFoundError:
             raise CheckpointError(f"{self.url}: {name} is listed in the manifest but missing") from None
-        if len(data) != meta["bytes"] or _sha256(data) != meta["sha256"]:
+        if len(data) != meta["bytes"] or store.sha256(data) != meta["sha256"]:
             raise CheckpointError(f"{self.url}: {name} is corrupt (size or sha256 differs from the manifest)")
         if name.endswith(".json"):
             self._cache[name] = data
@@ -203,18 +222,14 @@ def open_checkpoint(url: str) -> Checkpoint:
 
 def list_steps(run_dir: str) -> list[int]:
     """Steps that have a directory under checkpoints/ (complete or not), ascending."""
-    steps = []
-    for name in store.listdir(store.join(run_dir, CHECKPOINTS_DIR)):
-        m = _STEP_RE.match(name)
-        if m:
-            steps.append(int(m.group(1)))
-    return sorted(steps)
+    steps = (RunDir.step_of(name) for name in store.listdir(RunDir(run_dir).checkpoints))
+    return sorted(s for s in steps if s is not None)
 
 
 def _valid_newest_first(run_dir: str, verify: bool):
     for step in reversed(list_steps(run_dir)):
         try:
-            ckpt = open_checkpoint(step_dir(run_dir, step))
+            ckpt = open_checkpoint(RunDir(run_dir).checkpoint(step))
             if verify:
                 ckpt.verify()
         except CheckpointError as err:
@@ -237,12 +252,12 @@ def resolve(url: str) -> Checkpoint:
     """A checkpoint directory, or a run directory (its latest valid checkpoint)."""
     if store.exists(store.join(url, MANIFEST)):
         return open_checkpoint(url)
-    if store.exists(store.join(url, CHECKPOINTS_DIR)):
+    if store.exists(RunDir(url).checkpoints):
         ckpt = latest_checkpoint(url)
         if ckpt is None:
-            raise CheckpointError(f"{url}: no valid checkpoint under {CHECKPOINTS_DIR}/")
+            raise CheckpointError(f"{url}: no valid checkpoint under checkpoints/")
         return ckpt
-    raise CheckpointError(f"{url}: neither a checkpoint (no {MANIFEST}) nor a run directory (no {CHECKPOINTS_DIR}/)")
+    raise CheckpointError(f"{url}: neither a checkpoint (no {MANIFEST}) nor a run directory (no checkpoints/)")
 
 
 def load_model(url: str, device: str | torch.device = "cpu") -> tuple[GPT, RunConfig, int]:
@@ -265,6 +280,6 @@ def prune(run_dir: str, keep_last: int, keep_every: int, current_step: int) -> l
     deleted = []
     for step in list_steps(run_dir):
         if step not in keep:
-            store.remove_tree(step_dir(run_dir, step))
+            store.remove_tree(RunDir(run_dir).checkpoint(step))
             deleted.append(step)
     return deleted

@@ -15,11 +15,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-GPT2_TOKENIZER_VOCAB = 50257  # tiktoken "gpt2": 50,000 merges + 256 bytes + <|endoftext|>
+from common.cli import validation_message
+from common.errors import BadInput
+from common.layout import LOCAL_STORE, StoreLayout
+from common.tokenizer import VOCAB_SIZE
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput, ValueError):
     """A config that cannot run; the message names the offending field."""
 
 
@@ -32,7 +36,7 @@ class GPTConfig(_Section):
     """Shape of the GPT-2 network (defaults: GPT-2 124M)."""
 
     block_size: int = Field(1024, gt=0, description="maximum context length (learned positions)")
-    vocab_size: int = Field(GPT2_TOKENIZER_VOCAB, gt=0, description="tokens the tokenizer can emit")
+    vocab_size: int = Field(VOCAB_SIZE, gt=0, description="tokens the tokenizer can emit")
     n_layer: int = Field(12, gt=0)
     n_head: int = Field(12, gt=0)
     n_embd: int = Field(768, gt=0)
@@ -53,7 +57,11 @@ class GPTConfig(_Section):
 
 
 class DataConfig(_Section):
-    data_url: str = Field("store/data/fineweb-edu/sample-10BT", description="fsspec URL of the token shards")
+    dataset: str = Field("fineweb-edu/sample-10BT", description="the shards' name in a store: {store}/data/{dataset}")
+    data_url: str | None = Field(None, description="fsspec URL of the token shards; default: the dataset in the "
+                                 "local store, ./store/data/{dataset} (a flow uses its own store)")
+    source: str | None = Field(None, description="what a flow makes the shards from when they are missing: a "
+                               "data_prep source (hf:HuggingFaceFW/fineweb-edu:sample-10BT, parquet/jsonl files, demo)")
     shuffle: bool = Field(False, description="seeded per-epoch shuffling (off = build-nanogpt's exact order)")
     verify_checksums: bool = Field(True, description="check shard sha256 against the manifest when one exists")
 
@@ -124,10 +132,10 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
         t, m = self.train, self.model
-        if m.vocab_size < GPT2_TOKENIZER_VOCAB:
-            raise ValueError(
-                f"model.vocab_size ({m.vocab_size}) is smaller than the GPT-2 tokenizer's {GPT2_TOKENIZER_VOCAB} tokens"
-            )
+        if m.vocab_size < VOCAB_SIZE:
+            raise ValueError(f"model.vocab_size ({m.vocab_size}) is smaller than the GPT-2 tokenizer's {VOCAB_SIZE} tokens")
+        if self.data.data_url is None:
+            self.data.data_url = StoreLayout(LOCAL_STORE).dataset(self.data.dataset)
         if t.seq_len > m.block_size:
             raise ValueError(f"train.seq_len ({t.seq_len}) exceeds model.block_size ({m.block_size})")
         per_micro = t.micro_batch * t.seq_len
@@ -215,18 +223,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(loc, LEAF_PATHS + [p.rsplit(".", 1)[0] for p in LEAF_PATHS], n=1)
-            msg = "unknown field" + (f"; did you mean {close[0]}?" if close else "")
-        lines.append(f"  {loc or '<root>'}: {msg}" + (f" (got {e['input']!r})" if "input" in e and e["type"] != "extra_forbidden" and not isinstance(e["input"], dict) else ""))
-    return "\n".join(lines)
-
-
 def preset_path(name_or_path: str | Path) -> Path:
     """A preset name (`tiny`, `gpt2-124m`) or a path to a TOML file."""
     p = Path(name_or_path)
@@ -245,7 +241,8 @@ def build_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        known = LEAF_PATHS + sorted({p.rsplit(".", 1)[0] for p in LEAF_PATHS})
+        raise ConfigError(validation_message(err, f"config ({source})", known)) from None
 
 
 def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> RunConfig:

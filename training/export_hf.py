@@ -7,28 +7,24 @@ that `GPT2LMHeadModel.from_pretrained`, `AutoTokenizer.from_pretrained` and lm-e
 from __future__ import annotations
 
 import argparse
-import sys
 
-from training.checkpoint import CheckpointError, load_model
+from common.cli import entry_point
+from training.checkpoint import load_model
 from training.hf import export_hf_dir
-from training.tokenizer import TokenizerFilesError
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.export_hf", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (latest); fsspec URL")
     ap.add_argument("--out", required=True, help="output directory (local)")
     ap.add_argument("--no-tokenizer", action="store_true", help="skip writing the GPT-2 tokenizer files")
     args = ap.parse_args(argv)
-    try:
-        model, _, step = load_model(args.checkpoint)
-        out = export_hf_dir(model, args.out, with_tokenizer=not args.no_tokenizer)
-    except (CheckpointError, TokenizerFilesError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model, _, step = load_model(args.checkpoint)
+    out = export_hf_dir(model, args.out, with_tokenizer=not args.no_tokenizer)
     print(f"exported step {step} of {args.checkpoint} to {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

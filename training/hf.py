@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 weight import and export.
+"""Hugging Face GPT-2 weight import and export (this module imports the model, never the other way round).
 
 Our parameter names equal HF's; the differences are (1) HF's Conv1D stores (in, out) where nn.Linear
 stores (out, in), (2) our embedding/lm_head rows are padded to `padded_vocab_size`, and (3) HF may carry
@@ -7,10 +7,13 @@ non-parameter buffers (`attn.bias`, `attn.masked_bias`) in older checkpoints.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 
+from common import tokenizer
+from common.errors import BadInput
 from training.config import GPTConfig
 from training.model import GPT, unwrap
 
@@ -28,12 +31,13 @@ def _load_hf_model(model_or_dir):
     if isinstance(model_or_dir, (str, Path)):
         path = Path(model_or_dir)
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+            raise BadInput(f"{path} is not a Hugging Face model directory (no config.json)")
         return GPT2LMHeadModel.from_pretrained(str(path), local_files_only=True)
     return model_or_dir
 
 
 def gpt_from_hf(model_or_dir, pad_vocab_to: int = 64) -> GPT:
+    """Our model with Hugging Face GPT-2 weights: a GPT2LMHeadModel object or a local HF directory."""
     hf = _load_hf_model(model_or_dir)
     c = hf.config
     if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -99,8 +103,8 @@ def hf_config(config: GPTConfig):
         attn_pdrop=0.0,
         layer_norm_epsilon=1e-5,
         tie_word_embeddings=True,
-        bos_token_id=50256,
-        eos_token_id=50256,
+        bos_token_id=tokenizer.EOT_TOKEN,
+        eos_token_id=tokenizer.EOT_TOKEN,
         architectures=["GPT2LMHeadModel"],
     )
 
@@ -120,10 +124,24 @@ def to_hf(model: GPT):
     return hf.eval()
 
 
+def write_hf_tokenizer(out_dir: str | Path) -> None:
+    """Write GPT-2 tokenizer files that `transformers.AutoTokenizer.from_pretrained(out_dir)` loads offline.
+    encoder.json and vocab.bpe are HF's vocab.json and merges.txt under other names."""
+    from transformers import GPT2Tokenizer
+
+    tokenizer.get_encoding()  # makes sure the staged cache is in use and valid
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # vocab.json + merges.txt stay in the export for slow tokenizers and older transformers; tokenizer.json
+    # (the fast tokenizer) is written by save_pretrained. Loading from a directory behaves the same in 4 and 5.
+    shutil.copyfile(tokenizer.cached_file("encoder.json"), out / "vocab.json")
+    shutil.copyfile(tokenizer.cached_file("vocab.bpe"), out / "merges.txt")
+    tok = GPT2Tokenizer.from_pretrained(str(out), local_files_only=True, model_max_length=1024)
+    tok.save_pretrained(str(out))
+
+
 def export_hf_dir(model: GPT, out_dir: str | Path, with_tokenizer: bool = True) -> Path:
     """Write a directory that `GPT2LMHeadModel.from_pretrained` and `AutoTokenizer.from_pretrained` load as is."""
-    from training.tokenizer import write_hf_tokenizer
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     to_hf(model).save_pretrained(str(out), safe_serialization=True)

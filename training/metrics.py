@@ -1,4 +1,5 @@
-"""Per-step metrics: MFU against a known peak, `metrics.jsonl` in the run directory, one console line a step."""
+"""Per-step metrics: MFU against a known peak, `metrics.jsonl` in the run directory (written here, and read
+back here by everyone who reads it), one console line a step."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any
 
 import torch
 
-from training import store
+from common import store
+from common.layout import RunDir
 
 # Dense bf16 peak FLOP/s per GPU (no sparsity). Unknown devices (CPU included) report no MFU rather than a guess.
 PEAK_BF16_FLOPS = {
@@ -38,7 +40,7 @@ class MetricsLog:
     rewritten at most every `flush_seconds` and at every flush() (checkpoints, exit)."""
 
     def __init__(self, run_dir: str, resume_step: int, flush_seconds: float = 30.0):
-        self.url = store.join(run_dir, "metrics.jsonl")
+        self.url = RunDir(run_dir).metrics
         self.local = store.is_local(run_dir)
         self.flush_seconds = flush_seconds
         self._last_flush = time.monotonic()
@@ -65,6 +67,27 @@ class MetricsLog:
         if not self.local:
             store.write_bytes(self.url, "".join(x + "\n" for x in self.lines).encode())
         self._last_flush = time.monotonic()
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    url = RunDir(run_dir).metrics
+    if not store.exists(url):
+        return []
+    return parse_metrics(store.read_bytes(url).decode(errors="replace").splitlines())
+
+
+def parse_metrics(lines: list[str]) -> list[dict[str, Any]]:
+    """Rows of metrics.jsonl lines, skipping the ones a killed writer tore (a partial line, or one that a
+    resumed run's next line was appended to)."""
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
 
 
 def console_line(r: dict[str, Any], max_steps: int) -> str:

@@ -2,7 +2,8 @@
 causal SDPA (flash) attention, final LayerNorm, and an lm_head that shares its tensor with wte.
 
 Parameter names follow Hugging Face's GPT-2 (`transformer.h.0.attn.c_attn.weight`, ...), so importing
-and exporting weights is a transpose of the Conv1D layers and nothing else (see `training/hf.py`).
+and exporting weights is a transpose of the Conv1D layers and nothing else (`training/hf.py`:
+`gpt_from_hf`, `to_hf`, `export_hf_dir`).
 """
 
 from __future__ import annotations
@@ -131,13 +132,6 @@ class GPT(nn.Module):
         if padded:
             logits = logits[..., : self.config.vocab_size]  # callers see the real vocabulary only
         return logits, loss
-
-    @classmethod
-    def from_hf(cls, model_or_dir, pad_vocab_to: int = 64) -> "GPT":
-        """Our model with Hugging Face GPT-2 weights: a GPT2LMHeadModel object or a local HF directory."""
-        from training.hf import gpt_from_hf
-
-        return gpt_from_hf(model_or_dir, pad_vocab_to=pad_vocab_to)
 
 
 def flops_per_token(config: GPTConfig, n_params: int, seq_len: int) -> float:

@@ -14,6 +14,7 @@ from contextlib import nullcontext
 import torch
 from torch.nn import functional as F
 
+from common.cli import entry_point
 from training.model import GPT, unwrap
 
 
@@ -71,7 +72,9 @@ def sample_text(model, enc, prompt: str, **kw) -> list[str]:
 
 def _load(args) -> GPT:
     if args.hf:
-        return GPT.from_hf(args.hf).to(args.device).eval()
+        from training.hf import gpt_from_hf
+
+        return gpt_from_hf(args.hf).to(args.device).eval()
     from training.checkpoint import load_model
 
     model, _, step = load_model(args.checkpoint, args.device)
@@ -79,6 +82,7 @@ def _load(args) -> GPT:
     return model
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.sample", description="Sample text from a GPT-2 model.")
     src = ap.add_mutually_exclusive_group(required=True)
@@ -96,15 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_samples < 1 or args.max_new_tokens < 0 or args.top_k < 0:
         ap.error("--num-samples must be >= 1, --max-new-tokens and --top-k >= 0")
 
-    from training.checkpoint import CheckpointError
-    from training.tokenizer import TokenizerFilesError, get_encoding
+    from common.tokenizer import get_encoding
 
-    try:
-        enc = get_encoding()
-        model = _load(args)
-    except (CheckpointError, TokenizerFilesError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    enc = get_encoding()
+    model = _load(args)
     texts = sample_text(
         model, enc, args.prompt, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
         top_k=args.top_k or None, temperature=args.temperature, seed=args.seed,
@@ -119,4 +118,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

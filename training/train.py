@@ -5,7 +5,10 @@
 
 Resumes automatically from the latest valid checkpoint in `run_dir`, bit-exactly on the same world size.
 On SIGUSR2 or SIGTERM (Slurm's warning before preemption or the time limit) every rank finishes its step,
-a checkpoint is written collectively, and the process exits with REQUEUE_EXIT_CODE.
+a checkpoint is written collectively, and the process exits with exit_codes.REQUEUE (75).
+
+Reading order: `Trainer.__init__` (set-up: preflight, build, resume, wrap), then `Trainer.run` (the loop);
+the step itself is training/step.py, checkpoint cadence training/checkpointer.py.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import logging
 import os
 import random
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from typing import Any
@@ -25,61 +27,22 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from training import checkpoint as ck
-from training import accel, distributed, store
-from training.config import ConfigError, RunConfig, load_config
-from training.data import ShardError, ShardLoader, list_shards
+from common import exit_codes, store
+from common.cli import entry_point
+from common.layout import RunDir
+from training import accel, distributed
+from training.checkpointer import Checkpointer
+from training.config import RunConfig, TrainConfig, load_config
+from training.distributed import DistInfo
+from training.loader import ShardLoader
 from training.metrics import MetricsLog, console_line, peak_flops
 from training.model import GPT, flops_per_token
 from training.optim import configure_optimizer, cosine_lr
+from training.preflight import preflight
+from training.resume import resume
 from training.step import train_step
-from training.tokenizer import TokenizerFilesError
-
-REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on request with a checkpoint; run me again"
-CONFIG_ERROR_EXIT_CODE = 2
 
 log = logging.getLogger("training")
-
-
-# ----------------------------------------------------------------------------- set-up helpers
-
-
-def resolve_device(cfg: RunConfig) -> torch.device:
-    want = cfg.train.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA device is visible")
-    return torch.device(want)
-
-
-def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
-    dtype = cfg.train.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    return torch.bfloat16 if dtype == "bfloat16" else None
-
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 class StopSignal:
@@ -94,167 +57,151 @@ class StopSignal:
         self.received = signal.Signals(signum).name
 
 
-def _check_resume_compatible(saved: RunConfig, cfg: RunConfig) -> None:
-    if saved.model != cfg.model:
-        raise ConfigError(f"run_dir holds a checkpoint of a different model ({saved.model} vs {cfg.model}); "
-                          "use a new run_dir")
-    ignore = {"train": {"stop_after_steps"}}
-    changed = [k for k in ("data", "optim", "train")
-               if getattr(saved, k).model_dump(exclude=ignore.get(k)) != getattr(cfg, k).model_dump(exclude=ignore.get(k))]
-    if changed:
-        log.warning("resuming with changed config sections %s (bit-exact resume assumes none)", changed)
+# ----------------------------------------------------------------------------- set-up
+
+
+def build_model(cfg: RunConfig, device: torch.device) -> tuple[GPT, torch.optim.Optimizer]:
+    # Same seed on every rank: identical initial weights (DDP also broadcasts them).
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model).to(device)
+    o = cfg.optim
+    optimizer = configure_optimizer(model, lr=o.max_lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2),
+                                    eps=o.eps, device_type=device.type)
+    return model, optimizer
+
+
+def build_loaders(cfg: RunConfig, info: DistInfo) -> tuple[ShardLoader, ShardLoader]:
+    t, d = cfg.train, cfg.data
+    train = ShardLoader(d.data_url, "train", t.micro_batch, t.seq_len, info.rank, info.world_size,
+                        shuffle=d.shuffle, seed=t.seed, verify=d.verify_checksums)
+    val = ShardLoader(d.data_url, "val", t.micro_batch, t.seq_len, info.rank, info.world_size,
+                      verify=d.verify_checksums)
+    return train, val
+
+
+def wrap(model: GPT, t: TrainConfig, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """What the step calls: the model compiled (train.compile) and under DDP (several ranks)."""
+    if t.compile:
+        model = torch.compile(model, mode=None if t.compile_mode == "default" else t.compile_mode)
+    if info.enabled:
+        model = DDP(model, device_ids=[info.local_rank] if device.type == "cuda" else None)
+    return model
 
 
 # ----------------------------------------------------------------------------- the job
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
-    device = resolve_device(cfg)
+    device = accel.resolve_device(cfg)
     info = distributed.init(device.type)
     try:
-        return _train(cfg, device, info)
+        return Trainer(cfg, device, info).run()
     finally:
         distributed.shutdown()
 
 
-def _train(cfg: RunConfig, device: torch.device, info: distributed.DistInfo) -> dict[str, Any]:
-    t, run_dir = cfg.train, cfg.train.run_dir
-    grad_accum = cfg.grad_accum_steps(info.world_size)
-    val_steps = cfg.val_steps_per_rank(info.world_size)
-    # Fail on an unusable store or missing data before building a model or touching the GPU.
-    store.preflight(cfg.data.data_url, write=False)
-    list_shards(cfg.data.data_url, "train")
-    list_shards(cfg.data.data_url, "val")
-    store.preflight(run_dir, write=True)
-    if cfg.eval.sample_every:
-        from training.tokenizer import get_encoding
+class Trainer:
+    """One process of a training run: set up from the config and the run directory, then `run()`."""
 
-        get_encoding()  # sampling needs the BPE files: fail now, not at the first sample hours in
-
-    accel.configure(device, tf32=t.tf32, attention=t.attention)
-    amp_dtype = autocast_dtype(cfg, device)
-    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-
-    # Same seed on every rank: identical initial weights (DDP also broadcasts them).
-    random.seed(t.seed)
-    np.random.seed(t.seed)
-    torch.manual_seed(t.seed)
-    model = GPT(cfg.model).to(device)
-    optimizer = configure_optimizer(model, lr=cfg.optim.max_lr, weight_decay=cfg.optim.weight_decay,
-                                    betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-                                    device_type=device.type)
-    loader = ShardLoader(cfg.data.data_url, "train", t.micro_batch, t.seq_len, info.rank, info.world_size,
-                         shuffle=cfg.data.shuffle, seed=t.seed, verify=cfg.data.verify_checksums)
-    val_loader = ShardLoader(cfg.data.data_url, "val", t.micro_batch, t.seq_len, info.rank, info.world_size,
-                             verify=cfg.data.verify_checksums)
-
-    start_step = 0
-    latest = ck.latest_checkpoint(run_dir)
-    if latest is not None:
-        _check_resume_compatible(latest.config(), cfg)
-        ck.load_model_state(model, latest.model_state_bytes())
-        optimizer.load_state_dict(latest.optimizer_state())
-        if latest.world_size == info.world_size:
-            rank_state = latest.rank_state(info.rank)
-            set_rng_state(rank_state["rng"], device)
-        else:
-            # Elastic resume: the token stream continues where it stopped; the loss trace is no longer bit-exact.
-            rank_state = latest.rank_state(0)
-            log.warning("resuming a %d-rank checkpoint on %d ranks", latest.world_size, info.world_size)
-        loader.load_state_dict(rank_state["loader"])
-        start_step = latest.step
+    def __init__(self, cfg: RunConfig, device: torch.device, info: DistInfo):
+        t = cfg.train
+        self.cfg, self.device, self.info, self.run_dir = cfg, device, info, RunDir(t.run_dir)
+        self.grad_accum = cfg.grad_accum_steps(info.world_size)
+        self.val_steps = cfg.val_steps_per_rank(info.world_size)
+        preflight(cfg)  # before a model is built or the GPU is touched
+        accel.configure(device, tf32=t.tf32, attention=t.attention)
+        self.amp_dtype = accel.autocast_dtype(cfg, device)
+        self.model, self.optimizer = build_model(cfg, device)
+        self.loader, self.val_loader = build_loaders(cfg, info)
+        resumed = resume(cfg, self.model, self.optimizer, self.loader, device, info)
+        self.start_step = resumed.step if resumed else 0
+        self.step_model = wrap(self.model, t, info, device)
         if info.is_master:
-            log.info("resumed from %s (step %d)", latest.url, start_step)
+            store.write_json(self.run_dir.config, {**json.loads(cfg.to_json()), "resolved": {
+                "world_size": info.world_size, "grad_accum_steps": self.grad_accum, "device": str(device)}})
+        self.metrics = MetricsLog(t.run_dir, self.start_step) if info.is_master else None
+        self.checkpointer = Checkpointer(cfg, model=self.model, optimizer=self.optimizer, loader=self.loader,
+                                         device=device, info=info, latest=resumed.url if resumed else None,
+                                         after_save=self.metrics.flush if self.metrics else None)
+        self.stop = StopSignal()
+        n_params = self.model.num_parameters(exclude_positions=True)  # position lookups are not matmuls
+        self.flops_per_step = flops_per_token(cfg.model, n_params, t.seq_len) * t.total_batch_tokens
+        self.peak = peak_flops(device)
 
-    raw_model = model
-    if t.compile:
-        model = torch.compile(model, mode=None if t.compile_mode == "default" else t.compile_mode)
-    if info.enabled:
-        model = DDP(model, device_ids=[info.local_rank] if device.type == "cuda" else None)
+    def amp(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
 
-    if info.is_master:
-        store.write_json(store.join(run_dir, "config.json"),
-                         {**json.loads(cfg.to_json()), "resolved": {"world_size": info.world_size,
-                                                                    "grad_accum_steps": grad_accum,
-                                                                    "device": str(device)}})
-    metrics = MetricsLog(run_dir, start_step) if info.is_master else None
-    stop = StopSignal()
-    n_params = raw_model.num_parameters(exclude_positions=True)  # position lookups are not matmuls
-    tokens_per_step = t.total_batch_tokens
-    flops_step = flops_per_token(cfg.model, n_params, t.seq_len) * tokens_per_step
-    peak = peak_flops(device)
-    min_lr = cfg.optim.max_lr * cfg.optim.min_lr_ratio
-    stopped_by = None
-    last = {"step": start_step, "loss": None, "val_loss": None}
+    def run(self) -> dict[str, Any]:
+        t = self.cfg.train
+        step, stopped_by = self.start_step, None
+        last: dict[str, Any] = {"loss": None, "val_loss": None}
+        try:
+            while step < t.max_steps:
+                record = self._evaluate(step)
+                record = {**self._step(step), **record}
+                last.update(loss=record["loss"], val_loss=record.get("val_loss", last["val_loss"]))
+                if self.metrics is not None:
+                    self.metrics.log(record)
+                    if step % t.log_every == 0 or step == t.max_steps - 1 or "val_loss" in record:
+                        print(console_line(record, t.max_steps), flush=True)
+                step += 1
+                stopped_by = self._stop_reason(step)
+                stopping = distributed.any_true(stopped_by is not None, self.device)
+                self.checkpointer.save_if_due(step, stopping)
+                if stopping:
+                    stopped_by = stopped_by or "peer rank signal"
+                    break
+        finally:
+            self.loader.close()
+            self.val_loader.close()
+        if self.metrics is not None:
+            self.metrics.flush()
+        result = {"final_step": step, "loss": last["loss"], "val_loss": last["val_loss"],
+                  "checkpoint": self.checkpointer.latest, "complete": step >= t.max_steps, "stopped_by": stopped_by}
+        if self.info.is_master:
+            store.write_json(self.run_dir.result, result)
+        return result
 
-    def save(step: int) -> str | None:
-        url = ck.write_checkpoint(
-            run_dir, step, model=raw_model, optimizer=optimizer, config=cfg,
-            rank_state={"loader": loader.state_dict(), "rng": rng_state(device)},
-            rank=info.rank, world_size=info.world_size, gather=distributed.gather_to_master,
-            train_state={"tokens_seen": step * tokens_per_step})
-        if info.is_master:
-            ck.prune(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, step)
-            metrics.flush()
-            log.info("checkpoint %s", url)
-        distributed.barrier()
-        return url
+    def _evaluate(self, step: int) -> dict[str, Any]:
+        """The val loss and samples due before `step` (val at every val_every and before the last step)."""
+        cfg, record = self.cfg, {}
+        if step % cfg.eval.val_every == 0 or step == cfg.train.max_steps - 1:
+            record["val_loss"] = evaluate_val(self.step_model, self.val_loader, self.val_steps, self.device, self.amp,
+                                              cfg.train.loss_chunk)
+        if cfg.eval.sample_every and step > 0 and step % cfg.eval.sample_every == 0 and self.info.is_master:
+            _sample(self.model, cfg, self.run_dir, step, self.amp_dtype)
+        return record
 
-    step = start_step
-    checkpoint_url = None
-    while step < t.max_steps:
-        record: dict[str, Any] = {}
-        last_step = step == t.max_steps - 1
-        if step % cfg.eval.val_every == 0 or last_step:
-            record["val_loss"] = evaluate_val(model, val_loader, val_steps, device, amp, t.loss_chunk)
-        if cfg.eval.sample_every and step > 0 and step % cfg.eval.sample_every == 0 and info.is_master:
-            _sample(raw_model, cfg, run_dir, step, amp_dtype)
-
+    def _step(self, step: int) -> dict[str, Any]:
+        """One optimizer step and its metrics line."""
+        cfg, t = self.cfg, self.cfg.train
         t0 = time.perf_counter()
-        lr = cosine_lr(step, max_lr=cfg.optim.max_lr, min_lr=min_lr, warmup_steps=cfg.optim.warmup_steps,
-                       max_steps=t.max_steps)
-        loss_accum, norm = train_step(model, optimizer, loader.next_batch, grad_accum=grad_accum, device=device,
-                                      lr=lr, grad_clip=cfg.optim.grad_clip, autocast_dtype=amp_dtype,
-                                      ddp=info.enabled, loss_chunk=t.loss_chunk)
-        if device.type == "cuda":
+        lr = cosine_lr(step, max_lr=cfg.optim.max_lr, min_lr=cfg.optim.max_lr * cfg.optim.min_lr_ratio,
+                       warmup_steps=cfg.optim.warmup_steps, max_steps=t.max_steps)
+        loss, norm = train_step(self.step_model, self.optimizer, self.loader.next_batch, grad_accum=self.grad_accum,
+                                device=self.device, lr=lr, grad_clip=cfg.optim.grad_clip,
+                                autocast_dtype=self.amp_dtype, ddp=self.info.enabled, loss_chunk=t.loss_chunk)
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-
-        loss_value = loss_accum.item()
+        loss_value = loss.item()
         if not np.isfinite(loss_value):
             raise FloatingPointError(f"loss is {loss_value} at step {step}; stopping (latest checkpoint is intact)")
-        record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(norm), "step_ms": 1000 * dt,
-                  "tokens_per_s": tokens_per_step / dt, "tokens_seen": (step + 1) * tokens_per_step,
-                  "mfu": flops_step / dt / (peak * info.world_size) if peak else None,
-                  "mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
-                  **record}
-        last.update(step=step + 1, loss=loss_value, val_loss=record.get("val_loss", last["val_loss"]))
-        if info.is_master:
-            metrics.log(record)
-            if step % t.log_every == 0 or last_step or "val_loss" in record:
-                print(console_line(record, t.max_steps), flush=True)
-        step += 1
+        return {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(norm), "step_ms": 1000 * dt,
+                "tokens_per_s": t.total_batch_tokens / dt, "tokens_seen": (step + 1) * t.total_batch_tokens,
+                "mfu": self.flops_per_step / dt / (self.peak * self.info.world_size) if self.peak else None,
+                "mem_gb": torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda" else None}
 
-        stopped_by = stop.received
-        if t.stop_after_steps and step - start_step >= t.stop_after_steps and step < t.max_steps:
-            stopped_by = stopped_by or "stop_after_steps"
-        stop_now = distributed.any_true(stopped_by is not None, device)
-        if step % cfg.checkpoint.checkpoint_every == 0 or step == t.max_steps or stop_now:
-            checkpoint_url = save(step)
-        if stop_now:
-            stopped_by = stopped_by or "peer rank signal"
-            break
-
-    loader.close()
-    val_loader.close()
-    if metrics is not None:
-        metrics.flush()
-    result = {"final_step": step, "loss": last["loss"], "val_loss": last["val_loss"],
-              "checkpoint": checkpoint_url or (latest.url if latest is not None else None),
-              "complete": step >= t.max_steps, "stopped_by": stopped_by}
-    if info.is_master:
-        store.write_json(store.join(run_dir, "result.json"), result)
-    return result
+    def _stop_reason(self, step: int) -> str | None:
+        """Why this process stops before max_steps after `step` steps (a signal, stop_after_steps), or None."""
+        t = self.cfg.train
+        if self.stop.received:
+            return self.stop.received
+        if t.stop_after_steps and step - self.start_step >= t.stop_after_steps and step < t.max_steps:
+            return "stop_after_steps"
+        return None
 
 
 @torch.no_grad()
@@ -275,21 +222,22 @@ def evaluate_val(model, val_loader: ShardLoader, steps: int, device: torch.devic
     return total.item()
 
 
-def _sample(model: GPT, cfg: RunConfig, run_dir: str, step: int, amp_dtype) -> None:
+def _sample(model: GPT, cfg: RunConfig, run_dir: RunDir, step: int, amp_dtype) -> None:
+    from common.tokenizer import get_encoding
     from training.sample import sample_text
-    from training.tokenizer import get_encoding
 
     e = cfg.eval
     texts = sample_text(model, get_encoding(), e.sample_prompt, num_samples=e.sample_count,
                         max_new_tokens=e.sample_tokens, seed=cfg.train.seed + step, autocast_dtype=amp_dtype)
     for text in texts:
         print(f"sample step {step}: {text!r}", flush=True)
-    store.append_text(store.join(run_dir, "samples.jsonl"), json.dumps({"step": step, "samples": texts}) + "\n")
+    store.append_text(run_dir.samples, json.dumps({"step": step, "samples": texts}) + "\n")
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.train", description="Train GPT-2 (resumes automatically).")
     ap.add_argument("--config", required=True, help="preset name (tiny, gpt2-124m) or path to a TOML file")
@@ -297,18 +245,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a config value (repeatable), e.g. --set max_steps=100 --set optim.max_lr=3e-4")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-        result = train(cfg)
-    except (ConfigError, ShardError, ck.CheckpointError, store.StoreError, TokenizerFilesError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return CONFIG_ERROR_EXIT_CODE
+    result = train(load_config(args.config, args.overrides))
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(result), flush=True)
-    if result["stopped_by"]:
-        return REQUEUE_EXIT_CODE
-    return 0
+    return exit_codes.REQUEUE if result["stopped_by"] else exit_codes.OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

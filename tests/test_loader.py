@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_shards
-from training.data import ShardError, ShardLoader, list_shards
+from common.shards import ShardError, list_shards
+from helpers import make_shards
+from training.loader import ShardLoader
 
 
 def _drain(loader, n):

@@ -6,6 +6,7 @@ temporary name and an atomic rename; on object stores a single PUT already is at
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -14,6 +15,8 @@ from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from common.errors import BadInput
 
 
 def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -27,6 +30,11 @@ def join(url: str, *parts: str) -> str:
 
 def is_local(url: str) -> bool:
     return isinstance(fs_and_path(url)[0], LocalFileSystem)
+
+
+def sha256(data: bytes) -> str:
+    """The hex digest manifests record for every file they list."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def write_bytes(url: str, data: bytes) -> None:
@@ -91,7 +99,7 @@ def remove_tree(url: str) -> None:
         fs.rm(path, recursive=True)
 
 
-class StoreError(RuntimeError):
+class StoreError(BadInput):
     """The store cannot be used (no credentials, no bucket, no permission, unreachable); names the URL."""
 
 

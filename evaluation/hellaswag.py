@@ -2,51 +2,28 @@
 the cross-entropy of the ending tokens only; `acc` picks the lowest summed loss, `acc_norm` the lowest mean
 loss per token. (lm-eval's acc_norm divides by the ending's byte length instead, hence its higher 0.3114.)
 
-Input: HellaSwag's jsonl (one example a line with `ctx`, `endings`, `label`), as build-nanogpt downloads it
-and as data_prep stages it into the store. Runs on CPU or GPU, and split over ranks under torchrun.
+Input: examples as evaluation/hellaswag_data.py reads them from HellaSwag's jsonl. Runs on CPU or GPU, and
+split over ranks under torchrun.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.nn import functional as F
 
-from training import store
+from evaluation.hellaswag_data import HellaSwagDataError
 
 # Reference points on the full validation set (10,042 examples).
+GPT2_124M_ACC_NORM = 0.2955  # OpenAI's GPT-2 124M weights scored by this method
+GPT3_125M_ACC = 0.337  # the GPT-3 paper's 125M model
 REFERENCES = {
-    "gpt2-124m (OpenAI weights, this method: acc_norm)": 0.2955,
+    "gpt2-124m (OpenAI weights, this method: acc_norm)": GPT2_124M_ACC_NORM,
     "gpt2-124m (OpenAI weights, lm-eval acc_norm)": 0.3114,
-    "gpt3-125m (paper, acc)": 0.337,
+    "gpt3-125m (paper, acc)": GPT3_125M_ACC,
 }
-
-
-class HellaSwagFormatError(ValueError):
-    pass
-
-
-def read_examples(url: str, limit: int | None = None) -> list[dict[str, Any]]:
-    examples = []
-    for i, line in enumerate(store.read_bytes(url).decode("utf-8").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            ex = json.loads(line)
-            ok = isinstance(ex["ctx"], str) and len(ex["endings"]) == 4 and int(ex["label"]) in range(4)
-        except (ValueError, KeyError, TypeError):
-            ok = False
-        if not ok:
-            raise HellaSwagFormatError(f"{url} line {i + 1}: not a HellaSwag example (ctx, 4 endings, label 0-3)")
-        examples.append(ex)
-        if limit and len(examples) >= limit:
-            break
-    if not examples:
-        raise HellaSwagFormatError(f"{url}: no examples")
-    return examples
 
 
 @dataclass
@@ -101,7 +78,7 @@ def evaluate(model, examples: list[dict[str, Any]], enc, device, autocast_dtype=
     for i in tqdm(mine, desc="hellaswag", unit="ex", disable=not progress):
         r = render(examples[i], enc)
         if r.tokens.size(1) > model.config.block_size:
-            raise HellaSwagFormatError(f"example {i} is {r.tokens.size(1)} tokens, over block_size")
+            raise HellaSwagDataError(f"example {i} is {r.tokens.size(1)} tokens, over block_size")
         total, mean = ending_losses(model, r, device, autocast_dtype)
         counts += torch.tensor([int(total.argmin()) == r.label, int(mean.argmin()) == r.label, 1], dtype=torch.float64)
     if world_size > 1:
@@ -110,11 +87,3 @@ def evaluate(model, examples: list[dict[str, Any]], enc, device, autocast_dtype=
         counts = counts.cpu()
     correct, correct_norm, n = counts.tolist()
     return {"acc": correct / n, "acc_norm": correct_norm / n, "n": int(n)}
-
-
-def iter_predictions(model, examples, enc, device) -> Iterator[tuple[int, int]]:
-    """(prediction by summed loss, prediction by mean loss) per example: for checks against other scorers."""
-    for ex in examples:
-        total, mean = ending_losses(model, render(ex, enc), device)
-        yield int(total.argmin()), int(mean.argmin())
-

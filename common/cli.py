@@ -1,0 +1,126 @@
+"""What every `python -m ...` command of the project shares.
+
+- `entry_point`: a project error (common/errors.py) becomes one line on stderr and its class's exit code;
+  anything else is a bug and keeps its traceback.
+- `add_model_flags` / `model_from_flags`: a command whose input is a typed model (JobSpec, PretrainParams)
+  derives its flags from the model's fields, so a field added to the model is a flag at once, with the
+  model's own validation and description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import functools
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal
+
+from pydantic import BaseModel, ValidationError
+
+from common import exit_codes
+from common.errors import BadInput, ReproError
+
+
+def entry_point(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
+    """Wrap a CLI's `main(argv)`: project errors are one line on stderr and exit with their code."""
+
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            code = main(argv)
+        except ReproError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            return err.exit_code
+        return exit_codes.OK if code is None else code
+
+    return run
+
+
+def validation_message(err: ValidationError, what: str, known: Iterable[str] = ()) -> str:
+    """A pydantic error as lines a person reads: `field: problem (got value)`; an unknown field is matched
+    against the `known` field paths for a suggestion."""
+    known = list(known)
+    lines = [f"invalid {what}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(loc, known, n=1)
+            lines.append(f"  {loc}: unknown field" + (f"; did you mean {close[0]}?" if close else ""))
+            continue
+        got = e.get("input")
+        lines.append(f"  {loc}: {e['msg']}" + ("" if isinstance(got, dict) or "input" not in e else f" (got {got!r})"))
+    return "\n".join(lines)
+
+
+def _unwrap_optional(ann: Any) -> Any:
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return ann
+
+
+def _comma_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], *, skip: Iterable[str] = (),
+                    aliases: dict[str, list[str]] | None = None, comma_lists: Iterable[str] = ()) -> None:
+    """One `--field-name` flag per scalar or list field of `model` (nested models come through a JSON file or
+    object instead). Flags left out stay out of the namespace, so `model_from_flags` sees only what was given.
+    `aliases` adds other spellings; a field in `comma_lists` takes one comma-separated value (empty = [])
+    instead of one value per repeated flag."""
+    aliases, comma_lists, skip = aliases or {}, set(comma_lists), set(skip)
+    group = parser.add_argument_group(f"{model.__name__} fields")
+    for name, field in model.model_fields.items():
+        ann = _unwrap_optional(field.annotation)
+        if name in skip or (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            continue
+        default = field.get_default(call_default_factory=True)
+        help_text = (field.description or "") + (f" (default: {default})" if default not in (None, [], "") else "")
+        kw: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text.strip() or None)
+        origin = typing.get_origin(ann)
+        if ann is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif origin is list:
+            if name in comma_lists:
+                kw.update(type=_comma_list, metavar="A,B,...")
+            else:
+                kw.update(action="append", metavar="VALUE")
+        elif origin is Literal:
+            kw["choices"] = [str(c) for c in typing.get_args(ann)]
+        else:
+            kw["metavar"] = getattr(ann, "__name__", "VALUE").upper()
+        group.add_argument(f"--{name.replace('_', '-')}", *aliases.get(name, []), **kw)
+
+
+def read_json_object(path_or_text: str | None, what: str) -> dict[str, Any]:
+    """A JSON object from a file path or inline text (`--spec`, `--params`); bad JSON is a BadInput."""
+    if not path_or_text:
+        return {}
+    text = path_or_text
+    if not path_or_text.lstrip().startswith("{"):
+        try:
+            text = Path(path_or_text).read_text()
+        except OSError as err:
+            raise BadInput(f"cannot read {what} {path_or_text!r}: {err.strerror}") from None
+    try:
+        obj = json.loads(text)
+    except ValueError as err:
+        raise BadInput(f"{what} is not valid JSON: {err}") from None
+    if not isinstance(obj, dict):
+        raise BadInput(f"{what} must be a JSON object")
+    return obj
+
+
+def model_from_flags(model: type[BaseModel], args: argparse.Namespace, base: dict[str, Any] | None = None):
+    """`model` from `base` (e.g. a --spec file) with the flags given on top; invalid values are a BadInput."""
+    given = {k: v for k, v in vars(args).items() if k in model.model_fields}
+    try:
+        return model.model_validate({**(base or {}), **given})
+    except ValidationError as err:
+        raise BadInput(validation_message(err, model.__name__)) from None

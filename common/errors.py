@@ -1,0 +1,18 @@
+"""The project's error classes share one base, so every CLI reports them the same way: one line on stderr,
+and the exit code the class names (common/exit_codes.py). Anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+from common import exit_codes
+
+
+class ReproError(Exception):
+    """A failure the project explains in its message; the CLIs print it without a traceback."""
+
+    exit_code = exit_codes.FAILED
+
+
+class BadInput(ReproError):
+    """The user's input cannot work (config, data, paths, credentials); raised before work starts."""
+
+    exit_code = exit_codes.BAD_INPUT

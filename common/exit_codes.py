@@ -1,0 +1,16 @@
+"""Exit codes of every command of this project (training, evaluation, data prep, the cluster and flow CLIs).
+
+Slurm, torchrun, the launcher and the flow read them, so they are defined once, here, without importing torch.
+"""
+
+OK = 0
+FAILED = 1  # the work failed (a crash, a failed job, a run that gave up): retrying may help
+BAD_INPUT = 2  # the user's input cannot work (config, data, paths, credentials): reported before work starts
+REQUEUE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint written; run the same command again to resume
+
+MEANING = {
+    OK: "done",
+    FAILED: "failed",
+    BAD_INPUT: "bad input (config, data, paths), reported before anything ran",
+    REQUEUE: "stopped with a checkpoint (preemption, time limit, stop_after_steps): run again to resume",
+}

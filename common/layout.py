@@ -1,0 +1,92 @@
+"""Where everything lives in a store and in a run directory: every path is named here and nowhere else.
+
+    {store}/data/{dataset}/                 token shards + manifest.json (data_prep writes, training reads)
+    {store}/data/hellaswag/hellaswag_val.jsonl
+    {store}/runs/{run}/                     a run directory (RunDir below)
+        config.json                         the resolved run config (training)
+        metrics.jsonl                       one JSON object per step (training)
+        samples.jsonl, result.json          samples during training; the last process's result (training)
+        attempts.jsonl                      every start, requeue and end of a Slurm job (cluster launcher)
+        submissions.jsonl, job.json         every job the flow submitted; the one in flight (flow)
+        curves.png                          loss and HellaSwag curves (flow, evaluation.plots)
+        logs/submission-NNN.log             console of a local submission (flow, local executor)
+        checkpoints/step_NNNNNN/            one checkpoint (training/checkpoint.py has the files inside)
+            eval/hellaswag.json, eval/lm_eval.json     its evaluations (evaluation)
+        exports/step_NNNNNN-hf/             its Hugging Face export (evaluation, training.export_hf)
+
+Every path is an fsspec URL (a local path, s3://...). Nothing here touches the store.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from dataclasses import dataclass
+
+from common.store import join
+
+LOCAL_STORE = "store"  # the store of runs started without one: ./store
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    root: str
+
+    def dataset(self, name: str) -> str:
+        """The shards of dataset `name` (e.g. "fineweb-edu/sample-10BT", "demo")."""
+        return join(self.root, "data", name)
+
+    @property
+    def hellaswag(self) -> str:
+        return join(self.root, "data", "hellaswag", "hellaswag_val.jsonl")
+
+    def run(self, name: str) -> "RunDir":
+        return RunDir(join(self.root, "runs", name))
+
+
+@dataclass(frozen=True)
+class RunDir:
+    url: str
+
+    # files at the top of the run directory, by who writes them (see the module docstring)
+    config = property(lambda self: join(self.url, "config.json"))
+    metrics = property(lambda self: join(self.url, "metrics.jsonl"))
+    samples = property(lambda self: join(self.url, "samples.jsonl"))
+    result = property(lambda self: join(self.url, "result.json"))
+    attempts = property(lambda self: join(self.url, "attempts.jsonl"))
+    submissions = property(lambda self: join(self.url, "submissions.jsonl"))
+    job = property(lambda self: join(self.url, "job.json"))
+    curves = property(lambda self: join(self.url, "curves.png"))
+    logs = property(lambda self: join(self.url, "logs"))
+    checkpoints = property(lambda self: join(self.url, "checkpoints"))
+
+    def checkpoint(self, step: int) -> str:
+        return join(self.checkpoints, f"step_{step:06d}")
+
+    def export(self, step: int) -> str:
+        return join(self.url, "exports", f"step_{step:06d}-hf")
+
+    def submission_log(self, number: int) -> str:
+        return join(self.logs, f"submission-{number:03d}.log")
+
+    @staticmethod
+    def step_of(name: str) -> int | None:
+        """The step of a checkpoint directory's name (`step_000500` -> 500), None for anything else."""
+        m = _STEP_DIR.match(name)
+        return int(m.group(1)) if m else None
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint_url: str) -> "RunDir":
+        """The run directory holding {run}/checkpoints/step_NNNNNN."""
+        return cls(posixpath.dirname(posixpath.dirname(checkpoint_url.rstrip("/"))))
+
+    @property
+    def store(self) -> StoreLayout:
+        """The store of a run directory laid out as {store}/runs/{run}."""
+        return StoreLayout(posixpath.dirname(posixpath.dirname(self.url.rstrip("/"))))
+
+
+def eval_result(checkpoint_url: str, family: str) -> str:
+    """A checkpoint's cached evaluation: family "hellaswag" (ours) or "lm_eval"."""
+    return join(checkpoint_url, "eval", f"{family}.json")

@@ -1,0 +1,53 @@
+"""What the flow does when a submission ends: the resubmission policy, pure (no Prefect, no Slurm), so every
+rule is tested on its own.
+
+- completed: the run is done.
+- requeue (stopped with a checkpoint: a local SIGTERM, stop_after_steps): submit again at once.
+- cancelled (someone ran scancel): stop; a person decided, so nothing is retried.
+- failed (a node failure, a rank's error, a requeue cap): resubmit from the latest checkpoint after an
+  exponential backoff, until `max_resubmits` failures have been resubmitted; two failures in a row that made
+  no progress (the same step, not past it) are a crash loop and stop the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from flows.executors import Outcome
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Literal["done", "resubmit", "stop"]
+    wait_s: float = 0.0
+    message: str = ""  # why: the log line for a resubmission, the one-line failure for a stop
+
+
+@dataclass
+class ResubmissionPolicy:
+    max_resubmits: int
+    backoff_seconds: float
+    failures: int = 0
+    last_failure_step: int | None = None
+
+    def decide(self, outcome: Outcome, start_step: int, end_step: int) -> Decision:
+        """The next move after a submission that ran from checkpoint `start_step` to checkpoint `end_step`."""
+        if outcome.state == "completed":
+            return Decision("done")
+        if outcome.state == "requeue":
+            return Decision("resubmit", message=f"{outcome.reason}: resubmitting from step {end_step}")
+        if outcome.state == "cancelled":
+            return Decision("stop", message=f"{outcome.reason} at step {end_step}; not resubmitted "
+                                            "(run the flow again to resume)")
+        self.failures += 1
+        if self.last_failure_step is not None and end_step == self.last_failure_step and end_step == start_step:
+            return Decision("stop", message=f"crash loop at step {end_step}: two submissions in a row made no "
+                                            f"progress ({outcome.reason})")
+        self.last_failure_step = end_step
+        if self.failures > self.max_resubmits:
+            return Decision("stop", message=f"gave up after {self.failures} failed submissions "
+                                            f"(last: {outcome.reason}) at step {end_step}")
+        wait = self.backoff_seconds * 2 ** (self.failures - 1)
+        return Decision("resubmit", wait_s=wait, message=f"resubmitting from step {end_step} in {wait:.0f} s "
+                                                         f"(failure {self.failures} of at most {self.max_resubmits + 1})")

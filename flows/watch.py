@@ -1,0 +1,78 @@
+"""Watching a run while a submission of it runs: the submission's state, the training's console and the
+launcher's requeue events into the flow's log, and the new metrics lines to whoever reports them. Every file
+is tailed: only its new bytes are read, so polling a long run stays cheap on S3 too."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, Awaitable, Callable
+
+from common import store
+from common.layout import RunDir
+from flows.executors import Outcome, Submission
+from training.metrics import parse_metrics
+
+
+class LogTail:
+    """New whole lines of a growing file since the last call."""
+
+    def __init__(self, url: str):
+        self.url, self.offset = url, 0
+
+    def read(self) -> list[str]:
+        fs, path = store.fs_and_path(self.url)
+        try:
+            fs.invalidate_cache(path)
+            size = fs.size(path)
+            if size < self.offset:  # truncated (a requeued Slurm job reopened its log)
+                self.offset = 0
+            if size == self.offset:
+                return []
+            with fs.open(path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(size - self.offset)
+        except (FileNotFoundError, OSError):
+            return []
+        end = data.rfind(b"\n") + 1  # whole lines only: a torn last line is read next time
+        self.offset += end
+        return data[:end].decode(errors="replace").splitlines()
+
+
+class RunWatcher:
+    """The run's metrics (all lines read so far) and its launcher events, across the run's submissions."""
+
+    def __init__(self, run: RunDir, log: logging.Logger | logging.LoggerAdapter, poll_seconds: float):
+        self.log, self.poll_seconds = log, poll_seconds
+        self.events = LogTail(run.attempts)
+        self.events.read()  # earlier submissions' events were logged by earlier flow runs
+        self.metrics_tail = LogTail(run.metrics)
+        self.metrics: list[dict[str, Any]] = []
+
+    async def watch(self, submission: Submission,
+                    on_tick: Callable[[list[dict[str, Any]]], Awaitable[None]]) -> Outcome:
+        """Poll until the submission ends; after every poll, `on_tick(all metrics so far)`."""
+        console = LogTail(submission.log_path)
+        while True:
+            await asyncio.sleep(self.poll_seconds)
+            outcome = await asyncio.to_thread(submission.poll)  # sacct/squeue calls: not on the event loop
+            for line in console.read()[-20:]:  # the training's own console, tail only
+                self.log.info("[train] %s", line)
+            self._log_events()
+            self.metrics += parse_metrics(self.metrics_tail.read())
+            await on_tick(self.metrics)
+            if outcome is not None:
+                return outcome
+
+    def _log_events(self) -> None:
+        """Requeues, stops and failures inside a Slurm job, as cluster/launch.py records them."""
+        for line in self.events.read():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue  # torn by a killed writer
+            self.log.log(logging.INFO if ev.get("event") == "completed" else logging.WARNING,
+                         "job %s: %s%s at step %s (checkpoint %s)", ev.get("job_id"), ev.get("event"),
+                         f" ({ev['reason']})" if ev.get("reason") else "", ev.get("step", ev.get("final_step")),
+                         ev.get("checkpoint"))
