@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class Container(BaseModel):
     """Where the job's Python runs: a pyxis/enroot image (srun --container-image) or an apptainer image."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     image: str = Field(description="pyxis: an enroot image (e.g. 'nvcr.io#nvidia/pytorch:24.05-py3' or a .sqsh); "
                                    "apptainer: a .sif path")
@@ -22,7 +22,7 @@ class Container(BaseModel):
 
 
 class JobSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(0, ge=0, description="0 = CPU nodes: one gloo process per node")

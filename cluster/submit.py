@@ -29,7 +29,7 @@ from common.layout import RunDir
 from cluster.launch import RunFailed, TrainLaunch
 from cluster.sbatch import build_executor
 from cluster.spec import JobSpec
-from cluster.validate import validate
+from cluster.validate import require_slurm_client, validate
 
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED", "ENDED")
@@ -133,6 +133,7 @@ def _last_error(trace: str) -> str:
 def submit(spec: JobSpec, config: str, overrides: list[str] | None = None, *, check: bool = True) -> RunHandle:
     """Validate, then sbatch one job: `spec.nodes` tasks, each running torchrun for `training.train`."""
     overrides = list(overrides or [])
+    require_slurm_client()
     cfg = validate(spec, config, overrides, check_cluster=check, check_data=check)
     launch = TrainLaunch(config=str(config), overrides=overrides, run_dir=cfg.train.run_dir,
                          procs_per_node=spec.procs_per_node, exit_root=str(Path(spec.folder).resolve() / "exits"),
@@ -147,6 +148,7 @@ def submit(spec: JobSpec, config: str, overrides: list[str] | None = None, *, ch
 
 def submit_function(spec: JobSpec, fn, *args, **kwargs) -> submitit.Job:
     """Any picklable function as a job of this spec (evaluation, one-off tools); its return value is the result."""
+    require_slurm_client()
     return build_executor(spec).submit(fn, *args, **kwargs)
 
 
@@ -155,6 +157,7 @@ def reattach(job_id: str, folder: str) -> RunHandle:
     path = Path(folder) / f"{job_id}_run.json"
     if not path.exists():
         raise JobNotFound(f"no job {job_id} submitted through cluster.submit under {folder}")
+    require_slurm_client()
     meta = json.loads(path.read_text())
     return RunHandle(meta["job_id"], folder, meta["nodes"], meta["run_dir"])
 

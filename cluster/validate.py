@@ -26,11 +26,21 @@ class NodeInfo:
     mem_mb: int
 
 
-def cluster_nodes() -> tuple[list[NodeInfo], str | None] | None:
-    """The nodes sinfo reports and the default partition; None when there is no Slurm client to ask.
-    A controller that does not answer is a SpecError: sbatch would fail the same way, less clearly."""
-    if shutil.which("sinfo") is None:
-        return None
+SLURM_COMMANDS = ("sbatch", "squeue", "sacct", "scancel", "sinfo")
+
+
+def require_slurm_client() -> None:
+    """Submitting and watching jobs needs Slurm's commands on PATH: say so before anything else fails."""
+    missing = [c for c in SLURM_COMMANDS if shutil.which(c) is None]
+    if missing:
+        raise SpecError(f"no Slurm client on this machine ({', '.join(missing)} not on PATH): install it "
+                        "(Debian: slurm-client) with this cluster's slurm.conf and munge key, or run where it is")
+
+
+def cluster_nodes() -> tuple[list[NodeInfo], str | None]:
+    """The nodes sinfo reports and the default partition. No Slurm client, or a controller that does not
+    answer, is a SpecError: sbatch would fail the same way, less clearly."""
+    require_slurm_client()
     try:
         out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%G|%m"], capture_output=True, text=True,
                              timeout=30)
@@ -93,9 +103,7 @@ def validate(spec: JobSpec, config: str, overrides: list[str] | None = None, *, 
         except (ShardError, OSError) as err:
             problems.append(f"data URL {cfg.data.data_url!r} is not readable: {err}")
     if check_cluster:
-        found = cluster_nodes()
-        if found is not None:
-            problems += check_capacity(spec, *found)
+        problems += check_capacity(spec, *cluster_nodes())
     if problems:
         raise SpecError("job spec rejected before sbatch:\n  - " + "\n  - ".join(problems))
     return cfg

@@ -18,6 +18,7 @@ import time
 import traceback
 
 from common import exit_codes
+from training import stop_signal
 
 
 class _Tee(io.TextIOBase):
@@ -48,6 +49,7 @@ def _record(code: int, error: str) -> None:
 
 
 def main(argv: list[str]) -> int:
+    stop_signal.install()  # first: Slurm's USR2 may come while torch is still being imported
     from training.train import main as train_main
 
     tee = _Tee(sys.stderr)

@@ -40,6 +40,26 @@ def entry_point(main: Callable[[list[str] | None], int | None]) -> Callable[[lis
     return run
 
 
+def _number(kind: type, minimum: float | None, name: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
+        if value != value or value in (float("inf"), float("-inf")) or (minimum is not None and value < minimum):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}")
+        return value
+
+    parse.__name__ = name  # argparse names the type in its message
+    return parse
+
+
+# argparse types: a value out of range is a usage error (exit 2, one line), never a silent clamp
+positive_int = _number(int, 1, "a positive integer")
+non_negative_int = _number(int, 0, "an integer >= 0")
+non_negative_float = _number(float, 0, "a finite number >= 0")
+
+
 def validation_message(err: ValidationError, what: str, known: Iterable[str] = ()) -> str:
     """A pydantic error as lines a person reads: `field: problem (got value)`; an unknown field is matched
     against the `known` field paths for a suggestion."""

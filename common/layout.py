@@ -10,6 +10,7 @@
         submissions.jsonl, job.json         every job the flow submitted; the one in flight (flow)
         curves.png                          loss and HellaSwag curves (flow, evaluation.plots)
         logs/submission-NNN.log             console of a local submission (flow, local executor)
+        leases/trainer.json, leases/flow.json   who writes the run now (common/lease.py)
         checkpoints/step_NNNNNN/            one checkpoint (training/checkpoint.py has the files inside)
             eval/hellaswag.json, eval/lm_eval.json     its evaluations (evaluation)
         exports/step_NNNNNN-hf/             its Hugging Face export (evaluation, training.export_hf)
@@ -63,6 +64,10 @@ class RunDir:
 
     def checkpoint(self, step: int) -> str:
         return join(self.checkpoints, f"step_{step:06d}")
+
+    def lease(self, role: str) -> str:
+        """The lease of the run's one writer of `role` ("trainer", "flow"): common/lease.py."""
+        return join(self.url, "leases", f"{role}.json")
 
     def export(self, step: int) -> str:
         return join(self.url, "exports", f"step_{step:06d}-hf")

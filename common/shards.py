@@ -10,6 +10,8 @@ written by build-nanogpt's fineweb.py) is read from its listing.
 from __future__ import annotations
 
 import io
+import json
+import posixpath
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -134,6 +136,44 @@ def list_shards(data_url: str, split: str) -> list[Shard]:
     if not shards:
         raise ShardError(f"no {split} shards (*_{split}_NNNNNN.npy) under {data_url}")
     return shards
+
+
+def npy_bytes(tokens: int) -> int:
+    """The size of a shard of `tokens` tokens as np.save writes it (header + data)."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": np.dtype(DTYPE).str, "fortran_order": False,
+                                                  "shape": (tokens,)})
+    return header.tell() + tokens * np.dtype(DTYPE).itemsize
+
+
+def check_sizes(data_url: str) -> None:
+    """Every shard the manifest lists has the size its token count gives: one listing, no reads. A truncated
+    shard far down the list is found at start, not when training reaches it hours later."""
+    manifest = read_manifest(data_url)
+    if manifest is None:
+        return  # without a manifest there are no sizes to hold the files to
+    fs, path = store.fs_and_path(data_url)
+    sizes = {posixpath.basename(e["name"].rstrip("/")): e.get("size") for e in fs.ls(path, detail=True)}
+    for e in manifest["shards"]:
+        want, got = npy_bytes(int(e["tokens"])), sizes.get(e["name"])
+        if got is None:
+            raise ShardError(f"shard {e['name']} is missing ({store.join(data_url, e['name'])})")
+        if got != want:
+            raise ShardError(f"shard {e['name']} is {got} bytes; its {e['tokens']} tokens take {want} (truncated or "
+                             "changed since the manifest)")
+
+
+def data_fingerprint(data_url: str) -> str:
+    """What the shards are, wherever they lie: the manifest's names, token counts and sha256s (without a
+    manifest: the names and byte sizes). Checkpoints record it; a resume on other data is refused."""
+    manifest = read_manifest(data_url)
+    if manifest is not None:
+        items = [[e["name"], e["tokens"], e.get("sha256")] for e in manifest["shards"]]
+    else:
+        fs, path = store.fs_and_path(data_url)
+        items = [[posixpath.basename(e["name"]), e.get("size")] for e in fs.ls(path, detail=True)
+                 if parse_name(posixpath.basename(e["name"]))]
+    return store.sha256(json.dumps(sorted(items)).encode())[:16]
 
 
 def load_shard(shard: Shard, verify: bool = True) -> np.ndarray:

@@ -6,10 +6,13 @@ temporary name and an atomic rename; on object stores a single PUT already is at
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import posixpath
+import re
+import time
 import uuid
 from typing import Any
 
@@ -39,17 +42,46 @@ def sha256(data: bytes) -> str:
 
 def write_bytes(url: str, data: bytes) -> None:
     fs, path = fs_and_path(url)
-    if isinstance(fs, LocalFileSystem):
-        parent = os.path.dirname(path)
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data)
+        return
+    parent = os.path.dirname(path)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
         os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
+    except OSError as err:  # a full disk, a file where a folder should be, no permission: nothing half-written
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise StoreError(f"cannot write {url}: {err.strerror or err}") from None
+
+
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # write_bytes's temporary names
+
+
+def is_temporary(name: str) -> bool:
+    return bool(_TEMPORARY.match(name))
+
+
+def remove_stale_temporaries(url: str, idle_s: float = 60.0) -> list[str]:
+    """Delete the temporary files killed writers left under `url` (untouched for `idle_s`: a live writer keeps
+    its file's mtime fresh). Local stores only: object stores never show a partial object."""
+    fs, path = fs_and_path(url)
+    if not isinstance(fs, LocalFileSystem) or not os.path.isdir(path):
+        return []
+    removed, now = [], time.time()
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            with contextlib.suppress(OSError):
+                if _TEMPORARY.match(name) and now - os.stat(full).st_mtime > idle_s:
+                    os.remove(full)
+                    removed.append(full)
+    return removed
 
 
 def read_bytes(url: str) -> bytes:
@@ -85,9 +117,12 @@ def append_text(url: str, text: str) -> None:
     rewrite the object (callers batch lines to keep that cheap)."""
     fs, path = fs_and_path(url)
     if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a") as f:
-            f.write(text)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "a") as f:
+                f.write(text)
+        except OSError as err:
+            raise StoreError(f"cannot append to {url}: {err.strerror or err}") from None
     else:
         old = fs.cat_file(path) if fs.exists(path) else b""
         fs.pipe_file(path, old + text.encode())

@@ -22,7 +22,8 @@ import numpy as np
 
 from common import store
 from common.errors import BadInput
-from common.shards import PREFIX, read_manifest, shard_name, write_manifest, write_shard
+from common.outputs import claim_folder
+from common.shards import MANIFEST, PREFIX, parse_name, read_manifest, shard_name, write_manifest, write_shard
 from common.tokenizer import EOT_TOKEN
 from data_prep.packer import ShardPacker
 from data_prep.tokenize import tokenize_units
@@ -45,6 +46,14 @@ def fingerprint(source: dict[str, Any], shard_tokens: int, prefix: str) -> str:
     key = json.dumps({"source": source, "shard_tokens": shard_tokens, "prefix": prefix, "tokenizer": "gpt2"},
                      sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def claim_output(out_url: str, force: bool = False) -> None:
+    """Shards are written only into an empty folder or one this tool started (its .prep state or manifest):
+    never over shards someone else wrote, which would leave theirs and ours mixed."""
+    started = bool({STATE_DIR, MANIFEST} & set(store.listdir(out_url)))
+    claim_folder(out_url, ours=lambda n: n in (STATE_DIR, MANIFEST) or (started and parse_name(n) is not None),
+                 what="data prep", force=force)
 
 
 def complete_manifest(out_url: str, fp: str) -> dict[str, Any] | None:
@@ -91,14 +100,18 @@ def _finished(out_url: str, fp: str, prefix: str) -> list[dict[str, Any]]:
 
 
 def build(out_url: str, source, shard_tokens: int | None = None, workers: int = 1,
-          prefix: str = PREFIX, progress: bool = True, max_shards: int | None = None) -> dict[str, Any]:
+          prefix: str = PREFIX, progress: bool = True, max_shards: int | None = None,
+          force: bool = False) -> dict[str, Any]:
     """Tokenize `source` (see data_prep.sources) into shards under `out_url`; returns the manifest.
     `shard_tokens` defaults to `default_shard_tokens(source)`. `max_shards` stops after that many shards
-    without a manifest (an interrupted run, for the tests of resume)."""
+    without a manifest (an interrupted run, for the tests of resume). `force` writes into a folder that
+    holds someone else's files."""
     shard_tokens = default_shard_tokens(source) if shard_tokens is None else shard_tokens
     if shard_tokens <= 0:
-        raise ValueError("shard_tokens must be positive")
+        raise PrepError(f"shard_tokens must be a positive number of tokens, got {shard_tokens}")
     store.preflight(out_url, write=True)  # no credentials / no bucket: fail before reading any data
+    claim_output(out_url, force)
+    store.remove_stale_temporaries(out_url)
     if hasattr(source, "resolved"):
         source = source.resolved()  # a hub dataset pinned to a commit: the manifest names it
     desc = source.describe()

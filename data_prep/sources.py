@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import io
 import json
 import os
 import posixpath
@@ -293,7 +292,11 @@ def _jsonl_batches(url: str) -> Iterator[list[str]]:
     with fs.open(path, "rb") as raw:
         f = gzip.open(raw) if path.endswith(".gz") else raw
         texts, chars = [], 0
-        for lineno, line in enumerate(io.TextIOWrapper(f, encoding="utf-8"), 1):
+        for lineno, raw_line in enumerate(f, 1):  # bytes: a line that is not UTF-8 is named, not a traceback
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise SourceError(f"{url} line {lineno}: not UTF-8 text ({err.reason} at byte {err.start})") from None
             if not line.strip():
                 continue
             try:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from common import store
-from common.cli import entry_point
+from common.cli import entry_point, positive_int
 from common.errors import BadInput
 from common.layout import RunDir, eval_result
 from evaluation import hellaswag as hs
@@ -116,9 +116,13 @@ def evaluate(checkpoint_url: str, tasks: list[str], *, hellaswag_data: str | Non
     """The per-checkpoint contract the flows call: run what is not done yet, return a summary per task family."""
     if not tasks:
         raise BadInput("no tasks given")
+    if limit is not None and limit < 1:
+        raise BadInput(f"limit must be a positive number of examples, got {limit}")
+    from training.accel import pick_device
+
+    dev = pick_device(device)
     ckpt = ck.resolve(checkpoint_url)
     ckpt.verify()
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     info = distributed.init(dev.type)
     try:
         summary: dict[str, Any] = {"checkpoint": ckpt.url, "step": ckpt.step}
@@ -147,14 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir (latest checkpoint); fsspec URL")
     ap.add_argument("--tasks", default="hellaswag", help="comma-separated: hellaswag (ours) and/or lm-eval task names")
     ap.add_argument("--hellaswag-data", default=None, help="HellaSwag val jsonl URL (default: {store}/data/hellaswag/)")
-    ap.add_argument("--limit", type=int, default=None, help="evaluate the first N examples per task")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    ap.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N examples per task")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when there is one)")
+    ap.add_argument("--batch-size", type=positive_int, default=8, help="lm-eval batch size")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="lm-eval model dtype (default: bfloat16 on CUDA, float32 on CPU)")
     ap.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs")
     args = ap.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.hellaswag_data:
+        store.preflight(args.hellaswag_data, write=False)
     summary = evaluate(args.checkpoint, tasks, hellaswag_data=args.hellaswag_data, limit=args.limit,
                        device=args.device, batch_size=args.batch_size, include_path=args.include_path,
                        dtype=args.dtype, progress=True)

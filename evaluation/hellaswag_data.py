@@ -84,13 +84,19 @@ def _read_source(source: str) -> bytes:
         raise HellaSwagDataError(f"cannot read {source}: {type(err).__name__}: {err}") from None
 
 
-def stage(store_url: str, source: str = URL) -> dict[str, Any]:
-    """Validate `source` and write it to the store's HellaSwag location (unless the same bytes are there)."""
+def stage(store_url: str, source: str = URL, force: bool = False) -> dict[str, Any]:
+    """Validate `source` and write it to the store's HellaSwag location (unless the same bytes are there).
+    Other bytes there are replaced only with `force`: evaluations cached against them would no longer match."""
     data = _read_source(source)
     n = len(parse_examples(data, source))
     dst = StoreLayout(store_url).hellaswag
     digest = store.sha256(data)
-    unchanged = store.exists(dst) and store.sha256(store.read_bytes(dst)) == digest
+    there = store.sha256(store.read_bytes(dst)) if store.exists(dst) else None
+    if there not in (None, digest) and not force:
+        raise HellaSwagDataError(f"{dst} holds another HellaSwag file (sha256 {there[:12]}, {source} is "
+                                 f"{digest[:12]}); evaluations already cached against it would no longer match: "
+                                 "pass --force to replace it")
+    unchanged = there == digest
     if not unchanged:
         store.write_bytes(dst, data)  # atomic: the evaluation never sees half a file
     return {"url": dst, "examples": n, "sha256": digest, "written": not unchanged}
@@ -101,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m evaluation.hellaswag_data", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="store root URL (the file goes to OUT/data/hellaswag/)")
     ap.add_argument("--source", default=URL, help="local file or URL of hellaswag_val.jsonl (default: download)")
+    ap.add_argument("--force", action="store_true", help="replace another HellaSwag file already in the store")
     args = ap.parse_args(argv)
     store.preflight(args.out, write=True)
-    r = stage(args.out, args.source)
+    r = stage(args.out, args.source, force=args.force)
     note = "" if r["examples"] == FULL_SIZE else f" (the full validation set has {FULL_SIZE:,})"
     print(f"{r['url']}: {r['examples']:,} examples{note}, {'written' if r['written'] else 'already there'}")
     return 0

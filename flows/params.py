@@ -13,7 +13,7 @@ from common.layout import RunDir, StoreLayout
 
 
 class PretrainParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     preset: str = Field("tiny", description="run preset in configs/ (tiny, gpt2-124m) or a TOML path")
     store: str = Field("store", description="store root (fsspec URL): data/ and runs/ live under it")

@@ -25,6 +25,7 @@ from common import exit_codes, store
 from common.cli import add_model_flags, entry_point, model_from_flags, read_json_object
 from common.errors import BadInput, ReproError
 from common.layout import RunDir
+from common.lease import Lease, LeaseHeld
 from common.shards import ShardError, list_shards
 from flows.evaluations import EvaluationScheduler
 from flows.executors import LocalTrainingExecutor, Outcome, Submission, TrainingExecutor
@@ -177,6 +178,21 @@ async def run_pretrain(p: PretrainParams, executor: TrainingExecutor) -> dict[st
         store.preflight(run.url, write=True)
     except store.StoreError as err:
         raise FlowFailure(f"store unreachable: {err}") from None
+    # One flow per run directory: a second one stops here naming the first; a retry of this flow run, or a
+    # new one after its process died, takes over.
+    lease = Lease(run.lease("flow"), f"flow run {current_run.name or '?'}", identity=str(current_run.id or ""))
+    try:
+        await asyncio.to_thread(lease.acquire)
+    except LeaseHeld as err:
+        raise FlowFailure(str(err)) from None
+    try:
+        return await _pretrain(p, executor, cfg, overrides, run, lease, log)
+    finally:
+        await asyncio.to_thread(lease.release)
+
+
+async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfig, overrides: list[str], run: RunDir,
+               lease: Lease, log) -> dict[str, Any]:
     await ensure_data(cfg, p)
 
     t0, key, max_steps = time.monotonic(), artifact_key(p.run_name), cfg.train.max_steps
@@ -191,6 +207,8 @@ async def run_pretrain(p: PretrainParams, executor: TrainingExecutor) -> dict[st
             await publish_curves(run.url, p.run_name, key)
 
     async def on_tick(metrics: list[dict[str, Any]]) -> None:
+        if lease.lost.is_set():
+            raise FlowFailure(f"another flow run took over {run.url} ({lease.lost_to}); this one stops watching")
         await progress.update(metrics)
         evals.start_new()
         await report_evaluations()

@@ -56,6 +56,17 @@ def run_train(data, run, *extra, nproc=1, expect=0) -> subprocess.CompletedProce
     return p
 
 
+def wait_for_steps(run, n: int, timeout=120) -> None:
+    """Until the run's metrics.jsonl has `n` lines (a training process is that far)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        f = Path(run) / "metrics.jsonl"
+        if f.exists() and len(f.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{run} did not reach {n} steps")
+
+
 def metrics(run) -> list[dict]:
     return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 

@@ -13,7 +13,7 @@ from cluster.spec import JobSpec
 from cluster.submit import main as submit_cli
 from cluster.submit import reattach, sacct_state, submit
 from cluster.validate import SpecError
-from helpers import REPO, TRAIN_BASE, losses, release_after_requeue, run_train
+from helpers import REPO, TRAIN_BASE, losses, release_after_requeue, run_train, wait_for_steps
 
 SECRET = "s3cret-never-pickled-0xC0FFEE"
 STEPS = 60
@@ -35,16 +35,6 @@ def sets(data, run, *extra):
 def spec(folder, **kw):
     # time_min=20: with time_min < ~10 submitit counts every signal as a time-out.
     return JobSpec(**{"nodes": 2, "time_min": 20, "folder": str(folder), **kw})
-
-
-def wait_for_steps(run: Path, n: int, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        f = run / "metrics.jsonl"
-        if f.exists() and len(f.read_text().splitlines()) >= n:
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{run} did not reach {n} steps")
 
 
 def attempts(run: Path):

@@ -142,3 +142,17 @@ def test_the_flow_reads_only_new_whole_lines_and_skips_torn_ones(tmp_path):
     assert parse_metrics(tail.read()) == [{"step": 2, "loss": 0.8}]  # the torn line is skipped, nothing re-read
     f.write_text('{"step": 0, "loss": 2.0}\n')  # truncated and rewritten: read from the start again
     assert parse_metrics(tail.read()) == [{"step": 0, "loss": 2.0}]
+
+
+def test_a_second_flow_run_on_the_same_run_directory_stops_naming_the_first(prefect_server, tmp_path):
+    from common.lease import Lease
+
+    p = _params(tmp_path, eval_tasks=[])
+    first = Lease(p.run_dir().lease("flow"), "flow run first-one", identity="first-flow-run-id").acquire()
+    try:
+        with pytest.raises(FlowFailure, match="is in use by flow run first-one"):
+            asyncio.run(pretrain(p))
+    finally:
+        first.release()
+    assert not (tmp_path / "store" / "runs" / "t" / "submissions.jsonl").exists()  # nothing was submitted
+    assert asyncio.run(pretrain(p))["final_step"] == 6  # once the first is gone, the run goes on

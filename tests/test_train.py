@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.exit_codes import BAD_INPUT, REQUEUE
-from helpers import REPO, losses, metrics, run_train, train_cmd, train_env
+from helpers import REPO, losses, metrics, run_train, train_cmd, train_env, wait_for_steps
 from training import checkpoint as ck
 from training.config import load_config
 from training.model import GPT
@@ -77,11 +77,7 @@ def test_preemption_signal_checkpoints_and_exits_with_requeue_code(demo_data, tm
     run = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(demo_data, run, "max_steps=5000", "val_every=5000"), cwd=REPO, env=train_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.1)
+    wait_for_steps(run, 3)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == REQUEUE, err[-3000:]
@@ -91,6 +87,25 @@ def test_preemption_signal_checkpoints_and_exits_with_requeue_code(demo_data, tm
     # and the next launch resumes from there
     run_train(demo_data, run, f"max_steps={done + 2}", "val_every=5000")
     assert [m["step"] for m in metrics(run)] == list(range(done + 2))
+
+
+def test_a_stop_signal_during_start_up_is_kept(demo_data, tmp_path):
+    """Slurm may warn of a preemption while a job is still starting: the rank keeps the signal and checkpoints
+    after its first step. (torchrun's workers start with SIGUSR2 ignored, as this one does.)"""
+    run = tmp_path / "run"
+    cmd = train_cmd(demo_data, run)
+    cmd[cmd.index("training.train")] = "cluster.worker"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(train_env(), CLUSTER_EXIT_DIR=str(tmp_path / "exits")),
+                            preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.6)  # the interpreter is up; torch is still being imported
+    assert not (run / "config.json").exists(), "the run started too fast to test its start-up"
+    proc.send_signal(signal.SIGUSR2)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == REQUEUE, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1])["stopped_by"] == "SIGUSR2"
+    assert ck.latest_checkpoint(str(run)).step == 1
+    assert json.loads((tmp_path / "exits" / "rank_00000.json").read_text())["exit_code"] == REQUEUE
 
 
 def test_missing_data_fails_before_anything_is_written(tmp_path):

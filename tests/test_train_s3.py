@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from common import store
-from common.exit_codes import REQUEUE
+from common.exit_codes import BAD_INPUT, REQUEUE
 from helpers import REPO, TRAIN_BASE
 from training import checkpoint as ck
 
@@ -82,3 +82,63 @@ def test_missing_credentials_fail_early_and_clearly(s3, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2, p.stderr[-2000:]
     assert "s3://bucket/data" in p.stderr and "credentials" in p.stderr.lower()
+
+
+def _start(run, *extra, env):
+    sets = [a for kv in TRAIN_BASE + ["data_url=s3://bucket/data", f"run_dir={run}", *extra] for a in ("--set", kv)]
+    return subprocess.Popen([sys.executable, "-m", "training.train", "--config", "tiny", *sets], cwd=REPO,
+                            env=dict(os.environ, **env, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_one_writer_per_run_directory_on_s3(s3):
+    import signal
+    import time
+
+    run = "s3://bucket/runs/leased"
+    first = _start(run, "max_steps=100000", "val_every=100000", env=s3)
+    try:
+        deadline = time.time() + 120
+        while not store.exists(f"{run}/metrics.jsonl") and time.time() < deadline:
+            time.sleep(0.2)
+        second = _run(run, env=s3)
+        assert second.returncode == BAD_INPUT and f"{run} is in use by trainer" in second.stderr, second.stderr[-2000:]
+        assert "Traceback" not in second.stderr
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == REQUEUE
+    finally:
+        first.kill()
+    assert not store.exists(f"{run}/leases/trainer.json")
+    assert _run(run, "max_steps=10", env=s3).returncode == 0  # released: the next writer goes on
+
+
+def test_resume_on_other_data_and_unusable_history_are_refused_on_s3(s3):
+    from common.shards import list_shards, load_shard, write_manifest, write_shard
+
+    first = _run("s3://bucket/runs/guarded", "stop_after_steps=3", env=s3)
+    assert first.returncode == REQUEUE, first.stderr[-3000:]
+    # the same names and token counts, other tokens: another dataset under the same URL
+    other = "s3://bucket/other-data"
+    shards = list_shards("s3://bucket/data", "val") + list_shards("s3://bucket/data", "train")
+    write_manifest(other, [write_shard(other, i, load_shard(s)[::-1].copy()) for i, s in enumerate(shards)])
+    p = _run("s3://bucket/runs/guarded", f"data_url={other}", env=s3)
+    assert p.returncode == BAD_INPUT and "was trained on other data" in p.stderr, p.stderr[-3000:]
+    # every checkpoint corrupt: refused, the history stays
+    url = "s3://bucket/runs/guarded/checkpoints/step_000003/model.safetensors"
+    blob = bytearray(store.read_bytes(url))
+    blob[-1] ^= 0xFF
+    store.write_bytes(url, bytes(blob))
+    before = store.read_bytes("s3://bucket/runs/guarded/metrics.jsonl")
+    p = _run("s3://bucket/runs/guarded", env=s3)
+    assert p.returncode == BAD_INPUT and "none of them loads" in p.stderr, p.stderr[-3000:]
+    assert store.read_bytes("s3://bucket/runs/guarded/metrics.jsonl") == before
+    # a truncated shard far down the list is found before anything runs
+    last = list_shards("s3://bucket/data", "train")[-1]
+    store.write_bytes(f"s3://bucket/truncated/{last.name}", store.read_bytes(last.url)[:-64])
+    for s in shards:
+        if s.name != last.name:
+            store.write_bytes(f"s3://bucket/truncated/{s.name}", store.read_bytes(s.url))
+    store.write_bytes("s3://bucket/truncated/manifest.json", store.read_bytes("s3://bucket/data/manifest.json"))
+    p = _run("s3://bucket/runs/fresh", "data_url=s3://bucket/truncated", env=s3)
+    assert p.returncode == BAD_INPUT and f"shard {last.name} is" in p.stderr and "truncated" in p.stderr
+    assert not store.exists("s3://bucket/runs/fresh/metrics.jsonl")

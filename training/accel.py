@@ -8,13 +8,26 @@ import torch
 from training.config import ConfigError, RunConfig
 
 
+def pick_device(name: str | None, what: str = "--device") -> torch.device:
+    """A device to run on: `name` (cuda, cuda:1, cpu, mps), or CUDA when there is one; one that is not there
+    is a ConfigError naming `what`."""
+    if not name or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{what} {name!r} is not a device (cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{what} is {name!r} but no CUDA device is visible")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"{what} is {name!r} but only {torch.cuda.device_count()} CUDA devices are visible")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{what} is {name!r} but MPS is not available")
+    return dev
+
+
 def resolve_device(cfg: RunConfig) -> torch.device:
-    want = cfg.train.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA device is visible")
-    return torch.device(want)
+    return pick_device(cfg.train.device, "train.device")
 
 
 def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:

@@ -226,6 +226,11 @@ def list_steps(run_dir: str) -> list[int]:
     return sorted(s for s in steps if s is not None)
 
 
+def complete_steps(run_dir: str) -> list[int]:
+    """Steps whose checkpoint has its manifest (was written to the end), valid or not, ascending."""
+    return [s for s in list_steps(run_dir) if store.exists(store.join(RunDir(run_dir).checkpoint(s), MANIFEST))]
+
+
 def _valid_newest_first(run_dir: str, verify: bool):
     for step in reversed(list_steps(run_dir)):
         try:
@@ -250,6 +255,7 @@ def latest_checkpoint(run_dir: str, verify: bool = True) -> Checkpoint | None:
 
 def resolve(url: str) -> Checkpoint:
     """A checkpoint directory, or a run directory (its latest valid checkpoint)."""
+    store.preflight(url, write=False)  # no credentials, no bucket: one clear line before any read
     if store.exists(store.join(url, MANIFEST)):
         return open_checkpoint(url)
     if store.exists(RunDir(url).checkpoints):

@@ -22,9 +22,10 @@ log = logging.getLogger(__name__)
 class Checkpointer:
     def __init__(self, cfg: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  loader: ShardLoader, device: torch.device, info: DistInfo,
-                 after_save: Callable[[], None] | None = None, latest: str | None = None):
+                 data: dict[str, str], after_save: Callable[[], None] | None = None, latest: str | None = None):
+        """`data`: what the checkpoint records of its training data ({"url", "fingerprint"})."""
         self.cfg, self.model, self.optimizer, self.loader = cfg, model, optimizer, loader
-        self.device, self.info, self.after_save = device, info, after_save
+        self.device, self.info, self.data, self.after_save = device, info, data, after_save
         self.latest = latest  # URL of the newest checkpoint of this run (the one resumed from, at first)
 
     def due(self, step: int, stopping: bool) -> bool:
@@ -41,7 +42,7 @@ class Checkpointer:
             c.train.run_dir, step, model=self.model, optimizer=self.optimizer, config=c,
             rank_state={"loader": self.loader.state_dict(), "rng": ck.rng_state(self.device)},
             rank=self.info.rank, world_size=self.info.world_size, gather=distributed.gather_to_master,
-            train_state={"tokens_seen": step * c.train.total_batch_tokens})
+            train_state={"tokens_seen": step * c.train.total_batch_tokens, "data": self.data})
         if self.info.is_master:
             ck.prune(c.train.run_dir, c.checkpoint.keep_last, c.checkpoint.keep_every, step)
             if self.after_save is not None:

@@ -28,8 +28,9 @@ class ConfigError(BadInput, ValueError):
 
 
 class _Section(BaseModel):
-    # extra="forbid" turns a typo into an error instead of a silently ignored key.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # extra="forbid" turns a typo into an error instead of a silently ignored key; inf and nan are no numbers
+    # a run can use (max_lr=inf trains into NaN).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 class GPTConfig(_Section):
@@ -63,6 +64,8 @@ class DataConfig(_Section):
     source: str | None = Field(None, description="what a flow makes the shards from when they are missing: a "
                                "data_prep source (hf:HuggingFaceFW/fineweb-edu:sample-10BT, parquet/jsonl files, demo)")
     shuffle: bool = Field(False, description="seeded per-epoch shuffling (off = build-nanogpt's exact order)")
+    resume_on_other_data: bool = Field(False, description="resume a checkpoint although data_url now holds other "
+                                       "shards than it was trained on (the token stream changes)")
     verify_checksums: bool = Field(True, description="check shard sha256 against the manifest when one exists")
 
 
@@ -96,6 +99,8 @@ class TrainConfig(_Section):
         0, ge=0, description="tokens per chunk of the lm_head + cross-entropy, so the full logits never exist "
         "(less memory, a larger micro-batch fits); 0 = plain")
     log_every: int = Field(1, gt=0)
+    lease_ttl_s: float = Field(60.0, gt=0, description="the run directory's writer lease is renewed every quarter "
+                               "of this; a lease of a writer that died on another host is taken after this long")
     stop_after_steps: int | None = Field(
         None, gt=0, description="leave after this many steps in this process, checkpointing as on preemption "
         "(a time-boxed allocation); the next launch resumes")
@@ -227,8 +232,8 @@ def preset_path(name_or_path: str | Path) -> Path:
     """A preset name (`tiny`, `gpt2-124m`) or a path to a TOML file."""
     p = Path(name_or_path)
     if p.suffix == ".toml" or p.exists():
-        if not p.exists():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} {'is a directory' if p.is_dir() else 'does not exist'}")
         return p
     candidate = CONFIG_DIR / f"{name_or_path}.toml"
     if not candidate.exists():
@@ -249,8 +254,10 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
     path = preset_path(name_or_path)
     try:
         data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read it: {err.strerror}") from None
     apply_overrides(data, list(overrides or []))
     return build_config(data, str(path))
 

@@ -54,13 +54,18 @@ def mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest of every rank's `value`, on every rank (e.g. the most urgent reason to stop)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def any_true(flag: bool, device: torch.device) -> bool:
     """True on every rank when any rank says True (e.g. one rank got the preemption signal)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return max_over_ranks(int(flag), device) > 0
 
 
 def gather_to_master(obj: Any) -> list[Any] | None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 
 from common.cli import entry_point
+from common.outputs import claim_folder
 from training.checkpoint import load_model
-from training.hf import export_hf_dir
+from training.hf import EXPORT_FILES, export_hf_dir
 
 
 @entry_point
@@ -19,7 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (latest); fsspec URL")
     ap.add_argument("--out", required=True, help="output directory (local)")
     ap.add_argument("--no-tokenizer", action="store_true", help="skip writing the GPT-2 tokenizer files")
+    ap.add_argument("--force", action="store_true", help="write into --out although it holds other files")
     args = ap.parse_args(argv)
+    claim_folder(args.out, ours=EXPORT_FILES.__contains__, what="a Hugging Face export", force=args.force)
     model, _, step = load_model(args.checkpoint)
     out = export_hf_dir(model, args.out, with_tokenizer=not args.no_tokenizer)
     print(f"exported step {step} of {args.checkpoint} to {out}")

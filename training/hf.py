@@ -17,6 +17,10 @@ from common.errors import BadInput
 from training.config import GPTConfig
 from training.model import GPT, unwrap
 
+# What export_hf_dir writes (a folder holding only these is an earlier export, which may be overwritten).
+EXPORT_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", "vocab.json", "merges.txt",
+                          "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"})
+
 # Weights that HF stores as Conv1D (transposed relative to nn.Linear).
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 

@@ -4,7 +4,7 @@ the tokenizer files are there when the run samples. Runs before a model is built
 from __future__ import annotations
 
 from common import store
-from common.shards import list_shards
+from common.shards import check_sizes, list_shards
 from training.config import RunConfig
 
 
@@ -13,6 +13,7 @@ def preflight(cfg: RunConfig) -> None:
     store.preflight(cfg.data.data_url, write=False)
     list_shards(cfg.data.data_url, "train")
     list_shards(cfg.data.data_url, "val")
+    check_sizes(cfg.data.data_url)
     store.preflight(cfg.train.run_dir, write=True)
     if cfg.eval.sample_every:
         from common.tokenizer import get_encoding

@@ -14,7 +14,8 @@ from contextlib import nullcontext
 import torch
 from torch.nn import functional as F
 
-from common.cli import entry_point
+from common.cli import entry_point, non_negative_float, non_negative_int, positive_int
+from common.errors import BadInput
 from training.model import GPT, unwrap
 
 
@@ -89,20 +90,21 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--checkpoint", help="checkpoint directory or run directory (latest checkpoint); any fsspec URL")
     src.add_argument("--hf", help="local Hugging Face GPT-2 directory")
     ap.add_argument("--prompt", default="Hello, I'm a language model,")
-    ap.add_argument("--num-samples", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--top-k", type=int, default=50, help="0 = no top-k filtering")
-    ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    ap.add_argument("--num-samples", type=positive_int, default=4)
+    ap.add_argument("--max-new-tokens", type=non_negative_int, default=32)
+    ap.add_argument("--top-k", type=non_negative_int, default=50, help="0 = no top-k filtering")
+    ap.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 = greedy")
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when there is one)")
     ap.add_argument("--json", action="store_true", help="print a JSON list instead of text blocks")
     args = ap.parse_args(argv)
-    if args.num_samples < 1 or args.max_new_tokens < 0 or args.top_k < 0:
-        ap.error("--num-samples must be >= 1, --max-new-tokens and --top-k >= 0")
-
     from common.tokenizer import get_encoding
+    from training.accel import pick_device
 
+    args.device = str(pick_device(args.device))
     enc = get_encoding()
+    if not enc.encode(args.prompt):
+        raise BadInput("--prompt is empty: sampling continues a prompt of at least one token")
     model = _load(args)
     texts = sample_text(
         model, enc, args.prompt, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,

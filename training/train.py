@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import random
-import signal
 import time
 from contextlib import nullcontext
 from typing import Any
@@ -29,8 +28,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import exit_codes, store
 from common.cli import entry_point
+from common.errors import ReproError
 from common.layout import RunDir
-from training import accel, distributed
+from common.lease import Lease, LeaseHeld
+from common.shards import data_fingerprint
+from training import accel, distributed, stop_signal
 from training.checkpointer import Checkpointer
 from training.config import RunConfig, TrainConfig, load_config
 from training.distributed import DistInfo
@@ -43,18 +45,6 @@ from training.resume import resume
 from training.step import train_step
 
 log = logging.getLogger("training")
-
-
-class StopSignal:
-    """Remembers SIGUSR2/SIGTERM instead of dying mid-step; the loop checks it after each step."""
-
-    def __init__(self):
-        self.received: str | None = None
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -102,6 +92,26 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         distributed.shutdown()
 
 
+class LeaseLost(ReproError):
+    """Another writer took the run directory over while this run was training; nothing more is written."""
+
+
+def take_run_dir(cfg: RunConfig, info: DistInfo, device: torch.device) -> Lease | None:
+    """Rank 0 takes the run directory's writer lease (common/lease.py); every rank stops if it cannot."""
+    lease, refused = None, None
+    if info.is_master:
+        job = os.environ.get("SLURM_JOB_ID", "")
+        lease = Lease(RunDir(cfg.train.run_dir).lease("trainer"), f"trainer{f', Slurm job {job}' if job else ''}",
+                      identity=f"slurm-{job}" if job else "", ttl_s=cfg.train.lease_ttl_s)
+        try:
+            lease.acquire()
+        except LeaseHeld as err:
+            refused = err
+    if distributed.any_true(refused is not None, device):
+        raise refused or LeaseHeld(f"rank 0 could not take the lease of {cfg.train.run_dir}")
+    return lease
+
+
 class Trainer:
     """One process of a training run: set up from the config and the run directory, then `run()`."""
 
@@ -111,11 +121,25 @@ class Trainer:
         self.grad_accum = cfg.grad_accum_steps(info.world_size)
         self.val_steps = cfg.val_steps_per_rank(info.world_size)
         preflight(cfg)  # before a model is built or the GPU is touched
+        self.lease = take_run_dir(cfg, info, device)  # one writer per run directory
+        try:
+            self._set_up(cfg, device, info)
+        except BaseException:
+            if self.lease is not None:
+                self.lease.release()
+            raise
+
+    def _set_up(self, cfg: RunConfig, device: torch.device, info: DistInfo) -> None:
+        t = cfg.train
+        if info.is_master:
+            for path in store.remove_stale_temporaries(t.run_dir):
+                log.info("removed %s, left by a killed write", path)
+        data = {"url": cfg.data.data_url, "fingerprint": data_fingerprint(cfg.data.data_url)}
         accel.configure(device, tf32=t.tf32, attention=t.attention)
         self.amp_dtype = accel.autocast_dtype(cfg, device)
         self.model, self.optimizer = build_model(cfg, device)
         self.loader, self.val_loader = build_loaders(cfg, info)
-        resumed = resume(cfg, self.model, self.optimizer, self.loader, device, info)
+        resumed = resume(cfg, self.model, self.optimizer, self.loader, device, info, data["fingerprint"])
         self.start_step = resumed.step if resumed else 0
         self.step_model = wrap(self.model, t, info, device)
         if info.is_master:
@@ -123,9 +147,10 @@ class Trainer:
                 "world_size": info.world_size, "grad_accum_steps": self.grad_accum, "device": str(device)}})
         self.metrics = MetricsLog(t.run_dir, self.start_step) if info.is_master else None
         self.checkpointer = Checkpointer(cfg, model=self.model, optimizer=self.optimizer, loader=self.loader,
-                                         device=device, info=info, latest=resumed.url if resumed else None,
+                                         device=device, info=info, data=data,
+                                         latest=resumed.url if resumed else None,
                                          after_save=self.metrics.flush if self.metrics else None)
-        self.stop = StopSignal()
+        stop_signal.install()  # (already, when started by cluster/worker.py or main below)
         n_params = self.model.num_parameters(exclude_positions=True)  # position lookups are not matmuls
         self.flops_per_step = flops_per_token(cfg.model, n_params, t.seq_len) * t.total_batch_tokens
         self.peak = peak_flops(device)
@@ -148,14 +173,21 @@ class Trainer:
                         print(console_line(record, t.max_steps), flush=True)
                 step += 1
                 stopped_by = self._stop_reason(step)
-                stopping = distributed.any_true(stopped_by is not None, self.device)
-                self.checkpointer.save_if_due(step, stopping)
-                if stopping:
+                lost = self.lease is not None and self.lease.lost.is_set()
+                verdict = distributed.max_over_ranks(2 if lost else int(stopped_by is not None), self.device)
+                if verdict == 2:  # someone else writes this run directory now: not one more byte from us
+                    raise LeaseLost(f"the lease of {t.run_dir} was taken by "
+                                    f"{self.lease.lost_to if self.lease else 'another writer'} at step {step}; "
+                                    "stopped without writing")
+                self.checkpointer.save_if_due(step, stopping=verdict == 1)
+                if verdict == 1:
                     stopped_by = stopped_by or "peer rank signal"
                     break
         finally:
             self.loader.close()
             self.val_loader.close()
+            if self.lease is not None:
+                self.lease.release()
         if self.metrics is not None:
             self.metrics.flush()
         result = {"final_step": step, "loss": last["loss"], "val_loss": last["val_loss"],
@@ -197,8 +229,8 @@ class Trainer:
     def _stop_reason(self, step: int) -> str | None:
         """Why this process stops before max_steps after `step` steps (a signal, stop_after_steps), or None."""
         t = self.cfg.train
-        if self.stop.received:
-            return self.stop.received
+        if stop_signal.received():
+            return stop_signal.received()
         if t.stop_after_steps and step - self.start_step >= t.stop_after_steps and step < t.max_steps:
             return "stop_after_steps"
         return None
@@ -239,6 +271,7 @@ def _sample(model: GPT, cfg: RunConfig, run_dir: RunDir, step: int, amp_dtype) -
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
+    stop_signal.install()  # before anything slow: a preemption warning during start-up is kept
     ap = argparse.ArgumentParser(prog="python -m training.train", description="Train GPT-2 (resumes automatically).")
     ap.add_argument("--config", required=True, help="preset name (tiny, gpt2-124m) or path to a TOML file")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
