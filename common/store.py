@@ -60,7 +60,7 @@ def write_bytes(url: str, data: bytes) -> None:
         raise StoreError(f"cannot write {url}: {err.strerror or err}") from None
 
 
-_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # write_bytes's temporary names
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]+\.tmp$")  # write_bytes's temporary names: .{name}.{hex}.tmp
 
 
 def is_temporary(name: str) -> bool:
