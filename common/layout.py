@@ -2,6 +2,7 @@
 
     {store}/data/{dataset}/                 token shards + manifest.json (data_prep writes, training reads)
     {store}/data/hellaswag/hellaswag_val.jsonl
+    {store}/data/demo-eval/                 the demo's HellaSwag-format task + its lm-eval YAML
     {store}/runs/{run}/                     a run directory (RunDir below)
         config.json                         the resolved run config (training)
         metrics.jsonl                       one JSON object per step (training)
@@ -41,6 +42,11 @@ class StoreLayout:
     @property
     def hellaswag(self) -> str:
         return join(self.root, "data", "hellaswag", "hellaswag_val.jsonl")
+
+    @property
+    def demo_eval(self) -> str:
+        """The demo's HellaSwag-format task and its lm-eval definition (evaluation/demo_task.py)."""
+        return join(self.root, "data", "demo-eval")
 
     def run(self, name: str) -> "RunDir":
         return RunDir(join(self.root, "runs", name))

@@ -176,6 +176,20 @@ def data_fingerprint(data_url: str) -> str:
     return store.sha256(json.dumps(sorted(items)).encode())[:16]
 
 
+def unigram_entropy(data_url: str, split: str = "train", max_tokens: int = 200_000_000) -> float:
+    """The entropy in nats of the split's token frequencies (over its first `max_tokens` tokens): the loss of a
+    model that knows only how often each token occurs, the first bar a trained model must clear."""
+    counts, seen = np.zeros(VOCAB_SIZE, dtype=np.int64), 0
+    for shard in list_shards(data_url, split):
+        tokens = load_shard(shard)[: max_tokens - seen]
+        counts += np.bincount(tokens, minlength=VOCAB_SIZE)[:VOCAB_SIZE]
+        seen += tokens.size
+        if seen >= max_tokens:
+            break
+    p = counts[counts > 0] / seen
+    return float(-(p * np.log(p)).sum())
+
+
 def load_shard(shard: Shard, verify: bool = True) -> np.ndarray:
     """The shard's tokens; a missing file, a checksum mismatch or truncation is a ShardError."""
     try:

@@ -14,9 +14,9 @@ from flows.evaluations import run_evaluation, summary_row
 
 @flow(name="evaluate-checkpoint", log_prints=True)
 async def evaluate_checkpoint(checkpoint: str, tasks: list[str] = ["hellaswag"], hellaswag_data: str | None = None,
-                              limit: int | None = None) -> dict[str, Any]:
+                              limit: int | None = None, include_path: str | None = None) -> dict[str, Any]:
     """Evaluate one checkpoint (or a run dir's latest) on HellaSwag and/or lm-eval tasks."""
-    result = await run_evaluation(checkpoint, tasks, hellaswag_data, limit)
+    result = await run_evaluation(checkpoint, tasks, hellaswag_data, limit, include_path)
     if "error" in result:
         raise RuntimeError(f"evaluation of {checkpoint} failed: {result['error']}")
     get_run_logger().info("%s", json.dumps(summary_row(result)))

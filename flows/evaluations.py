@@ -1,32 +1,53 @@
 """Every new checkpoint evaluated while training goes on, never on the training nodes: each evaluation is
 `python -m evaluation.evaluate` in its own process next to the flow, or its own one-node Slurm job
-(`eval_slurm`). Results are cached next to the checkpoint (eval/*.json), so evaluating twice costs nothing."""
+(`eval_slurm`), shown as a task run of its own (`evaluate step 5000`). Results are cached next to the
+checkpoint (eval/*.json), so evaluating twice costs nothing."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
 from cluster.spec import JobSpec
+from common.errors import ReproError
 from training import checkpoint as ck
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _idle_priority() -> None:
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux: the lowest nice level instead
+        os.nice(19)
+
+
 async def run_evaluation(url: str, tasks: list[str], hellaswag_data: str | None = None,
-                         limit: int | None = None) -> dict[str, Any]:
-    """The evaluate CLI on `url`; its summary, or {"checkpoint", "error"} with the last error line."""
+                         limit: int | None = None, include_path: str | None = None,
+                         background: bool = False) -> dict[str, Any]:
+    """The evaluate CLI on `url`; its summary, or {"checkpoint", "error"} with the last error line.
+    `background`: training shares this machine, so the evaluation takes one thread and only the CPU time
+    training leaves idle (SCHED_IDLE): two processes each running as many OpenMP threads as there are cores slow
+    each other several times over."""
     cmd = [sys.executable, "-m", "evaluation.evaluate", "--checkpoint", url, "--tasks", ",".join(tasks)]
     if hellaswag_data:
         cmd += ["--hellaswag-data", hellaswag_data]
     if limit:
         cmd += ["--limit", str(limit)]
+    if include_path:
+        cmd += ["--include-path", include_path]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1") if background else None
     proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                                                cwd=str(REPO))
+                                                cwd=str(REPO), env=env,
+                                                preexec_fn=_idle_priority if background else None)
     out, err = await proc.communicate()
     if proc.returncode != 0:
         lines = [ln for ln in err.decode(errors="replace").splitlines() if ln.strip()]
@@ -35,14 +56,16 @@ async def run_evaluation(url: str, tasks: list[str], hellaswag_data: str | None 
 
 
 async def run_evaluation_on_slurm(url: str, tasks: list[str], spec: JobSpec, hellaswag_data: str | None = None,
-                                  limit: int | None = None, poll_s: float = 2.0) -> dict[str, Any]:
+                                  limit: int | None = None, include_path: str | None = None,
+                                  poll_s: float = 2.0) -> dict[str, Any]:
     """The same evaluation as a one-node Slurm job of `spec`, watched without blocking."""
     from cluster.submit import submit_function
     from evaluation.evaluate import evaluate
 
     # sbatch and sacct are subprocess calls: off the event loop, which also watches training
     job = await asyncio.to_thread(submit_function, spec.model_copy(update={"nodes": 1, "job_name": "gpt2-eval"}),
-                                  evaluate, url, tasks, hellaswag_data=hellaswag_data, limit=limit)
+                                  evaluate, url, tasks, hellaswag_data=hellaswag_data, limit=limit,
+                                  include_path=include_path)
     while not await asyncio.to_thread(job.done):
         await asyncio.sleep(poll_s)
     try:
@@ -57,22 +80,44 @@ def summary_row(result: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"step": result.get("step"), "checkpoint": result.get("checkpoint")}
     if "hellaswag" in result:
         row["hellaswag_acc_norm"] = result["hellaswag"]["acc_norm"]
-    for task, metrics in (result.get("lm_eval") or {}).get("tasks", {}).items():
+    for name, metrics in (result.get("lm_eval") or {}).get("tasks", {}).items():
         acc = metrics.get("acc_norm", metrics.get("acc"))
         if acc is not None:
-            row[task] = round(float(acc), 4)
+            row[name] = round(float(acc), 4)
     if "error" in result:
         row["error"] = result["error"]
     return row
+
+
+class EvaluationFailed(ReproError):
+    def __init__(self, result: dict[str, Any]):
+        super().__init__(result.get("error", "evaluation failed"))
+        self.result = result
+
+
+@task(name="evaluate", task_run_name="evaluate step {step}", cache_policy=NO_CACHE, persist_result=False)
+async def evaluate_step(step: int, url: str, tasks: list[str], hellaswag_data: str | None, slurm: JobSpec | None,
+                        include_path: str | None, background: bool = False) -> dict[str, Any]:
+    """One checkpoint's evaluation as a task run; a failed evaluation fails it with the error."""
+    result = await (run_evaluation_on_slurm(url, tasks, slurm, hellaswag_data, include_path=include_path) if slurm
+                    else run_evaluation(url, tasks, hellaswag_data, include_path=include_path, background=background))
+    if "error" in result:
+        raise EvaluationFailed(result)
+    get_run_logger().info("evaluated step %d: %s", step, json.dumps(summary_row(result)))
+    return result
 
 
 class EvaluationScheduler:
     """Starts an evaluation for each valid checkpoint of the run not yet evaluated, and collects the results."""
 
     def __init__(self, run_dir: str, tasks: list[str], hellaswag_data: str | None, slurm: JobSpec | None,
-                 log: logging.Logger | logging.LoggerAdapter):
+                 log: logging.Logger | logging.LoggerAdapter, include_path: str | None = None,
+                 shares_machine: bool = False):
+        """`shares_machine`: training runs on this machine too (the local executor): evaluations run in the
+        background (one thread, low priority) instead of competing for its cores."""
         self.run_dir, self.tasks, self.hellaswag_data, self.slurm, self.log = run_dir, tasks, hellaswag_data, slurm, log
-        self.results: dict[int, dict[str, Any]] = {}  # step -> the evaluate CLI's summary
+        self.include_path, self.background = include_path, shares_machine and slurm is None
+        self.results: dict[int, dict[str, Any]] = {}  # step -> the evaluate CLI's summary (or its error)
         self._pending: dict[int, asyncio.Task] = {}
 
     def start_new(self) -> None:
@@ -80,17 +125,21 @@ class EvaluationScheduler:
             return
         for c in ck.valid_checkpoints(self.run_dir):
             if c.step not in self.results and c.step not in self._pending:
-                self._pending[c.step] = asyncio.create_task(
-                    run_evaluation_on_slurm(c.url, self.tasks, self.slurm, self.hellaswag_data) if self.slurm
-                    else run_evaluation(c.url, self.tasks, self.hellaswag_data))
+                self._pending[c.step] = asyncio.create_task(evaluate_step(
+                    c.step, c.url, self.tasks, self.hellaswag_data, self.slurm, self.include_path, self.background,
+                    return_state=True))
 
     async def collect(self, wait: bool = False) -> bool:
         """Take in the evaluations that have finished (all of them with `wait`); True when any did."""
         new = False
-        for step, task in list(self._pending.items()):
-            if wait or task.done():
-                self.results[step] = await task
+        for step, pending in list(self._pending.items()):
+            if wait or pending.done():
+                state = await pending
+                result = await state.aresult(raise_on_failure=False)
+                if isinstance(result, BaseException):
+                    result = getattr(result, "result", {"step": step, "error": str(result)})
+                    self.log.warning("evaluation of step %d failed: %s", step, result.get("error"))
+                self.results[step] = result
                 del self._pending[step]
                 new = True
-                self.log.info("evaluated step %d: %s", step, json.dumps(summary_row(self.results[step])))
         return new

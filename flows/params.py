@@ -36,6 +36,8 @@ class PretrainParams(BaseModel):
                                            "of environment variables (AWS_ACCESS_KEY_ID, ...) for the store")
     eval_tasks: list[str] = Field(default_factory=lambda: ["hellaswag"], description="evaluation per checkpoint")
     hellaswag_data: str | None = Field(None, description="HellaSwag jsonl (default: {store}/data/hellaswag/...)")
+    eval_include_path: str | None = Field(None, description="a local folder of lm-eval task YAMLs (tasks over "
+                                          "local files, for machines without hub access)")
     eval_slurm: JobSpec | None = Field(None, description="run each checkpoint's evaluation as its own Slurm job "
                                        "(one node, e.g. one GPU); default: a process next to the flow")
     max_resubmits: int = Field(3, ge=0, description="resubmissions after failures (requeues don't count)")

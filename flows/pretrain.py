@@ -30,10 +30,10 @@ from common.shards import ShardError, list_shards
 from flows.evaluations import EvaluationScheduler
 from flows.executors import LocalTrainingExecutor, Outcome, Submission, TrainingExecutor
 from flows.params import PretrainParams
-from flows.report import Progress, artifact_key, checkpoint_rows, publish_checkpoint_table, publish_curves, \
-    publish_summary
+from flows.report import Progress, artifact_key, best_checkpoint, checkpoint_rows, publish_checkpoint_table, \
+    publish_curves, publish_summary
 from flows.resubmission import ResubmissionPolicy
-from flows.watch import RunWatcher
+from flows.watch import RunWatcher, watch_as_task
 from training import checkpoint as ck
 from training.config import RunConfig, load_config
 from training.metrics import read_metrics
@@ -197,7 +197,8 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
 
     t0, key, max_steps = time.monotonic(), artifact_key(p.run_name), cfg.train.max_steps
     progress = await Progress.create(p.run_name, max_steps, log, key)
-    evals = EvaluationScheduler(run.url, p.eval_tasks, p.hellaswag_data, p.eval_slurm, log)
+    evals = EvaluationScheduler(run.url, p.eval_tasks, p.hellaswag_data, p.eval_slurm, log, p.eval_include_path,
+                                shares_machine=p.executor == "local")
     watcher = RunWatcher(run, log, p.poll_seconds)
     policy = ResubmissionPolicy(p.max_resubmits, p.backoff_seconds)
 
@@ -214,6 +215,7 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
         await report_evaluations()
 
     submission, number = reattach(run, executor, log)
+    label = f"submission {number} (job {submission.job_id}, reattached)" if submission else ""
     while True:
         start = latest_step(run.url)
         if submission is None:
@@ -227,7 +229,8 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
                 raise FlowFailure(f"submission refused: {err}") from None
             record_submission(run, executor, number, submission)
             log.info("submission %d: job %s from step %d", number, submission.job_id, start)
-        outcome = await watcher.watch(submission, on_tick)
+            label = f"submission {number} (job {submission.job_id})"
+        outcome = await watch_as_task(label, watcher, submission, on_tick)
         end = latest_step(run.url)
         record_submission(run, executor, number, submission, outcome, (start, end))
         log.info("submission %d ended: %s (%s), steps %d -> %d", number, outcome.state, outcome.reason, start, end)
@@ -246,9 +249,11 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
     evals.start_new()
     await report_evaluations(wait=True)
     curves = await publish_curves(run.url, p.run_name, key)
+    rows = checkpoint_rows(evals.results, metrics)
     result = {"run_dir": run.url, "final_step": latest_step(run.url), "submissions": number,
               "final_loss": metrics[-1]["loss"] if metrics else None,
-              "evaluations": checkpoint_rows(evals.results, metrics), "curves": curves,
+              "final_val_loss": next((m["val_loss"] for m in reversed(metrics) if "val_loss" in m), None),
+              "evaluations": rows, "best_checkpoint": best_checkpoint(rows), "curves": curves,
               "minutes": round((time.monotonic() - t0) / 60, 2)}
     await publish_summary(run.url, p.run_name, key, max_steps, result)
     return result

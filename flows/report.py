@@ -42,7 +42,7 @@ class Progress:
     def __init__(self, artifact_id, max_steps: int, log, key: str):
         self.id, self.max_steps, self.log, self.key = artifact_id, max_steps, log, key
         self.first: tuple[float, int] | None = None
-        self.last_log, self.last_status = 0.0, -1
+        self.last_log, self.last_status, self.last_percent = 0.0, -1, -1.0
 
     @classmethod
     async def create(cls, run_name: str, max_steps: int, log, key: str) -> "Progress":
@@ -55,7 +55,10 @@ class Progress:
         done, now = metrics[-1]["step"] + 1, time.monotonic()
         if self.first is None or done < self.first[1]:
             self.first = (now, done)
-        await update_progress_artifact(self.id, 100.0 * min(done, self.max_steps) / self.max_steps)
+        percent_done = round(100.0 * min(done, self.max_steps) / self.max_steps, 1)
+        if force or percent_done >= min(self.last_percent + 1, 100) > self.last_percent:  # each update is an event
+            self.last_percent = percent_done
+            await update_progress_artifact(self.id, percent_done)
         t0, s0 = self.first
         rate = (done - s0) / (now - t0) if now > t0 and done > s0 else 0.0
         eta = _duration((self.max_steps - done) / rate) if rate else "-"
@@ -88,6 +91,17 @@ def checkpoint_rows(evals: dict[int, dict[str, Any]], metrics: list[dict[str, An
     return rows
 
 
+def best_checkpoint(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The checkpoint with the highest HellaSwag acc_norm, or (without evaluations) the lowest val loss."""
+    for metric, better in (("hellaswag_acc_norm", max), ("val_loss", min)):
+        scored = [r for r in rows if r.get(metric) is not None]
+        if scored:
+            best = better(scored, key=lambda r: r[metric])
+            return {"step": best["step"], "checkpoint": best.get("checkpoint"), "metric": metric,
+                    "value": best[metric]}
+    return None
+
+
 async def publish_checkpoint_table(rows: list[dict[str, Any]], title: str, key: str) -> None:
     await create_table_artifact(rows, key=f"{key}-checkpoints", description=f"{title}: evaluation of every checkpoint")
 
@@ -106,6 +120,10 @@ async def publish_curves(run_dir: str, title: str, key: str) -> str | None:
     return url
 
 
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
 def _samples(run_dir: str, n: int = 3) -> list[str]:
     url = RunDir(run_dir).samples
     if not store.exists(url):
@@ -119,9 +137,15 @@ def _samples(run_dir: str, n: int = 3) -> list[str]:
 
 async def publish_summary(run_dir: str, title: str, key: str, max_steps: int, result: dict[str, Any]) -> None:
     lines = [f"# {title}", "",
-             f"- final step: **{result['final_step']} / {max_steps}**, final train loss: {result['final_loss']}",
+             f"- final step: **{result['final_step']} / {max_steps}**, final train loss: {_num(result['final_loss'])}, "
+             f"val loss: {_num(result.get('final_val_loss'))}",
              f"- submissions: {result['submissions']}, wall time: {result['minutes']} min",
-             f"- run directory: `{run_dir}`", ""]
+             f"- run directory: `{run_dir}`"]
+    best = result.get("best_checkpoint")
+    if best:
+        lines.append(f"- best checkpoint: **step {best['step']}** ({best['metric']} {best['value']:.4f}): "
+                     f"`{best['checkpoint']}`")
+    lines.append("")
     checkpoints = ck.valid_checkpoints(run_dir)
     if checkpoints:
         lines += ["| step | checkpoint | HF export |", "| --- | --- | --- |"]

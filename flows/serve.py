@@ -2,22 +2,37 @@
 
     python -m flows.serve [--executor local|slurm] [--store URL]
     prefect deployment run pretrain-gpt2/pretrain-124m        # from another shell; watch it in the UI
+    prefect deployment run pretrain-gpt2/demo --watch         # the demo: minutes on a CPU, fully offline
 
-The deployments are the ones prefect.yaml declares for the `gpt2-slurm` work pool; their parameters are defaults
-that every run can override (`--param` / `--params`, or the form in the UI).
+The deployments are the ones prefect.yaml declares for the `gpt2-slurm` work pool, plus `demo`; their
+parameters are defaults that every run can override (`--params`, or the form in the UI).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import json
 
 from prefect import serve
 
+from common.cli import entry_point
+from common.layout import StoreLayout
 from flows.evaluate_checkpoint import evaluate_checkpoint
 from flows.params import PretrainParams
 from flows.prepare_data import prepare_data
 from flows.pretrain import pretrain
+
+
+def demo_params(store: str, max_steps: int | None = None) -> PretrainParams:
+    """The demo run: the `demo` preset on the offline corpus, every checkpoint evaluated on the demo's
+    HellaSwag-format task (evaluation/demo_task.py) by our scorer and by lm-eval over the same file. A shortened
+    run (`max_steps`) is a run of its own, with two checkpoints."""
+    task = StoreLayout(store).demo_eval
+    short = [] if max_steps is None else [f"max_steps={max_steps}", f"checkpoint_every={max(1, max_steps // 2)}"]
+    return PretrainParams(preset="demo", store=store, run_name="demo" if max_steps is None else f"demo-{max_steps}",
+                          overrides=short,
+                          eval_tasks=["hellaswag", "demo_hellaswag"], hellaswag_data=f"{task}/demo_hellaswag.jsonl",
+                          eval_include_path=task, poll_seconds=1.0)
 
 
 def deployments(executor: str, store: str) -> list:
@@ -25,20 +40,31 @@ def deployments(executor: str, store: str) -> list:
                             prepare_source="hf:HuggingFaceFW/fineweb-edu:sample-10BT")
     return [
         pretrain.to_deployment(name="pretrain-124m", parameters={"params": params.model_dump(mode="json")}),
+        pretrain.to_deployment(name="demo", parameters={"params": demo_params(store).model_dump(mode="json")},
+                               description="The pipeline in minutes on a CPU, offline: demo corpus -> shards -> "
+                                           "training -> every checkpoint evaluated -> report."),
         prepare_data.to_deployment(name="prepare-fineweb-edu",
-                                   parameters={"out": f"{store.rstrip('/')}/data/fineweb-edu/sample-10BT"}),
+                                   parameters={"out": StoreLayout(store).dataset("fineweb-edu/sample-10BT")}),
         evaluate_checkpoint.to_deployment(name="evaluate"),
     ]
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--executor", choices=["local", "slurm"], default="local")
     ap.add_argument("--store", default="store", help="store root (fsspec URL)")
+    ap.add_argument("--print-demo-params", type=int, metavar="MAX_STEPS", default=None,
+                    help="print the demo deployment's parameters for a run of MAX_STEPS steps (0: the preset's) "
+                         "as `prefect deployment run --params` takes them, and exit")
     args = ap.parse_args(argv)
+    if args.print_demo_params is not None:
+        p = demo_params(args.store, args.print_demo_params or None)
+        print(json.dumps({"params": p.model_dump(mode="json")}))
+        return 0
     serve(*deployments(args.executor, args.store))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

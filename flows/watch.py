@@ -1,6 +1,8 @@
 """Watching a run while a submission of it runs: the submission's state, the training's console and the
-launcher's requeue events into the flow's log, and the new metrics lines to whoever reports them. Every file
-is tailed: only its new bytes are read, so polling a long run stays cheap on S3 too."""
+launcher's requeue events into the log, and the new metrics lines to whoever reports them. Every file is
+tailed: only its new bytes are read, so polling a long run stays cheap on S3 too. Each submission is watched
+as a Prefect task run of its own (`watch_submission`), so the run's graph shows them one after the other and a
+failed one as failed, with its reason."""
 
 from __future__ import annotations
 
@@ -9,7 +11,11 @@ import json
 import logging
 from typing import Any, Awaitable, Callable
 
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
 from common import store
+from common.errors import ReproError
 from common.layout import RunDir
 from flows.executors import Outcome, Submission
 from training.metrics import parse_metrics
@@ -51,8 +57,10 @@ class RunWatcher:
         self.metrics: list[dict[str, Any]] = []
 
     async def watch(self, submission: Submission,
-                    on_tick: Callable[[list[dict[str, Any]]], Awaitable[None]]) -> Outcome:
-        """Poll until the submission ends; after every poll, `on_tick(all metrics so far)`."""
+                    on_tick: Callable[[list[dict[str, Any]]], Awaitable[None]], log=None) -> Outcome:
+        """Poll until the submission ends; after every poll, `on_tick(all metrics so far)`. `log`: where its
+        lines go (the submission's task run), the watcher's log by default."""
+        self.log = log or self.log
         console = LogTail(submission.log_path)
         while True:
             await asyncio.sleep(self.poll_seconds)
@@ -76,3 +84,33 @@ class RunWatcher:
                          "job %s: %s%s at step %s (checkpoint %s)", ev.get("job_id"), ev.get("event"),
                          f" ({ev['reason']})" if ev.get("reason") else "", ev.get("step", ev.get("final_step")),
                          ev.get("checkpoint"))
+
+
+class SubmissionEnded(ReproError):
+    """A submission that failed or was cancelled: its task run fails with the reason; the flow decides next."""
+
+    def __init__(self, outcome: Outcome):
+        super().__init__(f"{outcome.state}: {outcome.reason}")
+        self.outcome = outcome
+
+
+@task(name="submission", task_run_name="{label}", cache_policy=NO_CACHE, persist_result=False)
+async def watch_submission(label: str, watcher: RunWatcher, submission: Submission,
+                           on_tick: Callable[[list[dict[str, Any]]], Awaitable[None]]) -> Outcome:
+    """One submission, as a task run named e.g. `submission 2 (job 1234)`, until it ends."""
+    outcome = await watcher.watch(submission, on_tick, log=get_run_logger())
+    if outcome.state in ("failed", "cancelled"):
+        raise SubmissionEnded(outcome)
+    return outcome
+
+
+async def watch_as_task(label: str, watcher: RunWatcher, submission: Submission,
+                        on_tick: Callable[[list[dict[str, Any]]], Awaitable[None]]) -> Outcome:
+    """The outcome of `watch_submission`, whether its task run completed or failed."""
+    state = await watch_submission(label, watcher, submission, on_tick, return_state=True)
+    if state.is_completed():
+        return await state.aresult()
+    err = await state.aresult(raise_on_failure=False)
+    if isinstance(err, SubmissionEnded):
+        return err.outcome
+    raise err  # the watcher itself broke (or a lost lease): not an outcome of the submission

@@ -197,12 +197,13 @@ class Trainer:
         return result
 
     def _evaluate(self, step: int) -> dict[str, Any]:
-        """The val loss and samples due before `step` (val at every val_every and before the last step)."""
+        """The val loss and samples due before `step` (each at its cadence, and both before the last step)."""
         cfg, record = self.cfg, {}
-        if step % cfg.eval.val_every == 0 or step == cfg.train.max_steps - 1:
+        last = step == cfg.train.max_steps - 1
+        if step % cfg.eval.val_every == 0 or last:
             record["val_loss"] = evaluate_val(self.step_model, self.val_loader, self.val_steps, self.device, self.amp,
                                               cfg.train.loss_chunk)
-        if cfg.eval.sample_every and step > 0 and step % cfg.eval.sample_every == 0 and self.info.is_master:
+        if cfg.eval.sample_every and step > 0 and (step % cfg.eval.sample_every == 0 or last) and self.info.is_master:
             _sample(self.model, cfg, self.run_dir, step, self.amp_dtype)
         return record
 
