@@ -170,6 +170,17 @@ def small_hf_model(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_hea
     return model
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a server a test starts, or to point a client at nothing)."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
 # ----------------------------------------------------------------------------- Slurm
 
 

@@ -7,14 +7,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, free_port
 
 
 def _fresh_copy(dst: Path) -> Path:
@@ -28,18 +27,11 @@ def _fresh_copy(dst: Path) -> Path:
     return dst
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     clone = _fresh_copy(tmp_path_factory.mktemp("newcomer") / "gpt2-repro")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(VENV=str(Path(sys.prefix)), PREFECT_PORT=str(port), DEMO_STEPS="60", OMP_NUM_THREADS="1",
                PREFECT_SERVER_ANALYTICS_ENABLED="false")

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,23 +15,16 @@ from pathlib import Path
 import pytest
 
 from helpers import DEPLOYMENT_FAST as FAST
-from helpers import REPO, make_examples, read_jsonl, release_after_requeue, write_jsonl
+from helpers import REPO, free_port, make_examples, read_jsonl, release_after_requeue, write_jsonl
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 SECRET = "s3cret-flow-0xBADC0DE"  # the store's secret key: must never show up in logs, artifacts or job files
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
 
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory):
     """`prefect server start` on a free port with its own PREFECT_HOME; yields the env its clients need."""
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="1",
                PREFECT_RUNNER_POLL_FREQUENCY="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

@@ -12,7 +12,7 @@ from prefect import flow
 from flows.executors import LocalTrainingExecutor
 from flows.params import PretrainParams
 from flows.pretrain import FlowFailure, pretrain, run_pretrain
-from helpers import FLOW_FAST, REPO, make_examples, make_shards, read_jsonl, write_jsonl
+from helpers import FLOW_FAST, REPO, free_port, make_examples, make_shards, read_jsonl, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -105,14 +105,10 @@ def test_bad_parameter_fails_before_anything_runs(prefect_server, tmp_path):
 
 
 def test_a_dead_prefect_server_is_one_clear_line(tmp_path):
-    import socket
     import subprocess
     import sys
 
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
+    port = free_port()  # nothing listens there
     p = subprocess.run([sys.executable, "-m", "flows.pretrain", "--store", str(tmp_path / "store")], cwd=REPO,
                        env=dict(os.environ, PREFECT_API_URL=f"http://127.0.0.1:{port}/api"), capture_output=True,
                        text=True, timeout=120)
