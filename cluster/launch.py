@@ -33,7 +33,7 @@ from typing import Any
 
 from common import store
 from common.errors import ReproError
-from common.exit_codes import REQUEUE
+from common.exit_codes import DIVERGED, REQUEUE
 from common.layout import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -156,7 +156,18 @@ class TrainLaunch:
                     "preemptions": self.preemptions}
         if mine and len(mine) == self.procs_per_node and codes <= {0, REQUEUE}:
             return self._stopped()
+        if mine and len(mine) == self.procs_per_node and codes == {DIVERGED}:
+            return self._diverged()
         raise self._failure(code)
+
+    def _diverged(self) -> dict[str, Any]:
+        """Every local rank stopped on the guard's verdict (exit 3): a result for the flow to roll back on."""
+        if self._node != 0:
+            return {"node": self._node, "exit_code": DIVERGED}
+        result = self._result()
+        self._log_attempt("diverged", result.get("diverged") or {})
+        return {**result, "job_id": self._job_id, "run_dir": self.run_dir, "timeouts": self.timeouts,
+                "preemptions": self.preemptions}
 
     def _stopped(self) -> dict[str, Any]:
         """Every local rank checkpointed and exited 75."""

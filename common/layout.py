@@ -8,6 +8,8 @@
         metrics.jsonl                       one JSON object per step (training)
         samples.jsonl, result.json          samples during training; the last process's result (training)
         attempts.jsonl                      every start, requeue and end of a Slurm job (cluster launcher)
+        events.jsonl                        every skipped update and a divergence (training's guard)
+        rollbacks.jsonl, rolled-back/       every rollback past diverging data; the checkpoints it set aside (flow)
         submissions.jsonl, job.json         every job the flow submitted; the one in flight (flow)
         curves.png                          loss and HellaSwag curves (flow, evaluation.plots)
         logs/submission-NNN.log             console of a local submission (flow, local executor)
@@ -62,6 +64,8 @@ class RunDir:
     samples = property(lambda self: join(self.url, "samples.jsonl"))
     result = property(lambda self: join(self.url, "result.json"))
     attempts = property(lambda self: join(self.url, "attempts.jsonl"))
+    events = property(lambda self: join(self.url, "events.jsonl"))
+    rollbacks = property(lambda self: join(self.url, "rollbacks.jsonl"))
     submissions = property(lambda self: join(self.url, "submissions.jsonl"))
     job = property(lambda self: join(self.url, "job.json"))
     curves = property(lambda self: join(self.url, "curves.png"))
@@ -70,6 +74,10 @@ class RunDir:
 
     def checkpoint(self, step: int) -> str:
         return join(self.checkpoints, f"step_{step:06d}")
+
+    def rolled_back(self, number: int) -> str:
+        """Where rollback `number` sets aside the checkpoints written after the one it resumes from."""
+        return join(self.url, "rolled-back", f"{number:03d}")
 
     def lease(self, role: str) -> str:
         """The lease of the run's one writer of `role` ("trainer", "flow"): common/lease.py."""

@@ -128,6 +128,17 @@ def append_text(url: str, text: str) -> None:
         fs.pipe_file(path, old + text.encode())
 
 
+def move(src: str, dst: str) -> None:
+    """Move a file or folder within one store (a rename on a local disk; copy, then delete, on object stores)."""
+    fs, src_path = fs_and_path(src)
+    dst_path = fs_and_path(dst)[1]
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+        os.rename(src_path, dst_path)
+    else:
+        fs.mv(src_path, dst_path, recursive=True)
+
+
 def remove_tree(url: str) -> None:
     fs, path = fs_and_path(url)
     if fs.exists(path):

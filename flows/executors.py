@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class Outcome:
-    state: str  # "completed" | "requeue" (stopped with a checkpoint) | "failed" (resubmit) | "cancelled" (stop)
+    # "completed" | "requeue" (stopped with a checkpoint) | "failed" (resubmit) | "cancelled" (stop)
+    # | "diverged" (the guard stopped it: roll back past the data)
+    state: str
     reason: str
 
 
@@ -60,6 +62,8 @@ class LocalSubmission:
             return Outcome("completed", "exit 0")
         if code == exit_codes.REQUEUE:
             return Outcome("requeue", f"stopped with a checkpoint (exit {exit_codes.REQUEUE})")
+        if code == exit_codes.DIVERGED:
+            return Outcome("diverged", f"diverged (exit {exit_codes.DIVERGED})")
         if code < 0:
             return Outcome("failed", f"killed by signal {-code}")
         return Outcome("failed", f"exit {code}")

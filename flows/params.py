@@ -41,6 +41,8 @@ class PretrainParams(BaseModel):
     eval_slurm: JobSpec | None = Field(None, description="run each checkpoint's evaluation as its own Slurm job "
                                        "(one node, e.g. one GPU); default: a process next to the flow")
     max_resubmits: int = Field(3, ge=0, description="resubmissions after failures (requeues don't count)")
+    max_rollbacks: int = Field(3, ge=0, description="rollbacks past diverging data (training's guard) before the "
+                               "run stops")
     backoff_seconds: float = Field(5.0, ge=0)
     poll_seconds: float = Field(2.0, gt=0)
 

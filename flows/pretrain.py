@@ -31,7 +31,7 @@ from flows.evaluations import EvaluationScheduler
 from flows.executors import LocalTrainingExecutor, Outcome, Submission, TrainingExecutor
 from flows.params import PretrainParams
 from flows.report import Progress, artifact_key, best_checkpoint, checkpoint_rows, publish_checkpoint_table, \
-    publish_curves, publish_summary
+    publish_curves, publish_events, publish_summary
 from flows.resubmission import ResubmissionPolicy
 from flows.watch import RunWatcher, watch_as_task
 from training import checkpoint as ck
@@ -125,14 +125,45 @@ def reattach(run: RunDir, executor: TrainingExecutor, log) -> tuple[Submission |
 
 
 def record_submission(run: RunDir, executor: TrainingExecutor, number: int, sub: Submission,
-                      outcome: Outcome | None = None, steps: tuple[int, int] | None = None) -> None:
+                      outcome: Outcome | None = None, steps: tuple[int, int] | None = None,
+                      diverged: dict[str, Any] | None = None) -> None:
     """job.json names the submission in flight (or how it ended); submissions.jsonl keeps every ended one."""
     ended = {"ended": outcome.state} if outcome else {}
     store.write_json(run.job, {"job_id": sub.job_id, "submission": number, **ended, **executor.describe()})
     if outcome is not None:
         store.append_text(run.submissions, json.dumps(
             {"submission": number, "job_id": sub.job_id, "state": outcome.state, "reason": outcome.reason,
-             "start_step": steps[0], "end_step": steps[1], "time": time.time()}) + "\n")
+             "start_step": steps[0], "end_step": steps[1], "time": time.time(),
+             **({"diverged": diverged} if diverged else {})}) + "\n")
+
+
+def rollbacks(run: RunDir) -> list[dict[str, Any]]:
+    if not store.exists(run.rollbacks):
+        return []
+    return [json.loads(ln) for ln in store.read_bytes(run.rollbacks).decode().splitlines() if ln.strip()]
+
+
+def roll_back(run: RunDir, diverged: dict[str, Any], number: int) -> dict[str, Any]:
+    """Set aside the checkpoints written since the trouble began (into rolled-back/, never deleted) and record
+    the data batches the next submissions pass over."""
+    first_bad = diverged["steps"][0]
+    before = [c.step for c in ck.valid_checkpoints(run.url) if c.step <= first_bad]
+    resume = max(before, default=0)
+    aside = [s for s in ck.list_steps(run.url) if s > resume]
+    for s in aside:
+        store.move(run.checkpoint(s), store.join(run.rolled_back(number), f"step_{s:06d}"))
+    rec = {"rollback": number, "time": time.time(), "diverged_steps": diverged["steps"], "skip": diverged["batches"],
+           "reasons": diverged.get("reasons", []), "resume_step": resume, "set_aside": aside}
+    store.append_text(run.rollbacks, json.dumps(rec) + "\n")
+    return rec
+
+
+def with_skips(overrides: list[str], cfg: RunConfig, run: RunDir) -> list[str]:
+    """The submission's overrides, with the data batches every rollback so far passes over."""
+    skips = [r["skip"] for r in rollbacks(run)]
+    if not skips:
+        return overrides
+    return [*overrides, f"data.skip_batches={json.dumps(sorted(set(cfg.data.skip_batches) | set(skips)))}"]
 
 
 def _cancel_job(flow, flow_run, state) -> None:  # Prefect passes these by name
@@ -200,17 +231,24 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
     evals = EvaluationScheduler(run.url, p.eval_tasks, p.hellaswag_data, p.eval_slurm, log, p.eval_include_path,
                                 shares_machine=p.executor == "local")
     watcher = RunWatcher(run, log, p.poll_seconds)
-    policy = ResubmissionPolicy(p.max_resubmits, p.backoff_seconds)
+    policy = ResubmissionPolicy(p.max_resubmits, p.backoff_seconds, p.max_rollbacks,
+                                rollbacks=len(rollbacks(run)))
 
     async def report_evaluations(wait: bool = False) -> None:
         if await evals.collect(wait):
             await publish_checkpoint_table(checkpoint_rows(evals.results, watcher.metrics), p.run_name, key)
             await publish_curves(run.url, p.run_name, key)
 
+    shown_events = len(watcher.guard_events)
+
     async def on_tick(metrics: list[dict[str, Any]]) -> None:
+        nonlocal shown_events
         if lease.lost.is_set():
             raise FlowFailure(f"another flow run took over {run.url} ({lease.lost_to}); this one stops watching")
         await progress.update(metrics)
+        if len(watcher.guard_events) > shown_events:  # a skipped update: in the UI as it happens
+            shown_events = len(watcher.guard_events)
+            await publish_events(watcher.guard_events, rollbacks(run), p.run_name, key)
         evals.start_new()
         await report_evaluations()
 
@@ -224,7 +262,7 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
                 break
             number += 1
             try:
-                submission = executor.submit(p.preset, overrides, run, number)
+                submission = executor.submit(p.preset, with_skips(overrides, cfg, run), run, number)
             except Exception as err:
                 raise FlowFailure(f"submission refused: {err}") from None
             record_submission(run, executor, number, submission)
@@ -232,14 +270,22 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
             label = f"submission {number} (job {submission.job_id})"
         outcome = await watch_as_task(label, watcher, submission, on_tick)
         end = latest_step(run.url)
-        record_submission(run, executor, number, submission, outcome, (start, end))
+        diverged = store.read_json(run.result).get("diverged") if outcome.state == "diverged" else None
+        record_submission(run, executor, number, submission, outcome, (start, end), diverged)
         log.info("submission %d ended: %s (%s), steps %d -> %d", number, outcome.state, outcome.reason, start, end)
         submission = None
-        decision = policy.decide(outcome, start, end)
+        decision = policy.decide(outcome, start, end, diverged)
         if decision.action == "done":
             break
         if decision.action == "stop":
+            await publish_events(watcher.guard_events, rollbacks(run), p.run_name, key)
             raise FlowFailure(decision.message)
+        if decision.action == "rollback":
+            rec = roll_back(run, diverged, policy.rollbacks)
+            log.warning("%s; resuming from step %d, checkpoints %s set aside in %s", decision.message,
+                        rec["resume_step"], rec["set_aside"], run.rolled_back(policy.rollbacks))
+            await publish_events(watcher.guard_events, rollbacks(run), p.run_name, key)
+            continue
         if decision.wait_s:
             log.warning("%s", decision.message)
             await asyncio.sleep(decision.wait_s)

@@ -7,6 +7,9 @@ rule is tested on its own.
 - failed (a node failure, a rank's error, a requeue cap): resubmit from the latest checkpoint after an
   exponential backoff, until `max_resubmits` failures have been resubmitted; two failures in a row that made
   no progress (the same step, not past it) are a crash loop and stop the run.
+- diverged (training's guard skipped too many updates): roll back to the last checkpoint before the trouble
+  and resubmit with the offending data batches passed over, up to `max_rollbacks` times; then stop, naming
+  the steps and batches.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from flows.executors import Outcome
 
 @dataclass(frozen=True)
 class Decision:
-    action: Literal["done", "resubmit", "stop"]
+    action: Literal["done", "resubmit", "rollback", "stop"]
     wait_s: float = 0.0
     message: str = ""  # why: the log line for a resubmission, the one-line failure for a stop
 
@@ -28,13 +31,26 @@ class Decision:
 class ResubmissionPolicy:
     max_resubmits: int
     backoff_seconds: float
+    max_rollbacks: int = 3
     failures: int = 0
     last_failure_step: int | None = None
+    rollbacks: int = 0  # of the whole run (a restarted flow counts the ones in rollbacks.jsonl)
 
-    def decide(self, outcome: Outcome, start_step: int, end_step: int) -> Decision:
-        """The next move after a submission that ran from checkpoint `start_step` to checkpoint `end_step`."""
+    def decide(self, outcome: Outcome, start_step: int, end_step: int,
+               diverged: dict | None = None) -> Decision:
+        """The next move after a submission that ran from checkpoint `start_step` to checkpoint `end_step`;
+        `diverged`: the guard's verdict of a diverged one ({"steps", "batches", "reasons"})."""
         if outcome.state == "completed":
             return Decision("done")
+        if outcome.state == "diverged":
+            d = diverged or {}
+            where = f"steps {d.get('steps')} (data batches {d.get('batches')}: {', '.join(d.get('reasons', []))})"
+            self.rollbacks += 1
+            if self.rollbacks > self.max_rollbacks:
+                return Decision("stop", message=f"diverged at {where} after {self.max_rollbacks} rollbacks; "
+                                                "not resubmitted")
+            return Decision("rollback", message=f"diverged at {where}: rolling back past those batches "
+                                                f"(rollback {self.rollbacks} of at most {self.max_rollbacks})")
         if outcome.state == "requeue":
             return Decision("resubmit", message=f"{outcome.reason}: resubmitting from step {end_step}")
         if outcome.state == "cancelled":

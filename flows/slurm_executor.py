@@ -34,6 +34,8 @@ class SlurmSubmission:
             lines = [ln for ln in str(err).splitlines() if ln.strip()]
             detail = next((ln for ln in lines[1:] if ln.startswith("node ")), "")
             return Outcome("failed", " | ".join(x for x in (lines[0], detail) if x)[:500])
+        if result.get("diverged"):
+            return Outcome("diverged", f"job {self.job_id} diverged at step {result.get('final_step')}")
         if result.get("complete", True):
             return Outcome("completed", f"job {self.job_id} completed at step {result.get('final_step')}")
         # stop_after_steps: the job ended cleanly with a checkpoint before max_steps.

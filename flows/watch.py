@@ -46,6 +46,16 @@ class LogTail:
         return data[:end].decode(errors="replace").splitlines()
 
 
+def _parse(lines: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # torn by a killed writer
+    return out
+
+
 class RunWatcher:
     """The run's metrics (all lines read so far) and its launcher events, across the run's submissions."""
 
@@ -53,6 +63,8 @@ class RunWatcher:
         self.log, self.poll_seconds = log, poll_seconds
         self.events = LogTail(run.attempts)
         self.events.read()  # earlier submissions' events were logged by earlier flow runs
+        self.guard_tail = LogTail(run.events)
+        self.guard_events: list[dict[str, Any]] = _parse(self.guard_tail.read())  # shown whole in the UI
         self.metrics_tail = LogTail(run.metrics)
         self.metrics: list[dict[str, Any]] = []
 
@@ -68,18 +80,26 @@ class RunWatcher:
             for line in console.read()[-20:]:  # the training's own console, tail only
                 self.log.info("[train] %s", line)
             self._log_events()
+            self._log_guard_events()
             self.metrics += parse_metrics(self.metrics_tail.read())
             await on_tick(self.metrics)
             if outcome is not None:
                 return outcome
 
+    def _log_guard_events(self) -> None:
+        """Skipped updates and divergence, as training's guard records them in events.jsonl."""
+        for ev in _parse(self.guard_tail.read()):
+            self.guard_events.append(ev)
+            if ev.get("event") == "skip":
+                self.log.warning("step %s skipped (%s), data batch %s", ev.get("step"), ev.get("reason"),
+                                 ev.get("data_batch"))
+            else:
+                self.log.warning("%s at step %s: steps %s, data batches %s", ev.get("event"), ev.get("step"),
+                                 ev.get("steps"), ev.get("batches"))
+
     def _log_events(self) -> None:
         """Requeues, stops and failures inside a Slurm job, as cluster/launch.py records them."""
-        for line in self.events.read():
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                continue  # torn by a killed writer
+        for ev in _parse(self.events.read()):
             self.log.log(logging.INFO if ev.get("event") == "completed" else logging.WARNING,
                          "job %s: %s%s at step %s (checkpoint %s)", ev.get("job_id"), ev.get("event"),
                          f" ({ev['reason']})" if ev.get("reason") else "", ev.get("step", ev.get("final_step")),
@@ -99,7 +119,7 @@ async def watch_submission(label: str, watcher: RunWatcher, submission: Submissi
                            on_tick: Callable[[list[dict[str, Any]]], Awaitable[None]]) -> Outcome:
     """One submission, as a task run named e.g. `submission 2 (job 1234)`, until it ends."""
     outcome = await watcher.watch(submission, on_tick, log=get_run_logger())
-    if outcome.state in ("failed", "cancelled"):
+    if outcome.state in ("failed", "cancelled", "diverged"):
         raise SubmissionEnded(outcome)
     return outcome
 

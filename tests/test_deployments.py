@@ -222,6 +222,23 @@ def test_a_killed_slurm_job_is_resubmitted_and_the_loss_trace_matches(prefect_ap
     assert trace(run) == trace(ref)
 
 
+def test_a_diverging_slurm_job_is_rolled_back_past_its_data_and_the_run_completes(prefect_api, slurm_cluster,
+                                                                                   demo_data, tmp_path):
+    env = prefect_api["env"]
+    store_root = tmp_path / "store"
+    params = {"preset": "tiny", "store": str(store_root), "run_name": "diverging", "data": demo_data,
+              "executor": "slurm", "slurm": _slurm(tmp_path / "slurm", "gpt2-flow-diverge"),
+              "overrides": [*FAST, "max_skips=3", 'fault_batches=["6:9"]'], "eval_tasks": [], "poll_seconds": 0.5}
+    p = subprocess.run(_flow_cmd(params), env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    run = store_root / "runs" / "diverging"
+    assert [s["state"] for s in read_jsonl(run / "submissions.jsonl")] == ["diverged", "completed"]
+    assert [(r["skip"], r["resume_step"]) for r in read_jsonl(run / "rollbacks.jsonl")] == [("6:9", 5)]
+    assert [a["event"] for a in read_jsonl(run / "attempts.jsonl")] == ["diverged", "completed"]
+    assert "diverged at steps [6, 8] (data batches 6:9: non-finite loss): rolling back" in p.stdout + p.stderr
+    assert read_jsonl(run / "metrics.jsonl")[-1]["data_batch"] == 12  # steps 6..9 read batches 9..12
+
+
 def test_a_restarted_flow_reattaches_to_its_job_and_logs_its_requeues(prefect_api, slurm_cluster, demo_data,
                                                                       tmp_path):
     env, t0 = prefect_api["env"], time.time()

@@ -152,3 +152,34 @@ def test_a_second_flow_run_on_the_same_run_directory_stops_naming_the_first(pref
         first.release()
     assert not (tmp_path / "store" / "runs" / "t" / "submissions.jsonl").exists()  # nothing was submitted
     assert asyncio.run(pretrain(p))["final_step"] == 6  # once the first is gone, the run goes on
+
+
+def test_divergence_is_rolled_back_past_its_data_and_the_run_completes_as_if_skipped_from_the_start(
+        prefect_server, tmp_path):
+    nine = [*FLOW_FAST, "max_steps=9", "max_skips=3"]
+    result = asyncio.run(pretrain(_params(tmp_path / "a", eval_tasks=[], overrides=[*nine, 'fault_batches=["4:7"]'])))
+    run = tmp_path / "a" / "store" / "runs" / "t"
+    assert result["final_step"] == 9 and result["submissions"] == 2
+    subs = read_jsonl(run / "submissions.jsonl")
+    assert [s["state"] for s in subs] == ["diverged", "completed"]
+    assert subs[0]["diverged"] == {"steps": [4, 6], "batches": "4:7", "reasons": ["non-finite loss"]}
+    rollback = read_jsonl(run / "rollbacks.jsonl")
+    assert [(r["skip"], r["resume_step"], r["set_aside"]) for r in rollback] == [("4:7", 3, [6])]
+    assert (run / "rolled-back" / "001" / "step_000006" / "manifest.json").exists()  # set aside, not deleted
+    assert [e["event"] for e in read_jsonl(run / "events.jsonl")] == ["skip", "skip", "skip", "diverged"]
+    # bit-exact apart from the skipped batches: the same as a run told to pass over them from the start
+    asyncio.run(pretrain(_params(tmp_path / "b", eval_tasks=[], overrides=[*nine, 'skip_batches=["4:7"]'])))
+    trace = lambda d: [(m["step"], m["loss"], m.get("data_batch")) for m in
+                       read_jsonl(d / "store" / "runs" / "t" / "metrics.jsonl")]
+    assert trace(tmp_path / "a") == trace(tmp_path / "b")
+    assert [m.get("data_batch", m["step"]) for m in read_jsonl(run / "metrics.jsonl")] == [0, 1, 2, 3, 7, 8, 9, 10, 11]
+
+
+def test_divergence_that_survives_the_rollbacks_stops_the_run_naming_it(prefect_server, tmp_path):
+    p = _params(tmp_path, eval_tasks=[], max_rollbacks=1,
+                overrides=[*FLOW_FAST, "max_steps=9", "max_skips=3", "fault_steps=[4,5,6]"])
+    with pytest.raises(FlowFailure, match=r"diverged at steps \[4, 6\] \(data batches 7:10: non-finite loss\) "
+                                          r"after 1 rollbacks"):
+        asyncio.run(pretrain(p))
+    subs = read_jsonl(tmp_path / "store" / "runs" / "t" / "submissions.jsonl")
+    assert [s["state"] for s in subs] == ["diverged", "diverged"]

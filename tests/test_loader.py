@@ -120,3 +120,14 @@ def test_shard_too_small_for_a_step(tmp_path):
     make_shards(tmp_path, [100, 30])
     with pytest.raises(ShardError, match="one step needs 33"):
         ShardLoader(str(tmp_path), "train", 2, 8, world_size=2)
+
+
+def test_skip_passes_over_exactly_the_batches_reading_would(tmp_path):
+    make_shards(tmp_path, [100, 300, 250, 400], values="positions")
+    read = ShardLoader(str(tmp_path), "train", 2, 8, rank=1, world_size=2)
+    skipped = ShardLoader(str(tmp_path), "train", 2, 8, rank=1, world_size=2)
+    _drain(read, 23)  # across two shard boundaries
+    skipped.skip(23)
+    assert skipped.state_dict() == read.state_dict()
+    for (x1, y1), (x2, y2) in zip(_drain(read, 5), _drain(skipped, 5)):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)

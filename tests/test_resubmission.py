@@ -41,3 +41,20 @@ def test_a_failure_after_progress_is_not_a_crash_loop():
     assert policy.decide(FAILED, 50, 100).action == "resubmit"
     # failing again where the last failure left it, without a step of progress: the loop is caught
     assert policy.decide(FAILED, 100, 100).action == "stop"
+
+
+def test_divergence_is_rolled_back_until_the_cap_then_stops_naming_steps_and_data():
+    policy = ResubmissionPolicy(max_resubmits=0, backoff_seconds=5, max_rollbacks=2)
+    verdict = {"steps": [700, 760], "batches": "700:761", "reasons": ["loss spike"]}
+    first = policy.decide(Outcome("diverged", "exit 3"), 500, 750, verdict)
+    assert (first.action, first.wait_s) == ("rollback", 0) and "rollback 1 of at most 2" in first.message
+    assert policy.decide(Outcome("diverged", "exit 3"), 500, 750, verdict).action == "rollback"
+    stop = policy.decide(Outcome("diverged", "exit 3"), 500, 750, verdict)
+    assert stop.action == "stop" and stop.message == (
+        "diverged at steps [700, 760] (data batches 700:761: loss spike) after 2 rollbacks; not resubmitted")
+    assert policy.failures == 0  # divergence is not a failure: it does not count towards max_resubmits
+
+
+def test_rollbacks_of_an_earlier_flow_run_count():
+    policy = ResubmissionPolicy(max_resubmits=3, backoff_seconds=0, max_rollbacks=1, rollbacks=1)
+    assert policy.decide(Outcome("diverged", "exit 3"), 0, 10, {"steps": [5, 9], "batches": "5:10"}).action == "stop"

@@ -6,7 +6,7 @@ checkpoint rank 0 prunes old ones and flushes the metrics, and all ranks leave t
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -22,10 +22,13 @@ log = logging.getLogger(__name__)
 class Checkpointer:
     def __init__(self, cfg: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  loader: ShardLoader, device: torch.device, info: DistInfo,
-                 data: dict[str, str], after_save: Callable[[], None] | None = None, latest: str | None = None):
-        """`data`: what the checkpoint records of its training data ({"url", "fingerprint"})."""
+                 data: dict[str, str], extra_state: Callable[[], dict[str, Any]] = dict,
+                 after_save: Callable[[], None] | None = None, latest: str | None = None):
+        """`data`: what the checkpoint records of its training data ({"url", "fingerprint"}); `extra_state`: more
+        of the loop's state for train_state.json (the guard's history, the position in the token stream)."""
         self.cfg, self.model, self.optimizer, self.loader = cfg, model, optimizer, loader
         self.device, self.info, self.data, self.after_save = device, info, data, after_save
+        self.extra_state = extra_state
         self.latest = latest  # URL of the newest checkpoint of this run (the one resumed from, at first)
 
     def due(self, step: int, stopping: bool) -> bool:
@@ -42,7 +45,7 @@ class Checkpointer:
             c.train.run_dir, step, model=self.model, optimizer=self.optimizer, config=c,
             rank_state={"loader": self.loader.state_dict(), "rng": ck.rng_state(self.device)},
             rank=self.info.rank, world_size=self.info.world_size, gather=distributed.gather_to_master,
-            train_state={"tokens_seen": step * c.train.total_batch_tokens, "data": self.data})
+            train_state={"tokens_seen": step * c.train.total_batch_tokens, "data": self.data, **self.extra_state()})
         if self.info.is_master:
             ck.prune(c.train.run_dir, c.checkpoint.keep_last, c.checkpoint.keep_every, step)
             if self.after_save is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +58,18 @@ class GPTConfig(_Section):
         return (self.vocab_size + m - 1) // m * m
 
 
+def parse_range(text: str) -> tuple[int, int]:
+    """A "start:stop" range of data batches (stop excluded)."""
+    start, stop = (int(x) for x in text.split(":"))
+    return start, stop
+
+
+def _check_ranges(entries: list[str], field: str) -> None:
+    for r in entries:
+        if not re.fullmatch(r"\d+:\d+", r) or parse_range(r)[0] >= parse_range(r)[1]:
+            raise ValueError(f"{field} entry {r!r} is not a 'start:stop' range with start < stop")
+
+
 class DataConfig(_Section):
     dataset: str = Field("fineweb-edu/sample-10BT", description="the shards' name in a store: {store}/data/{dataset}")
     data_url: str | None = Field(None, description="fsspec URL of the token shards; default: the dataset in the "
@@ -66,6 +79,13 @@ class DataConfig(_Section):
     shuffle: bool = Field(False, description="seeded per-epoch shuffling (off = build-nanogpt's exact order)")
     resume_on_other_data: bool = Field(False, description="resume a checkpoint although data_url now holds other "
                                        "shards than it was trained on (the token stream changes)")
+    skip_batches: list[str] = Field(default_factory=list, description="'start:stop' ranges of step batches of the "
+                                    "token stream that training passes over (a rollback past data that diverged)")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "DataConfig":
+        _check_ranges(self.skip_batches, "data.skip_batches")
+        return self
     verify_checksums: bool = Field(True, description="check shard sha256 against the manifest when one exists")
 
 
@@ -123,6 +143,30 @@ class EvalConfig(_Section):
     sample_tokens: int = Field(32, gt=0)
 
 
+class GuardConfig(_Section):
+    """The per-step guard (training/guard.py): updates that would break the run are skipped, and repeated
+    trouble ends the job as "diverged" (exit code 3) for the flow to roll back past the offending data."""
+
+    skip_nonfinite: bool = Field(True, description="skip the update of a step whose loss or gradient norm is not "
+                                 "finite (instead of stopping the run)")
+    zscore: float = Field(8.0, ge=0, description="skip the update of a step whose loss or gradient norm is this many "
+                          "standard deviations above the recent ones; 0 = off")
+    zscore_window: int = Field(100, ge=10, description="steps of history the z-scores are taken over")
+    zscore_warmup: int = Field(500, ge=0, description="no z-score skips before this step (early training is noisy)")
+    max_skips: int = Field(5, ge=1, description="this many skipped steps within skip_window steps: diverged")
+    skip_window: int = Field(200, ge=1)
+    fault_steps: list[int] = Field(default_factory=list, description="testing aid: poison these steps' loss")
+    fault_batches: list[str] = Field(default_factory=list, description="testing aid: poison the steps that read these "
+                                     "data batches, 'start:stop' ranges of the token stream's step batches")
+    fault: Literal["nan", "spike"] = Field("nan", description="testing aid: what poisoning does (a NaN loss, or a "
+                                           "loss and gradients 1000 times too large)")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "GuardConfig":
+        _check_ranges(self.fault_batches, "guard.fault_batches")
+        return self
+
+
 class RunConfig(_Section):
     """Everything one training run needs. `name` is informational (shows in logs and the UI)."""
 
@@ -133,6 +177,7 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":

@@ -101,12 +101,21 @@ class ShardLoader:
         start = base + B * T * self.rank
         buf = torch.from_numpy(self.tokens[start : start + B * T + 1].copy())
         x, y = buf[:-1].view(B, T), buf[1:].view(B, T)
+        self._advance()
+        return x, y
+
+    def skip(self, micro_steps: int) -> None:
+        """Pass over `micro_steps` batches exactly as if they had been read (the data a rollback leaves out)."""
+        for _ in range(micro_steps):
+            self._advance()
+
+    def _advance(self) -> None:
+        stride = self.B * self.T * self.world_size
         self.base += stride
         if self.base + stride + 1 > self.tokens.size:
             self.epoch, self.slot = self._following(self.epoch, self.slot)
             self._load_current()
             self.base = 0
-        return x, y
 
     def reset(self) -> None:
         """Back to the first batch of epoch 0 (validation reads the same batches every time)."""

@@ -25,8 +25,12 @@ def train_step(
     autocast_dtype: torch.dtype | None = None,
     ddp: bool = False,
     loss_chunk: int = 0,
+    loss_scale: float = 1.0,
+    apply: Callable[[torch.Tensor, torch.Tensor], bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (loss averaged over micro-steps and ranks, global grad norm before clipping), both on device."""
+    """Returns (loss averaged over micro-steps and ranks, global grad norm before clipping), both on device.
+    `apply(loss, norm)` decides, before the optimizer moves, whether this step's update is applied (the guard);
+    `loss_scale` poisons the step (a testing aid of the guard)."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=device)
@@ -39,6 +43,8 @@ def train_step(
             with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext():
                 _, loss = model(x, y, loss_chunk=loss_chunk) if loss_chunk else model(x, y)
             loss = loss / grad_accum  # the gradient of the mean over the whole batch
+            if loss_scale != 1.0:
+                loss = loss * loss_scale
             loss_accum += loss.detach()
             loss.backward()
     distributed.mean(loss_accum)
@@ -47,6 +53,9 @@ def train_step(
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     else:
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    if apply is not None and not apply(loss_accum, norm):
+        optimizer.zero_grad(set_to_none=True)  # skipped: no weight and no optimizer state moves
+        return loss_accum, norm
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()

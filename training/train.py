@@ -34,8 +34,9 @@ from common.lease import Lease, LeaseHeld
 from common.shards import data_fingerprint
 from training import accel, distributed, stop_signal
 from training.checkpointer import Checkpointer
-from training.config import RunConfig, TrainConfig, load_config
+from training.config import RunConfig, TrainConfig, load_config, parse_range
 from training.distributed import DistInfo
+from training.guard import StepGuard
 from training.loader import ShardLoader
 from training.metrics import MetricsLog, console_line, peak_flops
 from training.model import GPT, flops_per_token
@@ -141,6 +142,13 @@ class Trainer:
         self.loader, self.val_loader = build_loaders(cfg, info)
         resumed = resume(cfg, self.model, self.optimizer, self.loader, device, info, data["fingerprint"])
         self.start_step = resumed.step if resumed else 0
+        # The guard's history and the position in the token stream in step batches (which differs from the step
+        # once a rollback has skipped data) come back from the checkpoint, so a resumed run decides alike.
+        self.guard = StepGuard(cfg.guard)
+        saved = resumed.train_state() if resumed else {}
+        self.guard.load_state_dict(saved.get("guard", {}))
+        self.batch = int(saved.get("data_batch", self.start_step))
+        self.skip_ranges = sorted(parse_range(r) for r in cfg.data.skip_batches)
         self.step_model = wrap(self.model, t, info, device)
         if info.is_master:
             store.write_json(self.run_dir.config, {**json.loads(cfg.to_json()), "resolved": {
@@ -148,6 +156,8 @@ class Trainer:
         self.metrics = MetricsLog(t.run_dir, self.start_step) if info.is_master else None
         self.checkpointer = Checkpointer(cfg, model=self.model, optimizer=self.optimizer, loader=self.loader,
                                          device=device, info=info, data=data,
+                                         extra_state=lambda: {"guard": self.guard.state_dict(),
+                                                              "data_batch": self.batch},
                                          latest=resumed.url if resumed else None,
                                          after_save=self.metrics.flush if self.metrics else None)
         stop_signal.install()  # (already, when started by cluster/worker.py or main below)
@@ -166,12 +176,17 @@ class Trainer:
             while step < t.max_steps:
                 record = self._evaluate(step)
                 record = {**self._step(step), **record}
+                diverged = self.guard.diverged()
                 last.update(loss=record["loss"], val_loss=record.get("val_loss", last["val_loss"]))
                 if self.metrics is not None:
                     self.metrics.log(record)
                     if step % t.log_every == 0 or step == t.max_steps - 1 or "val_loss" in record:
                         print(console_line(record, t.max_steps), flush=True)
                 step += 1
+                if diverged:  # every rank sees the same losses and norms, so every rank stops here
+                    stopped_by = "diverged"
+                    self._event({"event": "diverged", "step": step - 1, **diverged})
+                    break
                 stopped_by = self._stop_reason(step)
                 lost = self.lease is not None and self.lease.lost.is_set()
                 verdict = distributed.max_over_ranks(2 if lost else int(stopped_by is not None), self.device)
@@ -191,7 +206,8 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.flush()
         result = {"final_step": step, "loss": last["loss"], "val_loss": last["val_loss"],
-                  "checkpoint": self.checkpointer.latest, "complete": step >= t.max_steps, "stopped_by": stopped_by}
+                  "checkpoint": self.checkpointer.latest, "complete": step >= t.max_steps, "stopped_by": stopped_by,
+                  **({"diverged": self.guard.diverged()} if stopped_by == "diverged" else {})}
         if self.info.is_master:
             store.write_json(self.run_dir.result, result)
         return result
@@ -213,19 +229,47 @@ class Trainer:
         t0 = time.perf_counter()
         lr = cosine_lr(step, max_lr=cfg.optim.max_lr, min_lr=cfg.optim.max_lr * cfg.optim.min_lr_ratio,
                        warmup_steps=cfg.optim.warmup_steps, max_steps=t.max_steps)
+        self._pass_over_skipped_data()
+        batch, skipped = self.batch, []
+
+        def apply(loss: torch.Tensor, norm: torch.Tensor) -> bool:
+            reason = self.guard.check(step, batch, loss.item(), norm.item())
+            skipped.append(reason)
+            return reason is None
+
         loss, norm = train_step(self.step_model, self.optimizer, self.loader.next_batch, grad_accum=self.grad_accum,
                                 device=self.device, lr=lr, grad_clip=cfg.optim.grad_clip,
-                                autocast_dtype=self.amp_dtype, ddp=self.info.enabled, loss_chunk=t.loss_chunk)
+                                autocast_dtype=self.amp_dtype, ddp=self.info.enabled, loss_chunk=t.loss_chunk,
+                                loss_scale=self.guard.loss_scale(step, batch), apply=apply)
+        self.batch += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        loss_value = loss.item()
-        if not np.isfinite(loss_value):
-            raise FloatingPointError(f"loss is {loss_value} at step {step}; stopping (latest checkpoint is intact)")
-        return {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(norm), "step_ms": 1000 * dt,
-                "tokens_per_s": t.total_batch_tokens / dt, "tokens_seen": (step + 1) * t.total_batch_tokens,
-                "mfu": self.flops_per_step / dt / (self.peak * self.info.world_size) if self.peak else None,
-                "mem_gb": torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda" else None}
+        record = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": float(norm), "step_ms": 1000 * dt,
+                  "tokens_per_s": t.total_batch_tokens / dt, "tokens_seen": (step + 1) * t.total_batch_tokens,
+                  "mfu": self.flops_per_step / dt / (self.peak * self.info.world_size) if self.peak else None,
+                  "mem_gb": torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda" else None}
+        if batch != step:
+            record["data_batch"] = batch
+        if skipped[0] is not None:
+            record["skipped"] = skipped[0]
+            self._event({"event": "skip", "step": step, "data_batch": batch, "reason": skipped[0],
+                         "loss": record["loss"], "grad_norm": record["grad_norm"]})
+        return record
+
+    def _pass_over_skipped_data(self) -> None:
+        """Before a step that would read data inside a skip range, move the loader to the range's end."""
+        for start, stop in self.skip_ranges:
+            if start <= self.batch < stop:
+                self.loader.skip((stop - self.batch) * self.grad_accum)
+                log.info("passing over data batches %d:%d (data.skip_batches)", self.batch, stop)
+                self.batch = stop
+
+    def _event(self, event: dict[str, Any]) -> None:
+        """An entry of {run}/events.jsonl (rank 0 writes; every rank decided the same)."""
+        if self.info.is_master:
+            store.append_text(self.run_dir.events, json.dumps({"time": time.time(), **event}) + "\n")
+            log.warning("%s", json.dumps(event))
 
     def _stop_reason(self, step: int) -> str | None:
         """Why this process stops before max_steps after `step` steps (a signal, stop_after_steps), or None."""
@@ -282,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     result = train(load_config(args.config, args.overrides))
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(result), flush=True)
+    if result["stopped_by"] == "diverged":
+        return exit_codes.DIVERGED
     return exit_codes.REQUEUE if result["stopped_by"] else exit_codes.OK
 
 
