@@ -126,15 +126,16 @@ def reattach(run: RunDir, executor: TrainingExecutor, log) -> tuple[Submission |
 
 def record_submission(run: RunDir, executor: TrainingExecutor, number: int, sub: Submission,
                       outcome: Outcome | None = None, steps: tuple[int, int] | None = None,
-                      diverged: dict[str, Any] | None = None) -> None:
-    """job.json names the submission in flight (or how it ended); submissions.jsonl keeps every ended one."""
+                      decided: dict[str, Any] | None = None) -> None:
+    """job.json names the submission in flight (or how it ended); submissions.jsonl keeps every ended one, with
+    what the flow decided next (`next`: done, resubmit, rollback, stop, and why), the guard's verdict of a
+    diverged one and the steps whose updates were skipped."""
     ended = {"ended": outcome.state} if outcome else {}
     store.write_json(run.job, {"job_id": sub.job_id, "submission": number, **ended, **executor.describe()})
     if outcome is not None:
         store.append_text(run.submissions, json.dumps(
             {"submission": number, "job_id": sub.job_id, "state": outcome.state, "reason": outcome.reason,
-             "start_step": steps[0], "end_step": steps[1], "time": time.time(),
-             **({"diverged": diverged} if diverged else {})}) + "\n")
+             "start_step": steps[0], "end_step": steps[1], "time": time.time(), **(decided or {})}) + "\n")
 
 
 def rollbacks(run: RunDir) -> list[dict[str, Any]]:
@@ -268,13 +269,18 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
             record_submission(run, executor, number, submission)
             log.info("submission %d: job %s from step %d", number, submission.job_id, start)
             label = f"submission {number} (job {submission.job_id})"
+        seen_events = len(watcher.guard_events)
         outcome = await watch_as_task(label, watcher, submission, on_tick)
         end = latest_step(run.url)
         diverged = store.read_json(run.result).get("diverged") if outcome.state == "diverged" else None
-        record_submission(run, executor, number, submission, outcome, (start, end), diverged)
+        decision = policy.decide(outcome, start, end, diverged)
+        skips = [e for e in watcher.guard_events[seen_events:] if e.get("event") == "skip"]
+        record_submission(run, executor, number, submission, outcome, (start, end),
+                          {"next": decision.action, **({"message": decision.message} if decision.message else {}),
+                           **({"diverged": diverged} if diverged else {}),
+                           **({"skipped": [[e["step"], e["reason"]] for e in skips]} if skips else {})})
         log.info("submission %d ended: %s (%s), steps %d -> %d", number, outcome.state, outcome.reason, start, end)
         submission = None
-        decision = policy.decide(outcome, start, end, diverged)
         if decision.action == "done":
             break
         if decision.action == "stop":

@@ -163,6 +163,8 @@ def test_divergence_is_rolled_back_past_its_data_and_the_run_completes_as_if_ski
     subs = read_jsonl(run / "submissions.jsonl")
     assert [s["state"] for s in subs] == ["diverged", "completed"]
     assert subs[0]["diverged"] == {"steps": [4, 6], "batches": "4:7", "reasons": ["non-finite loss"]}
+    assert subs[0]["next"] == "rollback" and subs[0]["skipped"] == [[s, "non-finite loss"] for s in (4, 5, 6)]
+    assert subs[1]["next"] == "done" and "skipped" not in subs[1]
     rollback = read_jsonl(run / "rollbacks.jsonl")
     assert [(r["skip"], r["resume_step"], r["set_aside"]) for r in rollback] == [("4:7", 3, [6])]
     assert (run / "rolled-back" / "001" / "step_000006" / "manifest.json").exists()  # set aside, not deleted
@@ -182,4 +184,5 @@ def test_divergence_that_survives_the_rollbacks_stops_the_run_naming_it(prefect_
                                           r"after 1 rollbacks"):
         asyncio.run(pretrain(p))
     subs = read_jsonl(tmp_path / "store" / "runs" / "t" / "submissions.jsonl")
-    assert [s["state"] for s in subs] == ["diverged", "diverged"]
+    assert [(s["state"], s["next"]) for s in subs] == [("diverged", "rollback"), ("diverged", "stop")]
+    assert subs[1]["message"].startswith("diverged at steps [4, 6]")
