@@ -43,7 +43,7 @@ class Variant:
     bf16: bool = True
     tf32: bool = True
     compile: bool = True
-    attention: str = "auto"  # SDPA picks (flash on H100); else that backend alone (training/accel.py)
+    attention: str = "auto"  # SDPA picks (cuDNN's flash kernel, torch 2.11 on H100/H200); else that one alone
     pad_vocab: bool = True
     fused_adamw: bool = True
     loss_chunk: int = 0
@@ -57,7 +57,7 @@ def ablations(base: Variant) -> list[Variant]:
         r(base, name="- TF32", tf32=False),
         r(base, name="- bf16 autocast", bf16=False),
         r(base, name="- torch.compile", compile=False),
-        r(base, name="- flash attention (SDPA math)", attention="math"),
+        r(base, name="- fast attention (SDPA math)", attention="math"),
         r(base, name="- vocab 50304 (50257)", pad_vocab=False),
         r(base, name="- fused AdamW", fused_adamw=False),
         Variant("plain fp32 (all off)", base.micro_batch, bf16=False, tf32=False, compile=False, attention="math",
@@ -74,12 +74,55 @@ def levers(base: Variant) -> list[Variant]:
         r(base, name="+ chunked CE, B=128", micro_batch=128, loss_chunk=8192),
         r(base, name="+ flash attention forced", attention="flash"),
         r(base, name="+ cuDNN attention", attention="cudnn"),
-        r(base, name="+ compile max-autotune-no-cudagraphs", compile_mode="max-autotune-no-cudagraphs"),
+        # with the chunked loss: unchunked, the lm_head's weight gradient (50304 x B*T) is a product that
+        # Triton's matmul templates index past 2**31 elements in autotuning (an illegal memory access on
+        # torch 2.11 + Triton 3.6 that ends the process's CUDA context)
+        r(base, name="+ compile max-autotune-no-cudagraphs, chunked CE", compile_mode="max-autotune-no-cudagraphs",
+          loss_chunk=8192),
         r(base, name="+ CUDA graphs (reduce-overhead)", compile_mode="reduce-overhead"),
     ]
 
 
-def measure(cfg, v: Variant, device: torch.device, seq_len: int, warmup: int, steps: int) -> dict:
+# Kernel families by name, for the profile's breakdown of where a step's GPU time goes.
+KERNEL_FAMILIES = (
+    ("attention", ("flash", "fmha", "attention", "cudnn")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "sm90_", "xmma", "cublas")),
+    ("optimizer", ("multi_tensor", "adam", "foreach")),
+    ("fused elementwise/reductions (Triton)", ("triton",)),
+)
+
+
+def profile_step(step, out: Path | None, steps: int = 3) -> dict:
+    """GPU time per kernel family over a few steps, against the steps' wall time: what the step is made of,
+    and how much of it the GPU sits idle (launch gaps, host work, synchronisation)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps
+    families: dict[str, float] = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+        if not t or ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = ev.key.lower()
+        fam = next((f for f, keys in KERNEL_FAMILIES if any(k in name for k in keys)), "other")
+        families[fam] = families.get(fam, 0.0) + t / 1000 / steps  # us -> ms per step
+    busy = sum(families.values())
+    sort_key = "self_device_time_total" if hasattr(prof.key_averages()[0], "self_device_time_total") \
+        else "self_cuda_time_total"
+    if out is not None:
+        out.write_text(prof.key_averages().table(sort_by=sort_key, row_limit=40, max_name_column_width=90))
+    return {"wall_ms": 1000 * wall, "gpu_busy_ms": busy, "families_ms": dict(sorted(families.items(),
+            key=lambda kv: -kv[1]))}
+
+
+def measure(cfg, v: Variant, device: torch.device, seq_len: int, warmup: int, steps: int,
+            profile: bool | None = None, profile_to: Path | None = None) -> dict:
     torch.manual_seed(0)
     model_cfg = cfg.model.model_copy(update={"pad_vocab_to": 64 if v.pad_vocab else 1})
     accel.configure(device, tf32=v.tf32, attention=v.attention if device.type == "cuda" else "auto")
@@ -108,6 +151,11 @@ def measure(cfg, v: Variant, device: torch.device, seq_len: int, warmup: int, st
         loss.item()
         sync()
         times.append(time.perf_counter() - t0)
+    prof = None
+    if profile and device.type == "cuda":
+        prof = profile_step(lambda: train_step(run, opt, batch, grad_accum=1, device=device, lr=6e-4, grad_clip=1.0,
+                                               autocast_dtype=amp, loss_chunk=v.loss_chunk)[0].item(),
+                            profile_to)
     first_step = times[0]  # compilation and autotuning happen here
     times = times[warmup:]
     dt = sorted(times)[len(times) // 2]  # median: robust to a stray slow step
@@ -121,7 +169,7 @@ def measure(cfg, v: Variant, device: torch.device, seq_len: int, warmup: int, st
         torch.cuda.reset_peak_memory_stats(device)
     accel.configure(device, tf32=True)  # back to the defaults for the next variant
     return {**dataclasses.asdict(v), "ms_per_step": 1000 * dt, "tokens_per_s": tok_s, "mfu": mfu, "mem_gb": mem,
-            "first_step_s": first_step, "final_loss": loss.item()}
+            "first_step_s": first_step, "final_loss": loss.item(), **({"profile": prof} if prof else {})}
 
 
 def machine(device: torch.device) -> dict:
@@ -162,11 +210,24 @@ def table(res: dict, markdown: bool = False) -> str:
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body]
-        return "\n".join(lines + ["", f"Measured on {where}.", "", ANCHORS])
+        return "\n".join(lines + ["", f"Measured on {where}.", "", ANCHORS, "", *profiles(rows)])
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
     fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
                                 for i, (c, w) in enumerate(zip(row, widths)))
-    return "\n".join([where, fmt(head), *map(fmt, body), ANCHORS])
+    return "\n".join([where, fmt(head), *map(fmt, body), ANCHORS, *profiles(rows)])
+
+
+def profiles(rows: list[dict]) -> list[str]:
+    """One line per profiled row: where the step's GPU time goes and how long the GPU sits idle."""
+    out = []
+    for r in rows:
+        p = r.get("profile")
+        if p:
+            idle = max(0.0, p["wall_ms"] - p["gpu_busy_ms"])
+            fams = ", ".join(f"{k} {v:.1f}" for k, v in p["families_ms"].items())
+            out.append(f"profile {r['name']}: {p['wall_ms']:.1f} ms/step, GPU busy {p['gpu_busy_ms']:.1f} ms "
+                       f"(idle {idle:.1f} ms); {fams} (ms/step)")
+    return out
 
 
 def main(argv=None) -> int:
@@ -183,6 +244,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated parts of variant names; the baseline always runs")
     ap.add_argument("--no-compile", action="store_true", help="for machines without a working compiler toolchain")
     ap.add_argument("--out", default=None, help="results JSON (default: bench/results/train_throughput-<when>.json)")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile each variant (GPU time per kernel family, GPU idle time); the baseline's kernels to a file")
     ap.add_argument("--render", metavar="JSON", help="print a results file as a markdown table and exit")
     args = ap.parse_args(argv)
     if args.render:
@@ -208,17 +271,27 @@ def main(argv=None) -> int:
            "warmup": args.warmup, "steps": args.steps, "rows": []}
     for v in variants:
         try:
-            row = measure(cfg, v, device, args.seq_len, args.warmup, args.steps)
+            profile_to = out.with_suffix(".profile.txt") if args.profile and not res["rows"] else None
+            row = measure(cfg, v, device, args.seq_len, args.warmup, args.steps, args.profile, profile_to)
         except torch.OutOfMemoryError:
             row = {**dataclasses.asdict(v), "error": "out of memory"}
         except Exception as err:  # a lever this torch/GPU cannot run (e.g. no cuDNN attention): say so, go on
             row = {**dataclasses.asdict(v), "error": f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"}
+        context_lost = False
         if device.type == "cuda":
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.empty_cache()
+            except Exception as err:  # a kernel fault (illegal address) poisons the context: nothing after runs
+                context_lost = True
+                row = {**dataclasses.asdict(v), "error": f"CUDA context lost: {str(err).splitlines()[0][:80]}"}
         res["rows"].append(row)
         print(f"  {v.name}: " + (row["error"] if "error" in row else f"{row['ms_per_step']:.1f} ms/step"),
               file=sys.stderr, flush=True)
         out.write_text(json.dumps(res, indent=2))  # after every variant: a run cut short keeps what it measured
+        if context_lost:
+            print("the CUDA context is lost: the variants after this one need a new process (--only)",
+                  file=sys.stderr)
+            break
     print(table(res))
     print(f"results: {out}")
     return 0

@@ -83,6 +83,32 @@ def test_each_attention_kernel_matches_the_math_kernel(backend):
     assert (grad - ref_grad).abs().max() < 0.05 * ref_grad.abs().max()
 
 
+def test_a_forced_attention_kernel_is_the_one_a_compiled_step_runs():
+    """torch.compile's caches would serve a graph compiled under "auto" (flash or cuDNN baked in) to a run
+    that forced the math kernel: the benchmark's "SDPA math" row once measured cuDNN attention that way."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = GPTConfig(block_size=256, n_layer=2)
+    x = torch.randint(0, cfg.vocab_size, (4, 256), device=CUDA)
+
+    def kernels(attention):
+        accel.configure(CUDA, tf32=True, attention=attention)
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = torch.compile(GPT(cfg).to(CUDA), dynamic=False)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x, x)[1].backward()  # compiles
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                model(x, x)[1].backward()
+            torch.cuda.synchronize()
+        return " ".join(e.key.lower() for e in prof.key_averages())
+
+    fused = ("flash", "fmha", "cudnn", "attention")
+    assert any(k in kernels("auto") for k in fused)
+    assert not any(k in kernels("math") for k in fused)
+
+
 def test_training_job_on_cuda_with_compile_and_the_levers(demo_data, tmp_path):
     """The real job on the GPU: compiled, bf16, chunked loss, checkpoint and resume (CUDA RNG state)."""
     run = tmp_path / "run"

@@ -56,3 +56,21 @@ def configure(device: torch.device, *, tf32: bool, attention: str = "auto") -> N
     torch.backends.cuda.enable_cudnn_sdp("cudnn" in on)
     torch.backends.cuda.enable_mem_efficient_sdp("efficient" in on)
     torch.backends.cuda.enable_math_sdp("math" in on)
+    # torch.compile's on-disk caches (AOTAutograd's, Inductor's) key on the traced graph and the matmul
+    # settings, not on these switches: a graph compiled earlier under "auto" would be served again with its
+    # kernel baked in, so a forced kernel compiles afresh.
+    _compile_caches(enabled=attention == "auto")
+
+
+_CACHE_DEFAULTS: tuple[bool, bool] | None = None
+
+
+def _compile_caches(enabled: bool) -> None:
+    global _CACHE_DEFAULTS
+    from torch._functorch import config as aot_config
+    from torch._inductor import config as inductor_config
+
+    if _CACHE_DEFAULTS is None:  # what the environment chose (TORCHINDUCTOR_* variables), restored on "auto"
+        _CACHE_DEFAULTS = (aot_config.enable_autograd_cache, inductor_config.fx_graph_cache)
+    aot_config.enable_autograd_cache = enabled and _CACHE_DEFAULTS[0]
+    inductor_config.fx_graph_cache = enabled and _CACHE_DEFAULTS[1]
