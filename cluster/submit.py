@@ -25,6 +25,7 @@ import submitit
 from common import exit_codes
 from common.cli import add_model_flags, entry_point, model_from_flags, read_json_object
 from common.errors import BadInput
+from common.heartbeat import HangDetector, HangRules
 from common.layout import RunDir
 from cluster.launch import RunFailed, TrainLaunch
 from cluster.sbatch import build_executor
@@ -88,16 +89,30 @@ class RunHandle:
             return []
         return [json.loads(ln) for ln in store.read_bytes(url).decode().splitlines() if ln.strip()]
 
-    def wait(self, timeout_s: float | None = None, poll_s: float = 2.0, on_state=None) -> dict[str, Any]:
+    def owns(self, heartbeat: dict) -> bool:
+        return str(heartbeat.get("slurm_job")) == self.job_id
+
+    def wait(self, timeout_s: float | None = None, poll_s: float = 2.0, on_state=None,
+             hang: HangRules | None = None) -> dict[str, Any]:
         """Blocks until the job ends (requeues included); the training result, or RunFailed with the reason.
-        `on_state(state)` is called whenever the job's state changes (PENDING, RUNNING, REQUEUED, ...)."""
+        `on_state(state)` is called whenever the job's state changes (PENDING, RUNNING, REQUEUED, ...). With
+        `hang`, a job whose ranks stop stepping (common/heartbeat.py) is cancelled and reported as hung."""
         deadline = None if timeout_s is None else time.time() + timeout_s
         last = None
+        detector = HangDetector(RunDir(self.run_dir), hang, owns=self.owns) if hang else None
         while True:
             state = self.state()
             if state != last and on_state is not None:
                 on_state(state)
             last = state
+            if detector is not None and not state.startswith("RUNNING"):
+                detector.paused()  # queued, or requeued after a preemption: its start-up allowance again
+            elif detector is not None:
+                detector.started()
+                stuck = detector.check()
+                if stuck is not None:
+                    self.cancel()
+                    raise RunFailed(f"job {self.job_id} hung, cancelled: {stuck.message}")
             if state.startswith(FINAL_STATES):
                 return self.result()
             if deadline is not None and time.time() > deadline:
@@ -171,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spec", help="JSON file with JobSpec fields (the flags below override it)")
     ap.add_argument("--wait", action="store_true", help="block until the run ends and print its result")
     ap.add_argument("--reattach", metavar="JOB_ID", help="watch an existing job instead of submitting")
+    ap.add_argument("--hang-floor-s", type=float, default=300.0, help="with --wait: a job with no new step for "
+                    "max(--hang-factor x its median step time, this) seconds is hung: cancelled, exit 1; 0 = never")
+    ap.add_argument("--hang-factor", type=float, default=20.0)
+    ap.add_argument("--startup-timeout-s", type=float, default=1800.0, help="with --wait: hung when no first step "
+                    "this long after the job started running")
     add_model_flags(ap, JobSpec, aliases={"time_min": ["--time"]})
     args = ap.parse_args(argv)
     if args.reattach:
@@ -182,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         handle = submit(spec, args.config, args.overrides)
     print(handle.job_id, flush=True)
     if args.wait:
+        hang = HangRules(args.hang_factor, args.hang_floor_s, args.startup_timeout_s) if args.hang_floor_s > 0 else None
         result = handle.wait(on_state=lambda st: print(f"{time.strftime('%H:%M:%S')} job {handle.job_id}: {st}",
-                                                       file=sys.stderr, flush=True))
+                                                       file=sys.stderr, flush=True), hang=hang)
         print(json.dumps(result), flush=True)
     return exit_codes.OK
 

@@ -11,9 +11,11 @@
         events.jsonl                        every skipped update and a divergence (training's guard)
         rollbacks.jsonl, rolled-back/       every rollback past diverging data; the checkpoints it set aside (flow)
         submissions.jsonl, job.json         every job the flow submitted; the one in flight (flow)
+        cordon.jsonl                        hosts kept out of the run's next submissions, until they expire (flow)
         curves.png                          loss and HellaSwag curves (flow, evaluation.plots)
         logs/submission-NNN.log             console of a local submission (flow, local executor)
         leases/trainer.json, leases/flow.json   who writes the run now (common/lease.py)
+        heartbeats/rank-NNNNN.json          each rank's last heartbeat: step, phase, host (common/heartbeat.py)
         checkpoints/step_NNNNNN/            one checkpoint (training/checkpoint.py has the files inside)
             eval/hellaswag.json, eval/lm_eval.json     its evaluations (evaluation)
         exports/step_NNNNNN-hf/             its Hugging Face export (evaluation, training.export_hf)
@@ -67,6 +69,7 @@ class RunDir:
     events = property(lambda self: join(self.url, "events.jsonl"))
     rollbacks = property(lambda self: join(self.url, "rollbacks.jsonl"))
     submissions = property(lambda self: join(self.url, "submissions.jsonl"))
+    cordon = property(lambda self: join(self.url, "cordon.jsonl"))
     job = property(lambda self: join(self.url, "job.json"))
     curves = property(lambda self: join(self.url, "curves.png"))
     logs = property(lambda self: join(self.url, "logs"))
@@ -78,6 +81,12 @@ class RunDir:
     def rolled_back(self, number: int) -> str:
         """Where rollback `number` sets aside the checkpoints written after the one it resumes from."""
         return join(self.url, "rolled-back", f"{number:03d}")
+
+    heartbeats = property(lambda self: join(self.url, "heartbeats"))
+
+    def heartbeat(self, rank: int) -> str:
+        """Rank `rank`'s last word (common/heartbeat.py)."""
+        return join(self.heartbeats, f"rank-{rank:05d}.json")
 
     def lease(self, role: str) -> str:
         """The lease of the run's one writer of `role` ("trainer", "flow"): common/lease.py."""

@@ -26,9 +26,10 @@ REPO = Path(__file__).resolve().parent.parent
 @dataclass(frozen=True)
 class Outcome:
     # "completed" | "requeue" (stopped with a checkpoint) | "failed" (resubmit) | "cancelled" (stop)
-    # | "diverged" (the guard stopped it: roll back past the data)
+    # | "diverged" (the guard stopped it: roll back past the data) | "hung" (cancelled by the flow: resubmit)
     state: str
     reason: str
+    hosts: tuple[str, ...] = ()  # the hosts the failure points at (cordoned by the flow)
 
 
 class Submission(Protocol):
@@ -37,11 +38,16 @@ class Submission(Protocol):
 
     def poll(self) -> Outcome | None: ...  # None while running
 
-    def cancel(self) -> None: ...
+    def running(self) -> bool: ...  # started (no longer queued): its start-up clock runs
+
+    def owns(self, heartbeat: dict) -> bool: ...  # a heartbeat (common/heartbeat.py) this submission's ranks wrote
+
+    def cancel(self, hung: bool = False) -> None: ...  # hung: kill at once, a frozen process cannot checkpoint
 
 
 class TrainingExecutor(Protocol):
-    def submit(self, preset: str, overrides: list[str], run: RunDir, number: int) -> Submission: ...
+    def submit(self, preset: str, overrides: list[str], run: RunDir, number: int,
+               exclude: tuple[str, ...] = ()) -> Submission: ...  # exclude: hosts not to run on
 
     def reattach(self, job_id: str) -> Submission | None: ...  # None: nothing running under that id
 
@@ -68,9 +74,18 @@ class LocalSubmission:
             return Outcome("failed", f"killed by signal {-code}")
         return Outcome("failed", f"exit {code}")
 
-    def cancel(self) -> None:
+    def running(self) -> bool:
+        return True
+
+    def owns(self, heartbeat: dict) -> bool:
+        return heartbeat.get("pgid") == self.proc.pid  # its own session: torchrun's ranks share its group
+
+    def cancel(self, hung: bool = False) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
+            if hung:  # SIGTERM would wait, pending, on a stopped process: kill the whole process group
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            else:
+                self.proc.terminate()
             self.proc.wait(timeout=120)
 
 
@@ -81,7 +96,8 @@ class LocalTrainingExecutor:
         self.nproc = nproc
         self.cwd = cwd or str(REPO)
 
-    def submit(self, preset: str, overrides: list[str], run: RunDir, number: int) -> LocalSubmission:
+    def submit(self, preset: str, overrides: list[str], run: RunDir, number: int,
+               exclude: tuple[str, ...] = ()) -> LocalSubmission:  # one machine: nothing to exclude
         sets = [a for kv in overrides for a in ("--set", kv)]
         if self.nproc == 1:
             cmd = [sys.executable, "-m", "training.train", "--config", preset, *sets]

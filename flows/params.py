@@ -44,6 +44,15 @@ class PretrainParams(BaseModel):
     max_rollbacks: int = Field(3, ge=0, description="rollbacks past diverging data (training's guard) before the "
                                "run stops")
     backoff_seconds: float = Field(5.0, ge=0)
+    hang_detection: bool = Field(True, description="cancel and resubmit a job whose steps stop (from its ranks' "
+                                 "heartbeats, train.heartbeat_seconds)")
+    hang_factor: float = Field(20.0, gt=0, description="hung: no new step for this many median step times ...")
+    hang_floor_s: float = Field(300.0, gt=0, description="... nor for this many seconds (covers checkpoint writes, "
+                                "validation and recompilation)")
+    cordon_hours: float = Field(24.0, ge=0, description="a host a failure points at (a hang's silent ranks, a "
+                                "node failure) is kept out of the run's next submissions this long; 0 = never")
+    startup_timeout_s: float = Field(1800.0, gt=0, description="hung: no first step this long after the job started "
+                                     "running (rendezvous, data, torch.compile)")
     poll_seconds: float = Field(2.0, gt=0)
 
     def world_size(self) -> int:

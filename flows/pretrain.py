@@ -24,9 +24,11 @@ from prefect.settings import PREFECT_UI_URL
 from common import exit_codes, store
 from common.cli import add_model_flags, entry_point, model_from_flags, read_json_object
 from common.errors import BadInput, ReproError
+from common.heartbeat import HangRules
 from common.layout import RunDir
 from common.lease import Lease, LeaseHeld
 from common.shards import ShardError, list_shards
+from flows.cordon import cordon, cordoned, usable_nodes
 from flows.evaluations import EvaluationScheduler
 from flows.executors import LocalTrainingExecutor, Outcome, Submission, TrainingExecutor
 from flows.params import PretrainParams
@@ -167,6 +169,22 @@ def with_skips(overrides: list[str], cfg: RunConfig, run: RunDir) -> list[str]:
     return [*overrides, f"data.skip_batches={json.dumps(sorted(set(cfg.data.skip_batches) | set(skips)))}"]
 
 
+def exclusions(p: PretrainParams, run: RunDir) -> tuple[str, ...]:
+    """The cordoned hosts the next submission must avoid; a partition left without enough nodes is a failure
+    that says so, instead of a job that queues forever."""
+    if p.executor != "slurm":
+        return ()
+    hosts = tuple(sorted(cordoned(run)))
+    if hosts:
+        nodes = usable_nodes(p.slurm.partition, set(hosts))
+        if nodes is not None and len(nodes) < p.slurm.nodes:
+            raise FlowFailure(f"partition {p.slurm.partition or '(default)'} can no longer give the job its "
+                              f"{p.slurm.nodes} nodes: {len(nodes)} usable ({', '.join(nodes) or 'none'}) with "
+                              f"{', '.join(hosts)} cordoned in {run.cordon}; let a cordon expire (cordon_hours) or "
+                              "ask for fewer nodes")
+    return hosts
+
+
 def _cancel_job(flow, flow_run, state) -> None:  # Prefect passes these by name
     """Cancelling the flow run in the UI also cancels its submission in flight (its Slurm job)."""
     try:
@@ -231,7 +249,10 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
     progress = await Progress.create(p.run_name, max_steps, log, key)
     evals = EvaluationScheduler(run.url, p.eval_tasks, p.hellaswag_data, p.eval_slurm, log, p.eval_include_path,
                                 shares_machine=p.executor == "local")
-    watcher = RunWatcher(run, log, p.poll_seconds)
+    beat = cfg.train.heartbeat_seconds
+    hang = HangRules(p.hang_factor, p.hang_floor_s, p.startup_timeout_s, silent_s=3 * beat + 2 * p.poll_seconds) \
+        if p.hang_detection and beat > 0 else None
+    watcher = RunWatcher(run, log, p.poll_seconds, hang)
     policy = ResubmissionPolicy(p.max_resubmits, p.backoff_seconds, p.max_rollbacks,
                                 rollbacks=len(rollbacks(run)))
 
@@ -241,6 +262,7 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
             await publish_curves(run.url, p.run_name, key)
 
     shown_events = len(watcher.guard_events)
+    health: list[dict[str, Any]] = []  # this flow run's hangs and cordoned hosts, in the events table
 
     async def on_tick(metrics: list[dict[str, Any]]) -> None:
         nonlocal shown_events
@@ -249,7 +271,7 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
         await progress.update(metrics)
         if len(watcher.guard_events) > shown_events:  # a skipped update: in the UI as it happens
             shown_events = len(watcher.guard_events)
-            await publish_events(watcher.guard_events, rollbacks(run), p.run_name, key)
+            await publish_events(watcher.guard_events, rollbacks(run), p.run_name, key, health)
         evals.start_new()
         await report_evaluations()
 
@@ -262,8 +284,11 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
                 log.info("the run is complete (checkpoint at step %d): nothing to submit", start)
                 break
             number += 1
+            exclude = exclusions(p, run)
+            if exclude:
+                log.warning("submission %d avoids the cordoned hosts %s", number, ", ".join(exclude))
             try:
-                submission = executor.submit(p.preset, with_skips(overrides, cfg, run), run, number)
+                submission = executor.submit(p.preset, with_skips(overrides, cfg, run), run, number, exclude)
             except Exception as err:
                 raise FlowFailure(f"submission refused: {err}") from None
             record_submission(run, executor, number, submission)
@@ -275,8 +300,23 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
         diverged = store.read_json(run.result).get("diverged") if outcome.state == "diverged" else None
         decision = policy.decide(outcome, start, end, diverged)
         skips = [e for e in watcher.guard_events[seen_events:] if e.get("event") == "skip"]
+        cordoned_now = []
+        if outcome.state == "hung":
+            health.append({"time": time.time(), "event": "hang", "step": end, "data": f"job {submission.job_id}",
+                           "reason": outcome.reason})
+        if outcome.hosts and p.executor == "slurm" and p.cordon_hours > 0:
+            for host in outcome.hosts:
+                rec = cordon(run, host, f"{outcome.state}: {outcome.reason}"[:300], p.cordon_hours)
+                health.append({"time": rec["time"], "event": "cordon", "step": end, "data": host,
+                               "reason": rec["reason"]})
+                cordoned_now.append(host)
+            log.warning("cordoned %s for %g h (%s): the next submissions run elsewhere", ", ".join(cordoned_now),
+                        p.cordon_hours, outcome.state)
+        if health:
+            await publish_events(watcher.guard_events, rollbacks(run), p.run_name, key, health)
         record_submission(run, executor, number, submission, outcome, (start, end),
                           {"next": decision.action, **({"message": decision.message} if decision.message else {}),
+                           **({"cordoned": cordoned_now} if cordoned_now else {}),
                            **({"diverged": diverged} if diverged else {}),
                            **({"skipped": [[e["step"], e["reason"]] for e in skips]} if skips else {})})
         log.info("submission %d ended: %s (%s), steps %d -> %d", number, outcome.state, outcome.reason, start, end)
@@ -284,13 +324,13 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
         if decision.action == "done":
             break
         if decision.action == "stop":
-            await publish_events(watcher.guard_events, rollbacks(run), p.run_name, key)
+            await publish_events(watcher.guard_events, rollbacks(run), p.run_name, key, health)
             raise FlowFailure(decision.message)
         if decision.action == "rollback":
             rec = roll_back(run, diverged, policy.rollbacks)
             log.warning("%s; resuming from step %d, checkpoints %s set aside in %s", decision.message,
                         rec["resume_step"], rec["set_aside"], run.rolled_back(policy.rollbacks))
-            await publish_events(watcher.guard_events, rollbacks(run), p.run_name, key)
+            await publish_events(watcher.guard_events, rollbacks(run), p.run_name, key, health)
             continue
         if decision.wait_s:
             log.warning("%s", decision.message)

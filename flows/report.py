@@ -103,17 +103,19 @@ def best_checkpoint(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 async def publish_events(guard_events: list[dict[str, Any]], rollback_records: list[dict[str, Any]], title: str,
-                         key: str) -> None:
-    """Every skipped update, divergence and rollback of the run, as a table in the UI."""
+                         key: str, health: list[dict[str, Any]] | None = None) -> None:
+    """Every skipped update, divergence, rollback, hang and cordoned host of the run, as a table in the UI.
+    `health`: rows of hung submissions and cordoned hosts ({time, event, step, data, reason})."""
     rows = [{"time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("time", 0))), "event": e.get("event"),
              "step": e.get("step"), "data": e.get("data_batch", e.get("batches")), "reason": e.get("reason") or
              ", ".join(e.get("reasons", []))} for e in guard_events]
     rows += [{"time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"])), "event": "rollback",
               "step": r["resume_step"], "data": f"skip {r['skip']}",
               "reason": f"diverged at steps {r['diverged_steps']}; set aside {r['set_aside']}"} for r in rollback_records]
+    rows += [{**r, "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"]))} for r in health or []]
     if rows:
         await create_table_artifact(sorted(rows, key=lambda r: r["time"]), key=f"{key}-events",
-                                    description=f"{title}: skipped updates, divergence, rollbacks")
+                                    description=f"{title}: skipped updates, divergence, rollbacks, hangs, cordoned hosts")
 
 
 async def publish_checkpoint_table(rows: list[dict[str, Any]], title: str, key: str) -> None:

@@ -4,7 +4,8 @@ rule is tested on its own.
 - completed: the run is done.
 - requeue (stopped with a checkpoint: a local SIGTERM, stop_after_steps): submit again at once.
 - cancelled (someone ran scancel): stop; a person decided, so nothing is retried.
-- failed (a node failure, a rank's error, a requeue cap): resubmit from the latest checkpoint after an
+- failed (a node failure, a rank's error, a requeue cap) or hung (no new step in its window: the watcher
+  cancelled it): resubmit from the latest checkpoint after an
   exponential backoff, until `max_resubmits` failures have been resubmitted; two failures in a row that made
   no progress (the same step, not past it) are a crash loop and stop the run.
 - diverged (training's guard skipped too many updates): roll back to the last checkpoint before the trouble

@@ -7,6 +7,8 @@ requeue cap), which the flow answers by resubmitting from the latest checkpoint.
 
 from __future__ import annotations
 
+import subprocess
+
 from cluster.launch import RunFailed
 from cluster.spec import JobSpec
 from cluster.submit import FINAL_STATES, JobNotFound, RunHandle, reattach, submit
@@ -20,9 +22,10 @@ class SlurmSubmission:
         self.job_id = handle.job_id
         # submitit's stdout of the first task (node 0 holds global rank 0); Slurm appends to it across requeues.
         self.log_path = str(handle.job.paths.stdout)
+        self._state = ""
 
     def poll(self) -> Outcome | None:
-        state = self.handle.state()
+        state = self._state = self.handle.state()
         if not state.startswith(FINAL_STATES):
             return None
         if state.startswith("CANCELLED"):
@@ -33,7 +36,8 @@ class SlurmSubmission:
         except RunFailed as err:
             lines = [ln for ln in str(err).splitlines() if ln.strip()]
             detail = next((ln for ln in lines[1:] if ln.startswith("node ")), "")
-            return Outcome("failed", " | ".join(x for x in (lines[0], detail) if x)[:500])
+            hosts = failed_node(self.job_id) if state.startswith("NODE_FAIL") else ()
+            return Outcome("failed", " | ".join(x for x in (lines[0], detail) if x)[:500], hosts)
         if result.get("diverged"):
             return Outcome("diverged", f"job {self.job_id} diverged at step {result.get('final_step')}")
         if result.get("complete", True):
@@ -41,17 +45,45 @@ class SlurmSubmission:
         # stop_after_steps: the job ended cleanly with a checkpoint before max_steps.
         return Outcome("requeue", f"job {self.job_id} stopped at step {result.get('final_step')}")
 
-    def cancel(self) -> None:
-        self.handle.cancel()
+    def running(self) -> bool:
+        return self._state.startswith(("RUNNING", "COMPLETING"))  # as of the last poll
+
+    def owns(self, heartbeat: dict) -> bool:
+        return str(heartbeat.get("slurm_job")) == str(self.job_id)
+
+    def cancel(self, hung: bool = False) -> None:
+        self.handle.cancel()  # Slurm kills a frozen step itself (SIGKILL after KillWait)
+
+
+def with_excluded(spec: JobSpec, hosts: tuple[str, ...]) -> JobSpec:
+    """The spec with `hosts` added to its sbatch --exclude (merged with one the spec already has)."""
+    if not hosts:
+        return spec
+    extra, excluded = [], list(hosts)
+    for line in spec.sbatch_extra:
+        if line.startswith("--exclude="):
+            excluded = [*line.removeprefix("--exclude=").split(","), *excluded]
+        else:
+            extra.append(line)
+    return spec.model_copy(update={"sbatch_extra": [*extra, f"--exclude={','.join(dict.fromkeys(excluded))}"]})
+
+
+def failed_node(job_id: str) -> tuple[str, ...]:
+    """The node of a one-node job (accounting's NodeList): the host a NODE_FAIL points at."""
+    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "NodeList"], capture_output=True, text=True,
+                         timeout=60).stdout.split()
+    node = out[-1] if out else ""
+    return (node,) if node and not any(c in node for c in "[,") and node != "None" else ()
 
 
 class SlurmTrainingExecutor:
     def __init__(self, spec: JobSpec):
         self.spec = spec
 
-    def submit(self, preset: str, overrides: list[str], run: RunDir, number: int) -> SlurmSubmission:
+    def submit(self, preset: str, overrides: list[str], run: RunDir, number: int,
+               exclude: tuple[str, ...] = ()) -> SlurmSubmission:
         # Slurm writes the job's console into submitit's folder (spec.folder); the run dir is in the overrides.
-        return SlurmSubmission(submit(self.spec, preset, overrides))
+        return SlurmSubmission(submit(with_excluded(self.spec, exclude), preset, overrides))
 
     def reattach(self, job_id: str) -> SlurmSubmission | None:
         try:

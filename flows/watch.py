@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any, Awaitable, Callable
 
 from prefect import get_run_logger, task
@@ -16,7 +17,9 @@ from prefect.cache_policies import NO_CACHE
 
 from common import store
 from common.errors import ReproError
+from common.heartbeat import HangDetector, HangRules
 from common.layout import RunDir
+from flows.cordon import host_to_blame
 from flows.executors import Outcome, Submission
 from training.metrics import parse_metrics
 
@@ -59,8 +62,9 @@ def _parse(lines: list[str]) -> list[dict[str, Any]]:
 class RunWatcher:
     """The run's metrics (all lines read so far) and its launcher events, across the run's submissions."""
 
-    def __init__(self, run: RunDir, log: logging.Logger | logging.LoggerAdapter, poll_seconds: float):
-        self.log, self.poll_seconds = log, poll_seconds
+    def __init__(self, run: RunDir, log: logging.Logger | logging.LoggerAdapter, poll_seconds: float,
+                 hang: HangRules | None = None):
+        self.run, self.log, self.poll_seconds, self.hang = run, log, poll_seconds, hang
         self.events = LogTail(run.attempts)
         self.events.read()  # earlier submissions' events were logged by earlier flow runs
         self.guard_tail = LogTail(run.events)
@@ -74,9 +78,17 @@ class RunWatcher:
         lines go (the submission's task run), the watcher's log by default."""
         self.log = log or self.log
         console = LogTail(submission.log_path)
+        detector = HangDetector(self.run, self.hang, owns=submission.owns) if self.hang else None
+        # heartbeats are read every few seconds, not every poll: on S3 each read is a request per rank
+        check_every, checked = min(10.0, self.hang.floor_s / 4) if self.hang else 0.0, 0.0
         while True:
             await asyncio.sleep(self.poll_seconds)
             outcome = await asyncio.to_thread(submission.poll)  # sacct/squeue calls: not on the event loop
+            if outcome is None and detector is not None and time.monotonic() - checked >= check_every:
+                checked = time.monotonic()
+                hang = await asyncio.to_thread(self._hung, detector, submission)
+                if hang is not None:
+                    outcome = await self._cancel_hung(submission, hang)
             for line in console.read()[-20:]:  # the training's own console, tail only
                 self.log.info("[train] %s", line)
             self._log_events()
@@ -85,6 +97,24 @@ class RunWatcher:
             await on_tick(self.metrics)
             if outcome is not None:
                 return outcome
+
+    @staticmethod
+    def _hung(detector: HangDetector, submission: Submission):
+        if not submission.running():  # queued, or requeued inside the job (preemption)
+            detector.paused()
+            return None
+        detector.started()
+        return detector.check()
+
+    async def _cancel_hung(self, submission: Submission, hang) -> Outcome:
+        """Cancel a hung submission and wait for it to end (its own end state, a cancellation, is not the point)."""
+        self.log.warning("%s: cancelling job %s", hang.message, submission.job_id)
+        await asyncio.to_thread(submission.cancel, True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and await asyncio.to_thread(submission.poll) is None:
+            await asyncio.sleep(self.poll_seconds)
+        host = host_to_blame(hang.silent)
+        return Outcome("hung", hang.message, (host,) if host else ())
 
     def _log_guard_events(self) -> None:
         """Skipped updates and divergence, as training's guard records them in events.jsonl."""
@@ -119,7 +149,7 @@ async def watch_submission(label: str, watcher: RunWatcher, submission: Submissi
                            on_tick: Callable[[list[dict[str, Any]]], Awaitable[None]]) -> Outcome:
     """One submission, as a task run named e.g. `submission 2 (job 1234)`, until it ends."""
     outcome = await watcher.watch(submission, on_tick, log=get_run_logger())
-    if outcome.state in ("failed", "cancelled", "diverged"):
+    if outcome.state in ("failed", "cancelled", "diverged", "hung"):
         raise SubmissionEnded(outcome)
     return outcome
 

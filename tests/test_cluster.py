@@ -161,6 +161,38 @@ def test_a_controller_that_does_not_answer_is_a_clear_error_before_sbatch(job_en
     assert not (tmp_path / "slurm").exists()  # nothing was written for a job that never got queued
 
 
+def test_a_frozen_rank_is_found_by_its_silence_and_the_job_cancelled(job_env, demo_data, tmp_path):
+    """One rank of a 2-node job SIGSTOPped mid-run: the other waits in the all-reduce (it still beats, its
+    step stands still). The watcher names the silent rank's node and cancels the job within the window."""
+    import os
+    import signal
+
+    from common.heartbeat import HangRules, read_heartbeats
+    from common.layout import RunDir
+
+    run = tmp_path / "run"
+    handle = submit(spec(tmp_path / "slurm"), "tiny", sets(demo_data, run, "max_steps=100000",
+                                                            "train.heartbeat_seconds=0.5"))
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        beats = read_heartbeats(RunDir(str(run)))
+        if len(beats) == 2 and all((b.get("step") or 0) >= 3 for b in beats.values()):
+            break
+        time.sleep(0.1)
+    os.kill(beats[1]["pid"], signal.SIGSTOP)  # the emulated nodes are processes of this machine
+    t0 = time.time()
+    with pytest.raises(RunFailed) as err:
+        handle.wait(timeout_s=120, poll_s=0.5, hang=HangRules(factor=20, floor_s=5, startup_s=60, silent_s=3))
+    assert time.time() - t0 < 30  # the window, not the job's 20-minute limit
+    assert f"job {handle.job_id} hung, cancelled: hang at step " in str(err.value)
+    assert f"silent ranks: {beats[1]['host']}:1;" in str(err.value) and beats[1]["host"] in ("n1", "n2")
+    for _ in range(120):
+        if sacct_state(handle.job_id)[0].startswith("CANCELLED"):
+            break
+        time.sleep(0.5)
+    assert sacct_state(handle.job_id)[0].startswith("CANCELLED")
+
+
 def test_submit_cli_waits_showing_the_job_state_and_prints_the_result(job_env, demo_data, tmp_path):
     import sys
 

@@ -222,6 +222,49 @@ def test_a_killed_slurm_job_is_resubmitted_and_the_loss_trace_matches(prefect_ap
     assert trace(run) == trace(ref)
 
 
+def test_a_hung_slurm_job_is_cancelled_its_node_cordoned_and_the_run_finishes_on_another(prefect_api, slurm_cluster,
+                                                                                       demo_data, tmp_path):
+    """A one-node job whose rank freezes (SIGSTOP: alive to Slurm, silent to its heartbeats): the flow finds the
+    hang, cancels the job, cordons its node and resubmits; the next job runs on the other node."""
+    env = prefect_api["env"]
+    store_root = tmp_path / "store"
+    params = {"preset": "tiny", "store": str(store_root), "run_name": "hung", "data": demo_data,
+              "executor": "slurm", "slurm": _slurm(tmp_path / "slurm", "gpt2-flow-hang"),
+              "overrides": [*FAST, "max_steps=150", "train.heartbeat_seconds=0.5"], "eval_tasks": [],
+              "poll_seconds": 0.5,
+              "backoff_seconds": 0, "hang_floor_s": 5, "startup_timeout_s": 120}
+    run = store_root / "runs" / "hung"
+    frozen = {}
+
+    def freeze_first_job():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                beat = json.loads((run / "heartbeats" / "rank-00000.json").read_text())
+            except (OSError, ValueError):
+                beat = {}
+            if (beat.get("step") or 0) >= 6:  # past the step-5 checkpoint
+                os.kill(beat["pid"], signal.SIGSTOP)
+                frozen.update(beat)
+                return
+            time.sleep(0.05)
+
+    freezer = threading.Thread(target=freeze_first_job, daemon=True)
+    freezer.start()
+    p = subprocess.run(_flow_cmd(params), env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    subs = read_jsonl(run / "submissions.jsonl")
+    assert [s["state"] for s in subs] == ["hung", "completed"], subs
+    host = frozen["host"]
+    assert subs[0]["reason"].startswith("hang at step ") and f"silent ranks: {host}:0;" in subs[0]["reason"]
+    assert subs[0]["cordoned"] == [host] and subs[1]["start_step"] == subs[0]["end_step"] >= 5
+    assert [c["host"] for c in read_jsonl(run / "cordon.jsonl")] == [host]
+    nodes = subprocess.run(["sacct", "-j", subs[1]["job_id"], "-X", "-n", "-P", "-o", "NodeList"],
+                           capture_output=True, text=True).stdout.split()
+    assert nodes and host not in nodes  # the second job ran elsewhere
+    assert f"cordoned {host} for 24 h (hung)" in p.stdout + p.stderr
+
+
 def test_a_diverging_slurm_job_is_rolled_back_past_its_data_and_the_run_completes(prefect_api, slurm_cluster,
                                                                                    demo_data, tmp_path):
     env = prefect_api["env"]

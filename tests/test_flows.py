@@ -2,7 +2,9 @@
 
 import asyncio
 import os
+import re
 import signal
+import socket
 import time
 
 import pytest
@@ -57,8 +59,8 @@ def test_flow_trains_evaluates_every_checkpoint_and_reports(prefect_server, tmp_
 class KillFirstSubmission(LocalTrainingExecutor):
     """A node failure: SIGKILL the first submission once it has trained past its first checkpoint."""
 
-    def submit(self, preset, overrides, run, number):
-        submission = super().submit(preset, overrides, run, number)
+    def submit(self, preset, overrides, run, number, exclude=()):
+        submission = super().submit(preset, overrides, run, number, exclude)
         if not getattr(self, "_killed", False):
             self._killed = True
             metrics = run.metrics
@@ -83,6 +85,48 @@ def test_failed_attempt_is_resubmitted_and_the_loss_trace_matches(prefect_server
     subs = read_jsonl(tmp_path / "b" / "store" / "runs" / "t" / "submissions.jsonl")
     assert subs[0]["state"] == "failed" and "signal 9" in subs[0]["reason"] and subs[0]["end_step"] == 3
     assert subs[1]["start_step"] == 3 and subs[1]["state"] == "completed"
+    trace = lambda d: [(m["step"], m["loss"]) for m in read_jsonl(d / "store" / "runs" / "t" / "metrics.jsonl")]
+    assert trace(tmp_path / "b") == trace(tmp_path / "a")
+
+
+class FreezeFirstSubmission(LocalTrainingExecutor):
+    """A hang: SIGSTOP the first submission's process group after its first checkpoint. It still looks alive
+    (its process exists, nothing exits); only its heartbeats and its steps stop."""
+
+    def submit(self, preset, overrides, run, number, exclude=()):
+        submission = super().submit(preset, overrides, run, number, exclude)
+        if not getattr(self, "_frozen", False):
+            self._frozen = True
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                if os.path.exists(run.metrics) and len(open(run.metrics).read().splitlines()) >= 4:
+                    break
+                time.sleep(0.02)
+            os.killpg(submission.proc.pid, signal.SIGSTOP)
+            self.frozen_at = time.monotonic()
+        return submission
+
+
+def test_a_frozen_job_is_detected_cancelled_and_resubmitted_and_the_loss_trace_matches(prefect_server, tmp_path):
+    fast = [*FLOW_FAST, "train.heartbeat_seconds=0.2"]
+    asyncio.run(pretrain(_params(tmp_path / "a", eval_tasks=[], overrides=fast)))  # the uninterrupted run
+    executor = FreezeFirstSubmission()
+
+    @flow(name="pretrain-gpt2-hang")
+    async def with_hang(params: PretrainParams):
+        return await run_pretrain(params, executor)
+
+    hung = asyncio.run(with_hang(_params(tmp_path / "b", eval_tasks=[], overrides=fast, hang_floor_s=3,
+                                             startup_timeout_s=20)))
+    assert hung["submissions"] == 2 and hung["final_step"] == 6
+    subs = read_jsonl(tmp_path / "b" / "store" / "runs" / "t" / "submissions.jsonl")
+    assert subs[0]["state"] == "hung" and subs[0]["next"] == "resubmit", subs[0]
+    # the step its last heartbeat reported (beats lag the loop by up to one interval), and who fell silent
+    assert re.match(rf"hang at step [1-4] \([a-z]+\), silent ranks: {socket.gethostname()}:0; no new step for ",
+                    subs[0]["reason"]), subs[0]
+    assert subs[0]["end_step"] == 3 and subs[1]["start_step"] == 3 and subs[1]["state"] == "completed"
+    detected = subs[0]["time"] - time.time() + time.monotonic() - executor.frozen_at
+    assert 3 < detected < 30  # the 3 s floor, plus polls: not the job's time limit, not a person
     trace = lambda d: [(m["step"], m["loss"]) for m in read_jsonl(d / "store" / "runs" / "t" / "metrics.jsonl")]
     assert trace(tmp_path / "b") == trace(tmp_path / "a")
 

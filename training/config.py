@@ -121,6 +121,11 @@ class TrainConfig(_Section):
     log_every: int = Field(1, gt=0)
     lease_ttl_s: float = Field(60.0, gt=0, description="the run directory's writer lease is renewed every quarter "
                                "of this; a lease of a writer that died on another host is taken after this long")
+    heartbeat_seconds: float = Field(15.0, ge=0, description="each rank rewrites {run}/heartbeats/rank-N.json this "
+                                     "often (step, phase, host), so a hung job is noticed from outside; 0 = off")
+    collective_timeout_s: float = Field(600.0, gt=0, description="a collective that waits longer than this ends the "
+                                        "job with an error naming the missing ranks (torch's default: 30 min on "
+                                        "gloo); keep it above the longest checkpoint write")
     stop_after_steps: int | None = Field(
         None, gt=0, description="leave after this many steps in this process, checkpointing as on preemption "
         "(a time-boxed allocation); the next launch resumes")

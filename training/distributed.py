@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -26,13 +27,16 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init(device_type: str) -> DistInfo:
+def init(device_type: str, timeout_s: float | None = None) -> DistInfo:
+    """torchrun's ranks joined into one process group; `timeout_s`: how long a collective may wait for a rank
+    (NCCL reports it with the ranks that did not arrive; TORCH_NCCL_* variables control its flight recorder)."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return DistInfo()  # plain `python -m training.train`, or torchrun with a single process
     info = DistInfo(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                            timeout=timedelta(seconds=timeout_s) if timeout_s else None)
     return info
 
 

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common import exit_codes, store
 from common.cli import entry_point
 from common.errors import ReproError
+from common.heartbeat import HeartbeatWriter
 from common.layout import RunDir
 from common.lease import Lease, LeaseHeld
 from common.shards import data_fingerprint
@@ -86,10 +87,12 @@ def wrap(model: GPT, t: TrainConfig, info: DistInfo, device: torch.device) -> to
 
 def train(cfg: RunConfig) -> dict[str, Any]:
     device = accel.resolve_device(cfg)
-    info = distributed.init(device.type)
+    info = distributed.init(device.type, cfg.train.collective_timeout_s)
+    heartbeat = HeartbeatWriter(RunDir(cfg.train.run_dir), info.rank, info.world_size, cfg.train.heartbeat_seconds)
     try:
-        return Trainer(cfg, device, info).run()
+        return Trainer(cfg, device, info, heartbeat).run()
     finally:
+        heartbeat.stop()
         distributed.shutdown()
 
 
@@ -116,13 +119,15 @@ def take_run_dir(cfg: RunConfig, info: DistInfo, device: torch.device) -> Lease 
 class Trainer:
     """One process of a training run: set up from the config and the run directory, then `run()`."""
 
-    def __init__(self, cfg: RunConfig, device: torch.device, info: DistInfo):
+    def __init__(self, cfg: RunConfig, device: torch.device, info: DistInfo, heartbeat: HeartbeatWriter | None = None):
         t = cfg.train
         self.cfg, self.device, self.info, self.run_dir = cfg, device, info, RunDir(t.run_dir)
+        self.heartbeat = heartbeat or HeartbeatWriter(self.run_dir, info.rank, info.world_size, 0)
         self.grad_accum = cfg.grad_accum_steps(info.world_size)
         self.val_steps = cfg.val_steps_per_rank(info.world_size)
         preflight(cfg)  # before a model is built or the GPU is touched
         self.lease = take_run_dir(cfg, info, device)  # one writer per run directory
+        self.heartbeat.start()  # only once the run directory is ours: never over another trainer's heartbeats
         try:
             self._set_up(cfg, device, info)
         except BaseException:
@@ -176,6 +181,7 @@ class Trainer:
             while step < t.max_steps:
                 record = self._evaluate(step)
                 record = {**self._step(step), **record}
+                self.heartbeat.progress(step + 1, record["step_ms"] / 1000)
                 diverged = self.guard.diverged()
                 last.update(loss=record["loss"], val_loss=record.get("val_loss", last["val_loss"]))
                 if self.metrics is not None:
@@ -194,7 +200,9 @@ class Trainer:
                     raise LeaseLost(f"the lease of {t.run_dir} was taken by "
                                     f"{self.lease.lost_to if self.lease else 'another writer'} at step {step}; "
                                     "stopped without writing")
+                self.heartbeat.phase("checkpoint")
                 self.checkpointer.save_if_due(step, stopping=verdict == 1)
+                self.heartbeat.phase("step")
                 if verdict == 1:
                     stopped_by = stopped_by or "peer rank signal"
                     break
@@ -217,15 +225,18 @@ class Trainer:
         cfg, record = self.cfg, {}
         last = step == cfg.train.max_steps - 1
         if step % cfg.eval.val_every == 0 or last:
+            self.heartbeat.phase("validate")
             record["val_loss"] = evaluate_val(self.step_model, self.val_loader, self.val_steps, self.device, self.amp,
                                               cfg.train.loss_chunk)
         if cfg.eval.sample_every and step > 0 and (step % cfg.eval.sample_every == 0 or last) and self.info.is_master:
+            self.heartbeat.phase("sample")
             _sample(self.model, cfg, self.run_dir, step, self.amp_dtype)
         return record
 
     def _step(self, step: int) -> dict[str, Any]:
         """One optimizer step and its metrics line."""
         cfg, t = self.cfg, self.cfg.train
+        self.heartbeat.phase("step")
         t0 = time.perf_counter()
         lr = cosine_lr(step, max_lr=cfg.optim.max_lr, min_lr=cfg.optim.max_lr * cfg.optim.min_lr_ratio,
                        warmup_steps=cfg.optim.warmup_steps, max_steps=t.max_steps)

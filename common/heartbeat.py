@@ -1,0 +1,213 @@
+"""Heartbeats: each rank of a training job says, every few seconds, that it is alive and how far it got, so that
+a job that stops making progress while it still looks RUNNING is noticed from outside it.
+
+    {run}/heartbeats/rank-00000.json   {"rank", "world", "host", "pid", "pgid", "slurm_job", "process", "beat",
+                                        "step", "phase", "step_s", "time"}
+
+Training writes them (`HeartbeatWriter`, a thread per rank: a rank frozen by SIGSTOP, a wedged GPU or a dead
+host stops beating; a rank blocked in a collective beats on, but its step stands still). The flow and
+`cluster.submit --wait` read them (`HangDetector`). The reader never compares clocks across hosts: it notes by
+its own clock when each file last *changed*, and when the step last moved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from common import store
+from common.layout import RunDir
+
+
+class HeartbeatWriter:
+    """Rewrites this rank's heartbeat file every `interval_s` from a daemon thread (0 disables it). The training
+    loop only sets fields (`phase`, `progress`): no store I/O on the step path."""
+
+    def __init__(self, run: RunDir, rank: int, world: int, interval_s: float):
+        self.url = run.heartbeat(rank)
+        self.interval_s = interval_s
+        # pgid and slurm_job say which submission wrote it (a local process group, a Slurm job)
+        # host: the node's name as Slurm knows it (what a job excludes), else the machine's
+        host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        self.record: dict[str, Any] = {"rank": rank, "world": world, "host": host, "pid": os.getpid(),
+                                       "pgid": os.getpgid(0), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+                                       "process": uuid.uuid4().hex[:12], "beat": 0, "step": None,
+                                       "phase": "starting", "step_s": None}
+        self._step_times: list[float] = []
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+
+    def start(self) -> "HeartbeatWriter":
+        if self.interval_s > 0:
+            self._thread.start()
+        return self
+
+    def phase(self, name: str) -> None:
+        """What the rank is doing now: starting, step, validate, checkpoint, sample."""
+        self.record["phase"] = name
+
+    def progress(self, step: int, step_s: float) -> None:
+        """`step` steps are done, the last in `step_s` seconds."""
+        first = self.record["step"] is None
+        self._step_times = (self._step_times + [step_s])[-50:]
+        self.record.update(step=step, phase="step", step_s=statistics.median(self._step_times))
+        if first:  # said at once: until then the reader allows for start-up (compilation), not for a step
+            self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while True:
+            self.record["beat"] += 1
+            try:
+                store.write_json(self.url, {**self.record, "time": time.time()})
+            except Exception:  # a store hiccup must not stop training: the reader sees a stale beat at worst
+                pass
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+
+
+def read_heartbeats(run: RunDir) -> dict[int, dict[str, Any]]:
+    """Every rank's last heartbeat, by rank; unreadable files (torn by a killed write) are left out."""
+    out = {}
+    try:
+        names = store.listdir(run.heartbeats)
+    except (FileNotFoundError, OSError):
+        return out
+    for name in names:
+        if not (name.startswith("rank-") and name.endswith(".json")):
+            continue
+        try:
+            rec = json.loads(store.read_bytes(store.join(run.heartbeats, name)))
+            out[int(rec["rank"])] = rec
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+@dataclass(frozen=True)
+class HangRules:
+    """When a job is hung: no new step for max(factor x its median step time, floor_s) seconds, or no first
+    step within startup_s of the job starting. A rank whose heartbeat has not changed for silent_s is silent."""
+
+    factor: float = 20.0
+    floor_s: float = 300.0
+    startup_s: float = 1800.0
+    silent_s: float = 60.0
+
+    def window(self, step_s: float | None) -> float:
+        return max(self.factor * (step_s or 0.0), self.floor_s)
+
+
+@dataclass(frozen=True)
+class Hang:
+    step: int | None
+    silent: list[str]
+    message: str
+
+
+@dataclass
+class HangDetector:
+    """Watches one submission's heartbeats. `check()` on every poll: None while the job progresses, or the Hang.
+    `owns(heartbeat)` says which heartbeats the submission wrote; without it, those present at the start count
+    only once they change (a new process rewrote them)."""
+
+    run: RunDir
+    rules: HangRules
+    owns: Callable[[dict[str, Any]], bool] | None = None
+    clock: Callable[[], float] = time.monotonic
+    _seen: dict[int, tuple[str, float]] = field(default_factory=dict)  # rank -> (content, when it last changed)
+    _old: dict[int, str] = field(default_factory=dict)
+    _started: float | None = None
+    _max_step: int | None = None
+    _moved: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.owns is None:
+            self._history()
+
+    def _history(self) -> None:
+        self._old = {r: json.dumps(rec, sort_keys=True) for r, rec in read_heartbeats(self.run).items()}
+
+    def started(self) -> None:
+        """The job is running (not queued): the start-up clock starts now (idempotent)."""
+        if self._started is None:
+            self._started = self.clock()
+
+    def paused(self) -> None:
+        """The job is not running (queued again after a requeue): no clock runs, and what its ranks wrote so
+        far is history, so that its restart gets the start-up allowance again."""
+        if self._started is not None:
+            self._history()
+            self._seen.clear()
+            self._started = self._max_step = self._moved = None
+
+    def check(self) -> Hang | None:
+        now = self.clock()
+        current = {}
+        for rank, rec in read_heartbeats(self.run).items():
+            if self.owns is not None and not self.owns(rec):
+                continue  # another submission's
+            text = json.dumps(rec, sort_keys=True)
+            if self._old.get(rank) == text:
+                continue  # an earlier submission's last word
+            self._old.pop(rank, None)
+            if self._seen.get(rank, ("", 0.0))[0] != text:
+                self._seen[rank] = (text, now)
+            current[rank] = rec
+        if current:
+            self.started()
+        if self._started is None:
+            return None
+        steps = [rec["step"] for rec in current.values() if rec.get("step") is not None]
+        if steps:
+            top = max(steps)
+            if self._max_step is None or top > self._max_step:
+                self._max_step, self._moved = top, now
+        silent = self._silent(current, now)
+        if self._max_step is None:  # no step done yet in this job: rendezvous, loading, compiling
+            if now - self._started > self.rules.startup_s:
+                return self._hang(None, silent, f"no first step within {self.rules.startup_s:.0f} s of the job "
+                                                f"starting", current)
+            return None
+        step_s = max((rec.get("step_s") or 0.0) for rec in current.values()) if current else None
+        window = self.rules.window(step_s)
+        if now - (self._moved or now) > window:
+            return self._hang(self._max_step, silent,
+                              f"no new step for {now - self._moved:.0f} s (window {window:.0f} s: max("
+                              f"{self.rules.factor:g} x {step_s or 0:.2f} s, {self.rules.floor_s:.0f} s))", current)
+        return None
+
+    def _silent(self, current: dict[int, dict[str, Any]], now: float) -> list[str]:
+        world = max((int(rec.get("world", 1)) for rec in current.values()), default=0)
+        out = []
+        for rank in range(world):
+            rec = current.get(rank)
+            if rec is None:
+                out.append(f"?:{rank} (never beat)")
+            elif now - self._seen[rank][1] > self.rules.silent_s:
+                out.append(f"{rec.get('host', '?')}:{rank}")
+        return out
+
+    def _hang(self, step: int | None, silent: list[str], why: str, current: dict[int, dict[str, Any]]) -> Hang:
+        phases = sorted({rec.get("phase", "?") for rec in current.values()}) or ["no heartbeat"]
+        where = f"hang at step {step}" if step is not None else "hang before the first step"
+        if not current:
+            who = "no rank has written a heartbeat"
+        elif silent:
+            who = f"silent ranks: {' '.join(silent)}"
+        else:
+            who = "every rank beating (stuck together, e.g. in a collective)"
+        return Hang(step, silent, f"{where} ({'/'.join(phases)}), {who}; {why}")

@@ -1,0 +1,125 @@
+"""Heartbeats and the hang detector (common/heartbeat.py): real files, a clock the test moves. The end-to-end
+cases (a frozen rank cancelled and resubmitted by the flow) are in test_flows.py."""
+
+import json
+import time
+
+from common import store
+from common.heartbeat import HangDetector, HangRules, HeartbeatWriter, read_heartbeats
+from common.layout import RunDir
+
+RULES = HangRules(factor=10, floor_s=60, startup_s=600, silent_s=30)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def beat(run, rank, step, world=2, host=None, phase="step", step_s=0.5, n=[0]):  # noqa: B006 - a counter
+    n[0] += 1
+    store.write_json(run.heartbeat(rank), {"rank": rank, "world": world, "host": host or f"node{rank}",
+                                           "beat": n[0], "step": step, "phase": phase, "step_s": step_s,
+                                           "process": "p", "pid": 1, "time": time.time()})
+
+
+def test_a_job_that_keeps_stepping_is_never_hung_and_one_that_stops_is_named_with_its_silent_rank(tmp_path):
+    run, clock = RunDir(str(tmp_path)), Clock()
+    det = HangDetector(run, RULES, clock=clock)
+    for step in range(1, 40):  # 39 x 20 s = 13 min of steady progress, far past every window
+        clock.now += 20
+        beat(run, 0, step)
+        beat(run, 1, step)
+        assert det.check() is None
+    # rank 1 froze (SIGSTOP) after step 39: it stops beating; rank 0 waits in the collective, beating on
+    for _ in range(2):
+        clock.now += 25
+        beat(run, 0, 39)
+        assert det.check() is None  # 50 s: inside the 60 s floor
+    clock.now += 25
+    beat(run, 0, 39)
+    hang = det.check()
+    assert hang is not None and hang.step == 39 and hang.silent == ["node1:1"]
+    assert hang.message.startswith("hang at step 39 (step), silent ranks: node1:1; no new step for 75 s")
+
+
+def test_the_window_grows_with_the_runs_own_step_time(tmp_path):
+    run, clock = RunDir(str(tmp_path)), Clock()
+    det = HangDetector(run, RULES, clock=clock)
+    beat(run, 0, 5, world=1, step_s=30.0)  # slow steps: window = 10 x 30 s = 300 s, above the 60 s floor
+    assert det.check() is None
+    clock.now += 290
+    beat(run, 0, 5, world=1, step_s=30.0)
+    assert det.check() is None
+    clock.now += 20
+    beat(run, 0, 5, world=1, step_s=30.0)
+    hang = det.check()
+    assert hang is not None and "window 300 s" in hang.message and "every rank beating" in hang.message
+
+
+def test_a_job_that_never_reaches_its_first_step_is_caught_by_the_startup_timeout(tmp_path):
+    run, clock = RunDir(str(tmp_path)), Clock()
+    det = HangDetector(run, RULES, clock=clock)
+    assert det.check() is None  # queued: no clock runs yet
+    clock.now += 5000
+    assert det.check() is None
+    det.started()  # the job is running
+    clock.now += 599
+    beat(run, 0, None, phase="starting")  # compiling: no step yet, and not a hang
+    assert det.check() is None
+    clock.now += 2
+    hang = det.check()
+    assert hang is not None and hang.step is None
+    assert hang.message.startswith("hang before the first step (starting), silent ranks: ?:1 (never beat)")
+
+
+def test_an_earlier_submissions_heartbeats_count_only_once_rewritten(tmp_path):
+    run, clock = RunDir(str(tmp_path)), Clock()
+    beat(run, 0, 77, world=1)  # left by the submission before
+    det = HangDetector(run, RULES, clock=clock)
+    det.started()
+    clock.now += 500
+    assert det.check() is None  # neither progress nor a hang at step 77: that was another job
+    clock.now += 200
+    hang = det.check()
+    assert hang is not None and hang.message.startswith("hang before the first step (no heartbeat), no rank has")
+
+
+def test_the_writer_beats_from_its_own_thread_with_the_loops_progress(tmp_path):
+    run = RunDir(str(tmp_path))
+    w = HeartbeatWriter(run, rank=3, world=4, interval_s=0.05).start()
+    try:
+        time.sleep(0.2)
+        first = read_heartbeats(run)[3]
+        assert first["phase"] == "starting" and first["step"] is None and first["world"] == 4
+        w.progress(12, 0.25)
+        w.phase("checkpoint")
+        time.sleep(0.2)
+        rec = read_heartbeats(run)[3]
+        assert rec["step"] == 12 and rec["step_s"] == 0.25 and rec["phase"] == "checkpoint"
+        assert rec["beat"] > first["beat"] and rec["process"] == first["process"]
+    finally:
+        w.stop()
+    assert json.loads((tmp_path / "heartbeats" / "rank-00003.json").read_text())["rank"] == 3
+
+
+def test_a_job_requeued_inside_slurm_gets_its_startup_allowance_again(tmp_path):
+    run, clock = RunDir(str(tmp_path)), Clock()
+    det = HangDetector(run, RULES, owns=lambda rec: rec.get("process") == "p", clock=clock)
+    det.started()
+    beat(run, 0, 40, world=1)
+    assert det.check() is None
+    det.paused()  # preempted: REQUEUED, then PENDING for an hour
+    clock.now += 3600
+    det.paused()
+    det.started()  # running again: the old heartbeat (step 40) is history until the new process rewrites it
+    clock.now += 500  # compiling again, past the 60 s step window but inside the 600 s start-up allowance
+    assert det.check() is None
+    beat(run, 0, None, world=1, phase="starting")
+    assert det.check() is None
+    clock.now += 200
+    hang = det.check()
+    assert hang is not None and hang.message.startswith("hang before the first step (starting)")
