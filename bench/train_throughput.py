@@ -245,7 +245,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="for machines without a working compiler toolchain")
     ap.add_argument("--out", default=None, help="results JSON (default: bench/results/train_throughput-<when>.json)")
     ap.add_argument("--profile", action="store_true",
-                    help="profile each variant (GPU time per kernel family, GPU idle time); the baseline's kernels to a file")
+                    help="profile each variant (GPU time per kernel family, GPU idle time); the baseline's kernels "
+                         "to a file")
     ap.add_argument("--render", metavar="JSON", help="print a results file as a markdown table and exit")
     args = ap.parse_args(argv)
     if args.render:
