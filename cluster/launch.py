@@ -4,6 +4,8 @@ One submitit task per node starts
     python -m torch.distributed.run --nnodes N --nproc_per_node P --node_rank $SLURM_NODEID
         --master_addr <first host> --master_port <from the job id> -m cluster.worker <training args>
 Static rendezvous, not c10d: c10d ignores --node_rank, and rank == node order keeps logs and checkpoints readable.
+Before that, the node checks itself (cluster/node_check.py); a node unfit to train on fails the job at once,
+naming its host.
 
 Preemption / time limit: Slurm sends USR2 to every process of the job step. torchrun itself ignores USR2 (it
 would die of it); its workers catch it, finish the step, write a collective checkpoint and exit 75
@@ -64,6 +66,7 @@ class TrainLaunch:
     max_timeout_requeues: int
     max_preemption_requeues: int
     stop_timeout_s: float = 60.0
+    gpus_per_node: int = 0
     timeouts: int = 0
     preemptions: int = 0
 
@@ -83,6 +86,12 @@ class TrainLaunch:
         for sig in (signal.SIGUSR2, signal.SIGTERM):
             self._chain(sig)
 
+        from cluster.node_check import run_node_check
+
+        problem = run_node_check(self.gpus_per_node, self.run_dir)
+        if problem:  # ends this task, and srun (--kill-on-bad-exit) the others: the job fails naming the host
+            log.error("%s", problem)
+            raise RunFailed(problem)
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={self._nnodes}",
                f"--nproc_per_node={self.procs_per_node}", f"--node_rank={self._node}",
                f"--master_addr={env.hostnames[0]}", f"--master_port={master_port(self._job_id)}",

@@ -154,7 +154,7 @@ def submit(spec: JobSpec, config: str, overrides: list[str] | None = None, *, ch
                          procs_per_node=spec.procs_per_node, exit_root=str(Path(spec.folder).resolve() / "exits"),
                          time_min=spec.time_min, max_timeout_requeues=spec.max_timeout_requeues,
                          max_preemption_requeues=spec.max_preemption_requeues,
-                         stop_timeout_s=max(10.0, spec.signal_delay_s - 10))
+                         stop_timeout_s=max(10.0, spec.signal_delay_s - 10), gpus_per_node=spec.gpus_per_node)
     job = build_executor(spec).submit(launch)
     handle = RunHandle(job.job_id, spec.folder, spec.nodes, cfg.train.run_dir)
     handle.save()

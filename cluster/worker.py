@@ -44,7 +44,7 @@ def _record(code: int, error: str) -> None:
     path = os.path.join(exit_dir, f"rank_{rank:05d}.json")
     with open(path + ".tmp", "w") as f:
         json.dump({"rank": rank, "exit_code": code, "error": error, "time": time.time(),
-                   "host": os.uname().nodename}, f)
+                   "host": os.environ.get("SLURMD_NODENAME") or os.uname().nodename}, f)
     os.replace(path + ".tmp", path)
 
 

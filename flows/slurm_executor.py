@@ -7,6 +7,7 @@ requeue cap), which the flow answers by resubmitting from the latest checkpoint.
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 from cluster.launch import RunFailed
@@ -36,7 +37,7 @@ class SlurmSubmission:
         except RunFailed as err:
             lines = [ln for ln in str(err).splitlines() if ln.strip()]
             detail = next((ln for ln in lines[1:] if ln.startswith("node ")), "")
-            hosts = failed_node(self.job_id) if state.startswith("NODE_FAIL") else ()
+            hosts = failed_node(self.job_id) if state.startswith("NODE_FAIL") else hosts_to_blame(str(err))
             return Outcome("failed", " | ".join(x for x in (lines[0], detail) if x)[:500], hosts)
         if result.get("diverged"):
             return Outcome("diverged", f"job {self.job_id} diverged at step {result.get('final_step')}")
@@ -66,6 +67,23 @@ def with_excluded(spec: JobSpec, hosts: tuple[str, ...]) -> JobSpec:
         else:
             extra.append(line)
     return spec.model_copy(update={"sbatch_extra": [*extra, f"--exclude={','.join(dict.fromkeys(excluded))}"]})
+
+
+_NODE_CHECK = re.compile(r"node check failed on host (\S+):")
+_RANK_FAILED = re.compile(r"rank \d+ on (\S+) failed first")
+_DEVICE_ERROR = re.compile(r"CUDA error|NCCL error|ncclSystemError|ncclUnhandledCudaError|uncorrectable ECC|Xid")
+
+
+def hosts_to_blame(failure: str) -> tuple[str, ...]:
+    """The host a failed job's report points at: one that failed its node check, or whose rank died first of a
+    device error (CUDA, NCCL, ECC). A Python error in the training is nobody's node."""
+    m = _NODE_CHECK.search(failure)
+    if m:
+        return (m.group(1),)
+    m = _RANK_FAILED.search(failure)
+    if m and _DEVICE_ERROR.search(failure):
+        return (m.group(1),)
+    return ()
 
 
 def failed_node(job_id: str) -> tuple[str, ...]:

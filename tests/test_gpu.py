@@ -130,3 +130,9 @@ def test_training_job_on_cuda_with_compile_and_the_levers(demo_data, tmp_path):
     assert [r["step"] for r in m] == list(range(8))
     cfg = json.loads((Path(run) / "config.json").read_text())
     assert cfg["resolved"]["device"].startswith("cuda")
+
+
+def test_a_gpu_node_passes_its_node_check(tmp_path):
+    from cluster.node_check import run_node_check
+
+    assert run_node_check(torch.cuda.device_count(), str(tmp_path)) is None
