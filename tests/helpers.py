@@ -185,11 +185,15 @@ def free_port() -> int:
 
 
 def release_after_requeue(job_id: str, timeout=60) -> None:
-    """A requeued job is held PENDING (Reason=BeginTime) ~120 s by Slurm; start it now instead."""
+    """A requeued job is held PENDING (Reason=BeginTime) ~120 s by Slurm; start it now instead, once the steps
+    of its previous start are gone from the node (the hold exists for that: a restart while the old step is
+    still being torn down can fail at once, with no output)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
-        if state.strip() == "PENDING":
+        steps = subprocess.run(["squeue", "-h", "-s", "-j", job_id], capture_output=True, text=True).stdout
+        if state.strip() == "PENDING" and not steps.strip():
+            time.sleep(1)
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
             return
         time.sleep(0.1)

@@ -241,7 +241,7 @@ def test_a_hung_slurm_job_is_cancelled_its_node_cordoned_and_the_run_finishes_on
     store_root = tmp_path / "store"
     params = {"preset": "tiny", "store": str(store_root), "run_name": "hung", "data": demo_data,
               "executor": "slurm", "slurm": _slurm(tmp_path / "slurm", "gpt2-flow-hang"),
-              "overrides": [*FAST, "max_steps=150", "train.heartbeat_seconds=0.5"], "eval_tasks": [],
+              "overrides": [*FAST, "max_steps=60", "train.heartbeat_seconds=0.5"], "eval_tasks": [],
               "poll_seconds": 0.5,
               "backoff_seconds": 0, "hang_floor_s": 5, "startup_timeout_s": 120}
     run = store_root / "runs" / "hung"

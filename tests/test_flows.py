@@ -73,20 +73,31 @@ class KillFirstSubmission(LocalTrainingExecutor):
         return submission
 
 
-def test_failed_attempt_is_resubmitted_and_the_loss_trace_matches(prefect_server, tmp_path):
-    clean = asyncio.run(pretrain(_params(tmp_path / "a", eval_tasks=[])))
+def _trace(d):
+    return [(m["step"], m["loss"]) for m in read_jsonl(d / "store" / "runs" / "t" / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prefect_server, tmp_path_factory):
+    """The loss trace of the flow run the fault tests must reproduce: one submission, nothing going wrong."""
+    d = tmp_path_factory.mktemp("uninterrupted")
+    result = asyncio.run(pretrain(_params(d, eval_tasks=[])))
+    assert result["submissions"] == 1
+    return _trace(d)
+
+
+def test_failed_attempt_is_resubmitted_and_the_loss_trace_matches(prefect_server, uninterrupted, tmp_path):
 
     @flow(name="pretrain-gpt2-node-failure")
     async def with_node_failure(params: PretrainParams):
         return await run_pretrain(params, KillFirstSubmission())
 
     killed = asyncio.run(with_node_failure(_params(tmp_path / "b", eval_tasks=[])))
-    assert clean["submissions"] == 1 and killed["submissions"] == 2
+    assert killed["submissions"] == 2
     subs = read_jsonl(tmp_path / "b" / "store" / "runs" / "t" / "submissions.jsonl")
     assert subs[0]["state"] == "failed" and "signal 9" in subs[0]["reason"] and subs[0]["end_step"] == 3
     assert subs[1]["start_step"] == 3 and subs[1]["state"] == "completed"
-    trace = lambda d: [(m["step"], m["loss"]) for m in read_jsonl(d / "store" / "runs" / "t" / "metrics.jsonl")]
-    assert trace(tmp_path / "b") == trace(tmp_path / "a")
+    assert _trace(tmp_path / "b") == uninterrupted
 
 
 class FreezeFirstSubmission(LocalTrainingExecutor):
@@ -107,9 +118,9 @@ class FreezeFirstSubmission(LocalTrainingExecutor):
         return submission
 
 
-def test_a_frozen_job_is_detected_cancelled_and_resubmitted_and_the_loss_trace_matches(prefect_server, tmp_path):
-    fast = [*FLOW_FAST, "train.heartbeat_seconds=0.2"]
-    asyncio.run(pretrain(_params(tmp_path / "a", eval_tasks=[], overrides=fast)))  # the uninterrupted run
+def test_a_frozen_job_is_detected_cancelled_and_resubmitted_and_the_loss_trace_matches(prefect_server, uninterrupted,
+                                                                                        tmp_path):
+    fast = [*FLOW_FAST, "train.heartbeat_seconds=0.2"]  # heartbeats change no loss: the same trace is expected
     executor = FreezeFirstSubmission()
 
     @flow(name="pretrain-gpt2-hang")
@@ -127,8 +138,7 @@ def test_a_frozen_job_is_detected_cancelled_and_resubmitted_and_the_loss_trace_m
     assert subs[0]["end_step"] == 3 and subs[1]["start_step"] == 3 and subs[1]["state"] == "completed"
     detected = subs[0]["time"] - time.time() + time.monotonic() - executor.frozen_at
     assert 3 < detected < 30  # the 3 s floor, plus polls: not the job's time limit, not a person
-    trace = lambda d: [(m["step"], m["loss"]) for m in read_jsonl(d / "store" / "runs" / "t" / "metrics.jsonl")]
-    assert trace(tmp_path / "b") == trace(tmp_path / "a")
+    assert _trace(tmp_path / "b") == uninterrupted
 
 
 def test_crash_loop_stops_with_a_clear_message(prefect_server, tmp_path):
