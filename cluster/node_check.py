@@ -10,23 +10,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from common import store
+from common.heartbeat import host_name
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 class NodeCheckFailed(Exception):
     """A node unfit to train on; the message starts with `node check failed on host <host>:`."""
-
-
-def host_name() -> str:
-    """The node's name as Slurm knows it (what --exclude takes), else the machine's."""
-    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def run_node_check(gpus: int, run_dir: str, timeout_s: float = 180.0) -> str | None:

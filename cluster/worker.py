@@ -39,12 +39,14 @@ def _record(code: int, error: str) -> None:
     exit_dir = os.environ.get("CLUSTER_EXIT_DIR")
     if not exit_dir:
         return
+    from common.heartbeat import host_name  # here: nothing slow before stop_signal.install()
+
     rank = int(os.environ.get("RANK", "0"))
     os.makedirs(exit_dir, exist_ok=True)
     path = os.path.join(exit_dir, f"rank_{rank:05d}.json")
     with open(path + ".tmp", "w") as f:
         json.dump({"rank": rank, "exit_code": code, "error": error, "time": time.time(),
-                   "host": os.environ.get("SLURMD_NODENAME") or os.uname().nodename}, f)
+                   "host": host_name()}, f)
     os.replace(path + ".tmp", path)
 
 

@@ -26,6 +26,11 @@ from common import store
 from common.layout import RunDir
 
 
+def host_name() -> str:
+    """The node's name as Slurm knows it (what a job's --exclude takes), else the machine's."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
 class HeartbeatWriter:
     """Rewrites this rank's heartbeat file every `interval_s` from a daemon thread (0 disables it). The training
     loop only sets fields (`phase`, `progress`): no store I/O on the step path."""
@@ -34,9 +39,7 @@ class HeartbeatWriter:
         self.url = run.heartbeat(rank)
         self.interval_s = interval_s
         # pgid and slurm_job say which submission wrote it (a local process group, a Slurm job)
-        # host: the node's name as Slurm knows it (what a job excludes), else the machine's
-        host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-        self.record: dict[str, Any] = {"rank": rank, "world": world, "host": host, "pid": os.getpid(),
+        self.record: dict[str, Any] = {"rank": rank, "world": world, "host": host_name(), "pid": os.getpid(),
                                        "pgid": os.getpgid(0), "slurm_job": os.environ.get("SLURM_JOB_ID"),
                                        "process": uuid.uuid4().hex[:12], "beat": 0, "step": None,
                                        "phase": "starting", "step_s": None}

@@ -50,7 +50,7 @@ class SlurmSubmission:
         return self._state.startswith(("RUNNING", "COMPLETING"))  # as of the last poll
 
     def owns(self, heartbeat: dict) -> bool:
-        return str(heartbeat.get("slurm_job")) == str(self.job_id)
+        return self.handle.owns(heartbeat)
 
     def cancel(self, hung: bool = False) -> None:
         self.handle.cancel()  # Slurm kills a frozen step itself (SIGKILL after KillWait)
