@@ -204,10 +204,21 @@ class TrainLaunch:
         else:
             msg = f"torchrun on node {self._node} exited {torchrun_code} with no rank reporting an error " \
                   "(killed: out of memory, node failure?)"
+        traces = self._nccl_traces()
+        if traces:  # NCCL's watchdog took the ranks down after a collective timed out: its account of who was late
+            msg += f"\nNCCL flight recorder dumps: {traces} (read them with `torchfrtrace {traces} -p rank_`)"
         msg += f"\nlatest checkpoint: {latest}"
         if self._node == 0:
             self._log_attempt("failed", {"reason": msg.splitlines()[0], "checkpoint": latest})
         return RunFailed(msg)
+
+    def _nccl_traces(self) -> str | None:
+        """This attempt's flight-recorder folder (training/distributed.py flight_recorder_env), if a rank dumped."""
+        for folder in (RunDir(self.run_dir).nccl_traces(f"{self._job_id}-{self._attempt}"),
+                       os.path.join(self._exit_dir, "nccl-traces")):
+            if store.is_local(folder) and os.path.isdir(folder) and os.listdir(folder):
+                return folder
+        return None
 
     def _result(self) -> dict[str, Any]:
         return store.read_json(RunDir(self.run_dir).result)

@@ -100,6 +100,26 @@ def read_heartbeats(run: RunDir) -> dict[int, dict[str, Any]]:
     return out
 
 
+def laggards(beats: dict[int, dict[str, Any]], world: int, step: int | None, stale_s: float,
+             now: float | None = None) -> list[str]:
+    """Seen from a rank stuck in a collective after `step` steps: the ranks that had not got as far, or whose
+    heartbeat is older than `stale_s` (by this host's clock against theirs: a diagnosis, not a decision),
+    as `host:rank (step N, last beat S s ago)`."""
+    now = time.time() if now is None else now
+    out = []
+    for rank in range(world):
+        rec = beats.get(rank)
+        if rec is None:
+            out.append(f"?:{rank} (no heartbeat)")
+            continue
+        age = now - float(rec.get("time", now))
+        behind = step is not None and (rec.get("step") is None or rec["step"] < step)
+        if behind or age > stale_s:
+            out.append(f"{rec.get('host', '?')}:{rank} (step {rec.get('step')}, {rec.get('phase', '?')}, "
+                       f"last beat {age:.0f} s ago)")
+    return out
+
+
 @dataclass(frozen=True)
 class HangRules:
     """When a job is hung: no new step for max(factor x its median step time, floor_s) seconds, or no first

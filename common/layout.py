@@ -16,6 +16,7 @@
         logs/submission-NNN.log             console of a local submission (flow, local executor)
         leases/trainer.json, leases/flow.json   who writes the run now (common/lease.py)
         heartbeats/rank-NNNNN.json          each rank's last heartbeat: step, phase, host (common/heartbeat.py)
+        nccl-traces/{job}/rank_N            NCCL flight-recorder dumps of a timed-out collective (CUDA, local run dir)
         checkpoints/step_NNNNNN/            one checkpoint (training/checkpoint.py has the files inside)
             eval/hellaswag.json, eval/lm_eval.json     its evaluations (evaluation)
         exports/step_NNNNNN-hf/             its Hugging Face export (evaluation, training.export_hf)
@@ -87,6 +88,10 @@ class RunDir:
     def heartbeat(self, rank: int) -> str:
         """Rank `rank`'s last word (common/heartbeat.py)."""
         return join(self.heartbeats, f"rank-{rank:05d}.json")
+
+    def nccl_traces(self, job: str) -> str:
+        """Where the ranks of `job` (a Slurm job and restart, or a torchrun run id) dump NCCL's flight recorder."""
+        return join(self.url, "nccl-traces", job)
 
     def lease(self, role: str) -> str:
         """The lease of the run's one writer of `role` ("trainer", "flow"): common/lease.py."""

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from contextlib import nullcontext
 from typing import Any
@@ -29,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common import exit_codes, store
 from common.cli import entry_point
 from common.errors import ReproError
-from common.heartbeat import HeartbeatWriter
+from common.heartbeat import HeartbeatWriter, laggards, read_heartbeats
 from common.layout import RunDir
 from common.lease import Lease, LeaseHeld
 from common.shards import data_fingerprint
@@ -87,13 +88,33 @@ def wrap(model: GPT, t: TrainConfig, info: DistInfo, device: torch.device) -> to
 
 def train(cfg: RunConfig) -> dict[str, Any]:
     device = accel.resolve_device(cfg)
-    info = distributed.init(device.type, cfg.train.collective_timeout_s)
+    info = distributed.init(device.type, cfg.train.collective_timeout_s, cfg.train.run_dir)
     heartbeat = HeartbeatWriter(RunDir(cfg.train.run_dir), info.rank, info.world_size, cfg.train.heartbeat_seconds)
     try:
         return Trainer(cfg, device, info, heartbeat).run()
+    except RuntimeError as err:
+        if info.enabled and distributed.is_timeout(err):
+            raise distributed.CollectiveTimeout(timeout_report(cfg, info, heartbeat, err)) from None
+        raise
     finally:
         heartbeat.stop()
         distributed.shutdown()
+
+
+def timeout_report(cfg: RunConfig, info: DistInfo, heartbeat: HeartbeatWriter, err: BaseException) -> str:
+    """One line for a collective that timed out on this rank: where it was, and which ranks had not arrived
+    according to their heartbeats (the rank that waited is rarely the one at fault)."""
+    me, hb = heartbeat.record, cfg.train.heartbeat_seconds
+    cause = re.sub(r"^\[[^\]]*\]\s*", "", str(err).splitlines()[0])[:160]  # without gloo's source location
+    if hb > 0:
+        late = laggards(read_heartbeats(RunDir(cfg.train.run_dir)), info.world_size, me["step"],
+                        stale_s=max(2 * hb, min(3 * hb + 5, cfg.train.collective_timeout_s / 2)))
+        who = f"ranks that had not arrived: {'; '.join(late)}" if late else \
+            "every rank beating at the same step (a network fault, or ranks in different collectives)"
+    else:
+        who = "no heartbeats (train.heartbeat_seconds=0) to tell which rank is late"
+    return (f"a collective timed out after {cfg.train.collective_timeout_s:g} s on rank {info.rank} "
+            f"({me['host']}) at step {me['step']} ({me['phase']}); {who} ({cause})")
 
 
 class LeaseLost(ReproError):
