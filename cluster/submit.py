@@ -93,13 +93,15 @@ class RunHandle:
         return str(heartbeat.get("slurm_job")) == self.job_id
 
     def wait(self, timeout_s: float | None = None, poll_s: float = 2.0, on_state=None,
-             hang: HangRules | None = None) -> dict[str, Any]:
+             hang: HangRules | None = None, on_progress=None, progress_s: float = 60.0) -> dict[str, Any]:
         """Blocks until the job ends (requeues included); the training result, or RunFailed with the reason.
         `on_state(state)` is called whenever the job's state changes (PENDING, RUNNING, REQUEUED, ...). With
-        `hang`, a job whose ranks stop stepping (common/heartbeat.py) is cancelled and reported as hung."""
+        `hang`, a job whose ranks stop stepping (common/heartbeat.py) is cancelled and reported as hung.
+        `on_progress(line)` gets the ranks' last heartbeats in one line every `progress_s` while it runs."""
         deadline = None if timeout_s is None else time.time() + timeout_s
-        last = None
-        detector = HangDetector(RunDir(self.run_dir), hang, owns=self.owns) if hang else None
+        last, shown = None, 0.0
+        detector = HangDetector(RunDir(self.run_dir), hang or HangRules(), owns=self.owns) \
+            if hang or on_progress else None
         while True:
             state = self.state()
             if state != last and on_state is not None:
@@ -110,9 +112,13 @@ class RunHandle:
             elif detector is not None:
                 detector.started()
                 stuck = detector.check()
-                if stuck is not None:
+                if stuck is not None and hang is not None:
                     self.cancel()
                     raise RunFailed(f"job {self.job_id} hung, cancelled: {stuck.message}")
+                line = detector.progress() if on_progress and time.monotonic() - shown >= progress_s else None
+                if line:
+                    on_progress(line)
+                    shown = time.monotonic()
             if state.startswith(FINAL_STATES):
                 return self.result()
             if deadline is not None and time.time() > deadline:
@@ -191,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hang-factor", type=float, default=20.0)
     ap.add_argument("--startup-timeout-s", type=float, default=1800.0, help="with --wait: hung when no first step "
                     "this long after the job started running")
+    ap.add_argument("--progress-s", type=float, default=60.0, help="with --wait: print the ranks' last heartbeats "
+                    "(step, s/step, the rank furthest behind) this often; 0 = never")
     add_model_flags(ap, JobSpec, aliases={"time_min": ["--time"]})
     args = ap.parse_args(argv)
     if args.reattach:
@@ -203,8 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     print(handle.job_id, flush=True)
     if args.wait:
         hang = HangRules(args.hang_factor, args.hang_floor_s, args.startup_timeout_s) if args.hang_floor_s > 0 else None
-        result = handle.wait(on_state=lambda st: print(f"{time.strftime('%H:%M:%S')} job {handle.job_id}: {st}",
-                                                       file=sys.stderr, flush=True), hang=hang)
+        say = lambda text: print(f"{time.strftime('%H:%M:%S')} job {handle.job_id}: {text}", file=sys.stderr,
+                                 flush=True)
+        result = handle.wait(on_state=say, hang=hang, on_progress=say if args.progress_s > 0 else None,
+                             progress_s=args.progress_s)
         print(json.dumps(result), flush=True)
     return exit_codes.OK
 

@@ -156,6 +156,7 @@ class HangDetector:
     _started: float | None = None
     _max_step: int | None = None
     _moved: float | None = None
+    _current: dict[int, dict[str, Any]] = field(default_factory=dict)  # the last check's heartbeats, by rank
 
     def __post_init__(self) -> None:
         if self.owns is None:
@@ -190,6 +191,7 @@ class HangDetector:
             if self._seen.get(rank, ("", 0.0))[0] != text:
                 self._seen[rank] = (text, now)
             current[rank] = rec
+        self._current = current
         if current:
             self.started()
         if self._started is None:
@@ -212,6 +214,24 @@ class HangDetector:
                               f"no new step for {now - self._moved:.0f} s (window {window:.0f} s: max("
                               f"{self.rules.factor:g} x {step_s or 0:.2f} s, {self.rules.floor_s:.0f} s))", current)
         return None
+
+    def progress(self) -> str | None:
+        """The last check's heartbeats in one line: how far the job got, how fast, and its rank furthest behind
+        (ages by this reader's clock: when each heartbeat last changed)."""
+        current, now = self._current, self.clock()
+        if not current:
+            return None
+        world = max(int(rec.get("world", 1)) for rec in current.values())
+        steps = {r: rec.get("step") or 0 for r, rec in current.items()}
+        top = max(steps.values())
+        last = min(steps, key=lambda r: (steps[r], -(now - self._seen[r][1])))
+        step_s = max((rec.get("step_s") or 0.0) for rec in current.values())
+        rec = current[last]
+        age = now - self._seen[last][1]
+        behind = f"rank furthest behind: {rec.get('host', '?')}:{last} at step {steps[last]}, last beat " \
+            f"{age:.0f} s ago" if steps[last] < top else f"all at that step, the oldest beat {age:.0f} s ago"
+        return (f"step {top} ({'/'.join(sorted({r.get('phase', '?') for r in current.values()}))}), "
+                f"{step_s:.2f} s/step, {len(current)}/{world} ranks beating; {behind}")
 
     def _silent(self, current: dict[int, dict[str, Any]], now: float) -> list[str]:
         world = max((int(rec.get("world", 1)) for rec in current.values()), default=0)

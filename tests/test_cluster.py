@@ -193,15 +193,54 @@ def test_a_frozen_rank_is_found_by_its_silence_and_the_job_cancelled(job_env, de
     assert sacct_state(handle.job_id)[0].startswith("CANCELLED")
 
 
-def test_submit_cli_waits_showing_the_job_state_and_prints_the_result(job_env, demo_data, tmp_path):
+def test_a_job_whose_ranks_never_reach_their_first_step_is_caught_by_the_startup_timeout(job_env, demo_data,
+                                                                                       tmp_path):
+    """The rank is frozen while it is still importing (before it could write a heartbeat): nothing ever says a
+    step was done, and the start-up allowance, not the job's time limit, ends it."""
+    import os
+    import signal
+
+    from common.heartbeat import HangRules
+
+    run = tmp_path / "run"
+    handle = submit(spec(tmp_path / "slurm", nodes=1), "tiny", sets(demo_data, run, "train.heartbeat_seconds=0.5"))
+    marker, frozen = f"run_dir={run}".encode(), None
+    deadline = time.time() + 120
+    while frozen is None and time.time() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"cluster.worker" in cmd and marker in cmd:  # the rank itself, not its torchrun
+                os.kill(int(pid), signal.SIGSTOP)
+                frozen = int(pid)
+                break
+        time.sleep(0.02)
+    assert frozen is not None
+    t0 = time.time()
+    with pytest.raises(RunFailed) as err:
+        handle.wait(timeout_s=120, poll_s=0.5, hang=HangRules(factor=20, floor_s=5, startup_s=10, silent_s=3))
+    assert time.time() - t0 < 40
+    assert f"job {handle.job_id} hung, cancelled: hang before the first step" in str(err.value)
+    assert "no first step within 10 s of the job starting" in str(err.value)
+    assert not (run / "heartbeats").exists() or not list((run / "heartbeats").iterdir())
+
+
+def test_submit_cli_waits_showing_the_job_state_and_its_progress_and_prints_the_result(job_env, demo_data,
+                                                                                         tmp_path):
+    import re
     import sys
 
     run = tmp_path / "run"
-    args = [a for kv in sets(demo_data, run) for a in ("--set", kv)]
+    args = [a for kv in sets(demo_data, run, "train.heartbeat_seconds=0.5") for a in ("--set", kv)]
     p = subprocess.run([sys.executable, "-m", "cluster.submit", "--config", "tiny", "--nodes", "1", "--time", "20",
-                        "--folder", str(tmp_path / "slurm"), *args, "--wait"], cwd=REPO, capture_output=True,
-                       text=True, timeout=300)
+                        "--folder", str(tmp_path / "slurm"), *args, "--wait", "--progress-s", "1"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     job_id, result = p.stdout.splitlines()[0], json.loads(p.stdout.splitlines()[-1])
     assert result["complete"] and result["final_step"] == STEPS and result["job_id"] == job_id
     assert f"job {job_id}: RUNNING" in p.stderr and f"job {job_id}: COMPLETED" in p.stderr
+    # the ranks' last word while it runs: how far, how fast, who is behind
+    assert re.search(rf"job {job_id}: step \d+ \([a-z/]+\), \d+\.\d\d s/step, 1/1 ranks beating; ", p.stderr), \
+        p.stderr[-3000:]

@@ -47,6 +47,21 @@ def test_a_job_that_keeps_stepping_is_never_hung_and_one_that_stops_is_named_wit
     assert hang.message.startswith("hang at step 39 (step), silent ranks: node1:1; no new step for 75 s")
 
 
+def test_progress_says_how_far_how_fast_and_which_rank_is_furthest_behind(tmp_path):
+    run, clock = RunDir(str(tmp_path)), Clock()
+    det = HangDetector(run, RULES, clock=clock)
+    beat(run, 0, 12, step_s=0.31)
+    beat(run, 1, 12, step_s=0.33)
+    det.check()
+    assert det.progress() == ("step 12 (step), 0.33 s/step, 2/2 ranks beating; all at that step, the oldest "
+                              "beat 0 s ago")
+    clock.now += 40
+    beat(run, 0, 15, step_s=0.31)
+    det.check()
+    assert det.progress() == ("step 15 (step), 0.33 s/step, 2/2 ranks beating; rank furthest behind: node1:1 at "
+                              "step 12, last beat 40 s ago")
+
+
 def test_the_window_grows_with_the_runs_own_step_time(tmp_path):
     run, clock = RunDir(str(tmp_path)), Clock()
     det = HangDetector(run, RULES, clock=clock)
