@@ -4,8 +4,9 @@ One submitit task per node starts
     python -m torch.distributed.run --nnodes N --nproc_per_node P --node_rank $SLURM_NODEID
         --master_addr <first host> --master_port <from the job id> -m cluster.worker <training args>
 Static rendezvous, not c10d: c10d ignores --node_rank, and rank == node order keeps logs and checkpoints readable.
-Before that, the node checks itself (cluster/node_check.py); a node unfit to train on fails the job at once,
-naming its host.
+Before that, the node checks itself (cluster/node_check.py) and, in a job of several nodes, meets the others in
+one all-reduce that must finish within a timeout; a node unfit to train on, or that cannot reach the others,
+fails the job at once, naming its host.
 
 Preemption / time limit: Slurm sends USR2 to every process of the job step. torchrun itself ignores USR2 (it
 would die of it); its workers catch it, finish the step, write a collective checkpoint and exit 75
@@ -55,6 +56,12 @@ def master_port(job_id: str) -> int:
     return 20000 + int(str(job_id).split("_")[0]) % 30000
 
 
+def node_check_port(job_id: str) -> int:
+    """Where node 0 hosts the node check's all-reduce: half the range away from master_port, so that the
+    check's store, or a socket of it not yet released, never holds the port torchrun's rendezvous binds next."""
+    return 20000 + (int(str(job_id).split("_")[0]) + 15000) % 30000
+
+
 @dataclasses.dataclass
 class TrainLaunch:
     config: str
@@ -88,7 +95,8 @@ class TrainLaunch:
 
         from cluster.node_check import run_node_check
 
-        problem = run_node_check(self.gpus_per_node, self.run_dir)
+        problem = run_node_check(self.gpus_per_node, self.run_dir, node=self._node, hosts=list(env.hostnames),
+                                 port=node_check_port(self._job_id))
         if problem:  # ends this task, and srun (--kill-on-bad-exit) the others: the job fails naming the host
             log.error("%s", problem)
             raise RunFailed(problem)

@@ -2,6 +2,13 @@
 and the run directory answers from it. A node that fails ends the job at once, naming its host, so that the
 flow cordons it (flows/cordon.py) instead of the job hanging in a rendezvous or failing mid-step.
 
+In a job of several nodes, the nodes that pass then meet in one all-reduce (`join_nodes`): node 0 hosts a
+TCPStore, every node registers in it, and once all have joined each adds a one (gloo on CPU, NCCL on GPU 0)
+and must see the number of nodes. A node that does not join within `--join-timeout-s` (unreachable, wedged,
+never started) is named by node 0 from the job's host list; a node that cannot reach node 0 names node 0's
+host; a node whose all-reduce fails or sums wrong names its own. Node 0's verdict is also every joined node's,
+so that whichever task's line reaches the flow blames the same host.
+
 Fault injection for tests (the emulated cluster's nodes are healthy): GPT2_NODE_CHECK_FAIL_ONCE=<path> fails
 the first node that finds no file there, after creating it.
 """
@@ -9,30 +16,47 @@ the first node that finds no file there, after creating it.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import socket
 import subprocess
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 
 from common import store
 from common.heartbeat import host_name
 
 REPO = Path(__file__).resolve().parent.parent
+log = logging.getLogger("cluster.node_check")
 
 
 class NodeCheckFailed(Exception):
     """A node unfit to train on; the message starts with `node check failed on host <host>:`."""
 
 
-def run_node_check(gpus: int, run_dir: str, timeout_s: float = 180.0) -> str | None:
+def run_node_check(gpus: int, run_dir: str, timeout_s: float = 180.0, *, node: int = 0,
+                   hosts: list[str] | tuple[str, ...] = (), port: int = 0,
+                   join_timeout_s: float = 120.0) -> str | None:
     """The check in a process of its own (its CUDA contexts must not stay in the launcher, and a wedged GPU
-    must not hang it): None when the node is fit, else the one line saying why not."""
+    must not hang it): None when the node is fit, else the one line saying why not. With more than one host,
+    node `node` of `hosts` also joins the all-reduce across them (node 0's store on `port`)."""
     cmd = [sys.executable, "-m", "cluster.node_check", "--gpus", str(gpus), "--run-dir", run_dir]
+    if len(hosts) > 1:
+        cmd += ["--node", str(node), "--hosts", ",".join(hosts), "--port", str(port),
+                "--join-timeout-s", str(join_timeout_s)]
+        # join_nodes bounds itself by 3 join timeouts (reach node 0, its verdict, the all-reduce) and a few
+        # seconds; this outer limit must not fire first, or it would blame this host for a missing node
+        timeout_s += 3 * join_timeout_s + 30
     try:
         p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return f"node check failed on host {host_name()}: no answer within {timeout_s:.0f} s (a wedged GPU?)"
     if p.returncode == 0:
+        for ln in p.stdout.splitlines():
+            if ln.startswith("node check passed"):  # the all-reduce's time, for the task's log
+                log.info("%s", ln)
         return None
     lines = (p.stdout + p.stderr).strip().splitlines()
     return next((ln for ln in lines if ln.startswith("node check failed")),
@@ -81,13 +105,140 @@ def _gpu_problems(gpus: int, min_free_fraction: float) -> list[str]:
     return out
 
 
+_KEY = "node_check"
+
+
+def join_nodes(node: int, hosts: list[str], port: int, gpus: int, timeout_s: float = 120.0) -> float:
+    """One all-reduce across the job's nodes (`hosts`, in node order; node 0's store listens on `port`):
+    returns its seconds, or raises NodeCheckFailed naming the host to blame.
+
+    Node 0 waits up to `timeout_s` for the others to register, then sets a verdict ("go" or its failure line).
+    Another node waits up to `timeout_s` to reach the store, then up to `timeout_s` more for the verdict (node
+    0 may have started its wait later, after slower checks of its own). The all-reduce is bounded by
+    `timeout_s` too."""
+    import torch
+    import torch.distributed as dist
+
+    me, nnodes, wait = host_name(), len(hosts), timedelta(seconds=timeout_s)
+    joined = [f"{_KEY}/joined/{i}" for i in range(nnodes)]
+    done = [f"{_KEY}/done/{i}" for i in range(nnodes)]
+    verdict_key = f"{_KEY}/verdict"
+    within, seen = f"the all-reduce across nodes within {timeout_s:.0f} s", f"(seen from {me})"
+    if node == 0:
+        try:
+            st = dist.TCPStore(hosts[0], port, nnodes, is_master=True, timeout=wait, wait_for_workers=False)
+        except RuntimeError as err:  # the port is taken: this node cannot host the meeting
+            raise NodeCheckFailed(f"node check failed on host {me}: cannot host the store of the all-reduce "
+                                  f"across nodes on port {port}: {_first_line(err)}") from None
+        try:
+            st.wait(joined[1:], wait)
+        except RuntimeError:  # timed out: who is missing is read below
+            pass
+        missing = [i for i in range(1, nnodes) if not st.check([joined[i]])]
+        if missing:
+            names = [hosts[i] for i in missing]
+            what = (f"did not join {within} {seen}" if len(names) == 1 else
+                    f"{len(names)} nodes did not join {within}: {', '.join(names)} {seen}")
+            line = f"node check failed on host {names[0]}: {what}"
+            st.set(verdict_key, line)
+            _wait_quietly(st, [done[i] for i in range(1, nnodes) if i not in missing], 5.0)  # they read it
+            raise NodeCheckFailed(line)
+        st.set(verdict_key, "go")
+    else:
+        try:
+            _reach(hosts[0], port, time.monotonic() + timeout_s)
+            st = dist.TCPStore(hosts[0], port, nnodes, is_master=False, timeout=wait, wait_for_workers=False)
+        except (OSError, RuntimeError):
+            raise NodeCheckFailed(f"node check failed on host {hosts[0]}: node 0's store on port {port} did not "
+                                  f"answer for {within} {seen}") from None
+        try:
+            st.set(joined[node], me)
+            st.wait([verdict_key], wait + timedelta(seconds=10))
+            verdict = st.get(verdict_key).decode()
+        except RuntimeError as err:  # node 0 died or hangs after we reached it
+            raise NodeCheckFailed(f"node check failed on host {hosts[0]}: node 0 gave no verdict on "
+                                  f"{within} {seen}: {_first_line(err)}") from None
+        if verdict != "go":
+            _set_quietly(st, done[node])
+            raise NodeCheckFailed(verdict)
+
+    t0 = time.monotonic()
+    try:
+        if gpus:
+            torch.cuda.set_device(0)
+        dist.init_process_group("nccl" if gpus else "gloo", store=st, rank=node, world_size=nnodes, timeout=wait)
+        try:
+            x = torch.ones(1, device="cuda:0" if gpus else "cpu")
+            dist.all_reduce(x)
+            total = x.item()
+        finally:
+            dist.destroy_process_group()
+    except RuntimeError as err:
+        raise NodeCheckFailed(f"node check failed on host {me}: the all-reduce across {nnodes} nodes failed: "
+                              f"{_first_line(err)}") from None
+    if total != nnodes:
+        raise NodeCheckFailed(f"node check failed on host {me}: the all-reduce across {nnodes} nodes summed "
+                              f"to {total:g}, not {nnodes}")
+    seconds = time.monotonic() - t0
+    if node == 0:  # the store must outlive the others' last calls to it
+        _wait_quietly(st, done[1:], 10.0)
+    else:
+        _set_quietly(st, done[node])
+    return seconds
+
+
+def _reach(host: str, port: int, deadline: float) -> None:
+    """Returns once `host` accepts connections on `port`, else raises OSError at `deadline`. The store's own
+    client retries with a backoff that can overrun its timeout by as much again."""
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=max(0.1, min(5.0, deadline - time.monotonic()))).close()
+            return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.25)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _wait_quietly(st, keys: list[str], seconds: float) -> None:
+    try:
+        if keys:
+            st.wait(keys, timedelta(seconds=seconds))
+    except RuntimeError:
+        pass
+
+
+def _set_quietly(st, key: str) -> None:
+    try:
+        st.set(key, "1")
+    except RuntimeError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cluster.node_check", description="Is this node fit to train on?")
     ap.add_argument("--gpus", type=int, default=0)
     ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--node", type=int, default=0, help="this node's index in --hosts")
+    ap.add_argument("--hosts", default="", help="the job's hosts in node order, comma-separated; with more than "
+                    "one, the nodes also meet in an all-reduce")
+    ap.add_argument("--port", type=int, default=0, help="where node 0 hosts the all-reduce's store")
+    ap.add_argument("--join-timeout-s", type=float, default=120.0,
+                    help="how long node 0 waits for the others to join (and they for node 0)")
     args = ap.parse_args(argv)
+    hosts = [h for h in args.hosts.split(",") if h]
+    if len(hosts) > 1 and not (0 <= args.node < len(hosts) and args.port > 0):
+        ap.error("--node must index --hosts and --port is required with several hosts")
     try:
         check_node(args.gpus, args.run_dir)
+        if len(hosts) > 1:
+            seconds = join_nodes(args.node, hosts, args.port, args.gpus, args.join_timeout_s)
+            print(f"node check passed on host {host_name()}: all-reduce across {len(hosts)} nodes in "
+                  f"{seconds:.2f} s", flush=True)
     except NodeCheckFailed as err:
         print(err, flush=True)
         return 1
