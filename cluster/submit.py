@@ -48,6 +48,14 @@ def sacct_state(job_id: str) -> tuple[str, str]:
         # Neither accounting nor the controller knows it: without slurmdbd a finished job just disappears.
         return (sq.stdout.strip() or "ENDED"), ""
     state, code = lines[-1].split("|")  # a requeued job has one line per attempt: the last is current
+    if state.startswith(FINAL_STATES):
+        # An attempt Slurm ended and requeued by itself (NODE_FAIL) keeps its final record until the job
+        # starts again: the controller knows better whether the job itself is over.
+        sq = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
+                            timeout=60)
+        queued = sq.stdout.strip()
+        if sq.returncode == 0 and queued and not queued.startswith(FINAL_STATES + ("COMPLETING",)):
+            return queued, ""
     return state, code
 
 

@@ -44,6 +44,10 @@ class Submission(Protocol):
 
     def cancel(self, hung: bool = False) -> None: ...  # hung: kill at once, a frozen process cannot checkpoint
 
+    def lost_nodes(self) -> tuple[str, ...]: ...  # hosts that died under it since the last call (it goes on)
+
+    def avoid(self, hosts: tuple[str, ...]) -> bool: ...  # keep its next start off `hosts`; False if it cannot
+
 
 class TrainingExecutor(Protocol):
     def submit(self, preset: str, overrides: list[str], run: RunDir, number: int,
@@ -79,6 +83,12 @@ class LocalSubmission:
 
     def owns(self, heartbeat: dict) -> bool:
         return heartbeat.get("pgid") == self.proc.pid  # its own session: torchrun's ranks share its group
+
+    def lost_nodes(self) -> tuple[str, ...]:
+        return ()  # one machine: its death ends the flow too
+
+    def avoid(self, hosts: tuple[str, ...]) -> bool:
+        return False
 
     def cancel(self, hung: bool = False) -> None:
         if self.proc.poll() is None:

@@ -252,7 +252,34 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
     beat = cfg.train.heartbeat_seconds
     hang = HangRules(p.hang_factor, p.hang_floor_s, p.startup_timeout_s, silent_s=3 * beat + 2 * p.poll_seconds) \
         if p.hang_detection and beat > 0 else None
-    watcher = RunWatcher(run, log, p.poll_seconds, hang)
+    health: list[dict[str, Any]] = []  # this flow run's hangs, lost nodes and cordoned hosts, in the events table
+    cordoned_now: list[str] = []  # by the submission being watched
+
+    def cordon_hosts(hosts: tuple[str, ...], why: str, step: int) -> list[str]:
+        if p.executor != "slurm" or p.cordon_hours <= 0:
+            return []
+        for host in hosts:
+            rec = cordon(run, host, why[:300], p.cordon_hours)
+            health.append({"time": rec["time"], "event": "cordon", "step": step, "data": host,
+                           "reason": rec["reason"]})
+            cordoned_now.append(host)
+        return list(hosts)
+
+    async def on_lost_nodes(submission: Submission, hosts: tuple[str, ...]) -> None:
+        """A node died under the job and Slurm requeued it (NODE_FAIL): cordon the node and keep the job's
+        restart off it, instead of waiting for the job to fail there again."""
+        step = latest_step(run.url)
+        health.append({"time": time.time(), "event": "node lost", "step": step, "data": ", ".join(hosts),
+                       "reason": f"job {submission.job_id}: NODE_FAIL, requeued by Slurm"})
+        done = cordon_hosts(hosts, f"node failure under job {submission.job_id} (NODE_FAIL)", step)
+        avoided = await asyncio.to_thread(submission.avoid, tuple(sorted(cordoned(run)))) if done else False
+        log.warning("node %s failed under job %s (NODE_FAIL) and Slurm requeued the job%s", ", ".join(hosts),
+                    submission.job_id, f"; cordoned for {p.cordon_hours:g} h and excluded from its restart"
+                    if avoided else (f"; cordoned for {p.cordon_hours:g} h (the job had restarted already: "
+                                     "the next submissions avoid it)" if done else ""))
+        await publish_events(watcher.guard_events, rollbacks(run), p.run_name, key, health)
+
+    watcher = RunWatcher(run, log, p.poll_seconds, hang, on_lost_nodes)
     policy = ResubmissionPolicy(p.max_resubmits, p.backoff_seconds, p.max_rollbacks,
                                 rollbacks=len(rollbacks(run)))
 
@@ -262,7 +289,6 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
             await publish_curves(run.url, p.run_name, key)
 
     shown_events = len(watcher.guard_events)
-    health: list[dict[str, Any]] = []  # this flow run's hangs and cordoned hosts, in the events table
 
     async def on_tick(metrics: list[dict[str, Any]]) -> None:
         nonlocal shown_events
@@ -300,17 +326,11 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
         diverged = store.read_json(run.result).get("diverged") if outcome.state == "diverged" else None
         decision = policy.decide(outcome, start, end, diverged)
         skips = [e for e in watcher.guard_events[seen_events:] if e.get("event") == "skip"]
-        cordoned_now = []
         if outcome.state == "hung":
             health.append({"time": time.time(), "event": "hang", "step": end, "data": f"job {submission.job_id}",
                            "reason": outcome.reason})
-        if outcome.hosts and p.executor == "slurm" and p.cordon_hours > 0:
-            for host in outcome.hosts:
-                rec = cordon(run, host, f"{outcome.state}: {outcome.reason}"[:300], p.cordon_hours)
-                health.append({"time": rec["time"], "event": "cordon", "step": end, "data": host,
-                               "reason": rec["reason"]})
-                cordoned_now.append(host)
-            log.warning("cordoned %s for %g h (%s): the next submissions run elsewhere", ", ".join(cordoned_now),
+        if cordon_hosts(outcome.hosts, f"{outcome.state}: {outcome.reason}", end):
+            log.warning("cordoned %s for %g h (%s): the next submissions run elsewhere", ", ".join(outcome.hosts),
                         p.cordon_hours, outcome.state)
         if health:
             await publish_events(watcher.guard_events, rollbacks(run), p.run_name, key, health)
@@ -321,6 +341,7 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
                            **({"skipped": [[e["step"], e["reason"]] for e in skips]} if skips else {})})
         log.info("submission %d ended: %s (%s), steps %d -> %d", number, outcome.state, outcome.reason, start, end)
         submission = None
+        cordoned_now.clear()
         if decision.action == "done":
             break
         if decision.action == "stop":

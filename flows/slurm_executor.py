@@ -14,6 +14,7 @@ from cluster.launch import RunFailed
 from cluster.spec import JobSpec
 from cluster.submit import FINAL_STATES, JobNotFound, RunHandle, reattach, submit
 from common.layout import RunDir
+from flows.cordon import usable_nodes
 from flows.executors import Outcome
 
 
@@ -24,6 +25,7 @@ class SlurmSubmission:
         # submitit's stdout of the first task (node 0 holds global rank 0); Slurm appends to it across requeues.
         self.log_path = str(handle.job.paths.stdout)
         self._state = ""
+        self._node_failures: set[tuple[str, str]] = set()  # (nodes, start) of the attempts already reported
 
     def poll(self) -> Outcome | None:
         state = self._state = self.handle.state()
@@ -54,6 +56,31 @@ class SlurmSubmission:
 
     def cancel(self, hung: bool = False) -> None:
         self.handle.cancel()  # Slurm kills a frozen step itself (SIGKILL after KillWait)
+
+    def lost_nodes(self) -> tuple[str, ...]:
+        """Hosts of this job's attempts that Slurm ended NODE_FAIL and then requeued by itself (sacct -D lists
+        every attempt), each reported once. Of a multi-node attempt, the hosts that are down now."""
+        out = subprocess.run(["sacct", "-j", self.job_id, "-D", "-X", "-n", "-P", "-o", "State,NodeList,Start"],
+                             capture_output=True, text=True, timeout=60).stdout
+        lost: list[str] = []
+        for line in out.splitlines():
+            state, nodes, start = (line.split("|") + ["", ""])[:3]
+            if state.startswith("NODE_FAIL") and (nodes, start) not in self._node_failures:
+                self._node_failures.add((nodes, start))
+                lost += _hosts(nodes) if len(_hosts(nodes)) == 1 else _down(_hosts(nodes))
+        return tuple(dict.fromkeys(lost))
+
+    def avoid(self, hosts: tuple[str, ...]) -> bool:
+        """Keep the requeued job off `hosts` when Slurm starts it again (merged into its ExcNodeList: only a
+        pending job takes it)."""
+        show = subprocess.run(["scontrol", "show", "job", "-o", self.job_id], capture_output=True, text=True,
+                              timeout=60).stdout
+        m = re.search(r"\bExcNodeList=(\S+)", show)
+        current = _hosts(m.group(1)) if m and m.group(1) != "(null)" else []
+        merged = ",".join(dict.fromkeys([*current, *hosts]))
+        p = subprocess.run(["scontrol", "update", f"JobId={self.job_id}", f"ExcNodeList={merged}"],
+                           capture_output=True, text=True, timeout=60)
+        return p.returncode == 0
 
 
 def with_excluded(spec: JobSpec, hosts: tuple[str, ...]) -> JobSpec:
@@ -86,12 +113,28 @@ def hosts_to_blame(failure: str) -> tuple[str, ...]:
     return ()
 
 
+def _hosts(nodelist: str) -> list[str]:
+    """A Slurm host list (`n[1-3],gpu7`) as host names."""
+    if not nodelist or nodelist in ("None", "(null)", "None assigned"):
+        return []
+    if not any(c in nodelist for c in "[,"):
+        return [nodelist]
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60)
+    return out.stdout.split()
+
+
+def _down(hosts: list[str]) -> list[str]:
+    """Those of `hosts` that sinfo does not list as usable now (down, drained, not responding)."""
+    up = usable_nodes(None, set())
+    return [] if up is None else [h for h in hosts if h not in up]
+
+
 def failed_node(job_id: str) -> tuple[str, ...]:
     """The node of a one-node job (accounting's NodeList): the host a NODE_FAIL points at."""
     out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "NodeList"], capture_output=True, text=True,
-                         timeout=60).stdout.split()
-    node = out[-1] if out else ""
-    return (node,) if node and not any(c in node for c in "[,") and node != "None" else ()
+                         timeout=60).stdout.splitlines()
+    hosts = _hosts(out[-1].strip()) if out else []
+    return tuple(hosts) if len(hosts) == 1 else ()
 
 
 class SlurmTrainingExecutor:

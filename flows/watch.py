@@ -63,8 +63,10 @@ class RunWatcher:
     """The run's metrics (all lines read so far) and its launcher events, across the run's submissions."""
 
     def __init__(self, run: RunDir, log: logging.Logger | logging.LoggerAdapter, poll_seconds: float,
-                 hang: HangRules | None = None):
+                 hang: HangRules | None = None,
+                 on_lost_nodes: Callable[[Submission, tuple[str, ...]], Awaitable[None]] | None = None):
         self.run, self.log, self.poll_seconds, self.hang = run, log, poll_seconds, hang
+        self.on_lost_nodes = on_lost_nodes  # a node died under a job that Slurm requeued: the job goes on
         self.events = LogTail(run.attempts)
         self.events.read()  # earlier submissions' events were logged by earlier flow runs
         self.guard_tail = LogTail(run.events)
@@ -89,6 +91,10 @@ class RunWatcher:
                 hang = await asyncio.to_thread(self._hung, detector, submission)
                 if hang is not None:
                     outcome = await self._cancel_hung(submission, hang)
+            if outcome is None and self.on_lost_nodes is not None:
+                lost = await asyncio.to_thread(submission.lost_nodes)
+                if lost:
+                    await self.on_lost_nodes(submission, lost)
             for line in console.read()[-20:]:  # the training's own console, tail only
                 self.log.info("[train] %s", line)
             self._log_events()
