@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -59,8 +60,14 @@ def run_node_check(gpus: int, run_dir: str, timeout_s: float = 180.0, *, node: i
                 log.info("%s", ln)
         return None
     lines = (p.stdout + p.stderr).strip().splitlines()
-    return next((ln for ln in lines if ln.startswith("node check failed")),
-                f"node check failed on host {host_name()}: exit {p.returncode}: {lines[-1] if lines else ''}")
+    line = next((ln for ln in lines if ln.startswith("node check failed")), None)
+    if line:
+        return line
+    if p.returncode in (-signal.SIGTERM, -signal.SIGKILL, -signal.SIGINT):
+        # Stopped from outside: srun ending the step because another node's task failed, or a cancellation.
+        # Not this host's fault, so not worded as a failed check (the flow would cordon this host).
+        return f"node check on host {host_name()} interrupted by {signal.Signals(-p.returncode).name}"
+    return f"node check failed on host {host_name()}: exit {p.returncode}: {lines[-1] if lines else ''}"
 
 
 def check_node(gpus: int, run_dir: str, min_free_fraction: float = 0.9) -> None:

@@ -51,6 +51,9 @@ class PretrainParams(BaseModel):
                                 "validation and recompilation)")
     cordon_hours: float = Field(24.0, ge=0, description="a host a failure points at (a hang's silent ranks, a "
                                 "node failure) is kept out of the run's next submissions this long; 0 = never")
+    allow_shrink: bool = Field(False, description="when cordoned hosts leave the partition fewer nodes than the "
+                               "job asks for, resubmit on the nodes left (the global batch stays: more gradient "
+                               "accumulation) instead of stopping the run")
     startup_timeout_s: float = Field(1800.0, gt=0, description="hung: no first step this long after the job started "
                                      "running (rendezvous, data, torch.compile)")
     poll_seconds: float = Field(2.0, gt=0)

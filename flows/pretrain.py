@@ -37,7 +37,7 @@ from flows.report import Progress, artifact_key, best_checkpoint, checkpoint_row
 from flows.resubmission import ResubmissionPolicy
 from flows.watch import RunWatcher, watch_as_task
 from training import checkpoint as ck
-from training.config import RunConfig, load_config
+from training.config import ConfigError, RunConfig, load_config
 from training.metrics import read_metrics
 
 
@@ -169,20 +169,41 @@ def with_skips(overrides: list[str], cfg: RunConfig, run: RunDir) -> list[str]:
     return [*overrides, f"data.skip_batches={json.dumps(sorted(set(cfg.data.skip_batches) | set(skips)))}"]
 
 
-def exclusions(p: PretrainParams, run: RunDir) -> tuple[str, ...]:
-    """The cordoned hosts the next submission must avoid; a partition left without enough nodes is a failure
-    that says so, instead of a job that queues forever."""
+def shrink_to(cfg: RunConfig, usable: int, procs_per_node: int) -> int | None:
+    """The most nodes, up to `usable`, over which the run's global batch and validation split evenly (7 nodes
+    left of 8 usually means 4: a 2^k batch does not split over 7)."""
+    for nodes in range(usable, 0, -1):
+        try:
+            cfg.grad_accum_steps(nodes * procs_per_node), cfg.val_steps_per_rank(nodes * procs_per_node)
+        except ConfigError:
+            continue
+        return nodes
+    return None
+
+
+def placement(p: PretrainParams, cfg: RunConfig, run: RunDir) -> tuple[tuple[str, ...], int]:
+    """The cordoned hosts the next submission must avoid, and its number of nodes: the spec's, or, with
+    `allow_shrink`, the nodes left when cordons leave too few (checkpoints resume on another world size, and
+    gradient accumulation keeps the global batch). Too few without it is a failure that says so, instead of a
+    job that queues forever."""
     if p.executor != "slurm":
-        return ()
-    hosts = tuple(sorted(cordoned(run)))
+        return (), 0
+    hosts, nodes = tuple(sorted(cordoned(run))), p.slurm.nodes
     if hosts:
-        nodes = usable_nodes(p.slurm.partition, set(hosts))
-        if nodes is not None and len(nodes) < p.slurm.nodes:
-            raise FlowFailure(f"partition {p.slurm.partition or '(default)'} can no longer give the job its "
-                              f"{p.slurm.nodes} nodes: {len(nodes)} usable ({', '.join(nodes) or 'none'}) with "
-                              f"{', '.join(hosts)} cordoned in {run.cordon}; let a cordon expire (cordon_hours) or "
-                              "ask for fewer nodes")
-    return hosts
+        usable = usable_nodes(p.slurm.partition, set(hosts))
+        if usable is not None and len(usable) < nodes:
+            what = (f"partition {p.slurm.partition or '(default)'} can no longer give the job its {nodes} nodes: "
+                    f"{len(usable)} usable ({', '.join(usable) or 'none'}) with {', '.join(hosts)} cordoned in "
+                    f"{run.cordon}")
+            if not p.allow_shrink:
+                raise FlowFailure(f"{what}; let a cordon expire (cordon_hours), ask for fewer nodes, or set "
+                                  "allow_shrink")
+            fits = shrink_to(cfg, len(usable), p.slurm.procs_per_node)
+            if fits is None:
+                raise FlowFailure(f"{what}, and the run's batch splits evenly over none of them "
+                                  f"(train.total_batch_tokens, eval.val_tokens)")
+            nodes = fits
+    return hosts, nodes
 
 
 def _cancel_job(flow, flow_run, state) -> None:  # Prefect passes these by name
@@ -303,6 +324,7 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
 
     submission, number = reattach(run, executor, log)
     label = f"submission {number} (job {submission.job_id}, reattached)" if submission else ""
+    nodes = p.slurm.nodes  # of the submission in flight (fewer after a shrink)
     while True:
         start = latest_step(run.url)
         if submission is None:
@@ -310,11 +332,16 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
                 log.info("the run is complete (checkpoint at step %d): nothing to submit", start)
                 break
             number += 1
-            exclude = exclusions(p, run)
+            exclude, nodes = placement(p, cfg, run)
             if exclude:
                 log.warning("submission %d avoids the cordoned hosts %s", number, ", ".join(exclude))
+            target = executor
+            if p.executor == "slurm" and nodes != p.slurm.nodes:
+                log.warning("submission %d runs on %d of the job's %d nodes (allow_shrink): the others are cordoned",
+                            number, nodes, p.slurm.nodes)
+                target = executor.resized(nodes)
             try:
-                submission = executor.submit(p.preset, with_skips(overrides, cfg, run), run, number, exclude)
+                submission = target.submit(p.preset, with_skips(overrides, cfg, run), run, number, exclude)
             except Exception as err:
                 raise FlowFailure(f"submission refused: {err}") from None
             record_submission(run, executor, number, submission)
@@ -337,6 +364,7 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
         record_submission(run, executor, number, submission, outcome, (start, end),
                           {"next": decision.action, **({"message": decision.message} if decision.message else {}),
                            **({"cordoned": cordoned_now} if cordoned_now else {}),
+                           **({"nodes": nodes} if p.executor == "slurm" and nodes != p.slurm.nodes else {}),
                            **({"diverged": diverged} if diverged else {}),
                            **({"skipped": [[e["step"], e["reason"]] for e in skips]} if skips else {})})
         log.info("submission %d ended: %s (%s), steps %d -> %d", number, outcome.state, outcome.reason, start, end)

@@ -38,7 +38,9 @@ class SlurmSubmission:
             result = self.handle.result()
         except RunFailed as err:
             lines = [ln for ln in str(err).splitlines() if ln.strip()]
-            detail = next((ln for ln in lines[1:] if ln.startswith("node ")), "")
+            nodes = [ln for ln in lines[1:] if ln.startswith("node ")]  # each node's error; the culprit's first
+            detail = next((ln for ln in nodes if _NODE_CHECK.search(ln) or _RANK_FAILED.search(ln)),
+                          nodes[0] if nodes else "")
             hosts = failed_node(self.job_id) if state.startswith("NODE_FAIL") else hosts_to_blame(str(err))
             return Outcome("failed", " | ".join(x for x in (lines[0], detail) if x)[:500], hosts)
         if result.get("diverged"):
@@ -145,6 +147,10 @@ class SlurmTrainingExecutor:
                exclude: tuple[str, ...] = ()) -> SlurmSubmission:
         # Slurm writes the job's console into submitit's folder (spec.folder); the run dir is in the overrides.
         return SlurmSubmission(submit(with_excluded(self.spec, exclude), preset, overrides))
+
+    def resized(self, nodes: int) -> "SlurmTrainingExecutor":
+        """The same jobs on `nodes` nodes (allow_shrink: cordons left the partition too few)."""
+        return SlurmTrainingExecutor(self.spec.model_copy(update={"nodes": nodes}))
 
     def reattach(self, job_id: str) -> SlurmSubmission | None:
         try:

@@ -294,16 +294,18 @@ def test_a_hung_slurm_job_is_cancelled_its_node_cordoned_and_the_run_finishes_on
     assert f"cordoned {host} for 24 h (hung)" in p.stdout + p.stderr
 
 
-def test_a_node_failing_its_check_is_cordoned_and_the_run_goes_on_elsewhere(prefect_api, slurm_cluster, demo_data,
-                                                                             tmp_path):
-    """The first node to start the job fails its check before torchrun (an injected fault: the emulated nodes
-    are healthy): the job fails at once naming the host, the flow cordons it, the next job runs elsewhere."""
+def test_a_node_failing_its_check_is_cordoned_and_the_run_goes_on_on_the_nodes_left(prefect_api, slurm_cluster,
+                                                                                   demo_data, tmp_path):
+    """A 2-node job on the 2-node cluster; the first node to check itself fails (an injected fault: the emulated
+    nodes are healthy). The job fails at once naming the host, the flow cordons it, and with allow_shrink the
+    next job runs on the one node left (the global batch kept by gradient accumulation)."""
     fault = tmp_path / "fault"
     env = {**prefect_api["env"], "GPT2_NODE_CHECK_FAIL_ONCE": str(fault)}  # sbatch exports it to the job
     store_root = tmp_path / "store"
     params = {"preset": "tiny", "store": str(store_root), "run_name": "badnode", "data": demo_data,
-              "executor": "slurm", "slurm": _slurm(tmp_path / "slurm", "gpt2-flow-badnode"), "overrides": FAST,
-              "eval_tasks": [], "poll_seconds": 0.5, "backoff_seconds": 0}
+              "executor": "slurm", "slurm": _slurm(tmp_path / "slurm", "gpt2-flow-badnode", nodes=2),
+              "overrides": [*FAST, "val_tokens=128"], "eval_tasks": [], "poll_seconds": 0.5,
+              "backoff_seconds": 0, "allow_shrink": True}
     p = subprocess.run(_flow_cmd(params), env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     run = store_root / "runs" / "badnode"
@@ -312,9 +314,11 @@ def test_a_node_failing_its_check_is_cordoned_and_the_run_goes_on_elsewhere(pref
     assert fault.exists() and subs[0]["end_step"] == 0  # it failed before a step, not mid-run
     host = subs[0]["cordoned"][0]
     assert f"node check failed on host {host}: injected fault" in subs[0]["reason"]
+    assert subs[1]["nodes"] == 1 and "submission 2 runs on 1 of the job's 2 nodes (allow_shrink)" in p.stderr
     nodes = subprocess.run(["sacct", "-j", subs[1]["job_id"], "-X", "-n", "-P", "-o", "NodeList"],
                            capture_output=True, text=True).stdout.split()
-    assert nodes and host not in nodes
+    assert nodes and host not in nodes[-1] and "," not in nodes[-1] and "[" not in nodes[-1]
+    assert json.loads(p.stdout)["final_step"] == 10
 
 
 def test_a_diverging_slurm_job_is_rolled_back_past_its_data_and_the_run_completes(prefect_api, slurm_cluster,
