@@ -1,7 +1,8 @@
-"""The throughput benchmark runs (CPU smoke; GPU figures come from bench/results/), and the optimised numeric
-path does not change what is learned."""
+"""The throughput benchmarks run (CPU smoke; GPU figures come from bench/results/), the optimised numeric path
+does not change what is learned, and the fault-recovery benchmark measures a recovered run."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -76,3 +77,25 @@ def test_tokenize_benchmark_prints_ours_against_the_reference_and_the_ceiling():
                 "single thread: encode_ordinary", "of encode_ordinary,", "of encode_to_numpy"):
         assert row in p.stdout, p.stdout
     assert p.stdout.count("ratio ours/reference:") == 2  # one block per source
+
+
+def test_fault_recovery_benchmark_records_a_killed_run_recovered_without_losing_a_step(tmp_path):
+    """The smallest run of bench/fault_recovery.py: one killed training process, the real flow resubmitting it."""
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, "bench/fault_recovery.py", "--faults", "killed", "--repeat", "1",
+                        "--max-steps", "8", "--checkpoint-every", "3", "--work", str(tmp_path / "work"),
+                        "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    [row] = res["rows"]
+    assert row["fault"] == "killed" and row["recovered"], row["submissions"]
+    assert 0 < row["detected_s"] < 10  # seen at the flow's next poll (0.5 s), not by a time-out
+    assert row["first_new_step_s"] > 0
+    assert row["steps_lost"] == 0 and row["steps_logged_twice"] == 0
+    assert 0 <= row["steps_redone"] <= res["settings"]["checkpoint_every"]
+    assert res["machine"]["torch"] == torch.__version__ and res["machine"]["cpus"] == os.cpu_count()
+    assert res["settings"]["poll_seconds"] == 0.5 and res["summary"][0]["fault"] == "killed"
+    md = subprocess.run([sys.executable, "bench/fault_recovery.py", "--render", str(out)], cwd=REPO,
+                        capture_output=True, text=True, timeout=60).stdout
+    assert md.startswith("| fault | detected after s |") and "| killed |" in md
+    assert f"Measured on {os.cpu_count()} x" in md  # a figure always comes with its machine
