@@ -84,8 +84,13 @@ class RunHandle:
     def done(self) -> bool:
         return self.state().startswith(FINAL_STATES)
 
-    def cancel(self) -> None:
-        """scancel the job (every requeue of it included); a job that has ended already is left as it is."""
+    def cancel(self, kill: bool = False) -> None:
+        """scancel the job (every requeue of it included); a job that has ended already is left as it is.
+        `kill`: SIGKILL every process of it first. A hung job cannot checkpoint, and plain scancel's SIGCONT
+        would wake a stopped rank to write one while the next submission already starts."""
+        if kill:
+            subprocess.run(["scancel", "--signal=KILL", "--full", self.job_id], check=False, capture_output=True,
+                           timeout=60)
         subprocess.run(["scancel", self.job_id], check=False, capture_output=True, timeout=60)
 
     def attempts(self) -> list[dict[str, Any]]:
@@ -121,7 +126,7 @@ class RunHandle:
                 detector.started()
                 stuck = detector.check()
                 if stuck is not None and hang is not None:
-                    self.cancel()
+                    self.cancel(kill=True)
                     raise RunFailed(f"job {self.job_id} hung, cancelled: {stuck.message}")
                 line = detector.progress() if on_progress and time.monotonic() - shown >= progress_s else None
                 if line:
@@ -133,12 +138,21 @@ class RunHandle:
                 raise TimeoutError(f"job {self.job_id} still {state} after {timeout_s} s")
             time.sleep(poll_s)
 
-    def result(self) -> dict[str, Any]:
+    def result(self, results_wait_s: float = 15.0) -> dict[str, Any]:
         state, code = sacct_state(self.job_id)
         outcomes, errors = [], []
-        for i in range(self.nodes):
+        tasks = [self.job.task(i) for i in range(self.nodes)]
+        # A shared filesystem may show a result file late: wait for them once, for all nodes together (a job
+        # killed outright writes none, and submitit would wait its 15 s for each node in turn).
+        deadline = time.time() + results_wait_s
+        while not all(t.paths.result_pickle.exists() for t in tasks) and time.time() < deadline:
+            time.sleep(0.5)
+        for i, task in enumerate(tasks):
+            if not task.paths.result_pickle.exists():
+                errors.append(f"node {i}: no result (its task wrote none: killed, or its node died)")
+                continue
             try:
-                outcome, value = self.job.task(i)._get_outcome_and_result()
+                outcome, value = task._get_outcome_and_result()
             except submitit.core.utils.UncompletedJobError as err:
                 errors.append(f"node {i}: no result ({str(err).splitlines()[0]})")
                 continue

@@ -57,7 +57,7 @@ class SlurmSubmission:
         return self.handle.owns(heartbeat)
 
     def cancel(self, hung: bool = False) -> None:
-        self.handle.cancel()  # Slurm kills a frozen step itself (SIGKILL after KillWait)
+        self.handle.cancel(kill=hung)
 
     def lost_nodes(self) -> tuple[str, ...]:
         """Hosts of this job's attempts that Slurm ended NODE_FAIL and then requeued by itself (sacct -D lists
