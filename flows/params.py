@@ -43,7 +43,8 @@ class PretrainParams(BaseModel):
     max_resubmits: int = Field(3, ge=0, description="resubmissions after failures (requeues don't count)")
     max_rollbacks: int = Field(3, ge=0, description="rollbacks past diverging data (training's guard) before the "
                                "run stops")
-    backoff_seconds: float = Field(5.0, ge=0)
+    backoff_seconds: float = Field(5.0, ge=0, description="wait before resubmitting a failed submission (doubled "
+                                   "with each further failure)")
     hang_detection: bool = Field(True, description="cancel and resubmit a job whose steps stop (from its ranks' "
                                  "heartbeats, train.heartbeat_seconds)")
     hang_factor: float = Field(20.0, gt=0, description="hung: no new step for this many median step times ...")
@@ -56,7 +57,8 @@ class PretrainParams(BaseModel):
                                "accumulation) instead of stopping the run")
     startup_timeout_s: float = Field(1800.0, gt=0, description="hung: no first step this long after the job started "
                                      "running (rendezvous, data, torch.compile)")
-    poll_seconds: float = Field(2.0, gt=0)
+    poll_seconds: float = Field(2.0, gt=0, description="how often the flow asks for the job's state and reads "
+                                "its new metrics and log lines (heartbeats: every min(10 s, hang_floor_s / 4))")
 
     def world_size(self) -> int:
         return self.slurm.world_size if self.executor == "slurm" else self.nproc
