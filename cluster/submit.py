@@ -86,11 +86,15 @@ class RunHandle:
 
     def cancel(self, kill: bool = False) -> None:
         """scancel the job (every requeue of it included); a job that has ended already is left as it is.
-        `kill`: SIGKILL every process of it first. A hung job cannot checkpoint, and plain scancel's SIGCONT
-        would wake a stopped rank to write one while the next submission already starts."""
+        `kill`: end every process of its steps at once, without the checkpoint SIGTERM asks for. A hung job
+        cannot write one (a collective would hang), and scancel's SIGCONT would wake a stopped rank to write one
+        while the next submission already starts. Slurm turns `--signal=KILL` into that same cancel sequence,
+        so it is SIGALRM (fatal by default, and nothing here catches it: not training, torchrun, submitit or
+        NCCL), then SIGCONT to deliver it to a stopped rank before scancel's SIGTERM."""
         if kill:
-            subprocess.run(["scancel", "--signal=KILL", "--full", self.job_id], check=False, capture_output=True,
-                           timeout=60)
+            for sig in ("ALRM", "CONT"):
+                subprocess.run(["scancel", f"--signal={sig}", self.job_id], check=False, capture_output=True,
+                               timeout=60)
         subprocess.run(["scancel", self.job_id], check=False, capture_output=True, timeout=60)
 
     def attempts(self) -> list[dict[str, Any]]:

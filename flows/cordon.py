@@ -40,6 +40,13 @@ def cordoned(run: RunDir, now: float | None = None) -> dict[str, dict[str, Any]]
     return {h: r for h, r in latest.items() if float(r.get("expires", 0)) > now}
 
 
+def cordon_row(rec: dict[str, Any], step: int | None) -> dict[str, Any]:
+    """A cordon as a row of the run's events table in the UI."""
+    until = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(rec["expires"])))
+    return {"time": rec["time"], "event": "cordon", "step": step, "data": rec["host"],
+            "reason": f"{rec['reason']} (until {until})"}
+
+
 def host_to_blame(silent: list[str]) -> str | None:
     """The one host all silent ranks (`host:rank` entries) share, if they share one and it is known."""
     hosts = {s.split(":", 1)[0] for s in silent}

@@ -28,7 +28,7 @@ from common.heartbeat import HangRules
 from common.layout import RunDir
 from common.lease import Lease, LeaseHeld
 from common.shards import ShardError, list_shards
-from flows.cordon import cordon, cordoned, usable_nodes
+from flows.cordon import cordon, cordon_row, cordoned, usable_nodes
 from flows.evaluations import EvaluationScheduler
 from flows.executors import LocalTrainingExecutor, Outcome, Submission, TrainingExecutor
 from flows.params import PretrainParams
@@ -273,16 +273,16 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
     beat = cfg.train.heartbeat_seconds
     hang = HangRules(p.hang_factor, p.hang_floor_s, p.startup_timeout_s, silent_s=3 * beat + 2 * p.poll_seconds) \
         if p.hang_detection and beat > 0 else None
-    health: list[dict[str, Any]] = []  # this flow run's hangs, lost nodes and cordoned hosts, in the events table
+
+    # the events table: hangs, lost nodes and cordoned hosts (those still cordoned by earlier flow runs first)
+    health: list[dict[str, Any]] = [cordon_row(rec, None) for rec in cordoned(run).values()]
     cordoned_now: list[str] = []  # by the submission being watched
 
     def cordon_hosts(hosts: tuple[str, ...], why: str, step: int) -> list[str]:
         if p.executor != "slurm" or p.cordon_hours <= 0:
             return []
         for host in hosts:
-            rec = cordon(run, host, why[:300], p.cordon_hours)
-            health.append({"time": rec["time"], "event": "cordon", "step": step, "data": host,
-                           "reason": rec["reason"]})
+            health.append(cordon_row(cordon(run, host, why[:300], p.cordon_hours), step))
             cordoned_now.append(host)
         return list(hosts)
 
@@ -310,6 +310,8 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
             await publish_curves(run.url, p.run_name, key)
 
     shown_events = len(watcher.guard_events)
+    if health:
+        await publish_events(watcher.guard_events, rollbacks(run), p.run_name, key, health)
 
     async def on_tick(metrics: list[dict[str, Any]]) -> None:
         nonlocal shown_events

@@ -239,6 +239,9 @@ def test_a_node_that_dies_under_its_job_is_cordoned_and_the_requeued_job_finishe
         attempts[-1] != f"COMPLETED|{host}", attempts
     assert f"node {host} failed under job {subs[0]['job_id']} (NODE_FAIL) and Slurm requeued the job; cordoned " \
            "for 24 h and excluded from its restart" in p.stdout + p.stderr
+    events = next(a for a in _api(lambda c: c.read_artifacts()) if a.key == "nodefail-events")  # the UI's table
+    rows = [(r["event"], r["data"]) for r in json.loads(events.data)]
+    assert ("node lost", host) in rows and ("cordon", host) in rows, rows
 
     # The same run uninterrupted, in one plain process.
     ref = tmp_path / "ref"
