@@ -338,10 +338,13 @@ def expected(fault: str, settings: dict, window: float | None) -> tuple[float, f
     """Where the detection time should land. A hang: the detector's last sight of a new step is between one
     heartbeat before the fault and one heartbeat check after it, and it reports once the window has passed
     since, at a check: (window - heartbeat, window + 2 checks + a poll). An exit: by the next poll (on Slurm,
-    after submitit's wait for the result file the killed job never wrote)."""
+    after submitit's wait for the result file the killed job never wrote). On Slurm the record of a hang also
+    waits for the job to end: its launchers kill the ranks, its step ends (cluster.submit's cancel, at most
+    15 s), then scancel."""
     poll = settings["poll_seconds"]
     if fault == "frozen":
-        return window - settings["heartbeat_seconds"], window + 2 * check_period(settings) + poll
+        ending = 15.0 if settings.get("executor") == "slurm" else 0.0
+        return window - settings["heartbeat_seconds"], window + 2 * check_period(settings) + poll + ending
     wait = settings.get("result_wait_s", 0.0)
     return (wait, wait + 1 + poll) if wait else (0.0, poll)  # submitit looks for the file every second
 

@@ -38,6 +38,7 @@ from common import store
 from common.errors import ReproError
 from common.exit_codes import DIVERGED, REQUEUE
 from common.layout import RunDir
+from common.process_tree import descendants, kill_tree
 
 REPO = Path(__file__).resolve().parent.parent
 log = logging.getLogger("cluster.launch")
@@ -92,6 +93,8 @@ class TrainLaunch:
         self._exit_dir = os.path.join(self.exit_root, f"{self._job_id}_{self._attempt}")
         for sig in (signal.SIGUSR2, signal.SIGTERM):
             self._chain(sig)
+        self._proc: subprocess.Popen | None = None
+        signal.signal(signal.SIGALRM, self._kill_now)
 
         from cluster.node_check import run_node_check
 
@@ -135,12 +138,25 @@ class TrainLaunch:
 
         signal.signal(sig, handler)
 
+    def _kill_now(self, signum, frame) -> None:
+        """SIGALRM: the job is hung (cluster.submit's cancel(kill=True)). Kill torchrun and its ranks at once:
+        a frozen or wedged rank cannot checkpoint, and SIGTERM would wake a stopped one to try."""
+        log.warning("SIGALRM: the job is being cancelled as hung; killing torchrun and its ranks")
+        if self._proc is not None:
+            kill_tree(self._proc.pid)
+
     def _stop_children(self) -> None:
         if self._proc.poll() is None:
             log.warning("stopping torchrun (pid %d) and its workers", self._proc.pid)
+            ranks = descendants(self._proc.pid)  # found now: once torchrun is gone they are out of reach
             self._killpg(signal.SIGTERM)
             if not self._done.wait(30):
-                self._killpg(signal.SIGKILL)
+                kill_tree(self._proc.pid)
+            for pid in ranks:
+                try:
+                    os.kill(pid, signal.SIGKILL)  # a rank torchrun left behind (it forwards SIGTERM, then exits)
+                except ProcessLookupError:
+                    pass
 
     def _killpg(self, sig: signal.Signals) -> None:
         try:
@@ -263,7 +279,7 @@ class TrainLaunch:
         timed_out = self._timed_out()
         reason = "timeout" if timed_out else "preemption"
         log.warning("%s signal: asking training to checkpoint", reason)
-        self._killpg(signal.SIGUSR2)
+        kill_tree(self._proc.pid, signal.SIGUSR2)  # the ranks too: torchrun starts each in its own session
         if not self._done.wait(self.stop_timeout_s):
             log.warning("training did not stop within %.0f s; requeueing from the latest checkpoint",
                         self.stop_timeout_s)

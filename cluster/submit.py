@@ -86,15 +86,20 @@ class RunHandle:
 
     def cancel(self, kill: bool = False) -> None:
         """scancel the job (every requeue of it included); a job that has ended already is left as it is.
-        `kill`: end every process of its steps at once, without the checkpoint SIGTERM asks for. A hung job
-        cannot write one (a collective would hang), and scancel's SIGCONT would wake a stopped rank to write one
-        while the next submission already starts. Slurm turns `--signal=KILL` into that same cancel sequence,
-        so it is SIGALRM (fatal by default, and nothing here catches it: not training, torchrun, submitit or
-        NCCL), then SIGCONT to deliver it to a stopped rank before scancel's SIGTERM."""
+        `kill`: end its ranks at once, without the checkpoint SIGTERM asks for. A hung job cannot write one (a
+        collective would hang), and scancel's SIGCONT would wake a stopped rank to write one while the next
+        submission already starts (Slurm turns `--signal=KILL` into that same sequence). So each node's
+        launcher gets SIGALRM and SIGKILLs its torchrun process group (cluster/launch.py); the job is cancelled
+        once its step has ended, or after 15 s."""
         if kill:
-            for sig in ("ALRM", "CONT"):
-                subprocess.run(["scancel", f"--signal={sig}", self.job_id], check=False, capture_output=True,
-                               timeout=60)
+            subprocess.run(["scancel", "--signal=ALRM", self.job_id], check=False, capture_output=True, timeout=60)
+            deadline = time.time() + 15
+            while time.time() < deadline:
+                steps = subprocess.run(["squeue", "-h", "-s", "-j", self.job_id], capture_output=True, text=True,
+                                       timeout=60)
+                if steps.returncode != 0 or not steps.stdout.strip():
+                    break
+                time.sleep(0.2)
         subprocess.run(["scancel", self.job_id], check=False, capture_output=True, timeout=60)
 
     def attempts(self) -> list[dict[str, Any]]:

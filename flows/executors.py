@@ -19,6 +19,7 @@ from typing import Protocol
 
 from common import exit_codes, store
 from common.layout import RunDir
+from common.process_tree import kill_tree
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -92,8 +93,8 @@ class LocalSubmission:
 
     def cancel(self, hung: bool = False) -> None:
         if self.proc.poll() is None:
-            if hung:  # SIGTERM would wait, pending, on a stopped process: kill the whole process group
-                os.killpg(self.proc.pid, signal.SIGKILL)
+            if hung:  # SIGTERM would wait, pending, on a stopped process: kill it and every rank it started
+                kill_tree(self.proc.pid)
             else:
                 self.proc.terminate()
             self.proc.wait(timeout=120)

@@ -254,47 +254,63 @@ def test_a_node_that_dies_under_its_job_is_cordoned_and_the_requeued_job_finishe
     assert trace(run) == trace(ref)
 
 
-def test_a_hung_slurm_job_is_cancelled_its_node_cordoned_and_the_run_finishes_on_another(prefect_api, slurm_cluster,
-                                                                                       demo_data, tmp_path):
-    """A one-node job whose rank freezes (SIGSTOP: alive to Slurm, silent to its heartbeats): the flow finds the
-    hang, cancels the job, cordons its node and resubmits; the next job runs on the other node."""
+def test_a_frozen_rank_of_a_two_node_job_is_found_its_node_cordoned_and_the_run_finishes_with_the_same_losses(
+        prefect_api, slurm_cluster, demo_data, tmp_path):
+    """Rank 1 of a 2-node job freezes (SIGSTOP: alive to Slurm, silent to its heartbeats; rank 0 waits in the
+    all-reduce, beating on). The flow finds the hang, ends the job at once, cordons the frozen rank's node and,
+    with allow_shrink, resubmits on the node left; the run completes with the losses of an uninterrupted run."""
     env = prefect_api["env"]
     store_root = tmp_path / "store"
+    steps = 40
+    fast = [*FAST, f"max_steps={steps}", "val_tokens=128", "max_lr=3e-3", "train.heartbeat_seconds=0.5"]
     params = {"preset": "tiny", "store": str(store_root), "run_name": "hung", "data": demo_data,
-              "executor": "slurm", "slurm": _slurm(tmp_path / "slurm", "gpt2-flow-hang"),
-              "overrides": [*FAST, "max_steps=60", "train.heartbeat_seconds=0.5"], "eval_tasks": [],
-              "poll_seconds": 0.5,
-              "backoff_seconds": 0, "hang_floor_s": 5, "startup_timeout_s": 120}
+              "executor": "slurm", "slurm": _slurm(tmp_path / "slurm", "gpt2-flow-hang", nodes=2),
+              "overrides": fast, "eval_tasks": [], "poll_seconds": 0.5, "backoff_seconds": 0, "hang_floor_s": 5,
+              "startup_timeout_s": 120, "allow_shrink": True}
     run = store_root / "runs" / "hung"
     frozen = {}
 
-    def freeze_first_job():
+    def freeze_rank_1():
         deadline = time.time() + 300
         while time.time() < deadline:
             try:
-                beat = json.loads((run / "heartbeats" / "rank-00000.json").read_text())
+                beat = json.loads((run / "heartbeats" / "rank-00001.json").read_text())
             except (OSError, ValueError):
                 beat = {}
-            if (beat.get("step") or 0) >= 6:  # past the step-5 checkpoint
+            if (beat.get("step") or 0) >= 7:  # past the step-5 checkpoint
                 os.kill(beat["pid"], signal.SIGSTOP)
                 frozen.update(beat)
                 return
             time.sleep(0.05)
 
-    freezer = threading.Thread(target=freeze_first_job, daemon=True)
+    freezer = threading.Thread(target=freeze_rank_1, daemon=True)
     freezer.start()
     p = subprocess.run(_flow_cmd(params), env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     subs = read_jsonl(run / "submissions.jsonl")
     assert [s["state"] for s in subs] == ["hung", "completed"], subs
     host = frozen["host"]
-    assert subs[0]["reason"].startswith("hang at step ") and f"silent ranks: {host}:0;" in subs[0]["reason"]
-    assert subs[0]["cordoned"] == [host] and subs[1]["start_step"] == subs[0]["end_step"] >= 5
+    assert subs[0]["reason"].startswith("hang at step ") and f"silent ranks: {host}:1;" in subs[0]["reason"]
+    # ended at once: the frozen rank never woke to write a stop checkpoint, so the run resumed from a periodic one
+    assert subs[0]["cordoned"] == [host] and subs[1]["start_step"] == subs[0]["end_step"]
+    assert subs[0]["end_step"] >= 5 and subs[0]["end_step"] % 5 == 0
     assert [c["host"] for c in read_jsonl(run / "cordon.jsonl")] == [host]
     nodes = subprocess.run(["sacct", "-j", subs[1]["job_id"], "-X", "-n", "-P", "-o", "NodeList"],
                            capture_output=True, text=True).stdout.split()
-    assert nodes and host not in nodes  # the second job ran elsewhere
+    assert subs[1]["nodes"] == 1 and nodes and host not in nodes[-1]  # the second job ran on the other node
     assert f"cordoned {host} for 24 h (hung)" in p.stdout + p.stderr
+
+    # The same run uninterrupted, in one plain process: the same global batch, the same losses
+    ref = tmp_path / "ref"
+    sets = [a for kv in [f"run_dir={ref}", f"data_url={demo_data}", *fast] for a in ("--set", kv)]
+    subprocess.run([sys.executable, "-m", "training.train", "--config", "tiny", *sets], cwd=REPO, env=env,
+                   check=True, capture_output=True, timeout=300)
+    from training.metrics import read_metrics
+
+    trace = lambda d: {m["step"]: m["loss"] for m in read_metrics(str(d))}  # last write of a step wins
+    got, want = trace(run), trace(ref)
+    assert sorted(got) == list(range(steps))
+    assert all(got[k] == pytest.approx(want[k], abs=1e-5) for k in want), (got, want)
 
 
 def test_a_node_failing_its_check_is_cordoned_and_the_run_goes_on_on_the_nodes_left(prefect_api, slurm_cluster,
