@@ -89,8 +89,8 @@ class RunHandle:
         `kill`: end its ranks at once, without the checkpoint SIGTERM asks for. A hung job cannot write one (a
         collective would hang), and scancel's SIGCONT would wake a stopped rank to write one while the next
         submission already starts (Slurm turns `--signal=KILL` into that same sequence). So each node's
-        launcher gets SIGALRM and SIGKILLs its torchrun process group (cluster/launch.py); the job is cancelled
-        once its step has ended, or after 15 s."""
+        launcher gets SIGALRM and SIGKILLs torchrun and every rank it started (cluster/launch.py); the job is
+        cancelled once its step has ended, or after 15 s."""
         if kill:
             subprocess.run(["scancel", "--signal=ALRM", self.job_id], check=False, capture_output=True, timeout=60)
             deadline = time.time() + 15
