@@ -52,15 +52,21 @@ class RequeueCapReached(RunFailed):
     pass
 
 
+# Ports derived from the job id, so that every node computes the same ones without talking, kept in 20000-31999:
+# below Linux's ephemeral range (32768-60999), where any outgoing connection on the node may hold a port.
+_PORTS = 6000
+
+
 def master_port(job_id: str) -> int:
-    """A port that two jobs sharing a node never both use (job ids differ), away from well-known ports."""
-    return 20000 + int(str(job_id).split("_")[0]) % 30000
+    """torchrun's rendezvous port: two jobs sharing a node use different ones unless their ids differ by a
+    multiple of 6000."""
+    return 20000 + int(str(job_id).split("_")[0]) % _PORTS
 
 
 def node_check_port(job_id: str) -> int:
-    """Where node 0 hosts the node check's all-reduce: half the range away from master_port, so that the
-    check's store, or a socket of it not yet released, never holds the port torchrun's rendezvous binds next."""
-    return 20000 + (int(str(job_id).split("_")[0]) + 15000) % 30000
+    """Where node 0 hosts the node check's all-reduce: a range of its own, so that the check's store, or a
+    socket of it not yet released, never holds the port torchrun's rendezvous binds next."""
+    return 20000 + _PORTS + int(str(job_id).split("_")[0]) % _PORTS
 
 
 @dataclasses.dataclass

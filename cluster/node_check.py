@@ -34,7 +34,8 @@ log = logging.getLogger("cluster.node_check")
 
 
 class NodeCheckFailed(Exception):
-    """A node unfit to train on; the message starts with `node check failed on host <host>:`."""
+    """A node unfit to train on; the message starts with `node check failed on host <host>:` (or, when the
+    check itself could not run there through no fault of the node, `node check could not run on host`)."""
 
 
 def run_node_check(gpus: int, run_dir: str, timeout_s: float = 180.0, *, node: int = 0,
@@ -60,7 +61,7 @@ def run_node_check(gpus: int, run_dir: str, timeout_s: float = 180.0, *, node: i
                 log.info("%s", ln)
         return None
     lines = (p.stdout + p.stderr).strip().splitlines()
-    line = next((ln for ln in lines if ln.startswith("node check failed")), None)
+    line = next((ln for ln in lines if ln.startswith(("node check failed", "node check could not run"))), None)
     if line:
         return line
     if p.returncode in (-signal.SIGTERM, -signal.SIGKILL, -signal.SIGINT):
@@ -134,9 +135,9 @@ def join_nodes(node: int, hosts: list[str], port: int, gpus: int, timeout_s: flo
     if node == 0:
         try:
             st = dist.TCPStore(hosts[0], port, nnodes, is_master=True, timeout=wait, wait_for_workers=False)
-        except RuntimeError as err:  # the port is taken: this node cannot host the meeting
-            raise NodeCheckFailed(f"node check failed on host {me}: cannot host the store of the all-reduce "
-                                  f"across nodes on port {port}: {_first_line(err)}") from None
+        except RuntimeError as err:  # the port is taken: not the node's fault, so not worded to cordon it
+            raise NodeCheckFailed(f"node check could not run on host {me}: port {port} for the all-reduce "
+                                  f"across nodes is taken ({_first_line(err)})") from None
         try:
             st.wait(joined[1:], wait)
         except RuntimeError:  # timed out: who is missing is read below
