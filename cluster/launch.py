@@ -100,6 +100,7 @@ class TrainLaunch:
         for sig in (signal.SIGUSR2, signal.SIGTERM):
             self._chain(sig)
         self._proc: subprocess.Popen | None = None
+        self._killed = False
         signal.signal(signal.SIGALRM, self._kill_now)
 
         from cluster.node_check import run_node_check
@@ -148,8 +149,11 @@ class TrainLaunch:
         """SIGALRM: the job is hung (cluster.submit's cancel(kill=True)). Kill torchrun and its ranks at once:
         a frozen or wedged rank cannot checkpoint, and SIGTERM would wake a stopped one to try."""
         log.warning("SIGALRM: the job is being cancelled as hung; killing torchrun and its ranks")
+        self._killed = True
         if self._proc is not None:
             kill_tree(self._proc.pid)
+        os.makedirs(self._exit_dir, exist_ok=True)
+        Path(self._exit_dir, f"killed_node_{self._node}").touch()  # tells the canceller it may scancel now
 
     def _stop_children(self) -> None:
         if self._proc.poll() is None:
@@ -183,6 +187,9 @@ class TrainLaunch:
 
     def _outcome(self) -> dict[str, Any]:
         code = self._proc.returncode
+        if self._killed:  # the scancel that follows ends the job as CANCELLED; not a failure to report first
+            time.sleep(max(self.stop_timeout_s, 60))
+            raise RunFailed(f"the ranks on node {self._node} were killed (SIGALRM: the job was cancelled as hung)")
         first = self.procs_per_node * self._node
         mine = [r for r in self._records() if first <= r["rank"] < first + self.procs_per_node]
         codes = {r["exit_code"] for r in mine}

@@ -89,16 +89,12 @@ class RunHandle:
         `kill`: end its ranks at once, without the checkpoint SIGTERM asks for. A hung job cannot write one (a
         collective would hang), and scancel's SIGCONT would wake a stopped rank to write one while the next
         submission already starts (Slurm turns `--signal=KILL` into that same sequence). So each node's
-        launcher gets SIGALRM and SIGKILLs torchrun and every rank it started (cluster/launch.py); the job is
-        cancelled once its step has ended, or after 15 s."""
+        launcher gets SIGALRM, SIGKILLs torchrun and every rank it started and says so in the job's exit folder
+        (cluster/launch.py); the job is cancelled once every node has, or after 15 s."""
         if kill:
             subprocess.run(["scancel", "--signal=ALRM", self.job_id], check=False, capture_output=True, timeout=60)
-            deadline = time.time() + 15
-            while time.time() < deadline:
-                steps = subprocess.run(["squeue", "-h", "-s", "-j", self.job_id], capture_output=True, text=True,
-                                       timeout=60)
-                if steps.returncode != 0 or not steps.stdout.strip():
-                    break
+            exits, deadline = Path(self.folder) / "exits", time.time() + 15
+            while len(list(exits.glob(f"{self.job_id}_*/killed_node_*"))) < self.nodes and time.time() < deadline:
                 time.sleep(0.2)
         subprocess.run(["scancel", self.job_id], check=False, capture_output=True, timeout=60)
 
