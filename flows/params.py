@@ -15,7 +15,8 @@ from common.layout import RunDir, StoreLayout
 class PretrainParams(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    preset: str = Field("tiny", description="run preset in configs/ (tiny, gpt2-124m) or a TOML path")
+    preset: str = Field("tiny", description="run preset in configs/ (tiny, demo, gpt2-124m, gpt2-350m, gpt2-774m, "
+                        "gpt2-1558m) or a TOML path")
     store: str = Field("store", description="store root (fsspec URL): data/ and runs/ live under it")
     run_name: str = Field("tiny-demo", pattern=r"^[A-Za-z0-9._-]+$", description="run directory name under runs/")
     data: str | None = Field(None, description="token shards URL (default: the preset's dataset in the store, "

@@ -14,6 +14,38 @@ def test_presets_load_and_match_the_recipe():
     assert tiny.model.n_layer <= 2 and tiny.train.seq_len <= tiny.model.block_size
 
 
+# The published GPT-2 shapes and Hugging Face's parameter counts for them (tied wte/lm_head, 50257 rows), and
+# llm.c's run scripts (karpathy/llm.c scripts/run_gpt2_*.sh): max LR, final LR fraction, tokens per step, steps.
+FAMILY = {
+    "gpt2-350m": ((24, 16, 1024), 354_823_168, (3e-4, 0.0, 524288, 60000), 32),
+    "gpt2-774m": ((36, 20, 1280), 774_030_080, (2.5e-4, 0.0, 524288, 286102), 16),
+    "gpt2-1558m": ((48, 25, 1600), 1_557_611_200, (6e-4, 0.1, 1048576, 32000), 8),
+}
+
+
+@pytest.mark.parametrize("preset", FAMILY)
+def test_gpt2_family_presets_have_the_published_shapes_and_llmc_hyperparameters(preset):
+    import torch
+
+    from training.memory import num_parameters
+    from training.model import GPT
+
+    shape, hf_params, (lr, floor, batch, steps), micro = FAMILY[preset]
+    cfg = load_config(preset)
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    assert cfg.name == preset and (m.n_layer, m.n_head, m.n_embd) == shape
+    assert (m.block_size, m.vocab_size, m.padded_vocab_size) == (1024, 50257, 50304)
+    with torch.device("meta"):  # the full-size model, without allocating its weights
+        model = GPT(m)
+    padding = (50304 - 50257) * m.n_embd
+    assert model.num_parameters() == num_parameters(m) == hf_params + padding
+    assert (o.max_lr, o.min_lr_ratio, o.warmup_steps, o.weight_decay) == (lr, floor, 700, 0.1)
+    assert (t.total_batch_tokens, t.max_steps, t.micro_batch, t.seq_len) == (batch, steps, micro, 1024)
+    assert t.compile and t.dtype == "auto" and t.loss_chunk == 0
+    assert cfg.grad_accum_steps(8) == batch // (micro * 1024 * 8) and cfg.val_steps_per_rank(8) >= 1
+    assert cfg.checkpoint.keep_every % cfg.checkpoint.checkpoint_every == 0
+
+
 def test_overrides_by_dotted_path_and_unique_bare_name():
     cfg = load_config("tiny", ["optim.max_lr=3e-3", "max_steps=7", "compile=true", "run_dir=s3://b/runs/x"])
     assert cfg.optim.max_lr == 3e-3 and cfg.train.max_steps == 7 and cfg.train.compile is True

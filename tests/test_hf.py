@@ -38,6 +38,21 @@ def test_import_full_124m_logits_match():
     assert _max_diff(ours, hf, ids) <= 1e-4
 
 
+@pytest.mark.parametrize("preset", ["gpt2-350m", "gpt2-774m", "gpt2-1558m"])
+def test_import_each_family_width_at_two_layers_logits_match(preset):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from training.config import load_config
+
+    m = load_config(preset).model
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=m.n_head, n_embd=m.n_embd)).eval()  # random weights
+    ours = gpt_from_hf(hf)
+    assert (ours.config.n_head, ours.config.n_embd, ours.config.padded_vocab_size) == (m.n_head, m.n_embd, 50304)
+    ids = torch.randint(0, 50257, (1, 32))
+    assert _max_diff(ours, hf, ids) <= 1e-4
+
+
 def test_import_from_local_hf_directory(tmp_path):
     hf = small_hf_model()
     hf.save_pretrained(tmp_path)

@@ -1,4 +1,5 @@
-"""The per-GPU memory estimate (training/memory.py) against the H200 peaks recorded in bench/results/."""
+"""The per-GPU memory estimate (training/memory.py) against the H200 peaks recorded in bench/results/, and the
+micro-batch it fits on a GPU."""
 
 import json
 
@@ -6,9 +7,10 @@ import pytest
 
 from helpers import REPO
 from training.config import load_config
-from training.memory import GB, estimate
+from training.memory import GB, estimate, fitting_micro_batch
 
 RESULTS = REPO / "bench" / "results"
+FAMILY = ("gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1558m")
 
 
 def measured_rows():
@@ -58,3 +60,37 @@ def test_the_recipe_and_its_chunked_loss_against_their_measured_peaks():
     # what the chunked loss saves: 16.1 GB measured, 17.2 estimated
     saved = allocated(recipe) - allocated(chunked)
     assert saved == pytest.approx(recipe["mem_gb"] - chunked["mem_gb"], rel=0.15)
+
+
+@pytest.mark.parametrize("preset", FAMILY)
+def test_estimate_grows_with_the_micro_batch_and_adds_ddp_and_overhead(preset):
+    cfg = load_config(preset)
+    parts = [estimate(cfg, world_size=8, micro_batch=b) for b in (1, 2, 4, 8, 16, 32, 64)]
+    assert all(a.total < b.total for a, b in zip(parts, parts[1:]))
+    assert parts[-1].activations == 64 * parts[0].activations  # linear in the tokens
+    assert len({p.states for p in parts}) == 1  # weights, gradients and moments do not depend on the batch
+    one = estimate(cfg, world_size=1, overhead=0)
+    eight = estimate(cfg, world_size=8)
+    assert eight.total - one.total == eight.ddp_buckets + eight.overhead and eight.ddp_buckets == eight.weights
+    plain = estimate(cfg, world_size=8, micro_batch=64)
+    chunked = estimate(load_config(preset, ["loss_chunk=8192"]), world_size=8, micro_batch=64)
+    assert chunked.logits * 8 == plain.logits and chunked.activations >= plain.activations  # 65,536 tokens
+
+
+@pytest.mark.parametrize("preset", FAMILY)
+def test_each_preset_micro_batch_is_the_largest_that_fits_an_80_gb_gpu(preset):
+    cfg = load_config(preset)
+    assert fitting_micro_batch(cfg, 80 * GB, world_size=8) == cfg.train.micro_batch
+    assert estimate(cfg, world_size=8).total <= 80 * GB < estimate(cfg, world_size=8,
+                                                                   micro_batch=2 * cfg.train.micro_batch).total
+
+
+def test_fitting_micro_batch_respects_memory_and_the_global_batch():
+    xl = load_config("gpt2-1558m")
+    assert fitting_micro_batch(xl, 80 * GB, world_size=8) == 8
+    assert fitting_micro_batch(xl, 141 * GB, world_size=8) == 16  # an H200
+    assert fitting_micro_batch(xl, 30 * GB, world_size=8) is None  # its weights and moments alone are 25 GB
+    small = load_config("gpt2-124m")  # 2**19 tokens over 8 ranks of 1024-token sequences: at most 64
+    assert fitting_micro_batch(small, 1000 * GB, world_size=8) == 64
+    assert fitting_micro_batch(small, 1000 * GB, world_size=64) == 8
+    assert fitting_micro_batch(small, 1000 * GB, world_size=3) is None  # 3 ranks never split 2**19 tokens

@@ -279,7 +279,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def preset_path(name_or_path: str | Path) -> Path:
-    """A preset name (`tiny`, `gpt2-124m`) or a path to a TOML file."""
+    """A preset name (`tiny`, `gpt2-124m`, ...: the stems of configs/*.toml) or a path to a TOML file."""
     p = Path(name_or_path)
     if p.suffix == ".toml" or p.exists():
         if not p.is_file():

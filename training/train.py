@@ -350,7 +350,8 @@ def _sample(model: GPT, cfg: RunConfig, run_dir: RunDir, step: int, amp_dtype) -
 def main(argv: list[str] | None = None) -> int:
     stop_signal.install()  # before anything slow: a preemption warning during start-up is kept
     ap = argparse.ArgumentParser(prog="python -m training.train", description="Train GPT-2 (resumes automatically).")
-    ap.add_argument("--config", required=True, help="preset name (tiny, gpt2-124m) or path to a TOML file")
+    ap.add_argument("--config", required=True, help="preset name (tiny, demo, gpt2-124m, gpt2-350m, gpt2-774m, "
+                    "gpt2-1558m) or path to a TOML file")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value (repeatable), e.g. --set max_steps=100 --set optim.max_lr=3e-4")
     args = ap.parse_args(argv)
