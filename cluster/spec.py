@@ -45,6 +45,9 @@ class JobSpec(BaseModel):
     max_preemption_requeues: int = Field(10, ge=0, description="requeues after preemption")
     signal_delay_s: int = Field(90, ge=10, description="Slurm sends USR2 this long before the time limit")
     gres: bool = Field(True, description="request --gpus-per-node (turn off on clusters without GPU GRES)")
+    gpu_mem_gb: float | None = Field(None, gt=0, description="memory of one GPU in GB, for the check that the run "
+                                     "fits before sbatch (default: from the GPU type in the nodes' Gres, e.g. "
+                                     "gpu:h100:8 -> 80; no check when neither is known)")
 
     @model_validator(mode="after")
     def _check(self) -> "JobSpec":

@@ -11,6 +11,7 @@ from cluster.spec import JobSpec
 from common.errors import BadInput
 from common.shards import ShardError, list_shards
 from training.config import ConfigError, RunConfig, load_config
+from training.memory import GB, estimate, fitting_micro_batch, gb
 
 
 class SpecError(BadInput, ValueError):
@@ -24,6 +25,7 @@ class NodeInfo:
     cpus: int
     gpus: int
     mem_mb: int
+    gpu_types: tuple[str, ...] = ()  # the type names of its Gres ("h100" of gpu:h100:8), when it has them
 
 
 SLURM_COMMANDS = ("sbatch", "squeue", "sacct", "scancel", "sinfo")
@@ -49,17 +51,25 @@ def cluster_nodes() -> tuple[list[NodeInfo], str | None]:
     if out.returncode != 0:
         first = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[0]
         raise SpecError(f"the Slurm controller does not answer (sinfo: {first})")
+    return parse_sinfo(out.stdout)
+
+
+def parse_sinfo(text: str) -> tuple[list[NodeInfo], str | None]:
+    """The nodes and the default partition from `sinfo -h -N -o "%N|%P|%c|%G|%m"` output (a node in several
+    partitions has one line per partition)."""
     by_name: dict[str, NodeInfo] = {}
     default = None
-    for line in out.stdout.splitlines():
+    for line in text.splitlines():
         name, part, cpus, gres, mem = line.strip().split("|")
         if part.endswith("*"):
             part = default = part[:-1]
         # gres looks like "gpu:8", "gpu:h100:8(S:0-1)" or "(null)"
-        gpus = sum(int(m.group(1)) for m in re.finditer(r"gpu:(?:[^:,(]+:)?(\d+)", gres))
+        found = [(m.group(1), int(m.group(2))) for m in re.finditer(r"gpu:(?:([^:,(]+):)?(\d+)", gres)]
         old = by_name.get(name)
         parts = (old.partitions if old else ()) + (part,)
-        by_name[name] = NodeInfo(name, parts, int(cpus.rstrip("+")), gpus, int(re.sub(r"\D", "", mem) or 0))
+        by_name[name] = NodeInfo(name, parts, int(cpus.rstrip("+")), sum(n for _, n in found),
+                                 int(re.sub(r"\D", "", mem) or 0),
+                                 tuple(t.lower() if t else "" for t, _ in found))
     return list(by_name.values()), default
 
 
@@ -84,6 +94,66 @@ def check_capacity(spec: JobSpec, nodes: list[NodeInfo], default_partition: str 
     return problems
 
 
+# GB of memory of one GPU (as sold) by the type name a cluster gives its Gres. A name that states its size
+# (nvidia_h100_80gb_hbm3, a100-sxm4-40gb) is read instead. A bare name means the usual data-centre part, the
+# larger one where two sizes are common (a100: 80, v100: 32): the check may then miss a job too large for the
+# smaller card, never refuse one that fits (a 40 GB A100 partition needs gpu_mem_gb=40).
+GPU_MEMORY_GB = {
+    "b200": 180, "h200": 141, "h100": 80, "h100nvl": 94, "h800": 80, "a100": 80, "a800": 80,
+    "a40": 48, "a6000": 48, "l40": 48, "l40s": 48, "a30": 24, "a10": 24, "a10g": 24, "l4": 24,
+    "v100": 32, "t4": 16, "mi300x": 192,
+}
+
+
+def gpu_type_memory_gb(gpu_type: str) -> float | None:
+    """GB of one GPU of a Gres type name, or None for a name this does not know (no guessing)."""
+    words = [w for w in re.split(r"[_\-\s]+", gpu_type.lower()) if w]
+    for w in words:
+        if m := re.fullmatch(r"(?:\d+g\.)?(\d+)g(?:b|ib)?", w):  # 80gb; a MIG slice's 3g.40gb
+            return float(m.group(1))
+    if "h100" in words and "nvl" in words:
+        return float(GPU_MEMORY_GB["h100nvl"])
+    known = [GPU_MEMORY_GB[w] for w in words if w in GPU_MEMORY_GB]
+    return float(known[0]) if known else None
+
+
+def _gpu_nodes(spec: JobSpec, nodes: list[NodeInfo], default_partition: str | None) -> list[NodeInfo]:
+    """The nodes of the job's partition that have the GPUs it asks for: where it may run."""
+    part = spec.partition or default_partition
+    return [n for n in nodes if part in n.partitions and n.gpus >= spec.gpus_per_node]
+
+
+def partition_gpu_memory_gb(spec: JobSpec, nodes: list[NodeInfo], default_partition: str | None) -> float | None:
+    """GB of one GPU on the nodes the job may run on (the smallest, if they differ), from their Gres types;
+    None when any of them has a GPU type this does not know."""
+    sizes = []
+    for n in _gpu_nodes(spec, nodes, default_partition):
+        known = [gpu_type_memory_gb(t) for t in n.gpu_types]
+        if not known or None in known:
+            return None
+        sizes.append(min(known))
+    return min(sizes) if sizes else None
+
+
+def check_gpu_memory(cfg: RunConfig, spec: JobSpec, gpu_mem_gb: float | None, where: str) -> list[str]:
+    """A run whose per-GPU memory estimate (training/memory.py) exceeds `gpu_mem_gb`, with the micro-batch that
+    would fit; nothing on a CPU job or when the GPU's memory is unknown. `where` names the GPUs for the message."""
+    if not spec.gpus_per_node or gpu_mem_gb is None:
+        return []
+    t = cfg.train
+    need = estimate(cfg, world_size=spec.world_size)
+    if need.total <= gpu_mem_gb * GB:
+        return []
+    head = (f"{cfg.name} at micro_batch={t.micro_batch}, seq_len={t.seq_len} needs ~{gb(need.total)} GB per GPU "
+            f"({need.summary()}) but {where} have {gpu_mem_gb:g} GB")
+    fit = fitting_micro_batch(cfg, gpu_mem_gb * GB, world_size=spec.world_size)
+    if fit is None:
+        levers = ("" if t.loss_chunk else "train.loss_chunk=8192, ") + "a shorter seq_len or GPUs with more memory"
+        return [f"{head}: not even micro_batch=1 fits (try {levers})"]
+    return [f"{head}: micro_batch={fit} fits (set train.micro_batch={fit}; gradient accumulation keeps the "
+            "global batch)"]
+
+
 def validate(spec: JobSpec, config: str, overrides: list[str] | None = None, *, check_cluster: bool = True,
              check_data: bool = True) -> RunConfig:
     """The resolved run config, or SpecError naming every reason the job could not start."""
@@ -102,8 +172,15 @@ def validate(spec: JobSpec, config: str, overrides: list[str] | None = None, *, 
             list_shards(cfg.data.data_url, "train")
         except (ShardError, OSError) as err:
             problems.append(f"data URL {cfg.data.data_url!r} is not readable: {err}")
+    mem, where = spec.gpu_mem_gb, "the job's GPUs (gpu_mem_gb)"
     if check_cluster:
-        problems += check_capacity(spec, *cluster_nodes())
+        nodes, default = cluster_nodes()
+        problems += check_capacity(spec, nodes, default)
+        if mem is None and spec.gpus_per_node:
+            mem = partition_gpu_memory_gb(spec, nodes, default)
+            types = sorted({t for n in _gpu_nodes(spec, nodes, default) for t in n.gpu_types})
+            where = f"the GPUs of partition {spec.partition or default} ({', '.join(types)})"
+    problems += check_gpu_memory(cfg, spec, mem, where)
     if problems:
         raise SpecError("job spec rejected before sbatch:\n  - " + "\n  - ".join(problems))
     return cfg

@@ -43,10 +43,11 @@ def _parse(model, argv, **kw):
 
 def test_job_spec_flags_come_from_its_fields():
     spec = _parse(JobSpec, ["--nodes", "2", "--gpus-per-node", "8", "--time", "30", "--exclusive", "--qos", "high",
-                            "--sbatch-extra=--reservation=big", "--setup", "module load cuda", "--no-gres"],
+                            "--sbatch-extra=--reservation=big", "--setup", "module load cuda", "--no-gres",
+                            "--gpu-mem-gb", "80"],
                   aliases={"time_min": ["--time"]})
-    assert (spec.nodes, spec.gpus_per_node, spec.time_min, spec.exclusive, spec.qos, spec.gres) == \
-        (2, 8, 30, True, "high", False)
+    assert (spec.nodes, spec.gpus_per_node, spec.time_min, spec.exclusive, spec.qos, spec.gres, spec.gpu_mem_gb) == \
+        (2, 8, 30, True, "high", False, 80.0)
     assert spec.sbatch_extra == ["--reservation=big"] and spec.setup == ["module load cuda"]
     assert _parse(JobSpec, []) == JobSpec()  # flags not given keep the model's defaults
     with pytest.raises(BadInput, match=r"nodes: Input should be greater than or equal to 1 \(got '0'\)"):

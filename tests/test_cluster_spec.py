@@ -1,10 +1,13 @@
-"""The job spec as the sbatch script submitit writes (no cluster needed) and the capacity check against sinfo's view."""
+"""The job spec as the sbatch script submitit writes (no cluster needed) and the capacity and GPU-memory checks
+against sinfo's view."""
 
 import pytest
 
 from cluster.spec import Container, JobSpec
 from cluster.sbatch import build_executor
-from cluster.validate import NodeInfo, check_capacity
+from cluster.validate import (NodeInfo, check_capacity, check_gpu_memory, gpu_type_memory_gb,
+                              partition_gpu_memory_gb, parse_sinfo)
+from training.config import load_config
 
 
 def sbatch_text(spec: JobSpec) -> str:
@@ -54,3 +57,50 @@ def test_capacity_against_the_nodes_sinfo_reports():
     assert "at most 8 GPUs" in check_capacity(JobSpec(nodes=1, gpus_per_node=16), nodes, "gpu")[0]
     assert "has 4" in check_capacity(JobSpec(nodes=5, gpus_per_node=8), nodes, "gpu")[0]
     assert "0 GPUs, 1 CPUs and 128 GB" in check_capacity(JobSpec(partition="cpu", mem_gb=128), nodes, "gpu")[0]
+
+
+SINFO = """\
+g1|gpu*|64|gpu:h100:8(S:0-1)|1000000
+g2|gpu*|64|gpu:nvidia_h100_80gb_hbm3:8(S:0-1)|1000000
+g2|long|64|gpu:nvidia_h100_80gb_hbm3:8(S:0-1)|1000000
+a1|a100|32|gpu:a100:4|500000
+x1|mixed|32|gpu:8|500000
+x2|mixed|32|gpu:h200:8|500000
+c1|cpu|8|(null)|64000
+"""
+
+
+def test_sinfo_lines_become_nodes_with_their_gpu_types():
+    nodes, default = parse_sinfo(SINFO)
+    by = {n.name: n for n in nodes}
+    assert default == "gpu" and by["g2"].partitions == ("gpu", "long")
+    assert (by["g1"].gpus, by["g1"].gpu_types) == (8, ("h100",))
+    assert by["x1"].gpu_types == ("",) and by["c1"].gpus == 0 and by["c1"].gpu_types == ()
+
+
+@pytest.mark.parametrize("name, gb", [
+    ("h100", 80), ("nvidia_h100_80gb_hbm3", 80), ("h100_nvl", 94), ("h200", 141), ("a100", 80),
+    ("a100-sxm4-40gb", 40), ("nvidia_a100_3g.39gb", 39), ("a10g", 24), ("l40s", 48), ("rtx_a6000", 48),
+    ("tesla_v100-sxm2-16gb", 16), ("gh200", None), ("tesla", None), ("", None),
+])
+def test_gpu_memory_from_the_gres_type_name(name, gb):
+    assert gpu_type_memory_gb(name) == gb
+
+
+def test_partition_gpu_memory_is_known_only_when_every_gpu_type_is():
+    nodes, default = parse_sinfo(SINFO)
+    assert partition_gpu_memory_gb(JobSpec(gpus_per_node=8), nodes, default) == 80
+    assert partition_gpu_memory_gb(JobSpec(gpus_per_node=4, partition="a100"), nodes, default) == 80
+    assert partition_gpu_memory_gb(JobSpec(gpus_per_node=8, partition="mixed"), nodes, default) is None  # x1: gpu:8
+    assert partition_gpu_memory_gb(JobSpec(gpus_per_node=8, partition="a100"), nodes, default) is None  # no node fits
+
+
+def test_a_run_too_large_for_the_partitions_gpus_is_refused_with_the_micro_batch_that_fits():
+    nodes, default = parse_sinfo(SINFO)
+    spec = JobSpec(nodes=2, gpus_per_node=8)
+    mem = partition_gpu_memory_gb(spec, nodes, default)
+    (line,) = check_gpu_memory(load_config("gpt2-1558m", ["micro_batch=16"]), spec, mem, "the GPUs of partition gpu")
+    assert line.startswith("gpt2-1558m at micro_batch=16, seq_len=1024 needs ~90 GB per GPU (")
+    assert line.endswith("but the GPUs of partition gpu have 80 GB: micro_batch=8 fits (set train.micro_batch=8; "
+                         "gradient accumulation keeps the global batch)")
+    assert check_gpu_memory(load_config("gpt2-1558m"), spec, mem, "the GPUs of partition gpu") == []

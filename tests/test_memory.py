@@ -1,10 +1,12 @@
 """The per-GPU memory estimate (training/memory.py) against the H200 peaks recorded in bench/results/, and the
-micro-batch it fits on a GPU."""
+check before sbatch that refuses a run too large for the partition's GPUs (cluster/validate.py)."""
 
 import json
 
 import pytest
 
+from cluster.spec import JobSpec
+from cluster.validate import SpecError, check_gpu_memory, validate
 from helpers import REPO
 from training.config import load_config
 from training.memory import GB, estimate, fitting_micro_batch
@@ -94,3 +96,30 @@ def test_fitting_micro_batch_respects_memory_and_the_global_batch():
     assert fitting_micro_batch(small, 1000 * GB, world_size=8) == 64
     assert fitting_micro_batch(small, 1000 * GB, world_size=64) == 8
     assert fitting_micro_batch(small, 1000 * GB, world_size=3) is None  # 3 ranks never split 2**19 tokens
+
+
+def test_validate_refuses_the_1558m_at_a_micro_batch_too_large_for_80_gb_gpus():
+    spec = JobSpec(nodes=1, gpus_per_node=8, gpu_mem_gb=80)
+    with pytest.raises(SpecError) as err:
+        validate(spec, "gpt2-1558m", ["micro_batch=32"], check_cluster=False, check_data=False)
+    problems = str(err.value).splitlines()[1:]
+    assert len(problems) == 1, problems
+    line = problems[0]
+    assert line.startswith("  - gpt2-1558m at micro_batch=32, seq_len=1024 needs ~143 GB per GPU (")
+    assert "weights+grads+AdamW 25 GB" in line and "activations 96 GB" in line
+    assert "have 80 GB: micro_batch=8 fits (set train.micro_batch=8;" in line
+    assert validate(spec, "gpt2-1558m", ["micro_batch=8"], check_cluster=False, check_data=False).train.micro_batch == 8
+    assert validate(spec, "gpt2-1558m", [], check_cluster=False, check_data=False).train.micro_batch == 8
+    # an H200 takes 16; a CPU job, or GPUs of unknown memory, are not checked
+    validate(spec.model_copy(update={"gpu_mem_gb": 141}), "gpt2-1558m", ["micro_batch=16"], check_cluster=False,
+             check_data=False)
+    cfg = load_config("gpt2-1558m", ["micro_batch=32"])
+    assert check_gpu_memory(cfg, JobSpec(nodes=8, gpu_mem_gb=80), 80, "x") == []
+    assert check_gpu_memory(cfg, JobSpec(gpus_per_node=8), None, "x") == []
+
+
+def test_a_run_that_fits_no_micro_batch_says_what_else_to_try():
+    cfg = load_config("gpt2-1558m")
+    (line,) = check_gpu_memory(cfg, JobSpec(gpus_per_node=8), 24, "the GPUs of partition l4 (l4)")
+    assert "but the GPUs of partition l4 (l4) have 24 GB: not even micro_batch=1 fits" in line
+    assert "train.loss_chunk=8192" in line
