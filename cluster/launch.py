@@ -161,7 +161,7 @@ class TrainLaunch:
             ranks = descendants(self._proc.pid)  # found now: once torchrun is gone they are out of reach
             self._killpg(signal.SIGTERM)
             if not self._done.wait(30):
-                kill_tree(self._proc.pid)
+                self._killpg(signal.SIGKILL)
             for pid in ranks:
                 try:
                     os.kill(pid, signal.SIGKILL)  # a rank torchrun left behind (it forwards SIGTERM, then exits)
@@ -292,10 +292,11 @@ class TrainLaunch:
         timed_out = self._timed_out()
         reason = "timeout" if timed_out else "preemption"
         log.warning("%s signal: asking training to checkpoint", reason)
-        kill_tree(self._proc.pid, signal.SIGUSR2)  # the ranks too: torchrun starts each in its own session
-        if not self._done.wait(self.stop_timeout_s):
-            log.warning("training did not stop within %.0f s; requeueing from the latest checkpoint",
-                        self.stop_timeout_s)
+        if self._proc is not None:  # else still in the node check: no training to stop
+            kill_tree(self._proc.pid, signal.SIGUSR2)  # the ranks too: torchrun starts each in its own session
+            if not self._done.wait(self.stop_timeout_s):
+                log.warning("training did not stop within %.0f s; requeueing from the latest checkpoint",
+                            self.stop_timeout_s)
         try:
             result = self._result()
         except Exception:

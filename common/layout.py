@@ -17,6 +17,7 @@
         leases/trainer.json, leases/flow.json   who writes the run now (common/lease.py)
         heartbeats/rank-NNNNN.json          each rank's last heartbeat: step, phase, host (common/heartbeat.py)
         nccl-traces/{job}/rank_N            NCCL flight-recorder dumps of a timed-out collective (CUDA, local run dir)
+        profiles/steps_A-B/rank-NNNNN.json  a torch.profiler trace of steps A..B-1 (train.profile_steps)
         checkpoints/step_NNNNNN/            one checkpoint (training/checkpoint.py has the files inside)
             eval/hellaswag.json, eval/lm_eval.json     its evaluations (evaluation)
         exports/step_NNNNNN-hf/             its Hugging Face export (evaluation, training.export_hf)
@@ -92,6 +93,10 @@ class RunDir:
     def nccl_traces(self, job: str) -> str:
         """Where the ranks of `job` (a Slurm job and restart, or a torchrun run id) dump NCCL's flight recorder."""
         return join(self.url, "nccl-traces", job)
+
+    def profile(self, start: int, stop: int, rank: int) -> str:
+        """Rank `rank`'s torch.profiler trace of steps start..stop-1 (training/profiling.py)."""
+        return join(self.url, "profiles", f"steps_{start}-{stop}", f"rank-{rank:05d}.json")
 
     def lease(self, role: str) -> str:
         """The lease of the run's one writer of `role` ("trainer", "flow"): common/lease.py."""

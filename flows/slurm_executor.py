@@ -26,6 +26,7 @@ class SlurmSubmission:
         self.log_path = str(handle.job.paths.stdout)
         self._state = ""
         self._node_failures: set[tuple[str, str]] = set()  # (nodes, start) of the attempts already reported
+        self._running_checked = False  # lost_nodes asked accounting since the job last started running
 
     def poll(self) -> Outcome | None:
         state = self._state = self.handle.state()
@@ -61,7 +62,12 @@ class SlurmSubmission:
 
     def lost_nodes(self) -> tuple[str, ...]:
         """Hosts of this job's attempts that Slurm ended NODE_FAIL and then requeued by itself (sacct -D lists
-        every attempt), each reported once. Of a multi-node attempt, the hosts that are down now."""
+        every attempt), each reported once. Of a multi-node attempt, the hosts that are down now. Asked of
+        accounting only while the job is not running, and once when it runs again: a node failure requeues it."""
+        running = self._state.startswith("RUNNING")
+        if running and self._running_checked:
+            return ()
+        self._running_checked = running
         out = subprocess.run(["sacct", "-j", self.job_id, "-D", "-X", "-n", "-P", "-o", "State,NodeList,Start"],
                              capture_output=True, text=True, timeout=60).stdout
         lost: list[str] = []
@@ -69,7 +75,8 @@ class SlurmSubmission:
             state, nodes, start = (line.split("|") + ["", ""])[:3]
             if state.startswith("NODE_FAIL") and (nodes, start) not in self._node_failures:
                 self._node_failures.add((nodes, start))
-                lost += _hosts(nodes) if len(_hosts(nodes)) == 1 else _down(_hosts(nodes))
+                hosts = _hosts(nodes)
+                lost += hosts if len(hosts) == 1 else _down(hosts)
         return tuple(dict.fromkeys(lost))
 
     def avoid(self, hosts: tuple[str, ...]) -> bool:

@@ -31,6 +31,17 @@ def test_metrics_and_checkpoints_of_a_run(demo_data, tmp_path):
     assert "step      7/8 | loss" in p.stdout
 
 
+def test_profile_steps_writes_a_trace_of_those_steps_into_the_run_directory(demo_data, tmp_path):
+    run = tmp_path / "run"
+    run_train(demo_data, run, "profile_steps=2:4")
+    trace = json.loads((run / "profiles" / "steps_2-4" / "rank-00000.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"train step 2", "train step 3"} <= names and "train step 4" not in names and "train step 1" not in names
+    assert any(n and n.startswith("aten::") for n in names)  # the ops of those steps, not just the spans
+    p = run_train(demo_data, tmp_path / "bad", "profile_steps=4:2", expect=2)
+    assert "train.profile_steps entry '4:2' is not a 'start:stop' range with start < stop" in p.stderr
+
+
 def test_resume_is_bit_exact_single_process(demo_data, tmp_path):
     run_train(demo_data, tmp_path / "straight")
     run_train(demo_data, tmp_path / "split", "stop_after_steps=3", expect=REQUEUE)

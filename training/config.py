@@ -129,6 +129,15 @@ class TrainConfig(_Section):
     stop_after_steps: int | None = Field(
         None, gt=0, description="leave after this many steps in this process, checkpointing as on preemption "
         "(a time-boxed allocation); the next launch resumes")
+    profile_steps: str | None = Field(
+        None, description="'A:B': a torch.profiler trace of steps A to B-1 on every rank, into "
+        "{run}/profiles/steps_A-B/rank-N.json (Chrome trace format: open it in Perfetto or chrome://tracing)")
+
+    @model_validator(mode="after")
+    def _profile_range(self) -> "TrainConfig":
+        if self.profile_steps is not None:
+            _check_ranges([self.profile_steps], "train.profile_steps")
+        return self
 
 
 class CheckpointConfig(_Section):

@@ -44,6 +44,7 @@ from training.metrics import MetricsLog, console_line, peak_flops
 from training.model import GPT, flops_per_token
 from training.optim import configure_optimizer, cosine_lr
 from training.preflight import preflight
+from training.profiling import StepProfiler
 from training.resume import resume
 from training.step import train_step
 
@@ -180,6 +181,7 @@ class Trainer:
             store.write_json(self.run_dir.config, {**json.loads(cfg.to_json()), "resolved": {
                 "world_size": info.world_size, "grad_accum_steps": self.grad_accum, "device": str(device)}})
         self.metrics = MetricsLog(t.run_dir, self.start_step) if info.is_master else None
+        self.profiler = StepProfiler(t.profile_steps, self.run_dir, info.rank, device)
         self.checkpointer = Checkpointer(cfg, model=self.model, optimizer=self.optimizer, loader=self.loader,
                                          device=device, info=info, data=data,
                                          extra_state=lambda: {"guard": self.guard.state_dict(),
@@ -201,7 +203,9 @@ class Trainer:
         try:
             while step < t.max_steps:
                 record = self._evaluate(step)
+                self.profiler.before(step)
                 record = {**self._step(step), **record}
+                self.profiler.after(step)
                 self.heartbeat.progress(step + 1, record["step_ms"] / 1000)
                 diverged = self.guard.diverged()
                 last.update(loss=record["loss"], val_loss=record.get("val_loss", last["val_loss"]))
@@ -228,6 +232,7 @@ class Trainer:
                     stopped_by = stopped_by or "peer rank signal"
                     break
         finally:
+            self.profiler.close(step)
             self.loader.close()
             self.val_loader.close()
             if self.lease is not None:
