@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import subprocess
@@ -12,6 +13,8 @@ from common.errors import BadInput
 from common.shards import ShardError, list_shards
 from training.config import ConfigError, RunConfig, load_config
 from training.memory import GB, estimate, fitting_micro_batch, gb
+
+log = logging.getLogger(__name__)
 
 
 class SpecError(BadInput, ValueError):
@@ -183,4 +186,31 @@ def validate(spec: JobSpec, config: str, overrides: list[str] | None = None, *, 
     problems += check_gpu_memory(cfg, spec, mem, where)
     if problems:
         raise SpecError("job spec rejected before sbatch:\n  - " + "\n  - ".join(problems))
+    warning = checkpoint_time_warning(cfg, spec)
+    if warning:
+        log.warning("%s", warning)
     return cfg
+
+
+def checkpoint_time_warning(cfg: RunConfig, spec: JobSpec) -> str | None:
+    """On USR2 every rank finishes its step and writes a checkpoint it waits for, within signal_delay_s less
+    the launcher's 10 s: a run whose own checkpoints (metrics.jsonl `ckpt_write_s`) took longer would be
+    killed at its time limit with that checkpoint unfinished, losing the steps since the one before."""
+    from training.metrics import read_metrics
+
+    try:
+        metrics = read_metrics(cfg.train.run_dir)
+    except Exception:  # no run yet, or a store this machine cannot read: nothing measured to go by
+        return None
+    writes = [float(m["ckpt_write_s"]) for m in metrics if "ckpt_write_s" in m]
+    steps = sorted(float(m["step_ms"]) / 1000 for m in metrics if "step_ms" in m)
+    if not writes:
+        return None
+    need = max(writes) + (steps[len(steps) // 2] if steps else 0.0)  # the step in flight, then the write
+    room = spec.signal_delay_s - 10
+    if need <= room:
+        return None
+    return (f"signal_delay_s={spec.signal_delay_s} leaves {room} s to stop with a checkpoint, but this run's "
+            f"checkpoints took up to {max(writes):.0f} s to write ({cfg.train.run_dir}/metrics.jsonl): a preempted "
+            f"or timed-out job may be killed before its checkpoint is complete; set signal_delay_s to at least "
+            f"{int(need) + 30}")

@@ -99,3 +99,25 @@ def test_fault_recovery_benchmark_records_a_killed_run_recovered_without_losing_
                         capture_output=True, text=True, timeout=60).stdout
     assert md.startswith("| fault | detected after s |") and "| killed |" in md
     assert f"Measured on {os.cpu_count()} x" in md  # a figure always comes with its machine
+
+
+def test_checkpoint_overhead_benchmark_sets_asynchronous_writes_beside_synchronous_ones(tmp_path):
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, "bench/checkpoint_overhead.py", "--config", "tiny", "--steps", "6",
+                        "--checkpoint-every", "2", "--repeat", "1", "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    none, sync, asyn = res["summary"]
+    assert (none["variant"], sync["variant"], asyn["variant"]) == ("no checkpoints", "synchronous", "asynchronous")
+    assert none["vs_none"] == 0 and none["block_s"] is None  # the anchor
+    for r in res["rows"]:
+        if r["variant"] == "no checkpoints":
+            assert r["checkpoints"] == 0 and r["overhead"] == 0
+            continue
+        assert r["checkpoints"] == 2 and len(r["write_s"]) >= 1  # steps 2 and 4; step 6's is the last
+        assert all(b > 0 for b in r["block_s"]) and r["overhead"] > 0
+    # synchronous: the loop waits for the whole write
+    assert all(b >= w for r in res["rows"] if r["variant"] == "synchronous" for b, w in zip(r["block_s"], r["write_s"]))
+    assert res["settings"]["checkpoint_mb"] > 0 and res["machine"]["cpus"] == os.cpu_count()
+    assert "| no checkpoints |" in p.stdout and "| synchronous |" in p.stdout and "| asynchronous |" in p.stdout

@@ -104,3 +104,30 @@ def test_a_run_too_large_for_the_partitions_gpus_is_refused_with_the_micro_batch
     assert line.endswith("but the GPUs of partition gpu have 80 GB: micro_batch=8 fits (set train.micro_batch=8; "
                          "gradient accumulation keeps the global batch)")
     assert check_gpu_memory(load_config("gpt2-1558m"), spec, mem, "the GPUs of partition gpu") == []
+
+
+def test_a_run_whose_checkpoints_outlast_signal_delay_is_warned_at_submit(tmp_path, caplog):
+    """The run's own history (metrics.jsonl) says how long its checkpoints take to write; a stop on USR2 must
+    fit the step in flight and that write into signal_delay_s less the launcher's 10 s."""
+    import json
+    import logging
+
+    from cluster.spec import JobSpec
+    from cluster.validate import validate
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": i, "loss": 5.0, "step_ms": 500.0} for i in range(10)]
+    lines[4]["ckpt_write_s"] = 95.0
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    spec = JobSpec(time_min=60, signal_delay_s=90)
+    with caplog.at_level(logging.WARNING, logger="cluster.validate"):
+        validate(spec, "tiny", [f"run_dir={run}"], check_cluster=False, check_data=False)
+    assert "signal_delay_s=90 leaves 80 s to stop with a checkpoint, but this run's checkpoints took up to 95 s" \
+        in caplog.text and "set signal_delay_s to at least 125" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cluster.validate"):
+        validate(spec.model_copy(update={"signal_delay_s": 130}), "tiny", [f"run_dir={run}"], check_cluster=False,
+                 check_data=False)
+        validate(spec, "tiny", [f"run_dir={tmp_path / 'new'}"], check_cluster=False, check_data=False)
+    assert "signal_delay_s" not in caplog.text  # room enough; a new run has nothing measured

@@ -123,3 +123,4 @@ def test_a_run_that_fits_no_micro_batch_says_what_else_to_try():
     (line,) = check_gpu_memory(cfg, JobSpec(gpus_per_node=8), 24, "the GPUs of partition l4 (l4)")
     assert "but the GPUs of partition l4 (l4) have 24 GB: not even micro_batch=1 fits" in line
     assert "train.loss_chunk=8192" in line
+

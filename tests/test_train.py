@@ -25,6 +25,9 @@ def test_metrics_and_checkpoints_of_a_run(demo_data, tmp_path):
     assert all(r["mfu"] is None for r in m)  # CPU: no peak to compare against, so no invented MFU
     assert m[-1]["loss"] < m[0]["loss"]
     assert ck.list_steps(str(run)) == [4, 8]
+    # the step-4 checkpoint, written in the background: what it cost the loop, then the write, in later lines
+    assert "ckpt_block_s" in m[4] and [r["step"] for r in m if "ckpt_block_s" in r] == [4]
+    assert [r for r in m if "ckpt_write_s" in r] and all(r["step"] >= 4 for r in m if "ckpt_write_s" in r)
     assert json.loads((run / "config.json").read_text())["resolved"]["grad_accum_steps"] == 4
     result = json.loads(p.stdout.strip().splitlines()[-1])
     assert result["final_step"] == 8 and result["complete"] and result["checkpoint"].endswith("step_000008")

@@ -19,6 +19,7 @@ import json
 import logging
 import random
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -70,11 +71,6 @@ def _torch_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def model_bytes(model: torch.nn.Module) -> bytes:
-    sd = {k: v.detach().contiguous() for k, v in unwrap(model).state_dict().items() if k != _TIED}
-    return st_save(sd, metadata={"format": FORMAT})
-
-
 def load_model_state(model: GPT, data: bytes) -> None:
     sd = st_load(data)
     sd[_TIED] = sd["transformer.wte.weight"]
@@ -111,7 +107,71 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 # ----------------------------------------------------------------------------- writing
 
 
-def write_checkpoint(
+def _to_host(obj: Any) -> Any:
+    """`obj` with every tensor copied to host memory (pinned, for an asynchronous copy from the GPU): a
+    snapshot that the next optimizer step, which updates parameters and AdamW state in place, cannot touch."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.device.type == "cuda":
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+        return t.clone()
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    return obj
+
+
+@dataclass
+class Snapshot:
+    """One checkpoint's state, copied off the training tensors and ready to be written while training goes on.
+    Every rank holds its own rank file; rank 0 also the shared state and every rank's file record."""
+
+    url: str
+    step: int
+    world_size: int
+    rank_name: str
+    rank_bytes: bytes
+    records: list[dict[str, Any]] | None = None  # rank 0 only, from here down
+    model_state: dict[str, torch.Tensor] | None = None
+    optimizer_state: dict[str, Any] | None = None
+    train_state: bytes = b""
+
+    def write(self, wait_s: float = 600.0) -> str | None:
+        """This rank's files; on rank 0 the shared ones, then, once every rank's file is in the store (the
+        ranks write at the same time), the manifest. Returns the checkpoint URL on rank 0."""
+        store.write_bytes(store.join(self.url, self.rank_name), self.rank_bytes)
+        if self.records is None:
+            return None
+        files = {r["name"]: {"bytes": r["bytes"], "sha256": r["sha256"]} for r in self.records}
+        shared = {"model.safetensors": st_save(self.model_state, metadata={"format": FORMAT}),
+                  "train_state.json": self.train_state}
+        if self.optimizer_state is not None:
+            shared["optimizer.pt"] = _torch_bytes(self.optimizer_state)
+        for name, blob in shared.items():
+            store.write_bytes(store.join(self.url, name), blob)
+            files[name] = {"bytes": len(blob), "sha256": store.sha256(blob)}
+        _await_files(self.url, {r["name"]: r["bytes"] for r in self.records}, wait_s)
+        store.write_json(store.join(self.url, MANIFEST), {"format": FORMAT, "step": self.step,
+                                                          "world_size": self.world_size, "files": files})
+        return self.url
+
+
+def _await_files(url: str, sizes: dict[str, int], wait_s: float) -> None:
+    """Until every rank's file is in the store at its size (each write is atomic), or CheckpointError."""
+    deadline = time.monotonic() + wait_s
+    for name, size in sizes.items():
+        fs, path = store.fs_and_path(store.join(url, name))
+        while True:
+            fs.invalidate_cache(path)  # object stores cache listings
+            if fs.exists(path) and fs.size(path) == size:
+                break
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"{url}: {name} did not arrive within {wait_s:.0f} s; no manifest written")
+            time.sleep(0.05)
+
+
+def snapshot_checkpoint(
     run_dir: str,
     step: int,
     *,
@@ -123,34 +183,33 @@ def write_checkpoint(
     world_size: int = 1,
     train_state: dict[str, Any] | None = None,
     gather: Callable[[Any], list[Any] | None] | None = None,
-) -> str | None:
-    """Write one checkpoint collectively. Every rank calls this with its own `rank_state`; `gather` sends each
-    rank's file record to rank 0 (None on the others; in a single process, `lambda x: [x]`). Rank 0 writes
-    the shared files and, last, the manifest. Returns the checkpoint URL on rank 0."""
+) -> Snapshot:
+    """The state of one checkpoint, taken collectively: every rank calls this with its own `rank_state`;
+    `gather` sends each rank's file record to rank 0 (None on the others; in a single process,
+    `lambda x: [x]`). Rank 0 also copies the weights and the optimizer state to host memory."""
     url = RunDir(run_dir).checkpoint(step)
     gather = gather or (lambda x: [x])
     rank_name = f"rank_{rank:05d}.pt"
     data = _torch_bytes(rank_state)
-    store.write_bytes(store.join(url, rank_name), data)
     records = gather({"name": rank_name, "bytes": len(data), "sha256": store.sha256(data)})
+    snap = Snapshot(url, step, world_size, rank_name, data)
     if rank != 0:
-        return None
-    files = {r["name"]: {"bytes": r["bytes"], "sha256": r["sha256"]} for r in records}
-    if len(files) != world_size:
-        raise CheckpointError(f"{url}: expected {world_size} rank states, got {sorted(files)}")
-    shared = {
-        "model.safetensors": model_bytes(model),
-        "train_state.json": json.dumps(
-            {"step": step, "world_size": world_size, "code_version": code_version(),
-             "config": json.loads(config.to_json()), **(train_state or {})}, indent=2).encode(),
-    }
-    if optimizer is not None:
-        shared["optimizer.pt"] = _torch_bytes(optimizer.state_dict())
-    for name, blob in shared.items():
-        store.write_bytes(store.join(url, name), blob)
-        files[name] = {"bytes": len(blob), "sha256": store.sha256(blob)}
-    store.write_json(store.join(url, MANIFEST), {"format": FORMAT, "step": step, "world_size": world_size, "files": files})
-    return url
+        return snap
+    if len({r["name"] for r in records}) != world_size:
+        raise CheckpointError(f"{url}: expected {world_size} rank states, got {sorted(r['name'] for r in records)}")
+    snap.records = records
+    snap.model_state = _to_host({k: v for k, v in unwrap(model).state_dict().items() if k != _TIED})
+    snap.optimizer_state = _to_host(optimizer.state_dict()) if optimizer is not None else None
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the pinned copies are complete before anyone reads them
+    snap.train_state = json.dumps({"step": step, "world_size": world_size, "code_version": code_version(),
+                                   "config": json.loads(config.to_json()), **(train_state or {})}, indent=2).encode()
+    return snap
+
+
+def write_checkpoint(run_dir: str, step: int, **kwargs: Any) -> str | None:
+    """Take and write one checkpoint collectively (`snapshot_checkpoint`'s arguments); its URL on rank 0."""
+    return snapshot_checkpoint(run_dir, step, **kwargs).write()
 
 
 # ----------------------------------------------------------------------------- reading

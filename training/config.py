@@ -144,6 +144,9 @@ class CheckpointConfig(_Section):
     checkpoint_every: int = Field(1000, gt=0)
     keep_last: int = Field(3, gt=0, description="keep this many newest checkpoints")
     keep_every: int = Field(5000, ge=0, description="also keep every checkpoint whose step is a multiple; 0 = none")
+    async_write: bool = Field(True, description="copy the state to host memory and write it in the background "
+                              "while training goes on (one write in flight; the last step and a stop for "
+                              "preemption wait for it); false = every rank waits for the write")
 
 
 class EvalConfig(_Section):

@@ -204,7 +204,7 @@ class Trainer:
             while step < t.max_steps:
                 record = self._evaluate(step)
                 self.profiler.before(step)
-                record = {**self._step(step), **record}
+                record = {**self._step(step), **record, **self.checkpointer.timings()}
                 self.profiler.after(step)
                 self.heartbeat.progress(step + 1, record["step_ms"] / 1000)
                 diverged = self.guard.diverged()
@@ -231,7 +231,9 @@ class Trainer:
                 if verdict == 1:
                     stopped_by = stopped_by or "peer rank signal"
                     break
+            self.checkpointer.wait()  # a write still in flight (a run that stopped between checkpoints)
         finally:
+            self.checkpointer.close()
             self.profiler.close(step)
             self.loader.close()
             self.val_loader.close()
