@@ -53,6 +53,25 @@ def test_import_each_family_width_at_two_layers_logits_match(preset):
     assert _max_diff(ours, hf, ids) <= 1e-4
 
 
+@pytest.mark.parametrize("preset", ["gpt2-350m", "gpt2-774m", "gpt2-1558m"])
+def test_export_of_each_family_width_at_two_layers_loads_in_transformers_with_the_same_logits(preset, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    from training.config import load_config
+
+    torch.manual_seed(0)
+    ours = GPT(load_config(preset).model.model_copy(update={"n_layer": 2}))
+    out = export_hf_dir(ours, tmp_path / "hf", with_tokenizer=False)
+    hf = GPT2LMHeadModel.from_pretrained(out).eval()
+    assert (hf.config.n_head, hf.config.n_embd, hf.config.vocab_size) == (ours.config.n_head, ours.config.n_embd,
+                                                                          50257)
+    ids = torch.randint(0, 50257, (1, 32))
+    with torch.no_grad():
+        a = ours.eval()(ids)[0][..., :50257]
+        b = hf(ids).logits
+    assert (a - b).abs().max().item() <= 1e-4
+
+
 def test_import_from_local_hf_directory(tmp_path):
     hf = small_hf_model()
     hf.save_pretrained(tmp_path)
