@@ -142,3 +142,24 @@ def test_resume_on_other_data_and_unusable_history_are_refused_on_s3(s3):
     p = _run("s3://bucket/runs/fresh", "data_url=s3://bucket/truncated", env=s3)
     assert p.returncode == BAD_INPUT and f"shard {last.name} is" in p.stderr and "truncated" in p.stderr
     assert not store.exists("s3://bucket/runs/fresh/metrics.jsonl")
+
+
+def test_metrics_on_s3_are_rewritten_off_the_step_path_and_complete_after_a_flush(s3_env):
+    """Object stores have no append: the metrics file is rewritten whole by a thread of its own (the step only
+    hands it the lines), and flush() returns once the file holds every line."""
+    import time
+
+    from training.metrics import MetricsLog, read_metrics
+
+    run = s3_env["make_bucket"]("metrics") + "/run"
+    m = MetricsLog(run, resume_step=0, flush_seconds=0.0)
+    for step in range(5):
+        m.log({"step": step, "loss": 10.0 - step})
+    deadline = time.time() + 30
+    while len(read_metrics(run)) < 1 and time.time() < deadline:  # the writer's rewrites, without a flush
+        time.sleep(0.1)
+    assert read_metrics(run) and read_metrics(run)[0] == {"step": 0, "loss": 10.0}
+    for step in range(5, 40):
+        m.log({"step": step, "loss": 1.0})
+    m.flush()
+    assert [r["step"] for r in read_metrics(run)] == list(range(40))

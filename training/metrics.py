@@ -4,6 +4,8 @@ back here by everyone who reads it), one console line a step."""
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 from typing import Any
 
@@ -11,6 +13,8 @@ import torch
 
 from common import store
 from common.layout import RunDir
+
+log = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s per GPU (no sparsity). Unknown devices (CPU included) report no MFU rather than a guess.
 PEAK_BF16_FLOPS = {
@@ -36,8 +40,9 @@ def peak_flops(device: torch.device) -> float | None:
 class MetricsLog:
     """Appends one JSON object per step to `{run_dir}/metrics.jsonl`.
 
-    Local run dirs get each line appended at once. Object stores have no append, so there the file is
-    rewritten at most every `flush_seconds` and at every flush() (checkpoints, exit)."""
+    Local run dirs get each line appended at once. Object stores have no append, so there the whole file is
+    rewritten, by a thread of its own so that the step never waits on the store: at most every `flush_seconds`,
+    and at every flush() (checkpoints, exit), which waits for its write."""
 
     def __init__(self, run_dir: str, resume_step: int, flush_seconds: float = 30.0):
         self.url = RunDir(run_dir).metrics
@@ -54,19 +59,42 @@ class MetricsLog:
                 except (ValueError, KeyError):
                     continue  # a torn last line from a killed writer
         store.write_bytes(self.url, "".join(x + "\n" for x in self.lines).encode())
+        self._lines_lock = threading.Lock()
+        self._write_lock = threading.Lock()  # one rewrite at a time, each of all the lines logged before it
+        self._due = threading.Event()
+        if not self.local:
+            threading.Thread(target=self._writer, name="metrics-writer", daemon=True).start()
 
     def log(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, separators=(",", ":"))
-        self.lines.append(line)
+        with self._lines_lock:
+            self.lines.append(line)
         if self.local:
             store.append_text(self.url, line + "\n")
         elif time.monotonic() - self._last_flush > self.flush_seconds:
-            self.flush()
+            self._last_flush = time.monotonic()
+            self._due.set()
 
     def flush(self) -> None:
+        """The file holds every line logged so far when this returns."""
         if not self.local:
-            store.write_bytes(self.url, "".join(x + "\n" for x in self.lines).encode())
+            self._rewrite()
         self._last_flush = time.monotonic()
+
+    def _rewrite(self) -> None:
+        with self._write_lock:
+            with self._lines_lock:
+                data = "".join(x + "\n" for x in self.lines).encode()
+            store.write_bytes(self.url, data)
+
+    def _writer(self) -> None:
+        while True:
+            self._due.wait()
+            self._due.clear()
+            try:
+                self._rewrite()
+            except Exception as err:  # a store hiccup: the next rewrite or flush() carries these lines too
+                log.warning("could not rewrite %s: %s", self.url, err)
 
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
