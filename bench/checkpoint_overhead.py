@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,23 +32,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from cpu_run import cpu_machine, random_shards  # noqa: E402
+
 VARIANTS = {"no checkpoints": None, "synchronous": "false", "asynchronous": "true"}
-
-
-def make_data(url: Path, seed: int = 0) -> str:
-    """Seeded random token shards: what a checkpoint costs does not depend on the text."""
-    from common.shards import write_manifest, write_shard
-
-    rng = np.random.default_rng(seed)
-    records = [write_shard(str(url), i, rng.integers(0, 50257, n, dtype=np.uint16))
-               for i, n in enumerate((65536, 1 << 20))]
-    write_manifest(str(url), records)
-    return str(url)
 
 
 def run_variant(a: argparse.Namespace, data: str, run_dir: str, async_write: str | None) -> dict:
@@ -92,16 +81,6 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
-def machine() -> dict:
-    import torch
-
-    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-        else platform.processor()
-    return {"cpus": os.cpu_count(), "cpu_model": model, "torch": torch.__version__,
-            "python": platform.python_version()}
-
-
 def table(res: dict) -> str:
     lines = ["| variant | step ms | blocked per checkpoint s | write per checkpoint s | blocked / training | "
              "loop s | loop vs no checkpoints |", "|---|---|---|---|---|---|---|"]
@@ -136,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(json.loads(Path(a.render).read_text())))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_data(Path(tmp) / "data")
+        data = random_shards(Path(tmp) / "data", (65536, 1 << 20))
         work = (a.work or tmp).rstrip("/")
         rows = []
         for i in range(a.repeat):
@@ -152,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {"settings": {"config": a.config, "set": a.set, "steps": a.steps, "checkpoint_every": a.checkpoint_every,
                         "repeat": a.repeat, "store": "local disk" if not a.work or "://" not in a.work
                         else a.work.split("://")[0], "checkpoint_mb": mb},
-           "machine": machine(), "time": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
+           "machine": cpu_machine(), "time": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
            "rows": rows, "summary": summary(rows)}
     print(table(res))
     if a.out:

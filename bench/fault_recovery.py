@@ -49,26 +49,16 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from cpu_run import cpu_machine, random_shards  # noqa: E402
 
 FAULTS = ("frozen", "killed")
 
 
 # ----------------------------------------------------------------------------- what each run needs
-
-
-def make_data(url: Path, seed: int = 0) -> str:
-    """Seeded random token shards (one val shard, two train shards): recovery does not depend on the text."""
-    from common.shards import write_manifest, write_shard
-
-    rng = np.random.default_rng(seed)
-    records = [write_shard(str(url), i, rng.integers(0, 50257, n, dtype=np.uint16))
-               for i, n in enumerate((4096, 16384, 16384))]
-    write_manifest(str(url), records)
-    return str(url)
 
 
 def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
@@ -311,13 +301,8 @@ def latest_checkpoint_step(run: Path) -> int:
 
 def machine() -> dict:
     import prefect
-    import torch
 
-    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-        else platform.processor()
-    return {"cpus": os.cpu_count(), "cpu_model": model, "torch": torch.__version__, "prefect": prefect.__version__,
-            "python": platform.python_version(), "os": platform.platform()}
+    return {**cpu_machine(), "prefect": prefect.__version__, "os": platform.platform()}
 
 
 def check_period(settings: dict) -> float:
@@ -461,7 +446,7 @@ def main(argv=None) -> int:
     res = {"when": when, "machine": machine(), "settings": settings, "rows": [], "summary": []}
     server = None
     try:
-        data = a.data or make_data(work / "data")
+        data = a.data or random_shards(work / "data", (4096, 16384, 16384))
         api = a.api_url
         if api is None:
             (work / "prefect").mkdir(exist_ok=True)

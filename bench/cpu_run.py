@@ -1,0 +1,31 @@
+"""What the CPU benchmarks that train (checkpoint_overhead.py, fault_recovery.py) share: seeded random token
+shards, since what they measure does not depend on the text, and the machine a figure was measured on."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+
+
+def random_shards(url: Path, sizes: tuple[int, ...], seed: int = 0) -> str:
+    """Shards of seeded random GPT-2 token ids, `sizes` tokens each (the first is the val shard)."""
+    from common.shards import write_manifest, write_shard
+
+    rng = np.random.default_rng(seed)
+    records = [write_shard(str(url), i, rng.integers(0, 50257, n, dtype=np.uint16)) for i, n in enumerate(sizes)]
+    write_manifest(str(url), records)
+    return str(url)
+
+
+def cpu_machine() -> dict:
+    """CPU count and model, torch and Python versions."""
+    import torch
+
+    info = Path("/proc/cpuinfo")
+    model = next((ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines()
+                  if ln.startswith("model name")), platform.processor()) if info.exists() else platform.processor()
+    return {"cpus": os.cpu_count(), "cpu_model": model, "torch": torch.__version__,
+            "python": platform.python_version()}
