@@ -12,6 +12,8 @@
         rollbacks.jsonl, rolled-back/       every rollback past diverging data; the checkpoints it set aside (flow)
         submissions.jsonl, job.json         every job the flow submitted; the one in flight (flow)
         cordon.jsonl                        hosts kept out of the run's next submissions, until they expire (flow)
+        evaluations.jsonl                   every checkpoint's evaluation summary, kept after retention prunes it (flow)
+        trackers/{tracker}.json             the tracker run mirroring this run, and what it holds (tracking.mirror)
         curves.png                          loss and HellaSwag curves (flow, evaluation.plots)
         logs/submission-NNN.log             console of a local submission (flow, local executor)
         leases/trainer.json, leases/flow.json   who writes the run now (common/lease.py)
@@ -72,6 +74,7 @@ class RunDir:
     rollbacks = property(lambda self: join(self.url, "rollbacks.jsonl"))
     submissions = property(lambda self: join(self.url, "submissions.jsonl"))
     cordon = property(lambda self: join(self.url, "cordon.jsonl"))
+    evaluations = property(lambda self: join(self.url, "evaluations.jsonl"))
     job = property(lambda self: join(self.url, "job.json"))
     curves = property(lambda self: join(self.url, "curves.png"))
     logs = property(lambda self: join(self.url, "logs"))
@@ -97,6 +100,10 @@ class RunDir:
     def profile(self, start: int, stop: int, rank: int) -> str:
         """Rank `rank`'s torch.profiler trace of steps start..stop-1 (training/profiling.py)."""
         return join(self.url, "profiles", f"steps_{start}-{stop}", f"rank-{rank:05d}.json")
+
+    def tracker(self, kind: str) -> str:
+        """The record of the `kind` tracker's run of this run directory (tracking/mirror.py)."""
+        return join(self.url, "trackers", f"{kind}.json")
 
     def lease(self, role: str) -> str:
         """The lease of the run's one writer of `role` ("trainer", "flow"): common/lease.py."""

@@ -20,10 +20,11 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.7.1
 
 COPY pyproject.toml README.md ./
-RUN mkdir -p common training evaluation data_prep cluster flows \
+# the tracker mirror's libraries (tracker=mlflow|wandb) live here, never on the training nodes
+RUN mkdir -p common training evaluation data_prep cluster flows tracking \
     && touch common/__init__.py training/__init__.py evaluation/__init__.py data_prep/__init__.py cluster/__init__.py \
-       flows/__init__.py \
-    && pip install -e . "prefect>=3.4,<4"
+       flows/__init__.py tracking/__init__.py \
+    && pip install -e ".[trackers]" "prefect>=3.4,<4"
 
 COPY configs ./configs
 COPY common ./common
@@ -32,6 +33,7 @@ COPY evaluation ./evaluation
 COPY data_prep ./data_prep
 COPY cluster ./cluster
 COPY flows ./flows
+COPY tracking ./tracking
 RUN pip install --no-deps -e . \
     && useradd --create-home --uid 1000 --shell /bin/bash prefect
 USER 1000

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from cluster.spec import JobSpec
+from common import store
 from common.errors import ReproError
+from common.layout import RunDir
 from training import checkpoint as ck
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,6 +132,15 @@ class EvaluationScheduler:
                     c.step, c.url, self.tasks, self.hellaswag_data, self.slurm, self.include_path, self.background,
                     return_state=True))
 
+    def _keep(self, step: int, result: dict[str, Any]) -> None:
+        """The summary outlives its checkpoint (retention prunes it with its eval/ folder): evaluations.jsonl,
+        which the tracker mirror reads too."""
+        try:
+            store.append_text(RunDir(self.run_dir).evaluations,
+                              json.dumps({"step": step, "time": time.time(), **result}, default=str) + "\n")
+        except Exception as err:  # the checkpoint's own eval/ files still hold it
+            self.log.warning("could not append to evaluations.jsonl: %s", err)
+
     async def collect(self, wait: bool = False) -> bool:
         """Take in the evaluations that have finished (all of them with `wait`); True when any did."""
         new = False
@@ -139,6 +151,8 @@ class EvaluationScheduler:
                 if isinstance(result, BaseException):
                     result = getattr(result, "result", {"step": step, "error": str(result)})
                     self.log.warning("evaluation of step %d failed: %s", step, result.get("error"))
+                elif "error" not in result:
+                    self._keep(step, result)
                 self.results[step] = result
                 del self._pending[step]
                 new = True

@@ -6,7 +6,7 @@ is in training/, the Slurm launch in cluster/.
 
 The parts: flows/executors.py (where a submission runs), flows/watch.py (one submission, watched),
 flows/resubmission.py (what to do when it ends), flows/evaluations.py (every checkpoint evaluated),
-flows/report.py (the UI).
+flows/report.py (the UI), flows/tracker.py (the run mirrored into MLflow or W&B).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 from typing import Any
 
@@ -35,9 +36,11 @@ from flows.params import PretrainParams
 from flows.report import Progress, artifact_key, best_checkpoint, checkpoint_rows, publish_checkpoint_table, \
     publish_curves, publish_events, publish_summary
 from flows.resubmission import ResubmissionPolicy
+from flows.tracker import TrackerMirror
 from flows.watch import RunWatcher, watch_as_task
 from training import checkpoint as ck
 from training.config import ConfigError, RunConfig, load_config
+from tracking.credentials import take_credentials
 from training.metrics import read_metrics
 
 
@@ -101,6 +104,30 @@ async def ensure_data(cfg: RunConfig, p: PretrainParams) -> None:
         list_shards(url, "val")
     except ShardError as err:
         raise FlowFailure(f"bad data: {err}") from None
+
+
+def check_tracker(p: PretrainParams) -> None:
+    """A tracker that could never be fed is refused before anything is submitted."""
+    if p.tracker == "none":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec(p.tracker) is None:
+        raise FlowFailure(f"bad parameter: tracker={p.tracker} needs the {p.tracker} library on the worker: "
+                          "pip install 'gpt2-repro[trackers]'")
+    if p.tracker == "mlflow" and not (p.tracker_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise FlowFailure("bad parameter: tracker=mlflow needs tracker_uri or MLFLOW_TRACKING_URI on the worker")
+
+
+def tracker_record(run: RunDir, kind: str) -> dict[str, Any]:
+    """The tracker run mirroring this run, from the mirror's record."""
+    try:
+        rec = store.read_json(run.tracker(kind))
+    except (FileNotFoundError, ValueError):
+        return {"tracker": kind, "run_id": None}
+    return {"tracker": kind, "run_id": rec.get("run_id"), "generation": rec.get("generation"),
+            "delivered_step": rec.get("delivered", {}).get("step"), "outages": rec.get("outages", 0),
+            "finished": rec.get("finished")}
 
 
 # ----------------------------------------------------------------------------- the run's records
@@ -238,7 +265,10 @@ async def run_pretrain(p: PretrainParams, executor: TrainingExecutor) -> dict[st
         from flows.credentials import apply_secret
 
         names = await apply_secret(p.credentials_secret)
-        log.info("store credentials from Secret %r: %s", p.credentials_secret, ", ".join(names))
+        log.info("credentials from Secret %r: %s", p.credentials_secret, ", ".join(names))
+    # Tracker credentials stay with the tracker mirror: out of this environment, which the jobs inherit.
+    tracker_credentials = take_credentials(os.environ)
+    check_tracker(p)
     try:
         cfg, overrides = resolve_config(p)
     except Exception as err:
@@ -256,9 +286,24 @@ async def run_pretrain(p: PretrainParams, executor: TrainingExecutor) -> dict[st
         await asyncio.to_thread(lease.acquire)
     except LeaseHeld as err:
         raise FlowFailure(str(err)) from None
+    mirror, state = None, "failed"
     try:
-        return await _pretrain(p, executor, cfg, overrides, run, lease, log)
+        if p.tracker != "none":
+            mirror = await TrackerMirror.start(p.tracker, run, log, tracker_credentials, p.tracker_uri,
+                                               p.tracker_project, p.tracker_entity, p.tracker_interval_s,
+                                               p.tracker_finish_timeout_s)
+        result = await _pretrain(p, executor, cfg, overrides, run, lease, log)
+        state = "completed"
+        if mirror is not None:
+            await mirror.finish(state, p.tracker_finish_timeout_s + 60)
+            result["tracker"] = tracker_record(run, p.tracker)
+        return result
+    except asyncio.CancelledError:
+        state = "stopped"
+        raise
     finally:
+        if mirror is not None and state != "completed":
+            await mirror.finish(state, p.tracker_finish_timeout_s + 60)
         await asyncio.to_thread(lease.release)
 
 

@@ -1,0 +1,129 @@
+"""What a tracker shows of a run, read from its run directory, which stays the single source of truth: the
+metrics of every step, each checkpoint's evaluations, the samples, the events of its submissions (requeues,
+resubmissions, hangs, skipped updates, rollbacks, cordons) and the resolved config."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from common import store
+from common.layout import RunDir, eval_result
+from training.metrics import parse_metrics
+
+# the files whose lines are events, and the field that names the step each line is about
+EVENT_FILES = {"attempts": "end_step", "submissions": "end_step", "events": "step", "rollbacks": "resume_step",
+               "cordon": "step"}
+
+
+@dataclass
+class RunRecords:
+    steps: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl, one row per step, in step order
+    evaluations: dict[tuple[int, str], dict[str, float]] = field(default_factory=dict)  # (step, family) -> values
+    samples: list[dict[str, Any]] = field(default_factory=list)  # {"step", "samples": [...]}
+    events: list[dict[str, Any]] = field(default_factory=list)  # {"time", "source", "event", "step", "detail"}
+    config: dict[str, Any] = field(default_factory=dict)
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def config_hash(self) -> str:
+        return hashlib.sha1(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:12]
+
+    def max_steps(self) -> int | None:
+        return (self.config.get("train") or {}).get("max_steps")
+
+
+def _jsonl(url: str) -> list[dict[str, Any]]:
+    try:
+        text = store.read_bytes(url).decode(errors="replace")
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # torn by a killed writer
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def step_values(row: dict[str, Any]) -> dict[str, float]:
+    """A metrics line's numbers (NaN and inf included: a diverging step is shown as it was), without its step."""
+    return {k: float(v) for k, v in row.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def evaluation_values(family: str, result: dict[str, Any]) -> dict[str, float]:
+    """One checkpoint's evaluation file as tracker metrics: eval/hellaswag_acc_norm, eval/{task}_acc, ..."""
+    out: dict[str, float] = {}
+    if family == "hellaswag":
+        for k in ("acc", "acc_norm"):
+            if isinstance(result.get(k), (int, float)):
+                out[f"eval/hellaswag_{k}"] = float(result[k])
+    else:
+        for task, metrics in (result.get("tasks") or {}).items():
+            for k in ("acc", "acc_norm"):
+                v = metrics.get(k)
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    out[f"eval/{task}_{k}"] = float(v)
+    return out
+
+
+def read_records(run_url: str, skip_evaluations: set[tuple[int, str]] = frozenset()) -> RunRecords:
+    """Everything a tracker shows, as the run directory holds it now. Checkpoints a rollback set aside are not
+    in checkpoints/ any more, so neither are their evaluations. `skip_evaluations`: (step, family) pairs already
+    read, not fetched again (one small file per checkpoint adds up on object storage)."""
+    run = RunDir(run_url)
+    by_step: dict[int, dict[str, Any]] = {}
+    try:
+        lines = store.read_bytes(run.metrics).decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        lines = []
+    for row in parse_metrics(lines):
+        by_step[int(row["step"])] = row  # the last line of a step is its latest value
+    rec = RunRecords(steps=[by_step[s] for s in sorted(by_step)])
+    try:
+        rec.config = store.read_json(run.config)
+    except (FileNotFoundError, ValueError):
+        rec.config = {}
+    rec.samples = [r for r in _jsonl(run.samples) if "step" in r]
+    rec.rollbacks = _jsonl(run.rollbacks)
+    for source, step_field in EVENT_FILES.items():
+        for r in _jsonl(getattr(run, source)):
+            name = r.get("event") or r.get("state") or ("rollback" if source == "rollbacks" else
+                                                         "cordon" if source == "cordon" else source)
+            rec.events.append({"time": r.get("time"), "source": source, "event": str(name),
+                               "step": r.get(step_field, r.get("step")),
+                               "detail": json.dumps(r, sort_keys=True, default=str)[:2000]})
+    rec.events.sort(key=lambda e: (e["time"] or 0, e["source"]))
+    # The flow's evaluations.jsonl outlives pruned checkpoints; a rollback's set-aside steps are dropped from it.
+    undone = [(float(r.get("time", 0)), int(r.get("resume_step", 0))) for r in rec.rollbacks]
+    for row in _jsonl(run.evaluations):
+        step = row.get("step")
+        if not isinstance(step, int) or any(row.get("time", 0) < t and step > resume for t, resume in undone):
+            continue
+        for family in ("hellaswag", "lm_eval"):
+            if isinstance(row.get(family), dict) and (step, family) not in skip_evaluations:
+                values = evaluation_values(family, row[family])
+                if values:
+                    rec.evaluations[(step, family)] = values
+    for step in _checkpoint_steps(run):  # a run evaluated without the flow (python -m evaluation.evaluate)
+        for family in ("hellaswag", "lm_eval"):
+            if (step, family) in skip_evaluations or (step, family) in rec.evaluations:
+                continue
+            try:
+                values = evaluation_values(family, store.read_json(eval_result(run.checkpoint(step), family)))
+            except (FileNotFoundError, ValueError):
+                continue
+            if values:
+                rec.evaluations[(step, family)] = values
+    return rec
+
+
+def _checkpoint_steps(run: RunDir) -> list[int]:
+    return sorted(s for s in (RunDir.step_of(n) for n in store.listdir(run.checkpoints)) if s is not None)
