@@ -24,6 +24,16 @@ def enc():
 
 
 @pytest.fixture(scope="session")
+def prefect_server():
+    """A real temporary Prefect server (and this process pointed at it), started once for every flow test: it
+    takes ~20 s to start on 2 cores."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """Real English tokens (Python's standard-library docstrings, the `demo` source) in real shards."""
     from data_prep import pipeline

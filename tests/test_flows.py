@@ -17,24 +17,25 @@ from flows.pretrain import FlowFailure, pretrain, run_pretrain
 from helpers import FLOW_FAST, REPO, free_port, make_examples, make_shards, read_jsonl, write_jsonl
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
+SHARDS: dict[str, str] = {}
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+
+@pytest.fixture(autouse=True, scope="module")
+def _shared_shards(demo_data):
+    SHARDS["demo"] = demo_data
 
 
 def _params(tmp_path, **kw):
+    """The flow on the session's demo shards (preparing them is the first test's part, and others' elsewhere)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     hs = write_jsonl(tmp_path / "hs.jsonl", make_examples(4))
-    kw = {"overrides": FLOW_FAST, **kw}
+    kw = {"overrides": FLOW_FAST, "data": SHARDS["demo"], **kw}
     return PretrainParams(store=str(tmp_path / "store"), run_name="t", hellaswag_data=hs, poll_seconds=0.5,
                           backoff_seconds=0, **kw)
 
 
 def test_flow_trains_evaluates_every_checkpoint_and_reports(prefect_server, tmp_path):
-    result = asyncio.run(pretrain(_params(tmp_path)))
+    result = asyncio.run(pretrain(_params(tmp_path, data=None)))  # the shards are prepared first
     assert result["final_step"] == 6 and result["submissions"] == 1
     assert [r["step"] for r in result["evaluations"]] == [3, 6]
     assert all(r["hellaswag_acc_norm"] is not None for r in result["evaluations"])

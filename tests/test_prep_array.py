@@ -49,11 +49,9 @@ def test_job_array_rejects_a_hub_source_and_a_missing_folder_before_sbatch(tmp_p
     assert not (tmp_path / "s").exists()  # nothing was submitted
 
 
-def test_prepare_data_flow_runs_the_job_array(slurm_cluster, parquet_dir, tmp_path, monkeypatch):
+def test_prepare_data_flow_runs_the_job_array(prefect_server, slurm_cluster, parquet_dir, tmp_path, monkeypatch):
     """The prepare-data flow with `slurm` set, on a real (temporary) Prefect server and the local cluster."""
     import asyncio
-
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows.prepare_data import prepare_data
 
@@ -61,9 +59,8 @@ def test_prepare_data_flow_runs_the_job_array(slurm_cluster, parquet_dir, tmp_pa
     one = str(tmp_path / "one")
     pipeline.build(one, open_source(str(parquet_dir)), SHARD, 1, progress=False)
     out = str(tmp_path / "flow")
-    with prefect_test_harness(server_startup_timeout=120):
-        result = asyncio.run(prepare_data(source=str(parquet_dir), out=out, shard_tokens=SHARD,
-                                          slurm=JobSpec(time_min=20, folder=str(tmp_path / "slurm"))))
+    result = asyncio.run(prepare_data(source=str(parquet_dir), out=out, shard_tokens=SHARD,
+                                      slurm=JobSpec(time_min=20, folder=str(tmp_path / "slurm"))))
     assert result["shards"] == len(store.read_json(store.join(one, "manifest.json"))["shards"])
     assert store.read_bytes(store.join(out, "manifest.json")) == store.read_bytes(store.join(one, "manifest.json"))
     assert list((tmp_path / "slurm").glob("*_2_0_result.pkl"))  # the third file's array task ran under Slurm
