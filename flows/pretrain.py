@@ -125,9 +125,9 @@ def tracker_record(run: RunDir, kind: str) -> dict[str, Any]:
         rec = store.read_json(run.tracker(kind))
     except (FileNotFoundError, ValueError):
         return {"tracker": kind, "run_id": None}
-    return {"tracker": kind, "run_id": rec.get("run_id"), "generation": rec.get("generation"),
-            "delivered_step": rec.get("delivered", {}).get("step"), "outages": rec.get("outages", 0),
-            "finished": rec.get("finished")}
+    return {"tracker": kind, "run_id": rec.get("run_id"), "link": rec.get("link"),
+            "generation": rec.get("generation"), "delivered_step": rec.get("delivered", {}).get("step"),
+            "outages": rec.get("outages", 0), "finished": rec.get("finished")}
 
 
 # ----------------------------------------------------------------------------- the run's records
@@ -443,6 +443,8 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
               "final_val_loss": next((m["val_loss"] for m in reversed(metrics) if "val_loss" in m), None),
               "evaluations": rows, "best_checkpoint": best_checkpoint(rows), "curves": curves,
               "minutes": round((time.monotonic() - t0) / 60, 2)}
+    if p.tracker != "none":
+        result["tracker"] = tracker_record(run, p.tracker)
     await publish_summary(run.url, p.run_name, key, max_steps, result)
     return result
 

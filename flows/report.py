@@ -157,6 +157,10 @@ async def publish_summary(run_dir: str, title: str, key: str, max_steps: int, re
              f"val loss: {_num(result.get('final_val_loss'))}",
              f"- submissions: {result['submissions']}, wall time: {result['minutes']} min",
              f"- run directory: `{run_dir}`"]
+    tracker = result.get("tracker")
+    if tracker and tracker.get("run_id"):
+        lines.append(f"- {tracker['tracker']} run: `{tracker['run_id']}`"
+                     + (f" ({tracker['link']})" if tracker.get("link") not in (None, tracker["run_id"]) else ""))
     best = result.get("best_checkpoint")
     if best:
         lines.append(f"- best checkpoint: **step {best['step']}** ({best['metric']} {best['value']:.4f}): "

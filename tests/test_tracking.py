@@ -183,6 +183,7 @@ def test_one_mlflow_run_holds_every_step_once_through_requeue_resubmission_outag
     record = json.loads((run / "trackers" / "mlflow.json").read_text())
     assert record["outages"] >= 1 and record["generation"] == 1 and record["finished"] == "completed"
     assert first["tracker"]["run_id"] == again["tracker"]["run_id"] == record["run_id"]
+    assert record["link"].endswith(f"/runs/{record['run_id']}")  # also in the flow's summary artifact
 
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("gpt2-repro")

@@ -112,12 +112,12 @@ class Mirror:
     def _open(self) -> None:
         gen = self.record["generation"]
         rid = self.tracker.open(self.run.url, self.run_name, gen, self.record.get("run_id"))
-        if rid != self.record.get("run_id"):
-            self.record["run_id"] = rid
+        link = redact(self.tracker.link())
+        if (rid, link) != (self.record.get("run_id"), self.record.get("link")):
+            self.record.update(run_id=rid, link=link)
             self._save()
         self.opened = True
-        log.info("%s run %s (generation %d) for %s: %s", self.tracker.kind, rid, gen, self.run.url,
-                 redact(self.tracker.link()))
+        log.info("%s run %s (generation %d) for %s: %s", self.tracker.kind, rid, gen, self.run.url, link)
 
     def _next_generation(self, resume: int) -> None:
         old = self.record["run_id"]
