@@ -149,10 +149,11 @@ def test_metrics_on_s3_are_rewritten_off_the_step_path_and_complete_after_a_flus
     hands it the lines), and flush() returns once the file holds every line."""
     import time
 
+    from common.logfiles import LogFiles
     from training.metrics import MetricsLog, read_metrics
 
     run = s3_env["make_bucket"]("metrics") + "/run"
-    m = MetricsLog(run, resume_step=0, flush_seconds=0.0)
+    m = MetricsLog(run, resume_step=0, files=LogFiles(flush_seconds=0.0))
     for step in range(5):
         m.log({"step": step, "loss": 10.0 - step})
     deadline = time.time() + 30

@@ -4,17 +4,13 @@ back here by everyone who reads it), one console line a step."""
 from __future__ import annotations
 
 import json
-import logging
-import threading
-import time
 from typing import Any
 
 import torch
 
 from common import store
 from common.layout import RunDir
-
-log = logging.getLogger(__name__)
+from common.logfiles import LogFiles
 
 # Dense bf16 peak FLOP/s per GPU (no sparsity). Unknown devices (CPU included) report no MFU rather than a guess.
 PEAK_BF16_FLOPS = {
@@ -38,63 +34,30 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 class MetricsLog:
-    """Appends one JSON object per step to `{run_dir}/metrics.jsonl`.
+    """Appends one JSON object per step to `{run_dir}/metrics.jsonl`, through `files` (common/logfiles.py: at
+    once on a local disk; on an object store by a thread, never blocking the step, and complete at every
+    flush(): checkpoints, exit). Lines of the steps a resumed run is about to redo are dropped at start."""
 
-    Local run dirs get each line appended at once. Object stores have no append, so there the whole file is
-    rewritten, by a thread of its own so that the step never waits on the store: at most every `flush_seconds`,
-    and at every flush() (checkpoints, exit), which waits for its write."""
-
-    def __init__(self, run_dir: str, resume_step: int, flush_seconds: float = 30.0):
+    def __init__(self, run_dir: str, resume_step: int, files: LogFiles | None = None):
+        self.files = files or LogFiles()
         self.url = RunDir(run_dir).metrics
-        self.local = store.is_local(run_dir)
-        self.flush_seconds = flush_seconds
-        self._last_flush = time.monotonic()
-        # Keep the history up to the checkpoint we resume from: steps after it are about to be redone.
-        self.lines: list[str] = []
-        if store.exists(self.url):
-            for line in store.read_bytes(self.url).decode().splitlines():
-                try:
-                    if json.loads(line)["step"] < resume_step:
-                        self.lines.append(line)
-                except (ValueError, KeyError):
-                    continue  # a torn last line from a killed writer
-        store.write_bytes(self.url, "".join(x + "\n" for x in self.lines).encode())
-        self._lines_lock = threading.Lock()
-        self._write_lock = threading.Lock()  # one rewrite at a time, each of all the lines logged before it
-        self._due = threading.Event()
-        if not self.local:
-            threading.Thread(target=self._writer, name="metrics-writer", daemon=True).start()
+        self.file = self.files.open(self.url, keep=lambda line: line_step(line) < resume_step, create=True)
 
     def log(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, separators=(",", ":"))
-        with self._lines_lock:
-            self.lines.append(line)
-        if self.local:
-            store.append_text(self.url, line + "\n")
-        elif time.monotonic() - self._last_flush > self.flush_seconds:
-            self._last_flush = time.monotonic()
-            self._due.set()
+        self.file.append(json.dumps(record, separators=(",", ":")) + "\n")
 
     def flush(self) -> None:
         """The file holds every line logged so far when this returns."""
-        if not self.local:
-            self._rewrite()
-        self._last_flush = time.monotonic()
+        self.files.flush()
 
-    def _rewrite(self) -> None:
-        with self._write_lock:
-            with self._lines_lock:
-                data = "".join(x + "\n" for x in self.lines).encode()
-            store.write_bytes(self.url, data)
 
-    def _writer(self) -> None:
-        while True:
-            self._due.wait()
-            self._due.clear()
-            try:
-                self._rewrite()
-            except Exception as err:  # a store hiccup: the next rewrite or flush() carries these lines too
-                log.warning("could not rewrite %s: %s", self.url, err)
+def line_step(line: str) -> float:
+    """The step of a metrics (or telemetry) line; infinite for a line a killed writer tore (never kept)."""
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+    return step if isinstance(step, (int, float)) else float("inf")
 
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
