@@ -2,7 +2,7 @@
 a job that stops making progress while it still looks RUNNING is noticed from outside it.
 
     {run}/heartbeats/rank-00000.json   {"rank", "world", "host", "pid", "pgid", "slurm_job", "process", "beat",
-                                        "step", "phase", "step_s", "time"}
+                                        "step", "phase", "step_s", "busy_s", "time"}
 
 Training writes them (`HeartbeatWriter`, a thread per rank: a rank frozen by SIGSTOP, a wedged GPU or a dead
 host stops beating; a rank blocked in a collective beats on, but its step stands still). The flow and
@@ -42,8 +42,9 @@ class HeartbeatWriter:
         self.record: dict[str, Any] = {"rank": rank, "world": world, "host": host_name(), "pid": os.getpid(),
                                        "pgid": os.getpgid(0), "slurm_job": os.environ.get("SLURM_JOB_ID"),
                                        "process": uuid.uuid4().hex[:12], "beat": 0, "step": None,
-                                       "phase": "starting", "step_s": None}
+                                       "phase": "starting", "step_s": None, "busy_s": None}
         self._step_times: list[float] = []
+        self._busy_times: list[float] = []
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
@@ -57,11 +58,15 @@ class HeartbeatWriter:
         """What the rank is doing now: starting, step, validate, checkpoint, sample."""
         self.record["phase"] = name
 
-    def progress(self, step: int, step_s: float) -> None:
-        """`step` steps are done, the last in `step_s` seconds."""
+    def progress(self, step: int, step_s: float, busy_s: float | None = None) -> None:
+        """`step` steps are done, the last in `step_s` seconds, `busy_s` of them this rank's own work
+        (training/telemetry.py: under DDP every rank's step lasts as long as the slowest rank's)."""
         first = self.record["step"] is None
         self._step_times = (self._step_times + [step_s])[-50:]
-        self.record.update(step=step, phase="step", step_s=statistics.median(self._step_times))
+        if busy_s is not None:
+            self._busy_times = (self._busy_times + [busy_s])[-50:]
+        self.record.update(step=step, phase="step", step_s=statistics.median(self._step_times),
+                           busy_s=statistics.median(self._busy_times) if self._busy_times else None)
         if first:  # said at once: until then the reader allows for start-up (compilation), not for a step
             self._wake.set()
 

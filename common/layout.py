@@ -6,6 +6,8 @@
     {store}/runs/{run}/                     a run directory (RunDir below)
         config.json                         the resolved run config (training)
         metrics.jsonl                       one JSON object per step (training)
+        telemetry.jsonl                     every rank's step, busy and data-wait times, memory, GPU clock,
+                                            temperature and power, one line per window (training/telemetry.py)
         samples.jsonl, result.json          samples during training; the last process's result (training)
         attempts.jsonl                      every start, requeue and end of a Slurm job (cluster launcher)
         events.jsonl                        every skipped update and a divergence (training's guard)
@@ -67,6 +69,7 @@ class RunDir:
     # files at the top of the run directory, by who writes them (see the module docstring)
     config = property(lambda self: join(self.url, "config.json"))
     metrics = property(lambda self: join(self.url, "metrics.jsonl"))
+    telemetry = property(lambda self: join(self.url, "telemetry.jsonl"))
     samples = property(lambda self: join(self.url, "samples.jsonl"))
     result = property(lambda self: join(self.url, "result.json"))
     attempts = property(lambda self: join(self.url, "attempts.jsonl"))

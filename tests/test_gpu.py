@@ -6,6 +6,7 @@ test_bench.py."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,30 @@ def test_training_job_on_cuda_with_compile_and_the_levers(demo_data, tmp_path):
     assert [r["step"] for r in m] == list(range(8))
     cfg = json.loads((Path(run) / "config.json").read_text())
     assert cfg["resolved"]["device"].startswith("cuda")
+
+
+def test_telemetry_on_cuda_times_the_rank_with_events_and_reads_its_memory():
+    """Busy time ends when the GPU has made the last gradient (an event on the compute stream), not when the host
+    queued it; memory comes from the allocator; NVML figures are numbers, or null without nvidia-ml-py."""
+    from training.distributed import DistInfo
+    from training.telemetry import RankTelemetry
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256, n_layer=2)).to(CUDA)
+    tel = RankTelemetry(2, DistInfo(), CUDA, last_grads=[model.transformer.wte.weight, model.transformer.wpe.weight])
+    x = torch.randint(0, 50257, (8, 256), device=CUDA)
+    for _ in range(2):
+        tel.step_started()
+        t0 = time.perf_counter()
+        model(x, x)[1].backward()
+        torch.cuda._sleep(100_000_000)  # the GPU kept busy after the backward, as by a peer's all-reduce
+        torch.cuda.synchronize()
+        step_s = time.perf_counter() - t0
+        tel.step_ended(step_s)
+        assert 0 < tel.busy_s < step_s - 0.01
+    [row] = tel.gather()
+    assert row["mem_alloc_gb"] > 0 and row["mem_reserved_gb"] >= row["mem_alloc_gb"]
+    assert all(row[k] is None or row[k] >= 0 for k in ("gpu_util", "sm_clock_mhz", "temp_c", "power_w"))
 
 
 def test_a_gpu_node_passes_its_node_check(tmp_path):

@@ -126,6 +126,10 @@ class TrainConfig(_Section):
     collective_timeout_s: float = Field(600.0, gt=0, description="a collective that waits longer than this ends the "
                                         "job with an error naming the missing ranks (torch's default: 30 min on "
                                         "gloo); keep it above the longest checkpoint write")
+    telemetry_every: int = Field(50, ge=0, description="every this many steps each rank's mean step time, busy "
+                                 "time (until its own last gradient: no waiting on peers) and data wait, its "
+                                 "memory and GPU clock, temperature and power go into {run}/telemetry.jsonl (one "
+                                 "small all_gather), and the slowest rank into that step's metrics line; 0 = off")
     stop_after_steps: int | None = Field(
         None, gt=0, description="leave after this many steps in this process, checkpointing as on preemption "
         "(a time-boxed allocation); the next launch resumes")

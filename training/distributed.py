@@ -115,3 +115,21 @@ def gather_to_master(obj: Any) -> list[Any] | None:
     out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `t` (the same shape on each), in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [t]
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return out
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order, on every rank (set-up only: it pickles)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -33,6 +33,7 @@ from common.errors import ReproError
 from common.heartbeat import HeartbeatWriter, laggards, read_heartbeats
 from common.layout import RunDir
 from common.lease import Lease, LeaseHeld
+from common.logfiles import LogFiles
 from common.shards import data_fingerprint
 from training import accel, distributed, stop_signal
 from training.checkpointer import Checkpointer
@@ -40,13 +41,14 @@ from training.config import RunConfig, TrainConfig, load_config, parse_range
 from training.distributed import DistInfo
 from training.guard import StepGuard
 from training.loader import ShardLoader
-from training.metrics import MetricsLog, console_line, peak_flops
+from training.metrics import MetricsLog, console_line, line_step, peak_flops
 from training.model import GPT, flops_per_token
 from training.optim import configure_optimizer, cosine_lr
 from training.preflight import preflight
 from training.profiling import StepProfiler
 from training.resume import resume
 from training.step import train_step
+from training.telemetry import RankTelemetry, window_line, window_summary
 
 log = logging.getLogger("training")
 
@@ -180,14 +182,22 @@ class Trainer:
         if info.is_master:
             store.write_json(self.run_dir.config, {**json.loads(cfg.to_json()), "resolved": {
                 "world_size": info.world_size, "grad_accum_steps": self.grad_accum, "device": str(device)}})
-        self.metrics = MetricsLog(t.run_dir, self.start_step) if info.is_master else None
+        # rank 0's growing files (metrics, telemetry), written off the step path on an object store
+        self.logs = LogFiles() if info.is_master else None
+        self.metrics = MetricsLog(t.run_dir, self.start_step, self.logs) if self.logs else None
+        # wte and wpe are used first in the forward, so their gradients are the last this rank's backward makes
+        first_used = [self.model.transformer.wte.weight, self.model.transformer.wpe.weight]
+        self.telemetry = RankTelemetry(t.telemetry_every, info, device, last_grads=first_used)
+        self.telemetry_log = self.logs.open(self.run_dir.telemetry, keep=lambda ln: line_step(ln) < self.start_step) \
+            if self.logs and t.telemetry_every else None
+        self.next_batch = self.telemetry.timed(self.loader.next_batch)
         self.profiler = StepProfiler(t.profile_steps, self.run_dir, info.rank, device)
         self.checkpointer = Checkpointer(cfg, model=self.model, optimizer=self.optimizer, loader=self.loader,
                                          device=device, info=info, data=data,
                                          extra_state=lambda: {"guard": self.guard.state_dict(),
                                                               "data_batch": self.batch},
                                          latest=resumed.url if resumed else None,
-                                         after_save=self.metrics.flush if self.metrics else None)
+                                         after_save=self.logs.flush if self.logs else None)
         stop_signal.install()  # (already, when started by cluster/worker.py or main below)
         n_params = self.model.num_parameters(exclude_positions=True)  # position lookups are not matmuls
         self.flops_per_step = flops_per_token(cfg.model, n_params, t.seq_len) * t.total_batch_tokens
@@ -206,7 +216,9 @@ class Trainer:
                 self.profiler.before(step)
                 record = {**self._step(step), **record, **self.checkpointer.timings()}
                 self.profiler.after(step)
-                self.heartbeat.progress(step + 1, record["step_ms"] / 1000)
+                self.heartbeat.progress(step + 1, record["step_ms"] / 1000, self.telemetry.busy_s)
+                if self.telemetry.due(step):
+                    record.update(self._telemetry_window(step))
                 diverged = self.guard.diverged()
                 last.update(loss=record["loss"], val_loss=record.get("val_loss", last["val_loss"]))
                 if self.metrics is not None:
@@ -239,8 +251,8 @@ class Trainer:
             self.val_loader.close()
             if self.lease is not None:
                 self.lease.release()
-        if self.metrics is not None:
-            self.metrics.flush()
+        if self.logs is not None:
+            self.logs.flush()
         result = {"final_step": step, "loss": last["loss"], "val_loss": last["val_loss"],
                   "checkpoint": self.checkpointer.latest, "complete": step >= t.max_steps, "stopped_by": stopped_by,
                   **({"diverged": self.guard.diverged()} if stopped_by == "diverged" else {})}
@@ -265,6 +277,7 @@ class Trainer:
         """One optimizer step and its metrics line."""
         cfg, t = self.cfg, self.cfg.train
         self.heartbeat.phase("step")
+        self.telemetry.step_started()
         t0 = time.perf_counter()
         lr = cosine_lr(step, max_lr=cfg.optim.max_lr, min_lr=cfg.optim.max_lr * cfg.optim.min_lr_ratio,
                        warmup_steps=cfg.optim.warmup_steps, max_steps=t.max_steps)
@@ -276,7 +289,7 @@ class Trainer:
             skipped.append(reason)
             return reason is None
 
-        loss, norm = train_step(self.step_model, self.optimizer, self.loader.next_batch, grad_accum=self.grad_accum,
+        loss, norm = train_step(self.step_model, self.optimizer, self.next_batch, grad_accum=self.grad_accum,
                                 device=self.device, lr=lr, grad_clip=cfg.optim.grad_clip,
                                 autocast_dtype=self.amp_dtype, ddp=self.info.enabled, loss_chunk=t.loss_chunk,
                                 loss_scale=self.guard.loss_scale(step, batch), apply=apply)
@@ -284,6 +297,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
+        self.telemetry.step_ended(dt)
         record = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": float(norm), "step_ms": 1000 * dt,
                   "tokens_per_s": t.total_batch_tokens / dt, "tokens_seen": (step + 1) * t.total_batch_tokens,
                   "mfu": self.flops_per_step / dt / (self.peak * self.info.world_size) if self.peak else None,
@@ -295,6 +309,16 @@ class Trainer:
             self._event({"event": "skip", "step": step, "data_batch": batch, "reason": skipped[0],
                          "loss": record["loss"], "grad_norm": record["grad_norm"]})
         return record
+
+    def _telemetry_window(self, step: int) -> dict[str, Any]:
+        """Every rank's telemetry of the window ending at `step` (a collective): a telemetry.jsonl line and, for
+        rank 0's metrics line, the window's summary (the slowest rank)."""
+        steps = self.telemetry.steps
+        ranks = self.telemetry.gather()
+        if ranks is None:
+            return {}
+        self.telemetry_log.append(json.dumps(window_line(step, steps, ranks), separators=(",", ":")) + "\n")
+        return window_summary(ranks)
 
     def _pass_over_skipped_data(self) -> None:
         """Before a step that would read data inside a skip range, move the loader to the range's end."""

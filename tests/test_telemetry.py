@@ -1,0 +1,105 @@
+"""Per-rank telemetry (training/telemetry.py): busy time against step time, the data wait, the window's summary,
+and a real 2-rank torchrun job (gloo) whose slowed rank is the one named."""
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+import torch
+
+from helpers import REPO, metrics, read_jsonl, train_cmd, train_env
+from training.config import load_config
+from training.distributed import DistInfo
+from training.model import GPT
+from training.telemetry import RankTelemetry, window_summary
+
+
+def test_busy_time_ends_at_the_last_gradient_and_the_data_wait_is_the_loaders():
+    model = GPT(load_config("tiny").model)
+    tel = RankTelemetry(2, DistInfo(), torch.device("cpu"),
+                        last_grads=[model.transformer.wte.weight, model.transformer.wpe.weight])
+    x = torch.randint(0, 50257, (2, 16))
+
+    def slow_loader():
+        time.sleep(0.02)
+        return x, x
+
+    fetch = tel.timed(slow_loader)
+    for step in range(2):
+        tel.step_started()
+        t0 = time.perf_counter()
+        a, b = fetch()
+        model(a, b)[1].backward()
+        time.sleep(0.05)  # what a fast rank does under DDP after its backward: wait for the others
+        step_s = time.perf_counter() - t0
+        tel.step_ended(step_s)
+        assert 0.02 <= tel.busy_s <= step_s - 0.045
+        assert tel.due(step) == (step == 1)
+    [row] = tel.gather()
+    assert row["rank"] == 0 and row["data_ms"] >= 20 and row["step_ms"] >= row["busy_ms"] + 45
+    assert row["mem_alloc_gb"] is None and row["temp_c"] is None  # a CPU has neither: null, not a guess
+    assert tel.steps == 0  # a new window
+
+
+def test_the_window_summary_names_the_rank_with_the_most_busy_time_against_the_median_rank():
+    ranks = [{"rank": r, "host": f"n{r // 2}", "step_ms": 300.0 + r, "busy_ms": b, "data_ms": d}
+             for r, (b, d) in enumerate([(200.0, 1.0), (210.0, 2.0), (260.0, 40.0), (205.0, 1.5)])]
+    assert window_summary(ranks) == {"slowest_rank": 2, "slowest_host": "n1", "rank_busy_ms_max": 260.0,
+                                     "rank_busy_ms_median": 205.0, "rank_step_ms_max": 303.0,
+                                     "data_wait_ms_max": 40.0}
+    two = window_summary(ranks[:2])  # of two ranks, the median rank is the other one
+    assert two["slowest_rank"] == 1 and two["rank_busy_ms_median"] == 200.0
+
+
+SLOW_RANK = """\
+import os
+import time
+
+from training import loader, model, train
+
+# rank 1 slowed down: its loader (a slow disk) or its forward pass (a throttled GPU)
+if os.environ.get("RANK") == "1":
+    cls, name = (loader.ShardLoader, "next_batch") if os.environ["SLOW"] == "data" else (model.GPT, "forward")
+    original = getattr(cls, name)
+
+    def slow(*args, **kwargs):
+        time.sleep(0.1)
+        return original(*args, **kwargs)
+
+    setattr(cls, name, slow)
+
+raise SystemExit(train.main())
+"""
+
+
+@pytest.mark.parametrize("slow", ["data", "compute"])
+def test_a_two_rank_job_names_its_slowed_rank_though_every_rank_steps_alike(demo_data, tmp_path, slow):
+    (tmp_path / "slow_rank_train.py").write_text(SLOW_RANK)
+    run = tmp_path / "run"
+    cmd = train_cmd(demo_data, run, nproc=2)
+    cmd[cmd.index("training.train")] = "slow_rank_train"
+    env = dict(train_env(), PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]), SLOW=slow)
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    windows = read_jsonl(run / "telemetry.jsonl")
+    assert [w["step"] for w in windows] == [3, 7] and all(w["steps"] == 4 for w in windows)  # tiny: every 4 steps
+    for w in windows:
+        fast, slowed = w["ranks"]
+        assert (fast["rank"], slowed["rank"]) == (0, 1) and fast["host"] == slowed["host"]
+        # 2 micro-steps of 0.1 s more on rank 1: its busy time shows them ...
+        assert slowed["busy_ms"] > fast["busy_ms"] + 150
+        # ... its step time does not: rank 0 waits for it in the gradient all-reduce
+        assert abs(slowed["step_ms"] - fast["step_ms"]) < 0.3 * (slowed["busy_ms"] - fast["busy_ms"])
+        if slow == "data":
+            assert slowed["data_ms"] >= 200 > 50 > fast["data_ms"]
+        else:
+            assert slowed["data_ms"] < 50 and fast["data_ms"] < 50
+    m = {r["step"]: r for r in metrics(run)}
+    for step in (3, 7):
+        assert m[step]["slowest_rank"] == 1 and m[step]["slowest_host"] == windows[0]["ranks"][1]["host"]
+        assert m[step]["rank_busy_ms_max"] > m[step]["rank_busy_ms_median"] + 150
+    assert not any("slowest_rank" in r for s, r in m.items() if s not in (3, 7))
+    beats = {r: json.loads((run / "heartbeats" / f"rank-{r:05d}.json").read_text()) for r in (0, 1)}
+    assert beats[1]["busy_s"] > beats[0]["busy_s"]  # what cluster.submit --wait reads
