@@ -72,6 +72,12 @@ class PretrainParams(BaseModel):
     tracker_finish_timeout_s: float = Field(120.0, ge=0, description="at the flow's end, how long the mirror may "
                                             "wait for a tracker that does not answer before it leaves the rest "
                                             "to `python -m tracking.mirror`")
+    straggler_margin: float = Field(0.10, gt=0, description="a straggler: the slowest rank (most busy time per "
+                                    "step: its own data wait, forward and backward, training/telemetry.py), more "
+                                    "than this fraction above the median rank's ...")
+    straggler_windows: int = Field(3, ge=1, description="... in this many telemetry windows in a row "
+                                   "(train.telemetry_every steps each): one warning in the log and a row in the "
+                                   "events table")
     poll_seconds: float = Field(2.0, gt=0, description="how often the flow asks for the job's state and reads "
                                 "its new metrics and log lines (heartbeats: every min(10 s, hang_floor_s / 4))")
 

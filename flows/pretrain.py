@@ -42,6 +42,7 @@ from training import checkpoint as ck
 from training.config import ConfigError, RunConfig, load_config
 from tracking.credentials import take_credentials
 from training.metrics import read_metrics
+from training.telemetry import Straggler, StragglerWatch
 
 
 class FlowFailure(ReproError):
@@ -345,7 +346,14 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
                                      "the next submissions avoid it)" if done else ""))
         await publish_events(watcher.guard_events, rollbacks(run), p.run_name, key, health)
 
-    watcher = RunWatcher(run, log, p.poll_seconds, hang, on_lost_nodes)
+    async def on_straggler(found: Straggler) -> None:
+        """A rank the others keep waiting for (the watcher has logged it): a row in the events table."""
+        health.append({"time": time.time(), "event": "straggler", "step": found.step,
+                       "data": f"{found.host}:{found.rank}", "reason": found.message})
+        await publish_events(watcher.guard_events, rollbacks(run), p.run_name, key, health)
+
+    watcher = RunWatcher(run, log, p.poll_seconds, hang, on_lost_nodes,
+                         StragglerWatch(p.straggler_margin, p.straggler_windows), on_straggler)
     policy = ResubmissionPolicy(p.max_resubmits, p.backoff_seconds, p.max_rollbacks,
                                 rollbacks=len(rollbacks(run)))
 

@@ -23,6 +23,7 @@ from evaluation.plots import render_png
 from flows.evaluations import summary_row
 from training import checkpoint as ck
 from training.metrics import read_metrics
+from training.telemetry import last_window
 
 
 def artifact_key(run_name: str) -> str:
@@ -73,10 +74,22 @@ class Progress:
             last = metrics[-1]
             val = next((m["val_loss"] for m in reversed(metrics) if "val_loss" in m), None)
             await create_markdown_artifact(
-                f"| step | tokens seen | train loss | val loss | tokens/s | ETA |\n| --- | --- | --- | --- | --- | --- |\n"
+                f"| step | tokens seen | train loss | val loss | tokens/s | ETA | slowest rank |\n"
+                f"| --- | --- | --- | --- | --- | --- | --- |\n"
                 f"| {done} / {self.max_steps} | {tokens} | {last['loss']:.4f} | "
-                f"{f'{val:.4f}' if val is not None else '-'} | {last.get('tokens_per_s', 0):,.0f} | {eta} |\n",
-                key=f"{self.key}-status", description="training status: step, tokens seen, losses, ETA")
+                f"{f'{val:.4f}' if val is not None else '-'} | {last.get('tokens_per_s', 0):,.0f} | {eta} | "
+                f"{slowest_rank(metrics)} |\n",
+                key=f"{self.key}-status", description="training status: step, tokens seen, losses, ETA, the "
+                "slowest rank of the last telemetry window")
+
+
+def slowest_rank(metrics: list[dict[str, Any]]) -> str:
+    """The last telemetry window's slowest rank, as `host:rank, B ms busy (median rank M ms) at step S`."""
+    w = last_window(metrics)
+    if w is None:
+        return "-"
+    return (f"{w['slowest_host']}:{w['slowest_rank']}, {w['rank_busy_ms_max']:.0f} ms busy (median rank "
+            f"{w['rank_busy_ms_median']:.0f} ms) at step {w['step']}")
 
 
 def checkpoint_rows(evals: dict[int, dict[str, Any]], metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -104,8 +117,8 @@ def best_checkpoint(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 async def publish_events(guard_events: list[dict[str, Any]], rollback_records: list[dict[str, Any]], title: str,
                          key: str, health: list[dict[str, Any]] | None = None) -> None:
-    """Every skipped update, divergence, rollback, hang and cordoned host of the run, as a table in the UI.
-    `health`: rows of hung submissions and cordoned hosts ({time, event, step, data, reason})."""
+    """Every skipped update, divergence, rollback, hang, straggler and cordoned host of the run, as a table in the
+    UI. `health`: rows of hung submissions, stragglers and cordoned hosts ({time, event, step, data, reason})."""
     rows = [{"time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("time", 0))), "event": e.get("event"),
              "step": e.get("step"), "data": e.get("data_batch", e.get("batches")), "reason": e.get("reason") or
              ", ".join(e.get("reasons", []))} for e in guard_events]
@@ -115,7 +128,8 @@ async def publish_events(guard_events: list[dict[str, Any]], rollback_records: l
     rows += [{**r, "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"]))} for r in health or []]
     if rows:
         await create_table_artifact(sorted(rows, key=lambda r: r["time"]), key=f"{key}-events",
-                                    description=f"{title}: skipped updates, divergence, rollbacks, hangs, cordoned hosts")
+                                    description=f"{title}: skipped updates, divergence, rollbacks, hangs, stragglers, "
+                                    "cordoned hosts")
 
 
 async def publish_checkpoint_table(rows: list[dict[str, Any]], title: str, key: str) -> None:

@@ -1,5 +1,6 @@
 """Watching a run while a submission of it runs: the submission's state, the training's console and the
-launcher's requeue events into the log, and the new metrics lines to whoever reports them. Every file is
+launcher's requeue events into the log, a straggling rank (from the telemetry in the metrics lines), and the
+new metrics lines to whoever reports them. Every file is
 tailed: only its new bytes are read, so polling a long run stays cheap on S3 too. Each submission is watched
 as a Prefect task run of its own (`watch_submission`), so the run's graph shows them one after the other and a
 failed one as failed, with its reason."""
@@ -22,6 +23,7 @@ from common.layout import RunDir
 from flows.cordon import host_to_blame
 from flows.executors import Outcome, Submission
 from training.metrics import parse_metrics
+from training.telemetry import Straggler, StragglerWatch
 
 
 class LogTail:
@@ -64,9 +66,12 @@ class RunWatcher:
 
     def __init__(self, run: RunDir, log: logging.Logger | logging.LoggerAdapter, poll_seconds: float,
                  hang: HangRules | None = None,
-                 on_lost_nodes: Callable[[Submission, tuple[str, ...]], Awaitable[None]] | None = None):
+                 on_lost_nodes: Callable[[Submission, tuple[str, ...]], Awaitable[None]] | None = None,
+                 stragglers: StragglerWatch | None = None,
+                 on_straggler: Callable[[Straggler], Awaitable[None]] | None = None):
         self.run, self.log, self.poll_seconds, self.hang = run, log, poll_seconds, hang
         self.on_lost_nodes = on_lost_nodes  # a node died under a job that Slurm requeued: the job goes on
+        self.stragglers, self.on_straggler = stragglers, on_straggler  # a rank the others keep waiting for
         self.events = LogTail(run.attempts)
         self.events.read()  # earlier submissions' events were logged by earlier flow runs
         self.guard_tail = LogTail(run.events)
@@ -99,10 +104,18 @@ class RunWatcher:
                 self.log.info("[train] %s", line)
             self._log_events()
             self._log_guard_events()
-            self.metrics += parse_metrics(self.metrics_tail.read())
+            new = parse_metrics(self.metrics_tail.read())
+            self.metrics += new
+            await self._stragglers(new)
             await on_tick(self.metrics)
             if outcome is not None:
                 return outcome
+
+    async def _stragglers(self, rows: list[dict[str, Any]]) -> None:
+        for found in self.stragglers.feed(rows) if self.stragglers else []:
+            self.log.warning("%s", found.message)
+            if self.on_straggler is not None:
+                await self.on_straggler(found)
 
     @staticmethod
     def _hung(detector: HangDetector, submission: Submission):

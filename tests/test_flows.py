@@ -55,6 +55,7 @@ def test_flow_trains_evaluates_every_checkpoint_and_reports(prefect_server, tmp_
     assert {"progress", "table", "markdown"} <= {a.type for a in arts}
     status = [a for a in arts if a.key == "t-status"]
     assert any("| 6 / 6 |" in a.data for a in status)  # a version per 1% of the run, the last at its end
+    assert any(re.search(r"\| [^|:]+:0, \d+ ms busy \(median rank \d+ ms\) at step 3 \|", a.data) for a in status)
 
 
 class KillFirstSubmission(LocalTrainingExecutor):
@@ -193,6 +194,46 @@ def test_the_flow_reads_only_new_whole_lines_and_skips_torn_ones(tmp_path):
     assert parse_metrics(tail.read()) == [{"step": 2, "loss": 0.8}]  # the torn line is skipped, nothing re-read
     f.write_text('{"step": 0, "loss": 2.0}\n')  # truncated and rewritten: read from the start again
     assert parse_metrics(tail.read()) == [{"step": 0, "loss": 2.0}]
+
+
+def test_a_rank_slower_than_the_median_in_consecutive_windows_is_one_warning_and_one_event(tmp_path, caplog):
+    """From the telemetry summaries in the metrics lines (training/telemetry.py), as the watcher reads them."""
+    import json
+    import logging
+
+    from common.layout import RunDir
+    from flows.executors import Outcome
+    from flows.watch import RunWatcher
+    from training.telemetry import StragglerWatch
+
+    run = RunDir(str(tmp_path))
+    rows = [{"step": s, "loss": 3.0} for s in range(40)]
+    for s in (9, 19, 29, 39):  # rank 3 on n2 is 40% slower than the median rank in every window
+        rows[s].update(slowest_rank=3, slowest_host="n2", rank_busy_ms_max=140.0, rank_busy_ms_median=100.0)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    class Done:
+        job_id, log_path = "local-1", str(tmp_path / "console.log")
+
+        def poll(self):
+            return Outcome("completed", "exit 0")
+
+    found = []
+
+    async def on_straggler(s):
+        found.append(s)
+
+    async def on_tick(metrics):
+        pass
+
+    log = logging.getLogger("test-stragglers")
+    watcher = RunWatcher(run, log, 0.01, stragglers=StragglerWatch(0.10, 3), on_straggler=on_straggler)
+    with caplog.at_level(logging.WARNING, logger="test-stragglers"):
+        asyncio.run(watcher.watch(Done(), on_tick))
+    assert [(s.rank, s.host, s.step) for s in found] == [(3, "n2", 29)]
+    assert [r.message for r in caplog.records] == [
+        "rank 3 on n2 is a straggler: 140 ms busy per step against the median rank's 100 ms (+40%) in 3 telemetry "
+        "windows in a row, up to step 29"]
 
 
 def test_a_second_flow_run_on_the_same_run_directory_stops_naming_the_first(prefect_server, tmp_path):

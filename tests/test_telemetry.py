@@ -103,3 +103,34 @@ def test_a_two_rank_job_names_its_slowed_rank_though_every_rank_steps_alike(demo
     assert not any("slowest_rank" in r for s, r in m.items() if s not in (3, 7))
     beats = {r: json.loads((run / "heartbeats" / f"rank-{r:05d}.json").read_text()) for r in (0, 1)}
     assert beats[1]["busy_s"] > beats[0]["busy_s"]  # what cluster.submit --wait reads
+
+
+def _window(step, slowest, busy, median=100.0, host=None):
+    return {"step": step, "loss": 3.0, "slowest_rank": slowest, "slowest_host": host or f"n{slowest}",
+            "rank_busy_ms_max": busy, "rank_busy_ms_median": median}
+
+
+def test_a_straggler_is_the_same_rank_above_the_margin_in_k_windows_in_a_row_and_is_said_once():
+    from training.telemetry import StragglerWatch
+
+    watch = StragglerWatch(margin=0.10, windows=3)
+    assert watch.feed([_window(49, 5, 120.0), {"step": 50, "loss": 3.0}, _window(99, 5, 125.0)]) == []
+    [found] = watch.feed([_window(149, 5, 130.0)])  # the third window in a row (lines between windows don't count)
+    assert (found.rank, found.host, found.step, found.windows) == (5, "n5", 149, 3)
+    assert found.message == ("rank 5 on n5 is a straggler: 130 ms busy per step against the median rank's 100 ms "
+                             "(+30%) in 3 telemetry windows in a row, up to step 149")
+    assert watch.feed([_window(s, 5, 130.0) for s in (199, 249, 299)]) == []  # said once for the stretch
+
+
+def test_a_rank_within_the_margin_or_another_slowest_rank_starts_the_count_again():
+    from training.telemetry import StragglerWatch
+
+    watch = StragglerWatch(margin=0.10, windows=2)
+    assert watch.feed([_window(9, 1, 120.0), _window(19, 1, 109.0), _window(29, 1, 120.0)]) == []  # 10%: within
+    assert watch.feed([_window(39, 2, 150.0)]) == []  # another rank is the slowest now
+    assert watch.feed([_window(49, 2, 150.0, host="elsewhere")]) == []  # rank 2 again, but moved to another host
+    [found] = watch.feed([_window(59, 2, 150.0, host="elsewhere")])
+    assert (found.rank, found.host) == (2, "elsewhere")
+    assert watch.feed([_window(69, 2, 100.0), _window(79, 2, 150.0)]) == []  # recovered, then slow once more
+    assert len(watch.feed([_window(89, 2, 150.0)])) == 1  # a new stretch is said again
+    assert StragglerWatch(0.10, 1).feed([_window(9, 0, 100.0, median=100.0)]) == []  # one rank: never a straggler

@@ -14,7 +14,7 @@ for: the slowest rank.
 
 Times are means per step over the window; memory is the peak since the start; the NVML figures are sampled at
 the window's end; a figure a rank cannot measure is null. That step's metrics line gets the window's summary
-(`window_summary`): the slowest rank and host, its busy time and the median rank's.
+(`window_summary`), which the flow watches for stragglers (`StragglerWatch`, read back here).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import logging
 import math
 import statistics
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -153,3 +154,56 @@ def window_summary(ranks: list[dict[str, Any]]) -> dict[str, Any]:
             "rank_step_ms_max": max(r["step_ms"] for r in ranks),
             "data_wait_ms_max": max(r["data_ms"] for r in ranks)}
 
+
+# ----------------------------------------------------------------------------- reading it back: stragglers
+
+
+@dataclass(frozen=True)
+class Straggler:
+    rank: int
+    host: str
+    step: int
+    busy_ms: float
+    median_ms: float
+    windows: int
+
+    @property
+    def message(self) -> str:
+        return (f"rank {self.rank} on {self.host} is a straggler: {self.busy_ms:.0f} ms busy per step against the "
+                f"median rank's {self.median_ms:.0f} ms (+{100 * (self.busy_ms / self.median_ms - 1):.0f}%) in "
+                f"{self.windows} telemetry windows in a row, up to step {self.step}")
+
+
+class StragglerWatch:
+    """A straggler: the same rank (on the same host) the slowest, with its busy time more than `margin` above the
+    median rank's, in `windows` consecutive telemetry windows. Fed metrics lines in order; says so once per
+    such stretch (again only after the rank has been within the margin, or another rank the slowest)."""
+
+    def __init__(self, margin: float = 0.10, windows: int = 3):
+        self.margin, self.windows = margin, windows
+        self._who: tuple[int, str] | None = None
+        self._count = 0
+        self._said = False
+
+    def feed(self, rows: Iterable[dict[str, Any]]) -> list[Straggler]:
+        found = []
+        for row in rows:
+            if row.get("slowest_rank") is None or not row.get("rank_busy_ms_median"):
+                continue  # not a window's end
+            who = (int(row["slowest_rank"]), str(row.get("slowest_host", "?")))
+            if row["rank_busy_ms_max"] <= row["rank_busy_ms_median"] * (1 + self.margin):
+                self._who, self._count, self._said = None, 0, False
+                continue
+            if who != self._who:
+                self._who, self._count, self._said = who, 0, False
+            self._count += 1
+            if self._count >= self.windows and not self._said:
+                self._said = True
+                found.append(Straggler(who[0], who[1], int(row["step"]), float(row["rank_busy_ms_max"]),
+                                       float(row["rank_busy_ms_median"]), self._count))
+        return found
+
+
+def last_window(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The newest metrics line that ends a telemetry window."""
+    return next((r for r in reversed(rows) if "slowest_rank" in r), None)
