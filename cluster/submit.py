@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--startup-timeout-s", type=float, default=1800.0, help="with --wait: hung when no first step "
                     "this long after the job started running")
     ap.add_argument("--progress-s", type=float, default=60.0, help="with --wait: print the ranks' last heartbeats "
-                    "(step, s/step, the rank furthest behind) this often; 0 = never")
+                    "(step, s/step, the rank furthest behind, the slowest rank) this often; 0 = never")
     add_model_flags(ap, JobSpec, aliases={"time_min": ["--time"]})
     args = ap.parse_args(argv)
     if args.reattach:

@@ -125,6 +125,18 @@ def laggards(beats: dict[int, dict[str, Any]], world: int, step: int | None, sta
     return out
 
 
+def slowest_rank(beats: dict[int, dict[str, Any]]) -> str:
+    """The end of a progress line naming the rank with the most busy time per step (its own work, without waiting
+    on peers: training/telemetry.py) against the median rank's (the lower middle one of an even count), from the
+    heartbeats that carry busy times; empty with fewer than two of them."""
+    busy = {r: float(rec["busy_s"]) for r, rec in beats.items() if rec.get("busy_s") is not None}
+    if len(busy) < 2:
+        return ""
+    rank = max(busy, key=lambda r: busy[r])
+    return (f"; slowest rank: {beats[rank].get('host', '?')}:{rank} (busy {busy[rank]:.2f} s/step, median rank "
+            f"{statistics.median_low(busy.values()):.2f} s)")
+
+
 @dataclass(frozen=True)
 class HangRules:
     """When a job is hung: no new step for max(factor x its median step time, floor_s) seconds, or no first
@@ -221,8 +233,8 @@ class HangDetector:
         return None
 
     def progress(self) -> str | None:
-        """The last check's heartbeats in one line: how far the job got, how fast, and its rank furthest behind
-        (ages by this reader's clock: when each heartbeat last changed)."""
+        """The last check's heartbeats in one line: how far the job got, how fast, its rank furthest behind (ages
+        by this reader's clock: when each heartbeat last changed) and its slowest rank."""
         current, now = self._current, self.clock()
         if not current:
             return None
@@ -236,7 +248,7 @@ class HangDetector:
         behind = f"rank furthest behind: {rec.get('host', '?')}:{last} at step {steps[last]}, last beat " \
             f"{age:.0f} s ago" if steps[last] < top else f"all at that step, the oldest beat {age:.0f} s ago"
         return (f"step {top} ({'/'.join(sorted({r.get('phase', '?') for r in current.values()}))}), "
-                f"{step_s:.2f} s/step, {len(current)}/{world} ranks beating; {behind}")
+                f"{step_s:.2f} s/step, {len(current)}/{world} ranks beating; {behind}{slowest_rank(current)}")
 
     def _silent(self, current: dict[int, dict[str, Any]], now: float) -> list[str]:
         world = max((int(rec.get("world", 1)) for rec in current.values()), default=0)

@@ -62,6 +62,18 @@ def test_progress_says_how_far_how_fast_and_which_rank_is_furthest_behind(tmp_pa
                               "step 12, last beat 40 s ago")
 
 
+def test_progress_names_the_rank_with_the_most_busy_time_when_the_ranks_report_it(tmp_path):
+    """Every rank's step lasts as long as the slowest rank's under DDP; busy time (training/telemetry.py) differs."""
+    run, clock = RunDir(str(tmp_path)), Clock()
+    det = HangDetector(run, RULES, clock=clock)
+    for rank, busy in enumerate([0.20, 0.21, 0.29, 0.20]):
+        store.write_json(run.heartbeat(rank), {"rank": rank, "world": 4, "host": f"node{rank // 2}", "beat": 1,
+                                               "step": 40, "phase": "step", "step_s": 0.3, "busy_s": busy})
+    det.check()
+    assert det.progress() == ("step 40 (step), 0.30 s/step, 4/4 ranks beating; all at that step, the oldest beat "
+                              "0 s ago; slowest rank: node1:2 (busy 0.29 s/step, median rank 0.20 s)")
+
+
 def test_the_window_grows_with_the_runs_own_step_time(tmp_path):
     run, clock = RunDir(str(tmp_path)), Clock()
     det = HangDetector(run, RULES, clock=clock)
