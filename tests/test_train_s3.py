@@ -164,3 +164,37 @@ def test_metrics_on_s3_are_rewritten_off_the_step_path_and_complete_after_a_flus
         m.log({"step": step, "loss": 1.0})
     m.flush()
     assert [r["step"] for r in read_metrics(run)] == list(range(40))
+
+
+def test_samples_events_and_telemetry_on_s3_reach_the_store_at_checkpoints_and_at_exit(s3):
+    """None of rank 0's growing files is written from the step on an object store: what the loop logged before a
+    checkpoint is on S3 once the checkpoint is, and everything once the process is done, across a resume."""
+    import signal
+    import time
+
+    run = "s3://bucket/runs/files"
+    extra = ["sample_every=2", "checkpoint_every=4", "fault_steps=[1]"]  # a skipped update at step 1: an event
+    first = _start(run, *extra, "max_steps=100000", "val_every=100000", env=s3)
+    try:
+        deadline = time.time() + 120
+        while not store.exists(f"{run}/checkpoints/step_000004/manifest.json") and time.time() < deadline:
+            time.sleep(0.1)
+        first.send_signal(signal.SIGKILL)  # no exit path: only what the checkpoint flushed is there
+        first.wait(timeout=60)
+    finally:
+        first.kill()
+
+    def lines(name):
+        return [json.loads(x) for x in store.read_bytes(f"{run}/{name}").decode().splitlines()]
+
+    assert [r["step"] for r in lines("metrics.jsonl")][:4] == [0, 1, 2, 3]
+    assert [r["step"] for r in lines("samples.jsonl")] == [2]  # step 4's sample is taken after its checkpoint
+    assert [(e["event"], e["step"]) for e in lines("events.jsonl")] == [("skip", 1)]
+    assert [w["step"] for w in lines("telemetry.jsonl")] == [3]
+    second = _run(run, *extra, env=s3)  # resumes from step 4, to the 8 steps of the tests' runs
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert [r["step"] for r in lines("metrics.jsonl")] == list(range(8))
+    assert [r["step"] for r in lines("samples.jsonl")] == [2, 4, 6, 7]
+    assert [(e["event"], e["step"]) for e in lines("events.jsonl")] == [("skip", 1)]
+    assert [w["step"] for w in lines("telemetry.jsonl")] == [3, 7]
+    assert store.read_json(f"{run}/result.json")["complete"]

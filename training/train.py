@@ -33,7 +33,7 @@ from common.errors import ReproError
 from common.heartbeat import HeartbeatWriter, laggards, read_heartbeats
 from common.layout import RunDir
 from common.lease import Lease, LeaseHeld
-from common.logfiles import LogFiles
+from common.logfiles import LogFile, LogFiles
 from common.shards import data_fingerprint
 from training import accel, distributed, stop_signal
 from training.checkpointer import Checkpointer
@@ -182,9 +182,11 @@ class Trainer:
         if info.is_master:
             store.write_json(self.run_dir.config, {**json.loads(cfg.to_json()), "resolved": {
                 "world_size": info.world_size, "grad_accum_steps": self.grad_accum, "device": str(device)}})
-        # rank 0's growing files (metrics, telemetry), written off the step path on an object store
+        # rank 0's growing files (metrics, telemetry, events, samples), written off the step path on an object store
         self.logs = LogFiles() if info.is_master else None
         self.metrics = MetricsLog(t.run_dir, self.start_step, self.logs) if self.logs else None
+        self.events = self.logs.open(self.run_dir.events) if self.logs else None
+        self.samples = self.logs.open(self.run_dir.samples) if self.logs and cfg.eval.sample_every else None
         # wte and wpe are used first in the forward, so their gradients are the last this rank's backward makes
         first_used = [self.model.transformer.wte.weight, self.model.transformer.wpe.weight]
         self.telemetry = RankTelemetry(t.telemetry_every, info, device, last_grads=first_used)
@@ -244,6 +246,11 @@ class Trainer:
                     stopped_by = stopped_by or "peer rank signal"
                     break
             self.checkpointer.wait()  # a write still in flight (a run that stopped between checkpoints)
+            if self.logs is not None:
+                self.logs.flush()  # while the run directory is still ours
+        except BaseException:
+            self._flush_on_error()
+            raise
         finally:
             self.checkpointer.close()
             self.profiler.close(step)
@@ -251,8 +258,6 @@ class Trainer:
             self.val_loader.close()
             if self.lease is not None:
                 self.lease.release()
-        if self.logs is not None:
-            self.logs.flush()
         result = {"final_step": step, "loss": last["loss"], "val_loss": last["val_loss"],
                   "checkpoint": self.checkpointer.latest, "complete": step >= t.max_steps, "stopped_by": stopped_by,
                   **({"diverged": self.guard.diverged()} if stopped_by == "diverged" else {})}
@@ -270,7 +275,7 @@ class Trainer:
                                               cfg.train.loss_chunk)
         if cfg.eval.sample_every and step > 0 and (step % cfg.eval.sample_every == 0 or last) and self.info.is_master:
             self.heartbeat.phase("sample")
-            _sample(self.model, cfg, self.run_dir, step, self.amp_dtype)
+            _sample(self.model, cfg, self.samples, step, self.amp_dtype)
         return record
 
     def _step(self, step: int) -> dict[str, Any]:
@@ -330,9 +335,19 @@ class Trainer:
 
     def _event(self, event: dict[str, Any]) -> None:
         """An entry of {run}/events.jsonl (rank 0 writes; every rank decided the same)."""
-        if self.info.is_master:
-            store.append_text(self.run_dir.events, json.dumps({"time": time.time(), **event}) + "\n")
+        if self.events is not None:
+            self.events.append(json.dumps({"time": time.time(), **event}) + "\n")
             log.warning("%s", json.dumps(event))
+
+    def _flush_on_error(self) -> None:
+        """A run ending on an error still leaves its lines on the store, unless another writer has the run
+        directory now (not one more byte then); a failing store does not hide the error that ended the run."""
+        if self.logs is None or (self.lease is not None and self.lease.lost.is_set()):
+            return
+        try:
+            self.logs.flush()
+        except Exception as err:
+            log.error("could not write the run's last metrics, telemetry, events or samples: %s", err)
 
     def _stop_reason(self, step: int) -> str | None:
         """Why this process stops before max_steps after `step` steps (a signal, stop_after_steps), or None."""
@@ -362,7 +377,7 @@ def evaluate_val(model, val_loader: ShardLoader, steps: int, device: torch.devic
     return total.item()
 
 
-def _sample(model: GPT, cfg: RunConfig, run_dir: RunDir, step: int, amp_dtype) -> None:
+def _sample(model: GPT, cfg: RunConfig, samples: LogFile, step: int, amp_dtype) -> None:
     from common.tokenizer import get_encoding
     from training.sample import sample_text
 
@@ -371,7 +386,7 @@ def _sample(model: GPT, cfg: RunConfig, run_dir: RunDir, step: int, amp_dtype) -
                         max_new_tokens=e.sample_tokens, seed=cfg.train.seed + step, autocast_dtype=amp_dtype)
     for text in texts:
         print(f"sample step {step}: {text!r}", flush=True)
-    store.append_text(run_dir.samples, json.dumps({"step": step, "samples": texts}) + "\n")
+    samples.append(json.dumps({"step": step, "samples": texts}) + "\n")
 
 
 # ----------------------------------------------------------------------------- CLI
