@@ -121,3 +121,23 @@ def test_checkpoint_overhead_benchmark_sets_asynchronous_writes_beside_synchrono
     assert all(b >= w for r in res["rows"] if r["variant"] == "synchronous" for b, w in zip(r["block_s"], r["write_s"]))
     assert res["settings"]["checkpoint_mb"] > 0 and res["machine"]["cpus"] == os.cpu_count()
     assert "| no checkpoints |" in p.stdout and "| synchronous |" in p.stdout and "| asynchronous |" in p.stdout
+
+
+def test_store_overhead_benchmark_sets_an_s3_run_directory_beside_a_local_one(tmp_path):
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, "bench/store_overhead.py", "--steps", "6", "--sample-every", "2",
+                        "--repeat", "1", "--set", "micro_batch=2", "--set", "seq_len=32", "--set",
+                        "total_batch_tokens=64", "--set", "val_tokens=64", "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    local, s3 = res["summary"]
+    assert (local["variant"], s3["variant"]) == ("local", "s3") and local["step_ms_vs_local"] == 0  # the anchor
+    for r in res["rows"]:  # every line reached its store: read back from S3 for the s3 run
+        assert r["steps"] == 6 and r["samples"] == 3  # steps 2, 4 and the last
+        assert r["step_ms"] > 0 and r["loop_ms"] > 0 and r["sample_loop_ms"] > 0
+    assert res["machine"]["cpus"] == os.cpu_count() and res["settings"]["sample_every"] == 2
+    md = subprocess.run([sys.executable, "bench/store_overhead.py", "--render", str(out)], cwd=REPO,
+                        capture_output=True, text=True, timeout=60).stdout
+    assert md.startswith("| run directory | step ms |") and "| local |" in md and "| s3 |" in md
+    assert f"Measured on {os.cpu_count()} x" in md  # a figure always comes with its machine
