@@ -192,25 +192,51 @@ def validate(spec: JobSpec, config: str, overrides: list[str] | None = None, *, 
     return cfg
 
 
+# What a checkpoint write is assumed to reach before one is measured, MB/s: rank 0 serializes, hashes and writes
+# the weights and optimizer state alone (1.5 GB took 10 s, ~150 MB/s, on a 2-vCPU VM's local disk; moto's S3
+# server takes ~58 MB/s). Low on purpose: the warning is for runs that cannot stop in time, not a prediction.
+ESTIMATED_WRITE_MB_S = {"a filesystem": 100.0, "an object store": 50.0}
+
+
+def checkpoint_bytes(cfg: RunConfig) -> int:
+    """A checkpoint's size from the model's parameters: fp32 weights and AdamW's two fp32 moments, 12 bytes each
+    (the per-rank loader and RNG files are small)."""
+    from training.memory import num_parameters
+
+    return 12 * num_parameters(cfg.model)
+
+
 def checkpoint_time_warning(cfg: RunConfig, spec: JobSpec) -> str | None:
     """On USR2 every rank finishes its step and writes a checkpoint it waits for, within signal_delay_s less
     the launcher's 10 s: a run whose own checkpoints (metrics.jsonl `ckpt_write_s`) took longer would be
-    killed at its time limit with that checkpoint unfinished, losing the steps since the one before."""
+    killed at its time limit with that checkpoint unfinished, losing the steps since the one before. Before
+    any is measured, the write time is estimated from the checkpoint's size at a conservative bandwidth."""
+    from common import store
     from training.metrics import read_metrics
 
     try:
         metrics = read_metrics(cfg.train.run_dir)
-    except Exception:  # no run yet, or a store this machine cannot read: nothing measured to go by
-        return None
+    except Exception:  # a store this machine cannot read: nothing measured to go by
+        metrics = []
     writes = [float(m["ckpt_write_s"]) for m in metrics if "ckpt_write_s" in m]
     steps = sorted(float(m["step_ms"]) / 1000 for m in metrics if "step_ms" in m)
-    if not writes:
-        return None
-    need = max(writes) + (steps[len(steps) // 2] if steps else 0.0)  # the step in flight, then the write
     room = spec.signal_delay_s - 10
+    if writes:
+        need = max(writes) + (steps[len(steps) // 2] if steps else 0.0)  # the step in flight, then the write
+        if need <= room:
+            return None
+        return (f"signal_delay_s={spec.signal_delay_s} leaves {room} s to stop with a checkpoint, but this run's "
+                f"checkpoints took up to {max(writes):.0f} s to write ({cfg.train.run_dir}/metrics.jsonl): a "
+                f"preempted or timed-out job may be killed before its checkpoint is complete; set signal_delay_s to "
+                f"at least {int(need) + 30}")
+    kind = "a filesystem" if store.is_local(cfg.train.run_dir) else "an object store"
+    size = checkpoint_bytes(cfg)
+    need = size / (ESTIMATED_WRITE_MB_S[kind] * 1e6)  # the step in flight comes on top, unknown before a run
     if need <= room:
         return None
-    return (f"signal_delay_s={spec.signal_delay_s} leaves {room} s to stop with a checkpoint, but this run's "
-            f"checkpoints took up to {max(writes):.0f} s to write ({cfg.train.run_dir}/metrics.jsonl): a preempted "
-            f"or timed-out job may be killed before its checkpoint is complete; set signal_delay_s to at least "
-            f"{int(need) + 30}")
+    return (f"signal_delay_s={spec.signal_delay_s} leaves {room} s to stop with a checkpoint, but a checkpoint of "
+            f"{cfg.name} ({size / 1e9:.1f} GB: weights and AdamW state) is estimated to take ~{need:.0f} s to write "
+            f"to {kind} at a conservative {ESTIMATED_WRITE_MB_S[kind]:.0f} MB/s (an estimate: no checkpoint of this "
+            f"run measured yet): a preempted or timed-out job may be killed before its checkpoint is complete; set "
+            f"signal_delay_s to at least {int(need) + 30} (once a checkpoint is written, its measured time counts "
+            "instead)")

@@ -131,3 +131,25 @@ def test_a_run_whose_checkpoints_outlast_signal_delay_is_warned_at_submit(tmp_pa
                  check_data=False)
         validate(spec, "tiny", [f"run_dir={tmp_path / 'new'}"], check_cluster=False, check_data=False)
     assert "signal_delay_s" not in caplog.text  # room enough; a new run has nothing measured
+
+
+def test_before_any_checkpoint_is_measured_its_write_time_is_estimated_from_the_model_and_the_store():
+    """12 bytes per parameter (fp32 weights, AdamW's two moments) at a conservative bandwidth per kind of store;
+    the measured writes replace the estimate once there are any (the test above)."""
+    from cluster.validate import checkpoint_bytes, checkpoint_time_warning
+
+    spec = JobSpec(time_min=60, signal_delay_s=90)
+    small = load_config("gpt2-124m", ["run_dir=s3://bucket/runs/new"])
+    assert checkpoint_bytes(small) == 1_493_710_848  # the 1494 MB the 124M's checkpoints measure (bench/results/)
+    assert checkpoint_time_warning(small, spec) is None  # ~30 s at 50 MB/s: room enough
+    large = load_config("gpt2-1558m", ["run_dir=s3://bucket/runs/new"])
+    assert checkpoint_time_warning(large, spec) == (
+        "signal_delay_s=90 leaves 80 s to stop with a checkpoint, but a checkpoint of gpt2-1558m (18.7 GB: weights "
+        "and AdamW state) is estimated to take ~374 s to write to an object store at a conservative 50 MB/s (an "
+        "estimate: no checkpoint of this run measured yet): a preempted or timed-out job may be killed before its "
+        "checkpoint is complete; set signal_delay_s to at least 403 (once a checkpoint is written, its measured "
+        "time counts instead)")
+    local = checkpoint_time_warning(load_config("gpt2-774m", ["run_dir=/nonexistent/runs/new"]), spec)
+    assert "(9.3 GB: weights and AdamW state) is estimated to take ~93 s to write to a filesystem at a " \
+        "conservative 100 MB/s (an estimate" in local
+    assert checkpoint_time_warning(large, spec.model_copy(update={"signal_delay_s": 410})) is None
