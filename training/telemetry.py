@@ -1,6 +1,7 @@
 """Per-rank telemetry: every `train.telemetry_every` steps, each rank's mean step time, busy time and data wait
 over the window, its memory, and where NVML answers its GPU's utilization, SM clock, temperature and power,
-gathered in one all_gather of a small fixed-size float tensor (the only collective this adds).
+gathered in one all_gather of a small fixed-size float tensor (the only collective this adds to the loop; the
+ranks' host names are gathered once, at start).
 
 Why busy time: under DDP the gradient all-reduce at the end of backward makes every rank's step last as long
 as the slowest rank's, so step times cannot tell the ranks apart. A rank's busy time runs from its step's start
