@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cpu_run import cpu_machine, random_shards  # noqa: E402
+from cpu_run import cpu_machine, measured_on, random_shards  # noqa: E402
 
 VARIANTS = {"no checkpoints": None, "synchronous": "false", "asynchronous": "true"}
 
@@ -89,13 +89,12 @@ def table(res: dict) -> str:
         lines.append(f"| {r['variant']} | {r['step_ms']:.1f} | {fmt(r['block_s'], '.3f')} | "
                      f"{fmt(r['write_s'], '.3f')} | {100 * r['overhead']:.2f}% | {r['loop_s']:.1f} | "
                      f"{100 * r['vs_none']:+.1f}% |")
-    st, mc = res["settings"], res["machine"]
+    st = res["settings"]
     sets = "".join(f" --set {kv}" for kv in st["set"])
     lines += ["", f"{st['config']}{sets}, {st['steps']} steps, a checkpoint every "
                   f"{st['checkpoint_every']} ({st['checkpoint_mb']:.0f} MB each) into {st['store']}; median of "
                   f"{st['repeat']} run(s) per variant.",
-              "", f"Measured on {mc['cpus']} x {mc['cpu_model']}, torch {mc['torch']}, Python {mc['python']}; "
-                  f"{res['time']}."]
+              "", measured_on(res)]
     return "\n".join(lines)
 
 

@@ -29,3 +29,9 @@ def cpu_machine() -> dict:
                   if ln.startswith("model name")), platform.processor()) if info.exists() else platform.processor()
     return {"cpus": os.cpu_count(), "cpu_model": model, "torch": torch.__version__,
             "python": platform.python_version()}
+
+
+def measured_on(res: dict) -> str:
+    """The line every results table ends with: a figure always comes with its machine."""
+    mc = res["machine"]
+    return f"Measured on {mc['cpus']} x {mc['cpu_model']}, torch {mc['torch']}, Python {mc['python']}; {res['time']}."

@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cpu_run import cpu_machine, random_shards  # noqa: E402
+from cpu_run import cpu_machine, measured_on, random_shards  # noqa: E402
 
 VARIANTS = ("local", "s3")
 
@@ -146,13 +146,12 @@ def table(res: dict) -> str:
         lines.append(f"| {r['variant']} | {r['step_ms']:.1f} | {r['loop_ms']:.1f} | {r['loop_mean_ms']:.1f} | "
                      f"{fmt(r['sample_loop_ms'], '.1f')} | {pct(r['step_ms_vs_local'])} | "
                      f"{pct(r['loop_ms_vs_local'])} | {pct(r['sample_loop_ms_vs_local'])} |")
-    st, mc = res["settings"], res["machine"]
+    st = res["settings"]
     sets = "".join(f" --set {kv}" for kv in st["set"])
     lines += ["", f"{st['config']}{sets}, {st['steps']} steps, a sample and a telemetry window every "
                   f"{st['sample_every']}; s3: moto's S3 server on this machine, each answer "
                   f"{st.get('latency_ms', 0):g} ms late; median of {st['repeat']} run(s) per variant.",
-              "", f"Measured on {mc['cpus']} x {mc['cpu_model']}, torch {mc['torch']}, Python {mc['python']}; "
-                  f"{res['time']}."]
+              "", measured_on(res)]
     return "\n".join(lines)
 
 
