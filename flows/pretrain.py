@@ -267,8 +267,17 @@ async def run_pretrain(p: PretrainParams, executor: TrainingExecutor) -> dict[st
 
         names = await apply_secret(p.credentials_secret)
         log.info("credentials from Secret %r: %s", p.credentials_secret, ", ".join(names))
-    # Tracker credentials stay with the tracker mirror: out of this environment, which the jobs inherit.
+    # Tracker credentials go to the tracker mirror alone: out of this environment while the jobs inherit it,
+    # back when the flow ends (a process serving several flow runs needs them for the next).
     tracker_credentials = take_credentials(os.environ)
+    try:
+        return await _run_with(p, executor, log, tracker_credentials)
+    finally:
+        os.environ.update(tracker_credentials)
+
+
+async def _run_with(p: PretrainParams, executor: TrainingExecutor, log, tracker_credentials: dict[str, str]
+                    ) -> dict[str, Any]:
     check_tracker(p)
     try:
         cfg, overrides = resolve_config(p)

@@ -163,8 +163,7 @@ def tracked_run(prefect_server, mlflow_server, demo_data, tmp_path_factory):
         p = _params(d, overrides=overrides, data=demo_data, tracker="mlflow", tracker_uri=f"http://127.0.0.1:{proxy.port}",
                     tracker_finish_timeout_s=20)
         first = asyncio.run(tracked(p))
-        assert "MLFLOW_TRACKING_TOKEN" not in os.environ  # taken out of the flow's environment
-        os.environ["MLFLOW_TRACKING_TOKEN"] = SECRET
+        assert os.environ["MLFLOW_TRACKING_TOKEN"] == SECRET  # out of the jobs' environment, back afterwards
         again = asyncio.run(pretrain(p))
     finally:
         os.environ.pop("MLFLOW_TRACKING_TOKEN", None)

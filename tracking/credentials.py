@@ -1,9 +1,9 @@
 """Tracker credentials: read by the tracker mirror only, never by the training nodes, never logged.
 
 They come from the environment of whoever starts the mirror (the Prefect worker, or a person) or from the
-flow's Secret block. The flow takes them out of its own environment before anything is submitted, so that
-neither a local training process nor a Slurm job (sbatch exports the submitting environment) receives them,
-and hands them to the mirror's process alone."""
+flow's Secret block. The flow takes them out of its own environment for as long as it runs, so that neither a
+local training process nor a Slurm job (sbatch exports the submitting environment) receives them, and hands
+them to the mirror's process alone."""
 
 from __future__ import annotations
 
