@@ -16,6 +16,7 @@ from common.layout import RunDir
 class TrackerMirror:
     def __init__(self, proc: asyncio.subprocess.Process, log: logging.Logger | logging.LoggerAdapter, kind: str):
         self.proc, self.log, self.kind = proc, log, kind
+        self.finishing = False
         self._reader = asyncio.ensure_future(self._forward())
 
     @classmethod
@@ -44,9 +45,14 @@ class TrackerMirror:
             level = logging.WARNING if ("does not answer" in line or line.startswith("error")
                                         or "behind" in line or "rollback" in line) else logging.INFO
             self.log.log(level, "[%s] %s", self.kind, line)
+        code = await self.proc.wait()
+        if not self.finishing and code != 0:  # said now, not at the flow's end
+            self.log.warning("the %s tracker mirror stopped (exit %s, its last lines above): the run goes on "
+                             "untracked; `python -m tracking.mirror` delivers it later", self.kind, code)
 
     async def finish(self, state: str, timeout_s: float) -> None:
         """Tell the mirror how the run ended; it catches up (for at most its finish timeout) and ends."""
+        self.finishing = True
         try:
             if self.proc.stdin is not None and not self.proc.stdin.is_closing():
                 self.proc.stdin.write(f"finish {state}\n".encode())
@@ -59,9 +65,9 @@ class TrackerMirror:
         except asyncio.TimeoutError:
             self.log.warning("the %s tracker mirror did not end within %g s: stopped; `python -m tracking.mirror` "
                              "delivers what it had not", self.kind, timeout_s)
-            self.proc.terminate()
+            self.proc.kill()  # stuck past its own deadline
             await self.proc.wait()
         await asyncio.wait_for(self._reader, 10)
-        if self.proc.returncode not in (0, None):
+        if self.proc.returncode not in (0, None, -9):
             self.log.warning("the %s tracker mirror ended with exit %s (see its lines above)", self.kind,
                              self.proc.returncode)
