@@ -6,6 +6,7 @@
 #   bash bench/gpu_node.sh levers         # chunked CE, bigger B, attention kernels
 #   bash bench/gpu_node.sh compile-modes  # max-autotune, CUDA graphs (their compilation takes minutes)
 #   bash bench/gpu_node.sh tokenize       # bench/tokenize_throughput.py on all the node's cores
+#   bash bench/gpu_node.sh checkpoint     # bench/checkpoint_overhead.py on the 124M: none / sync / async
 # Each step writes its result JSON and console log to $OUT (default bench/results/) as it goes, so a step cut
 # short still leaves every variant measured so far. `python bench/train_throughput.py --render FILE` turns a
 # result into the README's table.
@@ -60,6 +61,7 @@ bench() { python3 bench/train_throughput.py --out "$OUT/train_throughput-$step-$
     levers) bench --micro-batches "" --levers --only "chunked,attention" ;;
     compile-modes) bench --micro-batches "" --levers --only "compile,CUDA graphs" ;;  # autotuning is slow
     tokenize) python3 bench/tokenize_throughput.py --tokens 200e6 --repeats 3 ;;
+    checkpoint) python3 bench/checkpoint_overhead.py --config gpt2-124m --out "$OUT/checkpoint_overhead-gpu-$when.json" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 } 2>&1 | tee "$log"
