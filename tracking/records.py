@@ -12,6 +12,7 @@ from typing import Any
 
 from common import store
 from common.layout import RunDir, eval_result
+from training.checkpoint import list_steps
 from training.metrics import parse_metrics
 
 # the files whose lines are events, and the field that names the step each line is about
@@ -112,7 +113,7 @@ def read_records(run_url: str, skip_evaluations: set[tuple[int, str]] = frozense
                 values = evaluation_values(family, row[family])
                 if values:
                     rec.evaluations[(step, family)] = values
-    for step in _checkpoint_steps(run):  # a run evaluated without the flow (python -m evaluation.evaluate)
+    for step in list_steps(run.url):  # a run evaluated without the flow (python -m evaluation.evaluate)
         for family in ("hellaswag", "lm_eval"):
             if (step, family) in skip_evaluations or (step, family) in rec.evaluations:
                 continue
@@ -123,7 +124,3 @@ def read_records(run_url: str, skip_evaluations: set[tuple[int, str]] = frozense
             if values:
                 rec.evaluations[(step, family)] = values
     return rec
-
-
-def _checkpoint_steps(run: RunDir) -> list[int]:
-    return sorted(s for s in (RunDir.step_of(n) for n in store.listdir(run.checkpoints)) if s is not None)
