@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cpu_run import cpu_machine, measured_on, random_shards  # noqa: E402
+from cpu_run import cell, cpu_machine, measured_on, random_shards  # noqa: E402
 
 VARIANTS = {"no checkpoints": None, "synchronous": "false", "asynchronous": "true"}
 
@@ -84,10 +84,9 @@ def summary(rows: list[dict]) -> list[dict]:
 def table(res: dict) -> str:
     lines = ["| variant | step ms | blocked per checkpoint s | write per checkpoint s | blocked / training | "
              "loop s | loop vs no checkpoints |", "|---|---|---|---|---|---|---|"]
-    fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     for r in res["summary"]:
-        lines.append(f"| {r['variant']} | {r['step_ms']:.1f} | {fmt(r['block_s'], '.3f')} | "
-                     f"{fmt(r['write_s'], '.3f')} | {100 * r['overhead']:.2f}% | {r['loop_s']:.1f} | "
+        lines.append(f"| {r['variant']} | {r['step_ms']:.1f} | {cell(r['block_s'], '.3f')} | "
+                     f"{cell(r['write_s'], '.3f')} | {100 * r['overhead']:.2f}% | {r['loop_s']:.1f} | "
                      f"{100 * r['vs_none']:+.1f}% |")
     st = res["settings"]
     sets = "".join(f" --set {kv}" for kv in st["set"])

@@ -31,6 +31,11 @@ def cpu_machine() -> dict:
             "python": platform.python_version()}
 
 
+def cell(value: float | None, spec: str) -> str:
+    """A table cell: the value in `spec`, or "-" for a figure the variant does not have."""
+    return "-" if value is None else format(value, spec)
+
+
 def measured_on(res: dict) -> str:
     """The line every results table ends with: a figure always comes with its machine."""
     mc = res["machine"]

@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cpu_run import cpu_machine, measured_on, random_shards  # noqa: E402
+from cpu_run import cell, cpu_machine, measured_on, random_shards  # noqa: E402
 
 VARIANTS = ("local", "s3")
 
@@ -138,13 +138,12 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 def table(res: dict) -> str:
-    fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     pct = lambda x: "-" if x is None else f"{100 * x:+.1f}%"  # noqa: E731
     lines = ["| run directory | step ms | loop ms | loop ms, mean | loop ms on sample steps | step vs local | "
              "loop vs local | sample steps vs local |", "|---|---|---|---|---|---|---|---|"]
     for r in res["summary"]:
         lines.append(f"| {r['variant']} | {r['step_ms']:.1f} | {r['loop_ms']:.1f} | {r['loop_mean_ms']:.1f} | "
-                     f"{fmt(r['sample_loop_ms'], '.1f')} | {pct(r['step_ms_vs_local'])} | "
+                     f"{cell(r['sample_loop_ms'], '.1f')} | {pct(r['step_ms_vs_local'])} | "
                      f"{pct(r['loop_ms_vs_local'])} | {pct(r['sample_loop_ms_vs_local'])} |")
     st = res["settings"]
     sets = "".join(f" --set {kv}" for kv in st["set"])
