@@ -74,12 +74,13 @@ def levers(base: Variant) -> list[Variant]:
         r(base, name="+ chunked CE, B=128", micro_batch=128, loss_chunk=8192),
         r(base, name="+ flash attention forced", attention="flash"),
         r(base, name="+ cuDNN attention", attention="cudnn"),
+        # before max-autotune: its autotuning takes minutes, and a fault in it ends the process
+        r(base, name="+ CUDA graphs (reduce-overhead)", compile_mode="reduce-overhead"),
         # with the chunked loss: unchunked, the lm_head's weight gradient (50304 x B*T) is a product that
         # Triton's matmul templates index past 2**31 elements in autotuning (an illegal memory access on
         # torch 2.11 + Triton 3.6 that ends the process's CUDA context)
         r(base, name="+ compile max-autotune-no-cudagraphs, chunked CE", compile_mode="max-autotune-no-cudagraphs",
           loss_chunk=8192),
-        r(base, name="+ CUDA graphs (reduce-overhead)", compile_mode="reduce-overhead"),
     ]
 
 
