@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(json.loads(Path(a.render).read_text())))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        data = random_shards(Path(tmp) / "data", (65536, 1 << 20))
+        data = random_shards(Path(tmp) / "data", (1 << 17, 1 << 20))  # val: one B=64, T=1024 step + 1
         work = (a.work or tmp).rstrip("/")
         rows = []
         for i in range(a.repeat):
