@@ -1,4 +1,4 @@
-"""The per-GPU memory estimate (training/memory.py) against the H200 peaks recorded in bench/results/, and the
+"""The per-GPU memory estimate (training/memory.py) against the H100 and H200 peaks recorded in bench/results/, and the
 check before sbatch that refuses a run too large for the partition's GPUs (cluster/validate.py)."""
 
 import json
@@ -18,10 +18,11 @@ FAMILY = ("gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1558m")
 def measured_rows():
     """(file, row) of every recorded 124M step the estimate models: padded vocabulary (the unpadded row ran 13 GB
     above the padded one, which the estimate does not model), and not the ablation's "SDPA math" row, which ran
-    cuDNN's kernel from a cached graph (bench/results/README.md; -math.json holds the real one)."""
-    for path in sorted(RESULTS.glob("train_throughput-*-h200-*.json")):
+    cuDNN's kernel from a cached graph (bench/results/README.md; -math.json holds the real one), nor CUDA graphs,
+    whose private memory pool keeps its own copies of the step's buffers (+6.4 GB on the H100)."""
+    for path in sorted(RESULTS.glob("train_throughput-*-h[12]00*.json")):
         for row in json.loads(path.read_text())["rows"]:
-            if row.get("mem_gb") is None or not row["pad_vocab"]:
+            if row.get("mem_gb") is None or not row["pad_vocab"] or row.get("compile_mode") == "reduce-overhead":
                 continue
             if "ablation" in path.name and row["attention"] == "math":
                 continue
@@ -42,11 +43,12 @@ def allocated(row) -> float:
     return estimate(bench_config(row), world_size=1, overhead=0).total / GB
 
 
-def test_estimate_is_within_15_percent_of_every_measured_h200_peak():
+def test_estimate_is_within_15_percent_of_every_measured_peak():
     rows = list(measured_rows())
     names = {r["name"] for _, r in rows}
     assert {"baseline: build-nanogpt recipe", "+ chunked lm_head+CE (8192 tok)", "- torch.compile",
-            "- bf16 autocast", "- fast attention (SDPA math)"} <= names
+            "- bf16 autocast", "- fast attention (SDPA math)", "ours B=16", "ours B=32"} <= names
+    assert {"train_throughput-20261126-h100.json", "train_throughput-20261125-h200-levers.json"} <= {n for n, _ in rows}
     for name, row in rows:
         est = allocated(row)
         assert abs(est / row["mem_gb"] - 1) <= 0.15, (name, row["name"], row["mem_gb"], est)
