@@ -209,8 +209,10 @@ def checkpoint_bytes(cfg: RunConfig) -> int:
 def checkpoint_time_warning(cfg: RunConfig, spec: JobSpec) -> str | None:
     """On USR2 every rank finishes its step and writes a checkpoint it waits for, within signal_delay_s less
     the launcher's 10 s: a run whose own checkpoints (metrics.jsonl `ckpt_write_s`) took longer would be
-    killed at its time limit with that checkpoint unfinished, losing the steps since the one before. Before
-    any is measured, the write time is estimated from the checkpoint's size at a conservative bandwidth."""
+    killed at its time limit with that checkpoint unfinished, losing the steps since the one before. With
+    asynchronous writes the signal can find a periodic checkpoint's write just begun, which the stop's own
+    write waits for: two writes in the worst case. Before any is measured, the write time is estimated from
+    the checkpoint's size at a conservative bandwidth."""
     from common import store
     from training.metrics import read_metrics
 
@@ -221,22 +223,26 @@ def checkpoint_time_warning(cfg: RunConfig, spec: JobSpec) -> str | None:
     writes = [float(m["ckpt_write_s"]) for m in metrics if "ckpt_write_s" in m]
     steps = sorted(float(m["step_ms"]) / 1000 for m in metrics if "step_ms" in m)
     room = spec.signal_delay_s - 10
+    n = 2 if cfg.checkpoint.async_write else 1
+    two = (" and a stop may wait for two (a periodic write in flight, then its own: checkpoint.async_write)"
+           if n == 2 else "")
     if writes:
-        need = max(writes) + (steps[len(steps) // 2] if steps else 0.0)  # the step in flight, then the write
+        need = n * max(writes) + (steps[len(steps) // 2] if steps else 0.0)  # the step in flight, then the writes
         if need <= room:
             return None
         return (f"signal_delay_s={spec.signal_delay_s} leaves {room} s to stop with a checkpoint, but this run's "
-                f"checkpoints took up to {max(writes):.0f} s to write ({cfg.train.run_dir}/metrics.jsonl): a "
-                f"preempted or timed-out job may be killed before its checkpoint is complete; set signal_delay_s to "
-                f"at least {int(need) + 30}")
+                f"checkpoints took up to {max(writes):.0f} s to write ({cfg.train.run_dir}/metrics.jsonl){two}: a "
+                f"preempted or timed-out job may be killed before "
+                f"its checkpoint is complete; set signal_delay_s to at least {int(need) + 30}")
     kind = "a filesystem" if store.is_local(cfg.train.run_dir) else "an object store"
     size = checkpoint_bytes(cfg)
-    need = size / (ESTIMATED_WRITE_MB_S[kind] * 1e6)  # the step in flight comes on top, unknown before a run
+    write = size / (ESTIMATED_WRITE_MB_S[kind] * 1e6)
+    need = n * write  # the step in flight comes on top, unknown before a run
     if need <= room:
         return None
     return (f"signal_delay_s={spec.signal_delay_s} leaves {room} s to stop with a checkpoint, but a checkpoint of "
-            f"{cfg.name} ({size / 1e9:.1f} GB: weights and AdamW state) is estimated to take ~{need:.0f} s to write "
+            f"{cfg.name} ({size / 1e9:.1f} GB: weights and AdamW state) is estimated to take ~{write:.0f} s to write "
             f"to {kind} at a conservative {ESTIMATED_WRITE_MB_S[kind]:.0f} MB/s (an estimate: no checkpoint of this "
-            f"run measured yet): a preempted or timed-out job may be killed before its checkpoint is complete; set "
-            f"signal_delay_s to at least {int(need) + 30} (once a checkpoint is written, its measured time counts "
-            "instead)")
+            f"run measured yet){two}: a preempted or timed-out job "
+            f"may be killed before its checkpoint is complete; set signal_delay_s to at least {int(need) + 30} "
+            "(once a checkpoint is written, its measured time counts instead)")

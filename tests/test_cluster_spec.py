@@ -123,11 +123,21 @@ def test_a_run_whose_checkpoints_outlast_signal_delay_is_warned_at_submit(tmp_pa
     spec = JobSpec(time_min=60, signal_delay_s=90)
     with caplog.at_level(logging.WARNING, logger="cluster.validate"):
         validate(spec, "tiny", [f"run_dir={run}"], check_cluster=False, check_data=False)
+    # asynchronous writes (the default): the stop may wait for a periodic write just begun, then its own
     assert "signal_delay_s=90 leaves 80 s to stop with a checkpoint, but this run's checkpoints took up to 95 s" \
-        in caplog.text and "set signal_delay_s to at least 125" in caplog.text
+        " to write" in caplog.text and "a stop may wait for two (a periodic write in flight, then its own" \
+        in caplog.text and "set signal_delay_s to at least 220" in caplog.text
+    caplog.clear()
+    sync = [f"run_dir={run}", "checkpoint.async_write=false"]
+    with caplog.at_level(logging.WARNING, logger="cluster.validate"):
+        validate(spec, "tiny", sync, check_cluster=False, check_data=False)
+    assert "took up to 95 s" in caplog.text and "two" not in caplog.text \
+        and "set signal_delay_s to at least 125" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="cluster.validate"):
-        validate(spec.model_copy(update={"signal_delay_s": 130}), "tiny", [f"run_dir={run}"], check_cluster=False,
+        validate(spec.model_copy(update={"signal_delay_s": 210}), "tiny", [f"run_dir={run}"], check_cluster=False,
+                 check_data=False)
+        validate(spec.model_copy(update={"signal_delay_s": 110}), "tiny", sync, check_cluster=False,
                  check_data=False)
         validate(spec, "tiny", [f"run_dir={tmp_path / 'new'}"], check_cluster=False, check_data=False)
     assert "signal_delay_s" not in caplog.text  # room enough; a new run has nothing measured
@@ -146,10 +156,14 @@ def test_before_any_checkpoint_is_measured_its_write_time_is_estimated_from_the_
     assert checkpoint_time_warning(large, spec) == (
         "signal_delay_s=90 leaves 80 s to stop with a checkpoint, but a checkpoint of gpt2-1558m (18.7 GB: weights "
         "and AdamW state) is estimated to take ~374 s to write to an object store at a conservative 50 MB/s (an "
-        "estimate: no checkpoint of this run measured yet): a preempted or timed-out job may be killed before its "
-        "checkpoint is complete; set signal_delay_s to at least 403 (once a checkpoint is written, its measured "
-        "time counts instead)")
+        "estimate: no checkpoint of this run measured yet) and a stop may wait for two (a periodic write in flight, "
+        "then its own: checkpoint.async_write): a preempted or timed-out job may be killed before its checkpoint is "
+        "complete; set signal_delay_s to at least 777 (once a checkpoint is written, its measured time counts "
+        "instead)")
     local = checkpoint_time_warning(load_config("gpt2-774m", ["run_dir=/nonexistent/runs/new"]), spec)
     assert "(9.3 GB: weights and AdamW state) is estimated to take ~93 s to write to a filesystem at a " \
         "conservative 100 MB/s (an estimate" in local
-    assert checkpoint_time_warning(large, spec.model_copy(update={"signal_delay_s": 410})) is None
+    assert checkpoint_time_warning(large, spec.model_copy(update={"signal_delay_s": 760})) is None
+    synchronous = load_config("gpt2-1558m", ["run_dir=s3://bucket/runs/new", "checkpoint.async_write=false"])
+    assert "set signal_delay_s to at least 403 " in checkpoint_time_warning(synchronous, spec)
+    assert checkpoint_time_warning(synchronous, spec.model_copy(update={"signal_delay_s": 410})) is None
