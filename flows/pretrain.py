@@ -356,13 +356,16 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
         await publish_events(watcher.guard_events, rollbacks(run), p.run_name, key, health)
 
     async def on_straggler(found: Straggler) -> None:
-        """A rank the others keep waiting for (the watcher has logged it): a row in the events table."""
+        """A rank the others keep waiting for (the watcher has logged and recorded it): a row in the events table."""
         health.append({"time": time.time(), "event": "straggler", "step": found.step,
                        "data": f"{found.host}:{found.rank}", "reason": found.message})
         await publish_events(watcher.guard_events, rollbacks(run), p.run_name, key, health)
 
     watcher = RunWatcher(run, log, p.poll_seconds, hang, on_lost_nodes,
                          StragglerWatch(p.straggler_margin, p.straggler_windows), on_straggler)
+    health += [{"time": r.get("time"), "event": "straggler", "step": r.get("step"),  # earlier flow runs' finds
+                "data": f"{r.get('host')}:{r.get('rank')}", "reason": r.get("reason", "")}
+               for r in watcher.earlier_stragglers]
     policy = ResubmissionPolicy(p.max_resubmits, p.backoff_seconds, p.max_rollbacks,
                                 rollbacks=len(rollbacks(run)))
 

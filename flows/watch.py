@@ -78,6 +78,9 @@ class RunWatcher:
         self.guard_events: list[dict[str, Any]] = _parse(self.guard_tail.read())  # shown whole in the UI
         self.metrics_tail = LogTail(run.metrics)
         self.metrics: list[dict[str, Any]] = []
+        # stragglers already recorded: a restarted flow reads the metrics from the start and finds them again
+        self.earlier_stragglers = _parse(LogTail(run.stragglers).read())
+        self.stragglers_kept = {(r.get("rank"), r.get("host"), r.get("step")) for r in self.earlier_stragglers}
 
     async def watch(self, submission: Submission,
                     on_tick: Callable[[list[dict[str, Any]]], Awaitable[None]], log=None) -> Outcome:
@@ -113,9 +116,23 @@ class RunWatcher:
 
     async def _stragglers(self, rows: list[dict[str, Any]]) -> None:
         for found in self.stragglers.feed(rows) if self.stragglers else []:
+            if (found.rank, found.host, found.step) in self.stragglers_kept:
+                continue  # an earlier flow run said so, and its row is in the events table from the start
             self.log.warning("%s", found.message)
+            await asyncio.to_thread(self._keep_straggler, found)
             if self.on_straggler is not None:
                 await self.on_straggler(found)
+
+    def _keep_straggler(self, found: Straggler) -> None:
+        """{run}/stragglers.jsonl: the tracker mirror and later flow runs read it (the events table is the UI's)."""
+        row = {"time": time.time(), "event": "straggler", "step": found.step, "rank": found.rank, "host": found.host,
+               "busy_ms": found.busy_ms, "median_ms": found.median_ms, "windows": found.windows,
+               "reason": found.message}
+        try:
+            store.append_text(self.run.stragglers, json.dumps(row) + "\n")
+            self.stragglers_kept.add((found.rank, found.host, found.step))
+        except Exception as err:  # the warning is in the log already; the file is a record, not the alarm
+            self.log.warning("could not append to stragglers.jsonl: %s", err)
 
     @staticmethod
     def _hung(detector: HangDetector, submission: Submission):

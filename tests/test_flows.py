@@ -234,6 +234,20 @@ def test_a_rank_slower_than_the_median_in_consecutive_windows_is_one_warning_and
     assert [r.message for r in caplog.records] == [
         "rank 3 on n2 is a straggler: 140 ms busy per step against the median rank's 100 ms (+40%) in 3 telemetry "
         "windows in a row, up to step 29"]
+    # recorded in the run directory for the tracker mirror and later flow runs, once
+    kept = [json.loads(line) for line in (tmp_path / "stragglers.jsonl").read_text().splitlines()]
+    assert [(r["event"], r["rank"], r["host"], r["step"], r["busy_ms"]) for r in kept] == [
+        ("straggler", 3, "n2", 29, 140.0)]
+    again = RunWatcher(run, log, 0.01, stragglers=StragglerWatch(0.10, 3), on_straggler=on_straggler)
+    assert [r["step"] for r in again.earlier_stragglers] == [29]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="test-stragglers"):
+        asyncio.run(again.watch(Done(), on_tick))  # a restarted flow reads the same metrics: said once, kept once
+    assert len(found) == 1 and not caplog.records and (tmp_path / "stragglers.jsonl").read_text().count("\n") == 1
+    from tracking.records import read_records
+
+    [event] = [e for e in read_records(str(tmp_path)).events if e["source"] == "stragglers"]
+    assert event["event"] == "straggler" and event["step"] == 29 and "rank 3 on n2" in event["detail"]
 
 
 def test_a_second_flow_run_on_the_same_run_directory_stops_naming_the_first(prefect_server, tmp_path):

@@ -17,7 +17,7 @@ from training.metrics import parse_metrics
 
 # the files whose lines are events, and the field that names the step each line is about
 EVENT_FILES = {"attempts": "end_step", "submissions": "end_step", "events": "step", "rollbacks": "resume_step",
-               "cordon": "step"}
+               "cordon": "step", "stragglers": "step"}
 
 
 @dataclass
