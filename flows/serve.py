@@ -38,8 +38,12 @@ def demo_params(store: str, max_steps: int | None = None) -> PretrainParams:
 def deployments(executor: str, store: str) -> list:
     params = PretrainParams(preset="gpt2-124m", store=store, run_name="gpt2-124m", executor=executor,
                             prepare_source="hf:HuggingFaceFW/fineweb-edu:sample-10BT")
+    larger = [PretrainParams(preset=f"gpt2-{size}", store=store, run_name=f"gpt2-{size}", executor=executor)
+              for size in ("350m", "774m", "1558m")]  # llm.c's reproductions, on their presets' data
     return [
         pretrain.to_deployment(name="pretrain-124m", parameters={"params": params.model_dump(mode="json")}),
+        *[pretrain.to_deployment(name=f"pretrain-{p.preset.removeprefix('gpt2-')}",
+                                 parameters={"params": p.model_dump(mode="json")}) for p in larger],
         pretrain.to_deployment(name="demo", parameters={"params": demo_params(store).model_dump(mode="json")},
                                description="The pipeline in minutes on a CPU, offline: demo corpus -> shards -> "
                                            "training -> every checkpoint evaluated -> report."),
