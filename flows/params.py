@@ -58,7 +58,7 @@ class PretrainParams(BaseModel):
                                "accumulation) instead of stopping the run")
     startup_timeout_s: float = Field(1800.0, gt=0, description="hung: no first step this long after the job started "
                                      "running (rendezvous, data, torch.compile)")
-    tracker: Literal["none", "mlflow", "wandb"] = Field("none", description="mirror the run into an experiment "
+    tracker: Literal["none", "mlflow", "wandb", "tensorboard"] = Field("none", description="mirror the run into an experiment "
                                                          "tracker, from the flow's side: one tracker run per run "
                                                          "directory; the training nodes need neither its library "
                                                          "nor its credentials (MLFLOW_TRACKING_TOKEN or _USERNAME/"
@@ -66,7 +66,8 @@ class PretrainParams(BaseModel):
                                                          "credentials_secret)")
     tracker_project: str = Field("gpt2-repro", min_length=1, description="the MLflow experiment or W&B project")
     tracker_uri: str | None = Field(None, description="MLflow tracking URI (default: the worker's "
-                                    "MLFLOW_TRACKING_URI)")
+                                    "MLFLOW_TRACKING_URI); TensorBoard log folder, a path or URL (default: "
+                                    "{run}/tensorboard)")
     tracker_entity: str | None = Field(None, description="W&B entity (default: the API key's)")
     tracker_interval_s: float = Field(15.0, gt=0, description="seconds between two deliveries to the tracker")
     tracker_finish_timeout_s: float = Field(120.0, ge=0, description="at the flow's end, how long the mirror may "

@@ -113,7 +113,7 @@ def check_tracker(p: PretrainParams) -> None:
         return
     import importlib.util
 
-    if importlib.util.find_spec(p.tracker) is None:
+    if importlib.util.find_spec(p.tracker) is None:  # tensorboard: the package of that name
         raise FlowFailure(f"bad parameter: tracker={p.tracker} needs the {p.tracker} library on the worker: "
                           "pip install 'gpt2-repro[trackers]'")
     if p.tracker == "mlflow" and not (p.tracker_uri or os.environ.get("MLFLOW_TRACKING_URI")):

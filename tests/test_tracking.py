@@ -270,6 +270,20 @@ def test_wandb_offline_run_mirrored_twice_holds_every_step_once(tracked_run, tmp
     assert any("events/_type" in r for r in rows) and any("samples/_type" in r for r in rows)
 
 
+def test_tensorboard_mirror_of_a_requeued_resubmitted_flow_run(tracked_run):
+    """The same real run as above into TensorBoard: every step's values, each checkpoint's evaluation, the
+    requeue and the resubmission among the events."""
+    first, _, run, _ = tracked_run
+    _mirror_cli(run)
+    tb = _tensorboard(run / "tensorboard")
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert tb["scalars"]["loss"] == [(m["step"], pytest.approx(m["loss"])) for m in metrics]
+    assert [s for s, _ in tb["scalars"]["eval/hellaswag_acc_norm"]] == sorted(r["step"] for r in first["evaluations"])
+    [(_, events)] = tb["texts"]["events/text_summary"][-1:]
+    assert "| submissions | requeue | 4 |" in events and "| submissions | failed | 4 |" in events
+    assert tb["texts"]["status/text_summary"][-1][1] == "run completed"
+
+
 def _write_run(run: Path, losses: dict[int, float], rollbacks=()):
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(json.dumps({"train": {"max_steps": 100}, "model": {"n_layer": 2}}))
@@ -330,6 +344,116 @@ def test_a_lost_answer_is_not_delivered_twice(mlflow_server, tmp_path):
     Mirror(str(run), make_tracker("mlflow", mlflow_server, "lost")).sync()
     steps = [m.step for m in MlflowClient(mlflow_server).get_metric_history(record["run_id"], "loss")]
     assert sorted(steps) == [0, 1, 2, 3, 4]
+
+
+def _tensorboard(logdir: Path) -> dict:
+    """What TensorBoard shows of a log folder, read by its own loader (the classic one, which keeps every point it
+    is given: the fast loader would hide a duplicate step by keeping the last)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    texts = {tag: [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(tag)]
+             for tag in acc.Tags()["tensors"]}
+    return {"scalars": scalars, "texts": texts}
+
+
+def _mirror_cli(run: Path, *args: str, env=None) -> str:
+    p = subprocess.run([sys.executable, "-m", "tracking.mirror", "--run-dir", str(run), "--tracker", "tensorboard",
+                        *args], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+def test_tensorboard_shows_each_step_once_through_a_lost_record_and_a_rollback(tmp_path):
+    """Event files only grow: every writer purges from the step after the last one delivered, so what a mirror
+    wrote before it died unrecorded, and what a rollback redid, is shown once, with its latest value."""
+    run = tmp_path / "runs" / "tb"
+    _write_run(run, {s: 10.0 - s for s in range(6)})
+    write_jsonl(run / "evaluations.jsonl", [{"step": s, "time": 1.0, "hellaswag": {"acc": 0.25, "acc_norm": 0.5}}
+                                            for s in (2, 5)])
+    write_jsonl(run / "samples.jsonl", [{"step": 5, "samples": ["Hello, I'm a language model"]}])
+    assert "steps up to 5 delivered" in _mirror_cli(run)
+    tb = _tensorboard(run / "tensorboard")
+    assert tb["scalars"]["loss"] == [(s, 10.0 - s) for s in range(6)]
+    assert tb["scalars"]["eval/hellaswag_acc_norm"] == [(2, 0.5), (5, 0.5)]
+    assert tb["texts"]["samples/text_summary"] == [(5, "**0.** Hello, I'm a language model")]
+    assert '"n_layer": 2' in tb["texts"]["config/text_summary"][0][1]
+
+    # the mirror wrote steps 3-5 but died before its record said so: sent again, shown once
+    record = json.loads((run / "trackers" / "tensorboard.json").read_text())
+    record["delivered"]["step"] = 2
+    (run / "trackers" / "tensorboard.json").write_text(json.dumps(record))
+    _write_run(run, {s: 10.0 - s for s in range(8)})
+    _mirror_cli(run)
+    assert _tensorboard(run / "tensorboard")["scalars"]["loss"] == [(s, 10.0 - s) for s in range(8)]
+
+    # steps 4-7 diverged and were redone on other data: the next generation replaces the history
+    _write_run(run, {**{s: 10.0 - s for s in range(4)}, 4: 1.5, 5: 1.25, 6: 1.0},
+               rollbacks=[{"rollback": 1, "resume_step": 3, "skip": "4:6", "time": 2.0}])
+    _mirror_cli(run)
+    tb = _tensorboard(run / "tensorboard")
+    assert tb["scalars"]["loss"] == [(0, 10.0), (1, 9.0), (2, 8.0), (3, 7.0), (4, 1.5), (5, 1.25), (6, 1.0)]
+    assert tb["scalars"]["eval/hellaswag_acc_norm"] == [(2, 0.5)]  # step 5's checkpoint was set aside
+    record = json.loads((run / "trackers" / "tensorboard.json").read_text())
+    assert record["generation"] == 2 and record["delivered"]["step"] == 6
+    assert record["link"] == f"tensorboard --logdir {run / 'tensorboard'}"
+
+
+def test_tensorboard_log_folder_on_s3_is_uploaded_after_every_delivery(s3_server, tmp_path):
+    import s3fs
+
+    bucket = s3_server["make_bucket"]("tensorboard")
+    run = tmp_path / "runs" / "tb-s3"
+    _write_run(run, {s: 10.0 - s for s in range(4)})
+    env = {**os.environ, **s3_server["env"]}
+    _mirror_cli(run, "--uri", f"{bucket}/tb/run", env=env)
+    _write_run(run, {s: 10.0 - s for s in range(7)})
+    _mirror_cli(run, "--uri", f"{bucket}/tb/run", env=env)  # another process: a second event file
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=s3_server["endpoint_url"])
+    names = fs.ls(f"{bucket}/tb/run")
+    assert len(names) == 2
+    fs.get(f"{bucket}/tb/run/", str(tmp_path / "down") + "/", recursive=True)
+    assert _tensorboard(tmp_path / "down")["scalars"]["loss"] == [(s, 10.0 - s) for s in range(7)]
+    assert not (run / "tensorboard").exists()
+
+
+def test_an_upload_cut_off_mid_delivery_leaves_no_step_twice_on_s3(s3_server, tmp_path, monkeypatch):
+    """The store goes away while the mirror uploads: the points it had written are purged by the next writer and
+    sent again once the store answers."""
+    import fsspec.config
+    import s3fs
+
+    from tracking.mirror import Mirror, make_tracker
+
+    bucket = s3_server["make_bucket"]("tensorboard-outage")
+    relay = Proxy(int(s3_server["endpoint_url"].rsplit(":", 1)[1]))
+    for k, v in s3_server["env"].items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": f"http://127.0.0.1:{relay.port}",
+                                                   "config_kwargs": {"retries": {"max_attempts": 1},
+                                                                     "connect_timeout": 2}})
+    s3fs.S3FileSystem.clear_instance_cache()
+    run = tmp_path / "runs" / "outage"
+    _write_run(run, {s: 10.0 - s for s in range(4)})
+    mirror = Mirror(str(run), make_tracker("tensorboard", f"{bucket}/tb", "x"))
+    mirror.sync()
+    _write_run(run, {s: 10.0 - s for s in range(7)})
+    relay.down()
+    try:
+        with pytest.raises(Exception):
+            mirror.sync()
+    finally:
+        relay.up()
+    assert json.loads((run / "trackers" / "tensorboard.json").read_text())["delivered"]["step"] == 3
+    mirror.reconcile = True  # what the mirror's loop does after a failure
+    mirror.sync()
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=s3_server["endpoint_url"])
+    fs.get(f"{bucket}/tb/", str(tmp_path / "down") + "/", recursive=True)
+    assert _tensorboard(tmp_path / "down")["scalars"]["loss"] == [(s, 10.0 - s) for s in range(7)]
+    assert mirror.delivered["step"] == 6
 
 
 def test_tracker_mistakes_are_one_line_before_anything_runs(prefect_server, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ config, delivered once each, from the last step the tracker holds.
 
     python -m tracking.mirror --run-dir store/runs/x --tracker mlflow --uri http://mlflow:5000   # catch up once
     python -m tracking.mirror --run-dir s3://bucket/runs/x --tracker wandb --follow              # until Ctrl-C
+    python -m tracking.mirror --run-dir store/runs/x --tracker tensorboard   # event files in store/runs/x/tensorboard
 
 The pretrain flow runs this in a process of its own (`tracker` parameter), so a tracker that is down or slow
 never slows the flow or the training: the mirror falls behind, says so once, and catches up when the tracker
@@ -11,7 +12,7 @@ answers again. Nothing is lost meanwhile, since the run directory holds everythi
 Its record, {run}/trackers/{tracker}.json, names the tracker run (the same one across requeues,
 resubmissions, reattached and restarted flows) and what was delivered. A rollback redoes steps the tracker
 already holds: the mirror then starts the next generation of the tracker run (mlflow_tracker.py and
-wandb_tracker.py say how each tracker keeps each step once).
+wandb_tracker.py and tensorboard_tracker.py say how each tracker keeps each step once).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from tracking.records import RunRecords, read_records, step_values
 
 log = logging.getLogger("tracking.mirror")
 
-TRACKERS = ("mlflow", "wandb")
+TRACKERS = ("mlflow", "wandb", "tensorboard")
 STEPS_PER_SAVE = 2000  # how many steps a long catch-up delivers between two saves of the record
 
 
@@ -43,7 +44,7 @@ class Tracker(Protocol):
     kind: str
     run_id: str | None
 
-    def open(self, run_url: str, run_name: str, generation: int, known: str | None) -> str: ...
+    def open(self, run_url: str, run_name: str, generation: int, known: str | None, delivered_step: int) -> str: ...
     def link(self) -> str: ...
     def delivered_step(self) -> int | None: ...
     def delivered_evaluations(self, keys: set[str]) -> set[tuple[int, str]] | None: ...
@@ -54,6 +55,7 @@ class Tracker(Protocol):
     def log_config(self, config: dict[str, Any], first: bool) -> None: ...
     def retire(self) -> None: ...
     def supersede(self, old_run_id: str) -> None: ...
+    def flush(self) -> None: ...  # what was logged is in the tracker, before the record says so
     def finish(self, state: str) -> None: ...
     def close(self) -> None: ...
 
@@ -70,6 +72,10 @@ def make_tracker(kind: str, uri: str | None, project: str, entity: str | None = 
             from tracking.mlflow_tracker import MlflowTracker
 
             return MlflowTracker(uri, project)
+        if kind == "tensorboard":
+            from tracking.tensorboard_tracker import TensorBoardTracker
+
+            return TensorBoardTracker(uri)
         from tracking.wandb_tracker import WandbTracker
 
         return WandbTracker(project, entity)
@@ -106,12 +112,13 @@ class Mirror:
         return sum(1 for s in steps if s > self.delivered["step"])
 
     def _save(self) -> None:
+        self.tracker.flush()  # the record never claims what the tracker does not hold yet
         self.record["updated"] = time.time()
         store.write_json(self.record_url, self.record)
 
     def _open(self) -> None:
         gen = self.record["generation"]
-        rid = self.tracker.open(self.run.url, self.run_name, gen, self.record.get("run_id"))
+        rid = self.tracker.open(self.run.url, self.run_name, gen, self.record.get("run_id"), self.delivered["step"])
         link = redact(self.tracker.link())
         if (rid, link) != (self.record.get("run_id"), self.record.get("link")):
             self.record.update(run_id=rid, link=link)
@@ -283,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tracking.mirror", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run-dir", required=True, help="the run directory (local path or fsspec URL)")
     ap.add_argument("--tracker", required=True, choices=TRACKERS)
-    ap.add_argument("--uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    ap.add_argument("--uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI); TensorBoard "
+                    "log folder (default: {run}/tensorboard)")
     ap.add_argument("--project", default="gpt2-repro", help="MLflow experiment / W&B project (default: gpt2-repro)")
     ap.add_argument("--entity", default=None, help="W&B entity (default: the API key's)")
     ap.add_argument("--follow", action="store_true", help="keep syncing until interrupted (Ctrl-C, SIGTERM)")

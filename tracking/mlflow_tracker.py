@@ -59,7 +59,7 @@ class MlflowTracker:
                                         run_view_type=ViewType.ACTIVE_ONLY, max_results=1)
         return found[0].info.run_id if found else None
 
-    def open(self, run_url: str, run_name: str, generation: int, known: str | None) -> str:
+    def open(self, run_url: str, run_name: str, generation: int, known: str | None, delivered_step: int = -1) -> str:
         """The MLflow run of this generation of the run directory: `known` (its id from the mirror's record),
         the one tagged with it, or a new one. Returns its id."""
         exp_id = self._experiment_id()
@@ -138,6 +138,9 @@ class MlflowTracker:
         self.client.set_tag(old_run_id, "repro.superseded_by", self.run_id)
         self.client.set_terminated(old_run_id, STATUS["stopped"])
         self.client.delete_run(old_run_id)
+
+    def flush(self) -> None:
+        """Every call above has returned once the tracker holds its data."""
 
     def finish(self, state: str) -> None:
         self.client.set_terminated(self.run_id, STATUS[state])

@@ -34,7 +34,7 @@ class WandbTracker:
         self.run: Any = None
         self.run_id: str | None = None
 
-    def open(self, run_url: str, run_name: str, generation: int, known: str | None) -> str:
+    def open(self, run_url: str, run_name: str, generation: int, known: str | None, delivered_step: int = -1) -> str:
         rid = known or run_id(run_url, run_name, generation)
         self.run = wandb.init(project=self.project, entity=self.entity, id=rid, name=run_name, resume="allow",
                               tags=[f"generation-{generation}"], reinit="create_new",
@@ -85,6 +85,9 @@ class WandbTracker:
         """The current generation's run, before the next one starts: tagged and finished."""
         self.run.tags = (*self.run.tags, "superseded")
         self.finish("stopped")
+
+    def flush(self) -> None:
+        """wandb's own process holds what was logged, and retries it until the server has it."""
 
     def finish(self, state: str) -> None:
         self.run.finish(exit_code=EXIT_CODE[state])
