@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -408,6 +409,7 @@ def test_tensorboard_log_folder_on_s3_is_uploaded_after_every_delivery(s3_server
     run = tmp_path / "runs" / "tb-s3"
     _write_run(run, {s: 10.0 - s for s in range(4)})
     env = {**os.environ, **s3_server["env"]}
+    staged = set(glob.glob(os.path.join(tempfile.gettempdir(), "tensorboard-*")))
     _mirror_cli(run, "--uri", f"{bucket}/tb/run", env=env)
     _write_run(run, {s: 10.0 - s for s in range(7)})
     _mirror_cli(run, "--uri", f"{bucket}/tb/run", env=env)  # another process: a second event file
@@ -417,6 +419,7 @@ def test_tensorboard_log_folder_on_s3_is_uploaded_after_every_delivery(s3_server
     fs.get(f"{bucket}/tb/run/", str(tmp_path / "down") + "/", recursive=True)
     assert _tensorboard(tmp_path / "down")["scalars"]["loss"] == [(s, 10.0 - s) for s in range(7)]
     assert not (run / "tensorboard").exists()
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "tensorboard-*"))) == staged  # local copies removed
 
 
 def test_an_upload_cut_off_mid_delivery_leaves_no_step_twice_on_s3(s3_server, tmp_path, monkeypatch):
@@ -449,6 +452,7 @@ def test_an_upload_cut_off_mid_delivery_leaves_no_step_twice_on_s3(s3_server, tm
     assert json.loads((run / "trackers" / "tensorboard.json").read_text())["delivered"]["step"] == 3
     mirror.reconcile = True  # what the mirror's loop does after a failure
     mirror.sync()
+    mirror.tracker.close()
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=s3_server["endpoint_url"])
     fs.get(f"{bucket}/tb/", str(tmp_path / "down") + "/", recursive=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -51,6 +52,7 @@ class TensorBoardTracker:
     # ------------------------------------------------------------------ the log folder and its writer
 
     def open(self, run_url: str, run_name: str, generation: int, known: str | None, delivered_step: int = -1) -> str:
+        self._clean_staging()  # a new generation's writer starts a new file
         self.logdir = (self.requested or known or RunDir(run_url).tensorboard).rstrip("/")
         self.local = store.is_local(self.logdir)
         self.staging = self.logdir if self.local else tempfile.mkdtemp(prefix="tensorboard-")
@@ -159,5 +161,11 @@ class TensorBoardTracker:
         self.flush()
         self._drop_writer()
 
+    def _clean_staging(self) -> None:
+        """The local copies of an object store's event files, once uploaded."""
+        if getattr(self, "staging", None) and not self.local:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
     def close(self) -> None:
         self._drop_writer()
+        self._clean_staging()
