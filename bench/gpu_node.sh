@@ -4,9 +4,12 @@
 #   bash bench/gpu_node.sh train          # bench/train_throughput.py: build-nanogpt's recipe + micro-batches 16/32/64
 #   bash bench/gpu_node.sh ablation       # each optimisation of build-nanogpt's recipe off on its own
 #   bash bench/gpu_node.sh levers         # chunked CE, bigger B, attention kernels
-#   bash bench/gpu_node.sh compile-modes  # max-autotune, CUDA graphs (their compilation takes minutes)
+#   bash bench/gpu_node.sh autotune       # coordinate-descent tuning of the fused (memory-bound) kernels
+#   bash bench/gpu_node.sh compile-modes  # CUDA graphs, max-autotune (its autotuning alone outlasts 4 minutes)
 #   bash bench/gpu_node.sh tokenize       # bench/tokenize_throughput.py on all the node's cores
 #   bash bench/gpu_node.sh checkpoint     # bench/checkpoint_overhead.py on the 124M: none / sync / async
+# Seen on a fresh H100 node (cold compile caches): train with --profile ~2.5 min for four variants, each
+# variant's first step 20-30 s; tests/test_gpu.py ~3.5 min; checkpoint ~1.5 min; CUDA graphs ~1 min.
 # Each step writes its result JSON and console log to $OUT (default bench/results/) as it goes, so a step cut
 # short still leaves every variant measured so far. `python bench/train_throughput.py --render FILE` turns a
 # result into the README's table.
@@ -17,7 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${GPU_NODE_STAGE:-.cache/gpu-node}
-step=${1:?usage: gpu_node.sh stage|check|train|ablation|levers|compile-modes|tokenize}
+step=${1:?usage: gpu_node.sh stage|check|train|ablation|levers|autotune|compile-modes|tokenize|checkpoint}
 
 if [ "$step" = stage ]; then
   PY=${VENV:-.venv}/bin/python
@@ -61,7 +64,8 @@ bench() { python3 bench/train_throughput.py --out "$OUT/train_throughput-$step-$
     train) bench ;;
     ablation) bench --micro-batches "" --ablation ;;
     levers) bench --micro-batches "" --levers --only "chunked,attention" ;;
-    compile-modes) bench --micro-batches "" --levers --only "compile,CUDA graphs" ;;  # autotuning is slow
+    autotune) bench --micro-batches "" --levers --only "coordinate-descent" ;;
+    compile-modes) bench --micro-batches "" --levers --only "CUDA graphs,max-autotune" ;;  # autotuning is slow
     tokenize) python3 bench/tokenize_throughput.py --tokens 200e6 --repeats 3 ;;
     # one micro-batch per step (B=64, T=1024) so that the three variants fit in a few minutes; the blocked time
     # per checkpoint does not depend on the cadence, the preset's 1000 steps is then a matter of arithmetic

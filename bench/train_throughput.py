@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -48,6 +49,7 @@ class Variant:
     fused_adamw: bool = True
     loss_chunk: int = 0
     compile_mode: str = "default"
+    coordinate_descent: bool = False  # inductor's coordinate-descent tuning of each generated kernel's launch config
 
 
 def ablations(base: Variant) -> list[Variant]:
@@ -76,6 +78,9 @@ def levers(base: Variant) -> list[Variant]:
         r(base, name="+ cuDNN attention", attention="cudnn"),
         # before max-autotune: its autotuning takes minutes, and a fault in it ends the process
         r(base, name="+ CUDA graphs (reduce-overhead)", compile_mode="reduce-overhead"),
+        # what autotuning can still gain: cuBLAS beat Triton's matmul templates at every product of this step
+        # (bench/results/), so only the memory-bound fused kernels (30% of the step) are left to tune
+        r(base, name="+ coordinate-descent tuning of the fused kernels", coordinate_descent=True),
         # with the chunked loss: unchunked, the lm_head's weight gradient (50304 x B*T) is a product that
         # Triton's matmul templates index past 2**31 elements in autotuning (an illegal memory access on
         # torch 2.11 + Triton 3.6 that ends the process's CUDA context)
@@ -274,7 +279,8 @@ def main(argv=None) -> int:
     for v in variants:
         try:
             profile_to = out.with_suffix(".profile.txt") if args.profile and not res["rows"] else None
-            row = measure(cfg, v, device, args.seq_len, args.warmup, args.steps, args.profile, profile_to)
+            with inductor_config.patch(coordinate_descent_tuning=v.coordinate_descent):  # restored after it
+                row = measure(cfg, v, device, args.seq_len, args.warmup, args.steps, args.profile, profile_to)
         except torch.OutOfMemoryError:
             row = {**dataclasses.asdict(v), "error": "out of memory"}
         except Exception as err:  # a lever this torch/GPU cannot run (e.g. no cuDNN attention): say so, go on

@@ -21,7 +21,8 @@ def test_benchmark_prints_rows_against_the_baseline_and_records_the_machine(tmp_
     out = tmp_path / "r.json"
     p = subprocess.run([sys.executable, "bench/train_throughput.py", "--config", "tiny", "--device", "cpu",
                         "--micro-batches", "2", "--baseline-micro-batch", "2", "--seq-len", "32", "--warmup", "1",
-                        "--steps", "1", "--ablation", "--levers", "--only", "fused,chunked lm_head", "--no-compile",
+                        "--steps", "1", "--ablation", "--levers", "--only", "fused,chunked lm_head,coordinate-descent",
+                        "--no-compile",
                         "--out", str(out)],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
@@ -29,7 +30,9 @@ def test_benchmark_prints_rows_against_the_baseline_and_records_the_machine(tmp_
     res = json.loads(out.read_text())
     assert res["machine"]["torch"] == torch.__version__
     assert [r["name"] for r in res["rows"]] == ["baseline: build-nanogpt recipe", "- fused AdamW",
-                                                "+ chunked lm_head+CE (8192 tok)"]
+                                                "+ chunked lm_head+CE (8192 tok)",
+                                                "+ coordinate-descent tuning of the fused kernels"]
+    assert [r["coordinate_descent"] for r in res["rows"]] == [False, False, False, True]
     assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in res["rows"])  # no invented MFU on CPU
     md = subprocess.run([sys.executable, "bench/train_throughput.py", "--render", str(out)], cwd=REPO,
                         capture_output=True, text=True, timeout=60).stdout
