@@ -22,21 +22,19 @@ The last step's checkpoint always waits for its write (the process leaves after 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cpu_run import cell, cpu_machine, measured_on, random_shards  # noqa: E402
+from cpu_run import cell, measured_on, random_shards, render, report  # noqa: E402
 
 VARIANTS = {"no checkpoints": None, "synchronous": "false", "asynchronous": "true"}
 
@@ -110,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render", metavar="FILE", help="print the markdown table of a results file and exit")
     a = ap.parse_args(argv)
     if a.render:
-        print(table(json.loads(Path(a.render).read_text())))
-        return 0
+        return render(a.render, table)
     with tempfile.TemporaryDirectory() as tmp:
         data = random_shards(Path(tmp) / "data", (1 << 17, 1 << 20))  # val: one B=64, T=1024 step + 1
         work = (a.work or tmp).rstrip("/")
@@ -126,16 +123,10 @@ def main(argv: list[str] | None = None) -> int:
 
         ckpt = latest_checkpoint(f"{work}/runs/asynchronous-0")  # its size, for the table's caption
         mb = sum(f["bytes"] for f in ckpt.manifest["files"].values()) / 1e6 if ckpt else 0.0
-    res = {"settings": {"config": a.config, "set": a.set, "steps": a.steps, "checkpoint_every": a.checkpoint_every,
-                        "repeat": a.repeat, "store": "local disk" if not a.work or "://" not in a.work
-                        else a.work.split("://")[0], "checkpoint_mb": mb},
-           "machine": cpu_machine(), "time": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
-           "rows": rows, "summary": summary(rows)}
-    print(table(res))
-    if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=1))
-        print(f"results: {a.out}")
-    return 0
+    settings = {"config": a.config, "set": a.set, "steps": a.steps, "checkpoint_every": a.checkpoint_every,
+                "repeat": a.repeat, "store": "local disk" if not a.work or "://" not in a.work
+                else a.work.split("://")[0], "checkpoint_mb": mb}
+    return report(settings, rows, summary(rows), table, a.out)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
-"""What the CPU benchmarks that train (checkpoint_overhead.py, fault_recovery.py) share: seeded random token
-shards, since what they measure does not depend on the text, and the machine a figure was measured on."""
+"""What the CPU benchmarks that train (checkpoint_overhead.py, store_overhead.py, fault_recovery.py) share: seeded
+random token shards, since what they measure does not depend on the text, the machine a figure was measured on,
+and the results file with its table."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -40,3 +44,22 @@ def measured_on(res: dict) -> str:
     """The line every results table ends with: a figure always comes with its machine."""
     mc = res["machine"]
     return f"Measured on {mc['cpus']} x {mc['cpu_model']}, torch {mc['torch']}, Python {mc['python']}; {res['time']}."
+
+
+def report(settings: dict, rows: list[dict], summary: list[dict], table: Callable[[dict], str],
+           out: str | None) -> int:
+    """The results with the machine and time they were measured at: the table printed, the JSON written to
+    `out` when given (`render` prints its table again)."""
+    res = {"settings": settings, "machine": cpu_machine(),
+           "time": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"), "rows": rows, "summary": summary}
+    print(table(res))
+    if out:
+        Path(out).write_text(json.dumps(res, indent=1))
+        print(f"results: {out}")
+    return 0
+
+
+def render(path: str, table: Callable[[dict], str]) -> int:
+    """`--render FILE`: a results file's markdown table."""
+    print(table(json.loads(Path(path).read_text())))
+    return 0

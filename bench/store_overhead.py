@@ -30,13 +30,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cpu_run import cell, cpu_machine, measured_on, random_shards  # noqa: E402
+from cpu_run import cell, measured_on, random_shards, render, report  # noqa: E402
 
 VARIANTS = ("local", "s3")
 
@@ -169,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render", metavar="FILE", help="print the markdown table of a results file and exit")
     a = ap.parse_args(argv)
     if a.render:
-        print(table(json.loads(Path(a.render).read_text())))
-        return 0
+        return render(a.render, table)
     server, s3_env = start_s3(a.latency_ms)
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -185,15 +183,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"(mean {r['loop_mean_ms']:.1f}), {r['samples']} samples", flush=True)
     finally:
         server.shutdown()
-    res = {"settings": {"config": a.config, "set": a.set, "steps": a.steps, "sample_every": a.sample_every,
-                        "repeat": a.repeat, "latency_ms": a.latency_ms},
-           "machine": cpu_machine(), "time": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
-           "rows": rows, "summary": summary(rows)}
-    print(table(res))
-    if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=1))
-        print(f"results: {a.out}")
-    return 0
+    settings = {"config": a.config, "set": a.set, "steps": a.steps, "sample_every": a.sample_every,
+                "repeat": a.repeat, "latency_ms": a.latency_ms}
+    return report(settings, rows, summary(rows), table, a.out)
 
 
 if __name__ == "__main__":
