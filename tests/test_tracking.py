@@ -424,7 +424,7 @@ def test_tensorboard_log_folder_on_s3_is_uploaded_after_every_delivery(s3_server
 
 def test_an_upload_cut_off_mid_delivery_leaves_no_step_twice_on_s3(s3_server, tmp_path, monkeypatch):
     """The store goes away while the mirror uploads: the points it had written are purged by the next writer and
-    sent again once the store answers."""
+    sent again once the store answers, never written twice into one file by the loop's save after the failure."""
     import fsspec.config
     import s3fs
 
@@ -450,7 +450,14 @@ def test_an_upload_cut_off_mid_delivery_leaves_no_step_twice_on_s3(s3_server, tm
     finally:
         relay.up()
     assert json.loads((run / "trackers" / "tensorboard.json").read_text())["delivered"]["step"] == 3
-    mirror.reconcile = True  # what the mirror's loop does after a failure
+    # what the mirror's loop does after a failure (Mirror.follow): it saves the record with the outage counted,
+    # here once the store answers again, then asks the tracker what it holds before the next delivery
+    try:
+        mirror._save()
+    except Exception:
+        pass
+    assert json.loads((run / "trackers" / "tensorboard.json").read_text())["delivered"]["step"] == 3
+    mirror.reconcile = True
     mirror.sync()
     mirror.tracker.close()
     s3fs.S3FileSystem.clear_instance_cache()

@@ -6,7 +6,8 @@ drop every point at or after that step from the files before it. Every writer th
 step after the last one delivered, so points written by a mirror that died before its record said so are dropped
 and sent again; a rollback's next generation purges from step 0 and sends the run's history as it stands. What is
 written is held back until the mirror saves its record (`flush`), so the record never claims a point that is not
-in a file; after a failure the points not flushed are dropped and the next writer purges past the last flushed
+in a file; after a failure the points not flushed are dropped (and no flush succeeds until the mirror has asked
+what is held: a second write of them would show them twice), and the next writer purges past the last flushed
 step.
 
 A log folder on an object store: the event file is written in a local folder and uploaded whole after every
@@ -48,6 +49,9 @@ class TensorBoardTracker:
         self.last_step = 0  # where the events table, the config's later versions and the status are shown
         self.current: Path | None = None  # the event file the writer appends to
         self.uploaded: dict[str, int] = {}  # file name -> size uploaded
+        self.staging: str | None = None  # where the writer writes: the log folder, or a local copy of a remote one
+        self.local = True
+        self.failed = False  # a flush failed: nothing more is claimed until the mirror asks what is held
 
     # ------------------------------------------------------------------ the log folder and its writer
 
@@ -97,11 +101,12 @@ class TensorBoardTracker:
     def delivered_step(self) -> int | None:
         """Asked at start and after a failure. Whatever was queued since the last flush is dropped (the mirror
         sends it again), and the next writer purges past the last flushed step, in case a file holds part of it."""
-        if self.pending or self.pending_evals:
+        if self.pending or self.failed:
             self.pending.clear()
             self.pending_evals.clear()
             self._drop_writer()
             self.purge_from = self.durable_step + 1
+            self.failed = False
         return self.durable_step
 
     def delivered_evaluations(self, keys: set[str]) -> set[tuple[int, str]] | None:
@@ -134,14 +139,20 @@ class TensorBoardTracker:
     def flush(self) -> None:
         """Write what is queued, make it durable (uploaded, for a log folder on an object store), then the mirror
         saves its record."""
+        if self.failed:  # written once already: writing it again would show its points twice
+            raise RuntimeError("tensorboard: the last write failed; waiting for the mirror to send it again")
         if not self.pending:
             return
-        w = self._writer()
-        for _, write in self.pending:
-            write(w)
-        w.flush()
-        if not self.local:
-            self._upload()
+        try:
+            w = self._writer()
+            for _, write in self.pending:
+                write(w)
+            w.flush()
+            if not self.local:
+                self._upload()
+        except Exception:
+            self.failed = True
+            raise
         self.durable_step = max([self.durable_step, *(s for s, _ in self.pending)])
         self.durable_evals |= self.pending_evals
         self.pending.clear()
@@ -163,7 +174,7 @@ class TensorBoardTracker:
 
     def _clean_staging(self) -> None:
         """The local copies of an object store's event files, once uploaded."""
-        if getattr(self, "staging", None) and not self.local:
+        if self.staging and not self.local:
             shutil.rmtree(self.staging, ignore_errors=True)
 
     def close(self) -> None:
