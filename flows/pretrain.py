@@ -37,7 +37,7 @@ from flows.report import Progress, artifact_key, best_checkpoint, checkpoint_row
     publish_curves, publish_events, publish_summary
 from flows.resubmission import ResubmissionPolicy
 from flows.tracker import TrackerMirror
-from flows.watch import RunWatcher, watch_as_task
+from flows.watch import RunWatcher, straggler_record, straggler_row, watch_as_task
 from training import checkpoint as ck
 from training.config import ConfigError, RunConfig, load_config
 from tracking.credentials import take_credentials
@@ -357,15 +357,12 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
 
     async def on_straggler(found: Straggler) -> None:
         """A rank the others keep waiting for (the watcher has logged and recorded it): a row in the events table."""
-        health.append({"time": time.time(), "event": "straggler", "step": found.step,
-                       "data": f"{found.host}:{found.rank}", "reason": found.message})
+        health.append(straggler_row(straggler_record(found)))
         await publish_events(watcher.guard_events, rollbacks(run), p.run_name, key, health)
 
     watcher = RunWatcher(run, log, p.poll_seconds, hang, on_lost_nodes,
                          StragglerWatch(p.straggler_margin, p.straggler_windows), on_straggler)
-    health += [{"time": r.get("time"), "event": "straggler", "step": r.get("step"),  # earlier flow runs' finds
-                "data": f"{r.get('host')}:{r.get('rank')}", "reason": r.get("reason", "")}
-               for r in watcher.earlier_stragglers]
+    health += [straggler_row(r) for r in watcher.earlier_stragglers]  # earlier flow runs' finds
     policy = ResubmissionPolicy(p.max_resubmits, p.backoff_seconds, p.max_rollbacks,
                                 rollbacks=len(rollbacks(run)))
 

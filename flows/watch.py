@@ -61,6 +61,18 @@ def _parse(lines: list[str]) -> list[dict[str, Any]]:
     return out
 
 
+def straggler_record(found: Straggler) -> dict[str, Any]:
+    """A straggler as a line of {run}/stragglers.jsonl."""
+    return {"time": time.time(), "event": "straggler", "step": found.step, "rank": found.rank, "host": found.host,
+            "busy_ms": found.busy_ms, "median_ms": found.median_ms, "windows": found.windows, "reason": found.message}
+
+
+def straggler_row(rec: dict[str, Any]) -> dict[str, Any]:
+    """A line of {run}/stragglers.jsonl as a row of the run's events table in the UI."""
+    return {"time": rec.get("time"), "event": "straggler", "step": rec.get("step"),
+            "data": f"{rec.get('host')}:{rec.get('rank')}", "reason": rec.get("reason", "")}
+
+
 class RunWatcher:
     """The run's metrics (all lines read so far) and its launcher events, across the run's submissions."""
 
@@ -125,11 +137,8 @@ class RunWatcher:
 
     def _keep_straggler(self, found: Straggler) -> None:
         """{run}/stragglers.jsonl: the tracker mirror and later flow runs read it (the events table is the UI's)."""
-        row = {"time": time.time(), "event": "straggler", "step": found.step, "rank": found.rank, "host": found.host,
-               "busy_ms": found.busy_ms, "median_ms": found.median_ms, "windows": found.windows,
-               "reason": found.message}
         try:
-            store.append_text(self.run.stragglers, json.dumps(row) + "\n")
+            store.append_text(self.run.stragglers, json.dumps(straggler_record(found)) + "\n")
             self.stragglers_kept.add((found.rank, found.host, found.step))
         except Exception as err:  # the warning is in the log already; the file is a record, not the alarm
             self.log.warning("could not append to stragglers.jsonl: %s", err)
