@@ -58,6 +58,17 @@ def test_flow_trains_evaluates_every_checkpoint_and_reports(prefect_server, tmp_
     assert any(re.search(r"\| [^|:]+:0, \d+ ms busy \(median rank \d+ ms\) at step 3 \|", a.data) for a in status)
 
 
+def _wait_for_checkpoint(run, step):
+    """Until the checkpoint of `step` is whole (its manifest is written last). Checkpoints are written in the
+    background, so the step's metrics line can come before its checkpoint is on disk: waiting on metrics would
+    sometimes stop the job mid-write and leave it nothing to resume from."""
+    manifest = os.path.join(run.checkpoint(step), "manifest.json")
+    deadline = time.time() + 120
+    while not os.path.exists(manifest):
+        assert time.time() < deadline, f"no checkpoint of step {step} within 120 s"
+        time.sleep(0.02)
+
+
 class KillFirstSubmission(LocalTrainingExecutor):
     """A node failure: SIGKILL the first submission once it has trained past its first checkpoint."""
 
@@ -65,12 +76,7 @@ class KillFirstSubmission(LocalTrainingExecutor):
         submission = super().submit(preset, overrides, run, number, exclude)
         if not getattr(self, "_killed", False):
             self._killed = True
-            metrics = run.metrics
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 5:
-                    break
-                time.sleep(0.05)
+            _wait_for_checkpoint(run, 3)
             os.killpg(submission.proc.pid, signal.SIGKILL)
         return submission
 
@@ -110,11 +116,7 @@ class FreezeFirstSubmission(LocalTrainingExecutor):
         submission = super().submit(preset, overrides, run, number, exclude)
         if not getattr(self, "_frozen", False):
             self._frozen = True
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                if os.path.exists(run.metrics) and len(open(run.metrics).read().splitlines()) >= 4:
-                    break
-                time.sleep(0.02)
+            _wait_for_checkpoint(run, 3)
             os.killpg(submission.proc.pid, signal.SIGSTOP)
             self.frozen_at = time.monotonic()
         return submission
