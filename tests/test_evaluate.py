@@ -107,6 +107,19 @@ metric_list:
     assert again["lm_eval"]["cached"] is True
 
 
+def test_a_stock_lm_eval_task_beside_local_ones_is_still_found(tmp_path):
+    """Only the include path is indexed when it holds every task asked for (the stock index costs ~13 s an
+    evaluation); a stock task asked for beside a local one brings the whole index back."""
+    from lm_eval.tasks import TaskManager
+
+    from evaluation.lm_eval_runner import _task_manager
+
+    (tmp_path / "tiny.yaml").write_text("task: tiny\ndataset_path: json\noutput_type: multiple_choice\n")
+    assert _task_manager(TaskManager, ["tiny"], str(tmp_path)).all_tasks == ["tiny"]
+    both = _task_manager(TaskManager, ["tiny", "arc_easy"], str(tmp_path)).all_tasks
+    assert {"tiny", "arc_easy", "hellaswag"} <= set(both)
+
+
 def test_evaluate_cli_prints_json_summary(checkpoint, tmp_path):
     data = write_jsonl(tmp_path / "hs.jsonl", make_examples(6, seed=4))
     p = subprocess.run([sys.executable, "-m", "evaluation.evaluate", "--checkpoint", checkpoint, "--tasks", "hellaswag",
