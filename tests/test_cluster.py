@@ -19,12 +19,16 @@ SECRET = "s3cret-never-pickled-0xC0FFEE"
 STEPS = 60
 
 
+def _job_environment(mp: pytest.MonkeyPatch) -> None:
+    # The job inherits this environment at run time (sbatch --export=ALL): one thread per rank on 2 cores.
+    mp.setenv("OMP_NUM_THREADS", "1")
+    mp.setenv("PYTHONUNBUFFERED", "1")
+    mp.setenv("GPT2_TEST_SECRET", SECRET)
+
+
 @pytest.fixture
 def job_env(slurm_cluster, monkeypatch):
-    # The job inherits this environment at run time (sbatch --export=ALL): one thread per rank on 2 cores.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
-    monkeypatch.setenv("GPT2_TEST_SECRET", SECRET)
+    _job_environment(monkeypatch)
     return slurm_cluster
 
 
@@ -55,10 +59,19 @@ def straight(demo_data, tmp_path_factory):
     return losses(run)
 
 
-def test_two_node_job_matches_one_process_and_pickles_no_secret(job_env, demo_data, straight, tmp_path):
-    run, folder = tmp_path / "run", tmp_path / "slurm"
-    handle = submit(spec(folder), "tiny", sets(demo_data, run))
-    result = handle.wait(timeout_s=180)
+@pytest.fixture(scope="module")
+def two_node_job(slurm_cluster, demo_data, tmp_path_factory):
+    """One 2-node job of STEPS steps with nothing going wrong; also the fault tests' reference at their world
+    size. (handle, result, run directory, submitit folder)"""
+    d = tmp_path_factory.mktemp("two-node")
+    with pytest.MonkeyPatch.context() as mp:
+        _job_environment(mp)
+        handle = submit(spec(d / "slurm"), "tiny", sets(demo_data, d / "run"))
+        return handle, handle.wait(timeout_s=180), d / "run", d / "slurm"
+
+
+def test_two_node_job_matches_one_process_and_pickles_no_secret(two_node_job, straight):
+    handle, result, run, folder = two_node_job
     assert result["complete"] and result["final_step"] == STEPS and result["job_id"] == handle.job_id
     assert result["checkpoint"].endswith(f"step_{STEPS:06d}")
     assert json.loads((run / "config.json").read_text())["resolved"]["world_size"] == 2
@@ -78,11 +91,7 @@ def test_two_node_job_matches_one_process_and_pickles_no_secret(job_env, demo_da
     assert reattach(handle.job_id, str(folder)).wait(timeout_s=30) == result
 
 
-def test_preempted_job_is_requeued_and_resumes_bit_exact(job_env, demo_data, tmp_path):
-    straight_run = tmp_path / "straight"
-    ref = submit(spec(tmp_path / "slurm"), "tiny", sets(demo_data, straight_run))
-    ref.wait(timeout_s=180)
-
+def test_preempted_job_is_requeued_and_resumes_bit_exact(job_env, demo_data, two_node_job, tmp_path):
     run = tmp_path / "run"
     handle = submit(spec(tmp_path / "slurm"), "tiny", sets(demo_data, run))
     wait_for_steps(run, 3)
@@ -94,7 +103,7 @@ def test_preempted_job_is_requeued_and_resumes_bit_exact(job_env, demo_data, tmp
     assert [a["event"] for a in log] == ["requeue", "completed"]
     assert log[0]["reason"] == "preemption" and 3 <= log[0]["step"] < STEPS  # stopped mid-run, with a checkpoint
     assert log[1]["attempt"] == 1
-    assert losses(run) == losses(straight_run)  # same world size on resume: exact
+    assert losses(run) == losses(two_node_job[2])  # same world size on resume: exact
 
 
 def test_bad_specs_are_rejected_before_sbatch(job_env, demo_data, tmp_path):

@@ -33,7 +33,7 @@ def demo(tmp_path_factory):
     clone = _fresh_copy(tmp_path_factory.mktemp("newcomer") / "gpt2-repro")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(VENV=str(Path(sys.prefix)), PREFECT_PORT=str(port), DEMO_STEPS="60", OMP_NUM_THREADS="1",
+    env.update(VENV=str(Path(sys.prefix)), PREFECT_PORT=str(port), DEMO_STEPS="40", OMP_NUM_THREADS="1",
                PREFECT_SERVER_ANALYTICS_ENABLED="false")
     p = subprocess.run(["bash", "scripts/demo.sh"], cwd=clone, env=env, capture_output=True, text=True, timeout=1500,
                        start_new_session=True)  # the server it leaves running is in its own process group
@@ -47,7 +47,7 @@ def demo(tmp_path_factory):
 
 
 def test_the_demo_runs_the_deployment_and_shows_a_model_that_learns(demo):
-    p, run = demo["p"], demo["clone"] / "store" / "runs" / "demo-60"
+    p, run = demo["p"], demo["clone"] / "store" / "runs" / "demo-40"
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     out = p.stdout
     assert "prefect deployment run pretrain-gpt2/demo --watch" in out
@@ -55,10 +55,10 @@ def test_the_demo_runs_the_deployment_and_shows_a_model_that_learns(demo):
     m = re.search(r"val loss ([0-9.]+) nats \(from ([0-9.]+) at the start\) vs ([0-9.]+) nats unigram entropy", out)
     assert m, out[-3000:]
     val, first, unigram = map(float, m.groups())
-    assert val < first - 1.0  # 60 steps already bend the curve (the full demo goes well below the unigram line)
-    assert "step     30: ours " in out and "lm eval demo hellaswag" in out and "best checkpoint: step" in out
+    assert val < first - 1.0  # 40 steps already bend the curve (the full demo goes well below the unigram line)
+    assert "step     20: ours " in out and "lm eval demo hellaswag" in out and "best checkpoint: step" in out
     assert (run / "curves.png").exists()
-    assert (run / "checkpoints" / "step_000060" / "eval" / "lm_eval.json").exists()
+    assert (run / "checkpoints" / "step_000040" / "eval" / "lm_eval.json").exists()
 
 
 def test_the_run_page_shows_its_task_runs_and_the_evaluation_table(demo):
@@ -69,7 +69,7 @@ def test_the_run_page_shows_its_task_runs_and_the_evaluation_table(demo):
 
     async def read():
         async with get_client() as client:
-            runs = [r for r in await client.read_flow_runs() if r.parameters.get("params", {}).get("run_name") == "demo-60"]
+            runs = [r for r in await client.read_flow_runs() if r.parameters.get("params", {}).get("run_name") == "demo-40"]
             tasks = await client.read_task_runs()
             return runs[0], tasks, await client.read_artifacts()
 
@@ -77,16 +77,16 @@ def test_the_run_page_shows_its_task_runs_and_the_evaluation_table(demo):
         flow_run, task_runs, artifacts = asyncio.run(read())
     names = {t.name: t for t in task_runs if t.flow_run_id == flow_run.id}
     assert any(n.startswith("submission 1 (job local-") for n in names), sorted(names)
-    assert {"evaluate step 30", "evaluate step 60"} <= set(names)
+    assert {"evaluate step 20", "evaluate step 40"} <= set(names)
     assert all(t.state.is_completed() for t in names.values())
-    table = next(a for a in artifacts if a.key == "demo-60-checkpoints")
-    assert '"step": 30' in table.data.replace("'", '"') and "demo_hellaswag" in table.data
+    table = next(a for a in artifacts if a.key == "demo-40-checkpoints")
+    assert '"step": 20' in table.data.replace("'", '"') and "demo_hellaswag" in table.data
 
     from browser import chromium_path, dump_dom
 
     if chromium_path() is None:
         pytest.skip("no chromium and no way to install it (needs root and apt-get)")
     dom = dump_dom(f"{demo['ui']}/v2/runs/flow-run/{flow_run.id}?tab=TaskRuns")
-    assert "evaluate step 30" in dom and "submission 1 (job local-" in dom
+    assert "evaluate step 20" in dom and "submission 1 (job local-" in dom
     dom = dump_dom(f"{demo['ui']}/v2/artifacts/artifact/{table.id}")
     assert "demo_hellaswag" in dom and "hellaswag_acc_norm" in dom
