@@ -16,7 +16,7 @@ from cluster.validate import SpecError
 from helpers import REPO, TRAIN_BASE, losses, release_after_requeue, run_train, wait_for_steps
 
 SECRET = "s3cret-never-pickled-0xC0FFEE"
-STEPS = 60
+STEPS = 40
 
 
 def _job_environment(mp: pytest.MonkeyPatch) -> None:

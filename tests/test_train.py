@@ -15,6 +15,23 @@ from training.config import load_config
 from training.model import GPT
 from training.optim import configure_optimizer
 
+
+@pytest.fixture(scope="module")
+def one_process(demo_data, tmp_path_factory):
+    """The tests' run, uninterrupted, in one process: a reference of the resume and DDP tests."""
+    run = tmp_path_factory.mktemp("one-process") / "run"
+    run_train(demo_data, run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def two_ranks(demo_data, tmp_path_factory):
+    """The same run under torchrun with two ranks."""
+    run = tmp_path_factory.mktemp("two-ranks") / "run"
+    run_train(demo_data, run, nproc=2)
+    return run
+
+
 def test_metrics_and_checkpoints_of_a_run(demo_data, tmp_path):
     run = tmp_path / "run"
     p = run_train(demo_data, run, "checkpoint_every=4")
@@ -45,28 +62,24 @@ def test_profile_steps_writes_a_trace_of_those_steps_into_the_run_directory(demo
     assert "train.profile_steps entry '4:2' is not a 'start:stop' range with start < stop" in p.stderr
 
 
-def test_resume_is_bit_exact_single_process(demo_data, tmp_path):
-    run_train(demo_data, tmp_path / "straight")
+def test_resume_is_bit_exact_single_process(demo_data, one_process, tmp_path):
     run_train(demo_data, tmp_path / "split", "stop_after_steps=3", expect=REQUEUE)
     assert ck.list_steps(str(tmp_path / "split")) == [3]
     run_train(demo_data, tmp_path / "split")
-    assert losses(tmp_path / "split") == losses(tmp_path / "straight")  # exact equality, not approx
+    assert losses(tmp_path / "split") == losses(one_process)  # exact equality, not approx
 
 
-def test_resume_is_bit_exact_under_torchrun_two_ranks(demo_data, tmp_path):
-    run_train(demo_data, tmp_path / "straight", nproc=2)
+def test_resume_is_bit_exact_under_torchrun_two_ranks(demo_data, two_ranks, tmp_path):
     run_train(demo_data, tmp_path / "split", "stop_after_steps=5", nproc=2, expect=REQUEUE)
     ckpt = ck.latest_checkpoint(str(tmp_path / "split"))
     assert ckpt.step == 5 and ckpt.world_size == 2 and {"rank_00000.pt", "rank_00001.pt"} <= set(ckpt.manifest["files"])
     assert ckpt.rank_state(0)["loader"]["base"] == ckpt.rank_state(1)["loader"]["base"]
     run_train(demo_data, tmp_path / "split", nproc=2)
-    assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+    assert losses(tmp_path / "split") == losses(two_ranks)
 
 
-def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(demo_data, tmp_path):
-    run_train(demo_data, tmp_path / "one")
-    run_train(demo_data, tmp_path / "two", nproc=2)
-    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(one_process, two_ranks):
+    a, b = metrics(one_process), metrics(two_ranks)
     assert len(a) == len(b) == 8
     for r1, r2 in zip(a, b):
         assert r1["loss"] == pytest.approx(r2["loss"], abs=1e-5)
