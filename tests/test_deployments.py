@@ -278,7 +278,8 @@ def test_a_frozen_rank_of_a_two_node_job_is_found_its_node_cordoned_and_the_run_
                 beat = json.loads((run / "heartbeats" / "rank-00001.json").read_text())
             except (OSError, ValueError):
                 beat = {}
-            if (beat.get("step") or 0) >= 7:  # past the step-5 checkpoint
+            # past the step-5 checkpoint, and that checkpoint whole (it is written in the background)
+            if (beat.get("step") or 0) >= 7 and (run / "checkpoints" / "step_000005" / "manifest.json").exists():
                 os.kill(beat["pid"], signal.SIGSTOP)
                 frozen.update(beat)
                 return
