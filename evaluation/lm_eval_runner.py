@@ -15,10 +15,11 @@ DEFAULT_TASKS = ["hellaswag", "arc_easy", "piqa", "winogrande", "lambada_openai"
 
 def _task_manager(TaskManager: Any, tasks: list[str], include_path: str | None) -> Any:
     """lm-eval's task index. Indexing its ~14,000 stock task files takes ~13 s on a CPU core, on every evaluation;
-    when `include_path` holds every task asked for, only that folder is indexed."""
+    when `include_path` holds every task asked for, only that folder is indexed. Not for a group or tag defined
+    there: its members may be stock tasks."""
     if include_path:
         local = TaskManager(include_path=include_path, include_defaults=False)
-        if set(tasks) <= set(local.all_tasks):
+        if set(tasks) <= set(local.all_subtasks):
             return local
         return TaskManager(include_path=include_path)
     return TaskManager()

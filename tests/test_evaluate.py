@@ -109,7 +109,7 @@ metric_list:
 
 def test_a_stock_lm_eval_task_beside_local_ones_is_still_found(tmp_path):
     """Only the include path is indexed when it holds every task asked for (the stock index costs ~13 s an
-    evaluation); a stock task asked for beside a local one brings the whole index back."""
+    evaluation); a stock task asked for beside a local one, or a local group, brings the whole index back."""
     from lm_eval.tasks import TaskManager
 
     from evaluation.lm_eval_runner import _task_manager
@@ -118,6 +118,8 @@ def test_a_stock_lm_eval_task_beside_local_ones_is_still_found(tmp_path):
     assert _task_manager(TaskManager, ["tiny"], str(tmp_path)).all_tasks == ["tiny"]
     both = _task_manager(TaskManager, ["tiny", "arc_easy"], str(tmp_path)).all_tasks
     assert {"tiny", "arc_easy", "hellaswag"} <= set(both)
+    (tmp_path / "suite.yaml").write_text("group: suite\ntask: [tiny, arc_easy]\n")  # a local group of stock tasks
+    assert "arc_easy" in _task_manager(TaskManager, ["suite"], str(tmp_path)).all_tasks
 
 
 def test_evaluate_cli_prints_json_summary(checkpoint, tmp_path):
