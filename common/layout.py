@@ -25,7 +25,8 @@
         nccl-traces/{job}/rank_N            NCCL flight-recorder dumps of a timed-out collective (CUDA, local run dir)
         profiles/steps_A-B/rank-NNNNN.json  a torch.profiler trace of steps A..B-1 (train.profile_steps)
         checkpoints/step_NNNNNN/            one checkpoint (training/checkpoint.py has the files inside)
-            eval/hellaswag.json, eval/lm_eval.json     its evaluations (evaluation)
+            eval/hellaswag.json, eval/lm_eval.json     its evaluations (evaluation); a checkpoint outside a
+                                            run directory keeps its Hugging Face export in eval/hf-export/
         exports/step_NNNNNN-hf/             its Hugging Face export (evaluation, training.export_hf)
 
 Every path is an fsspec URL (a local path, s3://...). Nothing here touches the store.
@@ -129,14 +130,27 @@ class RunDir:
         return int(m.group(1)) if m else None
 
     @classmethod
-    def of_checkpoint(cls, checkpoint_url: str) -> "RunDir":
-        """The run directory holding {run}/checkpoints/step_NNNNNN."""
-        return cls(posixpath.dirname(posixpath.dirname(checkpoint_url.rstrip("/"))))
+    def of_checkpoint(cls, checkpoint_url: str) -> "RunDir | None":
+        """The run directory holding {run}/checkpoints/step_NNNNNN; None for a checkpoint kept anywhere else (a
+        copy in a folder of its own), which has no run directory to write beside."""
+        url = checkpoint_url.rstrip("/")
+        parent = posixpath.dirname(url)
+        if cls.step_of(posixpath.basename(url)) is None or posixpath.basename(parent) != "checkpoints":
+            return None
+        return cls(posixpath.dirname(parent))
 
     @property
-    def store(self) -> StoreLayout:
-        """The store of a run directory laid out as {store}/runs/{run}."""
-        return StoreLayout(posixpath.dirname(posixpath.dirname(self.url.rstrip("/"))))
+    def store(self) -> StoreLayout | None:
+        """The store of a run directory laid out as {store}/runs/{run}; None for a run directory elsewhere."""
+        runs = posixpath.dirname(self.url.rstrip("/"))
+        return StoreLayout(posixpath.dirname(runs)) if posixpath.basename(runs) == "runs" else None
+
+
+def hf_export(checkpoint_url: str, step: int) -> str:
+    """Where evaluation puts a checkpoint's Hugging Face export: its run directory's exports/, or, for a
+    checkpoint outside a run directory, its own eval/ folder (never a folder nobody named)."""
+    run = RunDir.of_checkpoint(checkpoint_url)
+    return run.export(step) if run is not None else join(checkpoint_url, "eval", "hf-export")
 
 
 def eval_result(checkpoint_url: str, family: str) -> str:

@@ -24,7 +24,7 @@ import torch
 from common import store
 from common.cli import entry_point, positive_int
 from common.errors import BadInput
-from common.layout import RunDir, eval_result
+from common.layout import RunDir, eval_result, hf_export
 from evaluation import hellaswag as hs
 from evaluation.hellaswag_data import read_examples
 from evaluation.lm_eval_runner import DEFAULT_TASKS
@@ -36,7 +36,12 @@ OURS = "hellaswag"
 
 def default_hellaswag_url(checkpoint_url: str) -> str:
     """The HellaSwag file of the store the checkpoint's run lives in ({store}/runs/{run}/checkpoints/step_N)."""
-    return RunDir.of_checkpoint(checkpoint_url).store.hellaswag
+    run = RunDir.of_checkpoint(checkpoint_url)
+    layout = run.store if run is not None else None
+    if layout is None:
+        raise BadInput(f"{checkpoint_url} is not in a store's runs/{{run}}/checkpoints/ folder, so there is no "
+                       f"store HellaSwag file to default to: give --hellaswag-data")
+    return layout.hellaswag
 
 
 def _cached(url: str, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -88,7 +93,7 @@ def run_lm_eval(ckpt: ck.Checkpoint, tasks: list[str], limit: int | None, device
     key = {"tasks": sorted(tasks), "limit": limit, "include_path": include_path}
     if (hit := _cached(out_url, key)) is not None:
         return {**hit, "cached": True}
-    export_url = RunDir.of_checkpoint(ckpt.url).export(ckpt.step)
+    export_url = hf_export(ckpt.url, ckpt.step)
     tmp = Path(tempfile.mkdtemp(prefix="hf-export-"))
     try:
         model = GPT(ckpt.config().model)
@@ -123,10 +128,11 @@ def evaluate(checkpoint_url: str, tasks: list[str], *, hellaswag_data: str | Non
     dev = pick_device(device)
     ckpt = ck.resolve(checkpoint_url)
     ckpt.verify()
+    ours = [t for t in tasks if t == OURS]
+    data = (hellaswag_data or default_hellaswag_url(ckpt.url)) if ours else None
     info = distributed.init(dev.type)
     try:
         summary: dict[str, Any] = {"checkpoint": ckpt.url, "step": ckpt.step}
-        ours = [t for t in tasks if t == OURS]
         others = []
         for t in tasks:
             if t in ("lm_eval", "lm-eval"):
@@ -134,7 +140,6 @@ def evaluate(checkpoint_url: str, tasks: list[str], *, hellaswag_data: str | Non
             elif t != OURS and t.removeprefix("lm_eval:") not in others:
                 others.append(t.removeprefix("lm_eval:"))
         if ours:
-            data = hellaswag_data or default_hellaswag_url(ckpt.url)
             r = run_hellaswag(ckpt, data, limit, dev, progress, info)
             summary["hellaswag"] = {k: r[k] for k in ("acc", "acc_norm", "n", "cached")}
         if others and info.is_master:

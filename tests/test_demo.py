@@ -30,6 +30,10 @@ def _fresh_copy(dst: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    # The copy's set-up shares this virtualenv: it must find it up to date, or it would install the project
+    # again from the copy, a temporary folder (the editable install would then point there).
+    subprocess.run(["bash", "scripts/setup.sh"], cwd=REPO, env={**os.environ, "VENV": sys.prefix}, check=True,
+                   capture_output=True)
     clone = _fresh_copy(tmp_path_factory.mktemp("newcomer") / "gpt2-repro")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -132,6 +133,27 @@ def test_evaluate_cli_prints_json_summary(checkpoint, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "evaluation.evaluate", "--checkpoint", str(tmp_path / "none")],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "neither a checkpoint" in bad.stderr
+    # a checkpoint copied out of its run directory: no store to find HellaSwag in, and nothing written beside it
+    lone = tmp_path / "kept" / "step_000007"
+    shutil.copytree(checkpoint, lone, ignore=shutil.ignore_patterns("eval"))
+    p = subprocess.run([sys.executable, "-m", "evaluation.evaluate", "--checkpoint", lone, "--tasks", "hellaswag"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == (
+        f"error: {lone} is not in a store's runs/{{run}}/checkpoints/ folder, so there is no store HellaSwag file "
+        "to default to: give --hellaswag-data"), p.stderr
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["hs.jsonl", "kept"]
+
+
+@pytest.mark.parametrize("root", ["/data/store", "s3://bucket/store"])
+def test_a_checkpoint_s_export_goes_to_its_run_or_into_its_own_eval_folder(root):
+    from common.layout import RunDir, hf_export
+
+    inside = f"{root}/runs/r/checkpoints/step_000007"
+    assert hf_export(inside, 7) == f"{root}/runs/r/exports/step_000007-hf"
+    assert RunDir.of_checkpoint(inside).store.hellaswag == f"{root}/data/hellaswag/hellaswag_val.jsonl"
+    lone = f"{root}/kept/step_000007"  # copied out of its run: the export stays inside it, never in {root}/exports
+    assert RunDir.of_checkpoint(lone) is None and hf_export(lone, 7) == f"{lone}/eval/hf-export"
+    assert RunDir.of_checkpoint(f"{root}/elsewhere/checkpoints/step_000007").store is None  # not under runs/
 
 
 def test_hellaswag_split_over_two_torchrun_ranks_equals_one_process(checkpoint, tmp_path):
