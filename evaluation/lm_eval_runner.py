@@ -19,10 +19,15 @@ def _task_manager(TaskManager: Any, tasks: list[str], include_path: str | None) 
     there: its members may be stock tasks."""
     if include_path:
         local = TaskManager(include_path=include_path, include_defaults=False)
-        if set(tasks) <= set(local.all_subtasks):
+        if _local_index_serves(local, tasks):
             return local
         return TaskManager(include_path=include_path)
     return TaskManager()
+
+
+def _local_index_serves(local: Any, tasks: list[str]) -> bool:
+    """Whether an index of the include path alone has every task asked for as a plain task."""
+    return set(tasks) <= set(local.all_subtasks)
 
 
 def run(hf_dir: str | Path, tasks: list[str], *, batch_size: int = 8, device: str = "cpu", dtype: str = "float32",

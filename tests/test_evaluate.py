@@ -116,11 +116,15 @@ def test_a_stock_lm_eval_task_beside_local_ones_is_still_found(tmp_path):
     from evaluation.lm_eval_runner import _task_manager
 
     (tmp_path / "tiny.yaml").write_text("task: tiny\ndataset_path: json\noutput_type: multiple_choice\n")
-    assert _task_manager(TaskManager, ["tiny"], str(tmp_path)).all_tasks == ["tiny"]
-    both = _task_manager(TaskManager, ["tiny", "arc_easy"], str(tmp_path)).all_tasks
-    assert {"tiny", "arc_easy", "hellaswag"} <= set(both)
     (tmp_path / "suite.yaml").write_text("group: suite\ntask: [tiny, arc_easy]\n")  # a local group of stock tasks
-    assert "arc_easy" in _task_manager(TaskManager, ["suite"], str(tmp_path)).all_tasks
+    assert _task_manager(TaskManager, ["tiny"], str(tmp_path)).all_tasks == ["suite", "tiny"]
+    # one whole index (~13 s) for both cases: a stock task asked for, and a local group naming one
+    assert {"tiny", "suite", "arc_easy", "hellaswag"} <= set(_task_manager(TaskManager, ["tiny", "arc_easy"],
+                                                                             str(tmp_path)).all_tasks)
+    from evaluation.lm_eval_runner import _local_index_serves
+
+    local = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    assert _local_index_serves(local, ["tiny"]) and not _local_index_serves(local, ["suite"])
 
 
 def test_evaluate_cli_prints_json_summary(checkpoint, tmp_path):
