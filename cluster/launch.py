@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cluster import rank_exits
 from common import store
 from common.errors import ReproError
 from common.exit_codes import DIVERGED, REQUEUE
@@ -176,33 +177,23 @@ class TrainLaunch:
 
     # ------------------------------------------------------------------ how this attempt ended
 
-    def _records(self) -> list[dict[str, Any]]:
-        out = []
-        for p in sorted(Path(self._exit_dir).glob("rank_*.json")):
-            try:
-                out.append(json.loads(p.read_text()))
-            except (OSError, ValueError):
-                pass
-        return out
-
     def _outcome(self) -> dict[str, Any]:
         code = self._proc.returncode
         if self._killed:  # the scancel that follows ends the job as CANCELLED; not a failure to report first
             time.sleep(max(self.stop_timeout_s, 60))
             raise RunFailed(f"the ranks on node {self._node} were killed (SIGALRM: the job was cancelled as hung)")
         first = self.procs_per_node * self._node
-        mine = [r for r in self._records() if first <= r["rank"] < first + self.procs_per_node]
-        codes = {r["exit_code"] for r in mine}
-        if code == 0 and codes <= {0}:
+        end = rank_exits.job_end(rank_exits.read(self._exit_dir), range(first, first + self.procs_per_node), code)
+        if end.state == "completed":
             if self._node != 0:
                 return {"node": self._node, "exit_code": 0}
             result = self._result()
             self._log_attempt("completed", result)
             return {**result, "job_id": self._job_id, "run_dir": self.run_dir, "timeouts": self.timeouts,
                     "preemptions": self.preemptions}
-        if mine and len(mine) == self.procs_per_node and codes <= {0, REQUEUE}:
+        if end.state == "stopped":
             return self._stopped()
-        if mine and len(mine) == self.procs_per_node and codes == {DIVERGED}:
+        if end.state == "diverged":
             return self._diverged()
         raise self._failure(code)
 
@@ -231,13 +222,11 @@ class TrainLaunch:
 
     def _failure(self, torchrun_code: int) -> RunFailed:
         time.sleep(2)  # let the other nodes' ranks record their exits (shared folder) to find the first failure
-        failed = sorted((r for r in self._records() if r["exit_code"] not in (0, REQUEUE)),
-                        key=lambda r: r["time"])
+        first = rank_exits.job_end(rank_exits.read(self._exit_dir), range(self._nnodes * self.procs_per_node),
+                                   torchrun_code).first_failure
         latest = self._latest_checkpoint()
-        if failed:
-            r = failed[0]
-            msg = (f"rank {r['rank']} on {r['host']} failed first (exit {r['exit_code']}):\n"
-                   f"{r['error'].strip()[-3000:]}")
+        if first is not None:
+            msg = f"{first.first_line()}:\n{first.error.strip()[-3000:]}"
         else:
             msg = f"torchrun on node {self._node} exited {torchrun_code} with no rank reporting an error " \
                   "(killed: out of memory, node failure?)"

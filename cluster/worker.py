@@ -1,8 +1,9 @@
 """What torchrun starts on each rank: `training.train`, plus a record of how the rank ended.
 
-torchrun reports 1 whatever its workers returned, so each rank writes {rank, exit_code, error, time} to
-$CLUSTER_EXIT_DIR/rank_<RANK>.json; the launcher tells "checkpointed for requeue" (exit_codes.REQUEUE) from a
-failure with it and reports the first failing rank's error.
+torchrun reports 1 whatever its workers returned, so each rank writes how it ended to $CLUSTER_EXIT_DIR
+(cluster/rank_exits.py); the Slurm launcher and the local executor tell "checkpointed" (exit_codes.REQUEUE)
+and "diverged" (exit_codes.DIVERGED) from a failure with those records and report the first failing rank's
+error.
 
     python -m cluster.worker --config tiny --set run_dir=...   (same arguments as training.train)
 """
@@ -11,12 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import sys
 import time
 import traceback
 
+from cluster import rank_exits
 from common import exit_codes
 from training import stop_signal
 
@@ -36,18 +37,13 @@ class _Tee(io.TextIOBase):
 
 
 def _record(code: int, error: str) -> None:
-    exit_dir = os.environ.get("CLUSTER_EXIT_DIR")
+    exit_dir = os.environ.get(rank_exits.EXIT_DIR_ENV)
     if not exit_dir:
         return
     from common.heartbeat import host_name  # here: nothing slow before stop_signal.install()
 
     rank = int(os.environ.get("RANK", "0"))
-    os.makedirs(exit_dir, exist_ok=True)
-    path = os.path.join(exit_dir, f"rank_{rank:05d}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"rank": rank, "exit_code": code, "error": error, "time": time.time(),
-                   "host": host_name()}, f)
-    os.replace(path + ".tmp", path)
+    rank_exits.write(exit_dir, rank_exits.RankExit(rank, code, error, time.time(), host_name()))
 
 
 def main(argv: list[str]) -> int:

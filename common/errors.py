@@ -16,3 +16,8 @@ class BadInput(ReproError):
     """The user's input cannot work (config, data, paths, credentials); raised before work starts."""
 
     exit_code = exit_codes.BAD_INPUT
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line of an error's text: after a traceback, the exception's own message."""
+    return next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip()), "")

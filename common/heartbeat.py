@@ -1,8 +1,8 @@
 """Heartbeats: each rank of a training job says, every few seconds, that it is alive and how far it got, so that
 a job that stops making progress while it still looks RUNNING is noticed from outside it.
 
-    {run}/heartbeats/rank-00000.json   {"rank", "world", "host", "pid", "pgid", "slurm_job", "process", "beat",
-                                        "step", "phase", "step_s", "busy_s", "time"}
+    {run}/heartbeats/rank-00000.json   {"rank", "world", "host", "pid", "pgid", "ppid", "slurm_job", "process",
+                                        "beat", "step", "phase", "step_s", "busy_s", "time"}
 
 Training writes them (`HeartbeatWriter`, a thread per rank: a rank frozen by SIGSTOP, a wedged GPU or a dead
 host stops beating; a rank blocked in a collective beats on, but its step stands still). The flow and
@@ -38,9 +38,10 @@ class HeartbeatWriter:
     def __init__(self, run: RunDir, rank: int, world: int, interval_s: float):
         self.url = run.heartbeat(rank)
         self.interval_s = interval_s
-        # pgid and slurm_job say which submission wrote it (a local process group, a Slurm job)
+        # pgid, ppid and slurm_job say which submission wrote it (a local process group or torchrun, a Slurm job)
         self.record: dict[str, Any] = {"rank": rank, "world": world, "host": host_name(), "pid": os.getpid(),
-                                       "pgid": os.getpgid(0), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+                                       "pgid": os.getpgid(0), "ppid": os.getppid(),
+                                       "slurm_job": os.environ.get("SLURM_JOB_ID"),
                                        "process": uuid.uuid4().hex[:12], "beat": 0, "step": None,
                                        "phase": "starting", "step_s": None, "busy_s": None}
         self._step_times: list[float] = []

@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from cluster.spec import JobSpec
 from common import store
-from common.errors import ReproError
+from common.errors import ReproError, last_line
 from common.layout import RunDir
 from training import checkpoint as ck
 
@@ -53,8 +53,7 @@ async def run_evaluation(url: str, tasks: list[str], hellaswag_data: str | None 
                                                 preexec_fn=_idle_priority if background else None)
     out, err = await proc.communicate()
     if proc.returncode != 0:
-        lines = [ln for ln in err.decode(errors="replace").splitlines() if ln.strip()]
-        return {"checkpoint": url, "error": lines[-1] if lines else f"exit {proc.returncode}"}
+        return {"checkpoint": url, "error": last_line(err.decode(errors="replace")) or f"exit {proc.returncode}"}
     return json.loads(out)
 
 
@@ -74,8 +73,7 @@ async def run_evaluation_on_slurm(url: str, tasks: list[str], spec: JobSpec, hel
     try:
         return {**job.result(), "slurm_job": job.job_id}
     except Exception as err:  # submitit re-raises the task's error with its traceback: keep the last line
-        lines = [ln for ln in str(err).splitlines() if ln.strip()]
-        return {"checkpoint": url, "error": f"Slurm job {job.job_id}: {lines[-1] if lines else err}"}
+        return {"checkpoint": url, "error": f"Slurm job {job.job_id}: {last_line(str(err)) or err!r}"}
 
 
 def summary_row(result: dict[str, Any]) -> dict[str, Any]:

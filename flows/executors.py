@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from common import exit_codes, store
+from cluster import rank_exits
+from common import store
 from common.layout import RunDir
 from common.process_tree import kill_tree
 
@@ -60,8 +62,13 @@ class TrainingExecutor(Protocol):
 
 
 class LocalSubmission:
-    def __init__(self, proc: subprocess.Popen, log, log_path: str):
+    """A local process: the training itself (one rank), or torchrun and its ranks. How each rank ended comes
+    from the records the ranks write (cluster/rank_exits.py), as on Slurm: torchrun's own exit says only
+    whether every rank exited 0."""
+
+    def __init__(self, proc: subprocess.Popen, log, log_path: str, exit_dir: str, nproc: int):
         self.proc, self._log, self.log_path = proc, log, log_path
+        self.exit_dir, self.nproc = exit_dir, nproc
         self.job_id = f"local-{proc.pid}"
 
     def poll(self) -> Outcome | None:
@@ -69,21 +76,23 @@ class LocalSubmission:
         if code is None:
             return None
         self._log.close()
-        if code == exit_codes.OK:
+        end = rank_exits.job_end(rank_exits.read(self.exit_dir), range(self.nproc), code)
+        if end.state == "completed":
             return Outcome("completed", "exit 0")
-        if code == exit_codes.REQUEUE:
-            return Outcome("requeue", f"stopped with a checkpoint (exit {exit_codes.REQUEUE})")
-        if code == exit_codes.DIVERGED:
-            return Outcome("diverged", f"diverged (exit {exit_codes.DIVERGED})")
-        if code < 0:
+        if end.state == "stopped":
+            return Outcome("requeue", end.reason(code))
+        if end.state == "diverged":
+            return Outcome("diverged", end.reason(code))
+        if code < 0 and end.first_failure is None:
             return Outcome("failed", f"killed by signal {-code}")
-        return Outcome("failed", f"exit {code}")
+        return Outcome("failed", f"exit {code}: {end.reason(code)}")
 
     def running(self) -> bool:
         return True
 
     def owns(self, heartbeat: dict) -> bool:
-        return heartbeat.get("pgid") == self.proc.pid  # its own session: torchrun's ranks share its group
+        # the process leads its own session; torchrun starts each rank in a session of the rank's own
+        return self.proc.pid in (heartbeat.get("pgid"), heartbeat.get("ppid"))
 
     def lost_nodes(self) -> tuple[str, ...]:
         return ()  # one machine: its death ends the flow too
@@ -109,20 +118,21 @@ class LocalTrainingExecutor:
 
     def submit(self, preset: str, overrides: list[str], run: RunDir, number: int,
                exclude: tuple[str, ...] = ()) -> LocalSubmission:  # one machine: nothing to exclude
-        sets = [a for kv in overrides for a in ("--set", kv)]
-        if self.nproc == 1:
-            cmd = [sys.executable, "-m", "training.train", "--config", preset, *sets]
-        else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}",
-                   "-m", "training.train", "--config", preset, *sets]
+        # cluster.worker: training.train, plus the record of how each rank ended (torchrun's code says nothing)
+        train = ["-m", "cluster.worker", "--config", preset, *[a for kv in overrides for a in ("--set", kv)]]
+        if self.nproc > 1:
+            train = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}", *train]
         # the console goes next to the run when the run directory is local, else to ./logs/{run}/
         log_path = store.fs_and_path(run.submission_log(number))[1] if store.is_local(run.url) else \
             posixpath.join("logs", posixpath.basename(run.url.rstrip("/")), f"submission-{number:03d}.log")
+        exit_dir = str(Path(log_path).with_suffix(".exits"))
+        shutil.rmtree(exit_dir, ignore_errors=True)  # records of an earlier flow's submission of that number
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         log = open(log_path, "ab")
-        proc = subprocess.Popen(cmd, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
-        return LocalSubmission(proc, log, log_path)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{rank_exits.EXIT_DIR_ENV: exit_dir})
+        proc = subprocess.Popen([sys.executable, *train], cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+        return LocalSubmission(proc, log, log_path, exit_dir, self.nproc)
 
     def reattach(self, job_id: str) -> Submission | None:
         """A local submission cannot be watched from another process (its exit code is lost), but it may
@@ -133,7 +143,7 @@ class LocalTrainingExecutor:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if pid else []
         except OSError:
             cmdline = []
-        if b"training.train" in cmdline:
+        if b"cluster.worker" in cmdline or b"training.train" in cmdline:  # the latter: earlier versions
             os.killpg(pid, signal.SIGTERM)
             for _ in range(1200):  # up to 2 min for the checkpoint
                 try:

@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from cluster.spec import JobSpec
-from common.errors import ReproError
+from common.errors import ReproError, last_line
 from common.shards import read_manifest
 from data_prep.sources import DEFAULT_SOURCE, TextsSource, open_source
 
@@ -64,8 +64,7 @@ async def build_shards_on_slurm(source: str, out: str, shard_tokens: int | None,
     try:
         manifest = await asyncio.to_thread(jobs.wait)
     except Exception as err:  # submitit re-raises a task's error with its traceback: keep the last line
-        lines = [ln for ln in str(err).splitlines() if ln.strip()]
-        raise PrepareFailure(f"data prep job failed: {lines[-1] if lines else err}") from None
+        raise PrepareFailure(f"data prep job failed: {last_line(str(err)) or err!r}") from None
     await update_progress_artifact(progress, 100.0)
     return manifest
 
