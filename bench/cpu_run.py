@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -19,7 +19,10 @@ def random_shards(url: Path, sizes: tuple[int, ...], seed: int = 0) -> str:
     from common.shards import write_manifest, write_shard
 
     rng = np.random.default_rng(seed)
-    records = [write_shard(str(url), i, rng.integers(0, 50257, n, dtype=np.uint16)) for i, n in enumerate(sizes)]
+    records = [
+        write_shard(str(url), i, rng.integers(0, 50257, n, dtype=np.uint16))
+        for i, n in enumerate(sizes)
+    ]
     write_manifest(str(url), records)
     return str(url)
 
@@ -29,10 +32,24 @@ def cpu_machine() -> dict:
     import torch
 
     info = Path("/proc/cpuinfo")
-    model = next((ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines()
-                  if ln.startswith("model name")), platform.processor()) if info.exists() else platform.processor()
-    return {"cpus": os.cpu_count(), "cpu_model": model, "torch": torch.__version__,
-            "python": platform.python_version()}
+    model = (
+        next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in info.read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if info.exists()
+        else platform.processor()
+    )
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def cell(value: float | None, spec: str) -> str:
@@ -46,12 +63,22 @@ def measured_on(res: dict) -> str:
     return f"Measured on {mc['cpus']} x {mc['cpu_model']}, torch {mc['torch']}, Python {mc['python']}; {res['time']}."
 
 
-def report(settings: dict, rows: list[dict], summary: list[dict], table: Callable[[dict], str],
-           out: str | None) -> int:
+def report(
+    settings: dict,
+    rows: list[dict],
+    summary: list[dict],
+    table: Callable[[dict], str],
+    out: str | None,
+) -> int:
     """The results with the machine and time they were measured at: the table printed, the JSON written to
     `out` when given (`render` prints its table again)."""
-    res = {"settings": settings, "machine": cpu_machine(),
-           "time": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"), "rows": rows, "summary": summary}
+    res = {
+        "settings": settings,
+        "machine": cpu_machine(),
+        "time": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
+        "rows": rows,
+        "summary": summary,
+    }
     print(table(res))
     if out:
         Path(out).write_text(json.dumps(res, indent=1))

@@ -49,11 +49,10 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cpu_run import cpu_machine, random_shards  # noqa: E402
+from cpu_run import cpu_machine, random_shards
 
 FAULTS = ("frozen", "killed")
 
@@ -68,11 +67,28 @@ def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
     port = s.getsockname()[1]
     s.close()
     api = f"http://127.0.0.1:{port}/api"
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=api,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
     with open(home / "server.log", "wb") as log:
-        server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
-                                   "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        server = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "prefect"),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.time() + 180
     while True:
         try:
@@ -81,7 +97,9 @@ def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
         except OSError:
             if time.time() > deadline or server.poll() is not None:
                 stop_group(server)
-                raise RuntimeError("prefect server did not start:\n" + (home / "server.log").read_text()[-3000:])
+                raise RuntimeError(
+                    "prefect server did not start:\n" + (home / "server.log").read_text()[-3000:]
+                ) from None
             time.sleep(0.25)
 
 
@@ -97,21 +115,46 @@ def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 
 def overrides(a: argparse.Namespace) -> list[str]:
     """The tiny preset at ~30 ms steps on 2 CPU cores; a validation at every checkpoint, as a real run has."""
-    return ["micro_batch=2", "seq_len=32", "total_batch_tokens=128", f"max_steps={a.max_steps}", "warmup_steps=2",
-            f"val_every={a.checkpoint_every}", "val_tokens=64", "sample_every=0",
-            f"checkpoint_every={a.checkpoint_every}", "log_every=1",
-            f"train.heartbeat_seconds={a.heartbeat_seconds}", *a.set]
+    return [
+        "micro_batch=2",
+        "seq_len=32",
+        "total_batch_tokens=128",
+        f"max_steps={a.max_steps}",
+        "warmup_steps=2",
+        f"val_every={a.checkpoint_every}",
+        "val_tokens=64",
+        "sample_every=0",
+        f"checkpoint_every={a.checkpoint_every}",
+        "log_every=1",
+        f"train.heartbeat_seconds={a.heartbeat_seconds}",
+        *a.set,
+    ]
 
 
 def flow_params(a: argparse.Namespace, store: Path, run_name: str, data: str) -> dict:
-    p = {"preset": "tiny", "store": str(store), "run_name": run_name, "data": data, "overrides": overrides(a),
-         "eval_tasks": [], "executor": a.executor, "poll_seconds": a.poll_seconds,
-         "backoff_seconds": a.backoff_seconds, "hang_floor_s": a.hang_floor, "hang_factor": a.hang_factor,
-         "startup_timeout_s": a.startup_timeout}
+    p = {
+        "preset": "tiny",
+        "store": str(store),
+        "run_name": run_name,
+        "data": data,
+        "overrides": overrides(a),
+        "eval_tasks": [],
+        "executor": a.executor,
+        "poll_seconds": a.poll_seconds,
+        "backoff_seconds": a.backoff_seconds,
+        "hang_floor_s": a.hang_floor,
+        "hang_factor": a.hang_factor,
+        "startup_timeout_s": a.startup_timeout,
+    }
     if a.executor == "slurm":
         # time_min=20: below ~10 min submitit takes any signal for the time limit
-        p["slurm"] = {"nodes": 1, "time_min": 20, "partition": a.partition, "folder": str(store.parent / "slurm"),
-                      "job_name": f"fault-bench-{run_name}"}
+        p["slurm"] = {
+            "nodes": 1,
+            "time_min": 20,
+            "partition": a.partition,
+            "folder": str(store.parent / "slurm"),
+            "job_name": f"fault-bench-{run_name}",
+        }
     return p
 
 
@@ -150,7 +193,9 @@ class MetricsWatch(threading.Thread):
         last = None
         while not self.done.is_set():
             try:
-                with open(self.path) as f:  # the inode of what is read, even if the file is replaced meanwhile
+                with open(
+                    self.path
+                ) as f:  # the inode of what is read, even if the file is replaced meanwhile
                     st = os.fstat(f.fileno())
                     if (st.st_ino, st.st_size) != last:
                         last = (st.st_ino, st.st_size)
@@ -179,7 +224,12 @@ def wait_for(cond, timeout: float, what: str, flow: subprocess.Popen, every_s: f
 
 def stopped_or_gone(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t", "Z", "X")
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in (
+            "T",
+            "t",
+            "Z",
+            "X",
+        )
     except (OSError, IndexError):
         return True
 
@@ -188,7 +238,9 @@ def inject(fault: str, executor: str, beat: dict, run: Path) -> list[int]:
     """The fault, as the outside world would deal it; returns the pids it stopped or killed."""
     sig = signal.SIGSTOP if fault == "frozen" else signal.SIGKILL
     if executor == "local":
-        os.killpg(beat["pgid"], sig)  # the flow starts each local submission as its own process group
+        os.killpg(
+            beat["pgid"], sig
+        )  # the flow starts each local submission as its own process group
         return [beat["pid"]]
     if fault == "frozen":
         os.kill(beat["pid"], sig)  # the rank alone: its torchrun and the job's launcher stay alive
@@ -196,7 +248,13 @@ def inject(fault: str, executor: str, beat: dict, run: Path) -> list[int]:
     # A node failure: every process of the job dies at once (scancel would let training checkpoint first).
     job = json.loads((run / "job.json").read_text())["job_id"]
     out = subprocess.run(["scontrol", "listpids", str(job)], capture_output=True, text=True).stdout
-    pids = sorted({int(ln.split()[0]) for ln in out.splitlines()[1:] if ln.split() and ln.split()[0].isdigit()})
+    pids = sorted(
+        {
+            int(ln.split()[0])
+            for ln in out.splitlines()[1:]
+            if ln.split() and ln.split()[0].isdigit()
+        }
+    )
     for pid in pids:
         try:
             os.kill(pid, sig)
@@ -213,7 +271,9 @@ def cleanup(run: Path, executor: str) -> None:
         return
     job = str(rec.get("job_id", ""))
     if executor == "slurm" and job and not rec.get("ended"):
-        subprocess.run(["scancel", job], capture_output=True)  # SIGCONT, SIGTERM, then SIGKILL after KillWait
+        subprocess.run(
+            ["scancel", job], capture_output=True
+        )  # SIGCONT, SIGTERM, then SIGKILL after KillWait
     elif job.startswith("local-"):
         try:
             os.killpg(int(job.removeprefix("local-")), signal.SIGKILL)
@@ -221,7 +281,9 @@ def cleanup(run: Path, executor: str) -> None:
             pass
 
 
-def run_one(a: argparse.Namespace, fault: str, number: int, work: Path, data: str, env: dict) -> dict:
+def run_one(
+    a: argparse.Namespace, fault: str, number: int, work: Path, data: str, env: dict
+) -> dict:
     store = work / f"{fault}-{number}"
     run_name = f"{fault}-{number}"
     run = store / "runs" / run_name
@@ -230,8 +292,14 @@ def run_one(a: argparse.Namespace, fault: str, number: int, work: Path, data: st
     watch.start()
     log_path = work / f"{run_name}.flow.log"
     with open(log_path, "wb") as log:
-        flow = subprocess.Popen([sys.executable, "-m", "flows.pretrain", "--params", json.dumps(params)], cwd=REPO,
-                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        flow = subprocess.Popen(
+            [sys.executable, "-m", "flows.pretrain", "--params", json.dumps(params)],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     victims: list[int] = []
     try:
         ckpt = run / "checkpoints" / f"step_{a.checkpoint_every:06d}" / "manifest.json"
@@ -249,14 +317,20 @@ def run_one(a: argparse.Namespace, fault: str, number: int, work: Path, data: st
         beat = wait_for(due, a.timeout, f"step {a.fault_at} after the first checkpoint", flow)
         victims = inject(fault, a.executor, beat, run)
         t_fault = time.time()
-        wait_for(lambda: all(stopped_or_gone(p) for p in victims), 10, "the signal to take effect", flow)
+        wait_for(
+            lambda: all(stopped_or_gone(p) for p in victims), 10, "the signal to take effect", flow
+        )
         inode = metrics.stat().st_ino
-        done_at_fault = max(r["step"] for r in read_lines(metrics)) + 1  # steps count from 0 in metrics.jsonl
+        done_at_fault = (
+            max(r["step"] for r in read_lines(metrics)) + 1
+        )  # steps count from 0 in metrics.jsonl
         ckpt_at_fault = latest_checkpoint_step(run)
         rc = flow.wait(timeout=a.timeout)
         if rc != 0:
-            raise RuntimeError(f"the flow failed (exit {rc}); its log: {log_path}\n"
-                               + log_path.read_text(errors="replace")[-3000:])
+            raise RuntimeError(
+                f"the flow failed (exit {rc}); its log: {log_path}\n"
+                + log_path.read_text(errors="replace")[-3000:]
+            )
     except BaseException:
         stop_group(flow, signal.SIGKILL)
         cleanup(run, a.executor)
@@ -275,24 +349,41 @@ def run_one(a: argparse.Namespace, fault: str, number: int, work: Path, data: st
     steps = [r["step"] for r in read_lines(metrics)]
     t_new = watch.first_step_at_or_after(nxt["start_step"], inode) if nxt else None
     step_s = beat.get("step_s") or 0.0
-    return {"fault": fault, "executor": a.executor, "repeat": number,
-            "submissions": [{k: s.get(k) for k in ("state", "reason", "start_step", "end_step", "next", "job_id",
-                                                   "cordoned")} for s in subs],
-            "faulted_host": beat.get("host"), "signalled_pids": victims,
-            "detected_s": first["time"] - t_fault,
-            "first_new_step_s": (t_new - first["time"]) if t_new is not None else None,
-            "step_s": step_s, "window_s": max(a.hang_factor * step_s, a.hang_floor) if fault == "frozen" else None,
-            "steps_done_at_fault": done_at_fault, "checkpoint_at_fault": ckpt_at_fault,
-            "resumed_from": nxt["start_step"] if nxt else None,
-            "steps_redone": max(0, done_at_fault - nxt["start_step"]) if nxt else None,
-            "steps_lost": len(set(range(a.max_steps)) - set(steps)),
-            "steps_logged_twice": len(steps) - len(set(steps)),
-            "recovered": first["state"] in ("hung", "failed") and len(subs) == 2 and subs[1]["state"] == "completed"}
+    return {
+        "fault": fault,
+        "executor": a.executor,
+        "repeat": number,
+        "submissions": [
+            {
+                k: s.get(k)
+                for k in ("state", "reason", "start_step", "end_step", "next", "job_id", "cordoned")
+            }
+            for s in subs
+        ],
+        "faulted_host": beat.get("host"),
+        "signalled_pids": victims,
+        "detected_s": first["time"] - t_fault,
+        "first_new_step_s": (t_new - first["time"]) if t_new is not None else None,
+        "step_s": step_s,
+        "window_s": max(a.hang_factor * step_s, a.hang_floor) if fault == "frozen" else None,
+        "steps_done_at_fault": done_at_fault,
+        "checkpoint_at_fault": ckpt_at_fault,
+        "resumed_from": nxt["start_step"] if nxt else None,
+        "steps_redone": max(0, done_at_fault - nxt["start_step"]) if nxt else None,
+        "steps_lost": len(set(range(a.max_steps)) - set(steps)),
+        "steps_logged_twice": len(steps) - len(set(steps)),
+        "recovered": first["state"] in ("hung", "failed")
+        and len(subs) == 2
+        and subs[1]["state"] == "completed",
+    }
 
 
 def latest_checkpoint_step(run: Path) -> int:
-    steps = [int(d.name[5:]) for d in (run / "checkpoints").glob("step_*")
-             if d.name[5:].isdigit() and (d / "manifest.json").exists()]  # written last: until then, incomplete
+    steps = [
+        int(d.name[5:])
+        for d in (run / "checkpoints").glob("step_*")
+        if d.name[5:].isdigit() and (d / "manifest.json").exists()
+    ]  # written last: until then, incomplete
     return max(steps, default=0)
 
 
@@ -329,9 +420,13 @@ def expected(fault: str, settings: dict, window: float | None) -> tuple[float, f
     poll = settings["poll_seconds"]
     if fault == "frozen":
         ending = 15.0 if settings.get("executor") == "slurm" else 0.0
-        return window - settings["heartbeat_seconds"], window + 2 * check_period(settings) + poll + ending
+        return window - settings["heartbeat_seconds"], window + 2 * check_period(
+            settings
+        ) + poll + ending
     wait = settings.get("result_wait_s", 0.0)
-    return (wait, wait + 1 + poll) if wait else (0.0, poll)  # submitit looks for the file every second
+    return (
+        (wait, wait + 1 + poll) if wait else (0.0, poll)
+    )  # submitit looks for the file every second
 
 
 def summary(rows: list[dict], settings: dict) -> list[dict]:
@@ -343,13 +438,28 @@ def summary(rows: list[dict], settings: dict) -> list[dict]:
             return [r[key] for r in rs if r[key] is not None]
 
         window = statistics.median(pick("window_s")) if pick("window_s") else None
-        out.append({"fault": fault, "executor": rs[0]["executor"], "runs": len(rs),
-                    "recovered": sum(r["recovered"] for r in rs), "window_s": window,
-                    "expected_s": expected(fault, settings, window),
-                    **{k: spread(pick(k)) for k in ("detected_s", "first_new_step_s", "steps_redone",
-                                                    "checkpoint_at_fault", "resumed_from")},
-                    "steps_lost": max(r["steps_lost"] for r in rs),
-                    "steps_logged_twice": max(r["steps_logged_twice"] for r in rs)})
+        out.append(
+            {
+                "fault": fault,
+                "executor": rs[0]["executor"],
+                "runs": len(rs),
+                "recovered": sum(r["recovered"] for r in rs),
+                "window_s": window,
+                "expected_s": expected(fault, settings, window),
+                **{
+                    k: spread(pick(k))
+                    for k in (
+                        "detected_s",
+                        "first_new_step_s",
+                        "steps_redone",
+                        "checkpoint_at_fault",
+                        "resumed_from",
+                    )
+                },
+                "steps_lost": max(r["steps_lost"] for r in rs),
+                "steps_logged_twice": max(r["steps_logged_twice"] for r in rs),
+            }
+        )
     return out
 
 
@@ -361,37 +471,69 @@ def fmt(s: dict | None, digits: int = 1) -> str:
     if s is None:
         return "n/a"
     f = lambda x: f"{x:.{digits}f}"  # noqa: E731
-    return f(s["median"]) if s["min"] == s["max"] else f"{f(s['median'])} ({f(s['min'])}-{f(s['max'])})"
+    return (
+        f(s["median"])
+        if s["min"] == s["max"]
+        else f"{f(s['median'])} ({f(s['min'])}-{f(s['max'])})"
+    )
 
 
 def table(res: dict, markdown: bool = False) -> str:
     st, m = res["settings"], res["machine"]
-    head = ["fault", "detected after s", "expected s", "hang window s", "first new step after s",
-            "checkpoint -> resumed from", "steps redone", "steps lost", "recovered"]
+    head = [
+        "fault",
+        "detected after s",
+        "expected s",
+        "hang window s",
+        "first new step after s",
+        "checkpoint -> resumed from",
+        "steps redone",
+        "steps lost",
+        "recovered",
+    ]
     body = []
     for s in res["summary"]:
         lo, hi = s["expected_s"]
-        body.append([s["fault"], fmt(s["detected_s"]), f"{lo:.1f}-{hi:.1f}",
-                     f"{s['window_s']:.1f}" if s["window_s"] is not None else "-",
-                     fmt(s["first_new_step_s"]), f"{fmt(s['checkpoint_at_fault'], 0)} -> {fmt(s['resumed_from'], 0)}",
-                     fmt(s["steps_redone"], 0), str(s["steps_lost"]),
-                     f"{s['recovered']}/{s['runs']}"])
-    where_run = f"Slurm executor (1-node jobs, partition {st['partition']})" if st["executor"] == "slurm" \
+        body.append(
+            [
+                s["fault"],
+                fmt(s["detected_s"]),
+                f"{lo:.1f}-{hi:.1f}",
+                f"{s['window_s']:.1f}" if s["window_s"] is not None else "-",
+                fmt(s["first_new_step_s"]),
+                f"{fmt(s['checkpoint_at_fault'], 0)} -> {fmt(s['resumed_from'], 0)}",
+                fmt(s["steps_redone"], 0),
+                str(s["steps_lost"]),
+                f"{s['recovered']}/{s['runs']}",
+            ]
+        )
+    where_run = (
+        f"Slurm executor (1-node jobs, partition {st['partition']})"
+        if st["executor"] == "slurm"
         else "local executor"
-    how = (f"{where_run}; tiny preset, {st['max_steps']} steps, checkpoint every "
-           f"{st['checkpoint_every']}, fault after {st['fault_at']} steps; heartbeat {st['heartbeat_seconds']:g} s, "
-           f"hang window max({st['hang_factor']:g} x step time, floor {st['hang_floor_s']:g} s), heartbeats read "
-           f"every {check_period(st):g} s, poll {st['poll_seconds']:g} s, backoff {st['backoff_seconds']:g} s; "
-           f"median (min-max) of {st['repeat']} run(s) per fault")
-    where = (f"{m['cpus']} x {m['cpu_model']}, torch {m['torch']}, prefect {m['prefect']}, "
-             f"Python {m['python']}; {res['when']}")
+    )
+    how = (
+        f"{where_run}; tiny preset, {st['max_steps']} steps, checkpoint every "
+        f"{st['checkpoint_every']}, fault after {st['fault_at']} steps; heartbeat {st['heartbeat_seconds']:g} s, "
+        f"hang window max({st['hang_factor']:g} x step time, floor {st['hang_floor_s']:g} s), heartbeats read "
+        f"every {check_period(st):g} s, poll {st['poll_seconds']:g} s, backoff {st['backoff_seconds']:g} s; "
+        f"median (min-max) of {st['repeat']} run(s) per fault"
+    )
+    where = (
+        f"{m['cpus']} x {m['cpu_model']}, torch {m['torch']}, prefect {m['prefect']}, "
+        f"Python {m['python']}; {res['when']}"
+    )
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(row) + " |" for row in body]
         return "\n".join(lines + ["", f"{how}.", "", f"Measured on {where}."])
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    line = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                 for i, (c, w) in enumerate(zip(row, widths)))
+
+    def line(row):
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+        )
+
     return "\n".join([how, where, line(head), *map(line, body)])
 
 
@@ -400,27 +542,51 @@ def table(res: dict, markdown: bool = False) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated, of {', '.join(FAULTS)}")
+    ap.add_argument(
+        "--faults", default=",".join(FAULTS), help=f"comma-separated, of {', '.join(FAULTS)}"
+    )
     ap.add_argument("--executor", choices=("local", "slurm"), default="local")
     ap.add_argument("--partition", default="debug", help="Slurm partition (--executor slurm)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per fault (min / median / max)")
     ap.add_argument("--max-steps", type=int, default=40)
     ap.add_argument("--checkpoint-every", type=int, default=10)
-    ap.add_argument("--fault-at", type=int, default=None,
-                    help="steps done when the fault is dealt (default: mid-way between the first two checkpoints)")
+    ap.add_argument(
+        "--fault-at",
+        type=int,
+        default=None,
+        help="steps done when the fault is dealt (default: mid-way between the first two checkpoints)",
+    )
     ap.add_argument("--heartbeat-seconds", type=float, default=0.5)
     ap.add_argument("--hang-floor", type=float, default=5.0, help="the flow's hang_floor_s")
     ap.add_argument("--hang-factor", type=float, default=20.0, help="the flow's hang_factor")
-    ap.add_argument("--startup-timeout", type=float, default=120.0, help="the flow's startup_timeout_s")
+    ap.add_argument(
+        "--startup-timeout", type=float, default=120.0, help="the flow's startup_timeout_s"
+    )
     ap.add_argument("--poll-seconds", type=float, default=0.5)
-    ap.add_argument("--backoff-seconds", type=float, default=0.0, help="the flow's wait before a resubmission")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="another training override")
-    ap.add_argument("--data", default=None, help="token shards URL (default: random shards in the work folder)")
-    ap.add_argument("--api-url", default=None, help="a running Prefect server's API (default: start one)")
-    ap.add_argument("--work", default=None, help="folder for the runs (default: a temporary one, removed after)")
+    ap.add_argument(
+        "--backoff-seconds", type=float, default=0.0, help="the flow's wait before a resubmission"
+    )
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="another training override"
+    )
+    ap.add_argument(
+        "--data", default=None, help="token shards URL (default: random shards in the work folder)"
+    )
+    ap.add_argument(
+        "--api-url", default=None, help="a running Prefect server's API (default: start one)"
+    )
+    ap.add_argument(
+        "--work", default=None, help="folder for the runs (default: a temporary one, removed after)"
+    )
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds one run may take")
-    ap.add_argument("--out", default=None, help="results JSON (default: bench/results/fault_recovery-<when>.json)")
-    ap.add_argument("--render", metavar="JSON", help="print a results file as a markdown table and exit")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="results JSON (default: bench/results/fault_recovery-<when>.json)",
+    )
+    ap.add_argument(
+        "--render", metavar="JSON", help="print a results file as a markdown table and exit"
+    )
     a = ap.parse_args(argv)
     if a.render:
         print(table(json.loads(Path(a.render).read_text()), markdown=True))
@@ -430,19 +596,36 @@ def main(argv=None) -> int:
         ap.error(f"--faults: of {', '.join(FAULTS)}")
     a.fault_at = a.fault_at or a.checkpoint_every + max(1, a.checkpoint_every // 2)
     if not a.checkpoint_every < a.fault_at < min(a.max_steps, 2 * a.checkpoint_every):
-        ap.error("--fault-at must fall after the first checkpoint and before the second (and the run's end)")
+        ap.error(
+            "--fault-at must fall after the first checkpoint and before the second (and the run's end)"
+        )
 
     when = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(a.out or REPO / "bench" / "results" / f"fault_recovery-{when}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(a.work or tempfile.mkdtemp(prefix="fault-recovery-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    settings = {"executor": a.executor, "faults": faults, "repeat": a.repeat, "preset": "tiny",
-                "max_steps": a.max_steps, "checkpoint_every": a.checkpoint_every, "fault_at": a.fault_at,
-                "heartbeat_seconds": a.heartbeat_seconds, "hang_floor_s": a.hang_floor, "hang_factor": a.hang_factor,
-                "startup_timeout_s": a.startup_timeout, "poll_seconds": a.poll_seconds,
-                "backoff_seconds": a.backoff_seconds, "overrides": overrides(a),
-                **({"partition": a.partition, "result_wait_s": result_wait_s()} if a.executor == "slurm" else {})}
+    settings = {
+        "executor": a.executor,
+        "faults": faults,
+        "repeat": a.repeat,
+        "preset": "tiny",
+        "max_steps": a.max_steps,
+        "checkpoint_every": a.checkpoint_every,
+        "fault_at": a.fault_at,
+        "heartbeat_seconds": a.heartbeat_seconds,
+        "hang_floor_s": a.hang_floor,
+        "hang_factor": a.hang_factor,
+        "startup_timeout_s": a.startup_timeout,
+        "poll_seconds": a.poll_seconds,
+        "backoff_seconds": a.backoff_seconds,
+        "overrides": overrides(a),
+        **(
+            {"partition": a.partition, "result_wait_s": result_wait_s()}
+            if a.executor == "slurm"
+            else {}
+        ),
+    }
     res = {"when": when, "machine": machine(), "settings": settings, "rows": [], "summary": []}
     server = None
     try:
@@ -458,11 +641,17 @@ def main(argv=None) -> int:
                 row = run_one(a, fault, number, work, data, env)
                 res["rows"].append(row)
                 res["summary"] = summary(res["rows"], settings)
-                out.write_text(json.dumps(res, indent=2))  # after every run: a run cut short keeps what it measured
+                out.write_text(
+                    json.dumps(res, indent=2)
+                )  # after every run: a run cut short keeps what it measured
                 new = row["first_new_step_s"]
-                print(f"  {fault} #{number}: detected after {row['detected_s']:.2f} s, first new step after "
-                      f"{'n/a' if new is None else f'{new:.2f}'} s, steps redone {row['steps_redone']}, "
-                      f"lost {row['steps_lost']}", file=sys.stderr, flush=True)
+                print(
+                    f"  {fault} #{number}: detected after {row['detected_s']:.2f} s, first new step after "
+                    f"{'n/a' if new is None else f'{new:.2f}'} s, steps redone {row['steps_redone']}, "
+                    f"lost {row['steps_lost']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         if server is not None:
             stop_group(server)

@@ -40,10 +40,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_prep import pipeline  # noqa: E402
-from data_prep.sources import TextsSource, open_source  # noqa: E402
-from data_prep.tokenize import encode_ordinary_array  # noqa: E402
-from common.tokenizer import get_encoding  # noqa: E402
+from common.tokenizer import get_encoding
+from data_prep import pipeline
+from data_prep.sources import TextsSource, open_source
+from data_prep.tokenize import encode_ordinary_array
 
 _enc = None
 
@@ -53,7 +53,9 @@ def make_corpus(n_tokens: int, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
     vocab = ["".join(rng.choice(letters, rng.integers(2, 9))) for _ in range(20_000)]
-    vocab += "the of and to in is was for that on as with by at from it this which are".split() * 200
+    vocab += (
+        "the of and to in is was for that on as with by at from it this which are".split() * 200
+    )
     docs, words = [], 0
     while words * 3 < n_tokens:
         n = int(rng.integers(50, 2000))
@@ -63,16 +65,21 @@ def make_corpus(n_tokens: int, seed: int = 0) -> list[str]:
     return docs
 
 
-def write_parquet_corpus(docs: list[str], folder: str, files: int = 4, row_group: int = 1000) -> None:
+def write_parquet_corpus(
+    docs: list[str], folder: str, files: int = 4, row_group: int = 1000
+) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     per_file = -(-len(docs) // files)
     for i in range(files):
-        part = docs[i * per_file:(i + 1) * per_file]
+        part = docs[i * per_file : (i + 1) * per_file]
         if part:
-            pq.write_table(pa.table({"text": part}), os.path.join(folder, f"{i:03d}_00000.parquet"),
-                           row_group_size=row_group)
+            pq.write_table(
+                pa.table({"text": part}),
+                os.path.join(folder, f"{i:03d}_00000.parquet"),
+                row_group_size=row_group,
+            )
 
 
 def parquet_texts(folder: str):
@@ -80,7 +87,9 @@ def parquet_texts(folder: str):
     import pyarrow.parquet as pq
 
     for name in sorted(os.listdir(folder)):
-        for batch in pq.ParquetFile(os.path.join(folder, name)).iter_batches(batch_size=1000, columns=["text"]):
+        for batch in pq.ParquetFile(os.path.join(folder, name)).iter_batches(
+            batch_size=1000, columns=["text"]
+        ):
             yield from batch.column(0).to_pylist()
 
 
@@ -93,12 +102,15 @@ def _ref_tokenize(doc):  # build-nanogpt's tokenize()
     tokens = [_enc._special_tokens["<|endoftext|>"]]
     tokens.extend(_enc.encode_ordinary(doc))
     tokens_np = np.array(tokens)
-    assert (0 <= tokens_np).all() and (tokens_np < 2**16).all(), "token dictionary too large for uint16"
+    assert (0 <= tokens_np).all() and (tokens_np < 2**16).all(), (
+        "token dictionary too large for uint16"
+    )
     return tokens_np.astype(np.uint16)
 
 
 def reference(docs: list[str], workers: int, shard_size: int, out: str) -> int:
     """build-nanogpt's main loop: Pool.imap(chunksize=16), one collector, np.save per shard."""
+
     def write(index, arr):
         split = "val" if index == 0 else "train"
         np.save(os.path.join(out, f"edufineweb_{split}_{index:06d}"), arr)
@@ -109,14 +121,14 @@ def reference(docs: list[str], workers: int, shard_size: int, out: str) -> int:
         for tokens in pool.imap(_ref_tokenize, docs, chunksize=16):
             total += len(tokens)
             if token_count + len(tokens) < shard_size:
-                all_tokens_np[token_count:token_count + len(tokens)] = tokens
+                all_tokens_np[token_count : token_count + len(tokens)] = tokens
                 token_count += len(tokens)
             else:
                 remainder = shard_size - token_count
-                all_tokens_np[token_count:token_count + remainder] = tokens[:remainder]
+                all_tokens_np[token_count : token_count + remainder] = tokens[:remainder]
                 write(shard_index, all_tokens_np)
                 shard_index += 1
-                all_tokens_np[0:len(tokens) - remainder] = tokens[remainder:]
+                all_tokens_np[0 : len(tokens) - remainder] = tokens[remainder:]
                 token_count = len(tokens) - remainder
         if token_count:
             write(shard_index, all_tokens_np[:token_count])
@@ -133,8 +145,10 @@ def _count(enc, text: str) -> int:
 def single_thread(docs: list[str]) -> dict[str, float]:
     """Single-thread tokens/s of both calls on `docs`."""
     enc, rates = get_encoding(), {}
-    for name, count in (("encode_ordinary", lambda d: len(enc.encode_ordinary(d)) + 1),
-                        ("encode_to_numpy", lambda d: _count(enc, d))):
+    for name, count in (
+        ("encode_ordinary", lambda d: len(enc.encode_ordinary(d)) + 1),
+        ("encode_to_numpy", lambda d: _count(enc, d)),
+    ):
         t = time.perf_counter()
         n = sum(count(d) for d in docs)
         rates[name] = n / (time.perf_counter() - t)
@@ -172,24 +186,38 @@ def _own_cpu() -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokens", type=float, default=10e6, help="corpus size in tokens (approximate)")
+    ap.add_argument(
+        "--tokens", type=float, default=10e6, help="corpus size in tokens (approximate)"
+    )
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--shard-tokens", type=int, default=1_000_000)
-    ap.add_argument("--repeats", type=int, default=1, help="alternating runs; the best of each is reported")
-    ap.add_argument("--source", choices=("memory", "parquet", "both"), default="both",
-                    help="where the documents come from (both: one block each)")
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="alternating runs; the best of each is reported"
+    )
+    ap.add_argument(
+        "--source",
+        choices=("memory", "parquet", "both"),
+        default="both",
+        help="where the documents come from (both: one block each)",
+    )
     args = ap.parse_args(argv)
 
     docs = make_corpus(int(args.tokens))
-    n = sum(len(d) for d in get_encoding().encode_ordinary_batch(docs, num_threads=args.workers)) + len(docs)
-    print(f"corpus: {len(docs):,} documents, {n:,} tokens; cores used: {args.workers} (machine: {os.cpu_count()})")
+    n = sum(
+        len(d) for d in get_encoding().encode_ordinary_batch(docs, num_threads=args.workers)
+    ) + len(docs)
+    print(
+        f"corpus: {len(docs):,} documents, {n:,} tokens; cores used: {args.workers} (machine: {os.cpu_count()})"
+    )
     for source in ("memory", "parquet") if args.source == "both" else (args.source,):
         measure(docs, n, source, args)
     return 0
 
 
 def measure(docs: list[str], n: int, source: str, args) -> None:
-    print(f"\n[documents from {'a Python list' if source == 'memory' else 'parquet files, 1,000-doc row groups'}]")
+    print(
+        f"\n[documents from {'a Python list' if source == 'memory' else 'parquet files, 1,000-doc row groups'}]"
+    )
     best = {"ceiling": 0.0, "reference": 0.0, "ours": 0.0}
     single = {"encode_ordinary": 0.0, "encode_to_numpy": 0.0}
     # The full corpus and its first tenth (the coordinator's marginal CPU cost is their difference), written
@@ -202,12 +230,20 @@ def measure(docs: list[str], n: int, source: str, args) -> None:
             write_parquet_corpus(texts, os.path.join(src_dir.name, key))
 
     def run_reference(key: str, out: str) -> int:
-        texts = corpora[key] if source == "memory" else parquet_texts(os.path.join(src_dir.name, key))
+        texts = (
+            corpora[key] if source == "memory" else parquet_texts(os.path.join(src_dir.name, key))
+        )
         return reference(texts, args.workers, args.shard_tokens, out)
 
     def run_ours(key: str, out: str) -> int:
-        src = TextsSource(corpora[key]) if source == "memory" else open_source(os.path.join(src_dir.name, key))
-        return pipeline.build(out, src, args.shard_tokens, args.workers, progress=False)["total_tokens"]
+        src = (
+            TextsSource(corpora[key])
+            if source == "memory"
+            else open_source(os.path.join(src_dir.name, key))
+        )
+        return pipeline.build(out, src, args.shard_tokens, args.workers, progress=False)[
+            "total_tokens"
+        ]
 
     runs = {"reference": run_reference, "ours": run_ours}
     cpu = {name: {} for name in runs}  # corpus size -> (tokens, coordinator CPU seconds), best run
@@ -231,20 +267,30 @@ def measure(docs: list[str], n: int, source: str, args) -> None:
                 prev = cpu[name].get(key, (tokens, float("inf")))
                 cpu[name][key] = (tokens, min(prev[1], dc))
     src_dir.cleanup()
-    print(f"single thread: encode_ordinary {single['encode_ordinary'] / 1e6:.2f} M tokens/s, encode_to_numpy "
-          f"{single['encode_to_numpy'] / 1e6:.2f} M tokens/s (first tenth of the corpus)")
+    print(
+        f"single thread: encode_ordinary {single['encode_ordinary'] / 1e6:.2f} M tokens/s, encode_to_numpy "
+        f"{single['encode_to_numpy'] / 1e6:.2f} M tokens/s (first tenth of the corpus)"
+    )
     for name, tps in best.items():
-        eff = [tps / (args.workers * single[call]) for call in ("encode_ordinary", "encode_to_numpy")]
-        print(f"{name:>9}: {tps / 1e6:6.2f} M tokens/s   parallel efficiency {eff[0]:5.1%} of encode_ordinary, "
-              f"{eff[1]:5.1%} of encode_to_numpy")
-    print(f"ratio ours/reference: {best['ours'] / best['reference']:.2f}x; ours reaches "
-          f"{best['ours'] / best['ceiling']:.0%} of this machine's {args.workers}-process ceiling")
+        eff = [
+            tps / (args.workers * single[call]) for call in ("encode_ordinary", "encode_to_numpy")
+        ]
+        print(
+            f"{name:>9}: {tps / 1e6:6.2f} M tokens/s   parallel efficiency {eff[0]:5.1%} of encode_ordinary, "
+            f"{eff[1]:5.1%} of encode_to_numpy"
+        )
+    print(
+        f"ratio ours/reference: {best['ours'] / best['reference']:.2f}x; ours reaches "
+        f"{best['ours'] / best['ceiling']:.0%} of this machine's {args.workers}-process ceiling"
+    )
     for name, sizes in cpu.items():
         (n_small, c_small), (n_full, c_full) = sorted(sizes.values())
         per_token = max(c_full - c_small, 1e-9) / (n_full - n_small)
         limit = 1 / per_token
-        print(f"coordinator {name:>9}: {per_token * 1e9:6.1f} CPU-ns per token: saturates at ~{limit / 1e6:.0f} M "
-              f"tokens/s, the tokenizing of ~{limit / single['encode_to_numpy']:.0f} cores")
+        print(
+            f"coordinator {name:>9}: {per_token * 1e9:6.1f} CPU-ns per token: saturates at ~{limit / 1e6:.0f} M "
+            f"tokens/s, the tokenizing of ~{limit / single['encode_to_numpy']:.0f} cores"
+        )
 
 
 if __name__ == "__main__":

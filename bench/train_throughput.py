@@ -29,12 +29,12 @@ import torch._inductor.config as inductor_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training import accel  # noqa: E402
-from training.config import load_config  # noqa: E402
-from training.metrics import peak_flops  # noqa: E402
-from training.model import GPT, flops_per_token  # noqa: E402
-from training.optim import configure_optimizer  # noqa: E402
-from training.step import train_step  # noqa: E402
+from training import accel
+from training.config import load_config
+from training.metrics import peak_flops
+from training.model import GPT, flops_per_token
+from training.optim import configure_optimizer
+from training.step import train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +44,16 @@ class Variant:
     bf16: bool = True
     tf32: bool = True
     compile: bool = True
-    attention: str = "auto"  # SDPA picks (cuDNN's flash kernel, torch 2.11 on H100/H200); else that one alone
+    attention: str = (
+        "auto"  # SDPA picks (cuDNN's flash kernel, torch 2.11 on H100/H200); else that one alone
+    )
     pad_vocab: bool = True
     fused_adamw: bool = True
     loss_chunk: int = 0
     compile_mode: str = "default"
-    coordinate_descent: bool = False  # inductor's coordinate-descent tuning of each generated kernel's launch config
+    coordinate_descent: bool = (
+        False  # inductor's coordinate-descent tuning of each generated kernel's launch config
+    )
 
 
 def ablations(base: Variant) -> list[Variant]:
@@ -62,8 +66,16 @@ def ablations(base: Variant) -> list[Variant]:
         r(base, name="- fast attention (SDPA math)", attention="math"),
         r(base, name="- vocab 50304 (50257)", pad_vocab=False),
         r(base, name="- fused AdamW", fused_adamw=False),
-        Variant("plain fp32 (all off)", base.micro_batch, bf16=False, tf32=False, compile=False, attention="math",
-                pad_vocab=False, fused_adamw=False),
+        Variant(
+            "plain fp32 (all off)",
+            base.micro_batch,
+            bf16=False,
+            tf32=False,
+            compile=False,
+            attention="math",
+            pad_vocab=False,
+            fused_adamw=False,
+        ),
     ]
 
 
@@ -84,8 +96,12 @@ def levers(base: Variant) -> list[Variant]:
         # with the chunked loss: unchunked, the lm_head's weight gradient (50304 x B*T) is a product that
         # Triton's matmul templates index past 2**31 elements in autotuning (an illegal memory access on
         # torch 2.11 + Triton 3.6 that ends the process's CUDA context)
-        r(base, name="+ compile max-autotune-no-cudagraphs, chunked CE", compile_mode="max-autotune-no-cudagraphs",
-          loss_chunk=8192),
+        r(
+            base,
+            name="+ compile max-autotune-no-cudagraphs, chunked CE",
+            compile_mode="max-autotune-no-cudagraphs",
+            loss_chunk=8192,
+        ),
     ]
 
 
@@ -119,49 +135,81 @@ def profile_step(step, out: Path | None, steps: int = 3) -> dict:
         fam = next((f for f, keys in KERNEL_FAMILIES if any(k in name for k in keys)), "other")
         families[fam] = families.get(fam, 0.0) + t / 1000 / steps  # us -> ms per step
     busy = sum(families.values())
-    sort_key = "self_device_time_total" if hasattr(prof.key_averages()[0], "self_device_time_total") \
+    sort_key = (
+        "self_device_time_total"
+        if hasattr(prof.key_averages()[0], "self_device_time_total")
         else "self_cuda_time_total"
+    )
     if out is not None:
-        out.write_text(prof.key_averages().table(sort_by=sort_key, row_limit=40, max_name_column_width=90))
-    return {"wall_ms": 1000 * wall, "gpu_busy_ms": busy, "families_ms": dict(sorted(families.items(),
-            key=lambda kv: -kv[1]))}
+        out.write_text(
+            prof.key_averages().table(sort_by=sort_key, row_limit=40, max_name_column_width=90)
+        )
+    return {
+        "wall_ms": 1000 * wall,
+        "gpu_busy_ms": busy,
+        "families_ms": dict(sorted(families.items(), key=lambda kv: -kv[1])),
+    }
 
 
-def measure(cfg, v: Variant, device: torch.device, seq_len: int, warmup: int, steps: int,
-            profile: bool | None = None, profile_to: Path | None = None) -> dict:
+def measure(
+    cfg,
+    v: Variant,
+    device: torch.device,
+    seq_len: int,
+    warmup: int,
+    steps: int,
+    profile: bool | None = None,
+    profile_to: Path | None = None,
+) -> dict:
     torch.manual_seed(0)
     model_cfg = cfg.model.model_copy(update={"pad_vocab_to": 64 if v.pad_vocab else 1})
     accel.configure(device, tf32=v.tf32, attention=v.attention if device.type == "cuda" else "auto")
     model = GPT(model_cfg).to(device)
     n_params = model.num_parameters(exclude_positions=True)
-    opt = configure_optimizer(model, lr=6e-4, weight_decay=0.1, device_type=device.type,
-                              fused=v.fused_adamw and device.type == "cuda")
+    opt = configure_optimizer(
+        model,
+        lr=6e-4,
+        weight_decay=0.1,
+        device_type=device.type,
+        fused=v.fused_adamw and device.type == "cuda",
+    )
     mode = None if v.compile_mode == "default" else v.compile_mode
     # A fresh compilation per variant: dynamo's caches would otherwise turn a second batch size into a
     # dynamic-shape graph, and after 8 recompilations fall back to eager without a word.
     torch._dynamo.reset()
     run = torch.compile(model, mode=mode, dynamic=False) if v.compile else model
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, cfg.model.vocab_size, (v.micro_batch, seq_len + 1), generator=gen).to(torch.uint16)
+    tokens = torch.randint(0, cfg.model.vocab_size, (v.micro_batch, seq_len + 1), generator=gen).to(
+        torch.uint16
+    )
     if device.type == "cuda":
         tokens = tokens.pin_memory()
     batch = lambda: (tokens[:, :-1], tokens[:, 1:])  # noqa: E731
     amp = torch.bfloat16 if v.bf16 else None
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for i in range(warmup + steps):
+
+    def one_step() -> float:
+        loss, _ = train_step(
+            run,
+            opt,
+            batch,
+            grad_accum=1,
+            device=device,
+            lr=6e-4,
+            grad_clip=1.0,
+            autocast_dtype=amp,
+            loss_chunk=v.loss_chunk,
+        )
+        return loss.item()
+
+    times, last_loss = [], float("nan")
+    for _ in range(warmup + steps):
         sync()
         t0 = time.perf_counter()
-        loss, _ = train_step(run, opt, batch, grad_accum=1, device=device, lr=6e-4, grad_clip=1.0,
-                             autocast_dtype=amp, loss_chunk=v.loss_chunk)
-        loss.item()
+        last_loss = one_step()
         sync()
         times.append(time.perf_counter() - t0)
-    prof = None
-    if profile and device.type == "cuda":
-        prof = profile_step(lambda: train_step(run, opt, batch, grad_accum=1, device=device, lr=6e-4, grad_clip=1.0,
-                                               autocast_dtype=amp, loss_chunk=v.loss_chunk)[0].item(),
-                            profile_to)
+    prof = profile_step(one_step, profile_to) if profile and device.type == "cuda" else None
     first_step = times[0]  # compilation and autotuning happen here
     times = times[warmup:]
     dt = sorted(times)[len(times) // 2]  # median: robust to a stray slow step
@@ -169,20 +217,36 @@ def measure(cfg, v: Variant, device: torch.device, seq_len: int, warmup: int, st
     peak = peak_flops(device)
     mfu = flops_per_token(model_cfg, n_params, seq_len) * tok_s / peak if peak else None
     mem = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
-    del model, run, opt
+    model = run = opt = None  # the variant's memory freed before the next one is measured
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     accel.configure(device, tf32=True)  # back to the defaults for the next variant
-    return {**dataclasses.asdict(v), "ms_per_step": 1000 * dt, "tokens_per_s": tok_s, "mfu": mfu, "mem_gb": mem,
-            "first_step_s": first_step, "final_loss": loss.item(), **({"profile": prof} if prof else {})}
+    return {
+        **dataclasses.asdict(v),
+        "ms_per_step": 1000 * dt,
+        "tokens_per_s": tok_s,
+        "mfu": mfu,
+        "mem_gb": mem,
+        "first_step_s": first_step,
+        "final_loss": last_loss,
+        **({"profile": prof} if prof else {}),
+    }
 
 
 def machine(device: torch.device) -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "host_cpu": platform.processor()}
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host_cpu": platform.processor(),
+    }
     if device.type == "cuda":
-        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version(), peak_bf16_flops=peak_flops(device))
+        info.update(
+            gpu=torch.cuda.get_device_name(device),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            peak_bf16_flops=peak_flops(device),
+        )
     else:
         info.update(gpu=None, threads=torch.get_num_threads())
     return info
@@ -190,9 +254,11 @@ def machine(device: torch.device) -> dict:
 
 # Published figures of the anchors, on their machines (not re-measured here; the baseline row is the one
 # measured side by side): context for a reader, never the comparison itself.
-ANCHORS = ("Published anchors: build-nanogpt ~90 ms/step at B=16, T=1024 on one A100 (~176k tok/s, ~48% MFU); "
-           "llm.c GPT-2 124M on 8xH100 ~468k tok/s per GPU (~38% MFU). Target: >= 60% MFU "
-           "(~690k tok/s on one H100) and >= 1.3x the baseline row.")
+ANCHORS = (
+    "Published anchors: build-nanogpt ~90 ms/step at B=16, T=1024 on one A100 (~176k tok/s, ~48% MFU); "
+    "llm.c GPT-2 124M on 8xH100 ~468k tok/s per GPU (~38% MFU). Target: >= 60% MFU "
+    "(~690k tok/s on one H100) and >= 1.3x the baseline row."
+)
 
 
 def table(res: dict, markdown: bool = False) -> str:
@@ -205,21 +271,35 @@ def table(res: dict, markdown: bool = False) -> str:
         if "error" in r:
             body.append([r["name"], str(r["micro_batch"]), r["error"], "", "", "", "", ""])
             continue
-        body.append([r["name"], str(r["micro_batch"]), f"{r['ms_per_step']:.1f}", f"{r['tokens_per_s']:,.0f}",
-                     f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a",
-                     f"{r['tokens_per_s'] / base:.2f}x" if base else "n/a",
-                     f"{r['mem_gb']:.1f}" if r.get("mem_gb") is not None else "n/a",
-                     f"{r['first_step_s']:.1f}" if "first_step_s" in r else "n/a"])
-    where = (f"{m.get('gpu') or 'CPU'}, torch {m['torch']}" + (f", CUDA {m['cuda']}" if m.get("cuda") else "")
-             + f"; {res['config']}, T={res['seq_len']}, median of {res['steps']} steps after {res['warmup']}"
-             + f" warm-up; {res['when']}")
+        body.append(
+            [
+                r["name"],
+                str(r["micro_batch"]),
+                f"{r['ms_per_step']:.1f}",
+                f"{r['tokens_per_s']:,.0f}",
+                f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a",
+                f"{r['tokens_per_s'] / base:.2f}x" if base else "n/a",
+                f"{r['mem_gb']:.1f}" if r.get("mem_gb") is not None else "n/a",
+                f"{r['first_step_s']:.1f}" if "first_step_s" in r else "n/a",
+            ]
+        )
+    where = (
+        f"{m.get('gpu') or 'CPU'}, torch {m['torch']}"
+        + (f", CUDA {m['cuda']}" if m.get("cuda") else "")
+        + f"; {res['config']}, T={res['seq_len']}, median of {res['steps']} steps after {res['warmup']}"
+        + f" warm-up; {res['when']}"
+    )
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body]
         return "\n".join(lines + ["", f"Measured on {where}.", "", ANCHORS, "", *profiles(rows)])
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                for i, (c, w) in enumerate(zip(row, widths)))
+
+    def fmt(row):
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+        )
+
     return "\n".join([where, fmt(head), *map(fmt, body), ANCHORS, *profiles(rows)])
 
 
@@ -231,8 +311,10 @@ def profiles(rows: list[dict]) -> list[str]:
         if p:
             idle = max(0.0, p["wall_ms"] - p["gpu_busy_ms"])
             fams = ", ".join(f"{k} {v:.1f}" for k, v in p["families_ms"].items())
-            out.append(f"profile {r['name']}: {p['wall_ms']:.1f} ms/step, GPU busy {p['gpu_busy_ms']:.1f} ms "
-                       f"(idle {idle:.1f} ms); {fams} (ms/step)")
+            out.append(
+                f"profile {r['name']}: {p['wall_ms']:.1f} ms/step, GPU busy {p['gpu_busy_ms']:.1f} ms "
+                f"(idle {idle:.1f} ms); {fams} (ms/step)"
+            )
     return out
 
 
@@ -245,15 +327,34 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--ablation", action="store_true", help="each optimisation of the recipe off on its own")
+    ap.add_argument(
+        "--ablation", action="store_true", help="each optimisation of the recipe off on its own"
+    )
     ap.add_argument("--levers", action="store_true", help="each lever beyond the recipe on its own")
-    ap.add_argument("--only", default=None, help="comma-separated parts of variant names; the baseline always runs")
-    ap.add_argument("--no-compile", action="store_true", help="for machines without a working compiler toolchain")
-    ap.add_argument("--out", default=None, help="results JSON (default: bench/results/train_throughput-<when>.json)")
-    ap.add_argument("--profile", action="store_true",
-                    help="profile each variant (GPU time per kernel family, GPU idle time); the baseline's kernels "
-                         "to a file")
-    ap.add_argument("--render", metavar="JSON", help="print a results file as a markdown table and exit")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated parts of variant names; the baseline always runs",
+    )
+    ap.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="for machines without a working compiler toolchain",
+    )
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="results JSON (default: bench/results/train_throughput-<when>.json)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile each variant (GPU time per kernel family, GPU idle time); the baseline's kernels "
+        "to a file",
+    )
+    ap.add_argument(
+        "--render", metavar="JSON", help="print a results file as a markdown table and exit"
+    )
     args = ap.parse_args(argv)
     if args.render:
         print(table(json.loads(Path(args.render).read_text()), markdown=True))
@@ -261,8 +362,14 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     cfg = load_config(args.config)
     compile_ok = not args.no_compile
-    baseline = Variant("baseline: build-nanogpt recipe", args.baseline_micro_batch, compile=compile_ok)
-    variants = [Variant(f"ours B={b}", int(b), compile=compile_ok) for b in args.micro_batches.split(",") if b]
+    baseline = Variant(
+        "baseline: build-nanogpt recipe", args.baseline_micro_batch, compile=compile_ok
+    )
+    variants = [
+        Variant(f"ours B={b}", int(b), compile=compile_ok)
+        for b in args.micro_batches.split(",")
+        if b
+    ]
     if args.ablation:
         variants += ablations(baseline)
     if args.levers:
@@ -270,35 +377,68 @@ def main(argv=None) -> int:
     if args.only:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
         variants = [v for v in variants if any(w in v.name for w in wanted)]
-    variants = [baseline] + [dataclasses.replace(v, compile=v.compile and compile_ok) for v in variants]
+    variants = [baseline] + [
+        dataclasses.replace(v, compile=v.compile and compile_ok) for v in variants
+    ]
     when = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out or Path(__file__).parent / "results" / f"train_throughput-{when}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    res = {"when": when, "machine": machine(device), "config": args.config, "seq_len": args.seq_len,
-           "warmup": args.warmup, "steps": args.steps, "rows": []}
+    res = {
+        "when": when,
+        "machine": machine(device),
+        "config": args.config,
+        "seq_len": args.seq_len,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "rows": [],
+    }
     for v in variants:
         try:
-            profile_to = out.with_suffix(".profile.txt") if args.profile and not res["rows"] else None
-            with inductor_config.patch(coordinate_descent_tuning=v.coordinate_descent):  # restored after it
-                row = measure(cfg, v, device, args.seq_len, args.warmup, args.steps, args.profile, profile_to)
+            profile_to = (
+                out.with_suffix(".profile.txt") if args.profile and not res["rows"] else None
+            )
+            with inductor_config.patch(
+                coordinate_descent_tuning=v.coordinate_descent
+            ):  # restored after it
+                row = measure(
+                    cfg, v, device, args.seq_len, args.warmup, args.steps, args.profile, profile_to
+                )
         except torch.OutOfMemoryError:
             row = {**dataclasses.asdict(v), "error": "out of memory"}
-        except Exception as err:  # a lever this torch/GPU cannot run (e.g. no cuDNN attention): say so, go on
-            row = {**dataclasses.asdict(v), "error": f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"}
+        except (
+            Exception
+        ) as err:  # a lever this torch/GPU cannot run (e.g. no cuDNN attention): say so, go on
+            row = {
+                **dataclasses.asdict(v),
+                "error": f"{type(err).__name__}: {str(err).splitlines()[0][:80]}",
+            }
         context_lost = False
         if device.type == "cuda":
             try:
                 torch.cuda.empty_cache()
-            except Exception as err:  # a kernel fault (illegal address) poisons the context: nothing after runs
+            except (
+                Exception
+            ) as err:  # a kernel fault (illegal address) poisons the context: nothing after runs
                 context_lost = True
-                row = {**dataclasses.asdict(v), "error": f"CUDA context lost: {str(err).splitlines()[0][:80]}"}
+                row = {
+                    **dataclasses.asdict(v),
+                    "error": f"CUDA context lost: {str(err).splitlines()[0][:80]}",
+                }
         res["rows"].append(row)
-        print(f"  {v.name}: " + (row["error"] if "error" in row else f"{row['ms_per_step']:.1f} ms/step"),
-              file=sys.stderr, flush=True)
-        out.write_text(json.dumps(res, indent=2))  # after every variant: a run cut short keeps what it measured
+        print(
+            f"  {v.name}: "
+            + (row["error"] if "error" in row else f"{row['ms_per_step']:.1f} ms/step"),
+            file=sys.stderr,
+            flush=True,
+        )
+        out.write_text(
+            json.dumps(res, indent=2)
+        )  # after every variant: a run cut short keeps what it measured
         if context_lost:
-            print("the CUDA context is lost: the variants after this one need a new process (--only)",
-                  file=sys.stderr)
+            print(
+                "the CUDA context is lost: the variants after this one need a new process (--only)",
+                file=sys.stderr,
+            )
             break
     print(table(res))
     print(f"results: {out}")

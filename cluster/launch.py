@@ -12,7 +12,8 @@ Preemption / time limit: Slurm sends USR2 to every process of the job step. torc
 would die of it); its workers catch it, finish the step, write a collective checkpoint and exit 75
 (exit_codes.REQUEUE). On the first task submitit calls `checkpoint()`: it forwards USR2 to the torchrun process
 group (in case the workers were not signalled directly), waits for them to stop and returns a resubmission with
-the timeout or preemption counted, or raises once a cap is reached. Every requeue and the end are appended to {run_dir}/attempts.jsonl.
+the timeout or preemption counted, or raises once a cap is reached. Every requeue and the end are appended
+to {run_dir}/attempts.jsonl.
 An "attempt" here is one start of the job by Slurm (SLURM_RESTART_COUNT); the flow calls each job it
 submits a "submission".
 
@@ -91,7 +92,9 @@ class TrainLaunch:
         import submitit
 
         if not logging.getLogger().handlers:
-            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            logging.basicConfig(
+                level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+            )
         env = submitit.JobEnvironment()
         self._start = time.time()
         self._signalled: str | None = None
@@ -106,24 +109,47 @@ class TrainLaunch:
 
         from cluster.node_check import run_node_check
 
-        problem = run_node_check(self.gpus_per_node, self.run_dir, node=self._node, hosts=list(env.hostnames),
-                                 port=node_check_port(self._job_id))
+        problem = run_node_check(
+            self.gpus_per_node,
+            self.run_dir,
+            node=self._node,
+            hosts=list(env.hostnames),
+            port=node_check_port(self._job_id),
+        )
         if problem:  # ends this task, and srun (--kill-on-bad-exit) the others: the job fails naming the host
             log.error("%s", problem)
             raise RunFailed(problem)
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={self._nnodes}",
-               f"--nproc_per_node={self.procs_per_node}", f"--node_rank={self._node}",
-               f"--master_addr={env.hostnames[0]}", f"--master_port={master_port(self._job_id)}",
-               "--max_restarts=0", "-m", "cluster.worker", "--config", self.config,
-               *[a for kv in self.overrides for a in ("--set", kv)]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={self._nnodes}",
+            f"--nproc_per_node={self.procs_per_node}",
+            f"--node_rank={self._node}",
+            f"--master_addr={env.hostnames[0]}",
+            f"--master_port={master_port(self._job_id)}",
+            "--max_restarts=0",
+            "-m",
+            "cluster.worker",
+            "--config",
+            self.config,
+            *[a for kv in self.overrides for a in ("--set", kv)],
+        ]
         penv = dict(os.environ, CLUSTER_EXIT_DIR=self._exit_dir, PYTHONUNBUFFERED="1")
         cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", os.cpu_count() or 1))
         penv.setdefault("OMP_NUM_THREADS", str(max(1, cpus // self.procs_per_node)))
-        log.info("node %d/%d attempt %d: %s", self._node, self._nnodes, self._attempt, " ".join(cmd))
+        log.info(
+            "node %d/%d attempt %d: %s", self._node, self._nnodes, self._attempt, " ".join(cmd)
+        )
         # Own session: signals go to torchrun and its workers as a group. USR2 ignored in torchrun (the
         # default action would kill it); the workers inherit the ignore and training installs its own handler.
-        self._proc = subprocess.Popen(cmd, cwd=REPO, env=penv, start_new_session=True,
-                                      preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
+        self._proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=penv,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN),
+        )
         self._done = threading.Event()
         # A thread reaps torchrun so that checkpoint(), which runs inside a signal handler, can wait on an Event
         # instead of re-entering Popen.wait.
@@ -154,18 +180,24 @@ class TrainLaunch:
         if self._proc is not None:
             kill_tree(self._proc.pid)
         os.makedirs(self._exit_dir, exist_ok=True)
-        Path(self._exit_dir, f"killed_node_{self._node}").touch()  # tells the canceller it may scancel now
+        Path(
+            self._exit_dir, f"killed_node_{self._node}"
+        ).touch()  # tells the canceller it may scancel now
 
     def _stop_children(self) -> None:
         if self._proc.poll() is None:
             log.warning("stopping torchrun (pid %d) and its workers", self._proc.pid)
-            ranks = descendants(self._proc.pid)  # found now: once torchrun is gone they are out of reach
+            ranks = descendants(
+                self._proc.pid
+            )  # found now: once torchrun is gone they are out of reach
             self._killpg(signal.SIGTERM)
             if not self._done.wait(30):
                 self._killpg(signal.SIGKILL)
             for pid in ranks:
                 try:
-                    os.kill(pid, signal.SIGKILL)  # a rank torchrun left behind (it forwards SIGTERM, then exits)
+                    os.kill(
+                        pid, signal.SIGKILL
+                    )  # a rank torchrun left behind (it forwards SIGTERM, then exits)
                 except ProcessLookupError:
                     pass
 
@@ -179,18 +211,29 @@ class TrainLaunch:
 
     def _outcome(self) -> dict[str, Any]:
         code = self._proc.returncode
-        if self._killed:  # the scancel that follows ends the job as CANCELLED; not a failure to report first
+        if (
+            self._killed
+        ):  # the scancel that follows ends the job as CANCELLED; not a failure to report first
             time.sleep(max(self.stop_timeout_s, 60))
-            raise RunFailed(f"the ranks on node {self._node} were killed (SIGALRM: the job was cancelled as hung)")
+            raise RunFailed(
+                f"the ranks on node {self._node} were killed (SIGALRM: the job was cancelled as hung)"
+            )
         first = self.procs_per_node * self._node
-        end = rank_exits.job_end(rank_exits.read(self._exit_dir), range(first, first + self.procs_per_node), code)
+        end = rank_exits.job_end(
+            rank_exits.read(self._exit_dir), range(first, first + self.procs_per_node), code
+        )
         if end.state == "completed":
             if self._node != 0:
                 return {"node": self._node, "exit_code": 0}
             result = self._result()
             self._log_attempt("completed", result)
-            return {**result, "job_id": self._job_id, "run_dir": self.run_dir, "timeouts": self.timeouts,
-                    "preemptions": self.preemptions}
+            return {
+                **result,
+                "job_id": self._job_id,
+                "run_dir": self.run_dir,
+                "timeouts": self.timeouts,
+                "preemptions": self.preemptions,
+            }
         if end.state == "stopped":
             return self._stopped()
         if end.state == "diverged":
@@ -203,33 +246,54 @@ class TrainLaunch:
             return {"node": self._node, "exit_code": DIVERGED}
         result = self._result()
         self._log_attempt("diverged", result.get("diverged") or {})
-        return {**result, "job_id": self._job_id, "run_dir": self.run_dir, "timeouts": self.timeouts,
-                "preemptions": self.preemptions}
+        return {
+            **result,
+            "job_id": self._job_id,
+            "run_dir": self.run_dir,
+            "timeouts": self.timeouts,
+            "preemptions": self.preemptions,
+        }
 
     def _stopped(self) -> dict[str, Any]:
         """Every local rank checkpointed and exited 75."""
         if self._signalled:
             # Slurm is requeueing (the first task's checkpoint() does it) or killing the job: wait for that
             # rather than leave a result that the restarted job would contradict.
-            log.info("node %d: training checkpointed after %s; waiting for the requeue", self._node, self._signalled)
+            log.info(
+                "node %d: training checkpointed after %s; waiting for the requeue",
+                self._node,
+                self._signalled,
+            )
             time.sleep(max(self.stop_timeout_s, 60))
         if self._node != 0:
             return {"node": self._node, "exit_code": REQUEUE}
         result = self._result()  # stopped without a signal: stop_after_steps
         self._log_attempt("stopped", result)
-        return {**result, "job_id": self._job_id, "run_dir": self.run_dir, "timeouts": self.timeouts,
-                "preemptions": self.preemptions}
+        return {
+            **result,
+            "job_id": self._job_id,
+            "run_dir": self.run_dir,
+            "timeouts": self.timeouts,
+            "preemptions": self.preemptions,
+        }
 
     def _failure(self, torchrun_code: int) -> RunFailed:
-        time.sleep(2)  # let the other nodes' ranks record their exits (shared folder) to find the first failure
-        first = rank_exits.job_end(rank_exits.read(self._exit_dir), range(self._nnodes * self.procs_per_node),
-                                   torchrun_code).first_failure
+        time.sleep(
+            2
+        )  # let the other nodes' ranks record their exits (shared folder) to find the first failure
+        first = rank_exits.job_end(
+            rank_exits.read(self._exit_dir),
+            range(self._nnodes * self.procs_per_node),
+            torchrun_code,
+        ).first_failure
         latest = self._latest_checkpoint()
         if first is not None:
             msg = f"{first.first_line()}:\n{first.error.strip()[-3000:]}"
         else:
-            msg = f"torchrun on node {self._node} exited {torchrun_code} with no rank reporting an error " \
-                  "(killed: out of memory, node failure?)"
+            msg = (
+                f"torchrun on node {self._node} exited {torchrun_code} with no rank reporting an error "
+                "(killed: out of memory, node failure?)"
+            )
         traces = self._nccl_traces()
         if traces:  # NCCL's watchdog took the ranks down after a collective timed out: its account of who was late
             msg += f"\nNCCL flight recorder dumps: {traces} (read them with `torchfrtrace {traces} -p rank_`)"
@@ -240,8 +304,10 @@ class TrainLaunch:
 
     def _nccl_traces(self) -> str | None:
         """This attempt's flight-recorder folder (training/distributed.py flight_recorder_env), if a rank dumped."""
-        for folder in (RunDir(self.run_dir).nccl_traces(f"{self._job_id}-{self._attempt}"),
-                       os.path.join(self._exit_dir, "nccl-traces")):
+        for folder in (
+            RunDir(self.run_dir).nccl_traces(f"{self._job_id}-{self._attempt}"),
+            os.path.join(self._exit_dir, "nccl-traces"),
+        ):
             if store.is_local(folder) and os.path.isdir(folder) and os.listdir(folder):
                 return folder
         return None
@@ -259,8 +325,15 @@ class TrainLaunch:
         return latest.url if latest else None
 
     def _log_attempt(self, event: str, info: dict[str, Any]) -> None:
-        rec = {"event": event, "job_id": self._job_id, "attempt": self._attempt, "time": time.time(),
-               "timeouts": self.timeouts, "preemptions": self.preemptions, **info}
+        rec = {
+            "event": event,
+            "job_id": self._job_id,
+            "attempt": self._attempt,
+            "time": time.time(),
+            "timeouts": self.timeouts,
+            "preemptions": self.preemptions,
+            **info,
+        }
         log.info("attempt %s", json.dumps(rec))
         try:
             store.append_text(RunDir(self.run_dir).attempts, json.dumps(rec) + "\n")
@@ -282,22 +355,36 @@ class TrainLaunch:
         reason = "timeout" if timed_out else "preemption"
         log.warning("%s signal: asking training to checkpoint", reason)
         if self._proc is not None:  # else still in the node check: no training to stop
-            kill_tree(self._proc.pid, signal.SIGUSR2)  # the ranks too: torchrun starts each in its own session
+            kill_tree(
+                self._proc.pid, signal.SIGUSR2
+            )  # the ranks too: torchrun starts each in its own session
             if not self._done.wait(self.stop_timeout_s):
-                log.warning("training did not stop within %.0f s; requeueing from the latest checkpoint",
-                            self.stop_timeout_s)
+                log.warning(
+                    "training did not stop within %.0f s; requeueing from the latest checkpoint",
+                    self.stop_timeout_s,
+                )
         try:
             result = self._result()
         except Exception:
             result = {}
-        nxt = dataclasses.replace(self, timeouts=self.timeouts + timed_out,
-                                  preemptions=self.preemptions + (not timed_out))
-        info = {"reason": reason, "step": result.get("final_step"), "checkpoint": self._latest_checkpoint()}
-        if nxt.timeouts > self.max_timeout_requeues or nxt.preemptions > self.max_preemption_requeues:
+        nxt = dataclasses.replace(
+            self, timeouts=self.timeouts + timed_out, preemptions=self.preemptions + (not timed_out)
+        )
+        info = {
+            "reason": reason,
+            "step": result.get("final_step"),
+            "checkpoint": self._latest_checkpoint(),
+        }
+        if (
+            nxt.timeouts > self.max_timeout_requeues
+            or nxt.preemptions > self.max_preemption_requeues
+        ):
             cap = self.max_timeout_requeues if timed_out else self.max_preemption_requeues
             self._log_attempt("gave_up", info)
-            raise RequeueCapReached(f"{reason} #{nxt.timeouts if timed_out else nxt.preemptions} exceeds the cap "
-                                    f"of {cap} requeues; not requeued. latest checkpoint: {info['checkpoint']}")
+            raise RequeueCapReached(
+                f"{reason} #{nxt.timeouts if timed_out else nxt.preemptions} exceeds the cap "
+                f"of {cap} requeues; not requeued. latest checkpoint: {info['checkpoint']}"
+            )
         self._log_attempt("requeue", info)
         return DelayedSubmission(nxt)
 

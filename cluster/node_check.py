@@ -38,16 +38,31 @@ class NodeCheckFailed(Exception):
     check itself could not run there through no fault of the node, `node check could not run on host`)."""
 
 
-def run_node_check(gpus: int, run_dir: str, timeout_s: float = 180.0, *, node: int = 0,
-                   hosts: list[str] | tuple[str, ...] = (), port: int = 0,
-                   join_timeout_s: float = 120.0) -> str | None:
+def run_node_check(
+    gpus: int,
+    run_dir: str,
+    timeout_s: float = 180.0,
+    *,
+    node: int = 0,
+    hosts: list[str] | tuple[str, ...] = (),
+    port: int = 0,
+    join_timeout_s: float = 120.0,
+) -> str | None:
     """The check in a process of its own (its CUDA contexts must not stay in the launcher, and a wedged GPU
     must not hang it): None when the node is fit, else the one line saying why not. With more than one host,
     node `node` of `hosts` also joins the all-reduce across them (node 0's store on `port`)."""
     cmd = [sys.executable, "-m", "cluster.node_check", "--gpus", str(gpus), "--run-dir", run_dir]
     if len(hosts) > 1:
-        cmd += ["--node", str(node), "--hosts", ",".join(hosts), "--port", str(port),
-                "--join-timeout-s", str(join_timeout_s)]
+        cmd += [
+            "--node",
+            str(node),
+            "--hosts",
+            ",".join(hosts),
+            "--port",
+            str(port),
+            "--join-timeout-s",
+            str(join_timeout_s),
+        ]
         # join_nodes bounds itself by 3 join timeouts (reach node 0, its verdict, the all-reduce) and a few
         # seconds; this outer limit must not fire first, or it would blame this host for a missing node
         timeout_s += 3 * join_timeout_s + 30
@@ -61,13 +76,18 @@ def run_node_check(gpus: int, run_dir: str, timeout_s: float = 180.0, *, node: i
                 log.info("%s", ln)
         return None
     lines = (p.stdout + p.stderr).strip().splitlines()
-    line = next((ln for ln in lines if ln.startswith(("node check failed", "node check could not run"))), None)
+    line = next(
+        (ln for ln in lines if ln.startswith(("node check failed", "node check could not run"))),
+        None,
+    )
     if line:
         return line
     if p.returncode in (-signal.SIGTERM, -signal.SIGKILL, -signal.SIGINT):
         # Stopped from outside: srun ending the step because another node's task failed, or a cancellation.
         # Not this host's fault, so not worded as a failed check (the flow would cordon this host).
-        return f"node check on host {host_name()} interrupted by {signal.Signals(-p.returncode).name}"
+        return (
+            f"node check on host {host_name()} interrupted by {signal.Signals(-p.returncode).name}"
+        )
     return f"node check failed on host {host_name()}: exit {p.returncode}: {lines[-1] if lines else ''}"
 
 
@@ -103,7 +123,9 @@ def _gpu_problems(gpus: int, min_free_fraction: float) -> list[str]:
     for i in range(gpus):
         try:
             free, total = torch.cuda.mem_get_info(i)
-            if free < min_free_fraction * total:  # another process holds it: a leftover of a killed job
+            if (
+                free < min_free_fraction * total
+            ):  # another process holds it: a leftover of a killed job
                 out.append(f"GPU {i} has {free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
             x = torch.randn(256, 256, device=f"cuda:{i}")
             if not torch.isfinite(x @ x).all():
@@ -116,7 +138,9 @@ def _gpu_problems(gpus: int, min_free_fraction: float) -> list[str]:
 _KEY = "node_check"
 
 
-def join_nodes(node: int, hosts: list[str], port: int, gpus: int, timeout_s: float = 120.0) -> float:
+def join_nodes(
+    node: int, hosts: list[str], port: int, gpus: int, timeout_s: float = 120.0
+) -> float:
     """One all-reduce across the job's nodes (`hosts`, in node order; node 0's store listens on `port`):
     returns its seconds, or raises NodeCheckFailed naming the host to blame.
 
@@ -134,10 +158,16 @@ def join_nodes(node: int, hosts: list[str], port: int, gpus: int, timeout_s: flo
     within, seen = f"the all-reduce across nodes within {timeout_s:.0f} s", f"(seen from {me})"
     if node == 0:
         try:
-            st = dist.TCPStore(hosts[0], port, nnodes, is_master=True, timeout=wait, wait_for_workers=False)
-        except RuntimeError as err:  # the port is taken: not the node's fault, so not worded to cordon it
-            raise NodeCheckFailed(f"node check could not run on host {me}: port {port} for the all-reduce "
-                                  f"across nodes is taken ({_first_line(err)})") from None
+            st = dist.TCPStore(
+                hosts[0], port, nnodes, is_master=True, timeout=wait, wait_for_workers=False
+            )
+        except (
+            RuntimeError
+        ) as err:  # the port is taken: not the node's fault, so not worded to cordon it
+            raise NodeCheckFailed(
+                f"node check could not run on host {me}: port {port} for the all-reduce "
+                f"across nodes is taken ({_first_line(err)})"
+            ) from None
         try:
             st.wait(joined[1:], wait)
         except RuntimeError:  # timed out: who is missing is read below
@@ -145,27 +175,38 @@ def join_nodes(node: int, hosts: list[str], port: int, gpus: int, timeout_s: flo
         missing = [i for i in range(1, nnodes) if not st.check([joined[i]])]
         if missing:
             names = [hosts[i] for i in missing]
-            what = (f"did not join {within} {seen}" if len(names) == 1 else
-                    f"{len(names)} nodes did not join {within}: {', '.join(names)} {seen}")
+            what = (
+                f"did not join {within} {seen}"
+                if len(names) == 1
+                else f"{len(names)} nodes did not join {within}: {', '.join(names)} {seen}"
+            )
             line = f"node check failed on host {names[0]}: {what}"
             st.set(verdict_key, line)
-            _wait_quietly(st, [done[i] for i in range(1, nnodes) if i not in missing], 5.0)  # they read it
+            _wait_quietly(
+                st, [done[i] for i in range(1, nnodes) if i not in missing], 5.0
+            )  # they read it
             raise NodeCheckFailed(line)
         st.set(verdict_key, "go")
     else:
         try:
             _reach(hosts[0], port, time.monotonic() + timeout_s)
-            st = dist.TCPStore(hosts[0], port, nnodes, is_master=False, timeout=wait, wait_for_workers=False)
+            st = dist.TCPStore(
+                hosts[0], port, nnodes, is_master=False, timeout=wait, wait_for_workers=False
+            )
         except (OSError, RuntimeError):
-            raise NodeCheckFailed(f"node check failed on host {hosts[0]}: node 0's store on port {port} did not "
-                                  f"answer for {within} {seen}") from None
+            raise NodeCheckFailed(
+                f"node check failed on host {hosts[0]}: node 0's store on port {port} did not "
+                f"answer for {within} {seen}"
+            ) from None
         try:
             st.set(joined[node], me)
             st.wait([verdict_key], wait + timedelta(seconds=10))
             verdict = st.get(verdict_key).decode()
         except RuntimeError as err:  # node 0 died or hangs after we reached it
-            raise NodeCheckFailed(f"node check failed on host {hosts[0]}: node 0 gave no verdict on "
-                                  f"{within} {seen}: {_first_line(err)}") from None
+            raise NodeCheckFailed(
+                f"node check failed on host {hosts[0]}: node 0 gave no verdict on "
+                f"{within} {seen}: {_first_line(err)}"
+            ) from None
         if verdict != "go":
             _set_quietly(st, done[node])
             raise NodeCheckFailed(verdict)
@@ -174,7 +215,9 @@ def join_nodes(node: int, hosts: list[str], port: int, gpus: int, timeout_s: flo
     try:
         if gpus:
             torch.cuda.set_device(0)
-        dist.init_process_group("nccl" if gpus else "gloo", store=st, rank=node, world_size=nnodes, timeout=wait)
+        dist.init_process_group(
+            "nccl" if gpus else "gloo", store=st, rank=node, world_size=nnodes, timeout=wait
+        )
         try:
             x = torch.ones(1, device="cuda:0" if gpus else "cpu")
             dist.all_reduce(x)
@@ -182,11 +225,15 @@ def join_nodes(node: int, hosts: list[str], port: int, gpus: int, timeout_s: flo
         finally:
             dist.destroy_process_group()
     except RuntimeError as err:
-        raise NodeCheckFailed(f"node check failed on host {me}: the all-reduce across {nnodes} nodes failed: "
-                              f"{_first_line(err)}") from None
+        raise NodeCheckFailed(
+            f"node check failed on host {me}: the all-reduce across {nnodes} nodes failed: "
+            f"{_first_line(err)}"
+        ) from None
     if total != nnodes:
-        raise NodeCheckFailed(f"node check failed on host {me}: the all-reduce across {nnodes} nodes summed "
-                              f"to {total:g}, not {nnodes}")
+        raise NodeCheckFailed(
+            f"node check failed on host {me}: the all-reduce across {nnodes} nodes summed "
+            f"to {total:g}, not {nnodes}"
+        )
     seconds = time.monotonic() - t0
     if node == 0:  # the store must outlive the others' last calls to it
         _wait_quietly(st, done[1:], 10.0)
@@ -200,7 +247,9 @@ def _reach(host: str, port: int, deadline: float) -> None:
     client retries with a backoff that can overrun its timeout by as much again."""
     while True:
         try:
-            socket.create_connection((host, port), timeout=max(0.1, min(5.0, deadline - time.monotonic()))).close()
+            socket.create_connection(
+                (host, port), timeout=max(0.1, min(5.0, deadline - time.monotonic()))
+            ).close()
             return
         except OSError:
             if time.monotonic() >= deadline:
@@ -228,15 +277,25 @@ def _set_quietly(st, key: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cluster.node_check", description="Is this node fit to train on?")
+    ap = argparse.ArgumentParser(
+        prog="python -m cluster.node_check", description="Is this node fit to train on?"
+    )
     ap.add_argument("--gpus", type=int, default=0)
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--node", type=int, default=0, help="this node's index in --hosts")
-    ap.add_argument("--hosts", default="", help="the job's hosts in node order, comma-separated; with more than "
-                    "one, the nodes also meet in an all-reduce")
+    ap.add_argument(
+        "--hosts",
+        default="",
+        help="the job's hosts in node order, comma-separated; with more than "
+        "one, the nodes also meet in an all-reduce",
+    )
     ap.add_argument("--port", type=int, default=0, help="where node 0 hosts the all-reduce's store")
-    ap.add_argument("--join-timeout-s", type=float, default=120.0,
-                    help="how long node 0 waits for the others to join (and they for node 0)")
+    ap.add_argument(
+        "--join-timeout-s",
+        type=float,
+        default=120.0,
+        help="how long node 0 waits for the others to join (and they for node 0)",
+    )
     args = ap.parse_args(argv)
     hosts = [h for h in args.hosts.split(",") if h]
     if len(hosts) > 1 and not (0 <= args.node < len(hosts) and args.port > 0):
@@ -245,8 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         check_node(args.gpus, args.run_dir)
         if len(hosts) > 1:
             seconds = join_nodes(args.node, hosts, args.port, args.gpus, args.join_timeout_s)
-            print(f"node check passed on host {host_name()}: all-reduce across {len(hosts)} nodes in "
-                  f"{seconds:.2f} s", flush=True)
+            print(
+                f"node check passed on host {host_name()}: all-reduce across {len(hosts)} nodes in "
+                f"{seconds:.2f} s",
+                flush=True,
+            )
     except NodeCheckFailed as err:
         print(err, flush=True)
         return 1

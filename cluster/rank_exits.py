@@ -36,7 +36,7 @@ class RankExit:
     host: str
 
     @classmethod
-    def parse(cls, obj: Any) -> "RankExit":
+    def parse(cls, obj: Any) -> RankExit:
         """The record from its JSON object; ValueError naming the field when it is not one."""
         if not isinstance(obj, dict):
             raise ValueError(f"a rank exit record is a JSON object, not {type(obj).__name__}")
@@ -87,15 +87,22 @@ class JobEnd:
     def reason(self, launcher_code: int) -> str:
         """One line saying how the job ended."""
         if self.state != "failed":
-            return {"completed": "completed", "stopped": f"stopped with a checkpoint (exit {REQUEUE})",
-                    "diverged": f"diverged (exit {DIVERGED})"}[self.state]
+            return {
+                "completed": "completed",
+                "stopped": f"stopped with a checkpoint (exit {REQUEUE})",
+                "diverged": f"diverged (exit {DIVERGED})",
+            }[self.state]
         parts = []
         if self.silent:  # usually the cause: the others fail after it, of its absence
             ranks = ", ".join(str(r) for r in self.silent)
-            parts.append(f"rank{'s' if len(self.silent) > 1 else ''} {ranks} ended without a record (killed: a "
-                         "signal, out of memory?)")
+            parts.append(
+                f"rank{'s' if len(self.silent) > 1 else ''} {ranks} ended without a record (killed: a "
+                "signal, out of memory?)"
+            )
         if self.first_failure is not None:
-            parts.append(f"{self.first_failure.first_line()}: {last_line(self.first_failure.error) or 'no error text'}")
+            parts.append(
+                f"{self.first_failure.first_line()}: {last_line(self.first_failure.error) or 'no error text'}"
+            )
         return "; ".join(parts) or f"exited {launcher_code} with no rank reporting an error"
 
 

@@ -12,12 +12,16 @@ import submitit
 from cluster.spec import JobSpec
 
 
-def build_executor(spec: JobSpec, *, sbatch: dict[str, Any] | None = None, **params: Any) -> submitit.SlurmExecutor:
+def build_executor(
+    spec: JobSpec, *, sbatch: dict[str, Any] | None = None, **params: Any
+) -> submitit.SlurmExecutor:
     """A submitit executor for `spec`. `params` add or replace submitit parameters (job_name, cpus_per_task,
     array_parallelism, ...); `sbatch` adds raw sbatch options (e.g. a dependency) to the spec's sbatch_extra."""
     Path(spec.folder).mkdir(parents=True, exist_ok=True)
     python = None
-    srun_args = ["--kill-on-bad-exit=1"]  # one node's task failing ends the step instead of leaving peers hung
+    srun_args = [
+        "--kill-on-bad-exit=1"
+    ]  # one node's task failing ends the step instead of leaving peers hung
     c = spec.container
     if c is not None and c.runtime == "pyxis":
         srun_args.append(f"--container-image={c.image}")
@@ -28,11 +32,28 @@ def build_executor(spec: JobSpec, *, sbatch: dict[str, Any] | None = None, **par
         python = c.python
     elif c is not None:
         binds = [a for m in c.mounts for a in ("--bind", m)]
-        python = shlex.join(["apptainer", "exec", *(["--nv"] if spec.gpus_per_node else []), *binds, c.image,
-                             c.python])
-    ex = submitit.SlurmExecutor(folder=spec.folder, max_num_timeout=spec.max_timeout_requeues, python=python)
-    opts: dict[str, Any] = dict(nodes=spec.nodes, ntasks_per_node=1, time=spec.time_min, job_name=spec.job_name,
-                                signal_delay_s=spec.signal_delay_s, srun_args=srun_args, setup=list(spec.setup))
+        python = shlex.join(
+            [
+                "apptainer",
+                "exec",
+                *(["--nv"] if spec.gpus_per_node else []),
+                *binds,
+                c.image,
+                c.python,
+            ]
+        )
+    ex = submitit.SlurmExecutor(
+        folder=spec.folder, max_num_timeout=spec.max_timeout_requeues, python=python
+    )
+    opts: dict[str, Any] = dict(
+        nodes=spec.nodes,
+        ntasks_per_node=1,
+        time=spec.time_min,
+        job_name=spec.job_name,
+        signal_delay_s=spec.signal_delay_s,
+        srun_args=srun_args,
+        setup=list(spec.setup),
+    )
     if spec.gpus_per_node and spec.gres:
         opts["gpus_per_node"] = spec.gpus_per_node
     if spec.cpus_per_task:

@@ -13,10 +13,14 @@ class Container(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    image: str = Field(description="pyxis: an enroot image (e.g. 'nvcr.io#nvidia/pytorch:24.05-py3' or a .sqsh); "
-                                   "apptainer: a .sif path")
+    image: str = Field(
+        description="pyxis: an enroot image (e.g. 'nvcr.io#nvidia/pytorch:24.05-py3' or a .sqsh); "
+        "apptainer: a .sif path"
+    )
     runtime: Literal["pyxis", "apptainer"] = "pyxis"
-    mounts: list[str] = Field(default_factory=list, description="SRC:DST[:ro] bind mounts (the repo, the shared folder)")
+    mounts: list[str] = Field(
+        default_factory=list, description="SRC:DST[:ro] bind mounts (the repo, the shared folder)"
+    )
     python: str = Field("python", description="the interpreter inside the container")
     workdir: str | None = Field(None, description="pyxis --container-workdir")
 
@@ -26,36 +30,58 @@ class JobSpec(BaseModel):
 
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(0, ge=0, description="0 = CPU nodes: one gloo process per node")
-    cpus_per_task: int | None = Field(None, ge=1, description="CPUs of the one task per node (all its ranks)")
+    cpus_per_task: int | None = Field(
+        None, ge=1, description="CPUs of the one task per node (all its ranks)"
+    )
     mem_gb: int | None = Field(None, ge=1, description="memory per node")
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    time_min: int = Field(60, ge=1, description="time limit of one attempt (each requeue gets it again)")
+    time_min: int = Field(
+        60, ge=1, description="time limit of one attempt (each requeue gets it again)"
+    )
     constraint: str | None = None
     exclusive: bool = False
     job_name: str = "gpt2-train"
-    sbatch_extra: list[str] = Field(default_factory=list,
-                                    description="extra sbatch options, e.g. '--reservation=big' or '--exclude=n3'")
-    setup: list[str] = Field(default_factory=list,
-                             description="shell lines run before the tasks (module load, source a venv)")
+    sbatch_extra: list[str] = Field(
+        default_factory=list,
+        description="extra sbatch options, e.g. '--reservation=big' or '--exclude=n3'",
+    )
+    setup: list[str] = Field(
+        default_factory=list,
+        description="shell lines run before the tasks (module load, source a venv)",
+    )
     container: Container | None = None
-    folder: str = Field("slurm_logs", description="submitit's folder (pickles, logs): a path every node can read")
+    folder: str = Field(
+        "slurm_logs", description="submitit's folder (pickles, logs): a path every node can read"
+    )
     max_timeout_requeues: int = Field(3, ge=0, description="requeues after hitting the time limit")
     max_preemption_requeues: int = Field(10, ge=0, description="requeues after preemption")
-    signal_delay_s: int = Field(90, ge=10, description="Slurm sends USR2 this long before the time limit")
-    gres: bool = Field(True, description="request --gpus-per-node (turn off on clusters without GPU GRES)")
-    gpu_mem_gb: float | None = Field(None, gt=0, description="memory of one GPU in GB, for the check that the run "
-                                     "fits before sbatch (default: from the GPU type in the nodes' Gres, e.g. "
-                                     "gpu:h100:8 -> 80; no check when neither is known)")
+    signal_delay_s: int = Field(
+        90, ge=10, description="Slurm sends USR2 this long before the time limit"
+    )
+    gres: bool = Field(
+        True, description="request --gpus-per-node (turn off on clusters without GPU GRES)"
+    )
+    gpu_mem_gb: float | None = Field(
+        None,
+        gt=0,
+        description="memory of one GPU in GB, for the check that the run "
+        "fits before sbatch (default: from the GPU type in the nodes' Gres, e.g. "
+        "gpu:h100:8 -> 80; no check when neither is known)",
+    )
 
     @model_validator(mode="after")
-    def _check(self) -> "JobSpec":
+    def _check(self) -> JobSpec:
         for line in self.sbatch_extra:
             if not line.startswith("--"):
-                raise ValueError(f"sbatch_extra entries are long options like '--reservation=x', got {line!r}")
+                raise ValueError(
+                    f"sbatch_extra entries are long options like '--reservation=x', got {line!r}"
+                )
         if self.signal_delay_s >= self.time_min * 60:
-            raise ValueError(f"signal_delay_s={self.signal_delay_s} is not shorter than time_min={self.time_min} min")
+            raise ValueError(
+                f"signal_delay_s={self.signal_delay_s} is not shorter than time_min={self.time_min} min"
+            )
         return self
 
     @property

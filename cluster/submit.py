@@ -22,37 +22,61 @@ from typing import Any
 
 import submitit
 
+from cluster.launch import RunFailed, TrainLaunch
+from cluster.sbatch import build_executor
+from cluster.spec import JobSpec
+from cluster.validate import require_slurm_client, validate
 from common import exit_codes
 from common.cli import add_model_flags, entry_point, model_from_flags, read_json_object
 from common.errors import BadInput
 from common.heartbeat import HangDetector, HangRules
 from common.layout import RunDir
-from cluster.launch import RunFailed, TrainLaunch
-from cluster.sbatch import build_executor
-from cluster.spec import JobSpec
-from cluster.validate import require_slurm_client, validate
 
-FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "PREEMPTED", "ENDED")
+FINAL_STATES = (
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "ENDED",
+)
 
 
 def sacct_state(job_id: str) -> tuple[str, str]:
     """(State, ExitCode) of the job's allocation from accounting, else squeue's state, else ('ENDED', '')."""
-    out = subprocess.run(["sacct", "-j", str(job_id), "-X", "-n", "-P", "-o", "State,ExitCode"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["sacct", "-j", str(job_id), "-X", "-n", "-P", "-o", "State,ExitCode"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
     if out.returncode != 0 or not lines:
         # Not yet in accounting (just submitted): ask the controller.
-        sq = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
-                            timeout=60)
+        sq = subprocess.run(
+            ["squeue", "-h", "-j", str(job_id), "-o", "%T"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         # Neither accounting nor the controller knows it: without slurmdbd a finished job just disappears.
         return (sq.stdout.strip() or "ENDED"), ""
-    state, code = lines[-1].split("|")  # a requeued job has one line per attempt: the last is current
+    state, code = lines[-1].split(
+        "|"
+    )  # a requeued job has one line per attempt: the last is current
     if state.startswith(FINAL_STATES):
         # An attempt Slurm ended and requeued by itself (NODE_FAIL) keeps its final record until the job
         # starts again: the controller knows better whether the job itself is over.
-        sq = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
-                            timeout=60)
+        sq = subprocess.run(
+            ["squeue", "-h", "-j", str(job_id), "-o", "%T"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         queued = sq.stdout.strip()
         if sq.returncode == 0 and queued and not queued.startswith(FINAL_STATES + ("COMPLETING",)):
             return queued, ""
@@ -68,15 +92,18 @@ class RunHandle:
 
     def __init__(self, job_id: str, folder: str, nodes: int, run_dir: str):
         self.job_id, self.folder, self.nodes, self.run_dir = str(job_id), folder, nodes, run_dir
-        self.job: submitit.SlurmJob = submitit.SlurmJob(folder, self.job_id, tasks=list(range(nodes)))
+        self.job: submitit.SlurmJob = submitit.SlurmJob(
+            folder, self.job_id, tasks=list(range(nodes))
+        )
         self.job._cancel_at_deletion = False  # a handle going out of scope never cancels the run
 
     def _meta_path(self) -> Path:
         return Path(self.folder) / f"{self.job_id}_run.json"
 
     def save(self) -> None:
-        self._meta_path().write_text(json.dumps({"job_id": self.job_id, "nodes": self.nodes,
-                                                 "run_dir": self.run_dir}))
+        self._meta_path().write_text(
+            json.dumps({"job_id": self.job_id, "nodes": self.nodes, "run_dir": self.run_dir})
+        )
 
     def state(self) -> str:
         return sacct_state(self.job_id)[0]
@@ -92,9 +119,17 @@ class RunHandle:
         launcher gets SIGALRM, SIGKILLs torchrun and every rank it started and says so in the job's exit folder
         (cluster/launch.py); the job is cancelled once every node has, or after 15 s."""
         if kill:
-            subprocess.run(["scancel", "--signal=ALRM", self.job_id], check=False, capture_output=True, timeout=60)
+            subprocess.run(
+                ["scancel", "--signal=ALRM", self.job_id],
+                check=False,
+                capture_output=True,
+                timeout=60,
+            )
             exits, deadline = Path(self.folder) / "exits", time.time() + 15
-            while len(list(exits.glob(f"{self.job_id}_*/killed_node_*"))) < self.nodes and time.time() < deadline:
+            while (
+                len(list(exits.glob(f"{self.job_id}_*/killed_node_*"))) < self.nodes
+                and time.time() < deadline
+            ):
                 time.sleep(0.2)
         subprocess.run(["scancel", self.job_id], check=False, capture_output=True, timeout=60)
 
@@ -110,16 +145,26 @@ class RunHandle:
     def owns(self, heartbeat: dict) -> bool:
         return str(heartbeat.get("slurm_job")) == self.job_id
 
-    def wait(self, timeout_s: float | None = None, poll_s: float = 2.0, on_state=None,
-             hang: HangRules | None = None, on_progress=None, progress_s: float = 60.0) -> dict[str, Any]:
+    def wait(
+        self,
+        timeout_s: float | None = None,
+        poll_s: float = 2.0,
+        on_state=None,
+        hang: HangRules | None = None,
+        on_progress=None,
+        progress_s: float = 60.0,
+    ) -> dict[str, Any]:
         """Blocks until the job ends (requeues included); the training result, or RunFailed with the reason.
         `on_state(state)` is called whenever the job's state changes (PENDING, RUNNING, REQUEUED, ...). With
         `hang`, a job whose ranks stop stepping (common/heartbeat.py) is cancelled and reported as hung.
         `on_progress(line)` gets the ranks' last heartbeats in one line every `progress_s` while it runs."""
         deadline = None if timeout_s is None else time.time() + timeout_s
         last, shown = None, 0.0
-        detector = HangDetector(RunDir(self.run_dir), hang or HangRules(), owns=self.owns) \
-            if hang or on_progress else None
+        detector = (
+            HangDetector(RunDir(self.run_dir), hang or HangRules(), owns=self.owns)
+            if hang or on_progress
+            else None
+        )
         while True:
             state = self.state()
             if state != last and on_state is not None:
@@ -133,7 +178,11 @@ class RunHandle:
                 if stuck is not None and hang is not None:
                     self.cancel(kill=True)
                     raise RunFailed(f"job {self.job_id} hung, cancelled: {stuck.message}")
-                line = detector.progress() if on_progress and time.monotonic() - shown >= progress_s else None
+                line = (
+                    detector.progress()
+                    if on_progress and time.monotonic() - shown >= progress_s
+                    else None
+                )
                 if line:
                     on_progress(line)
                     shown = time.monotonic()
@@ -154,7 +203,9 @@ class RunHandle:
             time.sleep(0.5)
         for i, task in enumerate(tasks):
             if not task.paths.result_pickle.exists():
-                errors.append(f"node {i}: no result (its task wrote none: killed, or its node died)")
+                errors.append(
+                    f"node {i}: no result (its task wrote none: killed, or its node died)"
+                )
                 continue
             try:
                 outcome, value = task._get_outcome_and_result()
@@ -164,7 +215,12 @@ class RunHandle:
             if outcome == "error":
                 errors.append(f"node {i}: {_last_error(value)}")
             outcomes.append(value)
-        if state in ("COMPLETED", "ENDED") and not errors and outcomes and isinstance(outcomes[0], dict):
+        if (
+            state in ("COMPLETED", "ENDED")
+            and not errors
+            and outcomes
+            and isinstance(outcomes[0], dict)
+        ):
             return outcomes[0]
         raise RunFailed(f"job {self.job_id} ended {state} (exit {code})\n" + "\n".join(errors))
 
@@ -178,16 +234,25 @@ def _last_error(trace: str) -> str:
     return "\n".join(lines[-20:])
 
 
-def submit(spec: JobSpec, config: str, overrides: list[str] | None = None, *, check: bool = True) -> RunHandle:
+def submit(
+    spec: JobSpec, config: str, overrides: list[str] | None = None, *, check: bool = True
+) -> RunHandle:
     """Validate, then sbatch one job: `spec.nodes` tasks, each running torchrun for `training.train`."""
     overrides = list(overrides or [])
     require_slurm_client()
     cfg = validate(spec, config, overrides, check_cluster=check, check_data=check)
-    launch = TrainLaunch(config=str(config), overrides=overrides, run_dir=cfg.train.run_dir,
-                         procs_per_node=spec.procs_per_node, exit_root=str(Path(spec.folder).resolve() / "exits"),
-                         time_min=spec.time_min, max_timeout_requeues=spec.max_timeout_requeues,
-                         max_preemption_requeues=spec.max_preemption_requeues,
-                         stop_timeout_s=max(10.0, spec.signal_delay_s - 10), gpus_per_node=spec.gpus_per_node)
+    launch = TrainLaunch(
+        config=str(config),
+        overrides=overrides,
+        run_dir=cfg.train.run_dir,
+        procs_per_node=spec.procs_per_node,
+        exit_root=str(Path(spec.folder).resolve() / "exits"),
+        time_min=spec.time_min,
+        max_timeout_requeues=spec.max_timeout_requeues,
+        max_preemption_requeues=spec.max_preemption_requeues,
+        stop_timeout_s=max(10.0, spec.signal_delay_s - 10),
+        gpus_per_node=spec.gpus_per_node,
+    )
     job = build_executor(spec).submit(launch)
     handle = RunHandle(job.job_id, spec.folder, spec.nodes, cfg.train.run_dir)
     handle.save()
@@ -212,20 +277,46 @@ def reattach(job_id: str, folder: str) -> RunHandle:
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cluster.submit", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m cluster.submit", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--config", help="preset name or TOML file of the run")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a run config value (repeatable)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a run config value (repeatable)",
+    )
     ap.add_argument("--spec", help="JSON file with JobSpec fields (the flags below override it)")
-    ap.add_argument("--wait", action="store_true", help="block until the run ends and print its result")
-    ap.add_argument("--reattach", metavar="JOB_ID", help="watch an existing job instead of submitting")
-    ap.add_argument("--hang-floor-s", type=float, default=300.0, help="with --wait: a job with no new step for "
-                    "max(--hang-factor x its median step time, this) seconds is hung: cancelled, exit 1; 0 = never")
+    ap.add_argument(
+        "--wait", action="store_true", help="block until the run ends and print its result"
+    )
+    ap.add_argument(
+        "--reattach", metavar="JOB_ID", help="watch an existing job instead of submitting"
+    )
+    ap.add_argument(
+        "--hang-floor-s",
+        type=float,
+        default=300.0,
+        help="with --wait: a job with no new step for "
+        "max(--hang-factor x its median step time, this) seconds is hung: cancelled, exit 1; 0 = never",
+    )
     ap.add_argument("--hang-factor", type=float, default=20.0)
-    ap.add_argument("--startup-timeout-s", type=float, default=1800.0, help="with --wait: hung when no first step "
-                    "this long after the job started running")
-    ap.add_argument("--progress-s", type=float, default=60.0, help="with --wait: print the ranks' last heartbeats "
-                    "(step, s/step, the rank furthest behind, the slowest rank) this often; 0 = never")
+    ap.add_argument(
+        "--startup-timeout-s",
+        type=float,
+        default=1800.0,
+        help="with --wait: hung when no first step this long after the job started running",
+    )
+    ap.add_argument(
+        "--progress-s",
+        type=float,
+        default=60.0,
+        help="with --wait: print the ranks' last heartbeats "
+        "(step, s/step, the rank furthest behind, the slowest rank) this often; 0 = never",
+    )
     add_model_flags(ap, JobSpec, aliases={"time_min": ["--time"]})
     args = ap.parse_args(argv)
     if args.reattach:
@@ -237,11 +328,25 @@ def main(argv: list[str] | None = None) -> int:
         handle = submit(spec, args.config, args.overrides)
     print(handle.job_id, flush=True)
     if args.wait:
-        hang = HangRules(args.hang_factor, args.hang_floor_s, args.startup_timeout_s) if args.hang_floor_s > 0 else None
-        say = lambda text: print(f"{time.strftime('%H:%M:%S')} job {handle.job_id}: {text}", file=sys.stderr,
-                                 flush=True)
-        result = handle.wait(on_state=say, hang=hang, on_progress=say if args.progress_s > 0 else None,
-                             progress_s=args.progress_s)
+        hang = (
+            HangRules(args.hang_factor, args.hang_floor_s, args.startup_timeout_s)
+            if args.hang_floor_s > 0
+            else None
+        )
+
+        def say(text):
+            return print(
+                f"{time.strftime('%H:%M:%S')} job {handle.job_id}: {text}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        result = handle.wait(
+            on_state=say,
+            hang=hang,
+            on_progress=say if args.progress_s > 0 else None,
+            progress_s=args.progress_s,
+        )
         print(json.dumps(result), flush=True)
     return exit_codes.OK
 

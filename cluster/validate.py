@@ -28,7 +28,9 @@ class NodeInfo:
     cpus: int
     gpus: int
     mem_mb: int
-    gpu_types: tuple[str, ...] = ()  # the type names of its Gres ("h100" of gpu:h100:8), when it has them
+    gpu_types: tuple[
+        str, ...
+    ] = ()  # the type names of its Gres ("h100" of gpu:h100:8), when it has them
 
 
 SLURM_COMMANDS = ("sbatch", "squeue", "sacct", "scancel", "sinfo")
@@ -38,8 +40,10 @@ def require_slurm_client() -> None:
     """Submitting and watching jobs needs Slurm's commands on PATH: say so before anything else fails."""
     missing = [c for c in SLURM_COMMANDS if shutil.which(c) is None]
     if missing:
-        raise SpecError(f"no Slurm client on this machine ({', '.join(missing)} not on PATH): install it "
-                        "(Debian: slurm-client) with this cluster's slurm.conf and munge key, or run where it is")
+        raise SpecError(
+            f"no Slurm client on this machine ({', '.join(missing)} not on PATH): install it "
+            "(Debian: slurm-client) with this cluster's slurm.conf and munge key, or run where it is"
+        )
 
 
 def cluster_nodes() -> tuple[list[NodeInfo], str | None]:
@@ -47,8 +51,12 @@ def cluster_nodes() -> tuple[list[NodeInfo], str | None]:
     answer, is a SpecError: sbatch would fail the same way, less clearly."""
     require_slurm_client()
     try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%G|%m"], capture_output=True, text=True,
-                             timeout=30)
+        out = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%N|%P|%c|%G|%m"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except subprocess.TimeoutExpired:
         raise SpecError("the Slurm controller did not answer sinfo within 30 s") from None
     if out.returncode != 0:
@@ -67,33 +75,53 @@ def parse_sinfo(text: str) -> tuple[list[NodeInfo], str | None]:
         if part.endswith("*"):
             part = default = part[:-1]
         # gres looks like "gpu:8", "gpu:h100:8(S:0-1)" or "(null)"
-        found = [(m.group(1), int(m.group(2))) for m in re.finditer(r"gpu:(?:([^:,(]+):)?(\d+)", gres)]
+        found = [
+            (m.group(1), int(m.group(2))) for m in re.finditer(r"gpu:(?:([^:,(]+):)?(\d+)", gres)
+        ]
         old = by_name.get(name)
         parts = (old.partitions if old else ()) + (part,)
-        by_name[name] = NodeInfo(name, parts, int(cpus.rstrip("+")), sum(n for _, n in found),
-                                 int(re.sub(r"\D", "", mem) or 0),
-                                 tuple(t.lower() if t else "" for t, _ in found))
+        by_name[name] = NodeInfo(
+            name,
+            parts,
+            int(cpus.rstrip("+")),
+            sum(n for _, n in found),
+            int(re.sub(r"\D", "", mem) or 0),
+            tuple(t.lower() if t else "" for t, _ in found),
+        )
     return list(by_name.values()), default
 
 
-def check_capacity(spec: JobSpec, nodes: list[NodeInfo], default_partition: str | None) -> list[str]:
+def check_capacity(
+    spec: JobSpec, nodes: list[NodeInfo], default_partition: str | None
+) -> list[str]:
     part = spec.partition or default_partition
     if part is None:
         return ["no partition given and the cluster has no default partition"]
     members = [n for n in nodes if part in n.partitions]
     if not members:
-        return [f"partition {part!r} does not exist (known: {sorted({p for n in nodes for p in n.partitions})})"]
+        return [
+            f"partition {part!r} does not exist (known: {sorted({p for n in nodes for p in n.partitions})})"
+        ]
     problems = []
     if spec.nodes > len(members):
         problems.append(f"{spec.nodes} nodes requested but partition {part!r} has {len(members)}")
-    fit = [n for n in members if n.gpus >= spec.gpus_per_node and n.cpus >= (spec.cpus_per_task or 1)
-           and n.mem_mb >= (spec.mem_gb or 0) * 1024]
+    fit = [
+        n
+        for n in members
+        if n.gpus >= spec.gpus_per_node
+        and n.cpus >= (spec.cpus_per_task or 1)
+        and n.mem_mb >= (spec.mem_gb or 0) * 1024
+    ]
     if spec.gpus_per_node and not any(n.gpus >= spec.gpus_per_node for n in members):
-        problems.append(f"gpus_per_node={spec.gpus_per_node} but nodes of {part!r} have at most "
-                        f"{max(n.gpus for n in members)} GPUs")
+        problems.append(
+            f"gpus_per_node={spec.gpus_per_node} but nodes of {part!r} have at most "
+            f"{max(n.gpus for n in members)} GPUs"
+        )
     elif len(fit) < spec.nodes:
-        problems.append(f"only {len(fit)} nodes of {part!r} have {spec.gpus_per_node} GPUs, "
-                        f"{spec.cpus_per_task or 1} CPUs and {spec.mem_gb or 0} GB; {spec.nodes} requested")
+        problems.append(
+            f"only {len(fit)} nodes of {part!r} have {spec.gpus_per_node} GPUs, "
+            f"{spec.cpus_per_task or 1} CPUs and {spec.mem_gb or 0} GB; {spec.nodes} requested"
+        )
     return problems
 
 
@@ -102,9 +130,24 @@ def check_capacity(spec: JobSpec, nodes: list[NodeInfo], default_partition: str 
 # larger one where two sizes are common (a100: 80, v100: 32): the check may then miss a job too large for the
 # smaller card, never refuse one that fits (a 40 GB A100 partition needs gpu_mem_gb=40).
 GPU_MEMORY_GB = {
-    "b200": 180, "h200": 141, "h100": 80, "h100nvl": 94, "h800": 80, "a100": 80, "a800": 80,
-    "a40": 48, "a6000": 48, "l40": 48, "l40s": 48, "a30": 24, "a10": 24, "a10g": 24, "l4": 24,
-    "v100": 32, "t4": 16, "mi300x": 192,
+    "b200": 180,
+    "h200": 141,
+    "h100": 80,
+    "h100nvl": 94,
+    "h800": 80,
+    "a100": 80,
+    "a800": 80,
+    "a40": 48,
+    "a6000": 48,
+    "l40": 48,
+    "l40s": 48,
+    "a30": 24,
+    "a10": 24,
+    "a10g": 24,
+    "l4": 24,
+    "v100": 32,
+    "t4": 16,
+    "mi300x": 192,
 }
 
 
@@ -120,13 +163,17 @@ def gpu_type_memory_gb(gpu_type: str) -> float | None:
     return float(known[0]) if known else None
 
 
-def _gpu_nodes(spec: JobSpec, nodes: list[NodeInfo], default_partition: str | None) -> list[NodeInfo]:
+def _gpu_nodes(
+    spec: JobSpec, nodes: list[NodeInfo], default_partition: str | None
+) -> list[NodeInfo]:
     """The nodes of the job's partition that have the GPUs it asks for: where it may run."""
     part = spec.partition or default_partition
     return [n for n in nodes if part in n.partitions and n.gpus >= spec.gpus_per_node]
 
 
-def partition_gpu_memory_gb(spec: JobSpec, nodes: list[NodeInfo], default_partition: str | None) -> float | None:
+def partition_gpu_memory_gb(
+    spec: JobSpec, nodes: list[NodeInfo], default_partition: str | None
+) -> float | None:
     """GB of one GPU on the nodes the job may run on (the smallest, if they differ), from their Gres types;
     None when any of them has a GPU type this does not know."""
     sizes = []
@@ -138,7 +185,9 @@ def partition_gpu_memory_gb(spec: JobSpec, nodes: list[NodeInfo], default_partit
     return min(sizes) if sizes else None
 
 
-def check_gpu_memory(cfg: RunConfig, spec: JobSpec, gpu_mem_gb: float | None, where: str) -> list[str]:
+def check_gpu_memory(
+    cfg: RunConfig, spec: JobSpec, gpu_mem_gb: float | None, where: str
+) -> list[str]:
     """A run whose per-GPU memory estimate (training/memory.py) exceeds `gpu_mem_gb`, with the micro-batch that
     would fit; nothing on a CPU job or when the GPU's memory is unknown. `where` names the GPUs for the message."""
     if not spec.gpus_per_node or gpu_mem_gb is None:
@@ -147,18 +196,30 @@ def check_gpu_memory(cfg: RunConfig, spec: JobSpec, gpu_mem_gb: float | None, wh
     need = estimate(cfg, world_size=spec.world_size)
     if need.total <= gpu_mem_gb * GB:
         return []
-    head = (f"{cfg.name} at micro_batch={t.micro_batch}, seq_len={t.seq_len} needs ~{gb(need.total)} GB per GPU "
-            f"({need.summary()}) but {where} have {gpu_mem_gb:g} GB")
+    head = (
+        f"{cfg.name} at micro_batch={t.micro_batch}, seq_len={t.seq_len} needs ~{gb(need.total)} GB per GPU "
+        f"({need.summary()}) but {where} have {gpu_mem_gb:g} GB"
+    )
     fit = fitting_micro_batch(cfg, gpu_mem_gb * GB, world_size=spec.world_size)
     if fit is None:
-        levers = ("" if t.loss_chunk else "train.loss_chunk=8192, ") + "a shorter seq_len or GPUs with more memory"
+        levers = (
+            "" if t.loss_chunk else "train.loss_chunk=8192, "
+        ) + "a shorter seq_len or GPUs with more memory"
         return [f"{head}: not even micro_batch=1 fits (try {levers})"]
-    return [f"{head}: micro_batch={fit} fits (set train.micro_batch={fit}; gradient accumulation keeps the "
-            "global batch)"]
+    return [
+        f"{head}: micro_batch={fit} fits (set train.micro_batch={fit}; gradient accumulation keeps the "
+        "global batch)"
+    ]
 
 
-def validate(spec: JobSpec, config: str, overrides: list[str] | None = None, *, check_cluster: bool = True,
-             check_data: bool = True) -> RunConfig:
+def validate(
+    spec: JobSpec,
+    config: str,
+    overrides: list[str] | None = None,
+    *,
+    check_cluster: bool = True,
+    check_data: bool = True,
+) -> RunConfig:
     """The resolved run config, or SpecError naming every reason the job could not start."""
     problems: list[str] = []
     try:
@@ -169,7 +230,9 @@ def validate(spec: JobSpec, config: str, overrides: list[str] | None = None, *, 
         try:
             check(spec.world_size)
         except ConfigError as err:
-            problems.append(f"world size {spec.world_size} ({spec.nodes} nodes x {spec.procs_per_node}): {err}")
+            problems.append(
+                f"world size {spec.world_size} ({spec.nodes} nodes x {spec.procs_per_node}): {err}"
+            )
     if check_data:
         try:
             list_shards(cfg.data.data_url, "train")
@@ -224,25 +287,34 @@ def checkpoint_time_warning(cfg: RunConfig, spec: JobSpec) -> str | None:
     steps = sorted(float(m["step_ms"]) / 1000 for m in metrics if "step_ms" in m)
     room = spec.signal_delay_s - 10
     n = 2 if cfg.checkpoint.async_write else 1
-    two = (" and a stop may wait for two (a periodic write in flight, then its own: checkpoint.async_write)"
-           if n == 2 else "")
+    two = (
+        " and a stop may wait for two (a periodic write in flight, then its own: checkpoint.async_write)"
+        if n == 2
+        else ""
+    )
     if writes:
-        need = n * max(writes) + (steps[len(steps) // 2] if steps else 0.0)  # the step in flight, then the writes
+        need = n * max(writes) + (
+            steps[len(steps) // 2] if steps else 0.0
+        )  # the step in flight, then the writes
         if need <= room:
             return None
-        return (f"signal_delay_s={spec.signal_delay_s} leaves {room} s to stop with a checkpoint, but this run's "
-                f"checkpoints took up to {max(writes):.0f} s to write ({cfg.train.run_dir}/metrics.jsonl){two}: a "
-                f"preempted or timed-out job may be killed before "
-                f"its checkpoint is complete; set signal_delay_s to at least {int(need) + 30}")
+        return (
+            f"signal_delay_s={spec.signal_delay_s} leaves {room} s to stop with a checkpoint, but this run's "
+            f"checkpoints took up to {max(writes):.0f} s to write ({cfg.train.run_dir}/metrics.jsonl){two}: a "
+            f"preempted or timed-out job may be killed before "
+            f"its checkpoint is complete; set signal_delay_s to at least {int(need) + 30}"
+        )
     kind = "a filesystem" if store.is_local(cfg.train.run_dir) else "an object store"
     size = checkpoint_bytes(cfg)
     write = size / (ESTIMATED_WRITE_MB_S[kind] * 1e6)
     need = n * write  # the step in flight comes on top, unknown before a run
     if need <= room:
         return None
-    return (f"signal_delay_s={spec.signal_delay_s} leaves {room} s to stop with a checkpoint, but a checkpoint of "
-            f"{cfg.name} ({size / 1e9:.1f} GB: weights and AdamW state) is estimated to take ~{write:.0f} s to write "
-            f"to {kind} at a conservative {ESTIMATED_WRITE_MB_S[kind]:.0f} MB/s (an estimate: no checkpoint of this "
-            f"run measured yet){two}: a preempted or timed-out job "
-            f"may be killed before its checkpoint is complete; set signal_delay_s to at least {int(need) + 30} "
-            "(once a checkpoint is written, its measured time counts instead)")
+    return (
+        f"signal_delay_s={spec.signal_delay_s} leaves {room} s to stop with a checkpoint, but a checkpoint of "
+        f"{cfg.name} ({size / 1e9:.1f} GB: weights and AdamW state) is estimated to take ~{write:.0f} s to write "
+        f"to {kind} at a conservative {ESTIMATED_WRITE_MB_S[kind]:.0f} MB/s (an estimate: no checkpoint of this "
+        f"run measured yet){two}: a preempted or timed-out job "
+        f"may be killed before its checkpoint is complete; set signal_delay_s to at least {int(need) + 30} "
+        "(once a checkpoint is written, its measured time counts instead)"
+    )

@@ -29,7 +29,7 @@ class _Tee(io.TextIOBase):
         self.stream, self.keep, self.tail = stream, keep, ""
 
     def write(self, s: str) -> int:
-        self.tail = (self.tail + s)[-self.keep:]
+        self.tail = (self.tail + s)[-self.keep :]
         return self.stream.write(s)
 
     def flush(self) -> None:

@@ -16,8 +16,9 @@ import json
 import sys
 import types
 import typing
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ValidationError
 
@@ -25,7 +26,13 @@ from common import exit_codes
 from common.errors import BadInput, ReproError
 
 
-def entry_point(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
+class Main(Protocol):
+    """A command's `main`: its arguments (sys.argv[1:] when None), its exit code."""
+
+    def __call__(self, argv: list[str] | None = None) -> int: ...
+
+
+def entry_point(main: Callable[[list[str] | None], int | None]) -> Main:
     """Wrap a CLI's `main(argv)`: project errors are one line on stderr and exit with their code."""
 
     @functools.wraps(main)
@@ -46,7 +53,11 @@ def _number(kind: type, minimum: float | None, name: str):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
-        if value != value or value in (float("inf"), float("-inf")) or (minimum is not None and value < minimum):
+        if (
+            value != value
+            or value in (float("inf"), float("-inf"))
+            or (minimum is not None and value < minimum)
+        ):
             raise argparse.ArgumentTypeError(f"{text!r} is not {name}")
         return value
 
@@ -69,10 +80,15 @@ def validation_message(err: ValidationError, what: str, known: Iterable[str] = (
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(loc, known, n=1)
-            lines.append(f"  {loc}: unknown field" + (f"; did you mean {close[0]}?" if close else ""))
+            lines.append(
+                f"  {loc}: unknown field" + (f"; did you mean {close[0]}?" if close else "")
+            )
             continue
         got = e.get("input")
-        lines.append(f"  {loc}: {e['msg']}" + ("" if isinstance(got, dict) or "input" not in e else f" (got {got!r})"))
+        lines.append(
+            f"  {loc}: {e['msg']}"
+            + ("" if isinstance(got, dict) or "input" not in e else f" (got {got!r})")
+        )
     return "\n".join(lines)
 
 
@@ -88,8 +104,14 @@ def _comma_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], *, skip: Iterable[str] = (),
-                    aliases: dict[str, list[str]] | None = None, comma_lists: Iterable[str] = ()) -> None:
+def add_model_flags(
+    parser: argparse.ArgumentParser,
+    model: type[BaseModel],
+    *,
+    skip: Iterable[str] = (),
+    aliases: dict[str, list[str]] | None = None,
+    comma_lists: Iterable[str] = (),
+) -> None:
     """One `--field-name` flag per scalar or list field of `model` (nested models come through a JSON file or
     object instead). Flags left out stay out of the namespace, so `model_from_flags` sees only what was given.
     `aliases` adds other spellings; a field in `comma_lists` takes one comma-separated value (empty = [])
@@ -101,8 +123,12 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], *, 
         if name in skip or (isinstance(ann, type) and issubclass(ann, BaseModel)):
             continue
         default = field.get_default(call_default_factory=True)
-        help_text = (field.description or "") + (f" (default: {default})" if default not in (None, [], "") else "")
-        kw: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text.strip() or None)
+        help_text = (field.description or "") + (
+            f" (default: {default})" if default not in (None, [], "") else ""
+        )
+        kw: dict[str, Any] = dict(
+            dest=name, default=argparse.SUPPRESS, help=help_text.strip() or None
+        )
         origin = typing.get_origin(ann)
         if ann is bool:
             kw["action"] = argparse.BooleanOptionalAction
@@ -137,7 +163,9 @@ def read_json_object(path_or_text: str | None, what: str) -> dict[str, Any]:
     return obj
 
 
-def model_from_flags(model: type[BaseModel], args: argparse.Namespace, base: dict[str, Any] | None = None):
+def model_from_flags(
+    model: type[BaseModel], args: argparse.Namespace, base: dict[str, Any] | None = None
+):
     """`model` from `base` (e.g. a --spec file) with the flags given on top; invalid values are a BadInput."""
     given = {k: v for k, v in vars(args).items() if k in model.model_fields}
     try:

@@ -19,8 +19,9 @@ import statistics
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from common import store
 from common.layout import RunDir
@@ -39,18 +40,28 @@ class HeartbeatWriter:
         self.url = run.heartbeat(rank)
         self.interval_s = interval_s
         # pgid, ppid and slurm_job say which submission wrote it (a local process group or torchrun, a Slurm job)
-        self.record: dict[str, Any] = {"rank": rank, "world": world, "host": host_name(), "pid": os.getpid(),
-                                       "pgid": os.getpgid(0), "ppid": os.getppid(),
-                                       "slurm_job": os.environ.get("SLURM_JOB_ID"),
-                                       "process": uuid.uuid4().hex[:12], "beat": 0, "step": None,
-                                       "phase": "starting", "step_s": None, "busy_s": None}
+        self.record: dict[str, Any] = {
+            "rank": rank,
+            "world": world,
+            "host": host_name(),
+            "pid": os.getpid(),
+            "pgid": os.getpgid(0),
+            "ppid": os.getppid(),
+            "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "process": uuid.uuid4().hex[:12],
+            "beat": 0,
+            "step": None,
+            "phase": "starting",
+            "step_s": None,
+            "busy_s": None,
+        }
         self._step_times: list[float] = []
         self._busy_times: list[float] = []
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
 
-    def start(self) -> "HeartbeatWriter":
+    def start(self) -> HeartbeatWriter:
         if self.interval_s > 0:
             self._thread.start()
         return self
@@ -66,9 +77,15 @@ class HeartbeatWriter:
         self._step_times = (self._step_times + [step_s])[-50:]
         if busy_s is not None:
             self._busy_times = (self._busy_times + [busy_s])[-50:]
-        self.record.update(step=step, phase="step", step_s=statistics.median(self._step_times),
-                           busy_s=statistics.median(self._busy_times) if self._busy_times else None)
-        if first:  # said at once: until then the reader allows for start-up (compilation), not for a step
+        self.record.update(
+            step=step,
+            phase="step",
+            step_s=statistics.median(self._step_times),
+            busy_s=statistics.median(self._busy_times) if self._busy_times else None,
+        )
+        if (
+            first
+        ):  # said at once: until then the reader allows for start-up (compilation), not for a step
             self._wake.set()
 
     def stop(self) -> None:
@@ -80,7 +97,9 @@ class HeartbeatWriter:
             self.record["beat"] += 1
             try:
                 store.write_json(self.url, {**self.record, "time": time.time()})
-            except Exception:  # a store hiccup must not stop training: the reader sees a stale beat at worst
+            except (
+                Exception
+            ):  # a store hiccup must not stop training: the reader sees a stale beat at worst
                 pass
             self._wake.wait(self.interval_s)
             self._wake.clear()
@@ -106,8 +125,13 @@ def read_heartbeats(run: RunDir) -> dict[int, dict[str, Any]]:
     return out
 
 
-def laggards(beats: dict[int, dict[str, Any]], world: int, step: int | None, stale_s: float,
-             now: float | None = None) -> list[str]:
+def laggards(
+    beats: dict[int, dict[str, Any]],
+    world: int,
+    step: int | None,
+    stale_s: float,
+    now: float | None = None,
+) -> list[str]:
     """Seen from a rank stuck in a collective after `step` steps: the ranks that had not got as far, or whose
     heartbeat is older than `stale_s` (by this host's clock against theirs: a diagnosis, not a decision),
     as `host:rank (step N, last beat S s ago)`."""
@@ -121,8 +145,10 @@ def laggards(beats: dict[int, dict[str, Any]], world: int, step: int | None, sta
         age = now - float(rec.get("time", now))
         behind = step is not None and (rec.get("step") is None or rec["step"] < step)
         if behind or age > stale_s:
-            out.append(f"{rec.get('host', '?')}:{rank} (step {rec.get('step')}, {rec.get('phase', '?')}, "
-                       f"last beat {age:.0f} s ago)")
+            out.append(
+                f"{rec.get('host', '?')}:{rank} (step {rec.get('step')}, {rec.get('phase', '?')}, "
+                f"last beat {age:.0f} s ago)"
+            )
     return out
 
 
@@ -134,8 +160,10 @@ def slowest_rank(beats: dict[int, dict[str, Any]]) -> str:
     if len(busy) < 2:
         return ""
     rank = max(busy, key=lambda r: busy[r])
-    return (f"; slowest rank: {beats[rank].get('host', '?')}:{rank} (busy {busy[rank]:.2f} s/step, median rank "
-            f"{statistics.median_low(busy.values()):.2f} s)")
+    return (
+        f"; slowest rank: {beats[rank].get('host', '?')}:{rank} (busy {busy[rank]:.2f} s/step, median rank "
+        f"{statistics.median_low(busy.values()):.2f} s)"
+    )
 
 
 @dataclass(frozen=True)
@@ -169,19 +197,25 @@ class HangDetector:
     rules: HangRules
     owns: Callable[[dict[str, Any]], bool] | None = None
     clock: Callable[[], float] = time.monotonic
-    _seen: dict[int, tuple[str, float]] = field(default_factory=dict)  # rank -> (content, when it last changed)
+    _seen: dict[int, tuple[str, float]] = field(
+        default_factory=dict
+    )  # rank -> (content, when it last changed)
     _old: dict[int, str] = field(default_factory=dict)
     _started: float | None = None
     _max_step: int | None = None
     _moved: float | None = None
-    _current: dict[int, dict[str, Any]] = field(default_factory=dict)  # the last check's heartbeats, by rank
+    _current: dict[int, dict[str, Any]] = field(
+        default_factory=dict
+    )  # the last check's heartbeats, by rank
 
     def __post_init__(self) -> None:
         if self.owns is None:
             self._history()
 
     def _history(self) -> None:
-        self._old = {r: json.dumps(rec, sort_keys=True) for r, rec in read_heartbeats(self.run).items()}
+        self._old = {
+            r: json.dumps(rec, sort_keys=True) for r, rec in read_heartbeats(self.run).items()
+        }
 
     def started(self) -> None:
         """The job is running (not queued): the start-up clock starts now (idempotent)."""
@@ -222,15 +256,23 @@ class HangDetector:
         silent = self._silent(current, now)
         if self._max_step is None:  # no step done yet in this job: rendezvous, loading, compiling
             if now - self._started > self.rules.startup_s:
-                return self._hang(None, silent, f"no first step within {self.rules.startup_s:.0f} s of the job "
-                                                f"starting", current)
+                return self._hang(
+                    None,
+                    silent,
+                    f"no first step within {self.rules.startup_s:.0f} s of the job starting",
+                    current,
+                )
             return None
         step_s = max((rec.get("step_s") or 0.0) for rec in current.values()) if current else None
         window = self.rules.window(step_s)
         if now - (self._moved or now) > window:
-            return self._hang(self._max_step, silent,
-                              f"no new step for {now - self._moved:.0f} s (window {window:.0f} s: max("
-                              f"{self.rules.factor:g} x {step_s or 0:.2f} s, {self.rules.floor_s:.0f} s))", current)
+            return self._hang(
+                self._max_step,
+                silent,
+                f"no new step for {now - self._moved:.0f} s (window {window:.0f} s: max("
+                f"{self.rules.factor:g} x {step_s or 0:.2f} s, {self.rules.floor_s:.0f} s))",
+                current,
+            )
         return None
 
     def progress(self) -> str | None:
@@ -246,10 +288,16 @@ class HangDetector:
         step_s = max((rec.get("step_s") or 0.0) for rec in current.values())
         rec = current[last]
         age = now - self._seen[last][1]
-        behind = f"rank furthest behind: {rec.get('host', '?')}:{last} at step {steps[last]}, last beat " \
-            f"{age:.0f} s ago" if steps[last] < top else f"all at that step, the oldest beat {age:.0f} s ago"
-        return (f"step {top} ({'/'.join(sorted({r.get('phase', '?') for r in current.values()}))}), "
-                f"{step_s:.2f} s/step, {len(current)}/{world} ranks beating; {behind}{slowest_rank(current)}")
+        behind = (
+            f"rank furthest behind: {rec.get('host', '?')}:{last} at step {steps[last]}, last beat "
+            f"{age:.0f} s ago"
+            if steps[last] < top
+            else f"all at that step, the oldest beat {age:.0f} s ago"
+        )
+        return (
+            f"step {top} ({'/'.join(sorted({r.get('phase', '?') for r in current.values()}))}), "
+            f"{step_s:.2f} s/step, {len(current)}/{world} ranks beating; {behind}{slowest_rank(current)}"
+        )
 
     def _silent(self, current: dict[int, dict[str, Any]], now: float) -> list[str]:
         world = max((int(rec.get("world", 1)) for rec in current.values()), default=0)
@@ -262,7 +310,9 @@ class HangDetector:
                 out.append(f"{rec.get('host', '?')}:{rank}")
         return out
 
-    def _hang(self, step: int | None, silent: list[str], why: str, current: dict[int, dict[str, Any]]) -> Hang:
+    def _hang(
+        self, step: int | None, silent: list[str], why: str, current: dict[int, dict[str, Any]]
+    ) -> Hang:
         phases = sorted({rec.get("phase", "?") for rec in current.values()}) or ["no heartbeat"]
         where = f"hang at step {step}" if step is not None else "hang before the first step"
         if not current:

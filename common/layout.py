@@ -61,7 +61,7 @@ class StoreLayout:
         """The demo's HellaSwag-format task and its lm-eval definition (evaluation/demo_task.py)."""
         return join(self.root, "data", "demo-eval")
 
-    def run(self, name: str) -> "RunDir":
+    def run(self, name: str) -> RunDir:
         return RunDir(join(self.root, "runs", name))
 
 
@@ -130,12 +130,15 @@ class RunDir:
         return int(m.group(1)) if m else None
 
     @classmethod
-    def of_checkpoint(cls, checkpoint_url: str) -> "RunDir | None":
+    def of_checkpoint(cls, checkpoint_url: str) -> RunDir | None:
         """The run directory holding {run}/checkpoints/step_NNNNNN; None for a checkpoint kept anywhere else (a
         copy in a folder of its own), which has no run directory to write beside."""
         url = checkpoint_url.rstrip("/")
         parent = posixpath.dirname(url)
-        if cls.step_of(posixpath.basename(url)) is None or posixpath.basename(parent) != "checkpoints":
+        if (
+            cls.step_of(posixpath.basename(url)) is None
+            or posixpath.basename(parent) != "checkpoints"
+        ):
             return None
         return cls(posixpath.dirname(parent))
 

@@ -44,11 +44,23 @@ def _alive(pid: int) -> bool:
 
 
 class Lease:
-    def __init__(self, url: str, owner: str, identity: str = "", ttl_s: float = DEFAULT_TTL_S,
-                 settle_s: float = 0.5):
+    def __init__(
+        self,
+        url: str,
+        owner: str,
+        identity: str = "",
+        ttl_s: float = DEFAULT_TTL_S,
+        settle_s: float = 0.5,
+    ):
         """`owner`: how the holder is named to others ("trainer, Slurm job 1234"); `identity`: what makes a
         later holder the same one (the Slurm job id, the flow run id), empty for none."""
-        self.url, self.owner, self.identity, self.ttl_s, self.settle_s = url, owner, identity, ttl_s, settle_s
+        self.url, self.owner, self.identity, self.ttl_s, self.settle_s = (
+            url,
+            owner,
+            identity,
+            ttl_s,
+            settle_s,
+        )
         self.token = uuid.uuid4().hex
         self.lost = threading.Event()
         self.lost_to: str | None = None
@@ -56,8 +68,15 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def _record(self) -> dict[str, Any]:
-        return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "id": self.identity,
-                "token": self.token, "renewed": time.time(), "ttl_s": self.ttl_s}
+        return {
+            "owner": self.owner,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "id": self.identity,
+            "token": self.token,
+            "renewed": time.time(),
+            "ttl_s": self.ttl_s,
+        }
 
     def _read(self) -> dict[str, Any] | None:
         try:
@@ -74,25 +93,36 @@ class Lease:
         return f"{rec.get('owner', '?')} on {rec.get('host', '?')} (pid {rec.get('pid', '?')}, renewed {age:.0f} s ago)"
 
     def _state(self, rec: dict[str, Any]) -> str:
-        """"free", "held", or "unknown" (a holder on another host, renewed less than ttl_s ago)."""
+        """ "free", "held", or "unknown" (a holder on another host, renewed less than ttl_s ago)."""
         if not rec or (self.identity and rec.get("id") == self.identity):
             return "free"
-        if rec.get("host") == socket.gethostname():  # on this host we know whether its holder is alive
+        if (
+            rec.get("host") == socket.gethostname()
+        ):  # on this host we know whether its holder is alive
             return "held" if _alive(int(rec.get("pid", 0))) else "free"
-        return "free" if time.time() - float(rec.get("renewed", 0)) > float(rec.get("ttl_s", self.ttl_s)) else "unknown"
+        return (
+            "free"
+            if time.time() - float(rec.get("renewed", 0)) > float(rec.get("ttl_s", self.ttl_s))
+            else "unknown"
+        )
 
     def _held(self, rec: dict[str, Any]) -> LeaseHeld:
-        return LeaseHeld(f"{run_of(self.url)} is in use by {self.describe(rec)}; one writer per run directory: "
-                         "wait for it to end, stop it, or use another run")
+        return LeaseHeld(
+            f"{run_of(self.url)} is in use by {self.describe(rec)}; one writer per run directory: "
+            "wait for it to end, stop it, or use another run"
+        )
 
-    def acquire(self) -> "Lease":
+    def acquire(self) -> Lease:
         rec = self._read()
         state = "free" if rec is None else self._state(rec)
         if state == "held":
             raise self._held(rec)
         if state == "unknown":
             # Wait for a renewal (its holder lives) or for the lease to go stale (its holder died).
-            seen, deadline = rec.get("renewed"), time.monotonic() + float(rec.get("ttl_s", self.ttl_s)) + 1
+            seen, deadline = (
+                rec.get("renewed"),
+                time.monotonic() + float(rec.get("ttl_s", self.ttl_s)) + 1,
+            )
             while time.monotonic() < deadline:
                 time.sleep(min(1.0, self.ttl_s / 8))
                 now = self._read()
@@ -105,7 +135,9 @@ class Lease:
         elif rec:
             log.info("taking over the lease of %s", self.describe(rec))
         store.write_json(self.url, self._record())
-        time.sleep(self.settle_s)  # another taker that read the same state writes within this window
+        time.sleep(
+            self.settle_s
+        )  # another taker that read the same state writes within this window
         now = self._read()
         if not now or now.get("token") != self.token:
             raise self._held(now or {})
@@ -123,7 +155,9 @@ class Lease:
                     log.error("lease lost to %s", self.lost_to)
                     return
                 store.write_json(self.url, self._record())
-            except Exception as err:  # a store hiccup: the next renewal tries again, well within the TTL
+            except (
+                Exception
+            ) as err:  # a store hiccup: the next renewal tries again, well within the TTL
                 log.warning("could not renew the lease %s: %s", self.url, err)
 
     def release(self) -> None:
@@ -140,7 +174,7 @@ class Lease:
         except Exception as err:  # the lease expires by itself
             log.warning("could not release the lease %s: %s", self.url, err)
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from common import store
 
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class LogFile:
     """One file of a LogFiles; `append` takes one or more whole lines, each ending in a newline."""
 
-    def __init__(self, owner: "LogFiles", url: str, lines: list[str], local: bool):
+    def __init__(self, owner: LogFiles, url: str, lines: list[str], local: bool):
         self.url, self.local, self._owner = url, local, owner
         self.lines = lines  # the file's content, line by line (object stores only)
         self.version = self.written = 0  # appends so far; those the store holds
@@ -43,18 +43,26 @@ class LogFiles:
     def __init__(self, flush_seconds: float = 30.0):
         self.flush_seconds = flush_seconds
         self.lock = threading.Lock()  # the files' lines
-        self._write_lock = threading.Lock()  # one rewrite at a time, so an older content never lands last
+        self._write_lock = (
+            threading.Lock()
+        )  # one rewrite at a time, so an older content never lands last
         self._files: list[LogFile] = []
         self._due = threading.Event()
         self._last = time.monotonic()
         self._thread: threading.Thread | None = None
 
-    def open(self, url: str, keep: Callable[[str], bool] | None = None, create: bool = False) -> LogFile:
+    def open(
+        self, url: str, keep: Callable[[str], bool] | None = None, create: bool = False
+    ) -> LogFile:
         """The file at `url`, with the lines it holds that `keep` accepts (all without it: e.g. not the steps a
         resumed run is about to redo); rewritten at once when some were dropped, or created when `create`."""
         local = store.is_local(url)
         exists = store.exists(url)
-        old = store.read_bytes(url).decode(errors="replace").splitlines() if exists and (keep or not local) else []
+        old = (
+            store.read_bytes(url).decode(errors="replace").splitlines()
+            if exists and (keep or not local)
+            else []
+        )
         lines = [x + "\n" for x in old if keep is None or keep(x)]
         if len(lines) < len(old) or (create and not exists):
             store.write_bytes(url, "".join(lines).encode())
@@ -95,5 +103,7 @@ class LogFiles:
             self._due.clear()
             try:
                 self._rewrite()
-            except Exception as err:  # a store hiccup: the next rewrite or flush() carries these lines too
+            except (
+                Exception
+            ) as err:  # a store hiccup: the next rewrite or flush() carries these lines too
                 log.warning("could not rewrite a log file of the run: %s", err)

@@ -3,7 +3,7 @@ before; never over someone else's files unless told to (--force)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from common import store
 from common.errors import BadInput
@@ -18,5 +18,7 @@ def claim_folder(url: str, *, ours: Callable[[str], bool], what: str, force: boo
     foreign = [n for n in store.listdir(url) if not ours(n) and not store.is_temporary(n)]
     if foreign and not force:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise BadInput(f"{url} holds files that are not {what}'s ({shown}): choose an empty folder, or pass "
-                       "--force to write over them")
+        raise BadInput(
+            f"{url} holds files that are not {what}'s ({shown}): choose an empty folder, or pass "
+            "--force to write over them"
+        )

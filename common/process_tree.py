@@ -19,7 +19,9 @@ def descendants(root: int) -> list[int]:
             stat = Path(f"/proc/{name}/stat").read_text()
         except OSError:
             continue  # gone meanwhile
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # after the command name, which may hold spaces
+        ppid = int(
+            stat.rsplit(")", 1)[1].split()[1]
+        )  # after the command name, which may hold spaces
         children.setdefault(ppid, []).append(int(name))
     out, todo = [], [root]
     while todo:

@@ -13,8 +13,9 @@ import io
 import json
 import posixpath
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +54,9 @@ def parse_name(name: str) -> tuple[str, int] | None:
 
 def shard_bytes(tokens: np.ndarray) -> bytes:
     if tokens.dtype != DTYPE or tokens.ndim != 1:
-        raise ValueError(f"shards hold 1-D {np.dtype(DTYPE)} tokens, got {tokens.dtype} {tokens.shape}")
+        raise ValueError(
+            f"shards hold 1-D {np.dtype(DTYPE)} tokens, got {tokens.dtype} {tokens.shape}"
+        )
     buf = io.BytesIO()
     np.save(buf, tokens)  # what build-nanogpt's write_datafile does (np.save to an open file)
     return buf.getvalue()
@@ -66,7 +69,9 @@ def decode(data: bytes, name: str) -> np.ndarray:
     except (ValueError, EOFError, OSError) as err:
         raise ShardError(f"shard {name} is not a readable .npy file (truncated?): {err}") from None
     if arr.dtype != DTYPE or arr.ndim != 1:
-        raise ShardError(f"shard {name} holds {arr.dtype} with shape {arr.shape}; expected 1-D uint16 tokens")
+        raise ShardError(
+            f"shard {name} holds {arr.dtype} with shape {arr.shape}; expected 1-D uint16 tokens"
+        )
     return arr
 
 
@@ -79,7 +84,9 @@ def max_token_outside_vocab(tokens: np.ndarray) -> int | None:
 # ----------------------------------------------------------------------------- writing
 
 
-def write_shard(data_url: str, index: int, tokens: np.ndarray, prefix: str = PREFIX) -> dict[str, Any]:
+def write_shard(
+    data_url: str, index: int, tokens: np.ndarray, prefix: str = PREFIX
+) -> dict[str, Any]:
     """Write shard `index`; returns its manifest entry."""
     name = shard_name(index, prefix)
     data = shard_bytes(tokens)
@@ -90,10 +97,17 @@ def write_shard(data_url: str, index: int, tokens: np.ndarray, prefix: str = PRE
 def write_manifest(data_url: str, shards: Iterable[dict[str, Any]], **meta: Any) -> None:
     """The manifest, written last: its presence means every shard it lists is complete."""
     shards = list(shards)
-    store.write_json(store.join(data_url, MANIFEST), {
-        "format": MANIFEST_FORMAT, "tokenizer": "gpt2", "dtype": np.dtype(DTYPE).name, "shards": shards,
-        "total_tokens": sum(s["tokens"] for s in shards), **meta,
-    })
+    store.write_json(
+        store.join(data_url, MANIFEST),
+        {
+            "format": MANIFEST_FORMAT,
+            "tokenizer": "gpt2",
+            "dtype": np.dtype(DTYPE).name,
+            "shards": shards,
+            "total_tokens": sum(s["tokens"] for s in shards),
+            **meta,
+        },
+    )
 
 
 # ----------------------------------------------------------------------------- reading
@@ -127,11 +141,17 @@ def list_shards(data_url: str, split: str) -> list[Shard]:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     manifest = read_manifest(data_url)
     if manifest is not None:
-        shards = [Shard(e["name"], store.join(data_url, e["name"]), int(e["tokens"]), e.get("sha256"))
-                  for e in manifest["shards"] if (parse_name(e["name"]) or ("",))[0] == split]
+        shards = [
+            Shard(e["name"], store.join(data_url, e["name"]), int(e["tokens"]), e.get("sha256"))
+            for e in manifest["shards"]
+            if (parse_name(e["name"]) or ("",))[0] == split
+        ]
     else:
-        shards = [Shard(n, store.join(data_url, n)) for n in store.listdir(data_url)
-                  if (parse_name(n) or ("",))[0] == split]
+        shards = [
+            Shard(n, store.join(data_url, n))
+            for n in store.listdir(data_url)
+            if (parse_name(n) or ("",))[0] == split
+        ]
     shards.sort(key=lambda s: parse_name(s.name)[1])
     if not shards:
         raise ShardError(f"no {split} shards (*_{split}_NNNNNN.npy) under {data_url}")
@@ -141,8 +161,9 @@ def list_shards(data_url: str, split: str) -> list[Shard]:
 def npy_bytes(tokens: int) -> int:
     """The size of a shard of `tokens` tokens as np.save writes it (header + data)."""
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": np.dtype(DTYPE).str, "fortran_order": False,
-                                                  "shape": (tokens,)})
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.dtype(DTYPE).str, "fortran_order": False, "shape": (tokens,)}
+    )
     return header.tell() + tokens * np.dtype(DTYPE).itemsize
 
 
@@ -153,14 +174,18 @@ def check_sizes(data_url: str) -> None:
     if manifest is None:
         return  # without a manifest there are no sizes to hold the files to
     fs, path = store.fs_and_path(data_url)
-    sizes = {posixpath.basename(e["name"].rstrip("/")): e.get("size") for e in fs.ls(path, detail=True)}
+    sizes = {
+        posixpath.basename(e["name"].rstrip("/")): e.get("size") for e in fs.ls(path, detail=True)
+    }
     for e in manifest["shards"]:
         want, got = npy_bytes(int(e["tokens"])), sizes.get(e["name"])
         if got is None:
             raise ShardError(f"shard {e['name']} is missing ({store.join(data_url, e['name'])})")
         if got != want:
-            raise ShardError(f"shard {e['name']} is {got} bytes; its {e['tokens']} tokens take {want} (truncated or "
-                             "changed since the manifest)")
+            raise ShardError(
+                f"shard {e['name']} is {got} bytes; its {e['tokens']} tokens take {want} (truncated or "
+                "changed since the manifest)"
+            )
 
 
 def data_fingerprint(data_url: str) -> str:
@@ -171,8 +196,11 @@ def data_fingerprint(data_url: str) -> str:
         items = [[e["name"], e["tokens"], e.get("sha256")] for e in manifest["shards"]]
     else:
         fs, path = store.fs_and_path(data_url)
-        items = [[posixpath.basename(e["name"]), e.get("size")] for e in fs.ls(path, detail=True)
-                 if parse_name(posixpath.basename(e["name"]))]
+        items = [
+            [posixpath.basename(e["name"]), e.get("size")]
+            for e in fs.ls(path, detail=True)
+            if parse_name(posixpath.basename(e["name"]))
+        ]
     return store.sha256(json.dumps(sorted(items)).encode())[:16]
 
 
@@ -197,8 +225,12 @@ def load_shard(shard: Shard, verify: bool = True) -> np.ndarray:
     except FileNotFoundError:
         raise ShardError(f"shard {shard.name} is missing ({shard.url})") from None
     if verify and shard.sha256 and store.sha256(data) != shard.sha256:
-        raise ShardError(f"shard {shard.name} fails its sha256 check (corrupt or changed since the manifest)")
+        raise ShardError(
+            f"shard {shard.name} fails its sha256 check (corrupt or changed since the manifest)"
+        )
     arr = decode(data, shard.name)
     if shard.tokens is not None and arr.size != shard.tokens:
-        raise ShardError(f"shard {shard.name} has {arr.size} tokens; the manifest says {shard.tokens} (truncated?)")
+        raise ShardError(
+            f"shard {shard.name} has {arr.size} tokens; the manifest says {shard.tokens} (truncated?)"
+        )
     return arr

@@ -54,13 +54,17 @@ def write_bytes(url: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:  # a full disk, a file where a folder should be, no permission: nothing half-written
+    except (
+        OSError
+    ) as err:  # a full disk, a file where a folder should be, no permission: nothing half-written
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise StoreError(f"cannot write {url}: {err.strerror or err}") from None
 
 
-_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]+\.tmp$")  # write_bytes's temporary names: .{name}.{hex}.tmp
+_TEMPORARY = re.compile(
+    r"^\..+\.[0-9a-f]+\.tmp$"
+)  # write_bytes's temporary names: .{name}.{hex}.tmp
 
 
 def is_temporary(name: str) -> bool:
@@ -106,7 +110,11 @@ def listdir(url: str) -> list[str]:
     """Base names directly under `url` (empty when it does not exist)."""
     fs, path = fs_and_path(url)
     try:
-        entries = fs.ls(path, detail=False, refresh=True) if not isinstance(fs, LocalFileSystem) else fs.ls(path, detail=False)
+        entries = (
+            fs.ls(path, detail=False, refresh=True)
+            if not isinstance(fs, LocalFileSystem)
+            else fs.ls(path, detail=False)
+        )
     except FileNotFoundError:
         return []
     return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
@@ -161,11 +169,19 @@ def preflight(url: str, write: bool) -> None:
             fs.ls(path)
     except FileNotFoundError:
         if write:
-            raise StoreError(f"cannot write under {url}: the bucket or parent does not exist") from None
+            raise StoreError(
+                f"cannot write under {url}: the bucket or parent does not exist"
+            ) from None
         # a missing path is reported by the caller, which knows what it expected to find there
-    except Exception as err:  # botocore/aiohttp/permission errors differ by backend; the message is what matters
+    except (
+        Exception
+    ) as err:  # botocore/aiohttp/permission errors differ by backend; the message is what matters
         name = type(err).__name__
         hint = ""
         if "Credentials" in name or "credential" in str(err).lower():
-            hint = " (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role)"
-        raise StoreError(f"cannot {'write to' if write else 'read'} {url}: {name}: {err}{hint}") from None
+            hint = (
+                " (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role)"
+            )
+        raise StoreError(
+            f"cannot {'write to' if write else 'read'} {url}: {name}: {err}{hint}"
+        ) from None

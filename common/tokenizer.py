@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import tempfile
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 from common.cli import entry_point
@@ -25,13 +25,21 @@ from common.errors import BadInput
 _BASE = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 # file name -> (URL tiktoken reads, sha256 tiktoken pins)
 GPT2_BPE_FILES = {
-    "vocab.bpe": (_BASE + "vocab.bpe", "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
-    "encoder.json": (_BASE + "encoder.json", "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "vocab.bpe": (
+        _BASE + "vocab.bpe",
+        "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    ),
+    "encoder.json": (
+        _BASE + "encoder.json",
+        "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    ),
 }
 VOCAB_SIZE = 50257  # 50,000 merges + 256 bytes + <|endoftext|>: every id is < VOCAB_SIZE
 EOT_TOKEN = 50256  # <|endoftext|>, which starts every document in the shards
 # Used when $TIKTOKEN_CACHE_DIR is unset: a stable per-user place instead of tiktoken's /tmp default.
-DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2-repro" / "tiktoken"
+DEFAULT_CACHE_DIR = (
+    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2-repro" / "tiktoken"
+)
 
 
 class TokenizerFilesError(BadInput):
@@ -77,7 +85,9 @@ def stage(source: str | Path, directory: str | Path | None = None) -> Path:
         want = GPT2_BPE_FILES[name][1]
         got = hashlib.sha256(data).hexdigest()
         if got != want:
-            raise TokenizerFilesError(f"{name} from {source}: sha256 {got} != tiktoken's pinned {want}")
+            raise TokenizerFilesError(
+                f"{name} from {source}: sha256 {got} != tiktoken's pinned {want}"
+            )
     directory.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         dst = cache_path(name, directory)
@@ -102,7 +112,9 @@ def cached_file(name: str) -> Path:
     for d in (cache_dir(), Path(tempfile.gettempdir()) / "data-gym-cache"):
         if cache_path(name, d).exists():
             return cache_path(name, d)
-    raise TokenizerFilesError(f"{name} is not in the tiktoken cache; run python -m common.tokenizer stage")
+    raise TokenizerFilesError(
+        f"{name} is not in the tiktoken cache; run python -m common.tokenizer stage"
+    )
 
 
 def get_encoding():
@@ -122,16 +134,26 @@ def get_encoding():
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m common.tokenizer", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m common.tokenizer", description=__doc__.split("\n\n")[0]
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("stage", help="verify and copy vocab.bpe + encoder.json into the tiktoken cache")
-    s.add_argument("--source", required=True, help="directory or .tgz holding vocab.bpe and encoder.json")
-    s.add_argument("--cache-dir", default=None, help=f"default: $TIKTOKEN_CACHE_DIR or {DEFAULT_CACHE_DIR}")
+    s = sub.add_parser(
+        "stage", help="verify and copy vocab.bpe + encoder.json into the tiktoken cache"
+    )
+    s.add_argument(
+        "--source", required=True, help="directory or .tgz holding vocab.bpe and encoder.json"
+    )
+    s.add_argument(
+        "--cache-dir", default=None, help=f"default: $TIKTOKEN_CACHE_DIR or {DEFAULT_CACHE_DIR}"
+    )
     sub.add_parser("check", help="encode a test string with the staged files")
     args = ap.parse_args(argv)
     if args.cmd == "stage":
         where = stage(args.source, args.cache_dir)
-        print(f"staged GPT-2 BPE files in {where} (set TIKTOKEN_CACHE_DIR={where} if it is not the default)")
+        print(
+            f"staged GPT-2 BPE files in {where} (set TIKTOKEN_CACHE_DIR={where} if it is not the default)"
+        )
     else:
         ids = get_encoding().encode("Hello, world!")
         print(f"gpt2 encoding OK: 'Hello, world!' -> {ids} (cache: {cache_dir()})")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import ast
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 def stdlib_documents(max_docs: int | None = None) -> Iterator[str]:
@@ -20,7 +20,10 @@ def stdlib_documents(max_docs: int | None = None) -> Iterator[str]:
     n = 0
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).as_posix()
-        if rel.startswith(("site-packages/", "test/", "idlelib/", "lib2to3/tests/")) or "/tests/" in rel:
+        if (
+            rel.startswith(("site-packages/", "test/", "idlelib/", "lib2to3/tests/"))
+            or "/tests/" in rel
+        ):
             continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))

@@ -3,7 +3,7 @@ assembly, so both write the same bytes (the format itself is common/shards.py)."
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -22,11 +22,11 @@ class ShardPacker:
         Each yielded array is the packer's own, handed over (a new buffer is started), so it may be written later."""
         while pos < toks.size:
             take = min(toks.size - pos, self.size - self.fill)
-            self.buf[self.fill:self.fill + take] = toks[pos:pos + take]
+            self.buf[self.fill : self.fill + take] = toks[pos : pos + take]
             self.fill, pos = self.fill + take, pos + take
             if self.fill == self.size:
                 full, self.buf, self.fill = self.buf, np.empty(self.size, dtype=DTYPE), 0
                 yield full, pos
 
     def rest(self) -> np.ndarray | None:
-        return self.buf[:self.fill].copy() if self.fill else None
+        return self.buf[: self.fill].copy() if self.fill else None

@@ -64,9 +64,15 @@ def tokenize_part(out_url: str, file_url: str, index: int, workers: int = 1) -> 
             digest.update(data)
             tokens += int(toks.size)
             documents += int(lens.size)
-    rec = {"file": src.describe()["files"][0], "tokens": tokens, "documents": documents,
-           "sha256": digest.hexdigest()}
-    store.write_json(sidecar_url(out_url, index), rec)  # last: a sidecar never points at a partial part
+    rec = {
+        "file": src.describe()["files"][0],
+        "tokens": tokens,
+        "documents": documents,
+        "sha256": digest.hexdigest(),
+    }
+    store.write_json(
+        sidecar_url(out_url, index), rec
+    )  # last: a sidecar never points at a partial part
     return rec
 
 
@@ -81,8 +87,12 @@ def _part_tokens(out_url: str, index: int):
             yield np.frombuffer(data, dtype=DTYPE)
 
 
-def assemble(out_url: str, file_urls: list[str], shard_tokens: int = DEFAULT_SHARD_TOKENS,
-             prefix: str = PREFIX) -> dict[str, Any]:
+def assemble(
+    out_url: str,
+    file_urls: list[str],
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    prefix: str = PREFIX,
+) -> dict[str, Any]:
     """Parts 0..n-1 -> shards + manifest.json (identical to pipeline.build over the same files)."""
     desc = FileSource(file_urls).describe()
     fp = fingerprint(desc, shard_tokens, prefix)
@@ -90,8 +100,10 @@ def assemble(out_url: str, file_urls: list[str], shard_tokens: int = DEFAULT_SHA
         return manifest
     missing = [i for i, u in enumerate(file_urls) if part_done(out_url, i, u) is None]
     if missing:
-        raise PrepError(f"parts {missing[:10]}{'...' if len(missing) > 10 else ''} of {len(file_urls)} are not "
-                        f"tokenized yet (or their source file changed)")
+        raise PrepError(
+            f"parts {missing[:10]}{'...' if len(missing) > 10 else ''} of {len(file_urls)} are not "
+            f"tokenized yet (or their source file changed)"
+        )
     records, documents = [], 0
     packer = ShardPacker(shard_tokens)
 
@@ -109,6 +121,13 @@ def assemble(out_url: str, file_urls: list[str], shard_tokens: int = DEFAULT_SHA
         write(rest)
     if not records:
         raise PrepError(f"the source has no documents (empty dataset): {desc}")
-    write_manifest(out_url, records, source=desc, shard_tokens=shard_tokens, documents=documents,
-                   eot_token=EOT_TOKEN, fingerprint=fp)
+    write_manifest(
+        out_url,
+        records,
+        source=desc,
+        shard_tokens=shard_tokens,
+        documents=documents,
+        eot_token=EOT_TOKEN,
+        fingerprint=fp,
+    )
     return read_manifest(out_url)

@@ -23,7 +23,15 @@ import numpy as np
 from common import store
 from common.errors import BadInput
 from common.outputs import claim_folder
-from common.shards import MANIFEST, PREFIX, parse_name, read_manifest, shard_name, write_manifest, write_shard
+from common.shards import (
+    MANIFEST,
+    PREFIX,
+    parse_name,
+    read_manifest,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
 from common.tokenizer import EOT_TOKEN
 from data_prep.packer import ShardPacker
 from data_prep.tokenize import tokenize_units
@@ -43,8 +51,10 @@ def default_shard_tokens(source) -> int:
 
 def fingerprint(source: dict[str, Any], shard_tokens: int, prefix: str) -> str:
     """What fixes the output bytes; a resumed run must match it."""
-    key = json.dumps({"source": source, "shard_tokens": shard_tokens, "prefix": prefix, "tokenizer": "gpt2"},
-                     sort_keys=True)
+    key = json.dumps(
+        {"source": source, "shard_tokens": shard_tokens, "prefix": prefix, "tokenizer": "gpt2"},
+        sort_keys=True,
+    )
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -52,8 +62,12 @@ def claim_output(out_url: str, force: bool = False) -> None:
     """Shards are written only into an empty folder or one this tool started (its .prep state or manifest):
     never over shards someone else wrote, which would leave theirs and ours mixed."""
     started = bool({STATE_DIR, MANIFEST} & set(store.listdir(out_url)))
-    claim_folder(out_url, ours=lambda n: n in (STATE_DIR, MANIFEST) or (started and parse_name(n) is not None),
-                 what="data prep", force=force)
+    claim_folder(
+        out_url,
+        ours=lambda n: n in (STATE_DIR, MANIFEST) or (started and parse_name(n) is not None),
+        what="data prep",
+        force=force,
+    )
 
 
 def complete_manifest(out_url: str, fp: str) -> dict[str, Any] | None:
@@ -61,7 +75,9 @@ def complete_manifest(out_url: str, fp: str) -> dict[str, Any] | None:
     store completed from another source or shard size is a PrepError (it is never overwritten)."""
     manifest = read_manifest(out_url)
     if manifest is not None and manifest.get("fingerprint") != fp:
-        raise PrepError(f"{out_url} is already complete for another source or shard size; write to an empty --out")
+        raise PrepError(
+            f"{out_url} is already complete for another source or shard size; write to an empty --out"
+        )
     return manifest
 
 
@@ -93,15 +109,24 @@ def _finished(out_url: str, fp: str, prefix: str) -> list[dict[str, Any]]:
             return done
         state = store.read_json(store.join(state_url, f"{name}.json"))
         if state.get("fingerprint") != fp:
-            raise PrepError(f"{out_url} holds shards from another source or shard size (fingerprint "
-                            f"{state.get('fingerprint')} != {fp}; a hub dataset updated since the first run "
-                            f"does this too: pin its revision with @COMMIT); write to an empty --out")
+            raise PrepError(
+                f"{out_url} holds shards from another source or shard size (fingerprint "
+                f"{state.get('fingerprint')} != {fp}; a hub dataset updated since the first run "
+                f"does this too: pin its revision with @COMMIT); write to an empty --out"
+            )
         done.append(state)
 
 
-def build(out_url: str, source, shard_tokens: int | None = None, workers: int = 1,
-          prefix: str = PREFIX, progress: bool = True, max_shards: int | None = None,
-          force: bool = False) -> dict[str, Any]:
+def build(
+    out_url: str,
+    source,
+    shard_tokens: int | None = None,
+    workers: int = 1,
+    prefix: str = PREFIX,
+    progress: bool = True,
+    max_shards: int | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
     """Tokenize `source` (see data_prep.sources) into shards under `out_url`; returns the manifest.
     `shard_tokens` defaults to `default_shard_tokens(source)`. `max_shards` stops after that many shards
     without a manifest (an interrupted run, for the tests of resume). `force` writes into a folder that
@@ -127,14 +152,23 @@ def build(out_url: str, source, shard_tokens: int | None = None, workers: int = 
     def store_shard(index: int, tokens: np.ndarray, end: tuple[int, int]) -> dict[str, Any]:
         rec = write_shard(out_url, index, tokens, prefix)
         # the sidecar goes after the shard: a sidecar never points at a missing or partial shard
-        store.write_json(store.join(state_url, rec["name"] + ".json"),
-                         {"shard": rec, "end": list(end), "fingerprint": fp})
+        store.write_json(
+            store.join(state_url, rec["name"] + ".json"),
+            {"shard": rec, "end": list(end), "fingerprint": fp},
+        )
         return rec
 
     from tqdm import tqdm
 
-    bar = tqdm(total=source.approx_tokens(), initial=sum(r["tokens"] for r in records), unit="tok",
-               unit_scale=True, desc="tokenizing", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=source.approx_tokens(),
+        initial=sum(r["tokens"] for r in records),
+        unit="tok",
+        unit_scale=True,
+        desc="tokenizing",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     bar.set_postfix(shards=len(records))
     index, docs_end = len(records), start_doc
     packer = ShardPacker(shard_tokens)
@@ -142,6 +176,7 @@ def build(out_url: str, source, shard_tokens: int | None = None, workers: int = 
     stop = False
     # one writer thread: uploads and hashing overlap tokenization; at most two shard buffers wait on it
     with bar, ThreadPoolExecutor(1) as writer:
+
         def submit(tokens: np.ndarray, end: tuple[int, int]) -> None:
             nonlocal index
             while len(writes) >= 2:
@@ -153,11 +188,15 @@ def build(out_url: str, source, shard_tokens: int | None = None, workers: int = 
         if max_shards is None or index < max_shards:
             for first, toks, lens in tokenize_units(source.units(start_doc), workers):
                 cum = np.cumsum(lens, dtype=np.int64)
-                pos = skip if first == start_doc else 0  # the resumed document's tokens already in a shard
+                pos = (
+                    skip if first == start_doc else 0
+                )  # the resumed document's tokens already in a shard
                 skip = 0
-                for shard, pos in packer.add(toks, pos):
-                    d = int(np.searchsorted(cum, pos, side="right"))  # where the next shard starts: doc, offset
-                    submit(shard, (first + d, pos - (int(cum[d - 1]) if d else 0)))
+                for shard, at in packer.add(toks, pos):
+                    d = int(
+                        np.searchsorted(cum, at, side="right")
+                    )  # where the next shard starts: doc, offset
+                    submit(shard, (first + d, at - (int(cum[d - 1]) if d else 0)))
                     if max_shards is not None and index >= max_shards:
                         stop = True
                         break
@@ -174,6 +213,13 @@ def build(out_url: str, source, shard_tokens: int | None = None, workers: int = 
         return {"shards": records, "complete": False}
     if not records:
         raise PrepError(f"the source has no documents (empty dataset): {desc}")
-    write_manifest(out_url, records, source=desc, shard_tokens=shard_tokens, documents=docs_end,
-                   eot_token=EOT_TOKEN, fingerprint=fp)
+    write_manifest(
+        out_url,
+        records,
+        source=desc,
+        shard_tokens=shard_tokens,
+        documents=docs_end,
+        eot_token=EOT_TOKEN,
+        fingerprint=fp,
+    )
     return read_manifest(out_url)

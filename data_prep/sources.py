@@ -24,8 +24,9 @@ import os
 import posixpath
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import fsspec
 
@@ -36,10 +37,18 @@ HUB_CONFIGS = ("sample-10BT", "sample-100BT", "sample-350BT")
 DEFAULT_SOURCE = f"hf:{HUB_DATASET}:sample-10BT"
 DEMO_SOURCE = "demo"
 # Approximate GPT-2 token totals of the hub configs: only for the progress bar's ETA.
-HUB_TOKENS = {"sample-10BT": 10_000_000_000, "sample-100BT": 100_000_000_000, "sample-350BT": 350_000_000_000}
+HUB_TOKENS = {
+    "sample-10BT": 10_000_000_000,
+    "sample-100BT": 100_000_000_000,
+    "sample-350BT": 350_000_000_000,
+}
 FILE_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".json", ".json.gz")
-BATCH_DOCS = 512  # documents per unit of tokenizer work: large enough to amortise IPC, small for memory
-BATCH_CHARS = 1 << 20  # ... and at most about this much text, so long documents still spread over workers
+BATCH_DOCS = (
+    512  # documents per unit of tokenizer work: large enough to amortise IPC, small for memory
+)
+BATCH_CHARS = (
+    1 << 20
+)  # ... and at most about this much text, so long documents still spread over workers
 
 
 class SourceError(BadInput):
@@ -65,15 +74,23 @@ class HubSource(_Reader):
     load_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
-        d = {"kind": "hf", "dataset": self.dataset, "config": self.config, "revision": self.revision or "main"}
+        d = {
+            "kind": "hf",
+            "dataset": self.dataset,
+            "config": self.config,
+            "revision": self.revision or "main",
+        }
         if self.load_kwargs:
-            d["load_kwargs"] = {k: v if isinstance(v, (str, int, float, bool)) else repr(v) for k, v in self.load_kwargs.items()}
+            d["load_kwargs"] = {
+                k: v if isinstance(v, (str, int, float, bool)) else repr(v)
+                for k, v in self.load_kwargs.items()
+            }
         return d
 
     def approx_tokens(self) -> int | None:
         return HUB_TOKENS.get(self.config or "")
 
-    def resolved(self) -> "HubSource":
+    def resolved(self) -> HubSource:
         """Pinned to the commit its revision (default: main) points at now. The manifest then records that
         commit, and a resumed run reads the same documents even if the dataset was updated in between."""
         if self.load_kwargs or (self.revision and re.fullmatch(r"[0-9a-f]{40}", self.revision)):
@@ -83,8 +100,10 @@ class HubSource(_Reader):
 
             sha = HfApi().dataset_info(self.dataset, revision=self.revision).sha
         except Exception as err:  # offline, unknown dataset, no access: one clear message
-            raise SourceError(f"cannot resolve dataset {self.dataset!r} at revision {self.revision or 'main'!r} "
-                              f"on the hub: {type(err).__name__}: {err}") from None
+            raise SourceError(
+                f"cannot resolve dataset {self.dataset!r} at revision {self.revision or 'main'!r} "
+                f"on the hub: {type(err).__name__}: {err}"
+            ) from None
         return dataclasses.replace(self, revision=sha)
 
     def _builder(self):
@@ -92,11 +111,16 @@ class HubSource(_Reader):
             import datasets
 
             # what load_dataset(..., streaming=True) builds first: it resolves the config's data files
-            return datasets.load_dataset_builder(self.dataset, name=self.config, revision=self.revision,
-                                                 **self.load_kwargs)
-        except Exception as err:  # hub/network/auth errors come in many types; the message is what matters
-            raise SourceError(f"cannot open dataset {self.dataset!r} (config {self.config!r}): "
-                              f"{type(err).__name__}: {err}") from None
+            return datasets.load_dataset_builder(
+                self.dataset, name=self.config, revision=self.revision, **self.load_kwargs
+            )
+        except (
+            Exception
+        ) as err:  # hub/network/auth errors come in many types; the message is what matters
+            raise SourceError(
+                f"cannot open dataset {self.dataset!r} (config {self.config!r}): "
+                f"{type(err).__name__}: {err}"
+            ) from None
 
     def _parquet_urls(self, builder) -> list[str] | None:
         """The train split's files in the order the streaming parquet builder reads them, or None where
@@ -113,7 +137,11 @@ class HubSource(_Reader):
         urls = [str(u) for u in (cfg.data_files or {}).get("train") or []]
         if not urls or not all(u.endswith(".parquet") for u in urls):
             return None  # nothing resolved, or compressed/chained files ("zip://...::x.zip")
-        pinned = self.revision if self.revision and re.fullmatch(r"[0-9a-f]{40}", self.revision) else None
+        pinned = (
+            self.revision
+            if self.revision and re.fullmatch(r"[0-9a-f]{40}", self.revision)
+            else None
+        )
         if pinned and any(u.startswith("hf://") and f"@{pinned}/" not in u for u in urls):
             return None  # not the pinned commit (not expected: datasets puts the commit in its hf:// URLs)
         return urls
@@ -132,15 +160,19 @@ class HubSource(_Reader):
         except SourceError:
             raise
         except Exception as err:
-            raise SourceError(f"reading dataset {self.dataset!r}: {type(err).__name__}: {err}") from None
+            raise SourceError(
+                f"reading dataset {self.dataset!r}: {type(err).__name__}: {err}"
+            ) from None
 
     def _streamed(self, builder, start_doc: int) -> Iterator[tuple[int, list[str]]]:
         try:
             # what load_dataset(..., split="train", streaming=True) returns for this builder
             ds = builder.as_streaming_dataset(split="train")
         except Exception as err:
-            raise SourceError(f"cannot open dataset {self.dataset!r} (config {self.config!r}): "
-                              f"{type(err).__name__}: {err}") from None
+            raise SourceError(
+                f"cannot open dataset {self.dataset!r} (config {self.config!r}): "
+                f"{type(err).__name__}: {err}"
+            ) from None
         if start_doc:
             ds = ds.skip(start_doc)  # still streamed past, but not tokenized
         index, texts, chars = start_doc, [], 0
@@ -182,11 +214,13 @@ class FileSource(_Reader):
                 continue
             for texts in _jsonl_batches(url):
                 n = len(texts)
-                if index + n <= start_doc:  # wholly before the resume point: skipped without tokenizing
+                if (
+                    index + n <= start_doc
+                ):  # wholly before the resume point: skipped without tokenizing
                     index += n
                     continue
                 if index < start_doc:
-                    texts = texts[start_doc - index:]
+                    texts = texts[start_doc - index :]
                     index = start_doc
                 yield index, texts
                 index += len(texts)
@@ -216,11 +250,15 @@ class ParquetRows:
         try:
             texts = pf.read_row_group(self.row_group, columns=["text"]).column(0)
         except Exception as err:  # corrupt pages, a dropped connection: say which file and where
-            raise SourceError(f"{self.url}: reading row group {self.row_group}: {type(err).__name__}: "
-                              f"{' '.join(str(err).split())}") from None
+            raise SourceError(
+                f"{self.url}: reading row group {self.row_group}: {type(err).__name__}: "
+                f"{' '.join(str(err).split())}"
+            ) from None
         if len(texts) != self.offset + self.count:
-            raise SourceError(f"{self.url}: row group {self.row_group} has {len(texts)} rows, the footer said "
-                              f"{self.offset + self.count}")
+            raise SourceError(
+                f"{self.url}: row group {self.row_group} has {len(texts)} rows, the footer said "
+                f"{self.offset + self.count}"
+            )
         return texts.slice(self.offset, self.count)
 
 
@@ -258,7 +296,9 @@ def _parquet_rows(url: str) -> int:
         return _parquet_file(f, url).metadata.num_rows
 
 
-def _parquet_batches(url: str, first: int = 0, start_doc: int = 0, lazy: bool = False) -> Iterator[tuple[int, Any]]:
+def _parquet_batches(
+    url: str, first: int = 0, start_doc: int = 0, lazy: bool = False
+) -> Iterator[tuple[int, Any]]:
     """(index, texts) of the file's documents from `start_doc` on; the file's first document has index `first`.
     With `lazy`, a row group of at most LAZY_ROW_GROUP_DOCS documents comes as a ParquetRows record."""
     fs, path = fsspec.core.url_to_fs(url)
@@ -292,17 +332,23 @@ def _jsonl_batches(url: str) -> Iterator[list[str]]:
     with fs.open(path, "rb") as raw:
         f = gzip.open(raw) if path.endswith(".gz") else raw
         texts, chars = [], 0
-        for lineno, raw_line in enumerate(f, 1):  # bytes: a line that is not UTF-8 is named, not a traceback
+        for lineno, raw_line in enumerate(
+            f, 1
+        ):  # bytes: a line that is not UTF-8 is named, not a traceback
             try:
                 line = raw_line.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise SourceError(f"{url} line {lineno}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+                raise SourceError(
+                    f"{url} line {lineno}: not UTF-8 text ({err.reason} at byte {err.start})"
+                ) from None
             if not line.strip():
                 continue
             try:
                 texts.append(json.loads(line)["text"])
             except (ValueError, KeyError, TypeError):
-                raise SourceError(f"{url} line {lineno}: not a JSON object with a 'text' field") from None
+                raise SourceError(
+                    f"{url} line {lineno}: not a JSON object with a 'text' field"
+                ) from None
             chars += len(texts[-1])
             if len(texts) == BATCH_DOCS or chars >= BATCH_CHARS:
                 yield texts
@@ -316,13 +362,17 @@ def _expand(spec: str) -> list[str]:
     try:
         fs, path = fsspec.core.url_to_fs(spec)
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        qualify = (lambda p: p) if protocol in ("file", "local") else (lambda p: f"{protocol}://{p}")
+        qualify = (
+            (lambda p: p) if protocol in ("file", "local") else (lambda p: f"{protocol}://{p}")
+        )
         if any(c in path for c in "*?["):
             found = sorted(fs.glob(path))
         elif fs.isdir(path):
             found = sorted(p for p in fs.find(path) if p.endswith(FILE_SUFFIXES))
             if not found:
-                raise SourceError(f"{spec}: folder has no {'/'.join(FILE_SUFFIXES)} files (empty dataset)")
+                raise SourceError(
+                    f"{spec}: folder has no {'/'.join(FILE_SUFFIXES)} files (empty dataset)"
+                )
         elif fs.exists(path):
             found = [path]
         else:
@@ -333,13 +383,15 @@ def _expand(spec: str) -> list[str]:
         raise SourceError(f"cannot reach source {spec}: {type(err).__name__}: {err}") from None
     bad = [p for p in found if not p.endswith(FILE_SUFFIXES)]
     if bad:
-        raise SourceError(f"{spec}: unsupported file type {bad[0]} (expected {', '.join(FILE_SUFFIXES)})")
+        raise SourceError(
+            f"{spec}: unsupported file type {bad[0]} (expected {', '.join(FILE_SUFFIXES)})"
+        )
     if not found:
         raise SourceError(f"{spec}: matches no files (empty dataset)")
     return [qualify(p) for p in found]
 
 
-def open_source(spec: str | None) -> "HubSource | FileSource | TextsSource":
+def open_source(spec: str | None) -> HubSource | FileSource | TextsSource:
     spec = spec or DEFAULT_SOURCE
     if spec == DEMO_SOURCE:
         return DemoSource()

@@ -14,7 +14,8 @@ import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
 import pickle
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,9 @@ def to_uint16(tokens: list[int], where: str = "") -> np.ndarray:
         return np.array(tokens, dtype=DTYPE)
     except OverflowError:
         bad = next(t for t in tokens if not 0 <= t <= _MAX_ID)
-        raise TokenRangeError(f"token id {bad} {where}does not fit in uint16 shards (GPT-2 ids are < {VOCAB_SIZE})") from None
+        raise TokenRangeError(
+            f"token id {bad} {where}does not fit in uint16 shards (GPT-2 ids are < {VOCAB_SIZE})"
+        ) from None
 
 
 def tokenize_texts(texts: Any, first_doc: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -55,7 +58,9 @@ def tokenize_texts(texts: Any, first_doc: int = 0) -> tuple[np.ndarray, np.ndarr
     enc = _encoding()
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise ValueError(f"document {first_doc + i}: text is {type(text).__name__}, not a string")
+            raise ValueError(
+                f"document {first_doc + i}: text is {type(text).__name__}, not a string"
+            )
     if not hasattr(enc, "encode_to_numpy"):  # tiktoken < 0.8
         return _tokenize_lists(enc, texts, first_doc)
     pieces, lens = [], np.empty(len(texts), dtype=np.uint32)
@@ -68,8 +73,10 @@ def tokenize_texts(texts: Any, first_doc: int = 0) -> tuple[np.ndarray, np.ndarr
     if flat.size and int(flat.max()) > _MAX_ID:
         bad = int(np.argmax(flat > _MAX_ID))
         doc = first_doc + int(np.searchsorted(np.cumsum(lens), bad, side="right"))
-        raise TokenRangeError(f"token id {int(flat[bad])} in document {doc} does not fit in uint16 shards "
-                              f"(GPT-2 ids are < {VOCAB_SIZE})")
+        raise TokenRangeError(
+            f"token id {int(flat[bad])} in document {doc} does not fit in uint16 shards "
+            f"(GPT-2 ids are < {VOCAB_SIZE})"
+        )
     return flat.astype(DTYPE), lens
 
 
@@ -134,7 +141,9 @@ def _picklable(err: BaseException) -> BaseException:
         return RuntimeError(f"{type(err).__name__}: {err}")
 
 
-def tokenize_units(units: Iterable[tuple[int, Any]], workers: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+def tokenize_units(
+    units: Iterable[tuple[int, Any]], workers: int
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (first_doc_index, tokens, lengths) per unit, in order, with `workers` processes.
 
     The coordinator (this generator) stays lean so it does not become the bottleneck on a many-core node: no
@@ -158,8 +167,12 @@ def tokenize_units(units: Iterable[tuple[int, Any]], workers: int) -> Iterator[t
         for _ in range(workers):
             task_r, task_w = ctx.Pipe(duplex=False)
             result_r, result_w = ctx.Pipe(duplex=False)
-            parent_ends = task_pipes + result_pipes + [task_w, result_r]  # copied into the child by fork
-            proc = ctx.Process(target=_serve, args=(task_r, result_w, cache_dir, parent_ends), daemon=True)
+            parent_ends = (
+                task_pipes + result_pipes + [task_w, result_r]
+            )  # copied into the child by fork
+            proc = ctx.Process(
+                target=_serve, args=(task_r, result_w, cache_dir, parent_ends), daemon=True
+            )
             proc.start()
             task_r.close()
             result_w.close()
@@ -193,8 +206,10 @@ def tokenize_units(units: Iterable[tuple[int, Any]], workers: int) -> Iterator[t
                         status, payload = conn.recv()
                     except EOFError:
                         procs[w].join(1)
-                        raise ReproError(f"a tokenizer worker died (exit code {procs[w].exitcode}); "
-                                           "out of memory?") from None
+                        raise ReproError(
+                            f"a tokenizer worker died (exit code {procs[w].exitcode}); "
+                            "out of memory?"
+                        ) from None
                     if status == "error":
                         raise payload
                     done[busy.pop(w)] = payload
@@ -207,7 +222,9 @@ def tokenize_units(units: Iterable[tuple[int, Any]], workers: int) -> Iterator[t
     finally:
         for conn in task_pipes:
             conn.close()  # a worker waiting for a task sees EOF and exits
-        for w in busy:  # stopped early (an error, or the consumer closed us): nobody reads those results
+        for w in (
+            busy
+        ):  # stopped early (an error, or the consumer closed us): nobody reads those results
             procs[w].terminate()
         for proc in procs:
             proc.join(timeout=5)

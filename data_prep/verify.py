@@ -15,8 +15,15 @@ import sys
 
 from common import exit_codes, store
 from common.cli import entry_point
-from common.shards import MANIFEST, ShardError, decode, max_token_outside_vocab, parse_name, read_manifest, \
-    split_of
+from common.shards import (
+    MANIFEST,
+    ShardError,
+    decode,
+    max_token_outside_vocab,
+    parse_name,
+    read_manifest,
+    split_of,
+)
 from common.tokenizer import VOCAB_SIZE
 
 
@@ -56,19 +63,28 @@ def verify(url: str, progress: bool = False) -> tuple[list[str], list[str]]:
         if (bad := max_token_outside_vocab(arr)) is not None:
             problems.append(f"{name}: token id {bad} is not a GPT-2 id (>= {VOCAB_SIZE})")
         if shard_tokens and i < len(entries) - 1 and arr.size != shard_tokens:
-            problems.append(f"{name}: {arr.size} tokens in a non-final shard, expected {shard_tokens}")
+            problems.append(
+                f"{name}: {arr.size} tokens in a non-final shard, expected {shard_tokens}"
+            )
         total += int(arr.size)
     if "total_tokens" in manifest and total != manifest["total_tokens"] and not problems:
-        problems.append(f"shards hold {total} tokens, manifest total_tokens says {manifest['total_tokens']}")
+        problems.append(
+            f"shards hold {total} tokens, manifest total_tokens says {manifest['total_tokens']}"
+        )
     listed = {e.get("name") for e in entries}
-    notes = [f"{n}: not in the manifest (ignored by training)" for n in store.listdir(url)
-             if parse_name(n) and n not in listed]
+    notes = [
+        f"{n}: not in the manifest (ignored by training)"
+        for n in store.listdir(url)
+        if parse_name(n) and n not in listed
+    ]
     return problems, notes
 
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_prep.verify", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m data_prep.verify", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("url", help="the shard store (fsspec URL)")
     args = ap.parse_args(argv)
     store.preflight(args.url, write=False)

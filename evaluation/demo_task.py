@@ -67,8 +67,13 @@ def _shuffled(sentence: str, rng: random.Random, avoid: set[str]) -> str | None:
 
 def examples(held_out: list[str], n: int = 100, seed: int = 0) -> list[dict[str, Any]]:
     rng = random.Random(seed)
-    pairs = [(doc_i, a, b) for doc_i, doc in enumerate(held_out) for para in sentences(doc)
-             for a, b in zip(para, para[1:]) if len(b.split()) >= 5]
+    pairs = [
+        (doc_i, a, b)
+        for doc_i, doc in enumerate(held_out)
+        for para in sentences(doc)
+        for a, b in zip(para, para[1:])
+        if len(b.split()) >= 5
+    ]
     rng.shuffle(pairs)
     out = []
     for doc_i, ctx, true in sorted(pairs, key=lambda p: p[0]):
@@ -80,8 +85,15 @@ def examples(held_out: list[str], n: int = 100, seed: int = 0) -> list[dict[str,
             continue
         wrong = sorted(endings - {true})
         label = rng.randrange(4)
-        out.append({"ind": len(out), "ctx": ctx, "endings": wrong[:label] + [true] + wrong[label:], "label": label,
-                    "source_id": f"demo-doc-{doc_i}"})
+        out.append(
+            {
+                "ind": len(out),
+                "ctx": ctx,
+                "endings": wrong[:label] + [true] + wrong[label:],
+                "label": label,
+                "source_id": f"demo-doc-{doc_i}",
+            }
+        )
         if len(out) == n:
             return out
     raise BadInput(f"the demo corpus gives only {len(out)} held-out examples; {n} wanted")
@@ -89,10 +101,12 @@ def examples(held_out: list[str], n: int = 100, seed: int = 0) -> list[dict[str,
 
 def lm_eval_yaml(data_path: str) -> str:
     """An lm-eval task over the same file, scored like HellaSwag (multiple choice, acc and acc_norm)."""
-    return (f"task: {TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    validation: {data_path}\n"
-            "validation_split: validation\noutput_type: multiple_choice\ndoc_to_text: \"{{ctx}}\"\n"
-            "doc_to_target: \"{{label}}\"\ndoc_to_choice: \"{{endings}}\"\n"
-            "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    return (
+        f"task: {TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    validation: {data_path}\n"
+        'validation_split: validation\noutput_type: multiple_choice\ndoc_to_text: "{{ctx}}"\n'
+        'doc_to_target: "{{label}}"\ndoc_to_choice: "{{endings}}"\n'
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
 
 
 def build(store_url: str, n: int = 100) -> dict[str, str]:
@@ -100,12 +114,16 @@ def build(store_url: str, n: int = 100) -> dict[str, str]:
     from data_prep.sources import DemoSource
 
     if not store.is_local(store_url):
-        raise BadInput(f"the demo task is for a local store (lm-eval reads its task files locally), not {store_url}")
+        raise BadInput(
+            f"the demo task is for a local store (lm-eval reads its task files locally), not {store_url}"
+        )
     folder = Path(store.fs_and_path(StoreLayout(store_url).demo_eval)[1]).resolve()
     data, task = folder / f"{TASK}.jsonl", folder / f"{TASK}.yaml"
     if not data.exists():
         held = held_out_documents(DemoSource.default_shard_tokens)
-        store.write_bytes(str(data), "".join(json.dumps(e) + "\n" for e in examples(held, n)).encode())
+        store.write_bytes(
+            str(data), "".join(json.dumps(e) + "\n" for e in examples(held, n)).encode()
+        )
     if not task.exists():
         store.write_bytes(str(task), lm_eval_yaml(str(data)).encode())
     return {"data": str(data), "include_path": str(folder), "task": TASK}
@@ -113,7 +131,9 @@ def build(store_url: str, n: int = 100) -> dict[str, str]:
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m evaluation.demo_task", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m evaluation.demo_task", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--store", default="store", help="the local store (default: ./store)")
     args = ap.parse_args(argv)
     print(json.dumps(build(args.store)))

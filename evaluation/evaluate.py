@@ -39,8 +39,10 @@ def default_hellaswag_url(checkpoint_url: str) -> str:
     run = RunDir.of_checkpoint(checkpoint_url)
     layout = run.store if run is not None else None
     if layout is None:
-        raise BadInput(f"{checkpoint_url} is not in a store's runs/{{run}}/checkpoints/ folder, so there is no "
-                       f"store HellaSwag file to default to: give --hellaswag-data")
+        raise BadInput(
+            f"{checkpoint_url} is not in a store's runs/{{run}}/checkpoints/ folder, so there is no "
+            f"store HellaSwag file to default to: give --hellaswag-data"
+        )
     return layout.hellaswag
 
 
@@ -57,11 +59,21 @@ def _cached(url: str, key: dict[str, Any]) -> dict[str, Any] | None:
 def _versions() -> dict[str, str]:
     import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "code": ck.code_version()}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "code": ck.code_version(),
+    }
 
 
-def run_hellaswag(ckpt: ck.Checkpoint, data_url: str, limit: int | None, device: torch.device,
-                  progress: bool, info: distributed.DistInfo) -> dict[str, Any]:
+def run_hellaswag(
+    ckpt: ck.Checkpoint,
+    data_url: str,
+    limit: int | None,
+    device: torch.device,
+    progress: bool,
+    info: distributed.DistInfo,
+) -> dict[str, Any]:
     from common.tokenizer import get_encoding
     from training.model import GPT
 
@@ -74,17 +86,38 @@ def run_hellaswag(ckpt: ck.Checkpoint, data_url: str, limit: int | None, device:
     ck.load_model_state(model, ckpt.model_state_bytes())
     model.to(device)
     amp = torch.bfloat16 if device.type == "cuda" else None
-    scores = hs.evaluate(model, examples, get_encoding(), device, amp, progress and info.is_master,
-                         info.rank, info.world_size)
-    result = {"key": key, "step": ckpt.step, "checkpoint": ckpt.url, **scores,
-              "references": hs.REFERENCES, "versions": _versions()}
+    scores = hs.evaluate(
+        model,
+        examples,
+        get_encoding(),
+        device,
+        amp,
+        progress and info.is_master,
+        info.rank,
+        info.world_size,
+    )
+    result = {
+        "key": key,
+        "step": ckpt.step,
+        "checkpoint": ckpt.url,
+        **scores,
+        "references": hs.REFERENCES,
+        "versions": _versions(),
+    }
     if info.is_master:
         store.write_json(out_url, result)
     return {**result, "cached": False}
 
 
-def run_lm_eval(ckpt: ck.Checkpoint, tasks: list[str], limit: int | None, device: torch.device,
-                batch_size: int, include_path: str | None, dtype: str | None = None) -> dict[str, Any]:
+def run_lm_eval(
+    ckpt: ck.Checkpoint,
+    tasks: list[str],
+    limit: int | None,
+    device: torch.device,
+    batch_size: int,
+    include_path: str | None,
+    dtype: str | None = None,
+) -> dict[str, Any]:
     from evaluation import lm_eval_runner
     from training.hf import export_hf_dir
     from training.model import GPT
@@ -104,20 +137,42 @@ def run_lm_eval(ckpt: ck.Checkpoint, tasks: list[str], limit: int | None, device
             files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
             for f in files:
                 store.write_bytes(store.join(export_url, f.name), f.read_bytes())
-        res = lm_eval_runner.run(tmp, tasks, batch_size=batch_size, device=str(device), limit=limit,
-                                 include_path=include_path, max_length=min(1024, model.config.block_size),
-                                 dtype=dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+        res = lm_eval_runner.run(
+            tmp,
+            tasks,
+            batch_size=batch_size,
+            device=str(device),
+            limit=limit,
+            include_path=include_path,
+            max_length=min(1024, model.config.block_size),
+            dtype=dtype or ("bfloat16" if device.type == "cuda" else "float32"),
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    result = {"key": key, "step": ckpt.step, "checkpoint": ckpt.url, "hf_export": export_url, **res,
-              "versions": {**_versions(), "lm_eval": res.pop("lm_eval_version", None)}}
+    result = {
+        "key": key,
+        "step": ckpt.step,
+        "checkpoint": ckpt.url,
+        "hf_export": export_url,
+        **res,
+        "versions": {**_versions(), "lm_eval": res.pop("lm_eval_version", None)},
+    }
     store.write_json(out_url, result)
     return {**result, "cached": False}
 
 
-def evaluate(checkpoint_url: str, tasks: list[str], *, hellaswag_data: str | None = None, limit: int | None = None,
-             device: str | None = None, batch_size: int = 8, include_path: str | None = None,
-             dtype: str | None = None, progress: bool = False) -> dict[str, Any]:
+def evaluate(
+    checkpoint_url: str,
+    tasks: list[str],
+    *,
+    hellaswag_data: str | None = None,
+    limit: int | None = None,
+    device: str | None = None,
+    batch_size: int = 8,
+    include_path: str | None = None,
+    dtype: str | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
     """The per-checkpoint contract the flows call: run what is not done yet, return a summary per task family."""
     if not tasks:
         raise BadInput("no tasks given")
@@ -144,7 +199,11 @@ def evaluate(checkpoint_url: str, tasks: list[str], *, hellaswag_data: str | Non
             summary["hellaswag"] = {k: r[k] for k in ("acc", "acc_norm", "n", "cached")}
         if others and info.is_master:
             r = run_lm_eval(ckpt, others, limit, dev, batch_size, include_path, dtype)
-            summary["lm_eval"] = {"tasks": r["tasks"], "n_samples": r["n_samples"], "cached": r["cached"]}
+            summary["lm_eval"] = {
+                "tasks": r["tasks"],
+                "n_samples": r["n_samples"],
+                "cached": r["cached"],
+            }
         return summary
     finally:
         distributed.shutdown()
@@ -152,23 +211,53 @@ def evaluate(checkpoint_url: str, tasks: list[str], *, hellaswag_data: str | Non
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m evaluation.evaluate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir (latest checkpoint); fsspec URL")
-    ap.add_argument("--tasks", default="hellaswag", help="comma-separated: hellaswag (ours) and/or lm-eval task names")
-    ap.add_argument("--hellaswag-data", default=None, help="HellaSwag val jsonl URL (default: {store}/data/hellaswag/)")
-    ap.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N examples per task")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when there is one)")
+    ap = argparse.ArgumentParser(
+        prog="python -m evaluation.evaluate", description=__doc__.split("\n\n")[0]
+    )
+    ap.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint dir or run dir (latest checkpoint); fsspec URL",
+    )
+    ap.add_argument(
+        "--tasks",
+        default="hellaswag",
+        help="comma-separated: hellaswag (ours) and/or lm-eval task names",
+    )
+    ap.add_argument(
+        "--hellaswag-data",
+        default=None,
+        help="HellaSwag val jsonl URL (default: {store}/data/hellaswag/)",
+    )
+    ap.add_argument(
+        "--limit", type=positive_int, default=None, help="evaluate the first N examples per task"
+    )
+    ap.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when there is one)"
+    )
     ap.add_argument("--batch-size", type=positive_int, default=8, help="lm-eval batch size")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                    help="lm-eval model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="lm-eval model dtype (default: bfloat16 on CUDA, float32 on CPU)",
+    )
     ap.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs")
     args = ap.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.hellaswag_data:
         store.preflight(args.hellaswag_data, write=False)
-    summary = evaluate(args.checkpoint, tasks, hellaswag_data=args.hellaswag_data, limit=args.limit,
-                       device=args.device, batch_size=args.batch_size, include_path=args.include_path,
-                       dtype=args.dtype, progress=True)
+    summary = evaluate(
+        args.checkpoint,
+        tasks,
+        hellaswag_data=args.hellaswag_data,
+        limit=args.limit,
+        device=args.device,
+        batch_size=args.batch_size,
+        include_path=args.include_path,
+        dtype=args.dtype,
+        progress=True,
+    )
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the same summary
         print(json.dumps(summary, indent=2))
     return 0

@@ -50,7 +50,9 @@ def render(example: dict[str, Any], enc) -> Rendered:
 
 
 @torch.no_grad()
-def ending_losses(model, r: Rendered, device, autocast_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+def ending_losses(
+    model, r: Rendered, device, autocast_dtype=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum, mean) cross-entropy of each ending's tokens given the context: two tensors of shape (4,)."""
     tokens, mask = r.tokens.to(device), r.mask.to(device)
     if autocast_dtype is not None:
@@ -60,15 +62,25 @@ def ending_losses(model, r: Rendered, device, autocast_dtype=None) -> tuple[torc
         logits, _ = model(tokens)
     logits = logits[:, :-1, :].float()
     targets = tokens[:, 1:]
-    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    losses = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none"
+    )
     losses = losses.view(tokens.size(0), -1)
     m = mask[:, 1:].float()  # the loss at position t predicts token t+1
     total = (losses * m).sum(dim=1)
     return total, total / m.sum(dim=1)
 
 
-def evaluate(model, examples: list[dict[str, Any]], enc, device, autocast_dtype=None, progress: bool = False,
-             rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+def evaluate(
+    model,
+    examples: list[dict[str, Any]],
+    enc,
+    device,
+    autocast_dtype=None,
+    progress: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, Any]:
     """acc, acc_norm and n over `examples`; rank r scores examples r, r+world, ... and counts are summed."""
     from tqdm import tqdm
 
@@ -80,7 +92,9 @@ def evaluate(model, examples: list[dict[str, Any]], enc, device, autocast_dtype=
         if r.tokens.size(1) > model.config.block_size:
             raise HellaSwagDataError(f"example {i} is {r.tokens.size(1)} tokens, over block_size")
         total, mean = ending_losses(model, r, device, autocast_dtype)
-        counts += torch.tensor([int(total.argmin()) == r.label, int(mean.argmin()) == r.label, 1], dtype=torch.float64)
+        counts += torch.tensor(
+            [int(total.argmin()) == r.label, int(mean.argmin()) == r.label, 1], dtype=torch.float64
+        )
     if world_size > 1:
         counts = counts.to(device)
         torch.distributed.all_reduce(counts)

@@ -49,12 +49,19 @@ def parse_examples(data: bytes, where: str, limit: int | None = None) -> list[di
         try:
             ex = json.loads(line)
             label = _label(ex["label"])
-            ok = (isinstance(ex["ctx"], str) and isinstance(ex["endings"], list) and len(ex["endings"]) == 4
-                  and all(isinstance(e, str) for e in ex["endings"]) and label is not None)
+            ok = (
+                isinstance(ex["ctx"], str)
+                and isinstance(ex["endings"], list)
+                and len(ex["endings"]) == 4
+                and all(isinstance(e, str) for e in ex["endings"])
+                and label is not None
+            )
         except (ValueError, KeyError, TypeError):
             ok = False
         if not ok:
-            raise HellaSwagDataError(f"{where} line {i}: not a HellaSwag example (ctx, 4 endings, label 0-3)")
+            raise HellaSwagDataError(
+                f"{where} line {i}: not a HellaSwag example (ctx, 4 endings, label 0-3)"
+            )
         examples.append({**ex, "label": label})
         if limit and len(examples) >= limit:
             break
@@ -93,9 +100,11 @@ def stage(store_url: str, source: str = URL, force: bool = False) -> dict[str, A
     digest = store.sha256(data)
     there = store.sha256(store.read_bytes(dst)) if store.exists(dst) else None
     if there not in (None, digest) and not force:
-        raise HellaSwagDataError(f"{dst} holds another HellaSwag file (sha256 {there[:12]}, {source} is "
-                                 f"{digest[:12]}); evaluations already cached against it would no longer match: "
-                                 "pass --force to replace it")
+        raise HellaSwagDataError(
+            f"{dst} holds another HellaSwag file (sha256 {there[:12]}, {source} is "
+            f"{digest[:12]}); evaluations already cached against it would no longer match: "
+            "pass --force to replace it"
+        )
     unchanged = there == digest
     if not unchanged:
         store.write_bytes(dst, data)  # atomic: the evaluation never sees half a file
@@ -104,15 +113,25 @@ def stage(store_url: str, source: str = URL, force: bool = False) -> dict[str, A
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m evaluation.hellaswag_data", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="store root URL (the file goes to OUT/data/hellaswag/)")
-    ap.add_argument("--source", default=URL, help="local file or URL of hellaswag_val.jsonl (default: download)")
-    ap.add_argument("--force", action="store_true", help="replace another HellaSwag file already in the store")
+    ap = argparse.ArgumentParser(
+        prog="python -m evaluation.hellaswag_data", description=__doc__.split("\n\n")[0]
+    )
+    ap.add_argument(
+        "--out", required=True, help="store root URL (the file goes to OUT/data/hellaswag/)"
+    )
+    ap.add_argument(
+        "--source", default=URL, help="local file or URL of hellaswag_val.jsonl (default: download)"
+    )
+    ap.add_argument(
+        "--force", action="store_true", help="replace another HellaSwag file already in the store"
+    )
     args = ap.parse_args(argv)
     store.preflight(args.out, write=True)
     r = stage(args.out, args.source, force=args.force)
     note = "" if r["examples"] == FULL_SIZE else f" (the full validation set has {FULL_SIZE:,})"
-    print(f"{r['url']}: {r['examples']:,} examples{note}, {'written' if r['written'] else 'already there'}")
+    print(
+        f"{r['url']}: {r['examples']:,} examples{note}, {'written' if r['written'] else 'already there'}"
+    )
     return 0
 
 

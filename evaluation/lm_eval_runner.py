@@ -30,8 +30,17 @@ def _local_index_serves(local: Any, tasks: list[str]) -> bool:
     return set(tasks) <= set(local.all_subtasks)
 
 
-def run(hf_dir: str | Path, tasks: list[str], *, batch_size: int = 8, device: str = "cpu", dtype: str = "float32",
-        limit: int | None = None, include_path: str | None = None, max_length: int = 1024) -> dict[str, Any]:
+def run(
+    hf_dir: str | Path,
+    tasks: list[str],
+    *,
+    batch_size: int = 8,
+    device: str = "cpu",
+    dtype: str = "float32",
+    limit: int | None = None,
+    include_path: str | None = None,
+    max_length: int = 1024,
+) -> dict[str, Any]:
     """Results of `lm_eval.simple_evaluate` reduced to what we keep: metrics, versions, sample counts, config."""
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -49,14 +58,23 @@ def run(hf_dir: str | Path, tasks: list[str], *, batch_size: int = 8, device: st
         bootstrap_iters=0,
     )
     metrics = {
-        task: {k.split(",")[0]: v for k, v in vals.items() if k != "alias" and not k.split(",")[0].endswith("_stderr")}
+        task: {
+            k.split(",")[0]: v
+            for k, v in vals.items()
+            if k != "alias" and not k.split(",")[0].endswith("_stderr")
+        }
         for task, vals in out["results"].items()
     }
     return {
         "tasks": metrics,
         "versions": {k: v for k, v in out.get("versions", {}).items()},
-        "n_samples": {k: v.get("effective", v.get("original")) for k, v in out.get("n-samples", {}).items()},
+        "n_samples": {
+            k: v.get("effective", v.get("original")) for k, v in out.get("n-samples", {}).items()
+        },
         "lm_eval_version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None,
-        "config": json.loads(json.dumps({k: out["config"].get(k) for k in ("batch_size", "device", "limit")},
-                                        default=str)),
+        "config": json.loads(
+            json.dumps(
+                {k: out["config"].get(k) for k in ("batch_size", "device", "limit")}, default=str
+            )
+        ),
     }

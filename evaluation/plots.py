@@ -29,7 +29,9 @@ def _hellaswag_results(run_dir: str) -> list[tuple[int, float, str]]:
         url = eval_result(c.url, "hellaswag")
         if store.exists(url):
             r = store.read_json(url)
-            points.append((c.step, float(r["acc_norm"]), str((r.get("key") or {}).get("data") or "")))
+            points.append(
+                (c.step, float(r["acc_norm"]), str((r.get("key") or {}).get("data") or ""))
+            )
     return sorted(points)
 
 
@@ -47,7 +49,13 @@ def render_png(run_dir: str, title: str | None = None) -> bytes:
     real = not data or data.endswith("hellaswag_val.jsonl")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     if rows:
-        ax1.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8, alpha=0.8, label="train loss")
+        ax1.plot(
+            [r["step"] for r in rows],
+            [r["loss"] for r in rows],
+            lw=0.8,
+            alpha=0.8,
+            label="train loss",
+        )
         val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
         if val:
             ax1.plot(*zip(*val), "o-", ms=3, label="val loss")
@@ -60,10 +68,16 @@ def render_png(run_dir: str, title: str | None = None) -> bytes:
         ax2.plot(*zip(*hella), "o-", ms=3, label="ours (acc_norm)")
     ax2.axhline(0.25, color="tab:gray", ls=":", label="chance (0.25)")
     if real:
-        ax2.axhline(GPT2_124M_ACC_NORM, color="tab:red", ls="--", label=f"GPT-2 124M ({GPT2_124M_ACC_NORM})")
-        ax2.axhline(GPT3_125M_ACC, color="tab:green", ls="--", label=f"GPT-3 125M ({GPT3_125M_ACC})")
+        ax2.axhline(
+            GPT2_124M_ACC_NORM, color="tab:red", ls="--", label=f"GPT-2 124M ({GPT2_124M_ACC_NORM})"
+        )
+        ax2.axhline(
+            GPT3_125M_ACC, color="tab:green", ls="--", label=f"GPT-3 125M ({GPT3_125M_ACC})"
+        )
     ax2.set_xlabel("step")
-    ax2.set_title("HellaSwag" if real else f"{data.rsplit('/', 1)[-1].rsplit('.', 1)[0]} (HellaSwag format)")
+    ax2.set_title(
+        "HellaSwag" if real else f"{data.rsplit('/', 1)[-1].rsplit('.', 1)[0]} (HellaSwag format)"
+    )
     ax2.grid(alpha=0.3)
     ax2.legend(loc="lower right")
     fig.suptitle(title or run_dir)
@@ -76,7 +90,9 @@ def render_png(run_dir: str, title: str | None = None) -> bytes:
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m evaluation.plots", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m evaluation.plots", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("run_dir", help="run directory (fsspec URL)")
     ap.add_argument("--out", default=None, help="PNG path or URL (default: {run_dir}/curves.png)")
     args = ap.parse_args(argv)

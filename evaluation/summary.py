@@ -26,11 +26,16 @@ def summarize(run_dir: str) -> dict[str, Any]:
         raise BadInput(f"{run_dir} has no metrics.jsonl or config.json: not a run directory (yet)")
     config = store.read_json(run.config)
     val = [m for m in metrics if "val_loss" in m]
-    out: dict[str, Any] = {"run_dir": run_dir, "step": metrics[-1]["step"] + 1,
-                           "max_steps": config["train"]["max_steps"], "train_loss": metrics[-1]["loss"],
-                           "first_val_loss": val[0]["val_loss"] if val else None,
-                           "val_loss": val[-1]["val_loss"] if val else None,
-                           "unigram_entropy": unigram_entropy(config["data"]["data_url"]), "checkpoints": []}
+    out: dict[str, Any] = {
+        "run_dir": run_dir,
+        "step": metrics[-1]["step"] + 1,
+        "max_steps": config["train"]["max_steps"],
+        "train_loss": metrics[-1]["loss"],
+        "first_val_loss": val[0]["val_loss"] if val else None,
+        "val_loss": val[-1]["val_loss"] if val else None,
+        "unigram_entropy": unigram_entropy(config["data"]["data_url"]),
+        "checkpoints": [],
+    }
     for c in sorted(ck.valid_checkpoints(run_dir), key=lambda c: c.step):
         row: dict[str, Any] = {"step": c.step, "checkpoint": c.url}
         if store.exists(eval_result(c.url, "hellaswag")):
@@ -52,17 +57,24 @@ def summarize(run_dir: str) -> dict[str, Any]:
 def render(s: dict[str, Any]) -> str:
     lines = [f"{s['run_dir']}: step {s['step']}/{s['max_steps']}, train loss {s['train_loss']:.2f}"]
     if s["val_loss"] is not None:
-        lines.append(f"val loss {s['val_loss']:.2f} nats (from {s['first_val_loss']:.2f} at the start) vs "
-                     f"{s['unigram_entropy']:.2f} nats unigram entropy of its data")
+        lines.append(
+            f"val loss {s['val_loss']:.2f} nats (from {s['first_val_loss']:.2f} at the start) vs "
+            f"{s['unigram_entropy']:.2f} nats unigram entropy of its data"
+        )
     for r in s["checkpoints"]:
-        evals = ", ".join(f"{k.removesuffix('_acc_norm').replace('_', ' ')} {v:.3f}" for k, v in r.items()
-                          if k.endswith("acc_norm") and v is not None)
+        evals = ", ".join(
+            f"{k.removesuffix('_acc_norm').replace('_', ' ')} {v:.3f}"
+            for k, v in r.items()
+            if k.endswith("acc_norm") and v is not None
+        )
         lines.append(f"  step {r['step']:>6}: {evals or 'not evaluated'}")
     if s["checkpoints"] and any("ours_acc_norm" in r for r in s["checkpoints"]):
         lines.append("  (acc_norm; chance is 0.25)")
     if s["best"]:
-        lines.append(f"best checkpoint: step {s['best']['step']} (acc_norm {s['best']['ours_acc_norm']:.3f}), "
-                     f"{s['best']['checkpoint']}")
+        lines.append(
+            f"best checkpoint: step {s['best']['step']} (acc_norm {s['best']['ours_acc_norm']:.3f}), "
+            f"{s['best']['checkpoint']}"
+        )
     if s.get("samples"):
         lines.append(f"samples at step {s['samples']['step']}:")
         lines += [f"  > {t!r}" for t in s["samples"]["samples"]]
@@ -71,7 +83,9 @@ def render(s: dict[str, Any]) -> str:
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m evaluation.summary", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m evaluation.summary", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("run_dir", help="run directory (fsspec URL)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args(argv)

@@ -18,7 +18,9 @@ from common import store
 from common.layout import RunDir
 
 
-def cordon(run: RunDir, host: str, reason: str, hours: float, now: float | None = None) -> dict[str, Any]:
+def cordon(
+    run: RunDir, host: str, reason: str, hours: float, now: float | None = None
+) -> dict[str, Any]:
     now = time.time() if now is None else now
     rec = {"host": host, "reason": reason, "time": now, "expires": now + hours * 3600}
     store.append_text(run.cordon, json.dumps(rec) + "\n")
@@ -43,8 +45,13 @@ def cordoned(run: RunDir, now: float | None = None) -> dict[str, dict[str, Any]]
 def cordon_row(rec: dict[str, Any], step: int | None) -> dict[str, Any]:
     """A cordon as a row of the run's events table in the UI."""
     until = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(rec["expires"])))
-    return {"time": rec["time"], "event": "cordon", "step": step, "data": rec["host"],
-            "reason": f"{rec['reason']} (until {until})"}
+    return {
+        "time": rec["time"],
+        "event": "cordon",
+        "step": step,
+        "data": rec["host"],
+        "reason": f"{rec['reason']} (until {until})",
+    }
 
 
 def host_to_blame(silent: list[str]) -> str | None:

@@ -30,8 +30,12 @@ async def apply_secret(name: str) -> list[str]:
         try:
             value = json.loads(value)
         except ValueError:
-            raise CredentialsError(f"Secret {name!r} is not a JSON object of environment variables") from None
-    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise CredentialsError(
+                f"Secret {name!r} is not a JSON object of environment variables"
+            ) from None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
         raise CredentialsError(f"Secret {name!r} must map variable names to string values")
     os.environ.update(value)
     refresh_store_config()

@@ -13,8 +13,13 @@ from flows.evaluations import run_evaluation, summary_row
 
 
 @flow(name="evaluate-checkpoint", log_prints=True)
-async def evaluate_checkpoint(checkpoint: str, tasks: list[str] = ["hellaswag"], hellaswag_data: str | None = None,
-                              limit: int | None = None, include_path: str | None = None) -> dict[str, Any]:
+async def evaluate_checkpoint(
+    checkpoint: str,
+    tasks: list[str] = ["hellaswag"],  # noqa: B006 (the UI form's default; never mutated)
+    hellaswag_data: str | None = None,
+    limit: int | None = None,
+    include_path: str | None = None,
+) -> dict[str, Any]:
     """Evaluate one checkpoint (or a run dir's latest) on HellaSwag and/or lm-eval tasks."""
     result = await run_evaluation(checkpoint, tasks, hellaswag_data, limit, include_path)
     if "error" in result:

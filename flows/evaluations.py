@@ -33,14 +33,27 @@ def _idle_priority() -> None:
         os.nice(19)
 
 
-async def run_evaluation(url: str, tasks: list[str], hellaswag_data: str | None = None,
-                         limit: int | None = None, include_path: str | None = None,
-                         background: bool = False) -> dict[str, Any]:
+async def run_evaluation(
+    url: str,
+    tasks: list[str],
+    hellaswag_data: str | None = None,
+    limit: int | None = None,
+    include_path: str | None = None,
+    background: bool = False,
+) -> dict[str, Any]:
     """The evaluate CLI on `url`; its summary, or {"checkpoint", "error"} with the last error line.
     `background`: training shares this machine, so the evaluation takes one thread and only the CPU time
     training leaves idle (SCHED_IDLE): two processes each running as many OpenMP threads as there are cores slow
     each other several times over."""
-    cmd = [sys.executable, "-m", "evaluation.evaluate", "--checkpoint", url, "--tasks", ",".join(tasks)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "evaluation.evaluate",
+        "--checkpoint",
+        url,
+        "--tasks",
+        ",".join(tasks),
+    ]
     if hellaswag_data:
         cmd += ["--hellaswag-data", hellaswag_data]
     if limit:
@@ -48,32 +61,58 @@ async def run_evaluation(url: str, tasks: list[str], hellaswag_data: str | None 
     if include_path:
         cmd += ["--include-path", include_path]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1") if background else None
-    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                                                cwd=str(REPO), env=env,
-                                                preexec_fn=_idle_priority if background else None)
+    proc = await asyncio.create_subprocess_exec(
+        *cmd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=str(REPO),
+        env=env,
+        preexec_fn=_idle_priority if background else None,
+    )
     out, err = await proc.communicate()
     if proc.returncode != 0:
-        return {"checkpoint": url, "error": last_line(err.decode(errors="replace")) or f"exit {proc.returncode}"}
+        return {
+            "checkpoint": url,
+            "error": last_line(err.decode(errors="replace")) or f"exit {proc.returncode}",
+        }
     return json.loads(out)
 
 
-async def run_evaluation_on_slurm(url: str, tasks: list[str], spec: JobSpec, hellaswag_data: str | None = None,
-                                  limit: int | None = None, include_path: str | None = None,
-                                  poll_s: float = 2.0) -> dict[str, Any]:
+async def run_evaluation_on_slurm(
+    url: str,
+    tasks: list[str],
+    spec: JobSpec,
+    hellaswag_data: str | None = None,
+    limit: int | None = None,
+    include_path: str | None = None,
+    poll_s: float = 2.0,
+) -> dict[str, Any]:
     """The same evaluation as a one-node Slurm job of `spec`, watched without blocking."""
     from cluster.submit import submit_function
     from evaluation.evaluate import evaluate
 
     # sbatch and sacct are subprocess calls: off the event loop, which also watches training
-    job = await asyncio.to_thread(submit_function, spec.model_copy(update={"nodes": 1, "job_name": "gpt2-eval"}),
-                                  evaluate, url, tasks, hellaswag_data=hellaswag_data, limit=limit,
-                                  include_path=include_path)
+    job = await asyncio.to_thread(
+        submit_function,
+        spec.model_copy(update={"nodes": 1, "job_name": "gpt2-eval"}),
+        evaluate,
+        url,
+        tasks,
+        hellaswag_data=hellaswag_data,
+        limit=limit,
+        include_path=include_path,
+    )
     while not await asyncio.to_thread(job.done):
         await asyncio.sleep(poll_s)
     try:
         return {**job.result(), "slurm_job": job.job_id}
-    except Exception as err:  # submitit re-raises the task's error with its traceback: keep the last line
-        return {"checkpoint": url, "error": f"Slurm job {job.job_id}: {last_line(str(err)) or err!r}"}
+    except (
+        Exception
+    ) as err:  # submitit re-raises the task's error with its traceback: keep the last line
+        return {
+            "checkpoint": url,
+            "error": f"Slurm job {job.job_id}: {last_line(str(err)) or err!r}",
+        }
 
 
 def summary_row(result: dict[str, Any]) -> dict[str, Any]:
@@ -96,12 +135,29 @@ class EvaluationFailed(ReproError):
         self.result = result
 
 
-@task(name="evaluate", task_run_name="evaluate step {step}", cache_policy=NO_CACHE, persist_result=False)
-async def evaluate_step(step: int, url: str, tasks: list[str], hellaswag_data: str | None, slurm: JobSpec | None,
-                        include_path: str | None, background: bool = False) -> dict[str, Any]:
+@task(
+    name="evaluate",
+    task_run_name="evaluate step {step}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+async def evaluate_step(
+    step: int,
+    url: str,
+    tasks: list[str],
+    hellaswag_data: str | None,
+    slurm: JobSpec | None,
+    include_path: str | None,
+    background: bool = False,
+) -> dict[str, Any]:
     """One checkpoint's evaluation as a task run; a failed evaluation fails it with the error."""
-    result = await (run_evaluation_on_slurm(url, tasks, slurm, hellaswag_data, include_path=include_path) if slurm
-                    else run_evaluation(url, tasks, hellaswag_data, include_path=include_path, background=background))
+    result = await (
+        run_evaluation_on_slurm(url, tasks, slurm, hellaswag_data, include_path=include_path)
+        if slurm
+        else run_evaluation(
+            url, tasks, hellaswag_data, include_path=include_path, background=background
+        )
+    )
     if "error" in result:
         raise EvaluationFailed(result)
     get_run_logger().info("evaluated step %d: %s", step, json.dumps(summary_row(result)))
@@ -111,14 +167,29 @@ async def evaluate_step(step: int, url: str, tasks: list[str], hellaswag_data: s
 class EvaluationScheduler:
     """Starts an evaluation for each valid checkpoint of the run not yet evaluated, and collects the results."""
 
-    def __init__(self, run_dir: str, tasks: list[str], hellaswag_data: str | None, slurm: JobSpec | None,
-                 log: logging.Logger | logging.LoggerAdapter, include_path: str | None = None,
-                 shares_machine: bool = False):
+    def __init__(
+        self,
+        run_dir: str,
+        tasks: list[str],
+        hellaswag_data: str | None,
+        slurm: JobSpec | None,
+        log: logging.Logger | logging.LoggerAdapter,
+        include_path: str | None = None,
+        shares_machine: bool = False,
+    ):
         """`shares_machine`: training runs on this machine too (the local executor): evaluations run in the
         background (one thread, low priority) instead of competing for its cores."""
-        self.run_dir, self.tasks, self.hellaswag_data, self.slurm, self.log = run_dir, tasks, hellaswag_data, slurm, log
+        self.run_dir, self.tasks, self.hellaswag_data, self.slurm, self.log = (
+            run_dir,
+            tasks,
+            hellaswag_data,
+            slurm,
+            log,
+        )
         self.include_path, self.background = include_path, shares_machine and slurm is None
-        self.results: dict[int, dict[str, Any]] = {}  # step -> the evaluate CLI's summary (or its error)
+        self.results: dict[
+            int, dict[str, Any]
+        ] = {}  # step -> the evaluate CLI's summary (or its error)
         self._pending: dict[int, asyncio.Task] = {}
 
     def start_new(self) -> None:
@@ -126,16 +197,27 @@ class EvaluationScheduler:
             return
         for c in ck.valid_checkpoints(self.run_dir):
             if c.step not in self.results and c.step not in self._pending:
-                self._pending[c.step] = asyncio.create_task(evaluate_step(
-                    c.step, c.url, self.tasks, self.hellaswag_data, self.slurm, self.include_path, self.background,
-                    return_state=True))
+                self._pending[c.step] = asyncio.create_task(
+                    evaluate_step(
+                        c.step,
+                        c.url,
+                        self.tasks,
+                        self.hellaswag_data,
+                        self.slurm,
+                        self.include_path,
+                        self.background,
+                        return_state=True,
+                    )
+                )
 
     def _keep(self, step: int, result: dict[str, Any]) -> None:
         """The summary outlives its checkpoint (retention prunes it with its eval/ folder): evaluations.jsonl,
         which the tracker mirror reads too."""
         try:
-            store.append_text(RunDir(self.run_dir).evaluations,
-                              json.dumps({"step": step, "time": time.time(), **result}, default=str) + "\n")
+            store.append_text(
+                RunDir(self.run_dir).evaluations,
+                json.dumps({"step": step, "time": time.time(), **result}, default=str) + "\n",
+            )
         except Exception as err:  # the checkpoint's own eval/ files still hold it
             self.log.warning("could not append to evaluations.jsonl: %s", err)
 

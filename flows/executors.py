@@ -43,22 +43,38 @@ class Submission(Protocol):
 
     def running(self) -> bool: ...  # started (no longer queued): its start-up clock runs
 
-    def owns(self, heartbeat: dict) -> bool: ...  # a heartbeat (common/heartbeat.py) this submission's ranks wrote
+    def owns(
+        self, heartbeat: dict
+    ) -> bool: ...  # a heartbeat (common/heartbeat.py) this submission's ranks wrote
 
-    def cancel(self, hung: bool = False) -> None: ...  # hung: kill at once, a frozen process cannot checkpoint
+    def cancel(
+        self, hung: bool = False
+    ) -> None: ...  # hung: kill at once, a frozen process cannot checkpoint
 
-    def lost_nodes(self) -> tuple[str, ...]: ...  # hosts that died under it since the last call (it goes on)
+    def lost_nodes(
+        self,
+    ) -> tuple[str, ...]: ...  # hosts that died under it since the last call (it goes on)
 
-    def avoid(self, hosts: tuple[str, ...]) -> bool: ...  # keep its next start off `hosts`; False if it cannot
+    def avoid(
+        self, hosts: tuple[str, ...]
+    ) -> bool: ...  # keep its next start off `hosts`; False if it cannot
 
 
 class TrainingExecutor(Protocol):
-    def submit(self, preset: str, overrides: list[str], run: RunDir, number: int,
-               exclude: tuple[str, ...] = ()) -> Submission: ...  # exclude: hosts not to run on
+    def submit(
+        self,
+        preset: str,
+        overrides: list[str],
+        run: RunDir,
+        number: int,
+        exclude: tuple[str, ...] = (),
+    ) -> Submission: ...  # exclude: hosts not to run on
 
     def reattach(self, job_id: str) -> Submission | None: ...  # None: nothing running under that id
 
-    def describe(self) -> dict: ...  # what the run dir's job.json records, so a restarted flow can reattach
+    def describe(
+        self,
+    ) -> dict: ...  # what the run dir's job.json records, so a restarted flow can reattach
 
 
 class LocalSubmission:
@@ -116,22 +132,53 @@ class LocalTrainingExecutor:
         self.nproc = nproc
         self.cwd = cwd or str(REPO)
 
-    def submit(self, preset: str, overrides: list[str], run: RunDir, number: int,
-               exclude: tuple[str, ...] = ()) -> LocalSubmission:  # one machine: nothing to exclude
+    def submit(
+        self,
+        preset: str,
+        overrides: list[str],
+        run: RunDir,
+        number: int,
+        exclude: tuple[str, ...] = (),
+    ) -> LocalSubmission:  # one machine: nothing to exclude
         # cluster.worker: training.train, plus the record of how each rank ended (torchrun's code says nothing)
-        train = ["-m", "cluster.worker", "--config", preset, *[a for kv in overrides for a in ("--set", kv)]]
+        train = [
+            "-m",
+            "cluster.worker",
+            "--config",
+            preset,
+            *[a for kv in overrides for a in ("--set", kv)],
+        ]
         if self.nproc > 1:
-            train = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}", *train]
+            train = [
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={self.nproc}",
+                *train,
+            ]
         # the console goes next to the run when the run directory is local, else to ./logs/{run}/
-        log_path = store.fs_and_path(run.submission_log(number))[1] if store.is_local(run.url) else \
-            posixpath.join("logs", posixpath.basename(run.url.rstrip("/")), f"submission-{number:03d}.log")
+        log_path = (
+            store.fs_and_path(run.submission_log(number))[1]
+            if store.is_local(run.url)
+            else posixpath.join(
+                "logs", posixpath.basename(run.url.rstrip("/")), f"submission-{number:03d}.log"
+            )
+        )
         exit_dir = str(Path(log_path).with_suffix(".exits"))
-        shutil.rmtree(exit_dir, ignore_errors=True)  # records of an earlier flow's submission of that number
+        shutil.rmtree(
+            exit_dir, ignore_errors=True
+        )  # records of an earlier flow's submission of that number
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         log = open(log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1", **{rank_exits.EXIT_DIR_ENV: exit_dir})
-        proc = subprocess.Popen([sys.executable, *train], cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, *train],
+            cwd=self.cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         return LocalSubmission(proc, log, log_path, exit_dir, self.nproc)
 
     def reattach(self, job_id: str) -> Submission | None:
@@ -143,7 +190,9 @@ class LocalTrainingExecutor:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if pid else []
         except OSError:
             cmdline = []
-        if b"cluster.worker" in cmdline or b"training.train" in cmdline:  # the latter: earlier versions
+        if (
+            b"cluster.worker" in cmdline or b"training.train" in cmdline
+        ):  # the latter: earlier versions
             os.killpg(pid, signal.SIGTERM)
             for _ in range(1200):  # up to 2 min for the checkpoint
                 try:

@@ -15,72 +15,165 @@ from common.layout import RunDir, StoreLayout
 class PretrainParams(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    preset: str = Field("tiny", description="run preset in configs/ (tiny, demo, gpt2-124m, gpt2-350m, gpt2-774m, "
-                        "gpt2-1558m) or a TOML path")
-    store: str = Field("store", description="store root (fsspec URL): data/ and runs/ live under it")
-    run_name: str = Field("tiny-demo", pattern=r"^[A-Za-z0-9._-]+$", description="run directory name under runs/")
-    data: str | None = Field(None, description="token shards URL (default: the preset's dataset in the store, "
-                             "{store}/data/{dataset})")
-    overrides: list[str] = Field(default_factory=list, description="extra `key=value` config overrides")
-    executor: Literal["local", "slurm"] = Field("local", description="where training runs: a local subprocess, "
-                                                                  "or a Slurm job shaped by `slurm`")
-    nproc: int = Field(1, ge=1, description="local executor: processes (torchrun --standalone when > 1)")
-    slurm: JobSpec = Field(default_factory=JobSpec, description="the Slurm job of each attempt (executor=slurm)")
-    prepare_source: str | None = Field(None, description="when the data URL holds no shards yet: build them from "
-                                       "this source (default: the preset's data.source; hf:HuggingFaceFW/fineweb-edu"
-                                       ":sample-10BT, parquet/jsonl files, or demo)")
-    shard_tokens: int | None = Field(None, ge=1, description="tokens per shard when the data is prepared "
-                                     "(default: 100M, 100k for demo)")
-    prepare_slurm: JobSpec | None = Field(None, description="prepare the data as a Slurm job array over the "
-                                          "source files (CPU nodes); default: in the flow's process")
-    credentials_secret: str | None = Field(None, description="name of a Prefect Secret block holding a JSON object "
-                                           "of environment variables (AWS_ACCESS_KEY_ID, ...) for the store")
-    eval_tasks: list[str] = Field(default_factory=lambda: ["hellaswag"], description="evaluation per checkpoint")
-    hellaswag_data: str | None = Field(None, description="HellaSwag jsonl (default: {store}/data/hellaswag/...)")
-    eval_include_path: str | None = Field(None, description="a local folder of lm-eval task YAMLs (tasks over "
-                                          "local files, for machines without hub access)")
-    eval_slurm: JobSpec | None = Field(None, description="run each checkpoint's evaluation as its own Slurm job "
-                                       "(one node, e.g. one GPU); default: a process next to the flow")
-    max_resubmits: int = Field(3, ge=0, description="resubmissions after failures (requeues don't count)")
-    max_rollbacks: int = Field(3, ge=0, description="rollbacks past diverging data (training's guard) before the "
-                               "run stops")
-    backoff_seconds: float = Field(5.0, ge=0, description="wait before resubmitting a failed submission (doubled "
-                                   "with each further failure)")
-    hang_detection: bool = Field(True, description="cancel and resubmit a job whose steps stop (from its ranks' "
-                                 "heartbeats, train.heartbeat_seconds)")
-    hang_factor: float = Field(20.0, gt=0, description="hung: no new step for this many median step times ...")
-    hang_floor_s: float = Field(300.0, gt=0, description="... nor for this many seconds (covers checkpoint writes, "
-                                "validation and recompilation)")
-    cordon_hours: float = Field(24.0, ge=0, description="a host a failure points at (a hang's silent ranks, a "
-                                "node failure) is kept out of the run's next submissions this long; 0 = never")
-    allow_shrink: bool = Field(False, description="when cordoned hosts leave the partition fewer nodes than the "
-                               "job asks for, resubmit on the nodes left (the global batch stays: more gradient "
-                               "accumulation) instead of stopping the run")
-    startup_timeout_s: float = Field(1800.0, gt=0, description="hung: no first step this long after the job started "
-                                     "running (rendezvous, data, torch.compile)")
-    tracker: Literal["none", "mlflow", "wandb", "tensorboard"] = Field("none", description="mirror the run into an experiment "
-                                                         "tracker, from the flow's side: one tracker run per run "
-                                                         "directory; the training nodes need neither its library "
-                                                         "nor its credentials (MLFLOW_TRACKING_TOKEN or _USERNAME/"
-                                                         "_PASSWORD, WANDB_API_KEY: the worker's environment or "
-                                                         "credentials_secret)")
-    tracker_project: str = Field("gpt2-repro", min_length=1, description="the MLflow experiment or W&B project")
-    tracker_uri: str | None = Field(None, description="MLflow tracking URI (default: the worker's "
-                                    "MLFLOW_TRACKING_URI); TensorBoard log folder, a path or URL (default: "
-                                    "{run}/tensorboard)")
+    preset: str = Field(
+        "tiny",
+        description="run preset in configs/ (tiny, demo, gpt2-124m, gpt2-350m, gpt2-774m, "
+        "gpt2-1558m) or a TOML path",
+    )
+    store: str = Field(
+        "store", description="store root (fsspec URL): data/ and runs/ live under it"
+    )
+    run_name: str = Field(
+        "tiny-demo", pattern=r"^[A-Za-z0-9._-]+$", description="run directory name under runs/"
+    )
+    data: str | None = Field(
+        None,
+        description="token shards URL (default: the preset's dataset in the store, "
+        "{store}/data/{dataset})",
+    )
+    overrides: list[str] = Field(
+        default_factory=list, description="extra `key=value` config overrides"
+    )
+    executor: Literal["local", "slurm"] = Field(
+        "local",
+        description="where training runs: a local subprocess, or a Slurm job shaped by `slurm`",
+    )
+    nproc: int = Field(
+        1, ge=1, description="local executor: processes (torchrun --standalone when > 1)"
+    )
+    slurm: JobSpec = Field(
+        default_factory=JobSpec, description="the Slurm job of each attempt (executor=slurm)"
+    )
+    prepare_source: str | None = Field(
+        None,
+        description="when the data URL holds no shards yet: build them from "
+        "this source (default: the preset's data.source; hf:HuggingFaceFW/fineweb-edu"
+        ":sample-10BT, parquet/jsonl files, or demo)",
+    )
+    shard_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="tokens per shard when the data is prepared (default: 100M, 100k for demo)",
+    )
+    prepare_slurm: JobSpec | None = Field(
+        None,
+        description="prepare the data as a Slurm job array over the "
+        "source files (CPU nodes); default: in the flow's process",
+    )
+    credentials_secret: str | None = Field(
+        None,
+        description="name of a Prefect Secret block holding a JSON object "
+        "of environment variables (AWS_ACCESS_KEY_ID, ...) for the store",
+    )
+    eval_tasks: list[str] = Field(
+        default_factory=lambda: ["hellaswag"], description="evaluation per checkpoint"
+    )
+    hellaswag_data: str | None = Field(
+        None, description="HellaSwag jsonl (default: {store}/data/hellaswag/...)"
+    )
+    eval_include_path: str | None = Field(
+        None,
+        description="a local folder of lm-eval task YAMLs (tasks over "
+        "local files, for machines without hub access)",
+    )
+    eval_slurm: JobSpec | None = Field(
+        None,
+        description="run each checkpoint's evaluation as its own Slurm job "
+        "(one node, e.g. one GPU); default: a process next to the flow",
+    )
+    max_resubmits: int = Field(
+        3, ge=0, description="resubmissions after failures (requeues don't count)"
+    )
+    max_rollbacks: int = Field(
+        3, ge=0, description="rollbacks past diverging data (training's guard) before the run stops"
+    )
+    backoff_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="wait before resubmitting a failed submission (doubled "
+        "with each further failure)",
+    )
+    hang_detection: bool = Field(
+        True,
+        description="cancel and resubmit a job whose steps stop (from its ranks' "
+        "heartbeats, train.heartbeat_seconds)",
+    )
+    hang_factor: float = Field(
+        20.0, gt=0, description="hung: no new step for this many median step times ..."
+    )
+    hang_floor_s: float = Field(
+        300.0,
+        gt=0,
+        description="... nor for this many seconds (covers checkpoint writes, "
+        "validation and recompilation)",
+    )
+    cordon_hours: float = Field(
+        24.0,
+        ge=0,
+        description="a host a failure points at (a hang's silent ranks, a "
+        "node failure) is kept out of the run's next submissions this long; 0 = never",
+    )
+    allow_shrink: bool = Field(
+        False,
+        description="when cordoned hosts leave the partition fewer nodes than the "
+        "job asks for, resubmit on the nodes left (the global batch stays: more gradient "
+        "accumulation) instead of stopping the run",
+    )
+    startup_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="hung: no first step this long after the job started "
+        "running (rendezvous, data, torch.compile)",
+    )
+    tracker: Literal["none", "mlflow", "wandb", "tensorboard"] = Field(
+        "none",
+        description="mirror the run into an experiment "
+        "tracker, from the flow's side: one tracker run per run "
+        "directory; the training nodes need neither its library "
+        "nor its credentials (MLFLOW_TRACKING_TOKEN or _USERNAME/"
+        "_PASSWORD, WANDB_API_KEY: the worker's environment or "
+        "credentials_secret)",
+    )
+    tracker_project: str = Field(
+        "gpt2-repro", min_length=1, description="the MLflow experiment or W&B project"
+    )
+    tracker_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (default: the worker's "
+        "MLFLOW_TRACKING_URI); TensorBoard log folder, a path or URL (default: "
+        "{run}/tensorboard)",
+    )
     tracker_entity: str | None = Field(None, description="W&B entity (default: the API key's)")
-    tracker_interval_s: float = Field(15.0, gt=0, description="seconds between two deliveries to the tracker")
-    tracker_finish_timeout_s: float = Field(120.0, ge=0, description="at the flow's end, how long the mirror may "
-                                            "wait for a tracker that does not answer before it leaves the rest "
-                                            "to `python -m tracking.mirror`")
-    straggler_margin: float = Field(0.10, gt=0, description="a straggler: the slowest rank (most busy time per "
-                                    "step: its own data wait, forward and backward, training/telemetry.py), more "
-                                    "than this fraction above the median rank's ...")
-    straggler_windows: int = Field(3, ge=1, description="... in this many telemetry windows in a row "
-                                   "(train.telemetry_every steps each): one warning in the log and a row in the "
-                                   "events table")
-    poll_seconds: float = Field(2.0, gt=0, description="how often the flow asks for the job's state and reads "
-                                "its new metrics and log lines (heartbeats: every min(10 s, hang_floor_s / 4))")
+    tracker_interval_s: float = Field(
+        15.0, gt=0, description="seconds between two deliveries to the tracker"
+    )
+    tracker_finish_timeout_s: float = Field(
+        120.0,
+        ge=0,
+        description="at the flow's end, how long the mirror may "
+        "wait for a tracker that does not answer before it leaves the rest "
+        "to `python -m tracking.mirror`",
+    )
+    straggler_margin: float = Field(
+        0.10,
+        gt=0,
+        description="a straggler: the slowest rank (most busy time per "
+        "step: its own data wait, forward and backward, training/telemetry.py), more "
+        "than this fraction above the median rank's ...",
+    )
+    straggler_windows: int = Field(
+        3,
+        ge=1,
+        description="... in this many telemetry windows in a row "
+        "(train.telemetry_every steps each): one warning in the log and a row in the "
+        "events table",
+    )
+    poll_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="how often the flow asks for the job's state and reads "
+        "its new metrics and log lines (heartbeats: every min(10 s, hang_floor_s / 4))",
+    )
 
     def world_size(self) -> int:
         return self.slurm.world_size if self.executor == "slurm" else self.nproc

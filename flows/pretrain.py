@@ -33,14 +33,22 @@ from flows.cordon import cordon, cordon_row, cordoned, usable_nodes
 from flows.evaluations import EvaluationScheduler
 from flows.executors import LocalTrainingExecutor, Outcome, Submission, TrainingExecutor
 from flows.params import PretrainParams
-from flows.report import Progress, artifact_key, best_checkpoint, checkpoint_rows, publish_checkpoint_table, \
-    publish_curves, publish_events, publish_summary
+from flows.report import (
+    Progress,
+    artifact_key,
+    best_checkpoint,
+    checkpoint_rows,
+    publish_checkpoint_table,
+    publish_curves,
+    publish_events,
+    publish_summary,
+)
 from flows.resubmission import ResubmissionPolicy
 from flows.tracker import TrackerMirror
 from flows.watch import RunWatcher, straggler_record, straggler_row, watch_as_task
+from tracking.credentials import take_credentials
 from training import checkpoint as ck
 from training.config import ConfigError, RunConfig, load_config
-from tracking.credentials import take_credentials
 from training.metrics import read_metrics
 from training.telemetry import Straggler, StragglerWatch
 
@@ -94,10 +102,13 @@ async def ensure_data(cfg: RunConfig, p: PretrainParams) -> None:
     except ShardError:
         source = p.prepare_source or cfg.data.source
         if not source:
-            raise FlowFailure(f"no token shards at {url}: run the prepare-data flow first, or set prepare_source") \
-                from None
+            raise FlowFailure(
+                f"no token shards at {url}: run the prepare-data flow first, or set prepare_source"
+            ) from None
         try:
-            await prepare_data(source=source, out=url, shard_tokens=p.shard_tokens, slurm=p.prepare_slurm)
+            await prepare_data(
+                source=source, out=url, shard_tokens=p.shard_tokens, slurm=p.prepare_slurm
+            )
         except Exception as err:
             raise FlowFailure(f"data preparation failed: {err}") from None
     try:
@@ -114,10 +125,14 @@ def check_tracker(p: PretrainParams) -> None:
     import importlib.util
 
     if importlib.util.find_spec(p.tracker) is None:  # tensorboard: the package of that name
-        raise FlowFailure(f"bad parameter: tracker={p.tracker} needs the {p.tracker} library on the worker: "
-                          "pip install 'gpt2-repro[trackers]'")
+        raise FlowFailure(
+            f"bad parameter: tracker={p.tracker} needs the {p.tracker} library on the worker: "
+            "pip install 'gpt2-repro[trackers]'"
+        )
     if p.tracker == "mlflow" and not (p.tracker_uri or os.environ.get("MLFLOW_TRACKING_URI")):
-        raise FlowFailure("bad parameter: tracker=mlflow needs tracker_uri or MLFLOW_TRACKING_URI on the worker")
+        raise FlowFailure(
+            "bad parameter: tracker=mlflow needs tracker_uri or MLFLOW_TRACKING_URI on the worker"
+        )
 
 
 def tracker_record(run: RunDir, kind: str) -> dict[str, Any]:
@@ -126,9 +141,15 @@ def tracker_record(run: RunDir, kind: str) -> dict[str, Any]:
         rec = store.read_json(run.tracker(kind))
     except (FileNotFoundError, ValueError):
         return {"tracker": kind, "run_id": None}
-    return {"tracker": kind, "run_id": rec.get("run_id"), "link": rec.get("link"),
-            "generation": rec.get("generation"), "delivered_step": rec.get("delivered", {}).get("step"),
-            "outages": rec.get("outages", 0), "finished": rec.get("finished")}
+    return {
+        "tracker": kind,
+        "run_id": rec.get("run_id"),
+        "link": rec.get("link"),
+        "generation": rec.get("generation"),
+        "delivered_step": rec.get("delivered", {}).get("step"),
+        "outages": rec.get("outages", 0),
+        "finished": rec.get("finished"),
+    }
 
 
 # ----------------------------------------------------------------------------- the run's records
@@ -145,33 +166,62 @@ def reattach(run: RunDir, executor: TrainingExecutor, log) -> tuple[Submission |
     if not store.exists(run.job):
         return None, 0
     rec = store.read_json(run.job)
-    number = int(rec.get("submission", rec.get("attempt", 0)))  # "attempt": run dirs of earlier versions
+    number = int(
+        rec.get("submission", rec.get("attempt", 0))
+    )  # "attempt": run dirs of earlier versions
     if rec.get("executor") != executor.describe()["executor"] or rec.get("ended"):
         return None, number
     submission = executor.reattach(str(rec["job_id"]))
     if submission is not None:
-        log.info("reattached to job %s, submitted by an earlier flow run (submission %d)", submission.job_id, number)
+        log.info(
+            "reattached to job %s, submitted by an earlier flow run (submission %d)",
+            submission.job_id,
+            number,
+        )
     return submission, number
 
 
-def record_submission(run: RunDir, executor: TrainingExecutor, number: int, sub: Submission,
-                      outcome: Outcome | None = None, steps: tuple[int, int] | None = None,
-                      decided: dict[str, Any] | None = None) -> None:
+def record_submission(
+    run: RunDir,
+    executor: TrainingExecutor,
+    number: int,
+    sub: Submission,
+    outcome: Outcome | None = None,
+    steps: tuple[int, int] | None = None,
+    decided: dict[str, Any] | None = None,
+) -> None:
     """job.json names the submission in flight (or how it ended); submissions.jsonl keeps every ended one, with
     what the flow decided next (`next`: done, resubmit, rollback, stop, and why), the guard's verdict of a
     diverged one and the steps whose updates were skipped."""
     ended = {"ended": outcome.state} if outcome else {}
-    store.write_json(run.job, {"job_id": sub.job_id, "submission": number, **ended, **executor.describe()})
+    store.write_json(
+        run.job, {"job_id": sub.job_id, "submission": number, **ended, **executor.describe()}
+    )
     if outcome is not None:
-        store.append_text(run.submissions, json.dumps(
-            {"submission": number, "job_id": sub.job_id, "state": outcome.state, "reason": outcome.reason,
-             "start_step": steps[0], "end_step": steps[1], "time": time.time(), **(decided or {})}) + "\n")
+        store.append_text(
+            run.submissions,
+            json.dumps(
+                {
+                    "submission": number,
+                    "job_id": sub.job_id,
+                    "state": outcome.state,
+                    "reason": outcome.reason,
+                    "start_step": steps[0],
+                    "end_step": steps[1],
+                    "time": time.time(),
+                    **(decided or {}),
+                }
+            )
+            + "\n",
+        )
 
 
 def rollbacks(run: RunDir) -> list[dict[str, Any]]:
     if not store.exists(run.rollbacks):
         return []
-    return [json.loads(ln) for ln in store.read_bytes(run.rollbacks).decode().splitlines() if ln.strip()]
+    return [
+        json.loads(ln) for ln in store.read_bytes(run.rollbacks).decode().splitlines() if ln.strip()
+    ]
 
 
 def roll_back(run: RunDir, diverged: dict[str, Any], number: int) -> dict[str, Any]:
@@ -183,8 +233,15 @@ def roll_back(run: RunDir, diverged: dict[str, Any], number: int) -> dict[str, A
     aside = [s for s in ck.list_steps(run.url) if s > resume]
     for s in aside:
         store.move(run.checkpoint(s), store.join(run.rolled_back(number), f"step_{s:06d}"))
-    rec = {"rollback": number, "time": time.time(), "diverged_steps": diverged["steps"], "skip": diverged["batches"],
-           "reasons": diverged.get("reasons", []), "resume_step": resume, "set_aside": aside}
+    rec = {
+        "rollback": number,
+        "time": time.time(),
+        "diverged_steps": diverged["steps"],
+        "skip": diverged["batches"],
+        "reasons": diverged.get("reasons", []),
+        "resume_step": resume,
+        "set_aside": aside,
+    }
     store.append_text(run.rollbacks, json.dumps(rec) + "\n")
     return rec
 
@@ -194,7 +251,10 @@ def with_skips(overrides: list[str], cfg: RunConfig, run: RunDir) -> list[str]:
     skips = [r["skip"] for r in rollbacks(run)]
     if not skips:
         return overrides
-    return [*overrides, f"data.skip_batches={json.dumps(sorted(set(cfg.data.skip_batches) | set(skips)))}"]
+    return [
+        *overrides,
+        f"data.skip_batches={json.dumps(sorted(set(cfg.data.skip_batches) | set(skips)))}",
+    ]
 
 
 def shrink_to(cfg: RunConfig, usable: int, procs_per_node: int) -> int | None:
@@ -202,7 +262,10 @@ def shrink_to(cfg: RunConfig, usable: int, procs_per_node: int) -> int | None:
     left of 8 usually means 4: a 2^k batch does not split over 7)."""
     for nodes in range(usable, 0, -1):
         try:
-            cfg.grad_accum_steps(nodes * procs_per_node), cfg.val_steps_per_rank(nodes * procs_per_node)
+            (
+                cfg.grad_accum_steps(nodes * procs_per_node),
+                cfg.val_steps_per_rank(nodes * procs_per_node),
+            )
         except ConfigError:
             continue
         return nodes
@@ -220,16 +283,22 @@ def placement(p: PretrainParams, cfg: RunConfig, run: RunDir) -> tuple[tuple[str
     if hosts:
         usable = usable_nodes(p.slurm.partition, set(hosts))
         if usable is not None and len(usable) < nodes:
-            what = (f"partition {p.slurm.partition or '(default)'} can no longer give the job its {nodes} nodes: "
-                    f"{len(usable)} usable ({', '.join(usable) or 'none'}) with {', '.join(hosts)} cordoned in "
-                    f"{run.cordon}")
+            what = (
+                f"partition {p.slurm.partition or '(default)'} can no longer give the job its {nodes} nodes: "
+                f"{len(usable)} usable ({', '.join(usable) or 'none'}) with {', '.join(hosts)} cordoned in "
+                f"{run.cordon}"
+            )
             if not p.allow_shrink:
-                raise FlowFailure(f"{what}; let a cordon expire (cordon_hours), ask for fewer nodes, or set "
-                                  "allow_shrink")
+                raise FlowFailure(
+                    f"{what}; let a cordon expire (cordon_hours), ask for fewer nodes, or set "
+                    "allow_shrink"
+                )
             fits = shrink_to(cfg, len(usable), p.slurm.procs_per_node)
             if fits is None:
-                raise FlowFailure(f"{what}, and the run's batch splits evenly over none of them "
-                                  f"(train.total_batch_tokens, eval.val_tokens)")
+                raise FlowFailure(
+                    f"{what}, and the run's batch splits evenly over none of them "
+                    f"(train.total_batch_tokens, eval.val_tokens)"
+                )
             nodes = fits
     return hosts, nodes
 
@@ -251,7 +320,7 @@ def _cancel_job(flow, flow_run, state) -> None:  # Prefect passes these by name
 
 
 @flow(name="pretrain-gpt2", log_prints=True, on_cancellation=[_cancel_job])
-async def pretrain(params: PretrainParams = PretrainParams()) -> dict[str, Any]:
+async def pretrain(params: PretrainParams = PretrainParams()) -> dict[str, Any]:  # noqa: B008 (the UI form's defaults)
     """GPT-2 pretraining: data -> training (local or Slurm, resubmitted on failure) -> evaluation per checkpoint."""
     return await run_pretrain(params, make_executor(params))
 
@@ -276,8 +345,9 @@ async def run_pretrain(p: PretrainParams, executor: TrainingExecutor) -> dict[st
         os.environ.update(tracker_credentials)
 
 
-async def _run_with(p: PretrainParams, executor: TrainingExecutor, log, tracker_credentials: dict[str, str]
-                    ) -> dict[str, Any]:
+async def _run_with(
+    p: PretrainParams, executor: TrainingExecutor, log, tracker_credentials: dict[str, str]
+) -> dict[str, Any]:
     check_tracker(p)
     try:
         cfg, overrides = resolve_config(p)
@@ -291,7 +361,9 @@ async def _run_with(p: PretrainParams, executor: TrainingExecutor, log, tracker_
         raise FlowFailure(f"store unreachable: {err}") from None
     # One flow per run directory: a second one stops here naming the first; a retry of this flow run, or a
     # new one after its process died, takes over.
-    lease = Lease(run.lease("flow"), f"flow run {current_run.name or '?'}", identity=str(current_run.id or ""))
+    lease = Lease(
+        run.lease("flow"), f"flow run {current_run.name or '?'}", identity=str(current_run.id or "")
+    )
     try:
         await asyncio.to_thread(lease.acquire)
     except LeaseHeld as err:
@@ -299,9 +371,17 @@ async def _run_with(p: PretrainParams, executor: TrainingExecutor, log, tracker_
     mirror, state = None, "failed"
     try:
         if p.tracker != "none":
-            mirror = await TrackerMirror.start(p.tracker, run, log, tracker_credentials, p.tracker_uri,
-                                               p.tracker_project, p.tracker_entity, p.tracker_interval_s,
-                                               p.tracker_finish_timeout_s)
+            mirror = await TrackerMirror.start(
+                p.tracker,
+                run,
+                log,
+                tracker_credentials,
+                p.tracker_uri,
+                p.tracker_project,
+                p.tracker_entity,
+                p.tracker_interval_s,
+                p.tracker_finish_timeout_s,
+            )
         result = await _pretrain(p, executor, cfg, overrides, run, lease, log)
         state = "completed"
         if mirror is not None:
@@ -317,17 +397,39 @@ async def _run_with(p: PretrainParams, executor: TrainingExecutor, log, tracker_
         await asyncio.to_thread(lease.release)
 
 
-async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfig, overrides: list[str], run: RunDir,
-               lease: Lease, log) -> dict[str, Any]:
+async def _pretrain(
+    p: PretrainParams,
+    executor: TrainingExecutor,
+    cfg: RunConfig,
+    overrides: list[str],
+    run: RunDir,
+    lease: Lease,
+    log,
+) -> dict[str, Any]:
     await ensure_data(cfg, p)
 
     t0, key, max_steps = time.monotonic(), artifact_key(p.run_name), cfg.train.max_steps
     progress = await Progress.create(p.run_name, max_steps, log, key)
-    evals = EvaluationScheduler(run.url, p.eval_tasks, p.hellaswag_data, p.eval_slurm, log, p.eval_include_path,
-                                shares_machine=p.executor == "local")
+    evals = EvaluationScheduler(
+        run.url,
+        p.eval_tasks,
+        p.hellaswag_data,
+        p.eval_slurm,
+        log,
+        p.eval_include_path,
+        shares_machine=p.executor == "local",
+    )
     beat = cfg.train.heartbeat_seconds
-    hang = HangRules(p.hang_factor, p.hang_floor_s, p.startup_timeout_s, silent_s=3 * beat + 2 * p.poll_seconds) \
-        if p.hang_detection and beat > 0 else None
+    hang = (
+        HangRules(
+            p.hang_factor,
+            p.hang_floor_s,
+            p.startup_timeout_s,
+            silent_s=3 * beat + 2 * p.poll_seconds,
+        )
+        if p.hang_detection and beat > 0
+        else None
+    )
 
     # the events table: hangs, lost nodes and cordoned hosts (those still cordoned by earlier flow runs first)
     health: list[dict[str, Any]] = [cordon_row(rec, None) for rec in cordoned(run).values()]
@@ -345,14 +447,34 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
         """A node died under the job and Slurm requeued it (NODE_FAIL): cordon the node and keep the job's
         restart off it, instead of waiting for the job to fail there again."""
         step = latest_step(run.url)
-        health.append({"time": time.time(), "event": "node lost", "step": step, "data": ", ".join(hosts),
-                       "reason": f"job {submission.job_id}: NODE_FAIL, requeued by Slurm"})
+        health.append(
+            {
+                "time": time.time(),
+                "event": "node lost",
+                "step": step,
+                "data": ", ".join(hosts),
+                "reason": f"job {submission.job_id}: NODE_FAIL, requeued by Slurm",
+            }
+        )
         done = cordon_hosts(hosts, f"node failure under job {submission.job_id} (NODE_FAIL)", step)
-        avoided = await asyncio.to_thread(submission.avoid, tuple(sorted(cordoned(run)))) if done else False
-        log.warning("node %s failed under job %s (NODE_FAIL) and Slurm requeued the job%s", ", ".join(hosts),
-                    submission.job_id, f"; cordoned for {p.cordon_hours:g} h and excluded from its restart"
-                    if avoided else (f"; cordoned for {p.cordon_hours:g} h (the job had restarted already: "
-                                     "the next submissions avoid it)" if done else ""))
+        avoided = (
+            await asyncio.to_thread(submission.avoid, tuple(sorted(cordoned(run))))
+            if done
+            else False
+        )
+        log.warning(
+            "node %s failed under job %s (NODE_FAIL) and Slurm requeued the job%s",
+            ", ".join(hosts),
+            submission.job_id,
+            f"; cordoned for {p.cordon_hours:g} h and excluded from its restart"
+            if avoided
+            else (
+                f"; cordoned for {p.cordon_hours:g} h (the job had restarted already: "
+                "the next submissions avoid it)"
+                if done
+                else ""
+            ),
+        )
         await publish_events(watcher.guard_events, rollbacks(run), p.run_name, key, health)
 
     async def on_straggler(found: Straggler) -> None:
@@ -360,15 +482,25 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
         health.append(straggler_row(straggler_record(found)))
         await publish_events(watcher.guard_events, rollbacks(run), p.run_name, key, health)
 
-    watcher = RunWatcher(run, log, p.poll_seconds, hang, on_lost_nodes,
-                         StragglerWatch(p.straggler_margin, p.straggler_windows), on_straggler)
+    watcher = RunWatcher(
+        run,
+        log,
+        p.poll_seconds,
+        hang,
+        on_lost_nodes,
+        StragglerWatch(p.straggler_margin, p.straggler_windows),
+        on_straggler,
+    )
     health += [straggler_row(r) for r in watcher.earlier_stragglers]  # earlier flow runs' finds
-    policy = ResubmissionPolicy(p.max_resubmits, p.backoff_seconds, p.max_rollbacks,
-                                rollbacks=len(rollbacks(run)))
+    policy = ResubmissionPolicy(
+        p.max_resubmits, p.backoff_seconds, p.max_rollbacks, rollbacks=len(rollbacks(run))
+    )
 
     async def report_evaluations(wait: bool = False) -> None:
         if await evals.collect(wait):
-            await publish_checkpoint_table(checkpoint_rows(evals.results, watcher.metrics), p.run_name, key)
+            await publish_checkpoint_table(
+                checkpoint_rows(evals.results, watcher.metrics), p.run_name, key
+            )
             await publish_curves(run.url, p.run_name, key)
 
     shown_events = len(watcher.guard_events)
@@ -378,7 +510,9 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
     async def on_tick(metrics: list[dict[str, Any]]) -> None:
         nonlocal shown_events
         if lease.lost.is_set():
-            raise FlowFailure(f"another flow run took over {run.url} ({lease.lost_to}); this one stops watching")
+            raise FlowFailure(
+                f"another flow run took over {run.url} ({lease.lost_to}); this one stops watching"
+            )
         await progress.update(metrics)
         if len(watcher.guard_events) > shown_events:  # a skipped update: in the UI as it happens
             shown_events = len(watcher.guard_events)
@@ -398,14 +532,22 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
             number += 1
             exclude, nodes = placement(p, cfg, run)
             if exclude:
-                log.warning("submission %d avoids the cordoned hosts %s", number, ", ".join(exclude))
+                log.warning(
+                    "submission %d avoids the cordoned hosts %s", number, ", ".join(exclude)
+                )
             target = executor
             if p.executor == "slurm" and nodes != p.slurm.nodes:
-                log.warning("submission %d runs on %d of the job's %d nodes (allow_shrink): the others are cordoned",
-                            number, nodes, p.slurm.nodes)
+                log.warning(
+                    "submission %d runs on %d of the job's %d nodes (allow_shrink): the others are cordoned",
+                    number,
+                    nodes,
+                    p.slurm.nodes,
+                )
                 target = executor.resized(nodes)
             try:
-                submission = target.submit(p.preset, with_skips(overrides, cfg, run), run, number, exclude)
+                submission = target.submit(
+                    p.preset, with_skips(overrides, cfg, run), run, number, exclude
+                )
             except Exception as err:
                 raise FlowFailure(f"submission refused: {err}") from None
             record_submission(run, executor, number, submission)
@@ -414,24 +556,54 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
         seen_events = len(watcher.guard_events)
         outcome = await watch_as_task(label, watcher, submission, on_tick)
         end = latest_step(run.url)
-        diverged = store.read_json(run.result).get("diverged") if outcome.state == "diverged" else None
+        diverged = (
+            store.read_json(run.result).get("diverged") if outcome.state == "diverged" else None
+        )
         decision = policy.decide(outcome, start, end, diverged)
         skips = [e for e in watcher.guard_events[seen_events:] if e.get("event") == "skip"]
         if outcome.state == "hung":
-            health.append({"time": time.time(), "event": "hang", "step": end, "data": f"job {submission.job_id}",
-                           "reason": outcome.reason})
+            health.append(
+                {
+                    "time": time.time(),
+                    "event": "hang",
+                    "step": end,
+                    "data": f"job {submission.job_id}",
+                    "reason": outcome.reason,
+                }
+            )
         if cordon_hosts(outcome.hosts, f"{outcome.state}: {outcome.reason}", end):
-            log.warning("cordoned %s for %g h (%s): the next submissions run elsewhere", ", ".join(outcome.hosts),
-                        p.cordon_hours, outcome.state)
+            log.warning(
+                "cordoned %s for %g h (%s): the next submissions run elsewhere",
+                ", ".join(outcome.hosts),
+                p.cordon_hours,
+                outcome.state,
+            )
         if health:
             await publish_events(watcher.guard_events, rollbacks(run), p.run_name, key, health)
-        record_submission(run, executor, number, submission, outcome, (start, end),
-                          {"next": decision.action, **({"message": decision.message} if decision.message else {}),
-                           **({"cordoned": cordoned_now} if cordoned_now else {}),
-                           **({"nodes": nodes} if p.executor == "slurm" and nodes != p.slurm.nodes else {}),
-                           **({"diverged": diverged} if diverged else {}),
-                           **({"skipped": [[e["step"], e["reason"]] for e in skips]} if skips else {})})
-        log.info("submission %d ended: %s (%s), steps %d -> %d", number, outcome.state, outcome.reason, start, end)
+        record_submission(
+            run,
+            executor,
+            number,
+            submission,
+            outcome,
+            (start, end),
+            {
+                "next": decision.action,
+                **({"message": decision.message} if decision.message else {}),
+                **({"cordoned": cordoned_now} if cordoned_now else {}),
+                **({"nodes": nodes} if p.executor == "slurm" and nodes != p.slurm.nodes else {}),
+                **({"diverged": diverged} if diverged else {}),
+                **({"skipped": [[e["step"], e["reason"]] for e in skips]} if skips else {}),
+            },
+        )
+        log.info(
+            "submission %d ended: %s (%s), steps %d -> %d",
+            number,
+            outcome.state,
+            outcome.reason,
+            start,
+            end,
+        )
         submission = None
         cordoned_now.clear()
         if decision.action == "done":
@@ -441,8 +613,13 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
             raise FlowFailure(decision.message)
         if decision.action == "rollback":
             rec = roll_back(run, diverged, policy.rollbacks)
-            log.warning("%s; resuming from step %d, checkpoints %s set aside in %s", decision.message,
-                        rec["resume_step"], rec["set_aside"], run.rolled_back(policy.rollbacks))
+            log.warning(
+                "%s; resuming from step %d, checkpoints %s set aside in %s",
+                decision.message,
+                rec["resume_step"],
+                rec["set_aside"],
+                run.rolled_back(policy.rollbacks),
+            )
             await publish_events(watcher.guard_events, rollbacks(run), p.run_name, key, health)
             continue
         if decision.wait_s:
@@ -455,11 +632,17 @@ async def _pretrain(p: PretrainParams, executor: TrainingExecutor, cfg: RunConfi
     await report_evaluations(wait=True)
     curves = await publish_curves(run.url, p.run_name, key)
     rows = checkpoint_rows(evals.results, metrics)
-    result = {"run_dir": run.url, "final_step": latest_step(run.url), "submissions": number,
-              "final_loss": metrics[-1]["loss"] if metrics else None,
-              "final_val_loss": next((m["val_loss"] for m in reversed(metrics) if "val_loss" in m), None),
-              "evaluations": rows, "best_checkpoint": best_checkpoint(rows), "curves": curves,
-              "minutes": round((time.monotonic() - t0) / 60, 2)}
+    result = {
+        "run_dir": run.url,
+        "final_step": latest_step(run.url),
+        "submissions": number,
+        "final_loss": metrics[-1]["loss"] if metrics else None,
+        "final_val_loss": next((m["val_loss"] for m in reversed(metrics) if "val_loss" in m), None),
+        "evaluations": rows,
+        "best_checkpoint": best_checkpoint(rows),
+        "curves": curves,
+        "minutes": round((time.monotonic() - t0) / 60, 2),
+    }
     if p.tracker != "none":
         result["tracker"] = tracker_record(run, p.tracker)
     await publish_summary(run.url, p.run_name, key, max_steps, result)
@@ -481,16 +664,26 @@ def api_problem() -> str | None:
     try:
         urllib.request.urlopen(url.rstrip("/") + "/health", timeout=10)
     except OSError as err:
-        return (f"the Prefect server at {url} does not answer ({err}); start it (prefect server start) "
-                f"or unset PREFECT_API_URL")
+        return (
+            f"the Prefect server at {url} does not answer ({err}); start it (prefect server start) "
+            f"or unset PREFECT_API_URL"
+        )
     return None
 
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flows.pretrain", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default=None, help="JSON object (or file) of PretrainParams fields; flags override it")
-    add_model_flags(ap, PretrainParams, aliases={"overrides": ["--set"]}, comma_lists=["eval_tasks"])
+    ap = argparse.ArgumentParser(
+        prog="python -m flows.pretrain", description=__doc__.split("\n\n")[0]
+    )
+    ap.add_argument(
+        "--params",
+        default=None,
+        help="JSON object (or file) of PretrainParams fields; flags override it",
+    )
+    add_model_flags(
+        ap, PretrainParams, aliases={"overrides": ["--set"]}, comma_lists=["eval_tasks"]
+    )
     args = ap.parse_args(argv)
     params = model_from_flags(PretrainParams, args, read_json_object(args.params, "--params"))
     problem = api_problem()

@@ -14,8 +14,12 @@ import re
 import time
 from typing import Any
 
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
-    update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 
 from common import store
 from common.layout import RunDir
@@ -46,9 +50,13 @@ class Progress:
         self.last_log, self.last_status, self.last_percent = 0.0, -1, -1.0
 
     @classmethod
-    async def create(cls, run_name: str, max_steps: int, log, key: str) -> "Progress":
-        return cls(await create_progress_artifact(0.0, description=f"{run_name}: training progress"), max_steps,
-                   log, key)
+    async def create(cls, run_name: str, max_steps: int, log, key: str) -> Progress:
+        return cls(
+            await create_progress_artifact(0.0, description=f"{run_name}: training progress"),
+            max_steps,
+            log,
+            key,
+        )
 
     async def update(self, metrics: list[dict[str, Any]], force: bool = False) -> None:
         if not metrics:
@@ -57,7 +65,9 @@ class Progress:
         if self.first is None or done < self.first[1]:
             self.first = (now, done)
         percent_done = round(100.0 * min(done, self.max_steps) / self.max_steps, 1)
-        if force or percent_done >= min(self.last_percent + 1, 100) > self.last_percent:  # each update is an event
+        if (
+            force or percent_done >= min(self.last_percent + 1, 100) > self.last_percent
+        ):  # each update is an event
             self.last_percent = percent_done
             await update_progress_artifact(self.id, percent_done)
         t0, s0 = self.first
@@ -66,8 +76,14 @@ class Progress:
         tokens = f"{metrics[-1].get('tokens_seen', 0):,}"
         if force or now - self.last_log >= 30:
             self.last_log = now
-            self.log.info("step %d/%d (%.1f%%), %s tokens seen, ETA %s", done, self.max_steps,
-                          100.0 * done / self.max_steps, tokens, eta)
+            self.log.info(
+                "step %d/%d (%.1f%%), %s tokens seen, ETA %s",
+                done,
+                self.max_steps,
+                100.0 * done / self.max_steps,
+                tokens,
+                eta,
+            )
         percent = 100 * done // self.max_steps
         if force or percent > self.last_status:
             self.last_status = percent
@@ -79,8 +95,10 @@ class Progress:
                 f"| {done} / {self.max_steps} | {tokens} | {last['loss']:.4f} | "
                 f"{f'{val:.4f}' if val is not None else '-'} | {last.get('tokens_per_s', 0):,.0f} | {eta} | "
                 f"{slowest_rank(metrics)} |\n",
-                key=f"{self.key}-status", description="training status: step, tokens seen, losses, ETA, the "
-                "slowest rank of the last telemetry window")
+                key=f"{self.key}-status",
+                description="training status: step, tokens seen, losses, ETA, the "
+                "slowest rank of the last telemetry window",
+            )
 
 
 def slowest_rank(metrics: list[dict[str, Any]]) -> str:
@@ -88,19 +106,28 @@ def slowest_rank(metrics: list[dict[str, Any]]) -> str:
     w = last_window(metrics)
     if w is None:
         return "-"
-    return (f"{w['slowest_host']}:{w['slowest_rank']}, {w['rank_busy_ms_max']:.0f} ms busy (median rank "
-            f"{w['rank_busy_ms_median']:.0f} ms) at step {w['step']}")
+    return (
+        f"{w['slowest_host']}:{w['slowest_rank']}, {w['rank_busy_ms_max']:.0f} ms busy (median rank "
+        f"{w['rank_busy_ms_median']:.0f} ms) at step {w['step']}"
+    )
 
 
-def checkpoint_rows(evals: dict[int, dict[str, Any]], metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def checkpoint_rows(
+    evals: dict[int, dict[str, Any]], metrics: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     """One row per evaluated checkpoint: step, the val loss measured last at or before it, its evaluations."""
     val = [(m["step"] + 1, m["val_loss"]) for m in metrics if "val_loss" in m]
     rows = []
     for step in sorted(evals):
         v = next((loss for s, loss in reversed(val) if s <= step), None)
         row = summary_row(evals[step])
-        rows.append({"step": step, "val_loss": round(v, 4) if v is not None else None,
-                     **{k: x for k, x in row.items() if k != "step"}})
+        rows.append(
+            {
+                "step": step,
+                "val_loss": round(v, 4) if v is not None else None,
+                **{k: x for k, x in row.items() if k != "step"},
+            }
+        )
     return rows
 
 
@@ -110,30 +137,61 @@ def best_checkpoint(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
         scored = [r for r in rows if r.get(metric) is not None]
         if scored:
             best = better(scored, key=lambda r: r[metric])
-            return {"step": best["step"], "checkpoint": best.get("checkpoint"), "metric": metric,
-                    "value": best[metric]}
+            return {
+                "step": best["step"],
+                "checkpoint": best.get("checkpoint"),
+                "metric": metric,
+                "value": best[metric],
+            }
     return None
 
 
-async def publish_events(guard_events: list[dict[str, Any]], rollback_records: list[dict[str, Any]], title: str,
-                         key: str, health: list[dict[str, Any]] | None = None) -> None:
+async def publish_events(
+    guard_events: list[dict[str, Any]],
+    rollback_records: list[dict[str, Any]],
+    title: str,
+    key: str,
+    health: list[dict[str, Any]] | None = None,
+) -> None:
     """Every skipped update, divergence, rollback, hang, straggler and cordoned host of the run, as a table in the
     UI. `health`: rows of hung submissions, stragglers and cordoned hosts ({time, event, step, data, reason})."""
-    rows = [{"time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("time", 0))), "event": e.get("event"),
-             "step": e.get("step"), "data": e.get("data_batch", e.get("batches")), "reason": e.get("reason") or
-             ", ".join(e.get("reasons", []))} for e in guard_events]
-    rows += [{"time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"])), "event": "rollback",
-              "step": r["resume_step"], "data": f"skip {r['skip']}",
-              "reason": f"diverged at steps {r['diverged_steps']}; set aside {r['set_aside']}"} for r in rollback_records]
-    rows += [{**r, "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"]))} for r in health or []]
+    rows = [
+        {
+            "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("time", 0))),
+            "event": e.get("event"),
+            "step": e.get("step"),
+            "data": e.get("data_batch", e.get("batches")),
+            "reason": e.get("reason") or ", ".join(e.get("reasons", [])),
+        }
+        for e in guard_events
+    ]
+    rows += [
+        {
+            "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"])),
+            "event": "rollback",
+            "step": r["resume_step"],
+            "data": f"skip {r['skip']}",
+            "reason": f"diverged at steps {r['diverged_steps']}; set aside {r['set_aside']}",
+        }
+        for r in rollback_records
+    ]
+    rows += [
+        {**r, "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"]))}
+        for r in health or []
+    ]
     if rows:
-        await create_table_artifact(sorted(rows, key=lambda r: r["time"]), key=f"{key}-events",
-                                    description=f"{title}: skipped updates, divergence, rollbacks, hangs, stragglers, "
-                                    "cordoned hosts")
+        await create_table_artifact(
+            sorted(rows, key=lambda r: r["time"]),
+            key=f"{key}-events",
+            description=f"{title}: skipped updates, divergence, rollbacks, hangs, stragglers, "
+            "cordoned hosts",
+        )
 
 
 async def publish_checkpoint_table(rows: list[dict[str, Any]], title: str, key: str) -> None:
-    await create_table_artifact(rows, key=f"{key}-checkpoints", description=f"{title}: evaluation of every checkpoint")
+    await create_table_artifact(
+        rows, key=f"{key}-checkpoints", description=f"{title}: evaluation of every checkpoint"
+    )
 
 
 async def publish_curves(run_dir: str, title: str, key: str) -> str | None:
@@ -144,9 +202,12 @@ async def publish_curves(run_dir: str, title: str, key: str) -> str | None:
     url = RunDir(run_dir).curves
     store.write_bytes(url, png)
     data = base64.b64encode(png).decode()
-    await create_markdown_artifact(f"## {title}: training curves\n\n![loss and HellaSwag curves](data:image/png;base64,"
-                                   f"{data})\n\n`{url}`\n", key=f"{key}-curves",
-                                   description=f"{title}: loss and HellaSwag curves")
+    await create_markdown_artifact(
+        f"## {title}: training curves\n\n![loss and HellaSwag curves](data:image/png;base64,"
+        f"{data})\n\n`{url}`\n",
+        key=f"{key}-curves",
+        description=f"{title}: loss and HellaSwag curves",
+    )
     return url
 
 
@@ -165,29 +226,46 @@ def _samples(run_dir: str, n: int = 3) -> list[str]:
     return [f"step {last['step']}: {s}" for s in last["samples"][:n]]
 
 
-async def publish_summary(run_dir: str, title: str, key: str, max_steps: int, result: dict[str, Any]) -> None:
-    lines = [f"# {title}", "",
-             f"- final step: **{result['final_step']} / {max_steps}**, final train loss: {_num(result['final_loss'])}, "
-             f"val loss: {_num(result.get('final_val_loss'))}",
-             f"- submissions: {result['submissions']}, wall time: {result['minutes']} min",
-             f"- run directory: `{run_dir}`"]
+async def publish_summary(
+    run_dir: str, title: str, key: str, max_steps: int, result: dict[str, Any]
+) -> None:
+    lines = [
+        f"# {title}",
+        "",
+        f"- final step: **{result['final_step']} / {max_steps}**, final train loss: {_num(result['final_loss'])}, "
+        f"val loss: {_num(result.get('final_val_loss'))}",
+        f"- submissions: {result['submissions']}, wall time: {result['minutes']} min",
+        f"- run directory: `{run_dir}`",
+    ]
     tracker = result.get("tracker")
     if tracker and tracker.get("run_id"):
-        lines.append(f"- {tracker['tracker']} run: `{tracker['run_id']}`"
-                     + (f" ({tracker['link']})" if tracker.get("link") not in (None, tracker["run_id"]) else ""))
+        lines.append(
+            f"- {tracker['tracker']} run: `{tracker['run_id']}`"
+            + (
+                f" ({tracker['link']})"
+                if tracker.get("link") not in (None, tracker["run_id"])
+                else ""
+            )
+        )
     best = result.get("best_checkpoint")
     if best:
-        lines.append(f"- best checkpoint: **step {best['step']}** ({best['metric']} {best['value']:.4f}): "
-                     f"`{best['checkpoint']}`")
+        lines.append(
+            f"- best checkpoint: **step {best['step']}** ({best['metric']} {best['value']:.4f}): "
+            f"`{best['checkpoint']}`"
+        )
     lines.append("")
     checkpoints = ck.valid_checkpoints(run_dir)
     if checkpoints:
         lines += ["| step | checkpoint | HF export |", "| --- | --- | --- |"]
         for c in checkpoints:
             export = RunDir(run_dir).export(c.step)
-            lines.append(f"| {c.step} | `{c.url}` | {f'`{export}`' if store.exists(export) else '-'} |")
+            lines.append(
+                f"| {c.step} | `{c.url}` | {f'`{export}`' if store.exists(export) else '-'} |"
+            )
         lines.append("")
     samples = _samples(run_dir)
     if samples:
         lines += ["## samples", ""] + [f"> {s!r}" for s in samples] + [""]
-    await create_markdown_artifact("\n".join(lines), key=f"{key}-summary", description=f"{title}: run summary")
+    await create_markdown_artifact(
+        "\n".join(lines), key=f"{key}-summary", description=f"{title}: run summary"
+    )

@@ -37,8 +37,9 @@ class ResubmissionPolicy:
     last_failure_step: int | None = None
     rollbacks: int = 0  # of the whole run (a restarted flow counts the ones in rollbacks.jsonl)
 
-    def decide(self, outcome: Outcome, start_step: int, end_step: int,
-               diverged: dict | None = None) -> Decision:
+    def decide(
+        self, outcome: Outcome, start_step: int, end_step: int, diverged: dict | None = None
+    ) -> Decision:
         """The next move after a submission that ran from checkpoint `start_step` to checkpoint `end_step`;
         `diverged`: the guard's verdict of a diverged one ({"steps", "batches", "reasons"})."""
         if outcome.state == "completed":
@@ -48,23 +49,48 @@ class ResubmissionPolicy:
             where = f"steps {d.get('steps')} (data batches {d.get('batches')}: {', '.join(d.get('reasons', []))})"
             self.rollbacks += 1
             if self.rollbacks > self.max_rollbacks:
-                return Decision("stop", message=f"diverged at {where} after {self.max_rollbacks} rollbacks; "
-                                                "not resubmitted")
-            return Decision("rollback", message=f"diverged at {where}: rolling back past those batches "
-                                                f"(rollback {self.rollbacks} of at most {self.max_rollbacks})")
+                return Decision(
+                    "stop",
+                    message=f"diverged at {where} after {self.max_rollbacks} rollbacks; "
+                    "not resubmitted",
+                )
+            return Decision(
+                "rollback",
+                message=f"diverged at {where}: rolling back past those batches "
+                f"(rollback {self.rollbacks} of at most {self.max_rollbacks})",
+            )
         if outcome.state == "requeue":
-            return Decision("resubmit", message=f"{outcome.reason}: resubmitting from step {end_step}")
+            return Decision(
+                "resubmit", message=f"{outcome.reason}: resubmitting from step {end_step}"
+            )
         if outcome.state == "cancelled":
-            return Decision("stop", message=f"{outcome.reason} at step {end_step}; not resubmitted "
-                                            "(run the flow again to resume)")
+            return Decision(
+                "stop",
+                message=f"{outcome.reason} at step {end_step}; not resubmitted "
+                "(run the flow again to resume)",
+            )
         self.failures += 1
-        if self.last_failure_step is not None and end_step == self.last_failure_step and end_step == start_step:
-            return Decision("stop", message=f"crash loop at step {end_step}: two submissions in a row made no "
-                                            f"progress ({outcome.reason})")
+        if (
+            self.last_failure_step is not None
+            and end_step == self.last_failure_step
+            and end_step == start_step
+        ):
+            return Decision(
+                "stop",
+                message=f"crash loop at step {end_step}: two submissions in a row made no "
+                f"progress ({outcome.reason})",
+            )
         self.last_failure_step = end_step
         if self.failures > self.max_resubmits:
-            return Decision("stop", message=f"gave up after {self.failures} failed submissions "
-                                            f"(last: {outcome.reason}) at step {end_step}")
+            return Decision(
+                "stop",
+                message=f"gave up after {self.failures} failed submissions "
+                f"(last: {outcome.reason}) at step {end_step}",
+            )
         wait = self.backoff_seconds * 2 ** (self.failures - 1)
-        return Decision("resubmit", wait_s=wait, message=f"resubmitting from step {end_step} in {wait:.0f} s "
-                                                         f"(failure {self.failures} of at most {self.max_resubmits + 1})")
+        return Decision(
+            "resubmit",
+            wait_s=wait,
+            message=f"resubmitting from step {end_step} in {wait:.0f} s "
+            f"(failure {self.failures} of at most {self.max_resubmits + 1})",
+        )

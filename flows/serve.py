@@ -28,27 +28,58 @@ def demo_params(store: str, max_steps: int | None = None) -> PretrainParams:
     HellaSwag-format task (evaluation/demo_task.py) by our scorer and by lm-eval over the same file. A shortened
     run (`max_steps`) is a run of its own, with two checkpoints."""
     task = StoreLayout(store).demo_eval
-    short = [] if max_steps is None else [f"max_steps={max_steps}", f"checkpoint_every={max(1, max_steps // 2)}"]
-    return PretrainParams(preset="demo", store=store, run_name="demo" if max_steps is None else f"demo-{max_steps}",
-                          overrides=short,
-                          eval_tasks=["hellaswag", "demo_hellaswag"], hellaswag_data=f"{task}/demo_hellaswag.jsonl",
-                          eval_include_path=task, poll_seconds=1.0)
+    short = (
+        []
+        if max_steps is None
+        else [f"max_steps={max_steps}", f"checkpoint_every={max(1, max_steps // 2)}"]
+    )
+    return PretrainParams(
+        preset="demo",
+        store=store,
+        run_name="demo" if max_steps is None else f"demo-{max_steps}",
+        overrides=short,
+        eval_tasks=["hellaswag", "demo_hellaswag"],
+        hellaswag_data=f"{task}/demo_hellaswag.jsonl",
+        eval_include_path=task,
+        poll_seconds=1.0,
+    )
 
 
 def deployments(executor: str, store: str) -> list:
-    params = PretrainParams(preset="gpt2-124m", store=store, run_name="gpt2-124m", executor=executor,
-                            prepare_source="hf:HuggingFaceFW/fineweb-edu:sample-10BT")
-    larger = [PretrainParams(preset=f"gpt2-{size}", store=store, run_name=f"gpt2-{size}", executor=executor)
-              for size in ("350m", "774m", "1558m")]  # llm.c's reproductions, on their presets' data
+    params = PretrainParams(
+        preset="gpt2-124m",
+        store=store,
+        run_name="gpt2-124m",
+        executor=executor,
+        prepare_source="hf:HuggingFaceFW/fineweb-edu:sample-10BT",
+    )
+    larger = [
+        PretrainParams(
+            preset=f"gpt2-{size}", store=store, run_name=f"gpt2-{size}", executor=executor
+        )
+        for size in ("350m", "774m", "1558m")
+    ]  # llm.c's reproductions, on their presets' data
     return [
-        pretrain.to_deployment(name="pretrain-124m", parameters={"params": params.model_dump(mode="json")}),
-        *[pretrain.to_deployment(name=f"pretrain-{p.preset.removeprefix('gpt2-')}",
-                                 parameters={"params": p.model_dump(mode="json")}) for p in larger],
-        pretrain.to_deployment(name="demo", parameters={"params": demo_params(store).model_dump(mode="json")},
-                               description="The pipeline in minutes on a CPU, offline: demo corpus -> shards -> "
-                                           "training -> every checkpoint evaluated -> report."),
-        prepare_data.to_deployment(name="prepare-fineweb-edu",
-                                   parameters={"out": StoreLayout(store).dataset("fineweb-edu/sample-10BT")}),
+        pretrain.to_deployment(
+            name="pretrain-124m", parameters={"params": params.model_dump(mode="json")}
+        ),
+        *[
+            pretrain.to_deployment(
+                name=f"pretrain-{p.preset.removeprefix('gpt2-')}",
+                parameters={"params": p.model_dump(mode="json")},
+            )
+            for p in larger
+        ],
+        pretrain.to_deployment(
+            name="demo",
+            parameters={"params": demo_params(store).model_dump(mode="json")},
+            description="The pipeline in minutes on a CPU, offline: demo corpus -> shards -> "
+            "training -> every checkpoint evaluated -> report.",
+        ),
+        prepare_data.to_deployment(
+            name="prepare-fineweb-edu",
+            parameters={"out": StoreLayout(store).dataset("fineweb-edu/sample-10BT")},
+        ),
         evaluate_checkpoint.to_deployment(name="evaluate"),
     ]
 
@@ -58,9 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--executor", choices=["local", "slurm"], default="local")
     ap.add_argument("--store", default="store", help="store root (fsspec URL)")
-    ap.add_argument("--print-demo-params", type=int, metavar="MAX_STEPS", default=None,
-                    help="print the demo deployment's parameters for a run of MAX_STEPS steps (0: the preset's) "
-                         "as `prefect deployment run --params` takes them, and exit")
+    ap.add_argument(
+        "--print-demo-params",
+        type=int,
+        metavar="MAX_STEPS",
+        default=None,
+        help="print the demo deployment's parameters for a run of MAX_STEPS steps (0: the preset's) "
+        "as `prefect deployment run --params` takes them, and exit",
+    )
     args = ap.parse_args(argv)
     if args.print_demo_params is not None:
         p = demo_params(args.store, args.print_demo_params or None)

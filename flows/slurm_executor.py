@@ -25,8 +25,12 @@ class SlurmSubmission:
         # submitit's stdout of the first task (node 0 holds global rank 0); Slurm appends to it across requeues.
         self.log_path = str(handle.job.paths.stdout)
         self._state = ""
-        self._node_failures: set[tuple[str, str]] = set()  # (nodes, start) of the attempts already reported
-        self._running_checked = False  # lost_nodes asked accounting since the job last started running
+        self._node_failures: set[tuple[str, str]] = (
+            set()
+        )  # (nodes, start) of the attempts already reported
+        self._running_checked = (
+            False  # lost_nodes asked accounting since the job last started running
+        )
 
     def poll(self) -> Outcome | None:
         state = self._state = self.handle.state()
@@ -39,15 +43,27 @@ class SlurmSubmission:
             result = self.handle.result()
         except RunFailed as err:
             lines = [ln for ln in str(err).splitlines() if ln.strip()]
-            nodes = [ln for ln in lines[1:] if ln.startswith("node ")]  # each node's error; the culprit's first
-            detail = next((ln for ln in nodes if _NODE_CHECK.search(ln) or _RANK_FAILED.search(ln)),
-                          nodes[0] if nodes else "")
-            hosts = failed_node(self.job_id) if state.startswith("NODE_FAIL") else hosts_to_blame(str(err))
+            nodes = [
+                ln for ln in lines[1:] if ln.startswith("node ")
+            ]  # each node's error; the culprit's first
+            detail = next(
+                (ln for ln in nodes if _NODE_CHECK.search(ln) or _RANK_FAILED.search(ln)),
+                nodes[0] if nodes else "",
+            )
+            hosts = (
+                failed_node(self.job_id)
+                if state.startswith("NODE_FAIL")
+                else hosts_to_blame(str(err))
+            )
             return Outcome("failed", " | ".join(x for x in (lines[0], detail) if x)[:500], hosts)
         if result.get("diverged"):
-            return Outcome("diverged", f"job {self.job_id} diverged at step {result.get('final_step')}")
+            return Outcome(
+                "diverged", f"job {self.job_id} diverged at step {result.get('final_step')}"
+            )
         if result.get("complete", True):
-            return Outcome("completed", f"job {self.job_id} completed at step {result.get('final_step')}")
+            return Outcome(
+                "completed", f"job {self.job_id} completed at step {result.get('final_step')}"
+            )
         # stop_after_steps: the job ended cleanly with a checkpoint before max_steps.
         return Outcome("requeue", f"job {self.job_id} stopped at step {result.get('final_step')}")
 
@@ -68,8 +84,12 @@ class SlurmSubmission:
         if running and self._running_checked:
             return ()
         self._running_checked = running
-        out = subprocess.run(["sacct", "-j", self.job_id, "-D", "-X", "-n", "-P", "-o", "State,NodeList,Start"],
-                             capture_output=True, text=True, timeout=60).stdout
+        out = subprocess.run(
+            ["sacct", "-j", self.job_id, "-D", "-X", "-n", "-P", "-o", "State,NodeList,Start"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
         lost: list[str] = []
         for line in out.splitlines():
             state, nodes, start = (line.split("|") + ["", ""])[:3]
@@ -82,13 +102,21 @@ class SlurmSubmission:
     def avoid(self, hosts: tuple[str, ...]) -> bool:
         """Keep the requeued job off `hosts` when Slurm starts it again (merged into its ExcNodeList: only a
         pending job takes it)."""
-        show = subprocess.run(["scontrol", "show", "job", "-o", self.job_id], capture_output=True, text=True,
-                              timeout=60).stdout
+        show = subprocess.run(
+            ["scontrol", "show", "job", "-o", self.job_id],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
         m = re.search(r"\bExcNodeList=(\S+)", show)
         current = _hosts(m.group(1)) if m and m.group(1) != "(null)" else []
         merged = ",".join(dict.fromkeys([*current, *hosts]))
-        p = subprocess.run(["scontrol", "update", f"JobId={self.job_id}", f"ExcNodeList={merged}"],
-                           capture_output=True, text=True, timeout=60)
+        p = subprocess.run(
+            ["scontrol", "update", f"JobId={self.job_id}", f"ExcNodeList={merged}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         return p.returncode == 0
 
 
@@ -102,12 +130,16 @@ def with_excluded(spec: JobSpec, hosts: tuple[str, ...]) -> JobSpec:
             excluded = [*line.removeprefix("--exclude=").split(","), *excluded]
         else:
             extra.append(line)
-    return spec.model_copy(update={"sbatch_extra": [*extra, f"--exclude={','.join(dict.fromkeys(excluded))}"]})
+    return spec.model_copy(
+        update={"sbatch_extra": [*extra, f"--exclude={','.join(dict.fromkeys(excluded))}"]}
+    )
 
 
 _NODE_CHECK = re.compile(r"node check failed on host (\S+):")
 _RANK_FAILED = re.compile(r"rank \d+ on (\S+) failed first")
-_DEVICE_ERROR = re.compile(r"CUDA error|NCCL error|ncclSystemError|ncclUnhandledCudaError|uncorrectable ECC|Xid")
+_DEVICE_ERROR = re.compile(
+    r"CUDA error|NCCL error|ncclSystemError|ncclUnhandledCudaError|uncorrectable ECC|Xid"
+)
 
 
 def hosts_to_blame(failure: str) -> tuple[str, ...]:
@@ -128,7 +160,9 @@ def _hosts(nodelist: str) -> list[str]:
         return []
     if not any(c in nodelist for c in "[,"):
         return [nodelist]
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60
+    )
     return out.stdout.split()
 
 
@@ -140,8 +174,12 @@ def _down(hosts: list[str]) -> list[str]:
 
 def failed_node(job_id: str) -> tuple[str, ...]:
     """The node of a one-node job (accounting's NodeList): the host a NODE_FAIL points at."""
-    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "NodeList"], capture_output=True, text=True,
-                         timeout=60).stdout.splitlines()
+    out = subprocess.run(
+        ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "NodeList"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.splitlines()
     hosts = _hosts(out[-1].strip()) if out else []
     return tuple(hosts) if len(hosts) == 1 else ()
 
@@ -150,12 +188,18 @@ class SlurmTrainingExecutor:
     def __init__(self, spec: JobSpec):
         self.spec = spec
 
-    def submit(self, preset: str, overrides: list[str], run: RunDir, number: int,
-               exclude: tuple[str, ...] = ()) -> SlurmSubmission:
+    def submit(
+        self,
+        preset: str,
+        overrides: list[str],
+        run: RunDir,
+        number: int,
+        exclude: tuple[str, ...] = (),
+    ) -> SlurmSubmission:
         # Slurm writes the job's console into submitit's folder (spec.folder); the run dir is in the overrides.
         return SlurmSubmission(submit(with_excluded(self.spec, exclude), preset, overrides))
 
-    def resized(self, nodes: int) -> "SlurmTrainingExecutor":
+    def resized(self, nodes: int) -> SlurmTrainingExecutor:
         """The same jobs on `nodes` nodes (allow_shrink: cordons left the partition too few)."""
         return SlurmTrainingExecutor(self.spec.model_copy(update={"nodes": nodes}))
 

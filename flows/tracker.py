@@ -8,32 +8,70 @@ import asyncio
 import logging
 import os
 import sys
-from typing import Mapping
+from collections.abc import Mapping
 
 from common.layout import RunDir
 
 
 class TrackerMirror:
-    def __init__(self, proc: asyncio.subprocess.Process, log: logging.Logger | logging.LoggerAdapter, kind: str):
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        log: logging.Logger | logging.LoggerAdapter,
+        kind: str,
+    ):
         self.proc, self.log, self.kind = proc, log, kind
         self.finishing = False
         self._reader = asyncio.ensure_future(self._forward())
 
     @classmethod
-    async def start(cls, kind: str, run: RunDir, log, credentials: Mapping[str, str], uri: str | None,
-                    project: str, entity: str | None, interval_s: float,
-                    finish_timeout_s: float) -> "TrackerMirror":
-        cmd = [sys.executable, "-m", "tracking.mirror", "--run-dir", run.url, "--tracker", kind, "--project",
-               project, "--follow", "--control-stdin", "--interval-s", str(interval_s), "--finish-timeout-s",
-               str(finish_timeout_s)]
+    async def start(
+        cls,
+        kind: str,
+        run: RunDir,
+        log,
+        credentials: Mapping[str, str],
+        uri: str | None,
+        project: str,
+        entity: str | None,
+        interval_s: float,
+        finish_timeout_s: float,
+    ) -> TrackerMirror:
+        cmd = [
+            sys.executable,
+            "-m",
+            "tracking.mirror",
+            "--run-dir",
+            run.url,
+            "--tracker",
+            kind,
+            "--project",
+            project,
+            "--follow",
+            "--control-stdin",
+            "--interval-s",
+            str(interval_s),
+            "--finish-timeout-s",
+            str(finish_timeout_s),
+        ]
         if uri:
             cmd += ["--uri", uri]
         if entity:
             cmd += ["--entity", entity]
         proc = await asyncio.create_subprocess_exec(
-            *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, **credentials, "PYTHONUNBUFFERED": "1"})
-        log.info("%s tracker mirror started (pid %d): every %g s from %s", kind, proc.pid, interval_s, run.url)
+            *cmd,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, **credentials, "PYTHONUNBUFFERED": "1"},
+        )
+        log.info(
+            "%s tracker mirror started (pid %d): every %g s from %s",
+            kind,
+            proc.pid,
+            interval_s,
+            run.url,
+        )
         return cls(proc, log, kind)
 
     async def _forward(self) -> None:
@@ -42,13 +80,25 @@ class TrackerMirror:
             line = raw.decode(errors="replace").rstrip()
             if not line:
                 continue
-            level = logging.WARNING if ("does not answer" in line or line.startswith("error")
-                                        or "behind" in line or "rollback" in line) else logging.INFO
+            level = (
+                logging.WARNING
+                if (
+                    "does not answer" in line
+                    or line.startswith("error")
+                    or "behind" in line
+                    or "rollback" in line
+                )
+                else logging.INFO
+            )
             self.log.log(level, "[%s] %s", self.kind, line)
         code = await self.proc.wait()
         if not self.finishing and code != 0:  # said now, not at the flow's end
-            self.log.warning("the %s tracker mirror stopped (exit %s, its last lines above): the run goes on "
-                             "untracked; `python -m tracking.mirror` delivers it later", self.kind, code)
+            self.log.warning(
+                "the %s tracker mirror stopped (exit %s, its last lines above): the run goes on "
+                "untracked; `python -m tracking.mirror` delivers it later",
+                self.kind,
+                code,
+            )
 
     async def finish(self, state: str, timeout_s: float) -> None:
         """Tell the mirror how the run ended; it catches up (for at most its finish timeout) and ends."""
@@ -63,11 +113,18 @@ class TrackerMirror:
         try:
             await asyncio.wait_for(self.proc.wait(), timeout_s)
         except asyncio.TimeoutError:
-            self.log.warning("the %s tracker mirror did not end within %g s: stopped; `python -m tracking.mirror` "
-                             "delivers what it had not", self.kind, timeout_s)
+            self.log.warning(
+                "the %s tracker mirror did not end within %g s: stopped; `python -m tracking.mirror` "
+                "delivers what it had not",
+                self.kind,
+                timeout_s,
+            )
             self.proc.kill()  # stuck past its own deadline
             await self.proc.wait()
         await asyncio.wait_for(self._reader, 10)
         if self.proc.returncode not in (0, None, -9):
-            self.log.warning("the %s tracker mirror ended with exit %s (see its lines above)", self.kind,
-                             self.proc.returncode)
+            self.log.warning(
+                "the %s tracker mirror ended with exit %s (see its lines above)",
+                self.kind,
+                self.proc.returncode,
+            )

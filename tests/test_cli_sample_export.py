@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
-
 from helpers import REPO
+
 from training import checkpoint as ck
 from training.config import load_config
 from training.model import GPT
@@ -15,7 +15,9 @@ from training.sample import generate
 
 
 def _cli(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
@@ -32,8 +34,18 @@ def run_dir(tmp_path_factory):
 
 
 def test_sample_is_deterministic_for_a_seed(run_dir):
-    args = ("training.sample", "--checkpoint", run_dir, "--prompt", "Hello", "--num-samples", "2",
-            "--max-new-tokens", "8", "--json")
+    args = (
+        "training.sample",
+        "--checkpoint",
+        run_dir,
+        "--prompt",
+        "Hello",
+        "--num-samples",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--json",
+    )
     a = json.loads(_cli(*args, "--seed", "5").stdout)
     b = json.loads(_cli(*args, "--seed", "5").stdout)
     c = json.loads(_cli(*args, "--seed", "6").stdout)
@@ -48,7 +60,17 @@ def test_sample_from_missing_checkpoint_fails_clearly(tmp_path):
 def test_export_then_sample_from_hf_dir_gives_the_same_text(run_dir, tmp_path):
     out = tmp_path / "hf"
     _cli("training.export_hf", "--checkpoint", run_dir, "--out", str(out))
-    common = ("--prompt", "The", "--num-samples", "1", "--max-new-tokens", "6", "--seed", "3", "--json")
+    common = (
+        "--prompt",
+        "The",
+        "--num-samples",
+        "1",
+        "--max-new-tokens",
+        "6",
+        "--seed",
+        "3",
+        "--json",
+    )
     from_ckpt = json.loads(_cli("training.sample", "--checkpoint", run_dir, *common).stdout)
     from_hf = json.loads(_cli("training.sample", "--hf", str(out), *common).stdout)
     assert from_ckpt == from_hf

@@ -7,13 +7,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import REPO, TRAIN_BASE, losses, release_after_requeue, run_train, wait_for_steps
 
 from cluster.launch import RunFailed
 from cluster.spec import JobSpec
 from cluster.submit import main as submit_cli
 from cluster.submit import reattach, sacct_state, submit
 from cluster.validate import SpecError
-from helpers import REPO, TRAIN_BASE, losses, release_after_requeue, run_train, wait_for_steps
 
 SECRET = "s3cret-never-pickled-0xC0FFEE"
 STEPS = 40
@@ -39,7 +39,15 @@ LR = "max_lr=3e-3"
 
 
 def sets(data, run, *extra):
-    return [*TRAIN_BASE, f"max_steps={STEPS}", "val_every=10", LR, f"data_url={data}", f"run_dir={run}", *extra]
+    return [
+        *TRAIN_BASE,
+        f"max_steps={STEPS}",
+        "val_every=10",
+        LR,
+        f"data_url={data}",
+        f"run_dir={run}",
+        *extra,
+    ]
 
 
 def spec(folder, **kw):
@@ -72,7 +80,9 @@ def two_node_job(slurm_cluster, demo_data, tmp_path_factory):
 
 def test_two_node_job_matches_one_process_and_pickles_no_secret(two_node_job, straight):
     handle, result, run, folder = two_node_job
-    assert result["complete"] and result["final_step"] == STEPS and result["job_id"] == handle.job_id
+    assert (
+        result["complete"] and result["final_step"] == STEPS and result["job_id"] == handle.job_id
+    )
     assert result["checkpoint"].endswith(f"step_{STEPS:06d}")
     assert json.loads((run / "config.json").read_text())["resolved"]["world_size"] == 2
     two = losses(run)
@@ -91,32 +101,46 @@ def test_two_node_job_matches_one_process_and_pickles_no_secret(two_node_job, st
     assert reattach(handle.job_id, str(folder)).wait(timeout_s=30) == result
 
 
-def test_preempted_job_is_requeued_and_resumes_bit_exact(job_env, demo_data, two_node_job, tmp_path):
+def test_preempted_job_is_requeued_and_resumes_bit_exact(
+    job_env, demo_data, two_node_job, tmp_path
+):
     run = tmp_path / "run"
     handle = submit(spec(tmp_path / "slurm"), "tiny", sets(demo_data, run))
     wait_for_steps(run, 3)
-    subprocess.run(["scancel", "--signal=USR2", handle.job_id], check=True)  # what Slurm sends before preempting
+    subprocess.run(
+        ["scancel", "--signal=USR2", handle.job_id], check=True
+    )  # what Slurm sends before preempting
     release_after_requeue(handle.job_id)
     result = handle.wait(timeout_s=180)
     assert result["complete"] and result["preemptions"] == 1 and result["timeouts"] == 0
     log = attempts(run)
     assert [a["event"] for a in log] == ["requeue", "completed"]
-    assert log[0]["reason"] == "preemption" and 3 <= log[0]["step"] < STEPS  # stopped mid-run, with a checkpoint
+    assert (
+        log[0]["reason"] == "preemption" and 3 <= log[0]["step"] < STEPS
+    )  # stopped mid-run, with a checkpoint
     assert log[1]["attempt"] == 1
     assert losses(run) == losses(two_node_job[2])  # same world size on resume: exact
 
 
 def test_bad_specs_are_rejected_before_sbatch(job_env, demo_data, tmp_path):
     def queued():
-        return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+        return subprocess.run(
+            ["squeue", "-h", "-o", "%i"], capture_output=True, text=True
+        ).stdout.split()
 
     before = queued()
     run = tmp_path / "run"
-    with pytest.raises(SpecError) as err:  # 3 nodes: too many, and 4 micro-batches do not split over 3 ranks
+    with pytest.raises(
+        SpecError
+    ) as err:  # 3 nodes: too many, and 4 micro-batches do not split over 3 ranks
         submit(spec(tmp_path, nodes=3), "tiny", sets(demo_data, run))
     assert "world size 3" in str(err.value) and "partition 'debug' has 2" in str(err.value)
     with pytest.raises(SpecError, match="at most 0 GPUs"):
-        submit(spec(tmp_path, gpus_per_node=1, gres=False), "tiny", sets(demo_data, run, "total_batch_tokens=128"))
+        submit(
+            spec(tmp_path, gpus_per_node=1, gres=False),
+            "tiny",
+            sets(demo_data, run, "total_batch_tokens=128"),
+        )
     with pytest.raises(SpecError, match="'nope' does not exist"):
         submit(spec(tmp_path, partition="nope"), "tiny", sets(demo_data, run))
     with pytest.raises(SpecError, match="data URL .* is not readable"):
@@ -126,20 +150,38 @@ def test_bad_specs_are_rejected_before_sbatch(job_env, demo_data, tmp_path):
     with pytest.raises(ValueError, match="nodez"):
         JobSpec(nodez=2)
     # The CLI says the same and exits 2.
-    assert submit_cli(["--config", "tiny", "--nodes", "3", "--folder", str(tmp_path),
-                       *[a for kv in sets(demo_data, run) for a in ("--set", kv)]]) == 2
+    assert (
+        submit_cli(
+            [
+                "--config",
+                "tiny",
+                "--nodes",
+                "3",
+                "--folder",
+                str(tmp_path),
+                *[a for kv in sets(demo_data, run) for a in ("--set", kv)],
+            ]
+        )
+        == 2
+    )
     assert queued() == before and not run.exists()
     assert not list(tmp_path.glob("*_submitted.pkl"))
 
 
 def test_failure_reports_the_failing_rank_and_the_latest_checkpoint(job_env, tmp_path):
     # Skip submit-time checks so that the job itself meets the missing data (every rank exits 2).
-    handle = submit(spec(tmp_path / "slurm"), "tiny", sets(tmp_path / "no-data", tmp_path / "run"), check=False)
+    handle = submit(
+        spec(tmp_path / "slurm"), "tiny", sets(tmp_path / "no-data", tmp_path / "run"), check=False
+    )
     with pytest.raises(RunFailed) as err:
         handle.wait(timeout_s=120)
     msg = str(err.value)
     assert f"job {handle.job_id} ended FAILED" in msg
-    assert "failed first (exit 2)" in msg and "no train shards" in msg and "latest checkpoint: None" in msg
+    assert (
+        "failed first (exit 2)" in msg
+        and "no train shards" in msg
+        and "latest checkpoint: None" in msg
+    )
 
 
 def test_time_limit_requeues_stop_at_the_cap(job_env, demo_data, tmp_path):
@@ -156,13 +198,21 @@ def test_time_limit_requeues_stop_at_the_cap(job_env, demo_data, tmp_path):
     with pytest.raises(RunFailed, match=r"timeout #2 exceeds the cap of 1 requeues") as err:
         handle.wait(timeout_s=180)
     assert "latest checkpoint: " in str(err.value) and "step_" in str(err.value)
-    assert [(a["event"], a["reason"]) for a in attempts(run)] == [("requeue", "timeout"), ("gave_up", "timeout")]
+    assert [(a["event"], a["reason"]) for a in attempts(run)] == [
+        ("requeue", "timeout"),
+        ("gave_up", "timeout"),
+    ]
 
 
-def test_a_controller_that_does_not_answer_is_a_clear_error_before_sbatch(job_env, demo_data, tmp_path,
-                                                                          monkeypatch):
+def test_a_controller_that_does_not_answer_is_a_clear_error_before_sbatch(
+    job_env, demo_data, tmp_path, monkeypatch
+):
     # The real Slurm client against a controller port where nothing listens (a dead slurmctld).
-    conf = [ln for ln in Path("/etc/slurm/slurm.conf").read_text().splitlines() if not ln.startswith("SlurmctldPort")]
+    conf = [
+        ln
+        for ln in Path("/etc/slurm/slurm.conf").read_text().splitlines()
+        if not ln.startswith("SlurmctldPort")
+    ]
     (tmp_path / "slurm.conf").write_text("\n".join(conf + ["SlurmctldPort=1"]) + "\n")
     monkeypatch.setenv("SLURM_CONF", str(tmp_path / "slurm.conf"))
     with pytest.raises(SpecError, match="Slurm controller does not answer"):
@@ -180,8 +230,11 @@ def test_a_frozen_rank_is_found_by_its_silence_and_the_job_cancelled(job_env, de
     from common.layout import RunDir
 
     run = tmp_path / "run"
-    handle = submit(spec(tmp_path / "slurm"), "tiny", sets(demo_data, run, "max_steps=100000",
-                                                            "train.heartbeat_seconds=0.5"))
+    handle = submit(
+        spec(tmp_path / "slurm"),
+        "tiny",
+        sets(demo_data, run, "max_steps=100000", "train.heartbeat_seconds=0.5"),
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         beats = read_heartbeats(RunDir(str(run)))
@@ -191,10 +244,17 @@ def test_a_frozen_rank_is_found_by_its_silence_and_the_job_cancelled(job_env, de
     os.kill(beats[1]["pid"], signal.SIGSTOP)  # the emulated nodes are processes of this machine
     t0 = time.time()
     with pytest.raises(RunFailed) as err:
-        handle.wait(timeout_s=120, poll_s=0.5, hang=HangRules(factor=20, floor_s=5, startup_s=60, silent_s=3))
+        handle.wait(
+            timeout_s=120,
+            poll_s=0.5,
+            hang=HangRules(factor=20, floor_s=5, startup_s=60, silent_s=3),
+        )
     assert time.time() - t0 < 30  # the window, not the job's 20-minute limit
     assert f"job {handle.job_id} hung, cancelled: hang at step " in str(err.value)
-    assert f"silent ranks: {beats[1]['host']}:1;" in str(err.value) and beats[1]["host"] in ("n1", "n2")
+    assert f"silent ranks: {beats[1]['host']}:1;" in str(err.value) and beats[1]["host"] in (
+        "n1",
+        "n2",
+    )
     for _ in range(120):
         if sacct_state(handle.job_id)[0].startswith("CANCELLED"):
             break
@@ -202,8 +262,9 @@ def test_a_frozen_rank_is_found_by_its_silence_and_the_job_cancelled(job_env, de
     assert sacct_state(handle.job_id)[0].startswith("CANCELLED")
 
 
-def test_a_job_whose_ranks_never_reach_their_first_step_is_caught_by_the_startup_timeout(job_env, demo_data,
-                                                                                       tmp_path):
+def test_a_job_whose_ranks_never_reach_their_first_step_is_caught_by_the_startup_timeout(
+    job_env, demo_data, tmp_path
+):
     """The rank is frozen while it is still importing (before it could write a heartbeat): nothing ever says a
     step was done, and the start-up allowance, not the job's time limit, ends it."""
     import os
@@ -212,7 +273,11 @@ def test_a_job_whose_ranks_never_reach_their_first_step_is_caught_by_the_startup
     from common.heartbeat import HangRules
 
     run = tmp_path / "run"
-    handle = submit(spec(tmp_path / "slurm", nodes=1), "tiny", sets(demo_data, run, "train.heartbeat_seconds=0.5"))
+    handle = submit(
+        spec(tmp_path / "slurm", nodes=1),
+        "tiny",
+        sets(demo_data, run, "train.heartbeat_seconds=0.5"),
+    )
     marker, frozen = f"run_dir={run}".encode(), None
     deadline = time.time() + 120
     while frozen is None and time.time() < deadline:
@@ -229,27 +294,53 @@ def test_a_job_whose_ranks_never_reach_their_first_step_is_caught_by_the_startup
     assert frozen is not None
     t0 = time.time()
     with pytest.raises(RunFailed) as err:
-        handle.wait(timeout_s=120, poll_s=0.5, hang=HangRules(factor=20, floor_s=5, startup_s=10, silent_s=3))
+        handle.wait(
+            timeout_s=120,
+            poll_s=0.5,
+            hang=HangRules(factor=20, floor_s=5, startup_s=10, silent_s=3),
+        )
     assert time.time() - t0 < 40
     assert f"job {handle.job_id} hung, cancelled: hang before the first step" in str(err.value)
     assert "no first step within 10 s of the job starting" in str(err.value)
     assert not (run / "heartbeats").exists() or not list((run / "heartbeats").iterdir())
 
 
-def test_submit_cli_waits_showing_the_job_state_and_its_progress_and_prints_the_result(job_env, demo_data,
-                                                                                         tmp_path):
+def test_submit_cli_waits_showing_the_job_state_and_its_progress_and_prints_the_result(
+    job_env, demo_data, tmp_path
+):
     import re
     import sys
 
     run = tmp_path / "run"
     args = [a for kv in sets(demo_data, run, "train.heartbeat_seconds=0.5") for a in ("--set", kv)]
-    p = subprocess.run([sys.executable, "-m", "cluster.submit", "--config", "tiny", "--nodes", "1", "--time", "20",
-                        "--folder", str(tmp_path / "slurm"), *args, "--wait", "--progress-s", "1"], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster.submit",
+            "--config",
+            "tiny",
+            "--nodes",
+            "1",
+            "--time",
+            "20",
+            "--folder",
+            str(tmp_path / "slurm"),
+            *args,
+            "--wait",
+            "--progress-s",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     job_id, result = p.stdout.splitlines()[0], json.loads(p.stdout.splitlines()[-1])
     assert result["complete"] and result["final_step"] == STEPS and result["job_id"] == job_id
     assert f"job {job_id}: RUNNING" in p.stderr and f"job {job_id}: COMPLETED" in p.stderr
     # the ranks' last word while it runs: how far, how fast, who is behind
-    assert re.search(rf"job {job_id}: step \d+ \([a-z/]+\), \d+\.\d\d s/step, 1/1 ranks beating; ", p.stderr), \
-        p.stderr[-3000:]
+    assert re.search(
+        rf"job {job_id}: step \d+ \([a-z/]+\), \d+\.\d\d s/step, 1/1 ranks beating; ", p.stderr
+    ), p.stderr[-3000:]

@@ -3,10 +3,16 @@ against sinfo's view."""
 
 import pytest
 
-from cluster.spec import Container, JobSpec
 from cluster.sbatch import build_executor
-from cluster.validate import (NodeInfo, check_capacity, check_gpu_memory, gpu_type_memory_gb,
-                              partition_gpu_memory_gb, parse_sinfo)
+from cluster.spec import Container, JobSpec
+from cluster.validate import (
+    NodeInfo,
+    check_capacity,
+    check_gpu_memory,
+    gpu_type_memory_gb,
+    parse_sinfo,
+    partition_gpu_memory_gb,
+)
 from training.config import load_config
 
 
@@ -16,30 +22,77 @@ def sbatch_text(spec: JobSpec) -> str:
 
 
 def test_gpu_spec_becomes_sbatch_lines(tmp_path):
-    text = sbatch_text(JobSpec(nodes=4, gpus_per_node=8, cpus_per_task=64, mem_gb=900, partition="gpu",
-                               account="proj", qos="high", time_min=240, constraint="h100", exclusive=True,
-                               sbatch_extra=["--reservation=big", "--requeue"], setup=["module load cuda"],
-                               folder=str(tmp_path)))
-    for line in ["--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--cpus-per-task=64", "--mem=900GB",
-                 "--partition=gpu", "--account=proj", "--qos=high", "--time=240", "--constraint=h100",
-                 "--exclusive", "--reservation=big", "--requeue", "--signal=USR2@90"]:
+    text = sbatch_text(
+        JobSpec(
+            nodes=4,
+            gpus_per_node=8,
+            cpus_per_task=64,
+            mem_gb=900,
+            partition="gpu",
+            account="proj",
+            qos="high",
+            time_min=240,
+            constraint="h100",
+            exclusive=True,
+            sbatch_extra=["--reservation=big", "--requeue"],
+            setup=["module load cuda"],
+            folder=str(tmp_path),
+        )
+    )
+    for line in [
+        "--nodes=4",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=8",
+        "--cpus-per-task=64",
+        "--mem=900GB",
+        "--partition=gpu",
+        "--account=proj",
+        "--qos=high",
+        "--time=240",
+        "--constraint=h100",
+        "--exclusive",
+        "--reservation=big",
+        "--requeue",
+        "--signal=USR2@90",
+    ]:
         assert f"#SBATCH {line}\n" in text, line
     assert "module load cuda" in text and "--kill-on-bad-exit=1" in text
 
 
 def test_cpu_spec_requests_no_gres(tmp_path):
     assert "gpus" not in sbatch_text(JobSpec(nodes=2, folder=str(tmp_path)))
-    assert "gpus" not in sbatch_text(JobSpec(nodes=2, gpus_per_node=8, gres=False, folder=str(tmp_path)))
+    assert "gpus" not in sbatch_text(
+        JobSpec(nodes=2, gpus_per_node=8, gres=False, folder=str(tmp_path))
+    )
 
 
 def test_containers(tmp_path):
-    pyxis = sbatch_text(JobSpec(folder=str(tmp_path), container=Container(
-        image="nvcr.io#nvidia/pytorch:24.05-py3", mounts=["/shared:/shared", "/repo:/repo"], workdir="/repo")))
+    pyxis = sbatch_text(
+        JobSpec(
+            folder=str(tmp_path),
+            container=Container(
+                image="nvcr.io#nvidia/pytorch:24.05-py3",
+                mounts=["/shared:/shared", "/repo:/repo"],
+                workdir="/repo",
+            ),
+        )
+    )
     assert "--container-image=nvcr.io#nvidia/pytorch:24.05-py3" in pyxis
-    assert "--container-mounts=/shared:/shared,/repo:/repo" in pyxis and "--container-workdir=/repo" in pyxis
-    apptainer = sbatch_text(JobSpec(folder=str(tmp_path), gpus_per_node=1, container=Container(
-        image="/img/train.sif", runtime="apptainer", mounts=["/shared"])))
-    assert "apptainer exec --nv --bind /shared /img/train.sif python -u -m submitit.core._submit" in apptainer
+    assert (
+        "--container-mounts=/shared:/shared,/repo:/repo" in pyxis
+        and "--container-workdir=/repo" in pyxis
+    )
+    apptainer = sbatch_text(
+        JobSpec(
+            folder=str(tmp_path),
+            gpus_per_node=1,
+            container=Container(image="/img/train.sif", runtime="apptainer", mounts=["/shared"]),
+        )
+    )
+    assert (
+        "apptainer exec --nv --bind /shared /img/train.sif python -u -m submitit.core._submit"
+        in apptainer
+    )
 
 
 def test_spec_rejects_unknown_fields_and_bad_values():
@@ -52,11 +105,16 @@ def test_spec_rejects_unknown_fields_and_bad_values():
 
 
 def test_capacity_against_the_nodes_sinfo_reports():
-    nodes = [NodeInfo(f"g{i}", ("gpu",), 64, 8, 1_000_000) for i in range(4)] + [NodeInfo("c1", ("cpu",), 8, 0, 64_000)]
+    nodes = [NodeInfo(f"g{i}", ("gpu",), 64, 8, 1_000_000) for i in range(4)] + [
+        NodeInfo("c1", ("cpu",), 8, 0, 64_000)
+    ]
     assert check_capacity(JobSpec(nodes=4, gpus_per_node=8), nodes, "gpu") == []
     assert "at most 8 GPUs" in check_capacity(JobSpec(nodes=1, gpus_per_node=16), nodes, "gpu")[0]
     assert "has 4" in check_capacity(JobSpec(nodes=5, gpus_per_node=8), nodes, "gpu")[0]
-    assert "0 GPUs, 1 CPUs and 128 GB" in check_capacity(JobSpec(partition="cpu", mem_gb=128), nodes, "gpu")[0]
+    assert (
+        "0 GPUs, 1 CPUs and 128 GB"
+        in check_capacity(JobSpec(partition="cpu", mem_gb=128), nodes, "gpu")[0]
+    )
 
 
 SINFO = """\
@@ -78,11 +136,25 @@ def test_sinfo_lines_become_nodes_with_their_gpu_types():
     assert by["x1"].gpu_types == ("",) and by["c1"].gpus == 0 and by["c1"].gpu_types == ()
 
 
-@pytest.mark.parametrize("name, gb", [
-    ("h100", 80), ("nvidia_h100_80gb_hbm3", 80), ("h100_nvl", 94), ("h200", 141), ("a100", 80),
-    ("a100-sxm4-40gb", 40), ("nvidia_a100_3g.39gb", 39), ("a10g", 24), ("l40s", 48), ("rtx_a6000", 48),
-    ("tesla_v100-sxm2-16gb", 16), ("gh200", None), ("tesla", None), ("", None),
-])
+@pytest.mark.parametrize(
+    "name, gb",
+    [
+        ("h100", 80),
+        ("nvidia_h100_80gb_hbm3", 80),
+        ("h100_nvl", 94),
+        ("h200", 141),
+        ("a100", 80),
+        ("a100-sxm4-40gb", 40),
+        ("nvidia_a100_3g.39gb", 39),
+        ("a10g", 24),
+        ("l40s", 48),
+        ("rtx_a6000", 48),
+        ("tesla_v100-sxm2-16gb", 16),
+        ("gh200", None),
+        ("tesla", None),
+        ("", None),
+    ],
+)
 def test_gpu_memory_from_the_gres_type_name(name, gb):
     assert gpu_type_memory_gb(name) == gb
 
@@ -91,18 +163,26 @@ def test_partition_gpu_memory_is_known_only_when_every_gpu_type_is():
     nodes, default = parse_sinfo(SINFO)
     assert partition_gpu_memory_gb(JobSpec(gpus_per_node=8), nodes, default) == 80
     assert partition_gpu_memory_gb(JobSpec(gpus_per_node=4, partition="a100"), nodes, default) == 80
-    assert partition_gpu_memory_gb(JobSpec(gpus_per_node=8, partition="mixed"), nodes, default) is None  # x1: gpu:8
-    assert partition_gpu_memory_gb(JobSpec(gpus_per_node=8, partition="a100"), nodes, default) is None  # no node fits
+    assert (
+        partition_gpu_memory_gb(JobSpec(gpus_per_node=8, partition="mixed"), nodes, default) is None
+    )  # x1: gpu:8
+    assert (
+        partition_gpu_memory_gb(JobSpec(gpus_per_node=8, partition="a100"), nodes, default) is None
+    )  # no node fits
 
 
 def test_a_run_too_large_for_the_partitions_gpus_is_refused_with_the_micro_batch_that_fits():
     nodes, default = parse_sinfo(SINFO)
     spec = JobSpec(nodes=2, gpus_per_node=8)
     mem = partition_gpu_memory_gb(spec, nodes, default)
-    (line,) = check_gpu_memory(load_config("gpt2-1558m", ["micro_batch=16"]), spec, mem, "the GPUs of partition gpu")
+    (line,) = check_gpu_memory(
+        load_config("gpt2-1558m", ["micro_batch=16"]), spec, mem, "the GPUs of partition gpu"
+    )
     assert line.startswith("gpt2-1558m at micro_batch=16, seq_len=1024 needs ~90 GB per GPU (")
-    assert line.endswith("but the GPUs of partition gpu have 80 GB: micro_batch=8 fits (set train.micro_batch=8; "
-                         "gradient accumulation keeps the global batch)")
+    assert line.endswith(
+        "but the GPUs of partition gpu have 80 GB: micro_batch=8 fits (set train.micro_batch=8; "
+        "gradient accumulation keeps the global batch)"
+    )
     assert check_gpu_memory(load_config("gpt2-1558m"), spec, mem, "the GPUs of partition gpu") == []
 
 
@@ -124,22 +204,41 @@ def test_a_run_whose_checkpoints_outlast_signal_delay_is_warned_at_submit(tmp_pa
     with caplog.at_level(logging.WARNING, logger="cluster.validate"):
         validate(spec, "tiny", [f"run_dir={run}"], check_cluster=False, check_data=False)
     # asynchronous writes (the default): the stop may wait for a periodic write just begun, then its own
-    assert "signal_delay_s=90 leaves 80 s to stop with a checkpoint, but this run's checkpoints took up to 95 s" \
-        " to write" in caplog.text and "a stop may wait for two (a periodic write in flight, then its own" \
-        in caplog.text and "set signal_delay_s to at least 220" in caplog.text
+    assert (
+        "signal_delay_s=90 leaves 80 s to stop with a checkpoint, but this run's checkpoints took up to 95 s"
+        " to write"
+        in caplog.text
+        and "a stop may wait for two (a periodic write in flight, then its own" in caplog.text
+        and "set signal_delay_s to at least 220" in caplog.text
+    )
     caplog.clear()
     sync = [f"run_dir={run}", "checkpoint.async_write=false"]
     with caplog.at_level(logging.WARNING, logger="cluster.validate"):
         validate(spec, "tiny", sync, check_cluster=False, check_data=False)
-    assert "took up to 95 s" in caplog.text and "two" not in caplog.text \
+    assert (
+        "took up to 95 s" in caplog.text
+        and "two" not in caplog.text
         and "set signal_delay_s to at least 125" in caplog.text
+    )
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="cluster.validate"):
-        validate(spec.model_copy(update={"signal_delay_s": 210}), "tiny", [f"run_dir={run}"], check_cluster=False,
-                 check_data=False)
-        validate(spec.model_copy(update={"signal_delay_s": 110}), "tiny", sync, check_cluster=False,
-                 check_data=False)
-        validate(spec, "tiny", [f"run_dir={tmp_path / 'new'}"], check_cluster=False, check_data=False)
+        validate(
+            spec.model_copy(update={"signal_delay_s": 210}),
+            "tiny",
+            [f"run_dir={run}"],
+            check_cluster=False,
+            check_data=False,
+        )
+        validate(
+            spec.model_copy(update={"signal_delay_s": 110}),
+            "tiny",
+            sync,
+            check_cluster=False,
+            check_data=False,
+        )
+        validate(
+            spec, "tiny", [f"run_dir={tmp_path / 'new'}"], check_cluster=False, check_data=False
+        )
     assert "signal_delay_s" not in caplog.text  # room enough; a new run has nothing measured
 
 
@@ -150,7 +249,9 @@ def test_before_any_checkpoint_is_measured_its_write_time_is_estimated_from_the_
 
     spec = JobSpec(time_min=60, signal_delay_s=90)
     small = load_config("gpt2-124m", ["run_dir=s3://bucket/runs/new"])
-    assert checkpoint_bytes(small) == 1_493_710_848  # the 1494 MB the 124M's checkpoints measure (bench/results/)
+    assert (
+        checkpoint_bytes(small) == 1_493_710_848
+    )  # the 1494 MB the 124M's checkpoints measure (bench/results/)
     assert checkpoint_time_warning(small, spec) is None  # ~30 s at 50 MB/s: room enough
     large = load_config("gpt2-1558m", ["run_dir=s3://bucket/runs/new"])
     assert checkpoint_time_warning(large, spec) == (
@@ -159,11 +260,21 @@ def test_before_any_checkpoint_is_measured_its_write_time_is_estimated_from_the_
         "estimate: no checkpoint of this run measured yet) and a stop may wait for two (a periodic write in flight, "
         "then its own: checkpoint.async_write): a preempted or timed-out job may be killed before its checkpoint is "
         "complete; set signal_delay_s to at least 777 (once a checkpoint is written, its measured time counts "
-        "instead)")
-    local = checkpoint_time_warning(load_config("gpt2-774m", ["run_dir=/nonexistent/runs/new"]), spec)
-    assert "(9.3 GB: weights and AdamW state) is estimated to take ~93 s to write to a filesystem at a " \
+        "instead)"
+    )
+    local = checkpoint_time_warning(
+        load_config("gpt2-774m", ["run_dir=/nonexistent/runs/new"]), spec
+    )
+    assert (
+        "(9.3 GB: weights and AdamW state) is estimated to take ~93 s to write to a filesystem at a "
         "conservative 100 MB/s (an estimate" in local
+    )
     assert checkpoint_time_warning(large, spec.model_copy(update={"signal_delay_s": 760})) is None
-    synchronous = load_config("gpt2-1558m", ["run_dir=s3://bucket/runs/new", "checkpoint.async_write=false"])
+    synchronous = load_config(
+        "gpt2-1558m", ["run_dir=s3://bucket/runs/new", "checkpoint.async_write=false"]
+    )
     assert "set signal_delay_s to at least 403 " in checkpoint_time_warning(synchronous, spec)
-    assert checkpoint_time_warning(synchronous, spec.model_copy(update={"signal_delay_s": 410})) is None
+    assert (
+        checkpoint_time_warning(synchronous, spec.model_copy(update={"signal_delay_s": 410}))
+        is None
+    )

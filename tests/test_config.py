@@ -5,10 +5,17 @@ from training.config import ConfigError, RunConfig, load_config
 
 def test_presets_load_and_match_the_recipe():
     cfg = load_config("gpt2-124m")
-    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size) == (12, 12, 768, 1024)
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size) == (
+        12,
+        12,
+        768,
+        1024,
+    )
     assert cfg.model.padded_vocab_size == 50304
     assert cfg.train.total_batch_tokens == 524288 and cfg.train.max_steps == 19073
-    assert cfg.optim.max_lr == 6e-4 and cfg.optim.warmup_steps == 715 and cfg.optim.weight_decay == 0.1
+    assert (
+        cfg.optim.max_lr == 6e-4 and cfg.optim.warmup_steps == 715 and cfg.optim.weight_decay == 0.1
+    )
     assert cfg.grad_accum_steps(world_size=8) == 1 and cfg.grad_accum_steps(world_size=1) == 8
     tiny = load_config("tiny")
     assert tiny.model.n_layer <= 2 and tiny.train.seq_len <= tiny.model.block_size
@@ -40,14 +47,21 @@ def test_gpt2_family_presets_have_the_published_shapes_and_llmc_hyperparameters(
     padding = (50304 - 50257) * m.n_embd
     assert model.num_parameters() == num_parameters(m) == hf_params + padding
     assert (o.max_lr, o.min_lr_ratio, o.warmup_steps, o.weight_decay) == (lr, floor, 700, 0.1)
-    assert (t.total_batch_tokens, t.max_steps, t.micro_batch, t.seq_len) == (batch, steps, micro, 1024)
+    assert (t.total_batch_tokens, t.max_steps, t.micro_batch, t.seq_len) == (
+        batch,
+        steps,
+        micro,
+        1024,
+    )
     assert t.compile and t.dtype == "auto" and t.loss_chunk == 0
     assert cfg.grad_accum_steps(8) == batch // (micro * 1024 * 8) and cfg.val_steps_per_rank(8) >= 1
     assert cfg.checkpoint.keep_every % cfg.checkpoint.checkpoint_every == 0
 
 
 def test_overrides_by_dotted_path_and_unique_bare_name():
-    cfg = load_config("tiny", ["optim.max_lr=3e-3", "max_steps=7", "compile=true", "run_dir=s3://b/runs/x"])
+    cfg = load_config(
+        "tiny", ["optim.max_lr=3e-3", "max_steps=7", "compile=true", "run_dir=s3://b/runs/x"]
+    )
     assert cfg.optim.max_lr == 3e-3 and cfg.train.max_steps == 7 and cfg.train.compile is True
     assert cfg.train.run_dir == "s3://b/runs/x"
 
@@ -55,12 +69,12 @@ def test_overrides_by_dotted_path_and_unique_bare_name():
 @pytest.mark.parametrize(
     "override, needle",
     [
-        (["max_lrr=1"], "max_lr"),                      # typo: suggests the real name
-        (["optim.max_lr=-1"], "optim.max_lr"),           # invalid value names the field
+        (["max_lrr=1"], "max_lr"),  # typo: suggests the real name
+        (["optim.max_lr=-1"], "optim.max_lr"),  # invalid value names the field
         (["micro_batch=3"], "train.total_batch_tokens"),  # batch does not split into micro-batches
-        (["vocab_size=1000"], "model.vocab_size"),       # too small for the GPT-2 tokenizer
-        (["seq_len=128"], "train.seq_len"),              # longer than the model's context
-        (["n_head=3"], "model.n_embd"),                  # heads must divide the width
+        (["vocab_size=1000"], "model.vocab_size"),  # too small for the GPT-2 tokenizer
+        (["seq_len=128"], "train.seq_len"),  # longer than the model's context
+        (["n_head=3"], "model.n_embd"),  # heads must divide the width
         (["compile=maybe"], "train.compile"),
         (["compile_mode=fast"], "train.compile_mode"),
         (["attention=flash2"], "train.attention"),
@@ -75,7 +89,7 @@ def test_bad_values_are_clear_errors_naming_the_field(override, needle):
 
 def test_typo_in_a_toml_file_is_rejected(tmp_path):
     p = tmp_path / "bad.toml"
-    p.write_text('[optim]\nmax_lr = 1e-3\nwarmpu_steps = 3\n')
+    p.write_text("[optim]\nmax_lr = 1e-3\nwarmpu_steps = 3\n")
     with pytest.raises(ConfigError) as err:
         load_config(p)
     assert "optim.warmpu_steps" in str(err.value) and "warmup_steps" in str(err.value)
@@ -114,4 +128,6 @@ def test_a_cuda_attention_kernel_on_a_cpu_run_is_an_error_before_any_model():
 
     with pytest.raises(ConfigError, match="train.attention='flash' picks a CUDA kernel"):
         accel.configure(torch.device("cpu"), tf32=True, attention="flash")
-    accel.configure(torch.device("cpu"), tf32=True, attention="auto")  # the default works everywhere
+    accel.configure(
+        torch.device("cpu"), tf32=True, attention="auto"
+    )  # the default works everywhere

@@ -14,9 +14,12 @@ def test_a_cordon_holds_until_it_expires_and_the_latest_line_per_host_wins(tmp_p
     cordon(run, "n2", "failed: NODE_FAIL", hours=2, now=1000.0)
     assert set(cordoned(run, now=1000.0 + 3599)) == {"n1", "n2"}
     assert set(cordoned(run, now=1000.0 + 3601)) == {"n2"}
-    cordon(run, "n2", "released by hand", hours=0, now=2000.0)  # a line that has already expired releases it
-    assert cordoned(run, now=2001.0) == {"n1": {"host": "n1", "reason": "hung: hang at step 7", "time": 1000.0,
-                                                "expires": 4600.0}}
+    cordon(
+        run, "n2", "released by hand", hours=0, now=2000.0
+    )  # a line that has already expired releases it
+    assert cordoned(run, now=2001.0) == {
+        "n1": {"host": "n1", "reason": "hung: hang at step 7", "time": 1000.0, "expires": 4600.0}
+    }
     with open(run.cordon, "a") as f:
         f.write('{"host": "n3", "rea')  # torn by a killed writer: ignored, the rest still read
     assert set(cordoned(run, now=2001.0)) == {"n1"}
@@ -32,12 +35,16 @@ def test_only_a_failure_confined_to_one_known_host_blames_it():
 def test_excluded_hosts_merge_with_the_specs_own_exclude():
     spec = JobSpec(sbatch_extra=["--reservation=big", "--exclude=n9"])
     assert with_excluded(spec, ()) is spec
-    assert with_excluded(spec, ("n1", "n9")).sbatch_extra == ["--reservation=big", "--exclude=n9,n1"]
+    assert with_excluded(spec, ("n1", "n9")).sbatch_extra == [
+        "--reservation=big",
+        "--exclude=n9,n1",
+    ]
     assert with_excluded(JobSpec(), ("n2",)).sbatch_extra == ["--exclude=n2"]
 
 
-def test_a_partition_left_too_few_nodes_stops_the_run_plainly_or_with_allow_shrink_runs_on_the_rest(slurm_cluster,
-                                                                                                  tmp_path):
+def test_a_partition_left_too_few_nodes_stops_the_run_plainly_or_with_allow_shrink_runs_on_the_rest(
+    slurm_cluster, tmp_path
+):
     """Against the real cluster's sinfo (nodes n1, n2): a 2-node job with n1 cordoned."""
     import pytest
 
@@ -47,10 +54,15 @@ def test_a_partition_left_too_few_nodes_stops_the_run_plainly_or_with_allow_shri
 
     run = RunDir(str(tmp_path))
     cordon(run, "n1", "failed: node check", hours=1)
-    cfg = load_config("tiny", ["micro_batch=2", "seq_len=32", "total_batch_tokens=128", "val_tokens=128"])
+    cfg = load_config(
+        "tiny", ["micro_batch=2", "seq_len=32", "total_batch_tokens=128", "val_tokens=128"]
+    )
     p = PretrainParams(executor="slurm", slurm={"nodes": 2, "partition": "debug"})
-    with pytest.raises(FlowFailure, match=r"^partition debug can no longer give the job its 2 nodes: 1 usable \(n2\) "
-                                          r"with n1 cordoned in .*; .* or set allow_shrink$"):
+    with pytest.raises(
+        FlowFailure,
+        match=r"^partition debug can no longer give the job its 2 nodes: 1 usable \(n2\) "
+        r"with n1 cordoned in .*; .* or set allow_shrink$",
+    ):
         placement(p, cfg, run)
     assert placement(p.model_copy(update={"allow_shrink": True}), cfg, run) == (("n1",), 1)
     assert shrink_to(cfg, 1, 1) == 1
@@ -60,7 +72,9 @@ def test_a_shrunk_job_takes_the_most_nodes_its_batch_splits_over():
     from flows.pretrain import shrink_to
     from training.config import load_config
 
-    cfg = load_config("tiny", ["micro_batch=2", "seq_len=32", "total_batch_tokens=512", "val_tokens=256"])
+    cfg = load_config(
+        "tiny", ["micro_batch=2", "seq_len=32", "total_batch_tokens=512", "val_tokens=256"]
+    )
     assert shrink_to(cfg, 7, 1) == 4  # 512 tokens = 8 micro-batches of 64: not over 7, 6 or 5 ranks
     assert shrink_to(cfg, 3, 2) == 2  # 2 GPUs per node: 4 ranks
     assert shrink_to(cfg, 0, 1) is None

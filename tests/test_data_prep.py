@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import PARQUET_SHARD as SHARD
+from helpers import REPO, corpus, shard_files, write_parquet
 
 from common import store
 from common.errors import ReproError
@@ -22,8 +24,8 @@ from data_prep import pipeline
 from data_prep.sources import HubSource, SourceError, TextsSource, open_source
 from data_prep.tokenize import TokenRangeError, to_uint16
 from data_prep.verify import verify
-from helpers import PARQUET_SHARD as SHARD
-from helpers import REPO, corpus, shard_files, write_parquet
+
+
 def reference_shards(docs, shard_size, enc):
     """build-nanogpt's fineweb.py loop, single process: {name: npy bytes}."""
     out = {}
@@ -35,16 +37,18 @@ def reference_shards(docs, shard_size, enc):
 
     shard_index, all_tokens_np, token_count = 0, np.empty((shard_size,), dtype=np.uint16), 0
     for doc in docs:
-        tokens = np.array([enc._special_tokens["<|endoftext|>"]] + enc.encode_ordinary(doc)).astype(np.uint16)
+        tokens = np.array([enc._special_tokens["<|endoftext|>"]] + enc.encode_ordinary(doc)).astype(
+            np.uint16
+        )
         if token_count + len(tokens) < shard_size:
-            all_tokens_np[token_count:token_count + len(tokens)] = tokens
+            all_tokens_np[token_count : token_count + len(tokens)] = tokens
             token_count += len(tokens)
         else:
             remainder = shard_size - token_count
-            all_tokens_np[token_count:token_count + remainder] = tokens[:remainder]
+            all_tokens_np[token_count : token_count + remainder] = tokens[:remainder]
             write(shard_index, all_tokens_np)
             shard_index += 1
-            all_tokens_np[0:len(tokens) - remainder] = tokens[remainder:]
+            all_tokens_np[0 : len(tokens) - remainder] = tokens[remainder:]
             token_count = len(tokens) - remainder
     if token_count != 0:
         write(shard_index, all_tokens_np[:token_count])
@@ -57,20 +61,32 @@ def reference(docs, enc):
 
 
 def cli(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "data_prep.fineweb", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
+    return subprocess.run(
+        [sys.executable, "-m", "data_prep.fineweb", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, **(env or {})),
+    )
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_byte_identical_to_build_nanogpt_whatever_the_workers(parquet_dir, reference, docs, tmp_path, workers):
+def test_byte_identical_to_build_nanogpt_whatever_the_workers(
+    parquet_dir, reference, docs, tmp_path, workers
+):
     out = str(tmp_path / "shards")
     manifest = pipeline.build(out, open_source(str(parquet_dir)), SHARD, workers, progress=False)
     names = sorted(reference, key=lambda n: n[-10:])
-    assert len(names) > 5 and len(reference[names[-1]]) < len(reference[names[0]])  # a remainder shard
+    assert len(names) > 5 and len(reference[names[-1]]) < len(
+        reference[names[0]]
+    )  # a remainder shard
     assert shard_files(out) == reference
     assert [s["name"] for s in manifest["shards"]] == names
     assert manifest["shards"][0]["name"] == "edufineweb_val_000000.npy"
-    assert all(s["sha256"] == hashlib.sha256(reference[s["name"]]).hexdigest() for s in manifest["shards"])
+    assert all(
+        s["sha256"] == hashlib.sha256(reference[s["name"]]).hexdigest() for s in manifest["shards"]
+    )
     assert manifest["documents"] == len(docs) and manifest["tokenizer"] == "gpt2"
     assert manifest["source"]["kind"] == "files" and len(manifest["source"]["files"]) == 3
     assert verify(out) == ([], [])
@@ -110,11 +126,15 @@ def test_crash_after_some_shards_then_resume_is_byte_identical(parquet_dir, refe
     (tmp_path / "crashed" / "edufineweb_train_000006.npy").write_bytes(b"truncated")
     manifest = pipeline.build(out, open_source(str(parquet_dir)), SHARD, 1, progress=False)
     assert shard_files(out) == reference
-    assert store.read_bytes(store.join(out, "manifest.json")) == store.read_bytes(store.join(full, "manifest.json"))
+    assert store.read_bytes(store.join(out, "manifest.json")) == store.read_bytes(
+        store.join(full, "manifest.json")
+    )
     assert verify(out)[0] == []
     before = os.stat(tmp_path / "crashed" / "manifest.json").st_mtime_ns
     assert pipeline.build(out, open_source(str(parquet_dir)), SHARD, 2, progress=False) == manifest
-    assert os.stat(tmp_path / "crashed" / "manifest.json").st_mtime_ns == before  # a complete store is left alone
+    assert (
+        os.stat(tmp_path / "crashed" / "manifest.json").st_mtime_ns == before
+    )  # a complete store is left alone
 
 
 def test_kill_cli_mid_run_then_rerun_is_byte_identical(tmp_path, enc):
@@ -123,9 +143,25 @@ def test_kill_cli_mid_run_then_rerun_is_byte_identical(tmp_path, enc):
     src.mkdir()
     write_parquet(src / "000.parquet", docs)
     out = tmp_path / "out"
-    p = subprocess.Popen([sys.executable, "-m", "data_prep.fineweb", "--source", str(src), "--out", str(out),
-                          "--shard-tokens", "4000", "--workers", "2", "--no-progress"], cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "data_prep.fineweb",
+            "--source",
+            str(src),
+            "--out",
+            str(out),
+            "--shard-tokens",
+            "4000",
+            "--workers",
+            "2",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 60
     while p.poll() is None and time.time() < deadline:
         if len(list((out / ".prep").glob("*.json"))) >= 3:
@@ -136,7 +172,17 @@ def test_kill_cli_mid_run_then_rerun_is_byte_identical(tmp_path, enc):
     killed = p.returncode == -signal.SIGKILL
     if killed:
         assert not (out / "manifest.json").exists()
-    r = cli("--source", str(src), "--out", str(out), "--shard-tokens", "4000", "--workers", "2", "--no-progress")
+    r = cli(
+        "--source",
+        str(src),
+        "--out",
+        str(out),
+        "--shard-tokens",
+        "4000",
+        "--workers",
+        "2",
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert shard_files(str(out)) == reference_shards(docs, 4000, enc)
     assert killed, "the run finished before it could be killed; the resume path was not exercised"
@@ -168,12 +214,32 @@ def test_s3_source_files(s3_env, parquet_dir, reference, tmp_path):
 
 def test_missing_s3_credentials_fail_early(s3_server, parquet_dir):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(FSSPEC_S3_ENDPOINT_URL=s3_server["endpoint_url"], AWS_CONFIG_FILE="/nonexistent",
-               AWS_SHARED_CREDENTIALS_FILE="/nonexistent", AWS_EC2_METADATA_DISABLED="true")
-    r = subprocess.run([sys.executable, "-m", "data_prep.fineweb", "--source", str(parquet_dir), "--out",
-                        "s3://nobucket/x", "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 2 and "s3://nobucket/x" in r.stderr and "credentials" in r.stderr.lower(), r.stderr
+    env.update(
+        FSSPEC_S3_ENDPOINT_URL=s3_server["endpoint_url"],
+        AWS_CONFIG_FILE="/nonexistent",
+        AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep.fineweb",
+            "--source",
+            str(parquet_dir),
+            "--out",
+            "s3://nobucket/x",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        r.returncode == 2 and "s3://nobucket/x" in r.stderr and "credentials" in r.stderr.lower()
+    ), r.stderr
 
 
 def test_verify_detects_corruption_and_missing_shards(parquet_dir, tmp_path):
@@ -198,25 +264,43 @@ def test_clear_errors(tmp_path, parquet_dir):
     r = cli("--source", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "empty dataset" in r.stderr
     write_parquet(tmp_path / "zero.parquet", [])
-    r = cli("--source", str(tmp_path / "zero.parquet"), "--out", str(tmp_path / "o"), "--no-progress")
+    r = cli(
+        "--source", str(tmp_path / "zero.parquet"), "--out", str(tmp_path / "o"), "--no-progress"
+    )
     assert r.returncode == 2 and "no documents" in r.stderr
     pq.write_table(pa.table({"content": ["x"]}), tmp_path / "notext.parquet")
     with pytest.raises(SourceError, match="no 'text' column"):
-        pipeline.build(str(tmp_path / "o2"), open_source(str(tmp_path / "notext.parquet")), SHARD, 1, progress=False)
+        pipeline.build(
+            str(tmp_path / "o2"),
+            open_source(str(tmp_path / "notext.parquet")),
+            SHARD,
+            1,
+            progress=False,
+        )
     with pytest.raises(TokenRangeError, match="70000"):
         to_uint16([50256, 70000], "in document 3 ")
     # a store made with another shard size is never extended or overwritten
-    pipeline.build(str(tmp_path / "s"), TextsSource(["a b c"] * 50), 40, 1, progress=False, max_shards=1)
+    pipeline.build(
+        str(tmp_path / "s"), TextsSource(["a b c"] * 50), 40, 1, progress=False, max_shards=1
+    )
     with pytest.raises(pipeline.PrepError, match="another source or shard size"):
         pipeline.build(str(tmp_path / "s"), TextsSource(["a b c"] * 50), 50, 1, progress=False)
 
 
 def test_unreachable_hub_is_a_clear_error(tmp_path):
-    r = cli("--source", "hf:HuggingFaceFW/fineweb-edu:sample-10BT", "--out", str(tmp_path / "o"), "--no-progress",
-            env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    r = cli(
+        "--source",
+        "hf:HuggingFaceFW/fineweb-edu:sample-10BT",
+        "--out",
+        str(tmp_path / "o"),
+        "--no-progress",
+        env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+    )
     # the hub source is pinned to a commit first (the manifest records it): that is where it fails here
-    assert r.returncode == 2 and "cannot resolve dataset 'HuggingFaceFW/fineweb-edu' at revision 'main'" in r.stderr, \
-        r.stderr[-2000:]
+    assert (
+        r.returncode == 2
+        and "cannot resolve dataset 'HuggingFaceFW/fineweb-edu' at revision 'main'" in r.stderr
+    ), r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("start", [0, 1, 299, 300, 301, 699, 700, 701, 1500, 2499])
@@ -239,7 +323,9 @@ def test_a_hub_source_already_pinned_to_a_commit_is_not_resolved_again():
     assert local.resolved() is local
 
 
-def test_parquet_row_groups_go_to_workers_as_small_records_with_the_same_documents(docs, tmp_path, monkeypatch):
+def test_parquet_row_groups_go_to_workers_as_small_records_with_the_same_documents(
+    docs, tmp_path, monkeypatch
+):
     """The coordinating process ships (file, row group, rows) records, not texts, so it does not saturate on
     a many-core node; a row group too large to be one unit is still read here in batches."""
     import pickle
@@ -248,7 +334,9 @@ def test_parquet_row_groups_go_to_workers_as_small_records_with_the_same_documen
 
     monkeypatch.setattr(sources, "LAZY_ROW_GROUP_DOCS", 400)
     write_parquet(tmp_path / "a.parquet", docs[:900], row_group_size=300)  # records
-    write_parquet(tmp_path / "b.parquet", docs[900:2000], row_group_size=1000)  # 1000 > 400: batches, then 100
+    write_parquet(
+        tmp_path / "b.parquet", docs[900:2000], row_group_size=1000
+    )  # 1000 > 400: batches, then 100
     src = open_source(str(tmp_path))
     for start in (0, 250, 1450, 2000):
         units = list(src.units(start))
@@ -260,7 +348,11 @@ def test_parquet_row_groups_go_to_workers_as_small_records_with_the_same_documen
     assert len(records) == 4 and all(len(pickle.dumps(r)) < 300 for r in records)
     resumed = [u for _, u in src.units(250) if isinstance(u, sources.ParquetRows)]
     assert [(r.url[-9:], r.row_group, r.offset, len(r)) for r in resumed] == [
-        ("a.parquet", 0, 250, 50), ("a.parquet", 1, 0, 300), ("a.parquet", 2, 0, 300), ("b.parquet", 1, 0, 100)]
+        ("a.parquet", 0, 250, 50),
+        ("a.parquet", 1, 0, 300),
+        ("a.parquet", 2, 0, 300),
+        ("b.parquet", 1, 0, 100),
+    ]
 
 
 class _DiesWhenRead:
@@ -279,7 +371,9 @@ def test_worker_failures_reach_the_coordinator_with_their_message(tmp_path, docs
     # a row group whose data is garbage: the worker that reads it reports it, the run stops with its message
     write_parquet(tmp_path / "a.parquet", docs[:600], row_group_size=300)
     data = bytearray((tmp_path / "a.parquet").read_bytes())
-    data[8:len(data) // 2] = os.urandom(len(data) // 2 - 8)  # row groups 0 and 1 (of 2); footer intact
+    data[8 : len(data) // 2] = os.urandom(
+        len(data) // 2 - 8
+    )  # row groups 0 and 1 (of 2); footer intact
     (tmp_path / "a.parquet").write_bytes(bytes(data))
     with pytest.raises(SourceError, match=r"a\.parquet: reading row group [01]: OSError"):
         list(tokenize_units(open_source(str(tmp_path / "a.parquet")).units(), 2))

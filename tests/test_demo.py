@@ -12,14 +12,17 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, free_port
 
 
 def _fresh_copy(dst: Path) -> Path:
     """What a clone of this checkout holds: tracked files and untracked ones git does not ignore."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
-                           check=True).stdout.split(b"\0")
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
     for name in filter(None, (f.decode() for f in files)):
         if (REPO / name).is_file():
             (dst / name).parent.mkdir(parents=True, exist_ok=True)
@@ -27,21 +30,42 @@ def _fresh_copy(dst: Path) -> Path:
     return dst
 
 
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     # The copy's set-up shares this virtualenv: it must find it up to date, or it would install the project
     # again from the copy, a temporary folder (the editable install would then point there).
-    subprocess.run(["bash", "scripts/setup.sh"], cwd=REPO, env={**os.environ, "VENV": sys.prefix}, check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["bash", "scripts/setup.sh"],
+        cwd=REPO,
+        env={**os.environ, "VENV": sys.prefix},
+        check=True,
+        capture_output=True,
+    )
     clone = _fresh_copy(tmp_path_factory.mktemp("newcomer") / "gpt2-repro")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(VENV=str(Path(sys.prefix)), PREFECT_PORT=str(port), DEMO_STEPS="40", OMP_NUM_THREADS="1",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    p = subprocess.run(["bash", "scripts/demo.sh"], cwd=clone, env=env, capture_output=True, text=True, timeout=1500,
-                       start_new_session=True)  # the server it leaves running is in its own process group
-    yield {"p": p, "clone": clone, "api": f"http://127.0.0.1:{port}/api", "ui": f"http://127.0.0.1:{port}"}
+    env.update(
+        VENV=str(Path(sys.prefix)),
+        PREFECT_PORT=str(port),
+        DEMO_STEPS="40",
+        OMP_NUM_THREADS="1",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
+    p = subprocess.run(
+        ["bash", "scripts/demo.sh"],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        start_new_session=True,
+    )  # the server it leaves running is in its own process group
+    yield {
+        "p": p,
+        "clone": clone,
+        "api": f"http://127.0.0.1:{port}/api",
+        "ui": f"http://127.0.0.1:{port}",
+    }
     pid_file = clone / ".prefect" / "server.pid"
     if pid_file.exists():
         try:
@@ -56,11 +80,20 @@ def test_the_demo_runs_the_deployment_and_shows_a_model_that_learns(demo):
     out = p.stdout
     assert "prefect deployment run pretrain-gpt2/demo --watch" in out
     assert re.search(r"/runs/flow-run/[0-9a-f-]{36}", out)  # the run's URL, to open in the UI
-    m = re.search(r"val loss ([0-9.]+) nats \(from ([0-9.]+) at the start\) vs ([0-9.]+) nats unigram entropy", out)
+    m = re.search(
+        r"val loss ([0-9.]+) nats \(from ([0-9.]+) at the start\) vs ([0-9.]+) nats unigram entropy",
+        out,
+    )
     assert m, out[-3000:]
     val, first, unigram = map(float, m.groups())
-    assert val < first - 1.0  # 40 steps already bend the curve (the full demo goes well below the unigram line)
-    assert "step     20: ours " in out and "lm eval demo hellaswag" in out and "best checkpoint: step" in out
+    assert (
+        val < first - 1.0
+    )  # 40 steps already bend the curve (the full demo goes well below the unigram line)
+    assert (
+        "step     20: ours " in out
+        and "lm eval demo hellaswag" in out
+        and "best checkpoint: step" in out
+    )
     assert (run / "curves.png").exists()
     assert (run / "checkpoints" / "step_000040" / "eval" / "lm_eval.json").exists()
 
@@ -73,7 +106,11 @@ def test_the_run_page_shows_its_task_runs_and_the_evaluation_table(demo):
 
     async def read():
         async with get_client() as client:
-            runs = [r for r in await client.read_flow_runs() if r.parameters.get("params", {}).get("run_name") == "demo-40"]
+            runs = [
+                r
+                for r in await client.read_flow_runs()
+                if r.parameters.get("params", {}).get("run_name") == "demo-40"
+            ]
             tasks = await client.read_task_runs()
             return runs[0], tasks, await client.read_artifacts()
 

@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO
 
 DOCKERFILES = sorted((REPO / "dockerfiles").glob("*.Dockerfile"))
-SECRET_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|ACCESS_KEY|API_KEY|PRIVATE_KEY|_TOKEN$|^TOKEN)", re.I)
+SECRET_NAME = re.compile(
+    r"(SECRET|PASSWORD|PASSWD|ACCESS_KEY|API_KEY|PRIVATE_KEY|_TOKEN$|^TOKEN)", re.I
+)
 
 
 def instructions(text):
@@ -45,7 +46,9 @@ def problems(text):
             if image in stages:
                 continue
             tag = image.rsplit("/", 1)[-1]
-            if "@sha256:" not in image and (":" not in tag or tag.endswith(":latest") or not re.search(r":.*\d", tag)):
+            if "@sha256:" not in image and (
+                ":" not in tag or tag.endswith(":latest") or not re.search(r":.*\d", tag)
+            ):
                 found.append(f"unpinned base image {image}")
         if op in ("ENV", "ARG"):
             for name, value in re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=(\S*)", arg):
@@ -78,15 +81,23 @@ def test_images_are_pinned_secret_free_non_root_and_their_commands_exist(path):
     for op, arg in instructions(text):
         if op == "COPY" and "--from" not in arg:
             for src in arg.split()[:-1]:
-                assert (REPO / src).exists(), f"{path.name}: COPY source {src} is not in the project"
+                assert (REPO / src).exists(), (
+                    f"{path.name}: COPY source {src} is not in the project"
+                )
 
 
 def test_the_checks_catch_a_bad_image():
-    bad = ("FROM ubuntu:latest\nFROM python\nENV AWS_SECRET_ACCESS_KEY=abc123\n"
-           'CMD ["python", "-m", "training.no_such_module"]\n')
-    assert problems(bad) == ["unpinned base image ubuntu:latest", "unpinned base image python",
-                             "secret-looking ENV AWS_SECRET_ACCESS_KEY", "runs as root",
-                             "entry module training.no_such_module does not exist"]
+    bad = (
+        "FROM ubuntu:latest\nFROM python\nENV AWS_SECRET_ACCESS_KEY=abc123\n"
+        'CMD ["python", "-m", "training.no_such_module"]\n'
+    )
+    assert problems(bad) == [
+        "unpinned base image ubuntu:latest",
+        "unpinned base image python",
+        "secret-looking ENV AWS_SECRET_ACCESS_KEY",
+        "runs as root",
+        "entry module training.no_such_module does not exist",
+    ]
 
 
 def test_train_image_stages_the_tokenizer_and_worker_serves_a_health_check():

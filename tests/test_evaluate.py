@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
+from helpers import REPO, make_examples, small_hf_model, write_jsonl
 from torch.nn import functional as F
 
 from evaluation import hellaswag as hs
 from evaluation.evaluate import evaluate
 from evaluation.hellaswag_data import HellaSwagDataError, read_examples
-from helpers import REPO, make_examples, small_hf_model, write_jsonl
 from training import checkpoint as ck
 from training.config import load_config
 from training.hf import gpt_from_hf
@@ -38,7 +38,10 @@ def test_hellaswag_scores_equal_an_independent_computation_with_transformers(enc
         correct += min(range(4), key=sums.__getitem__) == ex["label"]
         correct_norm += min(range(4), key=means.__getitem__) == ex["label"]
     assert got == {"acc": correct / 12, "acc_norm": correct_norm / 12, "n": 12}
-    preds = [int(hs.ending_losses(ours, hs.render(ex, enc), torch.device("cpu"))[0].argmin()) for ex in examples]
+    preds = [
+        int(hs.ending_losses(ours, hs.render(ex, enc), torch.device("cpu"))[0].argmin())
+        for ex in examples
+    ]
     assert len(set(preds)) > 1  # a scorer that always says "0" would not pass unnoticed
 
 
@@ -64,12 +67,19 @@ def test_evaluate_writes_results_and_second_call_is_a_cache_hit(checkpoint, tmp_
     data = write_jsonl(tmp_path / "hs.jsonl", make_examples(10, seed=1))
     first = evaluate(checkpoint, ["hellaswag"], hellaswag_data=data)
     assert first["hellaswag"]["n"] == 10 and first["hellaswag"]["cached"] is False
-    stored = json.loads((ck.resolve(checkpoint).url and open(f"{checkpoint}/eval/hellaswag.json").read()))
+    stored = json.loads(
+        ck.resolve(checkpoint).url and open(f"{checkpoint}/eval/hellaswag.json").read()
+    )
     assert stored["acc"] == first["hellaswag"]["acc"] and stored["step"] == 7
     assert stored["references"]["gpt2-124m (OpenAI weights, this method: acc_norm)"] == 0.2955
     second = evaluate(checkpoint, ["hellaswag"], hellaswag_data=data)
-    assert second["hellaswag"]["cached"] is True and second["hellaswag"]["acc"] == first["hellaswag"]["acc"]
-    third = evaluate(checkpoint, ["hellaswag"], hellaswag_data=data, limit=5)  # other work: not a cache hit
+    assert (
+        second["hellaswag"]["cached"] is True
+        and second["hellaswag"]["acc"] == first["hellaswag"]["acc"]
+    )
+    third = evaluate(
+        checkpoint, ["hellaswag"], hellaswag_data=data, limit=5
+    )  # other work: not a cache hit
     assert third["hellaswag"]["cached"] is False and third["hellaswag"]["n"] == 5
 
 
@@ -94,8 +104,13 @@ metric_list:
   - metric: acc
   - metric: acc_norm
 """)
-    summary = evaluate(checkpoint, ["hellaswag", "tiny_hellaswag"], hellaswag_data=data, include_path=str(tasks),
-                       batch_size=4)
+    summary = evaluate(
+        checkpoint,
+        ["hellaswag", "tiny_hellaswag"],
+        hellaswag_data=data,
+        include_path=str(tasks),
+        batch_size=4,
+    )
     lm = summary["lm_eval"]["tasks"]["tiny_hellaswag"]
     assert summary["lm_eval"]["n_samples"]["tiny_hellaswag"] == 16
     # lm-eval's acc (summed log-likelihood of " " + ending) is our acc (summed loss) on the same examples
@@ -103,7 +118,9 @@ metric_list:
     saved = json.load(open(f"{checkpoint}/eval/lm_eval.json"))
     assert saved["tasks"]["tiny_hellaswag"]["acc"] == lm["acc"] and saved["versions"]["lm_eval"]
     export = saved["hf_export"]
-    assert os.path.exists(f"{export}/model.safetensors") and os.path.exists(f"{export}/tokenizer.json")
+    assert os.path.exists(f"{export}/model.safetensors") and os.path.exists(
+        f"{export}/tokenizer.json"
+    )
     again = evaluate(checkpoint, ["tiny_hellaswag"], include_path=str(tasks))
     assert again["lm_eval"]["cached"] is True
 
@@ -115,12 +132,17 @@ def test_a_stock_lm_eval_task_beside_local_ones_is_still_found(tmp_path):
 
     from evaluation.lm_eval_runner import _task_manager
 
-    (tmp_path / "tiny.yaml").write_text("task: tiny\ndataset_path: json\noutput_type: multiple_choice\n")
-    (tmp_path / "suite.yaml").write_text("group: suite\ntask: [tiny, arc_easy]\n")  # a local group of stock tasks
+    (tmp_path / "tiny.yaml").write_text(
+        "task: tiny\ndataset_path: json\noutput_type: multiple_choice\n"
+    )
+    (tmp_path / "suite.yaml").write_text(
+        "group: suite\ntask: [tiny, arc_easy]\n"
+    )  # a local group of stock tasks
     assert _task_manager(TaskManager, ["tiny"], str(tmp_path)).all_tasks == ["suite", "tiny"]
     # one whole index (~13 s) for both cases: a stock task asked for, and a local group naming one
-    assert {"tiny", "suite", "arc_easy", "hellaswag"} <= set(_task_manager(TaskManager, ["tiny", "arc_easy"],
-                                                                             str(tmp_path)).all_tasks)
+    assert {"tiny", "suite", "arc_easy", "hellaswag"} <= set(
+        _task_manager(TaskManager, ["tiny", "arc_easy"], str(tmp_path)).all_tasks
+    )
     from evaluation.lm_eval_runner import _local_index_serves
 
     local = TaskManager(include_path=str(tmp_path), include_defaults=False)
@@ -129,22 +151,50 @@ def test_a_stock_lm_eval_task_beside_local_ones_is_still_found(tmp_path):
 
 def test_evaluate_cli_prints_json_summary(checkpoint, tmp_path):
     data = write_jsonl(tmp_path / "hs.jsonl", make_examples(6, seed=4))
-    p = subprocess.run([sys.executable, "-m", "evaluation.evaluate", "--checkpoint", checkpoint, "--tasks", "hellaswag",
-                        "--hellaswag-data", data, "--limit", "4"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "evaluation.evaluate",
+            "--checkpoint",
+            checkpoint,
+            "--tasks",
+            "hellaswag",
+            "--hellaswag-data",
+            data,
+            "--limit",
+            "4",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert set(out["hellaswag"]) >= {"acc", "acc_norm", "n"} and out["hellaswag"]["n"] == 4
-    bad = subprocess.run([sys.executable, "-m", "evaluation.evaluate", "--checkpoint", str(tmp_path / "none")],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "evaluation.evaluate", "--checkpoint", str(tmp_path / "none")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "neither a checkpoint" in bad.stderr
     # a checkpoint copied out of its run directory: no store to find HellaSwag in, and nothing written beside it
     lone = tmp_path / "kept" / "step_000007"
     shutil.copytree(checkpoint, lone, ignore=shutil.ignore_patterns("eval"))
-    p = subprocess.run([sys.executable, "-m", "evaluation.evaluate", "--checkpoint", lone, "--tasks", "hellaswag"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "evaluation.evaluate", "--checkpoint", lone, "--tasks", "hellaswag"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == (
         f"error: {lone} is not in a store's runs/{{run}}/checkpoints/ folder, so there is no store HellaSwag file "
-        "to default to: give --hellaswag-data"), p.stderr
+        "to default to: give --hellaswag-data"
+    ), p.stderr
     assert sorted(x.name for x in tmp_path.iterdir()) == ["hs.jsonl", "kept"]
 
 
@@ -154,20 +204,42 @@ def test_a_checkpoint_s_export_goes_to_its_run_or_into_its_own_eval_folder(root)
 
     inside = f"{root}/runs/r/checkpoints/step_000007"
     assert hf_export(inside, 7) == f"{root}/runs/r/exports/step_000007-hf"
-    assert RunDir.of_checkpoint(inside).store.hellaswag == f"{root}/data/hellaswag/hellaswag_val.jsonl"
+    assert (
+        RunDir.of_checkpoint(inside).store.hellaswag == f"{root}/data/hellaswag/hellaswag_val.jsonl"
+    )
     lone = f"{root}/kept/step_000007"  # copied out of its run: the export stays inside it, never in {root}/exports
     assert RunDir.of_checkpoint(lone) is None and hf_export(lone, 7) == f"{lone}/eval/hf-export"
-    assert RunDir.of_checkpoint(f"{root}/elsewhere/checkpoints/step_000007").store is None  # not under runs/
+    assert (
+        RunDir.of_checkpoint(f"{root}/elsewhere/checkpoints/step_000007").store is None
+    )  # not under runs/
 
 
 def test_hellaswag_split_over_two_torchrun_ranks_equals_one_process(checkpoint, tmp_path):
     data = write_jsonl(tmp_path / "hs.jsonl", make_examples(9, seed=6))
     single = evaluate(checkpoint, ["hellaswag"], hellaswag_data=data)["hellaswag"]
     os.remove(f"{checkpoint}/eval/hellaswag.json")  # force recomputation
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "evaluation.evaluate", "--checkpoint", checkpoint, "--tasks", "hellaswag",
-                        "--hellaswag-data", data], cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "evaluation.evaluate",
+            "--checkpoint",
+            checkpoint,
+            "--tasks",
+            "hellaswag",
+            "--hellaswag-data",
+            data,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     dist = json.loads(p.stdout)["hellaswag"]
     assert (dist["acc"], dist["acc_norm"], dist["n"]) == (single["acc"], single["acc_norm"], 9)

@@ -8,14 +8,12 @@ import socket
 import time
 
 import pytest
-
+from helpers import FLOW_FAST, REPO, free_port, make_examples, make_shards, read_jsonl, write_jsonl
 from prefect import flow
 
 from flows.executors import LocalTrainingExecutor
 from flows.params import PretrainParams
 from flows.pretrain import FlowFailure, pretrain, run_pretrain
-from helpers import FLOW_FAST, REPO, free_port, make_examples, make_shards, read_jsonl, write_jsonl
-
 
 SHARDS: dict[str, str] = {}
 
@@ -30,8 +28,14 @@ def _params(tmp_path, **kw):
     tmp_path.mkdir(parents=True, exist_ok=True)
     hs = write_jsonl(tmp_path / "hs.jsonl", make_examples(4))
     kw = {"overrides": FLOW_FAST, "data": SHARDS["demo"], **kw}
-    return PretrainParams(store=str(tmp_path / "store"), run_name="t", hellaswag_data=hs, poll_seconds=0.5,
-                          backoff_seconds=0, **kw)
+    return PretrainParams(
+        store=str(tmp_path / "store"),
+        run_name="t",
+        hellaswag_data=hs,
+        poll_seconds=0.5,
+        backoff_seconds=0,
+        **kw,
+    )
 
 
 def test_flow_trains_evaluates_every_checkpoint_and_reports(prefect_server, tmp_path):
@@ -54,8 +58,13 @@ def test_flow_trains_evaluates_every_checkpoint_and_reports(prefect_server, tmp_
     arts = asyncio.run(artifacts())
     assert {"progress", "table", "markdown"} <= {a.type for a in arts}
     status = [a for a in arts if a.key == "t-status"]
-    assert any("| 6 / 6 |" in a.data for a in status)  # a version per 1% of the run, the last at its end
-    assert any(re.search(r"\| [^|:]+:0, \d+ ms busy \(median rank \d+ ms\) at step 3 \|", a.data) for a in status)
+    assert any(
+        "| 6 / 6 |" in a.data for a in status
+    )  # a version per 1% of the run, the last at its end
+    assert any(
+        re.search(r"\| [^|:]+:0, \d+ ms busy \(median rank \d+ ms\) at step 3 \|", a.data)
+        for a in status
+    )
 
 
 def _wait_for_checkpoint(run, step):
@@ -82,7 +91,9 @@ class KillFirstSubmission(LocalTrainingExecutor):
 
 
 def _trace(d):
-    return [(m["step"], m["loss"]) for m in read_jsonl(d / "store" / "runs" / "t" / "metrics.jsonl")]
+    return [
+        (m["step"], m["loss"]) for m in read_jsonl(d / "store" / "runs" / "t" / "metrics.jsonl")
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +105,9 @@ def uninterrupted(prefect_server, tmp_path_factory):
     return _trace(d)
 
 
-def test_failed_attempt_is_resubmitted_and_the_loss_trace_matches(prefect_server, uninterrupted, tmp_path):
+def test_failed_attempt_is_resubmitted_and_the_loss_trace_matches(
+    prefect_server, uninterrupted, tmp_path
+):
 
     @flow(name="pretrain-gpt2-node-failure")
     async def with_node_failure(params: PretrainParams):
@@ -103,7 +116,11 @@ def test_failed_attempt_is_resubmitted_and_the_loss_trace_matches(prefect_server
     killed = asyncio.run(with_node_failure(_params(tmp_path / "b", eval_tasks=[])))
     assert killed["submissions"] == 2
     subs = read_jsonl(tmp_path / "b" / "store" / "runs" / "t" / "submissions.jsonl")
-    assert subs[0]["state"] == "failed" and "signal 9" in subs[0]["reason"] and subs[0]["end_step"] == 3
+    assert (
+        subs[0]["state"] == "failed"
+        and "signal 9" in subs[0]["reason"]
+        and subs[0]["end_step"] == 3
+    )
     assert subs[1]["start_step"] == 3 and subs[1]["state"] == "completed"
     assert _trace(tmp_path / "b") == uninterrupted
 
@@ -122,24 +139,37 @@ class FreezeFirstSubmission(LocalTrainingExecutor):
         return submission
 
 
-def test_a_frozen_job_is_detected_cancelled_and_resubmitted_and_the_loss_trace_matches(prefect_server, uninterrupted,
-                                                                                        tmp_path):
-    fast = [*FLOW_FAST, "train.heartbeat_seconds=0.2"]  # heartbeats change no loss: the same trace is expected
+def test_a_frozen_job_is_detected_cancelled_and_resubmitted_and_the_loss_trace_matches(
+    prefect_server, uninterrupted, tmp_path
+):
+    fast = [
+        *FLOW_FAST,
+        "train.heartbeat_seconds=0.2",
+    ]  # heartbeats change no loss: the same trace is expected
     executor = FreezeFirstSubmission()
 
     @flow(name="pretrain-gpt2-hang")
     async def with_hang(params: PretrainParams):
         return await run_pretrain(params, executor)
 
-    hung = asyncio.run(with_hang(_params(tmp_path / "b", eval_tasks=[], overrides=fast, hang_floor_s=3,
-                                             startup_timeout_s=20)))
+    hung = asyncio.run(
+        with_hang(
+            _params(
+                tmp_path / "b", eval_tasks=[], overrides=fast, hang_floor_s=3, startup_timeout_s=20
+            )
+        )
+    )
     assert hung["submissions"] == 2 and hung["final_step"] == 6
     subs = read_jsonl(tmp_path / "b" / "store" / "runs" / "t" / "submissions.jsonl")
     assert subs[0]["state"] == "hung" and subs[0]["next"] == "resubmit", subs[0]
     # the step its last heartbeat reported (beats lag the loop by up to one interval), and who fell silent
-    assert re.match(rf"hang at step [1-4] \([a-z]+\), silent ranks: {socket.gethostname()}:0; no new step for ",
-                    subs[0]["reason"]), subs[0]
-    assert subs[0]["end_step"] == 3 and subs[1]["start_step"] == 3 and subs[1]["state"] == "completed"
+    assert re.match(
+        rf"hang at step [1-4] \([a-z]+\), silent ranks: {socket.gethostname()}:0; no new step for ",
+        subs[0]["reason"],
+    ), subs[0]
+    assert (
+        subs[0]["end_step"] == 3 and subs[1]["start_step"] == 3 and subs[1]["state"] == "completed"
+    )
     detected = subs[0]["time"] - time.time() + time.monotonic() - executor.frozen_at
     assert 3 < detected < 30  # the 3 s floor, plus polls: not the job's time limit, not a person
     assert _trace(tmp_path / "b") == uninterrupted
@@ -149,7 +179,9 @@ def test_crash_loop_stops_with_a_clear_message(prefect_server, tmp_path):
     data = tmp_path / "data"
     make_shards(data, [5000, 5000])
     shard = data / "edufineweb_train_000001.npy"
-    shard.write_bytes(shard.read_bytes()[:-2] + b"\x00\x00")  # bit rot: every attempt dies on its checksum
+    shard.write_bytes(
+        shard.read_bytes()[:-2] + b"\x00\x00"
+    )  # bit rot: every attempt dies on its checksum
     p = _params(tmp_path, eval_tasks=[], data=str(data))
     with pytest.raises(FlowFailure, match="crash loop at step 0"):
         asyncio.run(pretrain(p))
@@ -167,10 +199,18 @@ def test_a_dead_prefect_server_is_one_clear_line(tmp_path):
     import sys
 
     port = free_port()  # nothing listens there
-    p = subprocess.run([sys.executable, "-m", "flows.pretrain", "--store", str(tmp_path / "store")], cwd=REPO,
-                       env=dict(os.environ, PREFECT_API_URL=f"http://127.0.0.1:{port}/api"), capture_output=True,
-                       text=True, timeout=120)
-    assert p.returncode == 2 and f"the Prefect server at http://127.0.0.1:{port}/api does not answer" in p.stderr
+    p = subprocess.run(
+        [sys.executable, "-m", "flows.pretrain", "--store", str(tmp_path / "store")],
+        cwd=REPO,
+        env=dict(os.environ, PREFECT_API_URL=f"http://127.0.0.1:{port}/api"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        p.returncode == 2
+        and f"the Prefect server at http://127.0.0.1:{port}/api does not answer" in p.stderr
+    )
     assert "Traceback" not in p.stderr and not (tmp_path / "store").exists()
 
 
@@ -193,12 +233,16 @@ def test_the_flow_reads_only_new_whole_lines_and_skips_torn_ones(tmp_path):
     assert parse_metrics(tail.read()) == [{"step": 0, "loss": 1.0}]
     with open(f, "a") as out:  # the resumed run appends after the torn fragment
         out.write('{"step": 1, "loss": 0.9}\n{"step": 2, "loss": 0.8}\n')
-    assert parse_metrics(tail.read()) == [{"step": 2, "loss": 0.8}]  # the torn line is skipped, nothing re-read
+    assert parse_metrics(tail.read()) == [
+        {"step": 2, "loss": 0.8}
+    ]  # the torn line is skipped, nothing re-read
     f.write_text('{"step": 0, "loss": 2.0}\n')  # truncated and rewritten: read from the start again
     assert parse_metrics(tail.read()) == [{"step": 0, "loss": 2.0}]
 
 
-def test_a_rank_slower_than_the_median_in_consecutive_windows_is_one_warning_and_one_event(tmp_path, caplog):
+def test_a_rank_slower_than_the_median_in_consecutive_windows_is_one_warning_and_one_event(
+    tmp_path, caplog
+):
     """From the telemetry summaries in the metrics lines (training/telemetry.py), as the watcher reads them."""
     import json
     import logging
@@ -211,7 +255,9 @@ def test_a_rank_slower_than_the_median_in_consecutive_windows_is_one_warning_and
     run = RunDir(str(tmp_path))
     rows = [{"step": s, "loss": 3.0} for s in range(40)]
     for s in (9, 19, 29, 39):  # rank 3 on n2 is 40% slower than the median rank in every window
-        rows[s].update(slowest_rank=3, slowest_host="n2", rank_busy_ms_max=140.0, rank_busy_ms_median=100.0)
+        rows[s].update(
+            slowest_rank=3, slowest_host="n2", rank_busy_ms_max=140.0, rank_busy_ms_median=100.0
+        )
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     class Done:
@@ -229,72 +275,135 @@ def test_a_rank_slower_than_the_median_in_consecutive_windows_is_one_warning_and
         pass
 
     log = logging.getLogger("test-stragglers")
-    watcher = RunWatcher(run, log, 0.01, stragglers=StragglerWatch(0.10, 3), on_straggler=on_straggler)
+    watcher = RunWatcher(
+        run, log, 0.01, stragglers=StragglerWatch(0.10, 3), on_straggler=on_straggler
+    )
     with caplog.at_level(logging.WARNING, logger="test-stragglers"):
         asyncio.run(watcher.watch(Done(), on_tick))
     assert [(s.rank, s.host, s.step) for s in found] == [(3, "n2", 29)]
     assert [r.message for r in caplog.records] == [
         "rank 3 on n2 is a straggler: 140 ms busy per step against the median rank's 100 ms (+40%) in 3 telemetry "
-        "windows in a row, up to step 29"]
+        "windows in a row, up to step 29"
+    ]
     # recorded in the run directory for the tracker mirror and later flow runs, once
     kept = [json.loads(line) for line in (tmp_path / "stragglers.jsonl").read_text().splitlines()]
     assert [(r["event"], r["rank"], r["host"], r["step"], r["busy_ms"]) for r in kept] == [
-        ("straggler", 3, "n2", 29, 140.0)]
-    again = RunWatcher(run, log, 0.01, stragglers=StragglerWatch(0.10, 3), on_straggler=on_straggler)
+        ("straggler", 3, "n2", 29, 140.0)
+    ]
+    again = RunWatcher(
+        run, log, 0.01, stragglers=StragglerWatch(0.10, 3), on_straggler=on_straggler
+    )
     assert [r["step"] for r in again.earlier_stragglers] == [29]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="test-stragglers"):
-        asyncio.run(again.watch(Done(), on_tick))  # a restarted flow reads the same metrics: said once, kept once
-    assert len(found) == 1 and not caplog.records and (tmp_path / "stragglers.jsonl").read_text().count("\n") == 1
+        asyncio.run(
+            again.watch(Done(), on_tick)
+        )  # a restarted flow reads the same metrics: said once, kept once
+    assert (
+        len(found) == 1
+        and not caplog.records
+        and (tmp_path / "stragglers.jsonl").read_text().count("\n") == 1
+    )
     from tracking.records import read_records
 
     [event] = [e for e in read_records(str(tmp_path)).events if e["source"] == "stragglers"]
-    assert event["event"] == "straggler" and event["step"] == 29 and "rank 3 on n2" in event["detail"]
+    assert (
+        event["event"] == "straggler" and event["step"] == 29 and "rank 3 on n2" in event["detail"]
+    )
 
 
-def test_a_second_flow_run_on_the_same_run_directory_stops_naming_the_first(prefect_server, tmp_path):
+def test_a_second_flow_run_on_the_same_run_directory_stops_naming_the_first(
+    prefect_server, tmp_path
+):
     from common.lease import Lease
 
     p = _params(tmp_path, eval_tasks=[])
-    first = Lease(p.run_dir().lease("flow"), "flow run first-one", identity="first-flow-run-id").acquire()
+    first = Lease(
+        p.run_dir().lease("flow"), "flow run first-one", identity="first-flow-run-id"
+    ).acquire()
     try:
         with pytest.raises(FlowFailure, match="is in use by flow run first-one"):
             asyncio.run(pretrain(p))
     finally:
         first.release()
-    assert not (tmp_path / "store" / "runs" / "t" / "submissions.jsonl").exists()  # nothing was submitted
+    assert not (
+        tmp_path / "store" / "runs" / "t" / "submissions.jsonl"
+    ).exists()  # nothing was submitted
     assert asyncio.run(pretrain(p))["final_step"] == 6  # once the first is gone, the run goes on
 
 
 def test_divergence_is_rolled_back_past_its_data_and_the_run_completes_as_if_skipped_from_the_start(
-        prefect_server, tmp_path):
+    prefect_server, tmp_path
+):
     nine = [*FLOW_FAST, "max_steps=9", "max_skips=3"]
-    result = asyncio.run(pretrain(_params(tmp_path / "a", eval_tasks=[], overrides=[*nine, 'fault_batches=["4:7"]'])))
+    result = asyncio.run(
+        pretrain(_params(tmp_path / "a", eval_tasks=[], overrides=[*nine, 'fault_batches=["4:7"]']))
+    )
     run = tmp_path / "a" / "store" / "runs" / "t"
     assert result["final_step"] == 9 and result["submissions"] == 2
     subs = read_jsonl(run / "submissions.jsonl")
     assert [s["state"] for s in subs] == ["diverged", "completed"]
-    assert subs[0]["diverged"] == {"steps": [4, 6], "batches": "4:7", "reasons": ["non-finite loss"]}
-    assert subs[0]["next"] == "rollback" and subs[0]["skipped"] == [[s, "non-finite loss"] for s in (4, 5, 6)]
+    assert subs[0]["diverged"] == {
+        "steps": [4, 6],
+        "batches": "4:7",
+        "reasons": ["non-finite loss"],
+    }
+    assert subs[0]["next"] == "rollback" and subs[0]["skipped"] == [
+        [s, "non-finite loss"] for s in (4, 5, 6)
+    ]
     assert subs[1]["next"] == "done" and "skipped" not in subs[1]
     rollback = read_jsonl(run / "rollbacks.jsonl")
     assert [(r["skip"], r["resume_step"], r["set_aside"]) for r in rollback] == [("4:7", 3, [6])]
-    assert (run / "rolled-back" / "001" / "step_000006" / "manifest.json").exists()  # set aside, not deleted
-    assert [e["event"] for e in read_jsonl(run / "events.jsonl")] == ["skip", "skip", "skip", "diverged"]
+    assert (
+        run / "rolled-back" / "001" / "step_000006" / "manifest.json"
+    ).exists()  # set aside, not deleted
+    assert [e["event"] for e in read_jsonl(run / "events.jsonl")] == [
+        "skip",
+        "skip",
+        "skip",
+        "diverged",
+    ]
     # bit-exact apart from the skipped batches: the same as a run told to pass over them from the start
-    asyncio.run(pretrain(_params(tmp_path / "b", eval_tasks=[], overrides=[*nine, 'skip_batches=["4:7"]'])))
-    trace = lambda d: [(m["step"], m["loss"], m.get("data_batch")) for m in
-                       read_jsonl(d / "store" / "runs" / "t" / "metrics.jsonl")]
+    asyncio.run(
+        pretrain(_params(tmp_path / "b", eval_tasks=[], overrides=[*nine, 'skip_batches=["4:7"]']))
+    )
+
+    def trace(d):
+        return [
+            (m["step"], m["loss"], m.get("data_batch"))
+            for m in read_jsonl(d / "store" / "runs" / "t" / "metrics.jsonl")
+        ]
+
     assert trace(tmp_path / "a") == trace(tmp_path / "b")
-    assert [m.get("data_batch", m["step"]) for m in read_jsonl(run / "metrics.jsonl")] == [0, 1, 2, 3, 7, 8, 9, 10, 11]
+    assert [m.get("data_batch", m["step"]) for m in read_jsonl(run / "metrics.jsonl")] == [
+        0,
+        1,
+        2,
+        3,
+        7,
+        8,
+        9,
+        10,
+        11,
+    ]
 
 
 def test_divergence_that_survives_the_rollbacks_stops_the_run_naming_it(prefect_server, tmp_path):
-    p = _params(tmp_path, eval_tasks=[], max_rollbacks=1,
-                overrides=[*FLOW_FAST, "max_steps=9", "max_skips=3", "fault_steps=[4,5,6]"])
-    with pytest.raises(FlowFailure, match=r"diverged at steps \[4, 6\] \(data batches 7:10: non-finite loss\) "
-                                          r"after 1 rollbacks"):
+    p = _params(
+        tmp_path,
+        eval_tasks=[],
+        max_rollbacks=1,
+        overrides=[*FLOW_FAST, "max_steps=9", "max_skips=3", "fault_steps=[4,5,6]"],
+    )
+    with pytest.raises(
+        FlowFailure,
+        match=r"diverged at steps \[4, 6\] \(data batches 7:10: non-finite loss\) "
+        r"after 1 rollbacks",
+    ):
         asyncio.run(pretrain(p))
     subs = read_jsonl(tmp_path / "store" / "runs" / "t" / "submissions.jsonl")
-    assert [(s["state"], s["next"]) for s in subs] == [("diverged", "rollback"), ("diverged", "stop")]
+    assert [(s["state"], s["next"]) for s in subs] == [
+        ("diverged", "rollback"),
+        ("diverged", "stop"),
+    ]
     assert subs[1]["message"].startswith("diverged at steps [4, 6]")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import REPO
+
 from training import accel
 from training.config import GPTConfig
 from training.loader import ShardLoader
@@ -20,8 +20,12 @@ from training.model import GPT
 from training.optim import configure_optimizer
 from training.step import train_step
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)"
+    ),
+]
 CUDA = torch.device("cuda")
 
 
@@ -42,8 +46,17 @@ def _losses(demo_data, *, fast: bool, steps=50, loss_chunk=0):
     loader = ShardLoader(demo_data, "train", 8, 256)
     out = []
     for _ in range(steps):
-        loss, _ = train_step(run, opt, loader.next_batch, grad_accum=2, device=CUDA, lr=6e-4, grad_clip=1.0,
-                             autocast_dtype=torch.bfloat16 if fast else None, loss_chunk=loss_chunk)
+        loss, _ = train_step(
+            run,
+            opt,
+            loader.next_batch,
+            grad_accum=2,
+            device=CUDA,
+            lr=6e-4,
+            grad_clip=1.0,
+            autocast_dtype=torch.bfloat16 if fast else None,
+            loss_chunk=loss_chunk,
+        )
         out.append(loss.item())
     return out
 
@@ -78,7 +91,9 @@ def test_each_attention_kernel_matches_the_math_kernel(backend):
         logits, grad = run(backend)
     except RuntimeError as err:
         if "No available kernel" in str(err):
-            pytest.skip(f"{backend} attention is not available with this torch/GPU: {str(err)[:120]}")
+            pytest.skip(
+                f"{backend} attention is not available with this torch/GPU: {str(err)[:120]}"
+            )
         raise
     assert (logits - ref_logits).abs().max() < 0.05 * ref_logits.abs().max()
     assert (grad - ref_grad).abs().max() < 0.05 * ref_grad.abs().max()
@@ -113,19 +128,41 @@ def test_a_forced_attention_kernel_is_the_one_a_compiled_step_runs():
 def test_training_job_on_cuda_with_compile_and_the_levers(demo_data, tmp_path):
     """The real job on the GPU: compiled, bf16, chunked loss, checkpoint and resume (CUDA RNG state)."""
     run = tmp_path / "run"
-    sets = ["micro_batch=8", "seq_len=64", "total_batch_tokens=1024", "max_steps=6", "warmup_steps=2",
-            "val_every=3", "val_tokens=1024", "sample_every=3", "checkpoint_every=3", "dtype=bfloat16",
-            "compile=true", "loss_chunk=256", "device=cuda", f"data_url={demo_data}", f"run_dir={run}"]
+    sets = [
+        "micro_batch=8",
+        "seq_len=64",
+        "total_batch_tokens=1024",
+        "max_steps=6",
+        "warmup_steps=2",
+        "val_every=3",
+        "val_tokens=1024",
+        "sample_every=3",
+        "checkpoint_every=3",
+        "dtype=bfloat16",
+        "compile=true",
+        "loss_chunk=256",
+        "device=cuda",
+        f"data_url={demo_data}",
+        f"run_dir={run}",
+    ]
 
     def job(*extra):
-        cmd = [sys.executable, "-m", "training.train", "--config", "tiny",
-               *[a for s in [*sets, *extra] for a in ("--set", s)]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "training.train",
+            "--config",
+            "tiny",
+            *[a for s in [*sets, *extra] for a in ("--set", s)],
+        ]
         p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-4000:]
         return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
     m = job()
-    assert [r["step"] for r in m] == list(range(6)) and all(r["mfu"] is None or r["mfu"] > 0 for r in m)
+    assert [r["step"] for r in m] == list(range(6)) and all(
+        r["mfu"] is None or r["mfu"] > 0 for r in m
+    )
     assert m[-1]["loss"] < m[0]["loss"]
     m = job("max_steps=8")  # resumes from the step-6 checkpoint, CUDA RNG state included
     assert [r["step"] for r in m] == list(range(8))
@@ -141,20 +178,26 @@ def test_telemetry_on_cuda_times_the_rank_with_events_and_reads_its_memory():
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=256, n_layer=2)).to(CUDA)
-    tel = RankTelemetry(2, DistInfo(), CUDA, last_grads=[model.transformer.wte.weight, model.transformer.wpe.weight])
+    tel = RankTelemetry(
+        2, DistInfo(), CUDA, last_grads=[model.transformer.wte.weight, model.transformer.wpe.weight]
+    )
     x = torch.randint(0, 50257, (8, 256), device=CUDA)
     for _ in range(2):
         tel.step_started()
         t0 = time.perf_counter()
         model(x, x)[1].backward()
-        torch.cuda._sleep(100_000_000)  # the GPU kept busy after the backward, as by a peer's all-reduce
+        torch.cuda._sleep(
+            100_000_000
+        )  # the GPU kept busy after the backward, as by a peer's all-reduce
         torch.cuda.synchronize()
         step_s = time.perf_counter() - t0
         tel.step_ended(step_s)
         assert 0 < tel.busy_s < step_s - 0.01
     [row] = tel.gather()
     assert row["mem_alloc_gb"] > 0 and row["mem_reserved_gb"] >= row["mem_alloc_gb"]
-    assert all(row[k] is None or row[k] >= 0 for k in ("gpu_util", "sm_clock_mhz", "temp_c", "power_w"))
+    assert all(
+        row[k] is None or row[k] >= 0 for k in ("gpu_util", "sm_clock_mhz", "temp_c", "power_w")
+    )
 
 
 def test_a_gpu_node_passes_its_node_check(tmp_path):

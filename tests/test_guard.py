@@ -5,8 +5,9 @@ the real training step."""
 import json
 import random
 
-from common.exit_codes import DIVERGED
 from helpers import losses, metrics, read_jsonl, run_train
+
+from common.exit_codes import DIVERGED
 from training.config import GuardConfig
 from training.guard import StepGuard
 
@@ -24,9 +25,16 @@ def test_the_guard_skips_non_finite_and_spiking_steps_but_not_noise():
     assert guard.check(404, 404, 2.0, 0.5) is None  # the skipped values did not enter the history
     assert guard.diverged() is None  # 4 skips: under max_skips (5)
     assert guard.check(405, 405, float("nan"), 1.0)
-    assert guard.diverged() == {"steps": [400, 405], "batches": "400:406",
-                                "reasons": ["gradient norm spike", "loss spike", "non-finite gradient norm",
-                                            "non-finite loss"]}
+    assert guard.diverged() == {
+        "steps": [400, 405],
+        "batches": "400:406",
+        "reasons": [
+            "gradient norm spike",
+            "loss spike",
+            "non-finite gradient norm",
+            "non-finite loss",
+        ],
+    }
     # its state goes into checkpoints: a resumed guard decides as the uninterrupted one
     again = StepGuard(guard.cfg)
     again.load_state_dict(json.loads(json.dumps(guard.state_dict())))
@@ -45,25 +53,47 @@ def test_a_nan_step_is_skipped_and_the_run_completes_the_same_way_twice(demo_dat
     for name in ("a", "b"):
         run_train(demo_data, tmp_path / name, "fault_steps=[3]")
     m = metrics(tmp_path / "a")
-    assert [r["step"] for r in m] == list(range(8)) and [r.get("skipped") for r in m].count("non-finite loss") == 1
-    assert m[3].get("skipped") == "non-finite loss" and all(r["loss"] == r["loss"] for r in m if r["step"] != 3)
+    assert [r["step"] for r in m] == list(range(8)) and [r.get("skipped") for r in m].count(
+        "non-finite loss"
+    ) == 1
+    assert m[3].get("skipped") == "non-finite loss" and all(
+        r["loss"] == r["loss"] for r in m if r["step"] != 3
+    )
     events = read_jsonl(tmp_path / "a" / "events.jsonl")
     assert [(e["event"], e["step"], e["data_batch"], e["reason"]) for e in events] == [
-        ("skip", 3, 3, "non-finite loss")]
-    trace = lambda run: [(r["step"], r["loss"], r.get("skipped")) for r in metrics(run) if r["step"] != 3]
-    assert trace(tmp_path / "a") == trace(tmp_path / "b")  # the same run with the same fault: the same trace
+        ("skip", 3, 3, "non-finite loss")
+    ]
+
+    def trace(run):
+        return [(r["step"], r["loss"], r.get("skipped")) for r in metrics(run) if r["step"] != 3]
+
+    assert trace(tmp_path / "a") == trace(
+        tmp_path / "b"
+    )  # the same run with the same fault: the same trace
     clean = tmp_path / "clean"
     run_train(demo_data, clean)
-    assert losses(clean)[:3] == losses(tmp_path / "a")[:3] and losses(clean)[4] != losses(tmp_path / "a")[4]
+    assert (
+        losses(clean)[:3] == losses(tmp_path / "a")[:3]
+        and losses(clean)[4] != losses(tmp_path / "a")[4]
+    )
 
 
 def test_persistent_divergence_ends_the_job_with_its_own_exit_code(demo_data, tmp_path):
     run = tmp_path / "run"
-    p = run_train(demo_data, run, 'fault_batches=["2:30"]', "max_skips=3", "checkpoint_every=2",
-                  expect=DIVERGED)
+    p = run_train(
+        demo_data,
+        run,
+        'fault_batches=["2:30"]',
+        "max_skips=3",
+        "checkpoint_every=2",
+        expect=DIVERGED,
+    )
     result = json.loads(p.stdout.strip().splitlines()[-1])
     assert result["stopped_by"] == "diverged" and result["diverged"] == {
-        "steps": [2, 4], "batches": "2:5", "reasons": ["non-finite loss"]}
+        "steps": [2, 4],
+        "batches": "2:5",
+        "reasons": ["non-finite loss"],
+    }
     assert read_jsonl(run / "events.jsonl")[-1]["event"] == "diverged"
     assert json.loads((run / "result.json").read_text())["diverged"]["batches"] == "2:5"
 

@@ -2,6 +2,7 @@
 timeout and NCCL's flight recorder settings. The end-to-end cases (a frozen rank cancelled and resubmitted by the
 flow) are in test_flows.py."""
 
+import itertools
 import json
 import time
 
@@ -20,14 +21,30 @@ class Clock:
         return self.now
 
 
-def beat(run, rank, step, world=2, host=None, phase="step", step_s=0.5, n=[0]):  # noqa: B006 - a counter
-    n[0] += 1
-    store.write_json(run.heartbeat(rank), {"rank": rank, "world": world, "host": host or f"node{rank}",
-                                           "beat": n[0], "step": step, "phase": phase, "step_s": step_s,
-                                           "process": "p", "pid": 1, "time": time.time()})
+_BEATS = itertools.count(1)
 
 
-def test_a_job_that_keeps_stepping_is_never_hung_and_one_that_stops_is_named_with_its_silent_rank(tmp_path):
+def beat(run, rank, step, world=2, host=None, phase="step", step_s=0.5):
+    store.write_json(
+        run.heartbeat(rank),
+        {
+            "rank": rank,
+            "world": world,
+            "host": host or f"node{rank}",
+            "beat": next(_BEATS),  # every write differs, as a live writer's do
+            "step": step,
+            "phase": phase,
+            "step_s": step_s,
+            "process": "p",
+            "pid": 1,
+            "time": time.time(),
+        },
+    )
+
+
+def test_a_job_that_keeps_stepping_is_never_hung_and_one_that_stops_is_named_with_its_silent_rank(
+    tmp_path,
+):
     run, clock = RunDir(str(tmp_path)), Clock()
     det = HangDetector(run, RULES, clock=clock)
     for step in range(1, 40):  # 39 x 20 s = 13 min of steady progress, far past every window
@@ -44,7 +61,9 @@ def test_a_job_that_keeps_stepping_is_never_hung_and_one_that_stops_is_named_wit
     beat(run, 0, 39)
     hang = det.check()
     assert hang is not None and hang.step == 39 and hang.silent == ["node1:1"]
-    assert hang.message.startswith("hang at step 39 (step), silent ranks: node1:1; no new step for 75 s")
+    assert hang.message.startswith(
+        "hang at step 39 (step), silent ranks: node1:1; no new step for 75 s"
+    )
 
 
 def test_progress_says_how_far_how_fast_and_which_rank_is_furthest_behind(tmp_path):
@@ -53,13 +72,16 @@ def test_progress_says_how_far_how_fast_and_which_rank_is_furthest_behind(tmp_pa
     beat(run, 0, 12, step_s=0.31)
     beat(run, 1, 12, step_s=0.33)
     det.check()
-    assert det.progress() == ("step 12 (step), 0.33 s/step, 2/2 ranks beating; all at that step, the oldest "
-                              "beat 0 s ago")
+    assert det.progress() == (
+        "step 12 (step), 0.33 s/step, 2/2 ranks beating; all at that step, the oldest beat 0 s ago"
+    )
     clock.now += 40
     beat(run, 0, 15, step_s=0.31)
     det.check()
-    assert det.progress() == ("step 15 (step), 0.33 s/step, 2/2 ranks beating; rank furthest behind: node1:1 at "
-                              "step 12, last beat 40 s ago")
+    assert det.progress() == (
+        "step 15 (step), 0.33 s/step, 2/2 ranks beating; rank furthest behind: node1:1 at "
+        "step 12, last beat 40 s ago"
+    )
 
 
 def test_progress_names_the_rank_with_the_most_busy_time_when_the_ranks_report_it(tmp_path):
@@ -67,17 +89,32 @@ def test_progress_names_the_rank_with_the_most_busy_time_when_the_ranks_report_i
     run, clock = RunDir(str(tmp_path)), Clock()
     det = HangDetector(run, RULES, clock=clock)
     for rank, busy in enumerate([0.20, 0.21, 0.29, 0.20]):
-        store.write_json(run.heartbeat(rank), {"rank": rank, "world": 4, "host": f"node{rank // 2}", "beat": 1,
-                                               "step": 40, "phase": "step", "step_s": 0.3, "busy_s": busy})
+        store.write_json(
+            run.heartbeat(rank),
+            {
+                "rank": rank,
+                "world": 4,
+                "host": f"node{rank // 2}",
+                "beat": 1,
+                "step": 40,
+                "phase": "step",
+                "step_s": 0.3,
+                "busy_s": busy,
+            },
+        )
     det.check()
-    assert det.progress() == ("step 40 (step), 0.30 s/step, 4/4 ranks beating; all at that step, the oldest beat "
-                              "0 s ago; slowest rank: node1:2 (busy 0.29 s/step, median rank 0.20 s)")
+    assert det.progress() == (
+        "step 40 (step), 0.30 s/step, 4/4 ranks beating; all at that step, the oldest beat "
+        "0 s ago; slowest rank: node1:2 (busy 0.29 s/step, median rank 0.20 s)"
+    )
 
 
 def test_the_window_grows_with_the_runs_own_step_time(tmp_path):
     run, clock = RunDir(str(tmp_path)), Clock()
     det = HangDetector(run, RULES, clock=clock)
-    beat(run, 0, 5, world=1, step_s=30.0)  # slow steps: window = 10 x 30 s = 300 s, above the 60 s floor
+    beat(
+        run, 0, 5, world=1, step_s=30.0
+    )  # slow steps: window = 10 x 30 s = 300 s, above the 60 s floor
     assert det.check() is None
     clock.now += 290
     beat(run, 0, 5, world=1, step_s=30.0)
@@ -85,7 +122,9 @@ def test_the_window_grows_with_the_runs_own_step_time(tmp_path):
     clock.now += 20
     beat(run, 0, 5, world=1, step_s=30.0)
     hang = det.check()
-    assert hang is not None and "window 300 s" in hang.message and "every rank beating" in hang.message
+    assert (
+        hang is not None and "window 300 s" in hang.message and "every rank beating" in hang.message
+    )
 
 
 def test_a_job_that_never_reaches_its_first_step_is_caught_by_the_startup_timeout(tmp_path):
@@ -101,7 +140,9 @@ def test_a_job_that_never_reaches_its_first_step_is_caught_by_the_startup_timeou
     clock.now += 2
     hang = det.check()
     assert hang is not None and hang.step is None
-    assert hang.message.startswith("hang before the first step (starting), silent ranks: ?:1 (never beat)")
+    assert hang.message.startswith(
+        "hang before the first step (starting), silent ranks: ?:1 (never beat)"
+    )
 
 
 def test_an_earlier_submissions_heartbeats_count_only_once_rewritten(tmp_path):
@@ -113,7 +154,9 @@ def test_an_earlier_submissions_heartbeats_count_only_once_rewritten(tmp_path):
     assert det.check() is None  # neither progress nor a hang at step 77: that was another job
     clock.now += 200
     hang = det.check()
-    assert hang is not None and hang.message.startswith("hang before the first step (no heartbeat), no rank has")
+    assert hang is not None and hang.message.startswith(
+        "hang before the first step (no heartbeat), no rank has"
+    )
 
 
 def test_the_writer_beats_from_its_own_thread_with_the_loops_progress(tmp_path):
@@ -144,7 +187,9 @@ def test_a_job_requeued_inside_slurm_gets_its_startup_allowance_again(tmp_path):
     clock.now += 3600
     det.paused()
     det.started()  # running again: the old heartbeat (step 40) is history until the new process rewrites it
-    clock.now += 500  # compiling again, past the 60 s step window but inside the 600 s start-up allowance
+    clock.now += (
+        500  # compiling again, past the 60 s step window but inside the 600 s start-up allowance
+    )
     assert det.check() is None
     beat(run, 0, None, world=1, phase="starting")
     assert det.check() is None
@@ -165,9 +210,21 @@ def test_a_collective_that_times_out_names_the_rank_that_did_not_arrive(demo_dat
 
     run = tmp_path / "run"
     err = open(tmp_path / "stderr", "w+")
-    proc = subprocess.Popen(train_cmd(demo_data, run, "max_steps=400", "train.collective_timeout_s=4",
-                                      "train.heartbeat_seconds=0.2", nproc=2),
-                            cwd=REPO, env=train_env(), stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    proc = subprocess.Popen(
+        train_cmd(
+            demo_data,
+            run,
+            "max_steps=400",
+            "train.collective_timeout_s=4",
+            "train.heartbeat_seconds=0.2",
+            nproc=2,
+        ),
+        cwd=REPO,
+        env=train_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+        start_new_session=True,
+    )
     frozen = None
     try:
         deadline = time.time() + 120
@@ -181,7 +238,9 @@ def test_a_collective_that_times_out_names_the_rank_that_did_not_arrive(demo_dat
             time.sleep(0.05)
     finally:
         if frozen is not None:
-            os.kill(frozen["pid"], signal.SIGKILL)  # a stopped process would hold torchrun's shutdown
+            os.kill(
+                frozen["pid"], signal.SIGKILL
+            )  # a stopped process would hold torchrun's shutdown
         proc.wait(timeout=120)
     text = (tmp_path / "stderr").read_text()
     line = next((ln for ln in text.splitlines() if "a collective timed out" in ln), None)
@@ -193,15 +252,20 @@ def test_a_collective_that_times_out_names_the_rank_that_did_not_arrive(demo_dat
     assert ":0 (" not in line  # the rank that waited is not blamed
 
 
-def test_nccl_flight_recorder_dumps_land_in_the_run_directory_one_folder_per_job(tmp_path, monkeypatch):
+def test_nccl_flight_recorder_dumps_land_in_the_run_directory_one_folder_per_job(
+    tmp_path, monkeypatch
+):
     from training.distributed import flight_recorder_env
 
     monkeypatch.setenv("SLURM_JOB_ID", "812")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
     env = flight_recorder_env(str(tmp_path / "run"))
     assert env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1" and int(env["TORCH_FR_BUFFER_SIZE"]) > 0
-    assert env["TORCH_FR_DUMP_TEMP_FILE"] == str(tmp_path / "run" / "nccl-traces" / "812-2" / "rank_")
+    assert env["TORCH_FR_DUMP_TEMP_FILE"] == str(
+        tmp_path / "run" / "nccl-traces" / "812-2" / "rank_"
+    )
     # An object-store run directory cannot take files from NCCL: they go next to the job's exit records.
     monkeypatch.setenv("CLUSTER_EXIT_DIR", str(tmp_path / "slurm" / "exits" / "812_2"))
-    assert flight_recorder_env("s3://bucket/runs/x")["TORCH_FR_DUMP_TEMP_FILE"] == \
-        str(tmp_path / "slurm" / "exits" / "812_2" / "nccl-traces" / "rank_")
+    assert flight_recorder_env("s3://bucket/runs/x")["TORCH_FR_DUMP_TEMP_FILE"] == str(
+        tmp_path / "slurm" / "exits" / "812_2" / "nccl-traces" / "rank_"
+    )

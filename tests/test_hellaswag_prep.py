@@ -7,20 +7,48 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO
 
 from common import store
 from evaluation import hellaswag_data as prep
-from helpers import REPO
 
 EXAMPLES = [
-    {"ind": 24, "ctx": "A man is sitting on a roof. he", "activity_label": "Roof shingle removal",
-     "ctx_a": "A man is sitting on a roof.", "ctx_b": "he", "split": "val", "split_type": "indomain", "label": 3,
-     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
-                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."], "source_id": "activitynet~v_-JhWjGDPHMY"},
-    {"ind": 92, "ctx": "A woman is outside with a bucket and a dog.", "label": 0, "split": "val",
-     "endings": ["The dog is running around.", "She rinses the bucket.", "The dog drinks.", "She sings."]},
-    {"ind": 106, "ctx": "Kids are playing in a yard.", "label": 2, "split": "val",
-     "endings": ["They fly.", "They cook dinner.", "They run after a ball.", "They read."]},
+    {
+        "ind": 24,
+        "ctx": "A man is sitting on a roof. he",
+        "activity_label": "Roof shingle removal",
+        "ctx_a": "A man is sitting on a roof.",
+        "ctx_b": "he",
+        "split": "val",
+        "split_type": "indomain",
+        "label": 3,
+        "endings": [
+            "is using wrap to wrap a pair of skis.",
+            "is ripping level tiles off.",
+            "is holding a rubik's cube.",
+            "starts pulling up roofing on a roof.",
+        ],
+        "source_id": "activitynet~v_-JhWjGDPHMY",
+    },
+    {
+        "ind": 92,
+        "ctx": "A woman is outside with a bucket and a dog.",
+        "label": 0,
+        "split": "val",
+        "endings": [
+            "The dog is running around.",
+            "She rinses the bucket.",
+            "The dog drinks.",
+            "She sings.",
+        ],
+    },
+    {
+        "ind": 106,
+        "ctx": "Kids are playing in a yard.",
+        "label": 2,
+        "split": "val",
+        "endings": ["They fly.", "They cook dinner.", "They run after a ball.", "They read."],
+    },
 ]
 
 
@@ -32,8 +60,14 @@ def source(tmp_path):
 
 
 def run(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "evaluation.hellaswag_data", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=60, env=dict(os.environ, **(env or {})))
+    return subprocess.run(
+        [sys.executable, "-m", "evaluation.hellaswag_data", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, **(env or {})),
+    )
 
 
 def test_stage_local_store_then_rerun(source, tmp_path):
@@ -41,20 +75,29 @@ def test_stage_local_store_then_rerun(source, tmp_path):
     assert r.returncode == 0 and "3 examples" in r.stdout and "written" in r.stdout, r.stderr
     dst = tmp_path / "store" / "data" / "hellaswag" / "hellaswag_val.jsonl"
     assert dst.read_bytes() == source.read_bytes()
-    assert [e["label"] for e in prep.read_examples(str(dst))] == [3, 0, 2]  # what the evaluation reads
+    assert [e["label"] for e in prep.read_examples(str(dst))] == [
+        3,
+        0,
+        2,
+    ]  # what the evaluation reads
     r = run("--out", str(tmp_path / "store"), "--source", str(source))
     assert r.returncode == 0 and "already there" in r.stdout
 
 
-@pytest.mark.parametrize("bad,line", [
-    ('{"ctx": "x", "endings": ["a", "b", "c"], "label": 0}', 2),  # 3 endings
-    ('{"ctx": "x", "endings": ["a", "b", "c", "d"], "label": 4}', 2),  # label out of range
-    ("not json", 2),
-])
+@pytest.mark.parametrize(
+    "bad,line",
+    [
+        ('{"ctx": "x", "endings": ["a", "b", "c"], "label": 0}', 2),  # 3 endings
+        ('{"ctx": "x", "endings": ["a", "b", "c", "d"], "label": 4}', 2),  # label out of range
+        ("not json", 2),
+    ],
+)
 def test_bad_format_is_rejected_before_writing(source, tmp_path, bad, line):
     source.write_text(json.dumps(EXAMPLES[0]) + "\n" + bad + "\n")
     r = run("--out", str(tmp_path / "store"), "--source", str(source))
-    assert r.returncode == 2 and f"line {line}" in r.stderr and "not a HellaSwag example" in r.stderr
+    assert (
+        r.returncode == 2 and f"line {line}" in r.stderr and "not a HellaSwag example" in r.stderr
+    )
     assert not (tmp_path / "store" / "data" / "hellaswag").exists()
 
 
@@ -69,7 +112,11 @@ def test_missing_source_and_empty_file(tmp_path):
 def test_stage_to_s3(s3_env, source):
     bucket = s3_env["make_bucket"]("hellaswag-store")
     r = prep.stage(bucket, str(source))
-    assert r["url"] == f"{bucket}/data/hellaswag/hellaswag_val.jsonl" and r["examples"] == 3 and r["written"]
+    assert (
+        r["url"] == f"{bucket}/data/hellaswag/hellaswag_val.jsonl"
+        and r["examples"] == 3
+        and r["written"]
+    )
     assert store.read_bytes(r["url"]) == source.read_bytes()
     assert prep.stage(bucket, str(source))["written"] is False
 
@@ -85,7 +132,9 @@ def test_the_demo_task_is_held_out_hellaswag_format_with_one_true_word_order(tmp
     assert len(examples) == 100 and {e["label"] for e in examples} == {0, 1, 2, 3}
     for e in examples:
         true = e["endings"][e["label"]]
-        assert all(sorted(x.split()) == sorted(true.split()) for x in e["endings"])  # the same words...
+        assert all(
+            sorted(x.split()) == sorted(true.split()) for x in e["endings"]
+        )  # the same words...
         assert len(set(e["endings"])) == 4  # ...in four different orders
     # held out: every context comes from a document of the val shard, which the demo's training never reads
     import numpy as np
@@ -104,4 +153,7 @@ def test_the_demo_task_is_held_out_hellaswag_format_with_one_true_word_order(tmp
     for e in examples:
         doc = held[int(e["source_id"].removeprefix("demo-doc-"))]
         assert all(w in doc for w in e["ctx"].split() + e["endings"][e["label"]].split())
-    assert f"task: {demo_task.TASK}" in (tmp_path / "store" / "data" / "demo-eval" / "demo_hellaswag.yaml").read_text()
+    assert (
+        f"task: {demo_task.TASK}"
+        in (tmp_path / "store" / "data" / "demo-eval" / "demo_hellaswag.yaml").read_text()
+    )

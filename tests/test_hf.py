@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import small_hf_model
 
 from common.errors import BadInput
-from helpers import small_hf_model
 from training.config import GPTConfig
 from training.hf import export_hf_dir, gpt_from_hf, to_hf
 from training.model import GPT
@@ -46,15 +46,23 @@ def test_import_each_family_width_at_two_layers_logits_match(preset):
 
     m = load_config(preset).model
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=m.n_head, n_embd=m.n_embd)).eval()  # random weights
+    hf = GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_head=m.n_head, n_embd=m.n_embd)
+    ).eval()  # random weights
     ours = gpt_from_hf(hf)
-    assert (ours.config.n_head, ours.config.n_embd, ours.config.padded_vocab_size) == (m.n_head, m.n_embd, 50304)
+    assert (ours.config.n_head, ours.config.n_embd, ours.config.padded_vocab_size) == (
+        m.n_head,
+        m.n_embd,
+        50304,
+    )
     ids = torch.randint(0, 50257, (1, 32))
     assert _max_diff(ours, hf, ids) <= 1e-4
 
 
 @pytest.mark.parametrize("preset", ["gpt2-350m", "gpt2-774m", "gpt2-1558m"])
-def test_export_of_each_family_width_at_two_layers_loads_in_transformers_with_the_same_logits(preset, tmp_path):
+def test_export_of_each_family_width_at_two_layers_loads_in_transformers_with_the_same_logits(
+    preset, tmp_path
+):
     from transformers import GPT2LMHeadModel
 
     from training.config import load_config
@@ -63,8 +71,11 @@ def test_export_of_each_family_width_at_two_layers_loads_in_transformers_with_th
     ours = GPT(load_config(preset).model.model_copy(update={"n_layer": 2}))
     out = export_hf_dir(ours, tmp_path / "hf", with_tokenizer=False)
     hf = GPT2LMHeadModel.from_pretrained(out).eval()
-    assert (hf.config.n_head, hf.config.n_embd, hf.config.vocab_size) == (ours.config.n_head, ours.config.n_embd,
-                                                                          50257)
+    assert (hf.config.n_head, hf.config.n_embd, hf.config.vocab_size) == (
+        ours.config.n_head,
+        ours.config.n_embd,
+        50257,
+    )
     ids = torch.randint(0, 50257, (1, 32))
     with torch.no_grad():
         a = ours.eval()(ids)[0][..., :50257]
@@ -92,7 +103,10 @@ def test_export_directory_loads_in_transformers_unchanged(tmp_path, enc):
     out = export_hf_dir(ours, tmp_path / "hf")
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
     hf = GPT2LMHeadModel.from_pretrained(str(out), local_files_only=True).eval()
-    assert hf.config.vocab_size == 50257 and hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+    assert (
+        hf.config.vocab_size == 50257
+        and hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+    )
     ids = torch.randint(0, 50257, (2, 32))
     assert _max_diff(ours, hf, ids) <= 1e-4
     tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
@@ -107,8 +121,13 @@ def test_greedy_generation_equals_hf_generate():
     prompt = [15496, 11, 995, 0, 314]
     mine = generate(ours, prompt, max_new_tokens=20, temperature=0)[0]
     with torch.no_grad():
-        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
-                             min_new_tokens=20, pad_token_id=50256)[0].tolist()
+        theirs = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=20,
+            do_sample=False,
+            min_new_tokens=20,
+            pad_token_id=50256,
+        )[0].tolist()
     assert mine == theirs
 
 

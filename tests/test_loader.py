@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import make_shards
 
 from common.shards import ShardError, list_shards
-from helpers import make_shards
 from training.loader import ShardLoader
 
 
@@ -25,7 +25,9 @@ def test_batches_match_build_nanogpt_layout(tmp_path):
 def test_rank_striding_covers_each_token_once_per_epoch(tmp_path, world):
     B, T = 2, 8
     make_shards(tmp_path, [100, 1001, 700, 500], values="positions")
-    loaders = [ShardLoader(str(tmp_path), "train", B, T, rank=r, world_size=world) for r in range(world)]
+    loaders = [
+        ShardLoader(str(tmp_path), "train", B, T, rank=r, world_size=world) for r in range(world)
+    ]
     seen = {1: [], 2: [], 3: []}
     shard_slot = 0
     for _ in range(200):
@@ -39,7 +41,9 @@ def test_rank_striding_covers_each_token_once_per_epoch(tmp_path, world):
         shard_slot = slot
     stride = B * T * world
     for shard, n in zip((1, 2, 3), (1001, 700, 500)):
-        full = (n - 1) // stride * stride  # build-nanogpt drops the tail that cannot fill a whole step
+        full = (
+            (n - 1) // stride * stride
+        )  # build-nanogpt drops the tail that cannot fill a whole step
         assert sorted(seen[shard]) == list(range(full)), shard
     assert shard_slot == 2 and loaders[0].epoch == 1  # wrapped into the next epoch
     for ld in loaders:
@@ -53,7 +57,9 @@ def test_state_round_trips_across_shards_and_epochs(tmp_path, shuffle):
     for k in (0, 5, 17, 40):
         a2 = ShardLoader(str(tmp_path), "train", 2, 8, shuffle=shuffle, seed=3)
         _drain(a2, k)
-        state = json.loads(json.dumps(a2.state_dict()))  # plain data: fits a weights_only checkpoint
+        state = json.loads(
+            json.dumps(a2.state_dict())
+        )  # plain data: fits a weights_only checkpoint
         b = ShardLoader(str(tmp_path), "train", 2, 8, shuffle=shuffle, seed=3)
         b.load_state_dict(state)
         for (x1, y1), (x2, y2) in zip(_drain(a2, 25), _drain(b, 25)):
@@ -63,9 +69,11 @@ def test_state_round_trips_across_shards_and_epochs(tmp_path, shuffle):
 
 def test_shuffle_is_seeded_and_changes_the_order(tmp_path):
     make_shards(tmp_path, [100] + [200] * 5, values="positions")
+
     def first(seed, shuffle=True):
         ld = ShardLoader(str(tmp_path), "train", 2, 8, shuffle=shuffle, seed=seed)
         return [x.flatten().tolist() for x, _ in _drain(ld, 30)]
+
     assert first(1) == first(1)
     assert first(1) != first(2) and first(1) != first(0, shuffle=False)
 
@@ -84,7 +92,9 @@ def test_resume_on_another_world_size_continues_the_token_stream(tmp_path):
 def test_folder_without_manifest_like_build_nanogpt_writes(tmp_path):
     make_shards(tmp_path, [100, 200, 300], manifest=False)
     assert [s.name for s in list_shards(str(tmp_path), "train")] == [
-        "edufineweb_train_000001.npy", "edufineweb_train_000002.npy"]
+        "edufineweb_train_000001.npy",
+        "edufineweb_train_000002.npy",
+    ]
     assert list_shards(str(tmp_path), "val")[0].tokens is None
 
 

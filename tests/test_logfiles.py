@@ -38,7 +38,9 @@ def test_object_store_files_are_written_by_one_thread_and_complete_after_a_flush
     for i in range(3):
         a.append(f"{i}\n")
     old.append("new\n")
-    assert _text(f"{root}/a.jsonl") == "" and _text(f"{root}/old.jsonl") == "kept\n"  # not within the hour
+    assert (
+        _text(f"{root}/a.jsonl") == "" and _text(f"{root}/old.jsonl") == "kept\n"
+    )  # not within the hour
     files.flush()
     assert _text(f"{root}/a.jsonl") == "0\n1\n2\n" and _text(f"{root}/old.jsonl") == "kept\nnew\n"
 
@@ -49,6 +51,9 @@ def test_the_writer_thread_rewrites_on_its_own_once_the_interval_has_passed():
     f = files.open(f"{root}/m.jsonl")
     f.append("a\n")
     deadline = time.time() + 10
-    while not (store.exists(f"{root}/m.jsonl") and _text(f"{root}/m.jsonl") == "a\n") and time.time() < deadline:
+    while (
+        not (store.exists(f"{root}/m.jsonl") and _text(f"{root}/m.jsonl") == "a\n")
+        and time.time() < deadline
+    ):
         time.sleep(0.01)
     assert _text(f"{root}/m.jsonl") == "a\n"

@@ -46,15 +46,17 @@ def test_padded_vocab_never_reaches_the_output():
     cfg = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)
     model = GPT(cfg)
     with torch.no_grad():
-        model.lm_head.weight[cfg.vocab_size:] = 100.0  # would win every argmax if it leaked
+        model.lm_head.weight[cfg.vocab_size :] = 100.0  # would win every argmax if it leaked
     x, y = torch.randint(0, cfg.vocab_size, (2, 8)), torch.randint(0, cfg.vocab_size, (2, 8))
     logits, loss = model(x, y)
     assert logits.shape == (2, 8, cfg.vocab_size) and cfg.padded_vocab_size == 50304
     assert logits.argmax(-1).max().item() < cfg.vocab_size
     # the loss is over the real vocabulary alone, and the padded rows learn nothing from it
-    assert loss.item() == pytest.approx(F.cross_entropy(logits.reshape(-1, cfg.vocab_size), y.reshape(-1)).item())
+    assert loss.item() == pytest.approx(
+        F.cross_entropy(logits.reshape(-1, cfg.vocab_size), y.reshape(-1)).item()
+    )
     loss.backward()
-    assert torch.count_nonzero(model.lm_head.weight.grad[cfg.vocab_size:]) == 0
+    assert torch.count_nonzero(model.lm_head.weight.grad[cfg.vocab_size :]) == 0
 
 
 def test_attention_is_causal_and_loss_is_cross_entropy():
@@ -101,17 +103,23 @@ def test_chunked_loss_gives_the_plain_loss_and_gradients(amp):
     cfg = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)
     model = GPT(cfg)
     with torch.no_grad():
-        model.lm_head.weight[cfg.vocab_size:] = 100.0  # the padded rows must stay out of the softmax
+        model.lm_head.weight[cfg.vocab_size :] = (
+            100.0  # the padded rows must stay out of the softmax
+        )
     x = torch.randint(0, cfg.vocab_size, (3, 32))
     y = torch.randint(0, cfg.vocab_size, (3, 32))
     _, loss, grads = _grads(model, x, y, amp)
-    logits, chunked, chunked_grads = _grads(model, x, y, amp, loss_chunk=40)  # 96 tokens: 40 + 40 + 16
+    logits, chunked, chunked_grads = _grads(
+        model, x, y, amp, loss_chunk=40
+    )  # 96 tokens: 40 + 40 + 16
     assert logits is None  # the point: no full logits
     assert chunked.item() == pytest.approx(loss.item(), rel=1e-6 if not amp else 1e-3)
-    tol = 1e-5 if not amp else 2e-2  # bf16: the chunked path sums lm_head's gradient in fp32, the plain one in bf16
+    tol = (
+        1e-5 if not amp else 2e-2
+    )  # bf16: the chunked path sums lm_head's gradient in fp32, the plain one in bf16
     for name, g in grads.items():
         err = (chunked_grads[name] - g).abs().max() / g.abs().max()
         assert err < tol, (name, err.item())
-    assert torch.count_nonzero(chunked_grads["transformer.wte.weight"][cfg.vocab_size:]) == 0
+    assert torch.count_nonzero(chunked_grads["transformer.wte.weight"][cfg.vocab_size :]) == 0
     with torch.no_grad():  # evaluation: the loss alone
         assert model(x, y, loss_chunk=7)[1].item() == pytest.approx(model(x, y)[1].item(), rel=1e-5)

@@ -19,7 +19,10 @@ def test_a_healthy_cpu_node_passes(tmp_path):
 def test_a_failing_node_is_one_line_naming_its_host(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2_NODE_CHECK_FAIL_ONCE", str(tmp_path / "fault"))
     line = run_node_check(0, str(tmp_path / "run"))
-    assert line == f"node check failed on host {host_name()}: injected fault (GPT2_NODE_CHECK_FAIL_ONCE)"
+    assert (
+        line
+        == f"node check failed on host {host_name()}: injected fault (GPT2_NODE_CHECK_FAIL_ONCE)"
+    )
     assert run_node_check(0, str(tmp_path / "run")) is None  # once: the next node passes
 
 
@@ -46,7 +49,9 @@ def check_nodes(nodes, run_dir, join_timeout_s, hosts=HOSTS):
     port, lines = free_port(), {}
 
     def one(node):
-        lines[node] = run_node_check(0, run_dir, node=node, hosts=hosts, port=port, join_timeout_s=join_timeout_s)
+        lines[node] = run_node_check(
+            0, run_dir, node=node, hosts=hosts, port=port, join_timeout_s=join_timeout_s
+        )
 
     t0 = time.monotonic()
     threads = [threading.Thread(target=one, args=(n,)) for n in nodes]
@@ -64,8 +69,10 @@ def test_two_nodes_that_both_start_pass_the_all_reduce(tmp_path):
 
 def test_node_0_names_a_node_that_never_joins(tmp_path):
     lines, seconds = check_nodes([0], str(tmp_path / "run"), 3)
-    assert lines[0] == ("node check failed on host 127.0.0.1: did not join the all-reduce across nodes within "
-                        f"3 s (seen from {host_name()})")
+    assert lines[0] == (
+        "node check failed on host 127.0.0.1: did not join the all-reduce across nodes within "
+        f"3 s (seen from {host_name()})"
+    )
     assert seconds < 15
 
 
@@ -78,6 +85,14 @@ def test_a_node_that_cannot_reach_node_0_names_node_0s_host(tmp_path):
 
 def test_a_node_that_joined_reports_node_0s_verdict(tmp_path):
     # node 1 ("n-absent") never starts: node 2 blames the same host as node 0, whichever line reaches the flow
-    lines, _ = check_nodes([0, 2], str(tmp_path / "run"), 3, hosts=["localhost", "n-absent", "127.0.0.1"])
-    assert lines[0] == lines[2] == ("node check failed on host n-absent: did not join the all-reduce across nodes "
-                                    f"within 3 s (seen from {host_name()})")
+    lines, _ = check_nodes(
+        [0, 2], str(tmp_path / "run"), 3, hosts=["localhost", "n-absent", "127.0.0.1"]
+    )
+    assert (
+        lines[0]
+        == lines[2]
+        == (
+            "node check failed on host n-absent: did not join the all-reduce across nodes "
+            f"within 3 s (seen from {host_name()})"
+        )
+    )

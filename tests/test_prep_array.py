@@ -5,17 +5,19 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import PARQUET_SHARD as SHARD
+from helpers import shard_files
 
 from cluster.prep_array import submit_prep
 from cluster.spec import JobSpec
 from common import store
 from data_prep import parts, pipeline
 from data_prep.sources import SourceError, open_source
-from helpers import PARQUET_SHARD as SHARD
-from helpers import shard_files
 
 
-def test_job_array_writes_the_same_bytes_as_one_process(slurm_cluster, parquet_dir, tmp_path, monkeypatch):
+def test_job_array_writes_the_same_bytes_as_one_process(
+    slurm_cluster, parquet_dir, tmp_path, monkeypatch
+):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     one = str(tmp_path / "one")
     pipeline.build(one, open_source(str(parquet_dir)), SHARD, 1, progress=False)
@@ -25,11 +27,15 @@ def test_job_array_writes_the_same_bytes_as_one_process(slurm_cluster, parquet_d
     jobs = submit_prep(str(parquet_dir), out, spec, shard_tokens=SHARD)
     assert len(jobs.array) == 3  # one array task per file
     scripts = sorted(Path(folder).glob("*_submission.sh"))
-    assert len(scripts) == 2  # the array and the assembly job, each shaped by every field of the spec
+    assert (
+        len(scripts) == 2
+    )  # the array and the assembly job, each shaped by every field of the spec
     assert all("#SBATCH --comment=gpt2-prep-test\n" in p.read_text() for p in scripts)
     manifest = jobs.wait()
     assert shard_files(out) == shard_files(one)
-    assert store.read_bytes(store.join(out, "manifest.json")) == store.read_bytes(store.join(one, "manifest.json"))
+    assert store.read_bytes(store.join(out, "manifest.json")) == store.read_bytes(
+        store.join(one, "manifest.json")
+    )
     assert manifest["documents"] == store.read_json(store.join(one, "manifest.json"))["documents"]
 
     # A rerun after losing the shards (e.g. the assembly job died): parts already tokenized are not redone.
@@ -43,13 +49,23 @@ def test_job_array_writes_the_same_bytes_as_one_process(slurm_cluster, parquet_d
 
 def test_job_array_rejects_a_hub_source_and_a_missing_folder_before_sbatch(tmp_path):
     with pytest.raises(SourceError, match="needs source files"):
-        submit_prep("hf:HuggingFaceFW/fineweb-edu:sample-10BT", str(tmp_path / "out"), JobSpec(folder=str(tmp_path / "s")))
+        submit_prep(
+            "hf:HuggingFaceFW/fineweb-edu:sample-10BT",
+            str(tmp_path / "out"),
+            JobSpec(folder=str(tmp_path / "s")),
+        )
     with pytest.raises(SourceError):
-        submit_prep(str(tmp_path / "nothing-here"), str(tmp_path / "out"), JobSpec(folder=str(tmp_path / "s")))
+        submit_prep(
+            str(tmp_path / "nothing-here"),
+            str(tmp_path / "out"),
+            JobSpec(folder=str(tmp_path / "s")),
+        )
     assert not (tmp_path / "s").exists()  # nothing was submitted
 
 
-def test_prepare_data_flow_runs_the_job_array(prefect_server, slurm_cluster, parquet_dir, tmp_path, monkeypatch):
+def test_prepare_data_flow_runs_the_job_array(
+    prefect_server, slurm_cluster, parquet_dir, tmp_path, monkeypatch
+):
     """The prepare-data flow with `slurm` set, on a real (temporary) Prefect server and the local cluster."""
     import asyncio
 
@@ -59,8 +75,18 @@ def test_prepare_data_flow_runs_the_job_array(prefect_server, slurm_cluster, par
     one = str(tmp_path / "one")
     pipeline.build(one, open_source(str(parquet_dir)), SHARD, 1, progress=False)
     out = str(tmp_path / "flow")
-    result = asyncio.run(prepare_data(source=str(parquet_dir), out=out, shard_tokens=SHARD,
-                                      slurm=JobSpec(time_min=20, folder=str(tmp_path / "slurm"))))
+    result = asyncio.run(
+        prepare_data(
+            source=str(parquet_dir),
+            out=out,
+            shard_tokens=SHARD,
+            slurm=JobSpec(time_min=20, folder=str(tmp_path / "slurm")),
+        )
+    )
     assert result["shards"] == len(store.read_json(store.join(one, "manifest.json"))["shards"])
-    assert store.read_bytes(store.join(out, "manifest.json")) == store.read_bytes(store.join(one, "manifest.json"))
-    assert list((tmp_path / "slurm").glob("*_2_0_result.pkl"))  # the third file's array task ran under Slurm
+    assert store.read_bytes(store.join(out, "manifest.json")) == store.read_bytes(
+        store.join(one, "manifest.json")
+    )
+    assert list(
+        (tmp_path / "slurm").glob("*_2_0_result.pkl")
+    )  # the third file's array task ran under Slurm

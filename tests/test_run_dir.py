@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from helpers import REPO, losses, metrics, run_train, train_cmd, train_env, wait_for_steps
 
 from common import store
 from common.exit_codes import BAD_INPUT, FAILED, REQUEUE
 from common.lease import Lease
 from common.shards import parse_name, write_manifest, write_shard
-from helpers import REPO, losses, metrics, run_train, train_cmd, train_env, wait_for_steps
 
 
 def _copy_data(src, dst) -> str:
@@ -26,8 +26,14 @@ def _copy_data(src, dst) -> str:
 
 
 def _start(data, run, *extra):
-    return subprocess.Popen(train_cmd(data, run, *extra), cwd=REPO, env=train_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        train_cmd(data, run, *extra),
+        cwd=REPO,
+        env=train_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_a_second_trainer_on_the_same_run_directory_stops_naming_the_first(demo_data, tmp_path):
@@ -36,7 +42,9 @@ def test_a_second_trainer_on_the_same_run_directory_stops_naming_the_first(demo_
     try:
         wait_for_steps(run, 2)
         p = run_train(demo_data, run, "max_steps=100000", expect=BAD_INPUT)
-        assert f"is in use by trainer on {os.uname().nodename} (pid {first.pid}" in p.stderr, p.stderr[-2000:]
+        assert f"is in use by trainer on {os.uname().nodename} (pid {first.pid}" in p.stderr, (
+            p.stderr[-2000:]
+        )
         assert "Traceback" not in p.stderr
         assert first.poll() is None  # the first one was not disturbed...
         first.send_signal(signal.SIGTERM)
@@ -44,23 +52,44 @@ def test_a_second_trainer_on_the_same_run_directory_stops_naming_the_first(demo_
     finally:
         first.kill()
     steps = [m["step"] for m in metrics(run)]
-    assert steps == list(range(len(steps)))  # ...and its metrics were not interleaved with another writer's
+    assert steps == list(
+        range(len(steps))
+    )  # ...and its metrics were not interleaved with another writer's
     assert not (run / "leases" / "trainer.json").exists()  # released at exit
-    run_train(demo_data, run, f"max_steps={len(steps) + 2}", "val_every=100000")  # then the next one may go on
+    run_train(
+        demo_data, run, f"max_steps={len(steps) + 2}", "val_every=100000"
+    )  # then the next one may go on
 
 
 def test_a_lease_left_by_a_dead_process_or_gone_stale_is_taken_over(demo_data, tmp_path):
     run = tmp_path / "run"
     dead = subprocess.Popen(["true"])
     dead.wait()  # a pid that no longer runs, on this host
-    store.write_json(str(run / "leases" / "trainer.json"), {"owner": "trainer", "host": os.uname().nodename,
-                                                             "pid": dead.pid, "token": "x", "renewed": time.time(),
-                                                             "ttl_s": 60})
+    store.write_json(
+        str(run / "leases" / "trainer.json"),
+        {
+            "owner": "trainer",
+            "host": os.uname().nodename,
+            "pid": dead.pid,
+            "token": "x",
+            "renewed": time.time(),
+            "ttl_s": 60,
+        },
+    )
     p = run_train(demo_data, run)
     assert "taking over the lease of trainer" in p.stderr
     # another host's lease that has not been renewed for longer than its TTL: its holder died there
-    store.write_json(str(run / "leases" / "trainer.json"), {"owner": "trainer", "host": "elsewhere", "pid": 1,
-                                                             "token": "y", "renewed": time.time() - 600, "ttl_s": 60})
+    store.write_json(
+        str(run / "leases" / "trainer.json"),
+        {
+            "owner": "trainer",
+            "host": "elsewhere",
+            "pid": 1,
+            "token": "y",
+            "renewed": time.time() - 600,
+            "ttl_s": 60,
+        },
+    )
     p = run_train(demo_data, run, "max_steps=10")
     assert "taking over the lease of trainer on elsewhere" in p.stderr
 
@@ -68,7 +97,10 @@ def test_a_lease_left_by_a_dead_process_or_gone_stale_is_taken_over(demo_data, t
 def test_a_live_lease_on_another_host_is_respected(demo_data, tmp_path):
     run = tmp_path / "run"
     other = Lease(str(run / "leases" / "trainer.json"), "trainer, Slurm job 77", ttl_s=2)
-    other._record = lambda: {**Lease._record(other), "host": "gpu-node-7"}  # as if it ran on another node
+    other._record = lambda: {
+        **Lease._record(other),
+        "host": "gpu-node-7",
+    }  # as if it ran on another node
     other.acquire()
     try:
         p = run_train(demo_data, run, "lease_ttl_s=2", expect=BAD_INPUT)
@@ -80,13 +112,28 @@ def test_a_live_lease_on_another_host_is_respected(demo_data, tmp_path):
 
 def test_a_trainer_whose_lease_is_taken_stops_without_writing(demo_data, tmp_path):
     run = tmp_path / "run"
-    proc = _start(demo_data, run, "max_steps=100000", "val_every=100000", "checkpoint_every=5", "lease_ttl_s=1")
+    proc = _start(
+        demo_data,
+        run,
+        "max_steps=100000",
+        "val_every=100000",
+        "checkpoint_every=5",
+        "lease_ttl_s=1",
+    )
     try:
         wait_for_steps(run, 3)
-        intruder = {"owner": "trainer (a manual run)", "host": "laptop", "pid": 1, "token": "theirs",
-                    "renewed": time.time(), "ttl_s": 60}
+        intruder = {
+            "owner": "trainer (a manual run)",
+            "host": "laptop",
+            "pid": 1,
+            "token": "theirs",
+            "renewed": time.time(),
+            "ttl_s": 60,
+        }
         deadline = time.time() + 60
-        while proc.poll() is None and time.time() < deadline:  # (again, should a renewal race our write)
+        while (
+            proc.poll() is None and time.time() < deadline
+        ):  # (again, should a renewal race our write)
             store.write_json(str(run / "leases" / "trainer.json"), intruder)
             time.sleep(0.1)
         code = proc.wait(timeout=60)
@@ -96,7 +143,10 @@ def test_a_trainer_whose_lease_is_taken_stops_without_writing(demo_data, tmp_pat
     assert code == FAILED and "was taken by trainer (a manual run) on laptop" in err, err[-2000:]
     lines = len(metrics(run))
     time.sleep(1)
-    assert len(metrics(run)) == lines and json.loads((run / "leases" / "trainer.json").read_text())["token"] == "theirs"
+    assert (
+        len(metrics(run)) == lines
+        and json.loads((run / "leases" / "trainer.json").read_text())["token"] == "theirs"
+    )
 
 
 def test_resume_on_other_data_is_refused_unless_asked(demo_data, tmp_path):
@@ -116,7 +166,10 @@ def test_resume_on_other_data_is_refused_unless_asked(demo_data, tmp_path):
     assert "was trained on other data" in p.stderr and "data.resume_on_other_data=true" in p.stderr
     assert (run / "metrics.jsonl").read_text() == before  # nothing was touched
     p = run_train(data, run, "resume_on_other_data=true")
-    assert "resuming would silently change the token stream (data.resume_on_other_data=true)" in p.stderr
+    assert (
+        "resuming would silently change the token stream (data.resume_on_other_data=true)"
+        in p.stderr
+    )
 
 
 def test_a_run_whose_checkpoints_all_fail_is_not_restarted_over_its_history(demo_data, tmp_path):
@@ -134,7 +187,9 @@ def test_a_run_whose_checkpoints_all_fail_is_not_restarted_over_its_history(demo
 
 def test_an_incomplete_first_checkpoint_is_not_history(demo_data, tmp_path):
     run = tmp_path / "run"
-    (run / "checkpoints" / "step_000004").mkdir(parents=True)  # killed while writing its first checkpoint
+    (run / "checkpoints" / "step_000004").mkdir(
+        parents=True
+    )  # killed while writing its first checkpoint
     (run / "checkpoints" / "step_000004" / "model.safetensors").write_bytes(b"partial")
     run_train(demo_data, run)
     assert [m["step"] for m in metrics(run)] == list(range(8))
@@ -152,12 +207,16 @@ def test_a_truncated_shard_far_down_the_list_is_found_at_start(demo_data, tmp_pa
 def test_temporary_files_of_killed_writes_are_removed_at_start(demo_data, tmp_path):
     run = tmp_path / "run"
     run_train(demo_data, run, "checkpoint_every=4")
-    stale = [run / ".metrics.jsonl.0123456789abcdef0123456789abcdef.tmp",
-             run / "checkpoints" / "step_000004" / ".optimizer.pt.fedcba9876543210fedcba9876543210.tmp"]
+    stale = [
+        run / ".metrics.jsonl.0123456789abcdef0123456789abcdef.tmp",
+        run / "checkpoints" / "step_000004" / ".optimizer.pt.fedcba9876543210fedcba9876543210.tmp",
+    ]
     for f in stale:
         f.write_bytes(b"half a write")
         os.utime(f, (time.time() - 3600, time.time() - 3600))
-    fresh = run / ".config.json.00000000000000000000000000000000.tmp"  # a write going on right now: left alone
+    fresh = (
+        run / ".config.json.00000000000000000000000000000000.tmp"
+    )  # a write going on right now: left alone
     fresh.write_bytes(b"x")
     p = run_train(demo_data, run, "max_steps=10")
     assert not any(f.exists() for f in stale) and fresh.exists()
@@ -183,7 +242,10 @@ def test_lease_acquired_from_two_threads_at_once_has_one_winner(tmp_path):
     def take(name):
         start.wait()
         lease = Lease(url, name, identity=name, ttl_s=2, settle_s=0.3)
-        lease._record = lambda: {**Lease._record(lease), "host": f"host-{name}"}  # two hosts, no pid shortcut
+        lease._record = lambda: {
+            **Lease._record(lease),
+            "host": f"host-{name}",
+        }  # two hosts, no pid shortcut
         try:
             results[name] = lease.acquire()
         except Exception as err:

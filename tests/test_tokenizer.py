@@ -46,7 +46,10 @@ def test_stage_rejects_tampered_or_missing_files(tmp_path):
     (src / "vocab.bpe").write_bytes(real["vocab.bpe"])
     with pytest.raises(tokenizer.TokenizerFilesError, match="encoder.json"):
         tokenizer.stage(src, dest)
-    assert hashlib.sha256(real["encoder.json"]).hexdigest() == tokenizer.GPT2_BPE_FILES["encoder.json"][1]
+    assert (
+        hashlib.sha256(real["encoder.json"]).hexdigest()
+        == tokenizer.GPT2_BPE_FILES["encoder.json"][1]
+    )
 
 
 def test_stage_cli(tmp_path, capsys):

@@ -17,13 +17,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
+from helpers import FLOW_FAST, REPO, free_port, make_examples, read_jsonl, write_jsonl
 from prefect import flow
 
 from flows.executors import LocalTrainingExecutor
 from flows.params import PretrainParams
 from flows.pretrain import FlowFailure, pretrain, run_pretrain
-from helpers import FLOW_FAST, REPO, free_port, make_examples, read_jsonl, write_jsonl
 from tracking.credentials import redact, take_credentials
 
 SECRET = "tok-0123456789-secret"
@@ -34,10 +33,25 @@ def mlflow_server(tmp_path_factory):
     """`mlflow server` with a SQLite backend and its own artifact folder, on 127.0.0.1."""
     d = tmp_path_factory.mktemp("mlflow")
     port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
-                             str(port), "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--artifacts-destination",
-                             str(d / "artifacts"), "--workers", "1"], stdout=open(d / "server.log", "wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{d}/mlflow.db",
+            "--artifacts-destination",
+            str(d / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=open(d / "server.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
@@ -47,10 +61,14 @@ def mlflow_server(tmp_path_factory):
         except OSError:
             if time.time() > deadline or proc.poll() is not None:
                 proc.kill()
-                pytest.fail(f"mlflow server did not start: {(d / 'server.log').read_text()[-2000:]}")
+                pytest.fail(
+                    f"mlflow server did not start: {(d / 'server.log').read_text()[-2000:]}"
+                )
             time.sleep(0.5)
     yield url
-    os.killpg(proc.pid, signal.SIGKILL)  # the server and its helpers; nothing of it outlives the tests
+    os.killpg(
+        proc.pid, signal.SIGKILL
+    )  # the server and its helpers; nothing of it outlives the tests
     proc.wait(timeout=30)
 
 
@@ -68,7 +86,9 @@ class Proxy:
         threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
 
     def down(self):
-        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() of its thread: close() alone would not
+        self.listener.shutdown(
+            socket.SHUT_RDWR
+        )  # wakes the accept() of its thread: close() alone would not
         self.listener.close()
         for c in self.conns:
             try:
@@ -107,8 +127,14 @@ class Proxy:
 def _params(tmp_path, **kw):
     tmp_path.mkdir(parents=True, exist_ok=True)
     hs = write_jsonl(tmp_path / "hs.jsonl", make_examples(4))
-    return PretrainParams(store=str(tmp_path / "store"), run_name="t", hellaswag_data=hs, poll_seconds=0.3,
-                          backoff_seconds=0, **{"tracker_interval_s": 0.5, "tracker_finish_timeout_s": 60, **kw})
+    return PretrainParams(
+        store=str(tmp_path / "store"),
+        run_name="t",
+        hellaswag_data=hs,
+        poll_seconds=0.3,
+        backoff_seconds=0,
+        **{"tracker_interval_s": 0.5, "tracker_finish_timeout_s": 60, **kw},
+    )
 
 
 def _lines(path) -> int:
@@ -131,7 +157,9 @@ class RequeueThenKill(LocalTrainingExecutor):
         if number == 3:
             record = Path(run.tracker("mlflow"))
             deadline = time.time() + 60
-            while time.time() < deadline and not (record.exists() and json.loads(record.read_text()).get("outages")):
+            while time.time() < deadline and not (
+                record.exists() and json.loads(record.read_text()).get("outages")
+            ):
                 time.sleep(0.1)
             self.proxy.up()
         submission = super().submit(preset, overrides, run, number, exclude)
@@ -152,19 +180,35 @@ def tracked_run(prefect_server, mlflow_server, demo_data, tmp_path_factory):
     d = tmp_path_factory.mktemp("tracked")
     proxy = Proxy(int(mlflow_server.rsplit(":", 1)[1]))
     executor = RequeueThenKill(proxy)
-    overrides = [*FLOW_FAST, "max_steps=8", "stop_after_steps=4", "sample_every=3", "sample_count=1",
-                 "sample_tokens=4"]
+    overrides = [
+        *FLOW_FAST,
+        "max_steps=8",
+        "stop_after_steps=4",
+        "sample_every=3",
+        "sample_count=1",
+        "sample_tokens=4",
+    ]
 
     @flow(name="pretrain-gpt2-tracked")
     async def tracked(params: PretrainParams):
         return await run_pretrain(params, executor)
 
-    os.environ["MLFLOW_TRACKING_TOKEN"] = SECRET  # the server ignores it; the jobs must never see it
+    os.environ["MLFLOW_TRACKING_TOKEN"] = (
+        SECRET  # the server ignores it; the jobs must never see it
+    )
     try:
-        p = _params(d, overrides=overrides, data=demo_data, tracker="mlflow", tracker_uri=f"http://127.0.0.1:{proxy.port}",
-                    tracker_finish_timeout_s=20)
+        p = _params(
+            d,
+            overrides=overrides,
+            data=demo_data,
+            tracker="mlflow",
+            tracker_uri=f"http://127.0.0.1:{proxy.port}",
+            tracker_finish_timeout_s=20,
+        )
         first = asyncio.run(tracked(p))
-        assert os.environ["MLFLOW_TRACKING_TOKEN"] == SECRET  # out of the jobs' environment, back afterwards
+        assert (
+            os.environ["MLFLOW_TRACKING_TOKEN"] == SECRET
+        )  # out of the jobs' environment, back afterwards
         again = asyncio.run(pretrain(p))
     finally:
         os.environ.pop("MLFLOW_TRACKING_TOKEN", None)
@@ -172,23 +216,34 @@ def tracked_run(prefect_server, mlflow_server, demo_data, tmp_path_factory):
 
 
 def test_one_mlflow_run_holds_every_step_once_through_requeue_resubmission_outage_and_flow_restart(
-        tracked_run, mlflow_server):
+    tracked_run, mlflow_server
+):
     from mlflow import MlflowClient
     from mlflow.entities import ViewType
 
     first, again, run, executor = tracked_run
     states = [s["state"] for s in read_jsonl(run / "submissions.jsonl")]
     assert states == ["requeue", "failed", "completed"], states
-    assert first["final_step"] == 8 and again["submissions"] == len(states)  # the restarted flow submitted nothing
+    assert first["final_step"] == 8 and again["submissions"] == len(
+        states
+    )  # the restarted flow submitted nothing
     record = json.loads((run / "trackers" / "mlflow.json").read_text())
-    assert record["outages"] >= 1 and record["generation"] == 1 and record["finished"] == "completed"
+    assert (
+        record["outages"] >= 1 and record["generation"] == 1 and record["finished"] == "completed"
+    )
     assert first["tracker"]["run_id"] == again["tracker"]["run_id"] == record["run_id"]
-    assert record["link"].endswith(f"/runs/{record['run_id']}")  # also in the flow's summary artifact
+    assert record["link"].endswith(
+        f"/runs/{record['run_id']}"
+    )  # also in the flow's summary artifact
 
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("gpt2-repro")
-    runs = client.search_runs([exp.experiment_id], f"tags.`repro.run_dir` = '{run}'", run_view_type=ViewType.ALL)
-    assert [r.info.run_id for r in runs] == [record["run_id"]]  # exactly one tracker run, none deleted
+    runs = client.search_runs(
+        [exp.experiment_id], f"tags.`repro.run_dir` = '{run}'", run_view_type=ViewType.ALL
+    )
+    assert [r.info.run_id for r in runs] == [
+        record["run_id"]
+    ]  # exactly one tracker run, none deleted
     assert runs[0].info.status == "FINISHED" and runs[0].data.params["train.max_steps"] == "8"
 
     metrics = read_jsonl(run / "metrics.jsonl")
@@ -198,13 +253,19 @@ def test_one_mlflow_run_holds_every_step_once_through_requeue_resubmission_outag
     vals = client.get_metric_history(record["run_id"], "val_loss")
     assert sorted(m.step for m in vals) == [m["step"] for m in metrics if "val_loss" in m]
     evals = client.get_metric_history(record["run_id"], "eval/hellaswag_acc_norm")
-    evaluated = sorted(r["step"] for r in first["evaluations"])  # old checkpoints are gone, their results stay
+    evaluated = sorted(
+        r["step"] for r in first["evaluations"]
+    )  # old checkpoints are gone, their results stay
     assert len(evaluated) >= 3 and sorted(m.step for m in evals) == evaluated
 
-    names = lambda path: sorted(a.path for a in client.list_artifacts(record["run_id"], path))
+    def names(path):
+        return sorted(a.path for a in client.list_artifacts(record["run_id"], path))
+
     sampled = sorted({r["step"] for r in read_jsonl(run / "samples.jsonl")})
     assert len(sampled) >= 3 and names("samples") == [f"samples/step_{s:06d}.txt" for s in sampled]
-    events = read_jsonl(client.download_artifacts(record["run_id"], "events.jsonl", str(run.parent)))
+    events = read_jsonl(
+        client.download_artifacts(record["run_id"], "events.jsonl", str(run.parent))
+    )
     assert [e["event"] for e in events if e["source"] == "submissions"] == states
 
     # the tracker's credentials never reached a training process nor any file of the run
@@ -226,11 +287,11 @@ def _wandb_records(path):
         if left < 7:
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and length == 0:
             pos += left
             continue
-        buf += data[pos + 7:pos + 7 + length]
+        buf += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a whole record, or the last piece of one
             record = pb.Record()
@@ -244,13 +305,24 @@ def _wandb_history(wandb_dir, run_id):
     for f in sorted(glob.glob(f"{wandb_dir}/wandb/offline-run-*-{run_id}/run-{run_id}.wandb")):
         for r in _wandb_records(f):
             if r.WhichOneof("record_type") == "history":
-                rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item})
+                rows.append(
+                    {
+                        (i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                        for i in r.history.item
+                    }
+                )
     return rows
 
 
 def _mirror(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "tracking.mirror", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "tracking.mirror", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_wandb_offline_run_mirrored_twice_holds_every_step_once(tracked_run, tmp_path):
@@ -279,7 +351,9 @@ def test_tensorboard_mirror_of_a_requeued_resubmitted_flow_run(tracked_run):
     tb = _tensorboard(run / "tensorboard")
     metrics = read_jsonl(run / "metrics.jsonl")
     assert tb["scalars"]["loss"] == [(m["step"], pytest.approx(m["loss"])) for m in metrics]
-    assert [s for s, _ in tb["scalars"]["eval/hellaswag_acc_norm"]] == sorted(r["step"] for r in first["evaluations"])
+    assert [s for s, _ in tb["scalars"]["eval/hellaswag_acc_norm"]] == sorted(
+        r["step"] for r in first["evaluations"]
+    )
     [(_, events)] = tb["texts"]["events/text_summary"][-1:]
     assert "| submissions | requeue | 4 |" in events and "| submissions | failed | 4 |" in events
     assert tb["texts"]["status/text_summary"][-1][1] == "run completed"
@@ -287,14 +361,19 @@ def test_tensorboard_mirror_of_a_requeued_resubmitted_flow_run(tracked_run):
 
 def _write_run(run: Path, losses: dict[int, float], rollbacks=()):
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(json.dumps({"train": {"max_steps": 100}, "model": {"n_layer": 2}}))
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": v}) + "\n" for s, v in losses.items()))
+    (run / "config.json").write_text(
+        json.dumps({"train": {"max_steps": 100}, "model": {"n_layer": 2}})
+    )
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": v}) + "\n" for s, v in losses.items())
+    )
     if rollbacks:
         (run / "rollbacks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rollbacks))
 
 
-def test_a_rollback_starts_the_next_generation_holding_each_step_once_with_its_latest_value(mlflow_server,
-                                                                                            tmp_path):
+def test_a_rollback_starts_the_next_generation_holding_each_step_once_with_its_latest_value(
+    mlflow_server, tmp_path
+):
     from mlflow import MlflowClient
     from mlflow.entities import ViewType
 
@@ -302,14 +381,19 @@ def test_a_rollback_starts_the_next_generation_holding_each_step_once_with_its_l
 
     run = tmp_path / "runs" / "rb"
     _write_run(run, {s: 10.0 - s for s in range(6)})
-    write_jsonl(run / "evaluations.jsonl", [{"step": s, "time": 1.0, "hellaswag": {"acc": 0.25, "acc_norm": 0.5}}
-                                            for s in (2, 5)])
+    write_jsonl(
+        run / "evaluations.jsonl",
+        [{"step": s, "time": 1.0, "hellaswag": {"acc": 0.25, "acc_norm": 0.5}} for s in (2, 5)],
+    )
     mirror = Mirror(str(run), make_tracker("mlflow", mlflow_server, "rollbacks"))
     mirror.sync()
     first = mirror.record["run_id"]
     # steps 4 and 5 diverged: the flow set their checkpoint aside and the steps are redone on other data
-    _write_run(run, {**{s: 10.0 - s for s in range(4)}, 4: 1.5, 5: 1.25, 6: 1.0},
-               rollbacks=[{"rollback": 1, "resume_step": 3, "skip": "4:6", "time": 2.0}])
+    _write_run(
+        run,
+        {**{s: 10.0 - s for s in range(4)}, 4: 1.5, 5: 1.25, 6: 1.0},
+        rollbacks=[{"rollback": 1, "resume_step": 3, "skip": "4:6", "time": 2.0}],
+    )
     mirror.sync()
     assert mirror.record["generation"] == 2 and mirror.record["superseded"] == [first]
     # a mirror started afresh (a restarted flow) keeps to the new generation
@@ -321,10 +405,16 @@ def test_a_rollback_starts_the_next_generation_holding_each_step_once_with_its_l
     active = client.search_runs([exp], f"tags.`repro.run_dir` = '{run}'")
     assert [r.info.run_id for r in active] == [live] != [first]
     history = {m.step: m.value for m in client.get_metric_history(live, "loss")}
-    assert len(client.get_metric_history(live, "loss")) == 7 and history[4] == 1.5 and history[0] == 10.0
+    assert (
+        len(client.get_metric_history(live, "loss")) == 7
+        and history[4] == 1.5
+        and history[0] == 10.0
+    )
     # the evaluation of a checkpoint the rollback set aside is not part of the run any more
     assert [m.step for m in client.get_metric_history(live, "eval/hellaswag_acc_norm")] == [2]
-    old = client.search_runs([exp], f"tags.`repro.run_dir` = '{run}'", run_view_type=ViewType.DELETED_ONLY)
+    old = client.search_runs(
+        [exp], f"tags.`repro.run_dir` = '{run}'", run_view_type=ViewType.DELETED_ONLY
+    )
     assert [(r.info.run_id, r.data.tags["repro.superseded_by"]) for r in old] == [(first, live)]
 
 
@@ -343,7 +433,9 @@ def test_a_lost_answer_is_not_delivered_twice(mlflow_server, tmp_path):
     (run / "trackers" / "mlflow.json").write_text(json.dumps(record))
     _write_run(run, {s: float(s) for s in range(5)})
     Mirror(str(run), make_tracker("mlflow", mlflow_server, "lost")).sync()
-    steps = [m.step for m in MlflowClient(mlflow_server).get_metric_history(record["run_id"], "loss")]
+    steps = [
+        m.step for m in MlflowClient(mlflow_server).get_metric_history(record["run_id"], "loss")
+    ]
     assert sorted(steps) == [0, 1, 2, 3, 4]
 
 
@@ -355,14 +447,31 @@ def _tensorboard(logdir: Path) -> dict:
     acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-    texts = {tag: [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(tag)]
-             for tag in acc.Tags()["tensors"]}
+    texts = {
+        tag: [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(tag)]
+        for tag in acc.Tags()["tensors"]
+    }
     return {"scalars": scalars, "texts": texts}
 
 
 def _mirror_cli(run: Path, *args: str, env=None) -> str:
-    p = subprocess.run([sys.executable, "-m", "tracking.mirror", "--run-dir", str(run), "--tracker", "tensorboard",
-                        *args], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tracking.mirror",
+            "--run-dir",
+            str(run),
+            "--tracker",
+            "tensorboard",
+            *args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout
 
@@ -372,8 +481,10 @@ def test_tensorboard_shows_each_step_once_through_a_lost_record_and_a_rollback(t
     wrote before it died unrecorded, and what a rollback redid, is shown once, with its latest value."""
     run = tmp_path / "runs" / "tb"
     _write_run(run, {s: 10.0 - s for s in range(6)})
-    write_jsonl(run / "evaluations.jsonl", [{"step": s, "time": 1.0, "hellaswag": {"acc": 0.25, "acc_norm": 0.5}}
-                                            for s in (2, 5)])
+    write_jsonl(
+        run / "evaluations.jsonl",
+        [{"step": s, "time": 1.0, "hellaswag": {"acc": 0.25, "acc_norm": 0.5}} for s in (2, 5)],
+    )
     write_jsonl(run / "samples.jsonl", [{"step": 5, "samples": ["Hello, I'm a language model"]}])
     assert "steps up to 5 delivered" in _mirror_cli(run)
     tb = _tensorboard(run / "tensorboard")
@@ -391,12 +502,25 @@ def test_tensorboard_shows_each_step_once_through_a_lost_record_and_a_rollback(t
     assert _tensorboard(run / "tensorboard")["scalars"]["loss"] == [(s, 10.0 - s) for s in range(8)]
 
     # steps 4-7 diverged and were redone on other data: the next generation replaces the history
-    _write_run(run, {**{s: 10.0 - s for s in range(4)}, 4: 1.5, 5: 1.25, 6: 1.0},
-               rollbacks=[{"rollback": 1, "resume_step": 3, "skip": "4:6", "time": 2.0}])
+    _write_run(
+        run,
+        {**{s: 10.0 - s for s in range(4)}, 4: 1.5, 5: 1.25, 6: 1.0},
+        rollbacks=[{"rollback": 1, "resume_step": 3, "skip": "4:6", "time": 2.0}],
+    )
     _mirror_cli(run)
     tb = _tensorboard(run / "tensorboard")
-    assert tb["scalars"]["loss"] == [(0, 10.0), (1, 9.0), (2, 8.0), (3, 7.0), (4, 1.5), (5, 1.25), (6, 1.0)]
-    assert tb["scalars"]["eval/hellaswag_acc_norm"] == [(2, 0.5)]  # step 5's checkpoint was set aside
+    assert tb["scalars"]["loss"] == [
+        (0, 10.0),
+        (1, 9.0),
+        (2, 8.0),
+        (3, 7.0),
+        (4, 1.5),
+        (5, 1.25),
+        (6, 1.0),
+    ]
+    assert tb["scalars"]["eval/hellaswag_acc_norm"] == [
+        (2, 0.5)
+    ]  # step 5's checkpoint was set aside
     record = json.loads((run / "trackers" / "tensorboard.json").read_text())
     assert record["generation"] == 2 and record["delivered"]["step"] == 6
     assert record["link"] == f"tensorboard --logdir {run / 'tensorboard'}"
@@ -419,10 +543,14 @@ def test_tensorboard_log_folder_on_s3_is_uploaded_after_every_delivery(s3_server
     fs.get(f"{bucket}/tb/run/", str(tmp_path / "down") + "/", recursive=True)
     assert _tensorboard(tmp_path / "down")["scalars"]["loss"] == [(s, 10.0 - s) for s in range(7)]
     assert not (run / "tensorboard").exists()
-    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "tensorboard-*"))) == staged  # local copies removed
+    assert (
+        set(glob.glob(os.path.join(tempfile.gettempdir(), "tensorboard-*"))) == staged
+    )  # local copies removed
 
 
-def test_an_upload_cut_off_mid_delivery_leaves_no_step_twice_on_s3(s3_server, tmp_path, monkeypatch):
+def test_an_upload_cut_off_mid_delivery_leaves_no_step_twice_on_s3(
+    s3_server, tmp_path, monkeypatch
+):
     """The store goes away while the mirror uploads: the points it had written are purged by the next writer and
     sent again once the store answers, never written twice into one file by the loop's save after the failure."""
     import fsspec.config
@@ -434,9 +562,14 @@ def test_an_upload_cut_off_mid_delivery_leaves_no_step_twice_on_s3(s3_server, tm
     relay = Proxy(int(s3_server["endpoint_url"].rsplit(":", 1)[1]))
     for k, v in s3_server["env"].items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": f"http://127.0.0.1:{relay.port}",
-                                                   "config_kwargs": {"retries": {"max_attempts": 1},
-                                                                     "connect_timeout": 2}})
+    monkeypatch.setitem(
+        fsspec.config.conf,
+        "s3",
+        {
+            "endpoint_url": f"http://127.0.0.1:{relay.port}",
+            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2},
+        },
+    )
     s3fs.S3FileSystem.clear_instance_cache()
     run = tmp_path / "runs" / "outage"
     _write_run(run, {s: 10.0 - s for s in range(4)})
@@ -445,7 +578,7 @@ def test_an_upload_cut_off_mid_delivery_leaves_no_step_twice_on_s3(s3_server, tm
     _write_run(run, {s: 10.0 - s for s in range(7)})
     relay.down()
     try:
-        with pytest.raises(Exception):
+        with pytest.raises(Exception):  # noqa: B017 (the relay is down: any transport error)
             mirror.sync()
     finally:
         relay.up()
@@ -468,22 +601,40 @@ def test_an_upload_cut_off_mid_delivery_leaves_no_step_twice_on_s3(s3_server, tm
 
 
 def test_tracker_mistakes_are_one_line_before_anything_runs(prefect_server, tmp_path, monkeypatch):
-    done = _mirror("--run-dir", str(tmp_path / "nothing"), "--tracker", "mlflow", "--uri", "http://127.0.0.1:1")
+    done = _mirror(
+        "--run-dir", str(tmp_path / "nothing"), "--tracker", "mlflow", "--uri", "http://127.0.0.1:1"
+    )
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        f"error: no run at {tmp_path / 'nothing'}: neither config.json nor metrics.jsonl is there"]
+        f"error: no run at {tmp_path / 'nothing'}: neither config.json nor metrics.jsonl is there"
+    ]
     _write_run(tmp_path / "r", {0: 1.0})
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     done = _mirror("--run-dir", str(tmp_path / "r"), "--tracker", "mlflow")
-    assert done.returncode == 2 and "needs its address" in done.stderr and len(done.stderr.splitlines()) == 1
-    with pytest.raises(FlowFailure, match="tracker=mlflow needs tracker_uri or MLFLOW_TRACKING_URI"):
+    assert (
+        done.returncode == 2
+        and "needs its address" in done.stderr
+        and len(done.stderr.splitlines()) == 1
+    )
+    with pytest.raises(
+        FlowFailure, match="tracker=mlflow needs tracker_uri or MLFLOW_TRACKING_URI"
+    ):
         asyncio.run(pretrain(_params(tmp_path / "f", overrides=FLOW_FAST, tracker="mlflow")))
     assert not (tmp_path / "f" / "store" / "runs" / "t" / "submissions.jsonl").exists()
 
 
 def test_an_unreachable_tracker_fails_the_one_shot_mirror_with_one_line_and_loses_nothing(tmp_path):
     _write_run(tmp_path / "r", {0: 1.0, 1: 0.5})
-    done = _mirror("--run-dir", str(tmp_path / "r"), "--tracker", "mlflow", "--uri", f"http://127.0.0.1:{free_port()}")
-    assert done.returncode == 1 and done.stderr.strip().startswith("error: mlflow does not answer"), done.stderr
+    done = _mirror(
+        "--run-dir",
+        str(tmp_path / "r"),
+        "--tracker",
+        "mlflow",
+        "--uri",
+        f"http://127.0.0.1:{free_port()}",
+    )
+    assert done.returncode == 1 and done.stderr.strip().startswith(
+        "error: mlflow does not answer"
+    ), done.stderr
     assert "Traceback" not in done.stderr
 
 

@@ -7,9 +7,9 @@ import time
 
 import pytest
 import torch
+from helpers import REPO, losses, metrics, run_train, train_cmd, train_env, wait_for_steps
 
 from common.exit_codes import BAD_INPUT, REQUEUE
-from helpers import REPO, losses, metrics, run_train, train_cmd, train_env, wait_for_steps
 from training import checkpoint as ck
 from training.config import load_config
 from training.model import GPT
@@ -37,17 +37,25 @@ def test_metrics_and_checkpoints_of_a_run(demo_data, tmp_path):
     p = run_train(demo_data, run, "checkpoint_every=4")
     m = metrics(run)
     assert [r["step"] for r in m] == list(range(8))
-    assert all({"loss", "lr", "grad_norm", "tokens_per_s", "step_ms", "tokens_seen"} <= r.keys() for r in m)
+    assert all(
+        {"loss", "lr", "grad_norm", "tokens_per_s", "step_ms", "tokens_seen"} <= r.keys() for r in m
+    )
     assert [r["step"] for r in m if "val_loss" in r] == [0, 3, 6, 7]
     assert all(r["mfu"] is None for r in m)  # CPU: no peak to compare against, so no invented MFU
     assert m[-1]["loss"] < m[0]["loss"]
     assert ck.list_steps(str(run)) == [4, 8]
     # the step-4 checkpoint, written in the background: what it cost the loop, then the write, in later lines
     assert "ckpt_block_s" in m[4] and [r["step"] for r in m if "ckpt_block_s" in r] == [4]
-    assert [r for r in m if "ckpt_write_s" in r] and all(r["step"] >= 4 for r in m if "ckpt_write_s" in r)
+    assert [r for r in m if "ckpt_write_s" in r] and all(
+        r["step"] >= 4 for r in m if "ckpt_write_s" in r
+    )
     assert json.loads((run / "config.json").read_text())["resolved"]["grad_accum_steps"] == 4
     result = json.loads(p.stdout.strip().splitlines()[-1])
-    assert result["final_step"] == 8 and result["complete"] and result["checkpoint"].endswith("step_000008")
+    assert (
+        result["final_step"] == 8
+        and result["complete"]
+        and result["checkpoint"].endswith("step_000008")
+    )
     assert "step      7/8 | loss" in p.stdout
 
 
@@ -56,10 +64,18 @@ def test_profile_steps_writes_a_trace_of_those_steps_into_the_run_directory(demo
     run_train(demo_data, run, "profile_steps=2:4")
     trace = json.loads((run / "profiles" / "steps_2-4" / "rank-00000.json").read_text())
     names = {e.get("name") for e in trace["traceEvents"]}
-    assert {"train step 2", "train step 3"} <= names and "train step 4" not in names and "train step 1" not in names
-    assert any(n and n.startswith("aten::") for n in names)  # the ops of those steps, not just the spans
+    assert (
+        {"train step 2", "train step 3"} <= names
+        and "train step 4" not in names
+        and "train step 1" not in names
+    )
+    assert any(
+        n and n.startswith("aten::") for n in names
+    )  # the ops of those steps, not just the spans
     p = run_train(demo_data, tmp_path / "bad", "profile_steps=4:2", expect=2)
-    assert "train.profile_steps entry '4:2' is not a 'start:stop' range with start < stop" in p.stderr
+    assert (
+        "train.profile_steps entry '4:2' is not a 'start:stop' range with start < stop" in p.stderr
+    )
 
 
 def test_resume_is_bit_exact_single_process(demo_data, one_process, tmp_path):
@@ -72,7 +88,11 @@ def test_resume_is_bit_exact_single_process(demo_data, one_process, tmp_path):
 def test_resume_is_bit_exact_under_torchrun_two_ranks(demo_data, two_ranks, tmp_path):
     run_train(demo_data, tmp_path / "split", "stop_after_steps=5", nproc=2, expect=REQUEUE)
     ckpt = ck.latest_checkpoint(str(tmp_path / "split"))
-    assert ckpt.step == 5 and ckpt.world_size == 2 and {"rank_00000.pt", "rank_00001.pt"} <= set(ckpt.manifest["files"])
+    assert (
+        ckpt.step == 5
+        and ckpt.world_size == 2
+        and {"rank_00000.pt", "rank_00001.pt"} <= set(ckpt.manifest["files"])
+    )
     assert ckpt.rank_state(0)["loader"]["base"] == ckpt.rank_state(1)["loader"]["base"]
     run_train(demo_data, tmp_path / "split", nproc=2)
     assert losses(tmp_path / "split") == losses(two_ranks)
@@ -102,14 +122,22 @@ def test_compiled_ddp_with_the_chunked_loss_matches_one_plain_process(demo_data,
 @pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM])
 def test_preemption_signal_checkpoints_and_exits_with_requeue_code(demo_data, tmp_path, sig):
     run = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(demo_data, run, "max_steps=5000", "val_every=5000"), cwd=REPO, env=train_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_cmd(demo_data, run, "max_steps=5000", "val_every=5000"),
+        cwd=REPO,
+        env=train_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_steps(run, 3)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == REQUEUE, err[-3000:]
     done = len(metrics(run))
-    assert ck.latest_checkpoint(str(run)).step == done  # the step in flight was finished, then saved
+    assert (
+        ck.latest_checkpoint(str(run)).step == done
+    )  # the step in flight was finished, then saved
     assert json.loads(out.strip().splitlines()[-1])["stopped_by"] == sig.name
     # and the next launch resumes from there
     run_train(demo_data, run, f"max_steps={done + 2}", "val_every=5000")
@@ -122,9 +150,15 @@ def test_a_stop_signal_during_start_up_is_kept(demo_data, tmp_path):
     run = tmp_path / "run"
     cmd = train_cmd(demo_data, run)
     cmd[cmd.index("training.train")] = "cluster.worker"
-    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(train_env(), CLUSTER_EXIT_DIR=str(tmp_path / "exits")),
-                            preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=dict(train_env(), CLUSTER_EXIT_DIR=str(tmp_path / "exits")),
+        preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(0.6)  # the interpreter is up; torch is still being imported
     assert not (run / "config.json").exists(), "the run started too fast to test its start-up"
     proc.send_signal(signal.SIGUSR2)
@@ -155,7 +189,7 @@ def test_model_overfits_a_single_batch(demo_data):
     opt = configure_optimizer(model, lr=1e-2, weight_decay=0.0)
     x, y = ShardLoader(demo_data, "train", 4, 32).next_batch()
     x, y = x.long(), y.long()
-    for step in range(300):
+    for step in range(300):  # noqa: B007 (named in the message)
         opt.zero_grad()
         _, loss = model(x, y)
         loss.backward()
@@ -168,7 +202,14 @@ def test_model_overfits_a_single_batch(demo_data):
 @pytest.mark.slow
 def test_compile_flag_keeps_losses_val_and_sampling(demo_data, tmp_path):
     run_train(demo_data, tmp_path / "eager", "max_steps=3", "val_every=2")
-    p = run_train(demo_data, tmp_path / "compiled", "max_steps=3", "val_every=2", "compile=true", "sample_every=2")
+    p = run_train(
+        demo_data,
+        tmp_path / "compiled",
+        "max_steps=3",
+        "val_every=2",
+        "compile=true",
+        "sample_every=2",
+    )
     a, b = metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")
     for r1, r2 in zip(a, b):
         assert r1["loss"] == pytest.approx(r2["loss"], abs=1e-4)
@@ -178,7 +219,13 @@ def test_compile_flag_keeps_losses_val_and_sampling(demo_data, tmp_path):
 
 def test_missing_tokenizer_files_fail_at_start_when_sampling_is_on(demo_data, tmp_path):
     env = dict(train_env(), TIKTOKEN_CACHE_DIR=str(tmp_path / "empty-cache"), HOME=str(tmp_path))
-    p = subprocess.run(train_cmd(demo_data, tmp_path / "run", "sample_every=2"), cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        train_cmd(demo_data, tmp_path / "run", "sample_every=2"),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == BAD_INPUT and "common.tokenizer stage" in p.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO, TRAIN_BASE
 
 from common import store
 from common.exit_codes import BAD_INPUT, REQUEUE
-from helpers import REPO, TRAIN_BASE
 from training import checkpoint as ck
 
 
@@ -43,14 +43,26 @@ def s3(s3_server):
 
 
 def _run(run, *extra, env):
-    sets = [a for kv in TRAIN_BASE + ["data_url=s3://bucket/data", f"run_dir={run}", *extra] for a in ("--set", kv)]
-    return subprocess.run([sys.executable, "-m", "training.train", "--config", "tiny", *sets], cwd=REPO,
-                          env=dict(os.environ, **env, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=300)
+    sets = [
+        a
+        for kv in TRAIN_BASE + ["data_url=s3://bucket/data", f"run_dir={run}", *extra]
+        for a in ("--set", kv)
+    ]
+    return subprocess.run(
+        [sys.executable, "-m", "training.train", "--config", "tiny", *sets],
+        cwd=REPO,
+        env=dict(os.environ, **env, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _losses(run):
-    return [(m["step"], m["loss"]) for m in map(json.loads, store.read_bytes(f"{run}/metrics.jsonl").decode().splitlines())]
+    return [
+        (m["step"], m["loss"])
+        for m in map(json.loads, store.read_bytes(f"{run}/metrics.jsonl").decode().splitlines())
+    ]
 
 
 def test_train_and_resume_on_s3_bit_exact(s3, tmp_path):
@@ -75,20 +87,43 @@ def test_train_and_resume_on_s3_bit_exact(s3, tmp_path):
 
 def test_missing_credentials_fail_early_and_clearly(s3, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(FSSPEC_S3_ENDPOINT_URL=s3["FSSPEC_S3_ENDPOINT_URL"], AWS_CONFIG_FILE="/nonexistent",
-               AWS_SHARED_CREDENTIALS_FILE="/nonexistent", AWS_EC2_METADATA_DISABLED="true")
-    sets = [a for kv in TRAIN_BASE + ["data_url=s3://bucket/data", "run_dir=s3://bucket/runs/nocreds"] for a in ("--set", kv)]
-    p = subprocess.run([sys.executable, "-m", "training.train", "--config", "tiny", *sets], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
+    env.update(
+        FSSPEC_S3_ENDPOINT_URL=s3["FSSPEC_S3_ENDPOINT_URL"],
+        AWS_CONFIG_FILE="/nonexistent",
+        AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    sets = [
+        a
+        for kv in TRAIN_BASE + ["data_url=s3://bucket/data", "run_dir=s3://bucket/runs/nocreds"]
+        for a in ("--set", kv)
+    ]
+    p = subprocess.run(
+        [sys.executable, "-m", "training.train", "--config", "tiny", *sets],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 2, p.stderr[-2000:]
     assert "s3://bucket/data" in p.stderr and "credentials" in p.stderr.lower()
 
 
 def _start(run, *extra, env):
-    sets = [a for kv in TRAIN_BASE + ["data_url=s3://bucket/data", f"run_dir={run}", *extra] for a in ("--set", kv)]
-    return subprocess.Popen([sys.executable, "-m", "training.train", "--config", "tiny", *sets], cwd=REPO,
-                            env=dict(os.environ, **env, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    sets = [
+        a
+        for kv in TRAIN_BASE + ["data_url=s3://bucket/data", f"run_dir={run}", *extra]
+        for a in ("--set", kv)
+    ]
+    return subprocess.Popen(
+        [sys.executable, "-m", "training.train", "--config", "tiny", *sets],
+        cwd=REPO,
+        env=dict(os.environ, **env, OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_one_writer_per_run_directory_on_s3(s3):
@@ -102,7 +137,9 @@ def test_one_writer_per_run_directory_on_s3(s3):
         while not store.exists(f"{run}/metrics.jsonl") and time.time() < deadline:
             time.sleep(0.2)
         second = _run(run, env=s3)
-        assert second.returncode == BAD_INPUT and f"{run} is in use by trainer" in second.stderr, second.stderr[-2000:]
+        assert second.returncode == BAD_INPUT and f"{run} is in use by trainer" in second.stderr, (
+            second.stderr[-2000:]
+        )
         assert "Traceback" not in second.stderr
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=120) == REQUEUE
@@ -120,7 +157,9 @@ def test_resume_on_other_data_and_unusable_history_are_refused_on_s3(s3):
     # the same names and token counts, other tokens: another dataset under the same URL
     other = "s3://bucket/other-data"
     shards = list_shards("s3://bucket/data", "val") + list_shards("s3://bucket/data", "train")
-    write_manifest(other, [write_shard(other, i, load_shard(s)[::-1].copy()) for i, s in enumerate(shards)])
+    write_manifest(
+        other, [write_shard(other, i, load_shard(s)[::-1].copy()) for i, s in enumerate(shards)]
+    )
     p = _run("s3://bucket/runs/guarded", f"data_url={other}", env=s3)
     assert p.returncode == BAD_INPUT and "was trained on other data" in p.stderr, p.stderr[-3000:]
     # every checkpoint corrupt: refused, the history stays
@@ -138,9 +177,15 @@ def test_resume_on_other_data_and_unusable_history_are_refused_on_s3(s3):
     for s in shards:
         if s.name != last.name:
             store.write_bytes(f"s3://bucket/truncated/{s.name}", store.read_bytes(s.url))
-    store.write_bytes("s3://bucket/truncated/manifest.json", store.read_bytes("s3://bucket/data/manifest.json"))
+    store.write_bytes(
+        "s3://bucket/truncated/manifest.json", store.read_bytes("s3://bucket/data/manifest.json")
+    )
     p = _run("s3://bucket/runs/fresh", "data_url=s3://bucket/truncated", env=s3)
-    assert p.returncode == BAD_INPUT and f"shard {last.name} is" in p.stderr and "truncated" in p.stderr
+    assert (
+        p.returncode == BAD_INPUT
+        and f"shard {last.name} is" in p.stderr
+        and "truncated" in p.stderr
+    )
     assert not store.exists("s3://bucket/runs/fresh/metrics.jsonl")
 
 
@@ -157,7 +202,9 @@ def test_metrics_on_s3_are_rewritten_off_the_step_path_and_complete_after_a_flus
     for step in range(5):
         m.log({"step": step, "loss": 10.0 - step})
     deadline = time.time() + 30
-    while len(read_metrics(run)) < 1 and time.time() < deadline:  # the writer's rewrites, without a flush
+    while (
+        len(read_metrics(run)) < 1 and time.time() < deadline
+    ):  # the writer's rewrites, without a flush
         time.sleep(0.1)
     assert read_metrics(run) and read_metrics(run)[0] == {"step": 0, "loss": 10.0}
     for step in range(5, 40):
@@ -173,11 +220,18 @@ def test_samples_events_and_telemetry_on_s3_reach_the_store_at_checkpoints_and_a
     import time
 
     run = "s3://bucket/runs/files"
-    extra = ["sample_every=2", "checkpoint_every=4", "fault_steps=[1]"]  # a skipped update at step 1: an event
+    extra = [
+        "sample_every=2",
+        "checkpoint_every=4",
+        "fault_steps=[1]",
+    ]  # a skipped update at step 1: an event
     first = _start(run, *extra, "max_steps=100000", "val_every=100000", env=s3)
     try:
         deadline = time.time() + 120
-        while not store.exists(f"{run}/checkpoints/step_000004/manifest.json") and time.time() < deadline:
+        while (
+            not store.exists(f"{run}/checkpoints/step_000004/manifest.json")
+            and time.time() < deadline
+        ):
             time.sleep(0.1)
         first.send_signal(signal.SIGKILL)  # no exit path: only what the checkpoint flushed is there
         first.wait(timeout=60)
@@ -188,7 +242,9 @@ def test_samples_events_and_telemetry_on_s3_reach_the_store_at_checkpoints_and_a
         return [json.loads(x) for x in store.read_bytes(f"{run}/{name}").decode().splitlines()]
 
     assert [r["step"] for r in lines("metrics.jsonl")][:4] == [0, 1, 2, 3]
-    assert [r["step"] for r in lines("samples.jsonl")] == [2]  # step 4's sample is taken after its checkpoint
+    assert [r["step"] for r in lines("samples.jsonl")] == [
+        2
+    ]  # step 4's sample is taken after its checkpoint
     assert [(e["event"], e["step"]) for e in lines("events.jsonl")] == [("skip", 1)]
     assert [w["step"] for w in lines("telemetry.jsonl")] == [3]
     second = _run(run, *extra, env=s3)  # resumes from step 4, to the 8 steps of the tests' runs

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 
-CREDENTIAL_VARS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                   "MLFLOW_TRACKING_CLIENT_CERT_PATH", "WANDB_API_KEY", "DATABRICKS_TOKEN")
+CREDENTIAL_VARS = (
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+    "WANDB_API_KEY",
+    "DATABRICKS_TOKEN",
+)
 # the tracker's place is not secret, but a URI may carry a user and password
 _USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
 

@@ -44,7 +44,9 @@ class Tracker(Protocol):
     kind: str
     run_id: str | None
 
-    def open(self, run_url: str, run_name: str, generation: int, known: str | None, delivered_step: int) -> str: ...
+    def open(
+        self, run_url: str, run_name: str, generation: int, known: str | None, delivered_step: int
+    ) -> str: ...
     def link(self) -> str: ...
     def delivered_step(self) -> int | None: ...
     def delivered_evaluations(self, keys: set[str]) -> set[tuple[int, str]] | None: ...
@@ -68,7 +70,9 @@ def make_tracker(kind: str, uri: str | None, project: str, entity: str | None = 
         if kind == "mlflow":
             uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
             if not uri:
-                raise BadInput("the mlflow tracker needs its address: --uri / tracker_uri or MLFLOW_TRACKING_URI")
+                raise BadInput(
+                    "the mlflow tracker needs its address: --uri / tracker_uri or MLFLOW_TRACKING_URI"
+                )
             from tracking.mlflow_tracker import MlflowTracker
 
             return MlflowTracker(uri, project)
@@ -80,8 +84,9 @@ def make_tracker(kind: str, uri: str | None, project: str, entity: str | None = 
 
         return WandbTracker(project, entity)
     except ImportError as err:
-        raise BadInput(f"the {kind} tracker needs its library ({err.name}): pip install 'gpt2-repro[trackers]'") \
-            from None
+        raise BadInput(
+            f"the {kind} tracker needs its library ({err.name}): pip install 'gpt2-repro[trackers]'"
+        ) from None
 
 
 def _fresh() -> dict[str, Any]:
@@ -96,8 +101,15 @@ class Mirror:
         try:
             self.record: dict[str, Any] = store.read_json(self.record_url)
         except (FileNotFoundError, ValueError):
-            self.record = {"tracker": tracker.kind, "generation": 1, "run_id": None, "superseded": [],
-                           "to_supersede": [], "delivered": _fresh(), "outages": 0}
+            self.record = {
+                "tracker": tracker.kind,
+                "generation": 1,
+                "run_id": None,
+                "superseded": [],
+                "to_supersede": [],
+                "delivered": _fresh(),
+                "outages": 0,
+            }
         self.opened = False
         self.reconcile = True  # ask the tracker what it holds: at start, and after every failure
         self.latest: RunRecords | None = None
@@ -118,22 +130,35 @@ class Mirror:
 
     def _open(self) -> None:
         gen = self.record["generation"]
-        rid = self.tracker.open(self.run.url, self.run_name, gen, self.record.get("run_id"), self.delivered["step"])
+        rid = self.tracker.open(
+            self.run.url, self.run_name, gen, self.record.get("run_id"), self.delivered["step"]
+        )
         link = redact(self.tracker.link())
         if (rid, link) != (self.record.get("run_id"), self.record.get("link")):
             self.record.update(run_id=rid, link=link)
             self._save()
         self.opened = True
-        log.info("%s run %s (generation %d) for %s: %s", self.tracker.kind, rid, gen, self.run.url, link)
+        log.info(
+            "%s run %s (generation %d) for %s: %s", self.tracker.kind, rid, gen, self.run.url, link
+        )
 
     def _next_generation(self, resume: int) -> None:
         old = self.record["run_id"]
-        log.warning("a rollback redoes steps after %d that %s holds already: starting generation %d of the "
-                    "tracker run, which holds the run's history as it stands (the old run %s is kept, marked "
-                    "superseded)", resume, self.tracker.kind, self.record["generation"] + 1, old)
+        log.warning(
+            "a rollback redoes steps after %d that %s holds already: starting generation %d of the "
+            "tracker run, which holds the run's history as it stands (the old run %s is kept, marked "
+            "superseded)",
+            resume,
+            self.tracker.kind,
+            self.record["generation"] + 1,
+            old,
+        )
         self.tracker.retire()
-        self.record.update(generation=self.record["generation"] + 1, run_id=None,
-                           delivered={**_fresh(), "rollbacks": self.delivered["rollbacks"]})
+        self.record.update(
+            generation=self.record["generation"] + 1,
+            run_id=None,
+            delivered={**_fresh(), "rollbacks": self.delivered["rollbacks"]},
+        )
         self.record["superseded"].append(old)
         self.record["to_supersede"].append(old)
         self._save()
@@ -145,10 +170,16 @@ class Mirror:
         delivered all the same."""
         held = self.tracker.delivered_step()
         if held is not None and held != self.delivered["step"]:
-            log.info("%s holds steps up to %d (the record said %d): going on from there", self.tracker.kind, held,
-                     self.delivered["step"])
+            log.info(
+                "%s holds steps up to %d (the record said %d): going on from there",
+                self.tracker.kind,
+                held,
+                self.delivered["step"],
+            )
             self.delivered["step"] = held
-        pending = {k: v for k, v in rec.evaluations.items() if list(k) not in self.delivered["evals"]}
+        pending = {
+            k: v for k, v in rec.evaluations.items() if list(k) not in self.delivered["evals"]
+        }
         if pending:
             keys = {key for values in pending.values() for key in values}
             have = self.tracker.delivered_evaluations(keys)
@@ -166,7 +197,7 @@ class Mirror:
         if not self.opened:
             self._open()
         if len(rec.rollbacks) > d["rollbacks"]:
-            resume = min(int(r.get("resume_step", 0)) for r in rec.rollbacks[d["rollbacks"]:])
+            resume = min(int(r.get("resume_step", 0)) for r in rec.rollbacks[d["rollbacks"] :])
             if d["step"] > resume:
                 self._next_generation(resume)
                 d = self.delivered
@@ -182,7 +213,7 @@ class Mirror:
         now_ms = int(time.time() * 1000)
         new = [(int(r["step"]), step_values(r)) for r in rec.steps if int(r["step"]) > d["step"]]
         for i in range(0, len(new), STEPS_PER_SAVE):
-            chunk = new[i:i + STEPS_PER_SAVE]
+            chunk = new[i : i + STEPS_PER_SAVE]
             self.tracker.log_steps(chunk, now_ms)
             d["step"] = chunk[-1][0]
             if len(new) > STEPS_PER_SAVE:
@@ -231,16 +262,26 @@ class Mirror:
             try:
                 self.sync()
                 if failing:
-                    log.warning("%s answers again: caught up to step %d", self.tracker.kind, self.delivered["step"])
+                    log.warning(
+                        "%s answers again: caught up to step %d",
+                        self.tracker.kind,
+                        self.delivered["step"],
+                    )
                 failing, wait = False, interval_s
-            except Exception as err:  # the tracker's failure, whatever its kind: training goes on regardless
+            except (
+                Exception
+            ) as err:  # the tracker's failure, whatever its kind: training goes on regardless
                 self.reconcile = True
                 if not failing:
                     self.record["outages"] = self.record.get("outages", 0) + 1
                     self.record["last_error"] = redact(f"{type(err).__name__}: {err}")[:500]
-                    log.warning("%s does not answer (%s): training goes on; the tracker falls behind (%d steps so "
-                                "far) and catches up when it answers", self.tracker.kind,
-                                self.record["last_error"], self.behind())
+                    log.warning(
+                        "%s does not answer (%s): training goes on; the tracker falls behind (%d steps so "
+                        "far) and catches up when it answers",
+                        self.tracker.kind,
+                        self.record["last_error"],
+                        self.behind(),
+                    )
                     try:
                         self._save()
                     except Exception:
@@ -257,16 +298,26 @@ class Mirror:
             try:
                 self.sync()
                 state = self.finish(state)
-                log.info("%s run %s finished (%s), every step delivered up to %d", self.tracker.kind,
-                         self.record["run_id"], state, self.delivered["step"])
+                log.info(
+                    "%s run %s finished (%s), every step delivered up to %d",
+                    self.tracker.kind,
+                    self.record["run_id"],
+                    state,
+                    self.delivered["step"],
+                )
                 return True
             except Exception as err:
                 self.reconcile = True
                 if time.monotonic() >= deadline:
-                    log.warning("%s is %d steps behind and still does not answer (%s); nothing is lost: "
-                                "`python -m tracking.mirror --run-dir %s --tracker %s` delivers the rest",
-                                self.tracker.kind, self.behind(), redact(str(err))[:300], self.run.url,
-                                self.tracker.kind)
+                    log.warning(
+                        "%s is %d steps behind and still does not answer (%s); nothing is lost: "
+                        "`python -m tracking.mirror --run-dir %s --tracker %s` delivers the rest",
+                        self.tracker.kind,
+                        self.behind(),
+                        redact(str(err))[:300],
+                        self.run.url,
+                        self.tracker.kind,
+                    )
                     return False
                 time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
 
@@ -287,18 +338,41 @@ def _control(stdin, stop: threading.Event, outcome: dict[str, str]) -> None:
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tracking.mirror", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m tracking.mirror", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--run-dir", required=True, help="the run directory (local path or fsspec URL)")
     ap.add_argument("--tracker", required=True, choices=TRACKERS)
-    ap.add_argument("--uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI); TensorBoard "
-                    "log folder (default: {run}/tensorboard)")
-    ap.add_argument("--project", default="gpt2-repro", help="MLflow experiment / W&B project (default: gpt2-repro)")
+    ap.add_argument(
+        "--uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI); TensorBoard "
+        "log folder (default: {run}/tensorboard)",
+    )
+    ap.add_argument(
+        "--project",
+        default="gpt2-repro",
+        help="MLflow experiment / W&B project (default: gpt2-repro)",
+    )
     ap.add_argument("--entity", default=None, help="W&B entity (default: the API key's)")
-    ap.add_argument("--follow", action="store_true", help="keep syncing until interrupted (Ctrl-C, SIGTERM)")
-    ap.add_argument("--interval-s", type=float, default=15.0, help="--follow: seconds between syncs (default: 15)")
-    ap.add_argument("--finish-timeout-s", type=float, default=120.0,
-                    help="--follow: how long the last catch-up may try a tracker that does not answer (default: 120)")
-    ap.add_argument("--control-stdin", action="store_true", help=argparse.SUPPRESS)  # the flow's orders
+    ap.add_argument(
+        "--follow", action="store_true", help="keep syncing until interrupted (Ctrl-C, SIGTERM)"
+    )
+    ap.add_argument(
+        "--interval-s",
+        type=float,
+        default=15.0,
+        help="--follow: seconds between syncs (default: 15)",
+    )
+    ap.add_argument(
+        "--finish-timeout-s",
+        type=float,
+        default=120.0,
+        help="--follow: how long the last catch-up may try a tracker that does not answer (default: 120)",
+    )
+    ap.add_argument(
+        "--control-stdin", action="store_true", help=argparse.SUPPRESS
+    )  # the flow's orders
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("mlflow", "urllib3", "wandb", "alembic", "botocore", "s3fs"):
@@ -326,13 +400,19 @@ def main(argv: list[str] | None = None) -> int:
             except BadInput:
                 raise
             except Exception as err:
-                print(f"error: {args.tracker} does not answer ({redact(str(err))[:300]}); nothing is lost: run "
-                      "this again", file=sys.stderr, flush=True)
+                print(
+                    f"error: {args.tracker} does not answer ({redact(str(err))[:300]}); nothing is lost: run "
+                    "this again",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return 1
             if mirror.complete():
                 mirror.finish("completed")
-            print(f"{args.tracker} run {mirror.record['run_id']}: steps up to {mirror.delivered['step']} delivered",
-                  flush=True)
+            print(
+                f"{args.tracker} run {mirror.record['run_id']}: steps up to {mirror.delivered['step']} delivered",
+                flush=True,
+            )
             return 0
         stop, outcome = threading.Event(), {}
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -20,13 +20,16 @@ from typing import Any
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
-from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType  # noqa: E402
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
 
 MAX_METRICS_PER_REQUEST = 1000  # MLflow's log_batch limit
 MAX_PARAMS_PER_REQUEST = 100
-STATUS = {"completed": RunStatus.to_string(RunStatus.FINISHED), "failed": RunStatus.to_string(RunStatus.FAILED),
-          "stopped": RunStatus.to_string(RunStatus.KILLED)}
+STATUS = {
+    "completed": RunStatus.to_string(RunStatus.FINISHED),
+    "failed": RunStatus.to_string(RunStatus.FAILED),
+    "stopped": RunStatus.to_string(RunStatus.KILLED),
+}
 
 
 def flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -54,19 +57,32 @@ class MlflowTracker:
         return exp.experiment_id if exp else self.client.create_experiment(self.experiment)
 
     def _find(self, exp_id: str, run_url: str, generation: int) -> str | None:
-        found = self.client.search_runs([exp_id], f"tags.`repro.run_dir` = '{run_url}' and "
-                                                  f"tags.`repro.generation` = '{generation}'",
-                                        run_view_type=ViewType.ACTIVE_ONLY, max_results=1)
+        found = self.client.search_runs(
+            [exp_id],
+            f"tags.`repro.run_dir` = '{run_url}' and tags.`repro.generation` = '{generation}'",
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=1,
+        )
         return found[0].info.run_id if found else None
 
-    def open(self, run_url: str, run_name: str, generation: int, known: str | None, delivered_step: int = -1) -> str:
+    def open(
+        self,
+        run_url: str,
+        run_name: str,
+        generation: int,
+        known: str | None,
+        delivered_step: int = -1,
+    ) -> str:
         """The MLflow run of this generation of the run directory: `known` (its id from the mirror's record),
         the one tagged with it, or a new one. Returns its id."""
         exp_id = self._experiment_id()
         run_id = known or self._find(exp_id, run_url, generation)
         if run_id is None:
-            run = self.client.create_run(exp_id, run_name=run_name,
-                                         tags={"repro.run_dir": run_url, "repro.generation": str(generation)})
+            run = self.client.create_run(
+                exp_id,
+                run_name=run_name,
+                tags={"repro.run_dir": run_url, "repro.generation": str(generation)},
+            )
             run_id = run.info.run_id
         else:
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
@@ -74,8 +90,12 @@ class MlflowTracker:
         return run_id
 
     def link(self) -> str:
-        return f"{self.uri.rstrip('/')}/#/experiments/{self.client.get_run(self.run_id).info.experiment_id}/runs/" \
-               f"{self.run_id}" if self.uri.startswith("http") else self.run_id
+        return (
+            f"{self.uri.rstrip('/')}/#/experiments/{self.client.get_run(self.run_id).info.experiment_id}/runs/"
+            f"{self.run_id}"
+            if self.uri.startswith("http")
+            else self.run_id
+        )
 
     # ------------------------------------------------------------------ what MLflow holds
 
@@ -86,7 +106,9 @@ class MlflowTracker:
 
     def delivered_evaluations(self, keys: set[str]) -> set[tuple[int, str]]:
         """(step, key) pairs of these evaluation metrics that MLflow holds."""
-        return {(m.step, key) for key in keys for m in self.client.get_metric_history(self.run_id, key)}
+        return {
+            (m.step, key) for key in keys for m in self.client.get_metric_history(self.run_id, key)
+        }
 
     # ------------------------------------------------------------------ logging
 
@@ -103,23 +125,37 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
 
     def log_evaluation(self, step: int, values: dict[str, float], timestamp_ms: int) -> None:
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, timestamp_ms, step) for k, v in values.items()],
-                              synchronous=True)
+        self.client.log_batch(
+            self.run_id,
+            metrics=[Metric(k, v, timestamp_ms, step) for k, v in values.items()],
+            synchronous=True,
+        )
 
     def log_samples(self, new: list[dict[str, Any]], everything: list[dict[str, Any]]) -> None:
         """One text file per step (re-sending one rewrites the same file)."""
         for s in new:
-            body = "\n\n".join(f"--- sample {i} ---\n{t}" for i, t in enumerate(s.get("samples", [])))
+            body = "\n\n".join(
+                f"--- sample {i} ---\n{t}" for i, t in enumerate(s.get("samples", []))
+            )
             self.client.log_text(self.run_id, body, f"samples/step_{int(s['step']):06d}.txt")
 
     def log_events(self, events: list[dict[str, Any]]) -> None:
         """The whole event list as one artifact (rewritten as it grows), the latest as tags."""
-        self.client.log_text(self.run_id, "".join(json.dumps(e) + "\n" for e in events), "events.jsonl")
+        self.client.log_text(
+            self.run_id, "".join(json.dumps(e) + "\n" for e in events), "events.jsonl"
+        )
         last = events[-1]
-        self.client.log_batch(self.run_id, tags=[RunTag("repro.events", str(len(events))),
-                                                 RunTag("repro.last_event", f"{last['source']}: {last['event']} "
-                                                                            f"(step {last['step']})"[:5000])],
-                              synchronous=True)
+        self.client.log_batch(
+            self.run_id,
+            tags=[
+                RunTag("repro.events", str(len(events))),
+                RunTag(
+                    "repro.last_event",
+                    f"{last['source']}: {last['event']} (step {last['step']})"[:5000],
+                ),
+            ],
+            synchronous=True,
+        )
 
     def log_config(self, config: dict[str, Any], first: bool) -> None:
         """The resolved config as params once (MLflow params cannot change), and as config.json, rewritten when a
@@ -127,8 +163,12 @@ class MlflowTracker:
         if first:
             params = [Param(k, v[:6000]) for k, v in sorted(flatten(config).items())]
             for i in range(0, len(params), MAX_PARAMS_PER_REQUEST):
-                self.client.log_batch(self.run_id, params=params[i:i + MAX_PARAMS_PER_REQUEST], synchronous=True)
-        self.client.log_text(self.run_id, json.dumps(config, indent=2, sort_keys=True), "config.json")
+                self.client.log_batch(
+                    self.run_id, params=params[i : i + MAX_PARAMS_PER_REQUEST], synchronous=True
+                )
+        self.client.log_text(
+            self.run_id, json.dumps(config, indent=2, sort_keys=True), "config.json"
+        )
 
     def retire(self) -> None:
         pass  # the next generation's run marks it, once it exists

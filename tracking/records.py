@@ -16,16 +16,28 @@ from training.checkpoint import list_steps
 from training.metrics import parse_metrics
 
 # the files whose lines are events, and the field that names the step each line is about
-EVENT_FILES = {"attempts": "end_step", "submissions": "end_step", "events": "step", "rollbacks": "resume_step",
-               "cordon": "step", "stragglers": "step"}
+EVENT_FILES = {
+    "attempts": "end_step",
+    "submissions": "end_step",
+    "events": "step",
+    "rollbacks": "resume_step",
+    "cordon": "step",
+    "stragglers": "step",
+}
 
 
 @dataclass
 class RunRecords:
-    steps: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl, one row per step, in step order
-    evaluations: dict[tuple[int, str], dict[str, float]] = field(default_factory=dict)  # (step, family) -> values
+    steps: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # metrics.jsonl, one row per step, in step order
+    evaluations: dict[tuple[int, str], dict[str, float]] = field(
+        default_factory=dict
+    )  # (step, family) -> values
     samples: list[dict[str, Any]] = field(default_factory=list)  # {"step", "samples": [...]}
-    events: list[dict[str, Any]] = field(default_factory=list)  # {"time", "source", "event", "step", "detail"}
+    events: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # {"time", "source", "event", "step", "detail"}
     config: dict[str, Any] = field(default_factory=dict)
     rollbacks: list[dict[str, Any]] = field(default_factory=list)
 
@@ -55,8 +67,11 @@ def _jsonl(url: str) -> list[dict[str, Any]]:
 
 def step_values(row: dict[str, Any]) -> dict[str, float]:
     """A metrics line's numbers (NaN and inf included: a diverging step is shown as it was), without its step."""
-    return {k: float(v) for k, v in row.items()
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        k: float(v)
+        for k, v in row.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def evaluation_values(family: str, result: dict[str, Any]) -> dict[str, float]:
@@ -96,29 +111,50 @@ def read_records(run_url: str, skip_evaluations: set[tuple[int, str]] = frozense
     rec.rollbacks = _jsonl(run.rollbacks)
     for source, step_field in EVENT_FILES.items():
         for r in _jsonl(getattr(run, source)):
-            name = r.get("event") or r.get("state") or ("rollback" if source == "rollbacks" else
-                                                         "cordon" if source == "cordon" else source)
-            rec.events.append({"time": r.get("time"), "source": source, "event": str(name),
-                               "step": r.get(step_field, r.get("step")),
-                               "detail": json.dumps(r, sort_keys=True, default=str)[:2000]})
+            name = (
+                r.get("event")
+                or r.get("state")
+                or (
+                    "rollback"
+                    if source == "rollbacks"
+                    else "cordon"
+                    if source == "cordon"
+                    else source
+                )
+            )
+            rec.events.append(
+                {
+                    "time": r.get("time"),
+                    "source": source,
+                    "event": str(name),
+                    "step": r.get(step_field, r.get("step")),
+                    "detail": json.dumps(r, sort_keys=True, default=str)[:2000],
+                }
+            )
     rec.events.sort(key=lambda e: (e["time"] or 0, e["source"]))
     # The flow's evaluations.jsonl outlives pruned checkpoints; a rollback's set-aside steps are dropped from it.
     undone = [(float(r.get("time", 0)), int(r.get("resume_step", 0))) for r in rec.rollbacks]
     for row in _jsonl(run.evaluations):
         step = row.get("step")
-        if not isinstance(step, int) or any(row.get("time", 0) < t and step > resume for t, resume in undone):
+        if not isinstance(step, int) or any(
+            row.get("time", 0) < t and step > resume for t, resume in undone
+        ):
             continue
         for family in ("hellaswag", "lm_eval"):
             if isinstance(row.get(family), dict) and (step, family) not in skip_evaluations:
                 values = evaluation_values(family, row[family])
                 if values:
                     rec.evaluations[(step, family)] = values
-    for step in list_steps(run.url):  # a run evaluated without the flow (python -m evaluation.evaluate)
+    for step in list_steps(
+        run.url
+    ):  # a run evaluated without the flow (python -m evaluation.evaluate)
         for family in ("hellaswag", "lm_eval"):
             if (step, family) in skip_evaluations or (step, family) in rec.evaluations:
                 continue
             try:
-                values = evaluation_values(family, store.read_json(eval_result(run.checkpoint(step), family)))
+                values = evaluation_values(
+                    family, store.read_json(eval_result(run.checkpoint(step), family))
+                )
             except (FileNotFoundError, ValueError):
                 continue
             if values:

@@ -21,8 +21,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from common import store
 from common.layout import RunDir
@@ -34,7 +35,9 @@ class TensorBoardTracker:
     kind = "tensorboard"
 
     def __init__(self, logdir: str | None = None):
-        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package: ImportError otherwise
+        from torch.utils.tensorboard import (
+            SummaryWriter,
+        )  # needs the tensorboard package: ImportError otherwise
 
         self._writer_class = SummaryWriter
         self.requested = logdir
@@ -46,22 +49,37 @@ class TensorBoardTracker:
         self.durable_evals: set[tuple[int, str]] = set()
         self.pending_evals: set[tuple[int, str]] = set()
         self.purge_from: int | None = 0
-        self.last_step = 0  # where the events table, the config's later versions and the status are shown
+        self.last_step = (
+            0  # where the events table, the config's later versions and the status are shown
+        )
         self.current: Path | None = None  # the event file the writer appends to
         self.uploaded: dict[str, int] = {}  # file name -> size uploaded
-        self.staging: str | None = None  # where the writer writes: the log folder, or a local copy of a remote one
+        self.staging: str | None = (
+            None  # where the writer writes: the log folder, or a local copy of a remote one
+        )
         self.local = True
-        self.failed = False  # a flush failed: nothing more is claimed until the mirror asks what is held
+        self.failed = (
+            False  # a flush failed: nothing more is claimed until the mirror asks what is held
+        )
 
     # ------------------------------------------------------------------ the log folder and its writer
 
-    def open(self, run_url: str, run_name: str, generation: int, known: str | None, delivered_step: int = -1) -> str:
+    def open(
+        self,
+        run_url: str,
+        run_name: str,
+        generation: int,
+        known: str | None,
+        delivered_step: int = -1,
+    ) -> str:
         self._clean_staging()  # a new generation's writer starts a new file
         self.logdir = (self.requested or known or RunDir(run_url).tensorboard).rstrip("/")
         self.local = store.is_local(self.logdir)
         self.staging = self.logdir if self.local else tempfile.mkdtemp(prefix="tensorboard-")
         self.durable_step = delivered_step
-        self.purge_from = delivered_step + 1  # 0 for a new generation: its history replaces the old one
+        self.purge_from = (
+            delivered_step + 1
+        )  # 0 for a new generation: its history replaces the old one
         self.last_step = max(delivered_step, 0)
         self.run_id = self.logdir
         return self.logdir
@@ -76,7 +94,9 @@ class TensorBoardTracker:
         if self.writer is None:
             os.makedirs(self.staging, exist_ok=True)
             before = self._files()
-            self.writer = self._writer_class(log_dir=self.staging, purge_step=self.purge_from, flush_secs=3600)
+            self.writer = self._writer_class(
+                log_dir=self.staging, purge_step=self.purge_from, flush_secs=3600
+            )
             self.current = next(iter(self._files() - before), None)
             self.purge_from = None
         return self.writer
@@ -85,7 +105,9 @@ class TensorBoardTracker:
         if self.writer is not None:
             try:
                 self.writer.close()
-            except Exception:  # a writer that failed is given up: the next one purges past what it wrote
+            except (
+                Exception
+            ):  # a writer that failed is given up: the next one purges past what it wrote
                 pass
             self.writer = None
 
@@ -114,33 +136,53 @@ class TensorBoardTracker:
 
     def log_steps(self, rows: list[tuple[int, dict[str, float]]], timestamp_ms: int) -> None:
         for step, values in rows:
-            self.pending.append((step, lambda w, s=step, v=values: [w.add_scalar(k, x, s, timestamp_ms / 1000)
-                                                                    for k, x in v.items()]))
+            self.pending.append(
+                (
+                    step,
+                    lambda w, s=step, v=values: [
+                        w.add_scalar(k, x, s, timestamp_ms / 1000) for k, x in v.items()
+                    ],
+                )
+            )
             self.last_step = max(self.last_step, step)
 
     def log_evaluation(self, step: int, values: dict[str, float], timestamp_ms: int) -> None:
-        self.pending.append((-1, lambda w: [w.add_scalar(k, x, step, timestamp_ms / 1000) for k, x in values.items()]))
+        self.pending.append(
+            (
+                -1,
+                lambda w: [
+                    w.add_scalar(k, x, step, timestamp_ms / 1000) for k, x in values.items()
+                ],
+            )
+        )
         self.pending_evals |= {(step, k) for k in values}
 
     def log_samples(self, new: list[dict[str, Any]], everything: list[dict[str, Any]]) -> None:
         for s in new:
             text = "\n\n".join(f"**{i}.** {t}" for i, t in enumerate(s.get("samples", [])))
-            self.pending.append((-1, lambda w, st=int(s["step"]), t=text: w.add_text("samples", t, st)))
+            self.pending.append(
+                (-1, lambda w, st=int(s["step"]), t=text: w.add_text("samples", t, st))
+            )
 
     def log_events(self, events: list[dict[str, Any]]) -> None:
         rows = ["| time | source | event | step |", "|---|---|---|---|"]
         rows += [f"| {e['time']} | {e['source']} | {e['event']} | {e['step']} |" for e in events]
-        self.pending.append((-1, lambda w, t="\n".join(rows), s=self.last_step: w.add_text("events", t, s)))
+        text = "\n".join(rows)
+        self.pending.append((-1, lambda w, s=self.last_step: w.add_text("events", text, s)))
 
     def log_config(self, config: dict[str, Any], first: bool) -> None:
         text = "```json\n" + json.dumps(config, indent=1, sort_keys=True, default=str) + "\n```"
-        self.pending.append((-1, lambda w, s=0 if first else self.last_step: w.add_text("config", text, s)))
+        self.pending.append(
+            (-1, lambda w, s=0 if first else self.last_step: w.add_text("config", text, s))
+        )
 
     def flush(self) -> None:
         """Write what is queued, make it durable (uploaded, for a log folder on an object store), then the mirror
         saves its record."""
         if self.failed:  # written once already: writing it again would show its points twice
-            raise RuntimeError("tensorboard: the last write failed; waiting for the mirror to send it again")
+            raise RuntimeError(
+                "tensorboard: the last write failed; waiting for the mirror to send it again"
+            )
         if not self.pending:
             return
         try:
@@ -168,7 +210,9 @@ class TensorBoardTracker:
         self._drop_writer()
 
     def finish(self, state: str) -> None:
-        self.pending.append((-1, lambda w, s=self.last_step: w.add_text("status", f"run {state}", s)))
+        self.pending.append(
+            (-1, lambda w, s=self.last_step: w.add_text("status", f"run {state}", s))
+        )
         self.flush()
         self._drop_writer()
 

@@ -34,23 +34,48 @@ class WandbTracker:
         self.run: Any = None
         self.run_id: str | None = None
 
-    def open(self, run_url: str, run_name: str, generation: int, known: str | None, delivered_step: int = -1) -> str:
+    def open(
+        self,
+        run_url: str,
+        run_name: str,
+        generation: int,
+        known: str | None,
+        delivered_step: int = -1,
+    ) -> str:
         rid = known or run_id(run_url, run_name, generation)
-        self.run = wandb.init(project=self.project, entity=self.entity, id=rid, name=run_name, resume="allow",
-                              tags=[f"generation-{generation}"], reinit="create_new",
-                              settings=wandb.Settings(init_timeout=60, silent=True, console="off",
-                                                      x_disable_stats=True, x_disable_meta=True, disable_git=True,
-                                                      save_code=False))
+        self.run = wandb.init(
+            project=self.project,
+            entity=self.entity,
+            id=rid,
+            name=run_name,
+            resume="allow",
+            tags=[f"generation-{generation}"],
+            reinit="create_new",
+            settings=wandb.Settings(
+                init_timeout=60,
+                silent=True,
+                console="off",
+                x_disable_stats=True,
+                x_disable_meta=True,
+                disable_git=True,
+                save_code=False,
+            ),
+        )
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
         self.run.define_metric("eval/step")
         self.run.define_metric("eval/*", step_metric="eval/step")
-        self.run.config.update({"repro": {"run_dir": run_url, "generation": generation}}, allow_val_change=True)
+        self.run.config.update(
+            {"repro": {"run_dir": run_url, "generation": generation}}, allow_val_change=True
+        )
         self.run_id = rid
         return rid
 
     def link(self) -> str:
-        return getattr(self.run, "url", None) or f"{self.project}/{self.run_id} (offline: `wandb sync` uploads it)"
+        return (
+            getattr(self.run, "url", None)
+            or f"{self.project}/{self.run_id} (offline: `wandb sync` uploads it)"
+        )
 
     def delivered_step(self) -> int | None:
         return None  # wandb's own process buffers and retries; the mirror's record is the truth
@@ -72,7 +97,9 @@ class WandbTracker:
 
     def log_events(self, events: list[dict[str, Any]]) -> None:
         cols = ["time", "source", "event", "step", "detail"]
-        self.run.log({"events": wandb.Table(columns=cols, data=[[e[c] for c in cols] for e in events])})
+        self.run.log(
+            {"events": wandb.Table(columns=cols, data=[[e[c] for c in cols] for e in events])}
+        )
         self.run.summary["events"] = len(events)
 
     def log_config(self, config: dict[str, Any], first: bool) -> None:

@@ -20,7 +20,9 @@ def pick_device(name: str | None, what: str = "--device") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{what} is {name!r} but no CUDA device is visible")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"{what} is {name!r} but only {torch.cuda.device_count()} CUDA devices are visible")
+        raise ConfigError(
+            f"{what} is {name!r} but only {torch.cuda.device_count()} CUDA devices are visible"
+        )
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"{what} is {name!r} but MPS is not available")
     return dev
@@ -37,6 +39,7 @@ def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
         dtype = "bfloat16" if device.type == "cuda" else "float32"
     return torch.bfloat16 if dtype == "bfloat16" else None
 
+
 ATTENTION_BACKENDS = ("flash", "cudnn", "efficient", "math")
 
 
@@ -45,12 +48,16 @@ def configure(device: torch.device, *, tf32: bool, attention: str = "auto") -> N
     backend alone, so a measurement of it can never silently fall back to another."""
     if device.type != "cuda":
         if attention != "auto":
-            raise ConfigError(f"train.attention={attention!r} picks a CUDA kernel; the device is {device.type}")
+            raise ConfigError(
+                f"train.attention={attention!r} picks a CUDA kernel; the device is {device.type}"
+            )
         return
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     if attention not in ("auto", *ATTENTION_BACKENDS):
-        raise ConfigError(f"train.attention={attention!r}: expected auto or one of {', '.join(ATTENTION_BACKENDS)}")
+        raise ConfigError(
+            f"train.attention={attention!r}: expected auto or one of {', '.join(ATTENTION_BACKENDS)}"
+        )
     on = set(ATTENTION_BACKENDS) if attention == "auto" else {attention}
     torch.backends.cuda.enable_flash_sdp("flash" in on)
     torch.backends.cuda.enable_cudnn_sdp("cudnn" in on)
@@ -70,7 +77,9 @@ def _compile_caches(enabled: bool) -> None:
     from torch._functorch import config as aot_config
     from torch._inductor import config as inductor_config
 
-    if _CACHE_DEFAULTS is None:  # what the environment chose (TORCHINDUCTOR_* variables), restored on "auto"
+    if (
+        _CACHE_DEFAULTS is None
+    ):  # what the environment chose (TORCHINDUCTOR_* variables), restored on "auto"
         _CACHE_DEFAULTS = (aot_config.enable_autograd_cache, inductor_config.fx_graph_cache)
     aot_config.enable_autograd_cache = enabled and _CACHE_DEFAULTS[0]
     inductor_config.fx_graph_cache = enabled and _CACHE_DEFAULTS[1]

@@ -20,9 +20,10 @@ import logging
 import random
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,10 +51,17 @@ def code_version() -> str:
     """The git commit of the code that wrote the checkpoint (with +dirty), or the package version."""
     root = Path(__file__).resolve().parent.parent
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        )
         if rev.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
             return rev.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
@@ -86,8 +94,12 @@ def rng_state(device: torch.device) -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if device.type == "cuda":
@@ -98,7 +110,15 @@ def rng_state(device: torch.device) -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (
+            "MT19937",
+            n["key"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -144,16 +164,20 @@ class Snapshot:
         if self.records is None:
             return None
         files = {r["name"]: {"bytes": r["bytes"], "sha256": r["sha256"]} for r in self.records}
-        shared = {"model.safetensors": st_save(self.model_state, metadata={"format": FORMAT}),
-                  "train_state.json": self.train_state}
+        shared = {
+            "model.safetensors": st_save(self.model_state, metadata={"format": FORMAT}),
+            "train_state.json": self.train_state,
+        }
         if self.optimizer_state is not None:
             shared["optimizer.pt"] = _torch_bytes(self.optimizer_state)
         for name, blob in shared.items():
             store.write_bytes(store.join(self.url, name), blob)
             files[name] = {"bytes": len(blob), "sha256": store.sha256(blob)}
         _await_files(self.url, {r["name"]: r["bytes"] for r in self.records}, wait_s)
-        store.write_json(store.join(self.url, MANIFEST), {"format": FORMAT, "step": self.step,
-                                                          "world_size": self.world_size, "files": files})
+        store.write_json(
+            store.join(self.url, MANIFEST),
+            {"format": FORMAT, "step": self.step, "world_size": self.world_size, "files": files},
+        )
         return self.url
 
 
@@ -167,7 +191,9 @@ def _await_files(url: str, sizes: dict[str, int], wait_s: float) -> None:
             if fs.exists(path) and fs.size(path) == size:
                 break
             if time.monotonic() > deadline:
-                raise CheckpointError(f"{url}: {name} did not arrive within {wait_s:.0f} s; no manifest written")
+                raise CheckpointError(
+                    f"{url}: {name} did not arrive within {wait_s:.0f} s; no manifest written"
+                )
             time.sleep(0.05)
 
 
@@ -196,14 +222,24 @@ def snapshot_checkpoint(
     if rank != 0:
         return snap
     if len({r["name"] for r in records}) != world_size:
-        raise CheckpointError(f"{url}: expected {world_size} rank states, got {sorted(r['name'] for r in records)}")
+        raise CheckpointError(
+            f"{url}: expected {world_size} rank states, got {sorted(r['name'] for r in records)}"
+        )
     snap.records = records
     snap.model_state = _to_host({k: v for k, v in unwrap(model).state_dict().items() if k != _TIED})
     snap.optimizer_state = _to_host(optimizer.state_dict()) if optimizer is not None else None
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # the pinned copies are complete before anyone reads them
-    snap.train_state = json.dumps({"step": step, "world_size": world_size, "code_version": code_version(),
-                                   "config": json.loads(config.to_json()), **(train_state or {})}, indent=2).encode()
+    snap.train_state = json.dumps(
+        {
+            "step": step,
+            "world_size": world_size,
+            "code_version": code_version(),
+            "config": json.loads(config.to_json()),
+            **(train_state or {}),
+        },
+        indent=2,
+    ).encode()
     return snap
 
 
@@ -239,9 +275,13 @@ class Checkpoint:
         try:
             data = store.read_bytes(store.join(self.url, name))
         except FileNotFoundError:
-            raise CheckpointError(f"{self.url}: {name} is listed in the manifest but missing") from None
+            raise CheckpointError(
+                f"{self.url}: {name} is listed in the manifest but missing"
+            ) from None
         if len(data) != meta["bytes"] or store.sha256(data) != meta["sha256"]:
-            raise CheckpointError(f"{self.url}: {name} is corrupt (size or sha256 differs from the manifest)")
+            raise CheckpointError(
+                f"{self.url}: {name} is corrupt (size or sha256 differs from the manifest)"
+            )
         if name.endswith(".json"):
             self._cache[name] = data
         return data
@@ -256,10 +296,14 @@ class Checkpoint:
         return self.read("model.safetensors")
 
     def optimizer_state(self) -> dict[str, Any]:
-        return torch.load(io.BytesIO(self.read("optimizer.pt")), map_location="cpu", weights_only=True)
+        return torch.load(
+            io.BytesIO(self.read("optimizer.pt")), map_location="cpu", weights_only=True
+        )
 
     def rank_state(self, rank: int) -> dict[str, Any]:
-        return torch.load(io.BytesIO(self.read(f"rank_{rank:05d}.pt")), map_location="cpu", weights_only=True)
+        return torch.load(
+            io.BytesIO(self.read(f"rank_{rank:05d}.pt")), map_location="cpu", weights_only=True
+        )
 
     def verify(self) -> None:
         """Read and hash every file (the thorough check before trusting a checkpoint to resume from)."""
@@ -287,7 +331,11 @@ def list_steps(run_dir: str) -> list[int]:
 
 def complete_steps(run_dir: str) -> list[int]:
     """Steps whose checkpoint has its manifest (was written to the end), valid or not, ascending."""
-    return [s for s in list_steps(run_dir) if store.exists(store.join(RunDir(run_dir).checkpoint(s), MANIFEST))]
+    return [
+        s
+        for s in list_steps(run_dir)
+        if store.exists(store.join(RunDir(run_dir).checkpoint(s), MANIFEST))
+    ]
 
 
 def _valid_newest_first(run_dir: str, verify: bool):
@@ -322,7 +370,9 @@ def resolve(url: str) -> Checkpoint:
         if ckpt is None:
             raise CheckpointError(f"{url}: no valid checkpoint under checkpoints/")
         return ckpt
-    raise CheckpointError(f"{url}: neither a checkpoint (no {MANIFEST}) nor a run directory (no checkpoints/)")
+    raise CheckpointError(
+        f"{url}: neither a checkpoint (no {MANIFEST}) nor a run directory (no checkpoints/)"
+    )
 
 
 def load_model(url: str, device: str | torch.device = "cpu") -> tuple[GPT, RunConfig, int]:
@@ -340,7 +390,9 @@ def load_model(url: str, device: str | torch.device = "cpu") -> tuple[GPT, RunCo
 def prune(run_dir: str, keep_last: int, keep_every: int, current_step: int) -> list[int]:
     """Delete checkpoints outside keep-last-K and keep-every-N, and stale incomplete ones. Returns deleted steps."""
     complete = [c.step for c in valid_checkpoints(run_dir)]
-    keep = set(sorted(complete)[-keep_last:]) | {s for s in complete if keep_every and s % keep_every == 0}
+    keep = set(sorted(complete)[-keep_last:]) | {
+        s for s in complete if keep_every and s % keep_every == 0
+    }
     keep.add(current_step)
     deleted = []
     for step in list_steps(run_dir):

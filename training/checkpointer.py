@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -31,10 +32,20 @@ class CheckpointWriteFailed(ReproError):
 
 
 class Checkpointer:
-    def __init__(self, cfg: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 loader: ShardLoader, device: torch.device, info: DistInfo,
-                 data: dict[str, str], extra_state: Callable[[], dict[str, Any]] = dict,
-                 after_save: Callable[[], None] | None = None, latest: str | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loader: ShardLoader,
+        device: torch.device,
+        info: DistInfo,
+        data: dict[str, str],
+        extra_state: Callable[[], dict[str, Any]] = dict,
+        after_save: Callable[[], None] | None = None,
+        latest: str | None = None,
+    ):
         """`data`: what the checkpoint records of its training data ({"url", "fingerprint"}); `extra_state`: more
         of the loop's state for train_state.json (the guard's history, the position in the token stream)."""
         self.cfg, self.model, self.optimizer, self.loader = cfg, model, optimizer, loader
@@ -48,7 +59,11 @@ class Checkpointer:
 
     def due(self, step: int, stopping: bool) -> bool:
         """Whether the state after `step` steps is to be saved."""
-        return stopping or step == self.cfg.train.max_steps or step % self.cfg.checkpoint.checkpoint_every == 0
+        return (
+            stopping
+            or step == self.cfg.train.max_steps
+            or step % self.cfg.checkpoint.checkpoint_every == 0
+        )
 
     def save_if_due(self, step: int, stopping: bool = False) -> None:
         if self.due(step, stopping):
@@ -60,15 +75,27 @@ class Checkpointer:
         c, t0 = self.cfg, time.perf_counter()
         self.wait()  # one write in flight: the previous one is done (or its failure raised) first
         snap = ck.snapshot_checkpoint(
-            c.train.run_dir, step, model=self.model, optimizer=self.optimizer, config=c,
+            c.train.run_dir,
+            step,
+            model=self.model,
+            optimizer=self.optimizer,
+            config=c,
             rank_state={"loader": self.loader.state_dict(), "rng": ck.rng_state(self.device)},
-            rank=self.info.rank, world_size=self.info.world_size, gather=distributed.gather_to_master,
-            train_state={"tokens_seen": step * c.train.total_batch_tokens, "data": self.data, **self.extra_state()})
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            gather=distributed.gather_to_master,
+            train_state={
+                "tokens_seen": step * c.train.total_batch_tokens,
+                "data": self.data,
+                **self.extra_state(),
+            },
+        )
         if self.info.is_master and self.after_save is not None:
             self.after_save()  # the metrics up to this step are on the store no later than the checkpoint
         if c.checkpoint.async_write and not wait:
-            self._writer = threading.Thread(target=self._write, args=(snap, t0), name="checkpoint-writer",
-                                            daemon=True)
+            self._writer = threading.Thread(
+                target=self._write, args=(snap, t0), name="checkpoint-writer", daemon=True
+            )
             self._writer.start()
         else:
             self._write(snap, t0)
@@ -81,7 +108,9 @@ class Checkpointer:
             url = snap.write(wait_s=self.cfg.train.collective_timeout_s)
             if url is not None:
                 c = self.cfg
-                ck.prune(c.train.run_dir, c.checkpoint.keep_last, c.checkpoint.keep_every, snap.step)
+                ck.prune(
+                    c.train.run_dir, c.checkpoint.keep_last, c.checkpoint.keep_every, snap.step
+                )
                 log.info("checkpoint %s", url)
                 self.latest = url
             self._write_s = round(time.perf_counter() - t0, 4)

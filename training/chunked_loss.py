@@ -25,12 +25,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            if need_grad
+            else None
+        )
         for start in range(0, n, chunk):
-            h = hidden[start:start + chunk].to(dtype)
-            t = targets[start:start + chunk]
+            h = hidden[start : start + chunk].to(dtype)
+            t = targets[start : start + chunk]
             logits = (h @ w.t()).float()  # as autocast: bf16 matmul, cross-entropy in fp32
-            logits[:, vocab_size:] = float("-inf")  # padding is not a token: exp(-inf) = 0, no mass, no gradient
+            logits[:, vocab_size:] = float(
+                "-inf"
+            )  # padding is not a token: exp(-inf) = 0, no mass, no gradient
             lse = torch.logsumexp(logits, dim=-1)
             loss += (lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
             if need_grad:
@@ -38,7 +44,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 g = logits.sub_(lse.unsqueeze(1)).exp_()
                 g.scatter_add_(1, t.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
                 g = g.div_(n).to(dtype)
-                grad_hidden[start:start + chunk] = (g @ w).to(hidden.dtype)
+                grad_hidden[start : start + chunk] = (g @ w).to(hidden.dtype)
                 grad_weight += (g.t() @ h).float()
         if need_grad:
             ctx.save_for_backward(grad_hidden, grad_weight)
@@ -48,11 +54,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None, None
+        return (
+            grad_hidden * grad_loss,
+            (grad_weight * grad_loss).to(ctx.weight_dtype),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                 vocab_size: int, chunk: int) -> torch.Tensor:
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk: int
+) -> torch.Tensor:
     """mean(cross_entropy(hidden @ weight[:vocab_size].T, targets)) with `chunk` tokens of logits at a time.
 
     hidden: (N, C); weight: (V_padded, C); targets: (N,) token ids < vocab_size. Under autocast the matmuls

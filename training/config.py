@@ -10,10 +10,10 @@ from __future__ import annotations
 import difflib
 import json
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.cli import validation_message
@@ -31,7 +31,9 @@ class ConfigError(BadInput, ValueError):
 class _Section(BaseModel):
     # extra="forbid" turns a typo into an error instead of a silently ignored key; inf and nan are no numbers
     # a run can use (max_lr=inf trains into NaN).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False
+    )
 
 
 class GPTConfig(_Section):
@@ -43,13 +45,17 @@ class GPTConfig(_Section):
     n_head: int = Field(12, gt=0)
     n_embd: int = Field(768, gt=0)
     pad_vocab_to: int = Field(
-        64, gt=0, description="round the embedding/logit rows up to a multiple of this (50257 -> 50304); 1 = off"
+        64,
+        gt=0,
+        description="round the embedding/logit rows up to a multiple of this (50257 -> 50304); 1 = off",
     )
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> "GPTConfig":
+    def _heads_divide_width(self) -> GPTConfig:
         if self.n_embd % self.n_head:
-            raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+            raise ValueError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+            )
         return self
 
     @property
@@ -71,27 +77,48 @@ def _check_ranges(entries: list[str], field: str) -> None:
 
 
 class DataConfig(_Section):
-    dataset: str = Field("fineweb-edu/sample-10BT", description="the shards' name in a store: {store}/data/{dataset}")
-    data_url: str | None = Field(None, description="fsspec URL of the token shards; default: the dataset in the "
-                                 "local store, ./store/data/{dataset} (a flow uses its own store)")
-    source: str | None = Field(None, description="what a flow makes the shards from when they are missing: a "
-                               "data_prep source (hf:HuggingFaceFW/fineweb-edu:sample-10BT, parquet/jsonl files, demo)")
-    shuffle: bool = Field(False, description="seeded per-epoch shuffling (off = build-nanogpt's exact order)")
-    resume_on_other_data: bool = Field(False, description="resume a checkpoint although data_url now holds other "
-                                       "shards than it was trained on (the token stream changes)")
-    skip_batches: list[str] = Field(default_factory=list, description="'start:stop' ranges of step batches of the "
-                                    "token stream that training passes over (a rollback past data that diverged)")
+    dataset: str = Field(
+        "fineweb-edu/sample-10BT", description="the shards' name in a store: {store}/data/{dataset}"
+    )
+    data_url: str | None = Field(
+        None,
+        description="fsspec URL of the token shards; default: the dataset in the "
+        "local store, ./store/data/{dataset} (a flow uses its own store)",
+    )
+    source: str | None = Field(
+        None,
+        description="what a flow makes the shards from when they are missing: a "
+        "data_prep source (hf:HuggingFaceFW/fineweb-edu:sample-10BT, parquet/jsonl files, demo)",
+    )
+    shuffle: bool = Field(
+        False, description="seeded per-epoch shuffling (off = build-nanogpt's exact order)"
+    )
+    resume_on_other_data: bool = Field(
+        False,
+        description="resume a checkpoint although data_url now holds other "
+        "shards than it was trained on (the token stream changes)",
+    )
+    skip_batches: list[str] = Field(
+        default_factory=list,
+        description="'start:stop' ranges of step batches of the "
+        "token stream that training passes over (a rollback past data that diverged)",
+    )
 
     @model_validator(mode="after")
-    def _ranges(self) -> "DataConfig":
+    def _ranges(self) -> DataConfig:
         _check_ranges(self.skip_batches, "data.skip_batches")
         return self
-    verify_checksums: bool = Field(True, description="check shard sha256 against the manifest when one exists")
+
+    verify_checksums: bool = Field(
+        True, description="check shard sha256 against the manifest when one exists"
+    )
 
 
 class OptimConfig(_Section):
     max_lr: float = Field(6e-4, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR as a fraction of max_lr (cosine floor)")
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="final LR as a fraction of max_lr (cosine floor)"
+    )
     warmup_steps: int = Field(715, ge=0)
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
@@ -101,44 +128,77 @@ class OptimConfig(_Section):
 
 
 class TrainConfig(_Section):
-    run_dir: str = Field("runs/default", description="fsspec URL everything this run writes goes under")
+    run_dir: str = Field(
+        "runs/default", description="fsspec URL everything this run writes goes under"
+    )
     max_steps: int = Field(19073, gt=0)
-    total_batch_tokens: int = Field(524288, gt=0, description="tokens per optimizer step, all ranks")
+    total_batch_tokens: int = Field(
+        524288, gt=0, description="tokens per optimizer step, all ranks"
+    )
     micro_batch: int = Field(64, gt=0, description="sequences per rank per micro-step")
     seq_len: int = Field(1024, gt=0)
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="autocast dtype; auto = bf16 on CUDA")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="autocast dtype; auto = bf16 on CUDA"
+    )
     compile: bool = False
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
-        "default", description="torch.compile mode; reduce-overhead adds CUDA graphs")
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = Field("default", description="torch.compile mode; reduce-overhead adds CUDA graphs")
     tf32: bool = True
     attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = Field(
-        "auto", description="SDPA backend on CUDA; auto = PyTorch's choice, any other = that one only")
+        "auto",
+        description="SDPA backend on CUDA; auto = PyTorch's choice, any other = that one only",
+    )
     loss_chunk: int = Field(
-        0, ge=0, description="tokens per chunk of the lm_head + cross-entropy, so the full logits never exist "
-        "(less memory, a larger micro-batch fits); 0 = plain")
+        0,
+        ge=0,
+        description="tokens per chunk of the lm_head + cross-entropy, so the full logits never exist "
+        "(less memory, a larger micro-batch fits); 0 = plain",
+    )
     log_every: int = Field(1, gt=0)
-    lease_ttl_s: float = Field(60.0, gt=0, description="the run directory's writer lease is renewed every quarter "
-                               "of this; a lease of a writer that died on another host is taken after this long")
-    heartbeat_seconds: float = Field(15.0, ge=0, description="each rank rewrites {run}/heartbeats/rank-N.json this "
-                                     "often (step, phase, host), so a hung job is noticed from outside; 0 = off")
-    collective_timeout_s: float = Field(600.0, gt=0, description="a collective that waits longer than this ends the "
-                                        "job with an error naming the missing ranks (torch's default: 30 min on "
-                                        "gloo); keep it above the longest checkpoint write")
-    telemetry_every: int = Field(50, ge=0, description="every this many steps each rank's mean step time, busy "
-                                 "time (until its own last gradient: no waiting on peers) and data wait, its "
-                                 "memory and GPU clock, temperature and power go into {run}/telemetry.jsonl (one "
-                                 "small all_gather), and the slowest rank into that step's metrics line; 0 = off")
+    lease_ttl_s: float = Field(
+        60.0,
+        gt=0,
+        description="the run directory's writer lease is renewed every quarter "
+        "of this; a lease of a writer that died on another host is taken after this long",
+    )
+    heartbeat_seconds: float = Field(
+        15.0,
+        ge=0,
+        description="each rank rewrites {run}/heartbeats/rank-N.json this "
+        "often (step, phase, host), so a hung job is noticed from outside; 0 = off",
+    )
+    collective_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="a collective that waits longer than this ends the "
+        "job with an error naming the missing ranks (torch's default: 30 min on "
+        "gloo); keep it above the longest checkpoint write",
+    )
+    telemetry_every: int = Field(
+        50,
+        ge=0,
+        description="every this many steps each rank's mean step time, busy "
+        "time (until its own last gradient: no waiting on peers) and data wait, its "
+        "memory and GPU clock, temperature and power go into {run}/telemetry.jsonl (one "
+        "small all_gather), and the slowest rank into that step's metrics line; 0 = off",
+    )
     stop_after_steps: int | None = Field(
-        None, gt=0, description="leave after this many steps in this process, checkpointing as on preemption "
-        "(a time-boxed allocation); the next launch resumes")
+        None,
+        gt=0,
+        description="leave after this many steps in this process, checkpointing as on preemption "
+        "(a time-boxed allocation); the next launch resumes",
+    )
     profile_steps: str | None = Field(
-        None, description="'A:B': a torch.profiler trace of steps A to B-1 on every rank, into "
-        "{run}/profiles/steps_A-B/rank-N.json (Chrome trace format: open it in Perfetto or chrome://tracing)")
+        None,
+        description="'A:B': a torch.profiler trace of steps A to B-1 on every rank, into "
+        "{run}/profiles/steps_A-B/rank-N.json (Chrome trace format: open it in Perfetto or chrome://tracing)",
+    )
 
     @model_validator(mode="after")
-    def _profile_range(self) -> "TrainConfig":
+    def _profile_range(self) -> TrainConfig:
         if self.profile_steps is not None:
             _check_ranges([self.profile_steps], "train.profile_steps")
         return self
@@ -147,17 +207,25 @@ class TrainConfig(_Section):
 class CheckpointConfig(_Section):
     checkpoint_every: int = Field(1000, gt=0)
     keep_last: int = Field(3, gt=0, description="keep this many newest checkpoints")
-    keep_every: int = Field(5000, ge=0, description="also keep every checkpoint whose step is a multiple; 0 = none")
-    async_write: bool = Field(True, description="copy the state to host memory and write it in the background "
-                              "while training goes on (one write in flight; the last step and a stop for "
-                              "preemption wait for it); false = every rank waits for the write")
+    keep_every: int = Field(
+        5000, ge=0, description="also keep every checkpoint whose step is a multiple; 0 = none"
+    )
+    async_write: bool = Field(
+        True,
+        description="copy the state to host memory and write it in the background "
+        "while training goes on (one write in flight; the last step and a stop for "
+        "preemption wait for it); false = every rank waits for the write",
+    )
 
 
 class EvalConfig(_Section):
     val_every: int = Field(250, gt=0)
     val_tokens: int = Field(
-        10_485_760, gt=0, description="tokens per val evaluation, all ranks together (the same tokens whatever "
-        "the world size); build-nanogpt: 20 steps x 64 x 1024 x 8 GPUs")
+        10_485_760,
+        gt=0,
+        description="tokens per val evaluation, all ranks together (the same tokens whatever "
+        "the world size); build-nanogpt: 20 steps x 64 x 1024 x 8 GPUs",
+    )
     sample_every: int = Field(1000, ge=0, description="0 disables sampling during training")
     sample_prompt: str = "Hello, I'm a language model,"
     sample_count: int = Field(4, gt=0)
@@ -168,22 +236,43 @@ class GuardConfig(_Section):
     """The per-step guard (training/guard.py): updates that would break the run are skipped, and repeated
     trouble ends the job as "diverged" (exit code 3) for the flow to roll back past the offending data."""
 
-    skip_nonfinite: bool = Field(True, description="skip the update of a step whose loss or gradient norm is not "
-                                 "finite (instead of stopping the run)")
-    zscore: float = Field(8.0, ge=0, description="skip the update of a step whose loss or gradient norm is this many "
-                          "standard deviations above the recent ones; 0 = off")
-    zscore_window: int = Field(100, ge=10, description="steps of history the z-scores are taken over")
-    zscore_warmup: int = Field(500, ge=0, description="no z-score skips before this step (early training is noisy)")
-    max_skips: int = Field(5, ge=1, description="this many skipped steps within skip_window steps: diverged")
+    skip_nonfinite: bool = Field(
+        True,
+        description="skip the update of a step whose loss or gradient norm is not "
+        "finite (instead of stopping the run)",
+    )
+    zscore: float = Field(
+        8.0,
+        ge=0,
+        description="skip the update of a step whose loss or gradient norm is this many "
+        "standard deviations above the recent ones; 0 = off",
+    )
+    zscore_window: int = Field(
+        100, ge=10, description="steps of history the z-scores are taken over"
+    )
+    zscore_warmup: int = Field(
+        500, ge=0, description="no z-score skips before this step (early training is noisy)"
+    )
+    max_skips: int = Field(
+        5, ge=1, description="this many skipped steps within skip_window steps: diverged"
+    )
     skip_window: int = Field(200, ge=1)
-    fault_steps: list[int] = Field(default_factory=list, description="testing aid: poison these steps' loss")
-    fault_batches: list[str] = Field(default_factory=list, description="testing aid: poison the steps that read these "
-                                     "data batches, 'start:stop' ranges of the token stream's step batches")
-    fault: Literal["nan", "spike"] = Field("nan", description="testing aid: what poisoning does (a NaN loss, or a "
-                                           "loss and gradients 1000 times too large)")
+    fault_steps: list[int] = Field(
+        default_factory=list, description="testing aid: poison these steps' loss"
+    )
+    fault_batches: list[str] = Field(
+        default_factory=list,
+        description="testing aid: poison the steps that read these "
+        "data batches, 'start:stop' ranges of the token stream's step batches",
+    )
+    fault: Literal["nan", "spike"] = Field(
+        "nan",
+        description="testing aid: what poisoning does (a NaN loss, or a "
+        "loss and gradients 1000 times too large)",
+    )
 
     @model_validator(mode="after")
-    def _ranges(self) -> "GuardConfig":
+    def _ranges(self) -> GuardConfig:
         _check_ranges(self.fault_batches, "guard.fault_batches")
         return self
 
@@ -201,14 +290,18 @@ class RunConfig(_Section):
     guard: GuardConfig = Field(default_factory=GuardConfig)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "RunConfig":
+    def _consistent(self) -> RunConfig:
         t, m = self.train, self.model
         if m.vocab_size < VOCAB_SIZE:
-            raise ValueError(f"model.vocab_size ({m.vocab_size}) is smaller than the GPT-2 tokenizer's {VOCAB_SIZE} tokens")
+            raise ValueError(
+                f"model.vocab_size ({m.vocab_size}) is smaller than the GPT-2 tokenizer's {VOCAB_SIZE} tokens"
+            )
         if self.data.data_url is None:
             self.data.data_url = StoreLayout(LOCAL_STORE).dataset(self.data.dataset)
         if t.seq_len > m.block_size:
-            raise ValueError(f"train.seq_len ({t.seq_len}) exceeds model.block_size ({m.block_size})")
+            raise ValueError(
+                f"train.seq_len ({t.seq_len}) exceeds model.block_size ({m.block_size})"
+            )
         per_micro = t.micro_batch * t.seq_len
         if t.total_batch_tokens % per_micro:
             raise ValueError(
@@ -224,7 +317,8 @@ class RunConfig(_Section):
         if world_size < 1 or t.total_batch_tokens % per_step:
             raise ConfigError(
                 f"train.total_batch_tokens ({t.total_batch_tokens}) must be divisible by "
-                f"train.micro_batch x train.seq_len x world_size ({t.micro_batch} x {t.seq_len} x {world_size} = {per_step})"
+                f"train.micro_batch x train.seq_len x world_size "
+                f"({t.micro_batch} x {t.seq_len} x {world_size} = {per_step})"
             )
         return t.total_batch_tokens // per_step
 
@@ -234,7 +328,8 @@ class RunConfig(_Section):
         if v % per_step:
             raise ConfigError(
                 f"eval.val_tokens ({v}) must be divisible by train.micro_batch x train.seq_len x world_size "
-                f"({t.micro_batch} x {t.seq_len} x {world_size} = {per_step})")
+                f"({t.micro_batch} x {t.seq_len} x {world_size} = {per_step})"
+            )
         return v // per_step
 
     def to_json(self) -> str:
@@ -299,7 +394,9 @@ def preset_path(name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
     if p.suffix == ".toml" or p.exists():
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} {'is a directory' if p.is_dir() else 'does not exist'}")
+            raise ConfigError(
+                f"config file {str(p)!r} {'is a directory' if p.is_dir() else 'does not exist'}"
+            )
         return p
     candidate = CONFIG_DIR / f"{name_or_path}.toml"
     if not candidate.exists():

@@ -38,7 +38,10 @@ class CollectiveTimeout(ReproError):
 
 def is_timeout(err: BaseException) -> bool:
     """gloo raises `Timed out waiting ...ms for recv`; NCCL's watchdog takes the process down itself."""
-    return isinstance(err, RuntimeError) and re.search(r"timed out|timeout", str(err), re.I) is not None
+    return (
+        isinstance(err, RuntimeError)
+        and re.search(r"timed out|timeout", str(err), re.I) is not None
+    )
 
 
 def flight_recorder_env(run_dir: str) -> dict[str, str]:
@@ -48,8 +51,11 @@ def flight_recorder_env(run_dir: str) -> dict[str, str]:
     default under /tmp. One folder per job and restart: nothing is written over."""
     env = {"TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}
     slurm_job = os.environ.get("SLURM_JOB_ID")
-    job = f"{slurm_job}-{os.environ.get('SLURM_RESTART_COUNT', '0')}" if slurm_job else \
-        os.environ.get("TORCHELASTIC_RUN_ID", "local")
+    job = (
+        f"{slurm_job}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+        if slurm_job
+        else os.environ.get("TORCHELASTIC_RUN_ID", "local")
+    )
     if store.is_local(run_dir):
         folder = store.fs_and_path(RunDir(run_dir).nccl_traces(job))[1]
     elif os.environ.get("CLUSTER_EXIT_DIR"):
@@ -64,16 +70,22 @@ def init(device_type: str, timeout_s: float | None = None, run_dir: str | None =
     On CUDA the flight recorder is on (`flight_recorder_env`; a variable the user set wins)."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return DistInfo()  # plain `python -m training.train`, or torchrun with a single process
-    info = DistInfo(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    info = DistInfo(
+        int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    )
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
         if run_dir is not None:
             for key, value in flight_recorder_env(run_dir).items():
-                os.environ.setdefault(key, value)  # read when the NCCL process group is made, just below
+                os.environ.setdefault(
+                    key, value
+                )  # read when the NCCL process group is made, just below
             if "TORCH_FR_DUMP_TEMP_FILE" in os.environ:
                 os.makedirs(os.path.dirname(os.environ["TORCH_FR_DUMP_TEMP_FILE"]), exist_ok=True)
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
-                            timeout=timedelta(seconds=timeout_s) if timeout_s else None)
+    dist.init_process_group(
+        backend="nccl" if device_type == "cuda" else "gloo",
+        timeout=timedelta(seconds=timeout_s) if timeout_s else None,
+    )
     return info
 
 

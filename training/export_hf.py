@@ -16,13 +16,25 @@ from training.hf import EXPORT_FILES, export_hf_dir
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.export_hf", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (latest); fsspec URL")
+    ap = argparse.ArgumentParser(
+        prog="python -m training.export_hf", description=__doc__.split("\n\n")[0]
+    )
+    ap.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint directory or run directory (latest); fsspec URL",
+    )
     ap.add_argument("--out", required=True, help="output directory (local)")
-    ap.add_argument("--no-tokenizer", action="store_true", help="skip writing the GPT-2 tokenizer files")
-    ap.add_argument("--force", action="store_true", help="write into --out although it holds other files")
+    ap.add_argument(
+        "--no-tokenizer", action="store_true", help="skip writing the GPT-2 tokenizer files"
+    )
+    ap.add_argument(
+        "--force", action="store_true", help="write into --out although it holds other files"
+    )
     args = ap.parse_args(argv)
-    claim_folder(args.out, ours=EXPORT_FILES.__contains__, what="a Hugging Face export", force=args.force)
+    claim_folder(
+        args.out, ours=EXPORT_FILES.__contains__, what="a Hugging Face export", force=args.force
+    )
     model, _, step = load_model(args.checkpoint)
     out = export_hf_dir(model, args.out, with_tokenizer=not args.no_tokenizer)
     print(f"exported step {step} of {args.checkpoint} to {out}")

@@ -23,7 +23,9 @@ class StepGuard:
         self.cfg = cfg
         self.losses: deque[float] = deque(maxlen=cfg.zscore_window)  # of applied steps only
         self.norms: deque[float] = deque(maxlen=cfg.zscore_window)
-        self.skips: list[dict[str, Any]] = []  # {"step", "batch", "reason"} of the last skip_window steps
+        self.skips: list[
+            dict[str, Any]
+        ] = []  # {"step", "batch", "reason"} of the last skip_window steps
         self._fault_batches = [parse_range(r) for r in cfg.fault_batches]
 
     # ----------------------------------------------------------------------------- faults (a testing aid)
@@ -49,12 +51,17 @@ class StepGuard:
         if not (math.isfinite(loss) and math.isfinite(norm)):
             reason = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'}"
             if not c.skip_nonfinite:
-                raise FloatingPointError(f"{reason} at step {step}; stopping (latest checkpoint is intact)")
+                raise FloatingPointError(
+                    f"{reason} at step {step}; stopping (latest checkpoint is intact)"
+                )
         elif c.zscore and step >= c.zscore_warmup and len(self.losses) >= 10:
             z_loss, z_norm = self._zscore(self.losses, loss), self._zscore(self.norms, norm)
             if max(z_loss, z_norm) > c.zscore:
-                reason = (f"loss spike (z {z_loss:.1f})" if z_loss >= z_norm else
-                          f"gradient norm spike (z {z_norm:.1f})")
+                reason = (
+                    f"loss spike (z {z_loss:.1f})"
+                    if z_loss >= z_norm
+                    else f"gradient norm spike (z {z_norm:.1f})"
+                )
         self.skips = [s for s in self.skips if s["step"] > step - c.skip_window]
         if reason is None:
             self.losses.append(loss)
@@ -68,8 +75,11 @@ class StepGuard:
         if len(self.skips) < self.cfg.max_skips:
             return None
         first, last = self.skips[0], self.skips[-1]
-        return {"steps": [first["step"], last["step"]], "batches": f"{first['batch']}:{last['batch'] + 1}",
-                "reasons": sorted({s["reason"].split(" (")[0] for s in self.skips})}
+        return {
+            "steps": [first["step"], last["step"]],
+            "batches": f"{first['batch']}:{last['batch'] + 1}",
+            "reasons": sorted({s["reason"].split(" (")[0] for s in self.skips}),
+        }
 
     # ----------------------------------------------------------------------------- checkpointed state
 

@@ -18,11 +18,26 @@ from training.config import GPTConfig
 from training.model import GPT, unwrap
 
 # What export_hf_dir writes (a folder holding only these is an earlier export, which may be overwritten).
-EXPORT_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", "vocab.json", "merges.txt",
-                          "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"})
+EXPORT_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }
+)
 
 # Weights that HF stores as Conv1D (transposed relative to nn.Linear).
-_CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_CONV1D_SUFFIXES = (
+    "attn.c_attn.weight",
+    "attn.c_proj.weight",
+    "mlp.c_fc.weight",
+    "mlp.c_proj.weight",
+)
 
 
 def _is_conv1d(name: str) -> bool:
@@ -45,9 +60,13 @@ def gpt_from_hf(model_or_dir, pad_vocab_to: int = 64) -> GPT:
     hf = _load_hf_model(model_or_dir)
     c = hf.config
     if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"unsupported activation {c.activation_function!r}: GPT-2 uses tanh GELU (gelu_new)")
+        raise ValueError(
+            f"unsupported activation {c.activation_function!r}: GPT-2 uses tanh GELU (gelu_new)"
+        )
     if abs(c.layer_norm_epsilon - 1e-5) > 1e-12:
-        raise ValueError(f"unsupported layer_norm_epsilon {c.layer_norm_epsilon}: our LayerNorms use 1e-5")
+        raise ValueError(
+            f"unsupported layer_norm_epsilon {c.layer_norm_epsilon}: our LayerNorms use 1e-5"
+        )
     config = GPTConfig(
         block_size=c.n_positions,
         vocab_size=c.vocab_size,
@@ -58,11 +77,17 @@ def gpt_from_hf(model_or_dir, pad_vocab_to: int = 64) -> GPT:
     )
     model = GPT(config)
     ours = model.state_dict()
-    theirs = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    theirs = {
+        k: v
+        for k, v in hf.state_dict().items()
+        if not k.endswith((".attn.bias", ".attn.masked_bias"))
+    }
     missing = set(ours) - set(theirs)
     unexpected = set(theirs) - set(ours)
     if missing or unexpected:
-        raise ValueError(f"HF GPT-2 state dict mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        raise ValueError(
+            f"HF GPT-2 state dict mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+        )
     with torch.no_grad():
         for name, src in theirs.items():
             dst = ours[name]
@@ -72,7 +97,9 @@ def gpt_from_hf(model_or_dir, pad_vocab_to: int = 64) -> GPT:
                 dst[: src.shape[0]].copy_(src)
             else:
                 if dst.shape != src.shape:
-                    raise ValueError(f"{name}: shape {tuple(src.shape)} does not match ours {tuple(dst.shape)}")
+                    raise ValueError(
+                        f"{name}: shape {tuple(src.shape)} does not match ours {tuple(dst.shape)}"
+                    )
                 dst.copy_(src)
     return model
 
@@ -121,7 +148,11 @@ def to_hf(model: GPT):
     hf = GPT2LMHeadModel(hf_config(model.config))
     missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
     # lm_head.weight is tied to wte; older transformers list the attention-mask buffers as missing.
-    missing = [k for k in missing if k != "lm_head.weight" and not k.endswith((".attn.bias", ".attn.masked_bias"))]
+    missing = [
+        k
+        for k in missing
+        if k != "lm_head.weight" and not k.endswith((".attn.bias", ".attn.masked_bias"))
+    ]
     if missing or unexpected:
         raise ValueError(f"export mismatch: missing {missing}, unexpected {unexpected}")
     hf.tie_weights()
@@ -152,4 +183,3 @@ def export_hf_dir(model: GPT, out_dir: str | Path, with_tokenizer: bool = True) 
     if with_tokenizer:
         write_hf_tokenizer(out)
     return out
-

@@ -43,8 +43,14 @@ class ShardLoader:
         need = B * T * world_size + 1
         for s in self.shards:
             if s.tokens is not None and s.tokens < need:
-                raise ShardError(f"shard {s.name} has {s.tokens} tokens; one step needs {need} (B*T*world+1)")
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch") if prefetch else None
+                raise ShardError(
+                    f"shard {s.name} has {s.tokens} tokens; one step needs {need} (B*T*world+1)"
+                )
+        self._pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch")
+            if prefetch
+            else None
+        )
         self._next: tuple[int, int, Future] | None = None  # (epoch, slot) -> future of tokens
         self.epoch = 0
         self.slot = 0  # index into this epoch's shard order
@@ -69,8 +75,10 @@ class ShardLoader:
     def _fetch(self, epoch: int, slot: int) -> np.ndarray:
         tokens = load_shard(self.shards[self._order(epoch)[slot]], self.verify)
         if tokens.size < self.B * self.T * self.world_size + 1:
-            raise ShardError(f"shard {self.shards[self._order(epoch)[slot]].name} has {tokens.size} tokens; "
-                             f"one step needs {self.B * self.T * self.world_size + 1}")
+            raise ShardError(
+                f"shard {self.shards[self._order(epoch)[slot]].name} has {tokens.size} tokens; "
+                f"one step needs {self.B * self.T * self.world_size + 1}"
+            )
         return tokens
 
     def _following(self, epoch: int, slot: int) -> tuple[int, int]:
@@ -126,9 +134,18 @@ class ShardLoader:
 
     # -- state ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"split": self.split, "epoch": self.epoch, "slot": self.slot, "base": self.base,
-                "shuffle": self.shuffle, "seed": self.seed, "num_shards": len(self.shards),
-                "B": self.B, "T": self.T, "world_size": self.world_size}
+        return {
+            "split": self.split,
+            "epoch": self.epoch,
+            "slot": self.slot,
+            "base": self.base,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "num_shards": len(self.shards),
+            "B": self.B,
+            "T": self.T,
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a position. `base` is the same on every rank, so a state saved under another world size
@@ -136,7 +153,8 @@ class ShardLoader:
         if state["num_shards"] != len(self.shards) or state["split"] != self.split:
             raise ShardError(
                 f"loader state is for {state['num_shards']} {state['split']} shards, the data has "
-                f"{len(self.shards)} {self.split} shards: the dataset changed since the checkpoint")
+                f"{len(self.shards)} {self.split} shards: the dataset changed since the checkpoint"
+            )
         self.shuffle, self.seed = bool(state["shuffle"]), int(state["seed"])
         self.epoch, self.slot = int(state["epoch"]), int(state["slot"])
         self._load_current()
@@ -145,7 +163,9 @@ class ShardLoader:
         if (state["B"], state["T"], state["world_size"]) != (self.B, self.T, self.world_size):
             base -= base % stride
             if self._blocks_order is not None and base:
-                log.warning("shuffled loader resumed with a different batch layout: restarting this shard")
+                log.warning(
+                    "shuffled loader resumed with a different batch layout: restarting this shard"
+                )
                 base = 0
         if base + stride + 1 > self.tokens.size:
             self.epoch, self.slot = self._following(self.epoch, self.slot)

@@ -47,8 +47,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from training.config import GPTConfig, RunConfig
 
-__all__ = ["ACTIVATION_TERMS", "FIXED_OVERHEAD_BYTES", "GB", "MemoryEstimate", "estimate", "fitting_micro_batch",
-           "gb", "num_parameters"]
+__all__ = [
+    "ACTIVATION_TERMS",
+    "FIXED_OVERHEAD_BYTES",
+    "GB",
+    "MemoryEstimate",
+    "estimate",
+    "fitting_micro_batch",
+    "gb",
+    "num_parameters",
+]
 
 GB = 1e9  # memory is reported in GB (10^9 bytes), as bench/results/ and GPU datasheets give it
 
@@ -70,10 +78,12 @@ ACTIVATION_TERMS: tuple[tuple[str, int, str], ...] = (
 )
 
 
-def num_parameters(model: "GPTConfig") -> int:
+def num_parameters(model: GPTConfig) -> int:
     """Parameters of training/model.py's GPT, counting the tied wte/lm_head tensor once, padded rows included."""
     c = model.n_embd
-    per_layer = 12 * c * c + 13 * c  # c_attn 3C^2+3C, attn.c_proj C^2+C, c_fc 4C^2+4C, mlp.c_proj 4C^2+C, 2 LN 4C
+    per_layer = (
+        12 * c * c + 13 * c
+    )  # c_attn 3C^2+3C, attn.c_proj C^2+C, c_fc 4C^2+4C, mlp.c_proj 4C^2+C, 2 LN 4C
     return model.padded_vocab_size * c + model.block_size * c + model.n_layer * per_layer + 2 * c
 
 
@@ -92,8 +102,16 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return (self.weights + self.grads + self.optimizer + self.ddp_buckets + self.weight_copies
-                + self.activations + self.logits + self.overhead)
+        return (
+            self.weights
+            + self.grads
+            + self.optimizer
+            + self.ddp_buckets
+            + self.weight_copies
+            + self.activations
+            + self.logits
+            + self.overhead
+        )
 
     @property
     def states(self) -> int:
@@ -102,9 +120,13 @@ class MemoryEstimate:
 
     def summary(self) -> str:
         """The parts in GB, e.g. 'weights+grads+AdamW 25 GB, DDP buckets+bf16 weights 9.3 GB, ...'."""
-        parts = [("weights+grads+AdamW", self.states), ("DDP buckets+bf16 weights", self.ddp_buckets +
-                 self.weight_copies), ("activations", self.activations), ("logits", self.logits),
-                 ("CUDA/NCCL", self.overhead)]
+        parts = [
+            ("weights+grads+AdamW", self.states),
+            ("DDP buckets+bf16 weights", self.ddp_buckets + self.weight_copies),
+            ("activations", self.activations),
+            ("logits", self.logits),
+            ("CUDA/NCCL", self.overhead),
+        ]
         return ", ".join(f"{name} {gb(n)} GB" for name, n in parts if n)
 
 
@@ -114,8 +136,13 @@ def gb(n: float) -> str:
     return f"{v:.0f}" if v >= 10 else f"{v:.1f}"
 
 
-def estimate(cfg: "RunConfig", *, world_size: int = 1, micro_batch: int | None = None,
-             overhead: int = FIXED_OVERHEAD_BYTES) -> MemoryEstimate:
+def estimate(
+    cfg: RunConfig,
+    *,
+    world_size: int = 1,
+    micro_batch: int | None = None,
+    overhead: int = FIXED_OVERHEAD_BYTES,
+) -> MemoryEstimate:
     """Per-GPU bytes of `cfg` on CUDA at `micro_batch` (default: the config's) and its sequence length.
     `world_size` > 1 adds DDP's buckets; `overhead=0` leaves out what the allocator does not count."""
     m, t = cfg.model, cfg.train
@@ -151,16 +178,21 @@ def estimate(cfg: "RunConfig", *, world_size: int = 1, micro_batch: int | None =
     )
 
 
-def fitting_micro_batch(cfg: "RunConfig", gpu_bytes: float, *, world_size: int = 1,
-                        overhead: int = FIXED_OVERHEAD_BYTES) -> int | None:
+def fitting_micro_batch(
+    cfg: RunConfig, gpu_bytes: float, *, world_size: int = 1, overhead: int = FIXED_OVERHEAD_BYTES
+) -> int | None:
     """The largest power-of-two micro-batch whose estimate fits `gpu_bytes` and that splits the config's global
     batch and validation tokens over `world_size` ranks; None when not even 1 does."""
     t = cfg.train
     best, b = None, 1
     while b * t.seq_len * world_size <= t.total_batch_tokens:
         per_step = b * t.seq_len * world_size
-        if (t.total_batch_tokens % per_step == 0 and cfg.eval.val_tokens % per_step == 0
-                and estimate(cfg, world_size=world_size, micro_batch=b, overhead=overhead).total <= gpu_bytes):
+        if (
+            t.total_batch_tokens % per_step == 0
+            and cfg.eval.val_tokens % per_step == 0
+            and estimate(cfg, world_size=world_size, micro_batch=b, overhead=overhead).total
+            <= gpu_bytes
+        ):
             best = b
         b *= 2
     return best

@@ -41,7 +41,9 @@ class MetricsLog:
     def __init__(self, run_dir: str, resume_step: int, files: LogFiles | None = None):
         self.files = files or LogFiles()
         self.url = RunDir(run_dir).metrics
-        self.file = self.files.open(self.url, keep=lambda line: line_step(line) < resume_step, create=True)
+        self.file = self.files.open(
+            self.url, keep=lambda line: line_step(line) < resume_step, create=True
+        )
 
     def log(self, record: dict[str, Any]) -> None:
         self.file.append(json.dumps(record, separators=(",", ":")) + "\n")
@@ -85,7 +87,12 @@ def console_line(r: dict[str, Any], max_steps: int) -> str:
     parts = [f"step {r['step']:>6}/{max_steps}", f"loss {r['loss']:.4f}"]
     if "val_loss" in r:
         parts.append(f"val {r['val_loss']:.4f}")
-    parts += [f"lr {r['lr']:.2e}", f"norm {r['grad_norm']:.3f}", f"{r['step_ms']:.1f} ms", f"{r['tokens_per_s']:,.0f} tok/s"]
+    parts += [
+        f"lr {r['lr']:.2e}",
+        f"norm {r['grad_norm']:.3f}",
+        f"{r['step_ms']:.1f} ms",
+        f"{r['tokens_per_s']:,.0f} tok/s",
+    ]
     if r.get("mfu") is not None:
         parts.append(f"mfu {100 * r['mfu']:.1f}%")
     if r.get("mem_gb") is not None:

@@ -23,7 +23,9 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.n_embd = config.n_embd
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
+        self.c_attn = nn.Linear(
+            config.n_embd, 3 * config.n_embd
+        )  # q, k, v for all heads in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = True  # output projections into the residual stream
 
@@ -34,7 +36,9 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention where available
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True
+        )  # flash attention where available
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 
@@ -69,7 +73,9 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        vocab = config.padded_vocab_size  # rows past config.vocab_size are padding: never input, never output
+        vocab = (
+            config.padded_vocab_size
+        )  # rows past config.vocab_size are padding: never input, never output
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(vocab, config.n_embd),
@@ -79,7 +85,9 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying: one tensor, counted and optimised once
+        self.transformer.wte.weight = (
+            self.lm_head.weight
+        )  # weight tying: one tensor, counted and optimised once
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -116,8 +124,13 @@ class GPT(nn.Module):
             x = block(x)
         x = self.transformer.ln_f(x)
         if targets is not None and loss_chunk:
-            loss = chunked_linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                                self.config.vocab_size, loss_chunk)
+            loss = chunked_linear_cross_entropy(
+                x.view(B * T, -1),
+                self.lm_head.weight,
+                targets.reshape(-1),
+                self.config.vocab_size,
+                loss_chunk,
+            )
             return None, loss
         logits = self.lm_head(x)
         padded = self.config.padded_vocab_size != self.config.vocab_size
@@ -127,7 +140,7 @@ class GPT(nn.Module):
                 # Padding only makes the matmul shape friendly; the padded columns are not tokens. -inf gives
                 # them no probability and no gradient, and the loss reads the contiguous logits as they are
                 # (a slice would be copied whole first: 6.6 GB at B=64 in bf16).
-                logits[..., self.config.vocab_size:] = float("-inf")
+                logits[..., self.config.vocab_size :] = float("-inf")
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         if padded:
             logits = logits[..., : self.config.vocab_size]  # callers see the real vocabulary only

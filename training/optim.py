@@ -32,7 +32,9 @@ def configure_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
-def cosine_lr(step: int, *, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+def cosine_lr(
+    step: int, *, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int
+) -> float:
     """Linear warmup to max_lr, then cosine decay to min_lr at max_steps (build-nanogpt's get_lr)."""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps

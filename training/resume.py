@@ -22,26 +22,41 @@ _MAY_CHANGE = {"train": {"stop_after_steps", "lease_ttl_s"}, "data": {"resume_on
 def check_compatible(saved: RunConfig, cfg: RunConfig) -> None:
     """Another model is an error; other changed sections are resumed with a warning."""
     if saved.model != cfg.model:
-        raise ConfigError(f"run_dir holds a checkpoint of a different model ({saved.model} vs {cfg.model}); "
-                          "use a new run_dir")
-    changed = [k for k in ("data", "optim", "train")
-               if getattr(saved, k).model_dump(exclude=_MAY_CHANGE.get(k)) != getattr(cfg, k).model_dump(exclude=_MAY_CHANGE.get(k))]
+        raise ConfigError(
+            f"run_dir holds a checkpoint of a different model ({saved.model} vs {cfg.model}); "
+            "use a new run_dir"
+        )
+    changed = [
+        k
+        for k in ("data", "optim", "train")
+        if getattr(saved, k).model_dump(exclude=_MAY_CHANGE.get(k))
+        != getattr(cfg, k).model_dump(exclude=_MAY_CHANGE.get(k))
+    ]
     if changed:
-        log.warning("resuming with changed config sections %s (bit-exact resume assumes none)", changed)
+        log.warning(
+            "resuming with changed config sections %s (bit-exact resume assumes none)", changed
+        )
 
 
 def check_same_data(ckpt: ck.Checkpoint, cfg: RunConfig, data_fingerprint: str) -> None:
     """The shards under data_url must be the ones the checkpoint was trained on (whatever their URL)."""
     saved = ckpt.train_state().get("data") or {}
     if "fingerprint" not in saved:
-        log.warning("%s does not record its training data (written by an earlier version): not checked", ckpt.url)
+        log.warning(
+            "%s does not record its training data (written by an earlier version): not checked",
+            ckpt.url,
+        )
     elif saved["fingerprint"] != data_fingerprint:
-        msg = (f"{ckpt.url} was trained on other data ({saved.get('url')}, shards {saved['fingerprint']}) than "
-               f"{cfg.data.data_url} holds now (shards {data_fingerprint}): resuming would silently change the "
-               "token stream")
+        msg = (
+            f"{ckpt.url} was trained on other data ({saved.get('url')}, shards {saved['fingerprint']}) than "
+            f"{cfg.data.data_url} holds now (shards {data_fingerprint}): resuming would silently change the "
+            "token stream"
+        )
         if not cfg.data.resume_on_other_data:
-            raise ConfigError(msg + "; point data_url at its data, use a new run_dir, or set "
-                              "data.resume_on_other_data=true")
+            raise ConfigError(
+                msg + "; point data_url at its data, use a new run_dir, or set "
+                "data.resume_on_other_data=true"
+            )
         log.warning("%s (data.resume_on_other_data=true)", msg)
 
 
@@ -50,14 +65,23 @@ def refuse_unusable_history(run_dir: str) -> None:
     would write over their history, so refuse. Incomplete ones (a write that never finished) are not history."""
     complete = ck.complete_steps(run_dir)
     if complete:
+        steps = f"{complete[:5]}{'...' if len(complete) > 5 else ''}"
         raise ck.CheckpointError(
-            f"{run_dir} holds {len(complete)} complete checkpoint(s) (steps {complete[:5]}{'...' if len(complete) > 5 else ''}) "
+            f"{run_dir} holds {len(complete)} complete checkpoint(s) (steps {steps}) "
             "and none of them loads (see the warnings above): refusing to start over at step 0 on top of their "
-            "history; repair them, move them aside, or use a new run_dir")
+            "history; repair them, move them aside, or use a new run_dir"
+        )
 
 
-def resume(cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: ShardLoader,
-           device: torch.device, info: DistInfo, data_fingerprint: str) -> ck.Checkpoint | None:
+def resume(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: ShardLoader,
+    device: torch.device,
+    info: DistInfo,
+    data_fingerprint: str,
+) -> ck.Checkpoint | None:
     """Load the latest valid checkpoint into the model, optimizer, loader and RNGs; None for a fresh run."""
     latest = ck.latest_checkpoint(cfg.train.run_dir)
     if latest is None:

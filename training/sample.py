@@ -1,7 +1,7 @@
 """Text generation: top-k / temperature sampling (greedy when temperature is 0), seeded and deterministic.
 
-    python -m training.sample --checkpoint URL | --hf DIR --prompt TEXT [--num-samples N] [--max-new-tokens M]
-                              [--top-k K] [--temperature T] [--seed S] [--device cpu|cuda] [--json]
+python -m training.sample --checkpoint URL | --hf DIR --prompt TEXT [--num-samples N] [--max-new-tokens M]
+                          [--top-k K] [--temperature T] [--seed S] [--device cpu|cuda] [--json]
 """
 
 from __future__ import annotations
@@ -44,13 +44,19 @@ def generate(
     gpt.eval()
     device = next(gpt.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    idx = torch.tensor(prompt_ids, dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
+    idx = (
+        torch.tensor(prompt_ids, dtype=torch.long, device=device)
+        .unsqueeze(0)
+        .repeat(num_samples, 1)
+    )
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     try:
         for _ in range(max_new_tokens):
             with amp:
-                logits, _ = gpt(idx[:, -gpt.config.block_size:])
-            logits = logits[:, -1, :].float()  # real-vocabulary logits only: padding rows were sliced off
+                logits, _ = gpt(idx[:, -gpt.config.block_size :])
+            logits = logits[
+                :, -1, :
+            ].float()  # real-vocabulary logits only: padding rows were sliced off
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -85,9 +91,14 @@ def _load(args) -> GPT:
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.sample", description="Sample text from a GPT-2 model.")
+    ap = argparse.ArgumentParser(
+        prog="python -m training.sample", description="Sample text from a GPT-2 model."
+    )
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="checkpoint directory or run directory (latest checkpoint); any fsspec URL")
+    src.add_argument(
+        "--checkpoint",
+        help="checkpoint directory or run directory (latest checkpoint); any fsspec URL",
+    )
     src.add_argument("--hf", help="local Hugging Face GPT-2 directory")
     ap.add_argument("--prompt", default="Hello, I'm a language model,")
     ap.add_argument("--num-samples", type=positive_int, default=4)
@@ -95,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-k", type=non_negative_int, default=50, help="0 = no top-k filtering")
     ap.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 = greedy")
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when there is one)")
+    ap.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when there is one)"
+    )
     ap.add_argument("--json", action="store_true", help="print a JSON list instead of text blocks")
     args = ap.parse_args(argv)
     from common.tokenizer import get_encoding
@@ -107,8 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         raise BadInput("--prompt is empty: sampling continues a prompt of at least one token")
     model = _load(args)
     texts = sample_text(
-        model, enc, args.prompt, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-        top_k=args.top_k or None, temperature=args.temperature, seed=args.seed,
+        model,
+        enc,
+        args.prompt,
+        num_samples=args.num_samples,
+        max_new_tokens=args.max_new_tokens,
+        top_k=args.top_k or None,
+        temperature=args.temperature,
+        seed=args.seed,
         autocast_dtype=torch.bfloat16 if args.device.startswith("cuda") else None,
     )
     if args.json:

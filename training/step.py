@@ -3,8 +3,8 @@ clipping, the LR for this step, AdamW. Shared by the training loop and the throu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable
 
 import torch
 
@@ -40,7 +40,11 @@ def train_step(
         y = y.to(device, non_blocking=True).long()
         last = micro == grad_accum - 1
         with model.no_sync() if ddp and not last else nullcontext():
-            with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext():
+            with (
+                torch.autocast(device.type, dtype=autocast_dtype)
+                if autocast_dtype
+                else nullcontext()
+            ):
                 _, loss = model(x, y, loss_chunk=loss_chunk) if loss_chunk else model(x, y)
             loss = loss / grad_accum  # the gradient of the mean over the whole batch
             if loss_scale != 1.0:

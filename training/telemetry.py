@@ -24,8 +24,9 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -35,8 +36,17 @@ from training.distributed import DistInfo
 
 log = logging.getLogger(__name__)
 
-FIELDS = ("step_ms", "busy_ms", "data_ms", "mem_alloc_gb", "mem_reserved_gb", "gpu_util", "sm_clock_mhz", "temp_c",
-          "power_w")
+FIELDS = (
+    "step_ms",
+    "busy_ms",
+    "data_ms",
+    "mem_alloc_gb",
+    "mem_reserved_gb",
+    "gpu_util",
+    "sm_clock_mhz",
+    "temp_c",
+    "power_w",
+)
 
 # torch's NVML helpers (they need the nvidia-ml-py package; a GPU may not report every figure)
 NVML_READERS: dict[str, Callable[[torch.device], float]] = {
@@ -53,7 +63,9 @@ class RankTelemetry:
     `last_grads`: parameters whose gradients this rank's backward produces last (those used first in the
     forward); `every` = 0 turns all of it off."""
 
-    def __init__(self, every: int, info: DistInfo, device: torch.device, last_grads: list[torch.Tensor]):
+    def __init__(
+        self, every: int, info: DistInfo, device: torch.device, last_grads: list[torch.Tensor]
+    ):
         self.every, self.info, self.device = every, info, device
         self.hosts = distributed.all_gather_objects(host_name()) if every else [host_name()]
         self._nvml = dict(NVML_READERS) if device.type == "cuda" else {}
@@ -64,8 +76,11 @@ class RankTelemetry:
         self._t0 = self._ready_at = 0.0
         self._grads_ready = False
         self.busy_s: float | None = None  # the last step's (None when not measured)
-        self._hook = torch.autograd.graph.register_multi_grad_hook(last_grads, self._on_grads, mode="all") \
-            if every else None
+        self._hook = (
+            torch.autograd.graph.register_multi_grad_hook(last_grads, self._on_grads, mode="all")
+            if every
+            else None
+        )
         self._reset()
 
     def _reset(self) -> None:
@@ -80,12 +95,14 @@ class RankTelemetry:
 
     def timed(self, next_batch: Callable[[], Any]) -> Callable[[], Any]:
         """`next_batch`, with the time spent waiting for it counted as this window's data wait."""
+
         def fetch():
             t0 = time.perf_counter()
             try:
                 return next_batch()
             finally:
                 self._data_s += time.perf_counter() - t0
+
         return fetch
 
     def step_started(self) -> None:
@@ -99,7 +116,11 @@ class RankTelemetry:
         synchronize: both events are done by then."""
         self.busy_s = None
         if self._grads_ready:
-            self.busy_s = self._start.elapsed_time(self._ready) / 1000 if self._cuda else self._ready_at - self._t0
+            self.busy_s = (
+                self._start.elapsed_time(self._ready) / 1000
+                if self._cuda
+                else self._ready_at - self._t0
+            )
         self._steps += 1
         self._step_s += step_s
         self._busy_s += self.busy_s if self.busy_s is not None else step_s
@@ -116,25 +137,40 @@ class RankTelemetry:
     def gather(self) -> list[dict[str, Any]] | None:
         """Every rank's values for the window just ended, on rank 0 (None on the others); a new window starts."""
         n = max(self._steps, 1)
-        mine = [1000 * self._step_s / n, 1000 * self._busy_s / n, 1000 * self._data_s / n, *self._device_stats()]
+        mine = [
+            1000 * self._step_s / n,
+            1000 * self._busy_s / n,
+            1000 * self._data_s / n,
+            *self._device_stats(),
+        ]
         rows = distributed.all_gather(torch.tensor(mine, dtype=torch.float64, device=self.device))
         self._reset()
         if not self.info.is_master:
             return None
-        return [{"rank": rank, "host": self.hosts[rank],
-                 **{k: None if math.isnan(v) else round(v, 3) for k, v in zip(FIELDS, values)}}
-                for rank, values in enumerate(torch.stack(rows).cpu().tolist())]
+        return [
+            {
+                "rank": rank,
+                "host": self.hosts[rank],
+                **{k: None if math.isnan(v) else round(v, 3) for k, v in zip(FIELDS, values)},
+            }
+            for rank, values in enumerate(torch.stack(rows).cpu().tolist())
+        ]
 
     def _device_stats(self) -> list[float]:
         """Memory and NVML figures in FIELDS order after the three times; NaN for what cannot be measured."""
         if not self._cuda:
             return [math.nan] * (len(FIELDS) - 3)
-        out = [torch.cuda.max_memory_allocated(self.device) / 1e9, torch.cuda.max_memory_reserved(self.device) / 1e9]
+        out = [
+            torch.cuda.max_memory_allocated(self.device) / 1e9,
+            torch.cuda.max_memory_reserved(self.device) / 1e9,
+        ]
         for name in FIELDS[5:]:
             reader = self._nvml.get(name)
             try:
                 out.append(reader(self.device) if reader else math.nan)
-            except Exception as err:  # no nvidia-ml-py, no NVML, or a figure this GPU does not report
+            except (
+                Exception
+            ) as err:  # no nvidia-ml-py, no NVML, or a figure this GPU does not report
                 log.info("no %s in the telemetry (%s: %s)", name, type(err).__name__, err)
                 self._nvml.pop(name)
                 out.append(math.nan)
@@ -150,10 +186,14 @@ def window_summary(ranks: list[dict[str, Any]]) -> dict[str, Any]:
     """The window in the metrics line: the slowest rank (the most busy time per step), the median rank's busy
     time (the lower middle one of an even count: with 2 ranks, the other one), the longest step and data wait."""
     slowest = max(ranks, key=lambda r: r["busy_ms"])
-    return {"slowest_rank": slowest["rank"], "slowest_host": slowest["host"], "rank_busy_ms_max": slowest["busy_ms"],
-            "rank_busy_ms_median": statistics.median_low(r["busy_ms"] for r in ranks),
-            "rank_step_ms_max": max(r["step_ms"] for r in ranks),
-            "data_wait_ms_max": max(r["data_ms"] for r in ranks)}
+    return {
+        "slowest_rank": slowest["rank"],
+        "slowest_host": slowest["host"],
+        "rank_busy_ms_max": slowest["busy_ms"],
+        "rank_busy_ms_median": statistics.median_low(r["busy_ms"] for r in ranks),
+        "rank_step_ms_max": max(r["step_ms"] for r in ranks),
+        "data_wait_ms_max": max(r["data_ms"] for r in ranks),
+    }
 
 
 # ----------------------------------------------------------------------------- reading it back: stragglers
@@ -170,9 +210,11 @@ class Straggler:
 
     @property
     def message(self) -> str:
-        return (f"rank {self.rank} on {self.host} is a straggler: {self.busy_ms:.0f} ms busy per step against the "
-                f"median rank's {self.median_ms:.0f} ms (+{100 * (self.busy_ms / self.median_ms - 1):.0f}%) in "
-                f"{self.windows} telemetry windows in a row, up to step {self.step}")
+        return (
+            f"rank {self.rank} on {self.host} is a straggler: {self.busy_ms:.0f} ms busy per step against the "
+            f"median rank's {self.median_ms:.0f} ms (+{100 * (self.busy_ms / self.median_ms - 1):.0f}%) in "
+            f"{self.windows} telemetry windows in a row, up to step {self.step}"
+        )
 
 
 class StragglerWatch:
@@ -200,8 +242,16 @@ class StragglerWatch:
             self._count += 1
             if self._count >= self.windows and not self._said:
                 self._said = True
-                found.append(Straggler(who[0], who[1], int(row["step"]), float(row["rank_busy_ms_max"]),
-                                       float(row["rank_busy_ms_median"]), self._count))
+                found.append(
+                    Straggler(
+                        who[0],
+                        who[1],
+                        int(row["step"]),
+                        float(row["rank_busy_ms_max"]),
+                        float(row["rank_busy_ms_median"]),
+                        self._count,
+                    )
+                )
         return found
 
 

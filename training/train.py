@@ -63,17 +63,39 @@ def build_model(cfg: RunConfig, device: torch.device) -> tuple[GPT, torch.optim.
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model).to(device)
     o = cfg.optim
-    optimizer = configure_optimizer(model, lr=o.max_lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2),
-                                    eps=o.eps, device_type=device.type)
+    optimizer = configure_optimizer(
+        model,
+        lr=o.max_lr,
+        weight_decay=o.weight_decay,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        device_type=device.type,
+    )
     return model, optimizer
 
 
 def build_loaders(cfg: RunConfig, info: DistInfo) -> tuple[ShardLoader, ShardLoader]:
     t, d = cfg.train, cfg.data
-    train = ShardLoader(d.data_url, "train", t.micro_batch, t.seq_len, info.rank, info.world_size,
-                        shuffle=d.shuffle, seed=t.seed, verify=d.verify_checksums)
-    val = ShardLoader(d.data_url, "val", t.micro_batch, t.seq_len, info.rank, info.world_size,
-                      verify=d.verify_checksums)
+    train = ShardLoader(
+        d.data_url,
+        "train",
+        t.micro_batch,
+        t.seq_len,
+        info.rank,
+        info.world_size,
+        shuffle=d.shuffle,
+        seed=t.seed,
+        verify=d.verify_checksums,
+    )
+    val = ShardLoader(
+        d.data_url,
+        "val",
+        t.micro_batch,
+        t.seq_len,
+        info.rank,
+        info.world_size,
+        verify=d.verify_checksums,
+    )
     return train, val
 
 
@@ -92,7 +114,9 @@ def wrap(model: GPT, t: TrainConfig, info: DistInfo, device: torch.device) -> to
 def train(cfg: RunConfig) -> dict[str, Any]:
     device = accel.resolve_device(cfg)
     info = distributed.init(device.type, cfg.train.collective_timeout_s, cfg.train.run_dir)
-    heartbeat = HeartbeatWriter(RunDir(cfg.train.run_dir), info.rank, info.world_size, cfg.train.heartbeat_seconds)
+    heartbeat = HeartbeatWriter(
+        RunDir(cfg.train.run_dir), info.rank, info.world_size, cfg.train.heartbeat_seconds
+    )
     try:
         return Trainer(cfg, device, info, heartbeat).run()
     except RuntimeError as err:
@@ -104,20 +128,33 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         distributed.shutdown()
 
 
-def timeout_report(cfg: RunConfig, info: DistInfo, heartbeat: HeartbeatWriter, err: BaseException) -> str:
+def timeout_report(
+    cfg: RunConfig, info: DistInfo, heartbeat: HeartbeatWriter, err: BaseException
+) -> str:
     """One line for a collective that timed out on this rank: where it was, and which ranks had not arrived
     according to their heartbeats (the rank that waited is rarely the one at fault)."""
     me, hb = heartbeat.record, cfg.train.heartbeat_seconds
-    cause = re.sub(r"^\[[^\]]*\]\s*", "", str(err).splitlines()[0])[:160]  # without gloo's source location
+    cause = re.sub(r"^\[[^\]]*\]\s*", "", str(err).splitlines()[0])[
+        :160
+    ]  # without gloo's source location
     if hb > 0:
-        late = laggards(read_heartbeats(RunDir(cfg.train.run_dir)), info.world_size, me["step"],
-                        stale_s=max(2 * hb, min(3 * hb + 5, cfg.train.collective_timeout_s / 2)))
-        who = f"ranks that had not arrived: {'; '.join(late)}" if late else \
-            "every rank beating at the same step (a network fault, or ranks in different collectives)"
+        late = laggards(
+            read_heartbeats(RunDir(cfg.train.run_dir)),
+            info.world_size,
+            me["step"],
+            stale_s=max(2 * hb, min(3 * hb + 5, cfg.train.collective_timeout_s / 2)),
+        )
+        who = (
+            f"ranks that had not arrived: {'; '.join(late)}"
+            if late
+            else "every rank beating at the same step (a network fault, or ranks in different collectives)"
+        )
     else:
         who = "no heartbeats (train.heartbeat_seconds=0) to tell which rank is late"
-    return (f"a collective timed out after {cfg.train.collective_timeout_s:g} s on rank {info.rank} "
-            f"({me['host']}) at step {me['step']} ({me['phase']}); {who} ({cause})")
+    return (
+        f"a collective timed out after {cfg.train.collective_timeout_s:g} s on rank {info.rank} "
+        f"({me['host']}) at step {me['step']} ({me['phase']}); {who} ({cause})"
+    )
 
 
 class LeaseLost(ReproError):
@@ -129,8 +166,12 @@ def take_run_dir(cfg: RunConfig, info: DistInfo, device: torch.device) -> Lease 
     lease, refused = None, None
     if info.is_master:
         job = os.environ.get("SLURM_JOB_ID", "")
-        lease = Lease(RunDir(cfg.train.run_dir).lease("trainer"), f"trainer{f', Slurm job {job}' if job else ''}",
-                      identity=f"slurm-{job}" if job else "", ttl_s=cfg.train.lease_ttl_s)
+        lease = Lease(
+            RunDir(cfg.train.run_dir).lease("trainer"),
+            f"trainer{f', Slurm job {job}' if job else ''}",
+            identity=f"slurm-{job}" if job else "",
+            ttl_s=cfg.train.lease_ttl_s,
+        )
         try:
             lease.acquire()
         except LeaseHeld as err:
@@ -143,7 +184,13 @@ def take_run_dir(cfg: RunConfig, info: DistInfo, device: torch.device) -> Lease 
 class Trainer:
     """One process of a training run: set up from the config and the run directory, then `run()`."""
 
-    def __init__(self, cfg: RunConfig, device: torch.device, info: DistInfo, heartbeat: HeartbeatWriter | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        device: torch.device,
+        info: DistInfo,
+        heartbeat: HeartbeatWriter | None = None,
+    ):
         t = cfg.train
         self.cfg, self.device, self.info, self.run_dir = cfg, device, info, RunDir(t.run_dir)
         self.heartbeat = heartbeat or HeartbeatWriter(self.run_dir, info.rank, info.world_size, 0)
@@ -169,7 +216,9 @@ class Trainer:
         self.amp_dtype = accel.autocast_dtype(cfg, device)
         self.model, self.optimizer = build_model(cfg, device)
         self.loader, self.val_loader = build_loaders(cfg, info)
-        resumed = resume(cfg, self.model, self.optimizer, self.loader, device, info, data["fingerprint"])
+        resumed = resume(
+            cfg, self.model, self.optimizer, self.loader, device, info, data["fingerprint"]
+        )
         self.start_step = resumed.step if resumed else 0
         # The guard's history and the position in the token stream in step batches (which differs from the step
         # once a rollback has skipped data) come back from the checkpoint, so a resumed run decides alike.
@@ -180,33 +229,59 @@ class Trainer:
         self.skip_ranges = sorted(parse_range(r) for r in cfg.data.skip_batches)
         self.step_model = wrap(self.model, t, info, device)
         if info.is_master:
-            store.write_json(self.run_dir.config, {**json.loads(cfg.to_json()), "resolved": {
-                "world_size": info.world_size, "grad_accum_steps": self.grad_accum, "device": str(device)}})
+            store.write_json(
+                self.run_dir.config,
+                {
+                    **json.loads(cfg.to_json()),
+                    "resolved": {
+                        "world_size": info.world_size,
+                        "grad_accum_steps": self.grad_accum,
+                        "device": str(device),
+                    },
+                },
+            )
         # rank 0's growing files (metrics, telemetry, events, samples), written off the step path on an object store
         self.logs = LogFiles() if info.is_master else None
         self.metrics = MetricsLog(t.run_dir, self.start_step, self.logs) if self.logs else None
         self.events = self.logs.open(self.run_dir.events) if self.logs else None
-        self.samples = self.logs.open(self.run_dir.samples) if self.logs and cfg.eval.sample_every else None
+        self.samples = (
+            self.logs.open(self.run_dir.samples) if self.logs and cfg.eval.sample_every else None
+        )
         # wte and wpe are used first in the forward, so their gradients are the last this rank's backward makes
         first_used = [self.model.transformer.wte.weight, self.model.transformer.wpe.weight]
         self.telemetry = RankTelemetry(t.telemetry_every, info, device, last_grads=first_used)
-        self.telemetry_log = self.logs.open(self.run_dir.telemetry, keep=lambda ln: line_step(ln) < self.start_step) \
-            if self.logs and t.telemetry_every else None
+        self.telemetry_log = (
+            self.logs.open(self.run_dir.telemetry, keep=lambda ln: line_step(ln) < self.start_step)
+            if self.logs and t.telemetry_every
+            else None
+        )
         self.next_batch = self.telemetry.timed(self.loader.next_batch)
         self.profiler = StepProfiler(t.profile_steps, self.run_dir, info.rank, device)
-        self.checkpointer = Checkpointer(cfg, model=self.model, optimizer=self.optimizer, loader=self.loader,
-                                         device=device, info=info, data=data,
-                                         extra_state=lambda: {"guard": self.guard.state_dict(),
-                                                              "data_batch": self.batch},
-                                         latest=resumed.url if resumed else None,
-                                         after_save=self.logs.flush if self.logs else None)
+        self.checkpointer = Checkpointer(
+            cfg,
+            model=self.model,
+            optimizer=self.optimizer,
+            loader=self.loader,
+            device=device,
+            info=info,
+            data=data,
+            extra_state=lambda: {"guard": self.guard.state_dict(), "data_batch": self.batch},
+            latest=resumed.url if resumed else None,
+            after_save=self.logs.flush if self.logs else None,
+        )
         stop_signal.install()  # (already, when started by cluster/worker.py or main below)
-        n_params = self.model.num_parameters(exclude_positions=True)  # position lookups are not matmuls
+        n_params = self.model.num_parameters(
+            exclude_positions=True
+        )  # position lookups are not matmuls
         self.flops_per_step = flops_per_token(cfg.model, n_params, t.seq_len) * t.total_batch_tokens
         self.peak = peak_flops(device)
 
     def amp(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+        return (
+            torch.autocast(self.device.type, dtype=self.amp_dtype)
+            if self.amp_dtype
+            else nullcontext()
+        )
 
     def run(self) -> dict[str, Any]:
         t = self.cfg.train
@@ -234,11 +309,17 @@ class Trainer:
                     break
                 stopped_by = self._stop_reason(step)
                 lost = self.lease is not None and self.lease.lost.is_set()
-                verdict = distributed.max_over_ranks(2 if lost else int(stopped_by is not None), self.device)
-                if verdict == 2:  # someone else writes this run directory now: not one more byte from us
-                    raise LeaseLost(f"the lease of {t.run_dir} was taken by "
-                                    f"{self.lease.lost_to if self.lease else 'another writer'} at step {step}; "
-                                    "stopped without writing")
+                verdict = distributed.max_over_ranks(
+                    2 if lost else int(stopped_by is not None), self.device
+                )
+                if (
+                    verdict == 2
+                ):  # someone else writes this run directory now: not one more byte from us
+                    raise LeaseLost(
+                        f"the lease of {t.run_dir} was taken by "
+                        f"{self.lease.lost_to if self.lease else 'another writer'} at step {step}; "
+                        "stopped without writing"
+                    )
                 self.heartbeat.phase("checkpoint")
                 self.checkpointer.save_if_due(step, stopping=verdict == 1)
                 self.heartbeat.phase("step")
@@ -258,9 +339,15 @@ class Trainer:
             self.val_loader.close()
             if self.lease is not None:
                 self.lease.release()
-        result = {"final_step": step, "loss": last["loss"], "val_loss": last["val_loss"],
-                  "checkpoint": self.checkpointer.latest, "complete": step >= t.max_steps, "stopped_by": stopped_by,
-                  **({"diverged": self.guard.diverged()} if stopped_by == "diverged" else {})}
+        result = {
+            "final_step": step,
+            "loss": last["loss"],
+            "val_loss": last["val_loss"],
+            "checkpoint": self.checkpointer.latest,
+            "complete": step >= t.max_steps,
+            "stopped_by": stopped_by,
+            **({"diverged": self.guard.diverged()} if stopped_by == "diverged" else {}),
+        }
         if self.info.is_master:
             store.write_json(self.run_dir.result, result)
         return result
@@ -271,9 +358,20 @@ class Trainer:
         last = step == cfg.train.max_steps - 1
         if step % cfg.eval.val_every == 0 or last:
             self.heartbeat.phase("validate")
-            record["val_loss"] = evaluate_val(self.step_model, self.val_loader, self.val_steps, self.device, self.amp,
-                                              cfg.train.loss_chunk)
-        if cfg.eval.sample_every and step > 0 and (step % cfg.eval.sample_every == 0 or last) and self.info.is_master:
+            record["val_loss"] = evaluate_val(
+                self.step_model,
+                self.val_loader,
+                self.val_steps,
+                self.device,
+                self.amp,
+                cfg.train.loss_chunk,
+            )
+        if (
+            cfg.eval.sample_every
+            and step > 0
+            and (step % cfg.eval.sample_every == 0 or last)
+            and self.info.is_master
+        ):
             self.heartbeat.phase("sample")
             _sample(self.model, cfg, self.samples, step, self.amp_dtype)
         return record
@@ -284,8 +382,13 @@ class Trainer:
         self.heartbeat.phase("step")
         self.telemetry.step_started()
         t0 = time.perf_counter()
-        lr = cosine_lr(step, max_lr=cfg.optim.max_lr, min_lr=cfg.optim.max_lr * cfg.optim.min_lr_ratio,
-                       warmup_steps=cfg.optim.warmup_steps, max_steps=t.max_steps)
+        lr = cosine_lr(
+            step,
+            max_lr=cfg.optim.max_lr,
+            min_lr=cfg.optim.max_lr * cfg.optim.min_lr_ratio,
+            warmup_steps=cfg.optim.warmup_steps,
+            max_steps=t.max_steps,
+        )
         self._pass_over_skipped_data()
         batch, skipped = self.batch, []
 
@@ -294,25 +397,54 @@ class Trainer:
             skipped.append(reason)
             return reason is None
 
-        loss, norm = train_step(self.step_model, self.optimizer, self.next_batch, grad_accum=self.grad_accum,
-                                device=self.device, lr=lr, grad_clip=cfg.optim.grad_clip,
-                                autocast_dtype=self.amp_dtype, ddp=self.info.enabled, loss_chunk=t.loss_chunk,
-                                loss_scale=self.guard.loss_scale(step, batch), apply=apply)
+        loss, norm = train_step(
+            self.step_model,
+            self.optimizer,
+            self.next_batch,
+            grad_accum=self.grad_accum,
+            device=self.device,
+            lr=lr,
+            grad_clip=cfg.optim.grad_clip,
+            autocast_dtype=self.amp_dtype,
+            ddp=self.info.enabled,
+            loss_chunk=t.loss_chunk,
+            loss_scale=self.guard.loss_scale(step, batch),
+            apply=apply,
+        )
         self.batch += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         self.telemetry.step_ended(dt)
-        record = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": float(norm), "step_ms": 1000 * dt,
-                  "tokens_per_s": t.total_batch_tokens / dt, "tokens_seen": (step + 1) * t.total_batch_tokens,
-                  "mfu": self.flops_per_step / dt / (self.peak * self.info.world_size) if self.peak else None,
-                  "mem_gb": torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda" else None}
+        record = {
+            "step": step,
+            "loss": loss.item(),
+            "lr": lr,
+            "grad_norm": float(norm),
+            "step_ms": 1000 * dt,
+            "tokens_per_s": t.total_batch_tokens / dt,
+            "tokens_seen": (step + 1) * t.total_batch_tokens,
+            "mfu": self.flops_per_step / dt / (self.peak * self.info.world_size)
+            if self.peak
+            else None,
+            "mem_gb": torch.cuda.max_memory_allocated(self.device) / 1e9
+            if self.device.type == "cuda"
+            else None,
+        }
         if batch != step:
             record["data_batch"] = batch
         if skipped[0] is not None:
             record["skipped"] = skipped[0]
-            self._event({"event": "skip", "step": step, "data_batch": batch, "reason": skipped[0],
-                         "loss": record["loss"], "grad_norm": record["grad_norm"]})
+            self._event(
+                {
+                    "event": "skip",
+                    "step": step,
+                    "data_batch": batch,
+                    "reason": skipped[0],
+                    "loss": record["loss"],
+                    "grad_norm": record["grad_norm"],
+                }
+            )
         return record
 
     def _telemetry_window(self, step: int) -> dict[str, Any]:
@@ -322,7 +454,9 @@ class Trainer:
         ranks = self.telemetry.gather()
         if ranks is None:
             return {}
-        self.telemetry_log.append(json.dumps(window_line(step, steps, ranks), separators=(",", ":")) + "\n")
+        self.telemetry_log.append(
+            json.dumps(window_line(step, steps, ranks), separators=(",", ":")) + "\n"
+        )
         return window_summary(ranks)
 
     def _pass_over_skipped_data(self) -> None:
@@ -347,21 +481,28 @@ class Trainer:
         try:
             self.logs.flush()
         except Exception as err:
-            log.error("could not write the run's last metrics, telemetry, events or samples: %s", err)
+            log.error(
+                "could not write the run's last metrics, telemetry, events or samples: %s", err
+            )
 
     def _stop_reason(self, step: int) -> str | None:
         """Why this process stops before max_steps after `step` steps (a signal, stop_after_steps), or None."""
         t = self.cfg.train
         if stop_signal.received():
             return stop_signal.received()
-        if t.stop_after_steps and step - self.start_step >= t.stop_after_steps and step < t.max_steps:
+        if (
+            t.stop_after_steps
+            and step - self.start_step >= t.stop_after_steps
+            and step < t.max_steps
+        ):
             return "stop_after_steps"
         return None
 
 
 @torch.no_grad()
-def evaluate_val(model, val_loader: ShardLoader, steps: int, device: torch.device, amp,
-                 loss_chunk: int = 0) -> float:
+def evaluate_val(
+    model, val_loader: ShardLoader, steps: int, device: torch.device, amp, loss_chunk: int = 0
+) -> float:
     """Mean loss over the first `steps` x world val batches (the same tokens every time), averaged over ranks.
     With `loss_chunk`, val batches need no more memory than training ones (no full logits either)."""
     model.eval()
@@ -382,8 +523,15 @@ def _sample(model: GPT, cfg: RunConfig, samples: LogFile, step: int, amp_dtype) 
     from training.sample import sample_text
 
     e = cfg.eval
-    texts = sample_text(model, get_encoding(), e.sample_prompt, num_samples=e.sample_count,
-                        max_new_tokens=e.sample_tokens, seed=cfg.train.seed + step, autocast_dtype=amp_dtype)
+    texts = sample_text(
+        model,
+        get_encoding(),
+        e.sample_prompt,
+        num_samples=e.sample_count,
+        max_new_tokens=e.sample_tokens,
+        seed=cfg.train.seed + step,
+        autocast_dtype=amp_dtype,
+    )
     for text in texts:
         print(f"sample step {step}: {text!r}", flush=True)
     samples.append(json.dumps({"step": step, "samples": texts}) + "\n")
@@ -395,13 +543,27 @@ def _sample(model: GPT, cfg: RunConfig, samples: LogFile, step: int, amp_dtype) 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     stop_signal.install()  # before anything slow: a preemption warning during start-up is kept
-    ap = argparse.ArgumentParser(prog="python -m training.train", description="Train GPT-2 (resumes automatically).")
-    ap.add_argument("--config", required=True, help="preset name (tiny, demo, gpt2-124m, gpt2-350m, gpt2-774m, "
-                    "gpt2-1558m) or path to a TOML file")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config value (repeatable), e.g. --set max_steps=100 --set optim.max_lr=3e-4")
+    ap = argparse.ArgumentParser(
+        prog="python -m training.train", description="Train GPT-2 (resumes automatically)."
+    )
+    ap.add_argument(
+        "--config",
+        required=True,
+        help="preset name (tiny, demo, gpt2-124m, gpt2-350m, gpt2-774m, "
+        "gpt2-1558m) or path to a TOML file",
+    )
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (repeatable), e.g. --set max_steps=100 --set optim.max_lr=3e-4",
+    )
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     result = train(load_config(args.config, args.overrides))
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(result), flush=True)
