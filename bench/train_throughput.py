@@ -34,7 +34,7 @@ from training.config import load_config
 from training.metrics import peak_flops
 from training.model import GPT, flops_per_token
 from training.optim import configure_optimizer
-from training.step import train_step
+from training.step import StepSetup, train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,19 +188,19 @@ def measure(
     amp = torch.bfloat16 if v.bf16 else None
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
+    setup = StepSetup(
+        run,
+        opt,
+        batch,
+        grad_accum=1,
+        device=device,
+        grad_clip=1.0,
+        autocast_dtype=amp,
+        loss_chunk=v.loss_chunk,
+    )
+
     def one_step() -> float:
-        loss, _ = train_step(
-            run,
-            opt,
-            batch,
-            grad_accum=1,
-            device=device,
-            lr=6e-4,
-            grad_clip=1.0,
-            autocast_dtype=amp,
-            loss_chunk=v.loss_chunk,
-        )
-        return loss.item()
+        return train_step(setup, lr=6e-4).loss.item()
 
     times, last_loss = [], float("nan")
     for _ in range(warmup + steps):
@@ -217,7 +217,7 @@ def measure(
     peak = peak_flops(device)
     mfu = flops_per_token(model_cfg, n_params, seq_len) * tok_s / peak if peak else None
     mem = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
-    model = run = opt = None  # the variant's memory freed before the next one is measured
+    model = run = opt = setup = None  # the variant's memory freed before the next one is measured
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

@@ -14,7 +14,7 @@ from training.config import load_config
 from training.loader import ShardLoader
 from training.model import GPT
 from training.optim import configure_optimizer
-from training.step import train_step
+from training.step import StepSetup, train_step
 
 
 def test_benchmark_prints_rows_against_the_baseline_and_records_the_machine(tmp_path):
@@ -88,21 +88,17 @@ def _losses(demo_data, bf16: bool, steps=50, loss_chunk=0, compile=False):
     opt = configure_optimizer(model, lr=3e-3, weight_decay=0.1)
     run = torch.compile(model) if compile else model
     x, y = ShardLoader(demo_data, "train", 4, 64).next_batch()
-    out = []
-    for _ in range(steps):
-        loss, _ = train_step(
-            run,
-            opt,
-            lambda: (x, y),
-            grad_accum=1,
-            device=torch.device("cpu"),
-            lr=3e-3,
-            grad_clip=1.0,
-            autocast_dtype=torch.bfloat16 if bf16 else None,
-            loss_chunk=loss_chunk,
-        )
-        out.append(loss.item())
-    return out
+    setup = StepSetup(
+        run,
+        opt,
+        lambda: (x, y),
+        grad_accum=1,
+        device=torch.device("cpu"),
+        grad_clip=1.0,
+        autocast_dtype=torch.bfloat16 if bf16 else None,
+        loss_chunk=loss_chunk,
+    )
+    return [train_step(setup, lr=3e-3).loss.item() for _ in range(steps)]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from training.config import GPTConfig
 from training.loader import ShardLoader
 from training.model import GPT
 from training.optim import configure_optimizer
-from training.step import train_step
+from training.step import StepSetup, train_step
 
 pytestmark = [
     pytest.mark.gpu,
@@ -44,21 +44,17 @@ def _losses(demo_data, *, fast: bool, steps=50, loss_chunk=0):
     opt = configure_optimizer(model, lr=6e-4, weight_decay=0.1, device_type="cuda", fused=fast)
     run = torch.compile(model) if fast else model
     loader = ShardLoader(demo_data, "train", 8, 256)
-    out = []
-    for _ in range(steps):
-        loss, _ = train_step(
-            run,
-            opt,
-            loader.next_batch,
-            grad_accum=2,
-            device=CUDA,
-            lr=6e-4,
-            grad_clip=1.0,
-            autocast_dtype=torch.bfloat16 if fast else None,
-            loss_chunk=loss_chunk,
-        )
-        out.append(loss.item())
-    return out
+    setup = StepSetup(
+        run,
+        opt,
+        loader.next_batch,
+        grad_accum=2,
+        device=CUDA,
+        grad_clip=1.0,
+        autocast_dtype=torch.bfloat16 if fast else None,
+        loss_chunk=loss_chunk,
+    )
+    return [train_step(setup, lr=6e-4).loss.item() for _ in range(steps)]
 
 
 def test_optimized_step_matches_plain_fp32_after_50_steps(demo_data):

@@ -1,5 +1,5 @@
 """Loss spikes and non-finite steps: skipped, counted, and a run that keeps diverging stopped with exit code 3,
-deterministically; the poison is the guard's own fault injection (guard.fault_*), a real NaN or spike through
+deterministically; the poison is the guard's own fault injection (debug.fault_*), a real NaN or spike through
 the real training step."""
 
 import json
@@ -9,7 +9,7 @@ from helpers import losses, metrics, read_jsonl, run_train
 
 from common.exit_codes import DIVERGED
 from training.config import GuardConfig
-from training.guard import StepGuard
+from training.guard import Divergence, StepGuard
 
 
 def test_the_guard_skips_non_finite_and_spiking_steps_but_not_noise():
@@ -25,7 +25,8 @@ def test_the_guard_skips_non_finite_and_spiking_steps_but_not_noise():
     assert guard.check(404, 404, 2.0, 0.5) is None  # the skipped values did not enter the history
     assert guard.diverged() is None  # 4 skips: under max_skips (5)
     assert guard.check(405, 405, float("nan"), 1.0)
-    assert guard.diverged() == {
+    verdict = guard.diverged()
+    assert verdict.to_json() == {
         "steps": [400, 405],
         "batches": "400:406",
         "reasons": [
@@ -35,6 +36,9 @@ def test_the_guard_skips_non_finite_and_spiking_steps_but_not_noise():
             "non-finite loss",
         ],
     }
+    assert (
+        Divergence.from_json(verdict.to_json()) == verdict
+    )  # the form result.json and the flow share
     # its state goes into checkpoints: a resumed guard decides as the uninterrupted one
     again = StepGuard(guard.cfg)
     again.load_state_dict(json.loads(json.dumps(guard.state_dict())))

@@ -11,7 +11,7 @@ import difflib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -64,10 +64,23 @@ class GPTConfig(_Section):
         return (self.vocab_size + m - 1) // m * m
 
 
-def parse_range(text: str) -> tuple[int, int]:
-    """A "start:stop" range of data batches (stop excluded)."""
+class Span(NamedTuple):
+    """A "start:stop" range of steps or data batches, stop excluded (its text form is the config's)."""
+
+    start: int
+    stop: int
+
+    def __str__(self) -> str:
+        return f"{self.start}:{self.stop}"
+
+    def holds(self, n: int) -> bool:
+        return self.start <= n < self.stop
+
+
+def parse_range(text: str) -> Span:
+    """A "start:stop" range (stop excluded)."""
     start, stop = (int(x) for x in text.split(":"))
-    return start, stop
+    return Span(start, stop)
 
 
 def _check_ranges(entries: list[str], field: str) -> None:
@@ -257,23 +270,28 @@ class GuardConfig(_Section):
         5, ge=1, description="this many skipped steps within skip_window steps: diverged"
     )
     skip_window: int = Field(200, ge=1)
+
+
+class DebugConfig(_Section):
+    """Testing aids, off by default: faults injected on purpose, so that the guard, the rollback and the flow
+    can be tried on a real run. Never set them in production."""
+
     fault_steps: list[int] = Field(
-        default_factory=list, description="testing aid: poison these steps' loss"
+        default_factory=list, description="poison these steps' loss (through the whole step)"
     )
     fault_batches: list[str] = Field(
         default_factory=list,
-        description="testing aid: poison the steps that read these "
+        description="poison the steps that read these "
         "data batches, 'start:stop' ranges of the token stream's step batches",
     )
     fault: Literal["nan", "spike"] = Field(
         "nan",
-        description="testing aid: what poisoning does (a NaN loss, or a "
-        "loss and gradients 1000 times too large)",
+        description="what poisoning does (a NaN loss, or a loss and gradients 1000 times too large)",
     )
 
     @model_validator(mode="after")
-    def _ranges(self) -> GuardConfig:
-        _check_ranges(self.fault_batches, "guard.fault_batches")
+    def _ranges(self) -> DebugConfig:
+        _check_ranges(self.fault_batches, "debug.fault_batches")
         return self
 
 
@@ -288,6 +306,18 @@ class RunConfig(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
+    debug: DebugConfig = Field(default_factory=DebugConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        """Configs written before the faults moved from `guard` to `debug` (checkpoints keep theirs)."""
+        if isinstance(data, dict) and isinstance(data.get("guard"), dict):
+            moved = {k: data["guard"][k] for k in list(data["guard"]) if k.startswith("fault")}
+            if moved:
+                data = {**data, "guard": {k: v for k, v in data["guard"].items() if k not in moved}}
+                data["debug"] = {**moved, **(data.get("debug") or {})}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -353,10 +383,16 @@ def _leaf_paths(model_cls: type[BaseModel] = RunConfig, prefix: str = "") -> lis
 LEAF_PATHS = _leaf_paths()
 
 
+# keys that moved to another section: the old dotted path still works
+MOVED = {f"guard.{k}": f"debug.{k}" for k in ("fault_steps", "fault_batches", "fault")}
+
+
 def resolve_key(key: str) -> str:
     """Map a `--set` key (dotted path or unique bare name) to its dotted path, or raise naming close matches."""
     if key in LEAF_PATHS:
         return key
+    if key in MOVED:
+        return MOVED[key]
     matches = [p for p in LEAF_PATHS if p.rsplit(".", 1)[-1] == key]
     if len(matches) == 1:
         return matches[0]

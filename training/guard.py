@@ -12,10 +12,51 @@ uninterrupted one would.
 from __future__ import annotations
 
 import math
+import re
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
-from training.config import GuardConfig, parse_range
+from training.config import GuardConfig, Span, parse_range
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """The guard's verdict on a run that keeps skipping: the skipped steps (first, last), the data batches
+    they read (to pass over on the rollback), and why they were skipped. On disk (result.json, events.jsonl,
+    submissions.jsonl) it is {"steps": [first, last], "batches": "start:stop", "reasons": [...]}."""
+
+    steps: tuple[int, int]
+    batches: Span
+    reasons: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "steps": list(self.steps),
+            "batches": str(self.batches),
+            "reasons": list(self.reasons),
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Divergence:
+        """The verdict from its JSON form; ValueError naming what is wrong with it."""
+        if not isinstance(obj, dict):
+            raise ValueError(f"a divergence verdict is a JSON object, not {obj!r}")
+        steps, batches, reasons = obj.get("steps"), obj.get("batches"), obj.get("reasons", [])
+        if not (
+            isinstance(steps, list)
+            and len(steps) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in steps)
+        ):
+            raise ValueError(f"a divergence verdict's steps are [first, last], not {steps!r}")
+        if not isinstance(batches, str) or not re.fullmatch(r"\d+:\d+", batches):
+            raise ValueError(f"a divergence verdict's batches are 'start:stop', not {batches!r}")
+        if not (isinstance(reasons, list) and all(isinstance(r, str) for r in reasons)):
+            raise ValueError(f"a divergence verdict's reasons are strings, not {reasons!r}")
+        return cls((steps[0], steps[1]), parse_range(batches), tuple(reasons))
+
+    def describe(self) -> str:
+        return f"steps {list(self.steps)} (data batches {self.batches}: {', '.join(self.reasons)})"
 
 
 class StepGuard:
@@ -23,18 +64,8 @@ class StepGuard:
         self.cfg = cfg
         self.losses: deque[float] = deque(maxlen=cfg.zscore_window)  # of applied steps only
         self.norms: deque[float] = deque(maxlen=cfg.zscore_window)
-        self.skips: list[
-            dict[str, Any]
-        ] = []  # {"step", "batch", "reason"} of the last skip_window steps
-        self._fault_batches = [parse_range(r) for r in cfg.fault_batches]
-
-    # ----------------------------------------------------------------------------- faults (a testing aid)
-
-    def loss_scale(self, step: int, batch: int) -> float:
-        """1.0, or the poison of a step chosen by guard.fault_steps / guard.fault_batches."""
-        if step in self.cfg.fault_steps or any(a <= batch < b for a, b in self._fault_batches):
-            return float("nan") if self.cfg.fault == "nan" else 1000.0
-        return 1.0
+        # {"step", "batch", "reason"} of the skips within the last skip_window steps
+        self.skips: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------------------- the decision
 
@@ -70,16 +101,16 @@ class StepGuard:
             self.skips.append({"step": step, "batch": batch, "reason": reason})
         return reason
 
-    def diverged(self) -> dict[str, Any] | None:
-        """When the skips of the window reach max_skips: their steps and the batches to pass over."""
+    def diverged(self) -> Divergence | None:
+        """When the skips of the window reach max_skips: the verdict (their steps, the batches to pass over)."""
         if len(self.skips) < self.cfg.max_skips:
             return None
         first, last = self.skips[0], self.skips[-1]
-        return {
-            "steps": [first["step"], last["step"]],
-            "batches": f"{first['batch']}:{last['batch'] + 1}",
-            "reasons": sorted({s["reason"].split(" (")[0] for s in self.skips}),
-        }
+        return Divergence(
+            (first["step"], last["step"]),
+            Span(first["batch"], last["batch"] + 1),
+            tuple(sorted({s["reason"].split(" (")[0] for s in self.skips})),
+        )
 
     # ----------------------------------------------------------------------------- checkpointed state
 

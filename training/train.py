@@ -39,6 +39,7 @@ from training import accel, distributed, stop_signal
 from training.checkpointer import Checkpointer
 from training.config import RunConfig, TrainConfig, load_config, parse_range
 from training.distributed import DistInfo
+from training.faults import Poison
 from training.guard import StepGuard
 from training.loader import ShardLoader
 from training.metrics import MetricsLog, console_line, line_step, peak_flops
@@ -47,7 +48,7 @@ from training.optim import configure_optimizer, cosine_lr
 from training.preflight import preflight
 from training.profiling import StepProfiler
 from training.resume import resume
-from training.step import train_step
+from training.step import StepResult, StepSetup, train_step
 from training.telemetry import RankTelemetry, window_line, window_summary
 
 log = logging.getLogger("training")
@@ -255,7 +256,18 @@ class Trainer:
             if self.logs and t.telemetry_every
             else None
         )
-        self.next_batch = self.telemetry.timed(self.loader.next_batch)
+        self.step_setup = StepSetup(
+            self.step_model,
+            self.optimizer,
+            self.telemetry.timed(self.loader.next_batch),
+            grad_accum=self.grad_accum,
+            device=device,
+            grad_clip=cfg.optim.grad_clip,
+            autocast_dtype=self.amp_dtype,
+            ddp=info.enabled,
+            loss_chunk=t.loss_chunk,
+        )
+        self.poison = Poison(cfg.debug)  # faults injected on purpose: a testing aid, off by default
         self.profiler = StepProfiler(t.profile_steps, self.run_dir, info.rank, device)
         self.checkpointer = Checkpointer(
             cfg,
@@ -305,7 +317,7 @@ class Trainer:
                 step += 1
                 if diverged:  # every rank sees the same losses and norms, so every rank stops here
                     stopped_by = "diverged"
-                    self._event({"event": "diverged", "step": step - 1, **diverged})
+                    self._event({"event": "diverged", "step": step - 1, **diverged.to_json()})
                     break
                 stopped_by = self._stop_reason(step)
                 lost = self.lease is not None and self.lease.lost.is_set()
@@ -339,6 +351,7 @@ class Trainer:
             self.val_loader.close()
             if self.lease is not None:
                 self.lease.release()
+        verdict = self.guard.diverged() if stopped_by == "diverged" else None
         result = {
             "final_step": step,
             "loss": last["loss"],
@@ -346,7 +359,7 @@ class Trainer:
             "checkpoint": self.checkpointer.latest,
             "complete": step >= t.max_steps,
             "stopped_by": stopped_by,
-            **({"diverged": self.guard.diverged()} if stopped_by == "diverged" else {}),
+            **({"diverged": verdict.to_json()} if verdict else {}),
         }
         if self.info.is_master:
             store.write_json(self.run_dir.result, result)
@@ -390,37 +403,42 @@ class Trainer:
             max_steps=t.max_steps,
         )
         self._pass_over_skipped_data()
-        batch, skipped = self.batch, []
-
-        def apply(loss: torch.Tensor, norm: torch.Tensor) -> bool:
-            reason = self.guard.check(step, batch, loss.item(), norm.item())
-            skipped.append(reason)
-            return reason is None
-
-        loss, norm = train_step(
-            self.step_model,
-            self.optimizer,
-            self.next_batch,
-            grad_accum=self.grad_accum,
-            device=self.device,
-            lr=lr,
-            grad_clip=cfg.optim.grad_clip,
-            autocast_dtype=self.amp_dtype,
-            ddp=self.info.enabled,
-            loss_chunk=t.loss_chunk,
-            loss_scale=self.guard.loss_scale(step, batch),
-            apply=apply,
+        batch = self.batch
+        result = train_step(
+            self.step_setup,
+            lr,
+            judge=lambda loss, norm: self.guard.check(step, batch, loss, norm),
+            loss_scale=self.poison.loss_scale(step, batch),
         )
         self.batch += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         self.telemetry.step_ended(dt)
+        record = self._step_record(step, batch, lr, result, dt)
+        if result.skipped is not None:
+            self._event(
+                {
+                    "event": "skip",
+                    "step": step,
+                    "data_batch": batch,
+                    "reason": result.skipped,
+                    "loss": record["loss"],
+                    "grad_norm": record["grad_norm"],
+                }
+            )
+        return record
+
+    def _step_record(
+        self, step: int, batch: int, lr: float, result: StepResult, dt: float
+    ) -> dict[str, Any]:
+        """The step's line of metrics.jsonl."""
+        t = self.cfg.train
         record = {
             "step": step,
-            "loss": loss.item(),
+            "loss": result.loss.item(),
             "lr": lr,
-            "grad_norm": float(norm),
+            "grad_norm": float(result.norm),
             "step_ms": 1000 * dt,
             "tokens_per_s": t.total_batch_tokens / dt,
             "tokens_seen": (step + 1) * t.total_batch_tokens,
@@ -433,18 +451,8 @@ class Trainer:
         }
         if batch != step:
             record["data_batch"] = batch
-        if skipped[0] is not None:
-            record["skipped"] = skipped[0]
-            self._event(
-                {
-                    "event": "skip",
-                    "step": step,
-                    "data_batch": batch,
-                    "reason": skipped[0],
-                    "loss": record["loss"],
-                    "grad_norm": record["grad_norm"],
-                }
-            )
+        if result.skipped is not None:
+            record["skipped"] = result.skipped
         return record
 
     def _telemetry_window(self, step: int) -> dict[str, Any]:
