@@ -35,10 +35,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster import rank_exits
+from cluster import failure, rank_exits
 from common import store
 from common.errors import ReproError
 from common.exit_codes import DIVERGED, REQUEUE
+from common.heartbeat import host_name
 from common.layout import RunDir
 from common.process_tree import descendants, kill_tree
 
@@ -117,8 +118,9 @@ class TrainLaunch:
             port=node_check_port(self._job_id),
         )
         if problem:  # ends this task, and srun (--kill-on-bad-exit) the others: the job fails naming the host
-            log.error("%s", problem)
-            raise RunFailed(problem)
+            failure.write(self._exit_dir, self._node, problem)
+            log.error("%s", problem.line())
+            raise RunFailed(problem.line())
         cmd = [
             sys.executable,
             "-m",
@@ -288,12 +290,17 @@ class TrainLaunch:
         ).first_failure
         latest = self._latest_checkpoint()
         if first is not None:
+            why = first.failure()
             msg = f"{first.first_line()}:\n{first.error.strip()[-3000:]}"
         else:
-            msg = (
+            why = failure.Failure(
+                "killed",
+                host_name(),
                 f"torchrun on node {self._node} exited {torchrun_code} with no rank reporting an error "
-                "(killed: out of memory, node failure?)"
+                "(killed: out of memory, node failure?)",
             )
+            msg = why.detail
+        failure.write(self._exit_dir, self._node, why)  # what the flow acts on (cordons)
         traces = self._nccl_traces()
         if traces:  # NCCL's watchdog took the ranks down after a collective timed out: its account of who was late
             msg += f"\nNCCL flight recorder dumps: {traces} (read them with `torchfrtrace {traces} -p rank_`)"

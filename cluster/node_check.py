@@ -16,6 +16,7 @@ the first node that finds no file there, after creating it.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -23,10 +24,13 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
+from cluster.failure import Cause, Failure
 from common import store
+from common.errors import last_line
 from common.heartbeat import host_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,8 +38,12 @@ log = logging.getLogger("cluster.node_check")
 
 
 class NodeCheckFailed(Exception):
-    """A node unfit to train on; the message starts with `node check failed on host <host>:` (or, when the
-    check itself could not run there through no fault of the node, `node check could not run on host`)."""
+    """A node unfit to train on (or, cause check_not_run, a check that could not run there through no fault
+    of the node): `failure` says which host and why; the message is its line."""
+
+    def __init__(self, host: str, detail: str, cause: Cause = "node_check"):
+        self.failure = Failure(cause, host, detail)
+        super().__init__(self.failure.line())
 
 
 def run_node_check(
@@ -47,10 +55,10 @@ def run_node_check(
     hosts: list[str] | tuple[str, ...] = (),
     port: int = 0,
     join_timeout_s: float = 120.0,
-) -> str | None:
+) -> Failure | None:
     """The check in a process of its own (its CUDA contexts must not stay in the launcher, and a wedged GPU
-    must not hang it): None when the node is fit, else the one line saying why not. With more than one host,
-    node `node` of `hosts` also joins the all-reduce across them (node 0's store on `port`)."""
+    must not hang it): None when the node is fit, else the failure (its host and why). With more than one
+    host, node `node` of `hosts` also joins the all-reduce across them (node 0's store on `port`)."""
     cmd = [sys.executable, "-m", "cluster.node_check", "--gpus", str(gpus), "--run-dir", run_dir]
     if len(hosts) > 1:
         cmd += [
@@ -69,26 +77,25 @@ def run_node_check(
     try:
         p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return f"node check failed on host {host_name()}: no answer within {timeout_s:.0f} s (a wedged GPU?)"
+        return Failure(
+            "node_check", host_name(), f"no answer within {timeout_s:.0f} s (a wedged GPU?)"
+        )
     if p.returncode == 0:
         for ln in p.stdout.splitlines():
             if ln.startswith("node check passed"):  # the all-reduce's time, for the task's log
                 log.info("%s", ln)
         return None
-    lines = (p.stdout + p.stderr).strip().splitlines()
-    line = next(
-        (ln for ln in lines if ln.startswith(("node check failed", "node check could not run"))),
-        None,
-    )
-    if line:
-        return line
+    try:  # the check's verdict: its last line on stdout is the failure record
+        return Failure.parse(json.loads(p.stdout.strip().splitlines()[-1]))
+    except (IndexError, ValueError):
+        pass
     if p.returncode in (-signal.SIGTERM, -signal.SIGKILL, -signal.SIGINT):
         # Stopped from outside: srun ending the step because another node's task failed, or a cancellation.
-        # Not this host's fault, so not worded as a failed check (the flow would cordon this host).
-        return (
-            f"node check on host {host_name()} interrupted by {signal.Signals(-p.returncode).name}"
-        )
-    return f"node check failed on host {host_name()}: exit {p.returncode}: {lines[-1] if lines else ''}"
+        # Not this host's fault, so not a failed check (the flow would cordon this host).
+        return Failure("interrupted", host_name(), signal.Signals(-p.returncode).name)
+    return Failure(
+        "node_check", host_name(), f"exit {p.returncode}: {last_line(p.stdout + p.stderr)}"
+    )
 
 
 def check_node(gpus: int, run_dir: str, min_free_fraction: float = 0.9) -> None:
@@ -108,7 +115,7 @@ def check_node(gpus: int, run_dir: str, min_free_fraction: float = 0.9) -> None:
     except store.StoreError as err:
         problems.append(str(err))
     if problems:
-        raise NodeCheckFailed(f"node check failed on host {host}: {'; '.join(problems)}")
+        raise NodeCheckFailed(host, "; ".join(problems))
 
 
 def _gpu_problems(gpus: int, min_free_fraction: float) -> list[str]:
@@ -161,12 +168,11 @@ def join_nodes(
             st = dist.TCPStore(
                 hosts[0], port, nnodes, is_master=True, timeout=wait, wait_for_workers=False
             )
-        except (
-            RuntimeError
-        ) as err:  # the port is taken: not the node's fault, so not worded to cordon it
+        except RuntimeError as err:  # the port is taken: not the node's fault, so not to cordon it
             raise NodeCheckFailed(
-                f"node check could not run on host {me}: port {port} for the all-reduce "
-                f"across nodes is taken ({_first_line(err)})"
+                me,
+                f"port {port} for the all-reduce across nodes is taken ({_first_line(err)})",
+                "check_not_run",
             ) from None
         try:
             st.wait(joined[1:], wait)
@@ -180,12 +186,12 @@ def join_nodes(
                 if len(names) == 1
                 else f"{len(names)} nodes did not join {within}: {', '.join(names)} {seen}"
             )
-            line = f"node check failed on host {names[0]}: {what}"
-            st.set(verdict_key, line)
+            failed = NodeCheckFailed(names[0], what)
+            st.set(verdict_key, json.dumps(asdict(failed.failure)))
             _wait_quietly(
                 st, [done[i] for i in range(1, nnodes) if i not in missing], 5.0
             )  # they read it
-            raise NodeCheckFailed(line)
+            raise failed
         st.set(verdict_key, "go")
     else:
         try:
@@ -195,8 +201,7 @@ def join_nodes(
             )
         except (OSError, RuntimeError):
             raise NodeCheckFailed(
-                f"node check failed on host {hosts[0]}: node 0's store on port {port} did not "
-                f"answer for {within} {seen}"
+                hosts[0], f"node 0's store on port {port} did not answer for {within} {seen}"
             ) from None
         try:
             st.set(joined[node], me)
@@ -204,12 +209,14 @@ def join_nodes(
             verdict = st.get(verdict_key).decode()
         except RuntimeError as err:  # node 0 died or hangs after we reached it
             raise NodeCheckFailed(
-                f"node check failed on host {hosts[0]}: node 0 gave no verdict on "
-                f"{within} {seen}: {_first_line(err)}"
+                hosts[0], f"node 0 gave no verdict on {within} {seen}: {_first_line(err)}"
             ) from None
-        if verdict != "go":
+        if (
+            verdict != "go"
+        ):  # node 0's failure: whichever node's record reaches the flow, the same host
             _set_quietly(st, done[node])
-            raise NodeCheckFailed(verdict)
+            f = Failure.parse(json.loads(verdict))
+            raise NodeCheckFailed(f.host, f.detail, f.cause)
 
     t0 = time.monotonic()
     try:
@@ -226,13 +233,11 @@ def join_nodes(
             dist.destroy_process_group()
     except RuntimeError as err:
         raise NodeCheckFailed(
-            f"node check failed on host {me}: the all-reduce across {nnodes} nodes failed: "
-            f"{_first_line(err)}"
+            me, f"the all-reduce across {nnodes} nodes failed: {_first_line(err)}"
         ) from None
     if total != nnodes:
         raise NodeCheckFailed(
-            f"node check failed on host {me}: the all-reduce across {nnodes} nodes summed "
-            f"to {total:g}, not {nnodes}"
+            me, f"the all-reduce across {nnodes} nodes summed to {total:g}, not {nnodes}"
         )
     seconds = time.monotonic() - t0
     if node == 0:  # the store must outlive the others' last calls to it
@@ -309,8 +314,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{seconds:.2f} s",
                 flush=True,
             )
-    except NodeCheckFailed as err:
-        print(err, flush=True)
+    except NodeCheckFailed as err:  # the line for a person, then the record for the launcher
+        print(err, file=sys.stderr, flush=True)
+        print(json.dumps(asdict(err.failure)), flush=True)
         return 1
     return 0
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from cluster.failure import Cause, Failure
 from common.errors import last_line
 from common.exit_codes import DIVERGED, OK, REQUEUE
 
@@ -34,6 +35,7 @@ class RankExit:
     error: str  # the tail of the rank's stderr (or its traceback) when it failed; "" otherwise
     time: float
     host: str
+    cause: Cause | None = None  # of a failure: device_error or rank_error (cluster/failure.py)
 
     @classmethod
     def parse(cls, obj: Any) -> RankExit:
@@ -45,7 +47,12 @@ class RankExit:
             value = obj.get(name)
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise ValueError(f"field {name!r} of a rank exit record is {value!r}")
-        return cls(obj["rank"], obj["exit_code"], obj["error"], float(obj["time"]), obj["host"])
+        cause = obj.get("cause")
+        if cause not in (None, "device_error", "rank_error"):
+            raise ValueError(f"field 'cause' of a rank exit record is {cause!r}")
+        return cls(
+            obj["rank"], obj["exit_code"], obj["error"], float(obj["time"]), obj["host"], cause
+        )
 
     @property
     def failed(self) -> bool:
@@ -53,6 +60,15 @@ class RankExit:
 
     def first_line(self) -> str:
         return f"rank {self.rank} on {self.host} failed first (exit {self.exit_code})"
+
+    def failure(self) -> Failure:
+        return Failure(
+            self.cause or "rank_error",
+            self.host,
+            last_line(self.error) or "no error text",
+            self.rank,
+            self.exit_code,
+        )
 
 
 def write(exit_dir: str, rec: RankExit) -> None:

@@ -97,6 +97,11 @@ class RunHandle:
         )
         self.job._cancel_at_deletion = False  # a handle going out of scope never cancels the run
 
+    @property
+    def exits(self) -> Path:
+        """Where the job's launchers keep each attempt's rank exits and failure records."""
+        return Path(self.folder) / "exits"
+
     def _meta_path(self) -> Path:
         return Path(self.folder) / f"{self.job_id}_run.json"
 
@@ -125,7 +130,7 @@ class RunHandle:
                 capture_output=True,
                 timeout=60,
             )
-            exits, deadline = Path(self.folder) / "exits", time.time() + 15
+            exits, deadline = self.exits, time.time() + 15
             while (
                 len(list(exits.glob(f"{self.job_id}_*/killed_node_*"))) < self.nodes
                 and time.time() < deadline

@@ -18,6 +18,7 @@ import time
 import traceback
 
 from cluster import rank_exits
+from cluster.failure import Cause, exception_cause
 from common import exit_codes
 from training import stop_signal
 
@@ -36,14 +37,15 @@ class _Tee(io.TextIOBase):
         self.stream.flush()
 
 
-def _record(code: int, error: str) -> None:
+def _record(code: int, error: str, cause: Cause | None = None) -> None:
     exit_dir = os.environ.get(rank_exits.EXIT_DIR_ENV)
     if not exit_dir:
         return
     from common.heartbeat import host_name  # here: nothing slow before stop_signal.install()
 
     rank = int(os.environ.get("RANK", "0"))
-    rank_exits.write(exit_dir, rank_exits.RankExit(rank, code, error, time.time(), host_name()))
+    rec = rank_exits.RankExit(rank, code, error, time.time(), host_name(), cause)
+    rank_exits.write(exit_dir, rec)
 
 
 def main(argv: list[str]) -> int:
@@ -58,8 +60,8 @@ def main(argv: list[str]) -> int:
         code = e.code if isinstance(e.code, int) else exit_codes.BAD_INPUT
         _record(code, tee.tail)
         raise
-    except BaseException:
-        _record(1, traceback.format_exc()[-4000:])
+    except BaseException as err:  # its type says whether the device failed (the host is to blame)
+        _record(1, traceback.format_exc()[-4000:], exception_cause(err))
         raise
     _record(code, tee.tail if code not in (exit_codes.OK, exit_codes.REQUEUE) else "")
     return code

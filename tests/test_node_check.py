@@ -18,10 +18,10 @@ def test_a_healthy_cpu_node_passes(tmp_path):
 
 def test_a_failing_node_is_one_line_naming_its_host(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2_NODE_CHECK_FAIL_ONCE", str(tmp_path / "fault"))
-    line = run_node_check(0, str(tmp_path / "run"))
-    assert (
-        line
-        == f"node check failed on host {host_name()}: injected fault (GPT2_NODE_CHECK_FAIL_ONCE)"
+    failure = run_node_check(0, str(tmp_path / "run"))
+    assert failure.cause == "node_check" and failure.blames_host and failure.host == host_name()
+    assert failure.line() == (
+        f"node check failed on host {host_name()}: injected fault (GPT2_NODE_CHECK_FAIL_ONCE)"
     )
     assert run_node_check(0, str(tmp_path / "run")) is None  # once: the next node passes
 
@@ -45,13 +45,15 @@ def free_port() -> int:
 
 
 def check_nodes(nodes, run_dir, join_timeout_s, hosts=HOSTS):
-    """run_node_check for each of `nodes` at once, as each node's launcher does: their lines, and seconds."""
+    """run_node_check for each of `nodes` at once, as each node's launcher does: their failures' lines, and
+    seconds."""
     port, lines = free_port(), {}
 
     def one(node):
-        lines[node] = run_node_check(
+        failure = run_node_check(
             0, run_dir, node=node, hosts=hosts, port=port, join_timeout_s=join_timeout_s
         )
+        lines[node] = failure and failure.line()
 
     t0 = time.monotonic()
     threads = [threading.Thread(target=one, args=(n,)) for n in nodes]
