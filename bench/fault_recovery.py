@@ -138,13 +138,15 @@ def flow_params(a: argparse.Namespace, store: Path, run_name: str, data: str) ->
         "run_name": run_name,
         "data": data,
         "overrides": overrides(a),
-        "eval_tasks": [],
+        "evaluation": {"tasks": []},
         "executor": a.executor,
         "poll_seconds": a.poll_seconds,
-        "backoff_seconds": a.backoff_seconds,
-        "hang_floor_s": a.hang_floor,
-        "hang_factor": a.hang_factor,
-        "startup_timeout_s": a.startup_timeout,
+        "resubmission": {"backoff_seconds": a.backoff_seconds},
+        "hang": {
+            "floor_s": a.hang_floor,
+            "factor": a.hang_factor,
+            "startup_timeout_s": a.startup_timeout,
+        },
     }
     if a.executor == "slurm":
         # time_min=20: below ~10 min submitit takes any signal for the time limit

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from common import exit_codes
 from common.errors import BadInput, ReproError
@@ -111,37 +112,47 @@ def add_model_flags(
     skip: Iterable[str] = (),
     aliases: dict[str, list[str]] | None = None,
     comma_lists: Iterable[str] = (),
+    flat: dict[str, tuple[str, str]] | None = None,
 ) -> None:
     """One `--field-name` flag per scalar or list field of `model` (nested models come through a JSON file or
     object instead). Flags left out stay out of the namespace, so `model_from_flags` sees only what was given.
     `aliases` adds other spellings; a field in `comma_lists` takes one comma-separated value (empty = [])
-    instead of one value per repeated flag."""
+    instead of one value per repeated flag. `flat` names fields of nested sections that get a flag too, under
+    a flat name the model accepts for them (`hang_floor_s` for `hang.floor_s`)."""
     aliases, comma_lists, skip = aliases or {}, set(comma_lists), set(skip)
     group = parser.add_argument_group(f"{model.__name__} fields")
-    for name, field in model.model_fields.items():
+    fields = [(name, field) for name, field in model.model_fields.items() if name not in skip]
+    for name, (section, sub) in (flat or {}).items():
+        section_model = _unwrap_optional(model.model_fields[section].annotation)
+        fields.append((name, section_model.model_fields[sub]))
+    for name, field in fields:
         ann = _unwrap_optional(field.annotation)
-        if name in skip or (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
             continue
-        default = field.get_default(call_default_factory=True)
-        help_text = (field.description or "") + (
-            f" (default: {default})" if default not in (None, [], "") else ""
-        )
-        kw: dict[str, Any] = dict(
-            dest=name, default=argparse.SUPPRESS, help=help_text.strip() or None
-        )
-        origin = typing.get_origin(ann)
-        if ann is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif origin is list:
-            if name in comma_lists:
-                kw.update(type=_comma_list, metavar="A,B,...")
-            else:
-                kw.update(action="append", metavar="VALUE")
-        elif origin is Literal:
-            kw["choices"] = [str(c) for c in typing.get_args(ann)]
+        flag = _flag(name, field, ann, name in comma_lists)
+        group.add_argument(f"--{name.replace('_', '-')}", *aliases.get(name, []), **flag)
+
+
+def _flag(name: str, field: FieldInfo, ann: Any, comma_list: bool) -> dict[str, Any]:
+    """argparse's keywords for the flag of one field."""
+    default = field.get_default(call_default_factory=True)
+    help_text = (field.description or "") + (
+        f" (default: {default})" if default not in (None, [], "") else ""
+    )
+    kw: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text.strip() or None)
+    origin = typing.get_origin(ann)
+    if ann is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    elif origin is list:
+        if comma_list:
+            kw.update(type=_comma_list, metavar="A,B,...")
         else:
-            kw["metavar"] = getattr(ann, "__name__", "VALUE").upper()
-        group.add_argument(f"--{name.replace('_', '-')}", *aliases.get(name, []), **kw)
+            kw.update(action="append", metavar="VALUE")
+    elif origin is Literal:
+        kw["choices"] = [str(c) for c in typing.get_args(ann)]
+    else:
+        kw["metavar"] = getattr(ann, "__name__", "VALUE").upper()
+    return kw
 
 
 def read_json_object(path_or_text: str | None, what: str) -> dict[str, Any]:
@@ -164,10 +175,15 @@ def read_json_object(path_or_text: str | None, what: str) -> dict[str, Any]:
 
 
 def model_from_flags(
-    model: type[BaseModel], args: argparse.Namespace, base: dict[str, Any] | None = None
+    model: type[BaseModel],
+    args: argparse.Namespace,
+    base: dict[str, Any] | None = None,
+    flat: Iterable[str] = (),
 ):
-    """`model` from `base` (e.g. a --spec file) with the flags given on top; invalid values are a BadInput."""
-    given = {k: v for k, v in vars(args).items() if k in model.model_fields}
+    """`model` from `base` (e.g. a --spec file) with the flags given on top; invalid values are a BadInput.
+    `flat`: the flat names `add_model_flags` made flags for (the model nests them itself)."""
+    names = set(model.model_fields) | set(flat)
+    given = {k: v for k, v in vars(args).items() if k in names}
     try:
         return model.model_validate({**(base or {}), **given})
     except ValidationError as err:

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import acreate_table_artifact
 
 from flows.evaluations import run_evaluation, summary_row
 
@@ -25,5 +25,5 @@ async def evaluate_checkpoint(
     if "error" in result:
         raise RuntimeError(f"evaluation of {checkpoint} failed: {result['error']}")
     get_run_logger().info("%s", json.dumps(summary_row(result)))
-    await create_table_artifact([summary_row(result)], description=f"evaluation of {checkpoint}")
+    await acreate_table_artifact([summary_row(result)], description=f"evaluation of {checkpoint}")
     return result

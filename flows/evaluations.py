@@ -21,6 +21,7 @@ from cluster.spec import JobSpec
 from common import store
 from common.errors import ReproError, last_line
 from common.layout import RunDir
+from flows.params import EvaluationParams
 from training import checkpoint as ck
 
 REPO = Path(__file__).resolve().parent.parent
@@ -170,26 +171,18 @@ class EvaluationScheduler:
     def __init__(
         self,
         run_dir: str,
-        tasks: list[str],
-        hellaswag_data: str | None,
-        slurm: JobSpec | None,
+        params: EvaluationParams,
         log: logging.Logger | logging.LoggerAdapter,
-        include_path: str | None = None,
         shares_machine: bool = False,
     ):
         """`shares_machine`: training runs on this machine too (the local executor): evaluations run in the
         background (one thread, low priority) instead of competing for its cores."""
-        self.run_dir, self.tasks, self.hellaswag_data, self.slurm, self.log = (
-            run_dir,
-            tasks,
-            hellaswag_data,
-            slurm,
-            log,
-        )
-        self.include_path, self.background = include_path, shares_machine and slurm is None
-        self.results: dict[
-            int, dict[str, Any]
-        ] = {}  # step -> the evaluate CLI's summary (or its error)
+        self.run_dir, self.log = run_dir, log
+        self.tasks, self.hellaswag_data = params.tasks, params.hellaswag_data
+        self.slurm, self.include_path = params.slurm, params.include_path
+        self.background = shares_machine and params.slurm is None
+        # step -> the evaluate CLI's summary (or its error)
+        self.results: dict[int, dict[str, Any]] = {}
         self._pending: dict[int, asyncio.Task] = {}
 
     def start_new(self) -> None:

@@ -16,21 +16,27 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from cluster import rank_exits
 from common import store
+from common.errors import ReproError
 from common.layout import RunDir
 from common.process_tree import kill_tree
+from training.config import RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+# How a submission ended: completed; requeue (stopped with a checkpoint: resubmit at once); failed (resubmit
+# after a backoff); cancelled (a person did: stop); diverged (the guard stopped it: roll back past the data);
+# hung (cancelled by the flow: resubmit).
+OutcomeState = Literal["completed", "requeue", "failed", "cancelled", "diverged", "hung"]
+
+
 @dataclass(frozen=True)
 class Outcome:
-    # "completed" | "requeue" (stopped with a checkpoint) | "failed" (resubmit) | "cancelled" (stop)
-    # | "diverged" (the guard stopped it: roll back past the data) | "hung" (cancelled by the flow: resubmit)
-    state: str
+    state: OutcomeState
     reason: str
     hosts: tuple[str, ...] = ()  # the hosts the failure points at (cordoned by the flow)
 
@@ -39,28 +45,49 @@ class Submission(Protocol):
     job_id: str
     log_path: str  # the training's console output, tailed into the flow run's logs
 
-    def poll(self) -> Outcome | None: ...  # None while running
+    def poll(self) -> Outcome | None:
+        """How it ended; None while it runs."""
 
-    def running(self) -> bool: ...  # started (no longer queued): its start-up clock runs
+    def running(self) -> bool:
+        """Started (no longer queued): its start-up clock runs."""
 
-    def owns(
-        self, heartbeat: dict
-    ) -> bool: ...  # a heartbeat (common/heartbeat.py) this submission's ranks wrote
+    def owns(self, heartbeat: dict) -> bool:
+        """A heartbeat (common/heartbeat.py) that this submission's ranks wrote."""
 
-    def cancel(
-        self, hung: bool = False
-    ) -> None: ...  # hung: kill at once, a frozen process cannot checkpoint
+    def cancel(self, hung: bool = False) -> None:
+        """Stop it (with a checkpoint); `hung`: kill it at once, a frozen process cannot checkpoint."""
 
-    def lost_nodes(
-        self,
-    ) -> tuple[str, ...]: ...  # hosts that died under it since the last call (it goes on)
+    def lost_nodes(self) -> tuple[str, ...]:
+        """Hosts that died under it since the last call (it goes on, restarted elsewhere)."""
 
-    def avoid(
-        self, hosts: tuple[str, ...]
-    ) -> bool: ...  # keep its next start off `hosts`; False if it cannot
+    def avoid(self, hosts: tuple[str, ...]) -> bool:
+        """Keep its next start off `hosts`; False if it cannot."""
+
+
+class SubmissionRejected(ReproError):
+    """A submission that could never start (a Slurm job the cluster cannot run); refused before anything."""
+
+
+class PlacementError(ReproError):
+    """The next submission has nowhere to run (cordons left too few nodes); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the next submission runs: the executor to submit to (fewer nodes after a shrink), the hosts it
+    must avoid, and its node count when that differs from the one asked for."""
+
+    executor: TrainingExecutor
+    exclude: tuple[str, ...] = ()
+    shrunk_to: int | None = None
 
 
 class TrainingExecutor(Protocol):
+    # whether a host a failure points at can be kept out of the next submissions (a cluster: yes)
+    cordons: bool
+    # whether training runs on the flow's own machine (evaluations then keep out of its way)
+    shares_machine: bool
+
     def submit(
         self,
         preset: str,
@@ -68,13 +95,20 @@ class TrainingExecutor(Protocol):
         run: RunDir,
         number: int,
         exclude: tuple[str, ...] = (),
-    ) -> Submission: ...  # exclude: hosts not to run on
+    ) -> Submission:
+        """Start a submission of the run; `exclude`: hosts not to run on."""
 
-    def reattach(self, job_id: str) -> Submission | None: ...  # None: nothing running under that id
+    def reattach(self, job_id: str) -> Submission | None:
+        """The submission of that id, to watch again; None when nothing runs under it."""
 
-    def describe(
-        self,
-    ) -> dict: ...  # what the run dir's job.json records, so a restarted flow can reattach
+    def describe(self) -> dict:
+        """What the run dir's job.json records, so that a restarted flow can reattach."""
+
+    def validate(self, preset: str, overrides: list[str]) -> None:
+        """SubmissionRejected when a submission of this run could never start here."""
+
+    def placement(self, cfg: RunConfig, run: RunDir, allow_shrink: bool) -> Placement:
+        """Where the next submission runs, given the run's cordons (PlacementError when nowhere)."""
 
 
 class LocalSubmission:
@@ -127,6 +161,9 @@ class LocalSubmission:
 
 class LocalTrainingExecutor:
     """Training as a subprocess of the flow (the embedded default: no cluster)."""
+
+    cordons = False  # one machine: there is nowhere else to go
+    shares_machine = True
 
     def __init__(self, nproc: int = 1, cwd: str | None = None):
         self.nproc = nproc
@@ -205,3 +242,9 @@ class LocalTrainingExecutor:
 
     def describe(self) -> dict:
         return {"executor": "local"}
+
+    def validate(self, preset: str, overrides: list[str]) -> None:
+        pass  # the run config is checked already; this machine has nothing more to refuse
+
+    def placement(self, cfg: RunConfig, run: RunDir, allow_shrink: bool) -> Placement:
+        return Placement(self)

@@ -15,9 +15,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
+    acreate_progress_artifact,
+    acreate_table_artifact,
+    aupdate_progress_artifact,
 )
 
 from cluster.spec import JobSpec
@@ -38,7 +38,7 @@ async def build_shards(
 
     log = get_run_logger()
     total = src.approx_tokens()
-    progress = await create_progress_artifact(
+    progress = await acreate_progress_artifact(
         0.0, description=f"tokenizing {src.describe().get('kind')} into {out}"
     )
     job = asyncio.create_task(
@@ -50,10 +50,10 @@ async def build_shards(
         await asyncio.wait({job}, timeout=10)
         done = pipeline.tokens_done(out)
         if total:
-            await update_progress_artifact(progress, min(99.0, 100.0 * done / total))
+            await aupdate_progress_artifact(progress, min(99.0, 100.0 * done / total))
         log.info("tokenized %s tokens%s", f"{done:,}", f" of ~{total:,}" if total else "")
     manifest = job.result()
-    await update_progress_artifact(progress, 100.0)
+    await aupdate_progress_artifact(progress, 100.0)
     return manifest
 
 
@@ -74,12 +74,12 @@ async def build_shards_on_slurm(
         n,
         jobs.assemble.job_id,
     )
-    progress = await create_progress_artifact(
+    progress = await acreate_progress_artifact(
         0.0, description=f"tokenizing {n} files into {out} on Slurm"
     )
     while not await asyncio.to_thread(jobs.assemble.done):
         await asyncio.sleep(5)
-        await update_progress_artifact(
+        await aupdate_progress_artifact(
             progress, 99.0 * await asyncio.to_thread(parts_done, out, n) / n
         )
     try:
@@ -88,7 +88,7 @@ async def build_shards_on_slurm(
         Exception
     ) as err:  # submitit re-raises a task's error with its traceback: keep the last line
         raise PrepareFailure(f"data prep job failed: {last_line(str(err)) or err!r}") from None
-    await update_progress_artifact(progress, 100.0)
+    await aupdate_progress_artifact(progress, 100.0)
     return manifest
 
 
@@ -127,7 +127,7 @@ async def prepare_data(
             m = await build_shards_on_slurm(source, out, shard_tokens, slurm)
         else:
             m = await build_shards(src, out, shard_tokens, workers)
-    await create_table_artifact(
+    await acreate_table_artifact(
         [
             {"shard": s["name"], "tokens": s["tokens"], "sha256": s["sha256"][:16]}
             for s in m["shards"]

@@ -15,10 +15,10 @@ import time
 from typing import Any
 
 from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
+    acreate_markdown_artifact,
+    acreate_progress_artifact,
+    acreate_table_artifact,
+    aupdate_progress_artifact,
 )
 
 from common import store
@@ -52,7 +52,7 @@ class Progress:
     @classmethod
     async def create(cls, run_name: str, max_steps: int, log, key: str) -> Progress:
         return cls(
-            await create_progress_artifact(0.0, description=f"{run_name}: training progress"),
+            await acreate_progress_artifact(0.0, description=f"{run_name}: training progress"),
             max_steps,
             log,
             key,
@@ -69,7 +69,7 @@ class Progress:
             force or percent_done >= min(self.last_percent + 1, 100) > self.last_percent
         ):  # each update is an event
             self.last_percent = percent_done
-            await update_progress_artifact(self.id, percent_done)
+            await aupdate_progress_artifact(self.id, percent_done)
         t0, s0 = self.first
         rate = (done - s0) / (now - t0) if now > t0 and done > s0 else 0.0
         eta = _duration((self.max_steps - done) / rate) if rate else "-"
@@ -89,7 +89,7 @@ class Progress:
             self.last_status = percent
             last = metrics[-1]
             val = next((m["val_loss"] for m in reversed(metrics) if "val_loss" in m), None)
-            await create_markdown_artifact(
+            await acreate_markdown_artifact(
                 f"| step | tokens seen | train loss | val loss | tokens/s | ETA | slowest rank |\n"
                 f"| --- | --- | --- | --- | --- | --- | --- |\n"
                 f"| {done} / {self.max_steps} | {tokens} | {last['loss']:.4f} | "
@@ -146,50 +146,8 @@ def best_checkpoint(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return None
 
 
-async def publish_events(
-    guard_events: list[dict[str, Any]],
-    rollback_records: list[dict[str, Any]],
-    title: str,
-    key: str,
-    health: list[dict[str, Any]] | None = None,
-) -> None:
-    """Every skipped update, divergence, rollback, hang, straggler and cordoned host of the run, as a table in the
-    UI. `health`: rows of hung submissions, stragglers and cordoned hosts ({time, event, step, data, reason})."""
-    rows = [
-        {
-            "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("time", 0))),
-            "event": e.get("event"),
-            "step": e.get("step"),
-            "data": e.get("data_batch", e.get("batches")),
-            "reason": e.get("reason") or ", ".join(e.get("reasons", [])),
-        }
-        for e in guard_events
-    ]
-    rows += [
-        {
-            "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"])),
-            "event": "rollback",
-            "step": r["resume_step"],
-            "data": f"skip {r['skip']}",
-            "reason": f"diverged at steps {r['diverged_steps']}; set aside {r['set_aside']}",
-        }
-        for r in rollback_records
-    ]
-    rows += [
-        {**r, "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"]))}
-        for r in health or []
-    ]
-    if rows:
-        await create_table_artifact(
-            sorted(rows, key=lambda r: r["time"]),
-            key=f"{key}-events",
-            description=f"{title}: skipped updates, divergence, rollbacks, hangs, stragglers, "
-            "cordoned hosts",
-        )
-
-
 async def publish_checkpoint_table(rows: list[dict[str, Any]], title: str, key: str) -> None:
-    await create_table_artifact(
+    await acreate_table_artifact(
         rows, key=f"{key}-checkpoints", description=f"{title}: evaluation of every checkpoint"
     )
 
@@ -202,7 +160,7 @@ async def publish_curves(run_dir: str, title: str, key: str) -> str | None:
     url = RunDir(run_dir).curves
     store.write_bytes(url, png)
     data = base64.b64encode(png).decode()
-    await create_markdown_artifact(
+    await acreate_markdown_artifact(
         f"## {title}: training curves\n\n![loss and HellaSwag curves](data:image/png;base64,"
         f"{data})\n\n`{url}`\n",
         key=f"{key}-curves",
@@ -266,6 +224,6 @@ async def publish_summary(
     samples = _samples(run_dir)
     if samples:
         lines += ["## samples", ""] + [f"> {s!r}" for s in samples] + [""]
-    await create_markdown_artifact(
+    await acreate_markdown_artifact(
         "\n".join(lines), key=f"{key}-summary", description=f"{title}: run summary"
     )

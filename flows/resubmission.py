@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from flows.executors import Outcome
+from training.guard import Divergence
 
 
 @dataclass(frozen=True)
@@ -38,15 +39,18 @@ class ResubmissionPolicy:
     rollbacks: int = 0  # of the whole run (a restarted flow counts the ones in rollbacks.jsonl)
 
     def decide(
-        self, outcome: Outcome, start_step: int, end_step: int, diverged: dict | None = None
+        self,
+        outcome: Outcome,
+        start_step: int,
+        end_step: int,
+        diverged: Divergence | None = None,
     ) -> Decision:
         """The next move after a submission that ran from checkpoint `start_step` to checkpoint `end_step`;
-        `diverged`: the guard's verdict of a diverged one ({"steps", "batches", "reasons"})."""
+        `diverged`: the guard's verdict of a diverged one."""
         if outcome.state == "completed":
             return Decision("done")
         if outcome.state == "diverged":
-            d = diverged or {}
-            where = f"steps {d.get('steps')} (data batches {d.get('batches')}: {', '.join(d.get('reasons', []))})"
+            where = diverged.describe() if diverged else "an unrecorded step"
             self.rollbacks += 1
             if self.rollbacks > self.max_rollbacks:
                 return Decision(

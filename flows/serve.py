@@ -18,7 +18,7 @@ from prefect import serve
 from common.cli import entry_point
 from common.layout import StoreLayout
 from flows.evaluate_checkpoint import evaluate_checkpoint
-from flows.params import PretrainParams
+from flows.params import EvaluationParams, PretrainParams
 from flows.prepare_data import prepare_data
 from flows.pretrain import pretrain
 
@@ -38,9 +38,11 @@ def demo_params(store: str, max_steps: int | None = None) -> PretrainParams:
         store=store,
         run_name="demo" if max_steps is None else f"demo-{max_steps}",
         overrides=short,
-        eval_tasks=["hellaswag", "demo_hellaswag"],
-        hellaswag_data=f"{task}/demo_hellaswag.jsonl",
-        eval_include_path=task,
+        evaluation=EvaluationParams(
+            tasks=["hellaswag", "demo_hellaswag"],
+            hellaswag_data=f"{task}/demo_hellaswag.jsonl",
+            include_path=task,
+        ),
         poll_seconds=1.0,
     )
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import re
 import subprocess
 
+from cluster import failure
 from cluster.launch import RunFailed
 from cluster.spec import JobSpec
 from cluster.submit import FINAL_STATES, JobNotFound, RunHandle, reattach, submit
 from common.layout import RunDir
-from flows.cordon import usable_nodes
-from flows.executors import Outcome
+from flows.cordon import cordoned, usable_nodes
+from flows.executors import Outcome, Placement, PlacementError, SubmissionRejected
+from training.config import ConfigError, RunConfig
 
 
 class SlurmSubmission:
@@ -42,20 +44,7 @@ class SlurmSubmission:
         try:
             result = self.handle.result()
         except RunFailed as err:
-            lines = [ln for ln in str(err).splitlines() if ln.strip()]
-            nodes = [
-                ln for ln in lines[1:] if ln.startswith("node ")
-            ]  # each node's error; the culprit's first
-            detail = next(
-                (ln for ln in nodes if _NODE_CHECK.search(ln) or _RANK_FAILED.search(ln)),
-                nodes[0] if nodes else "",
-            )
-            hosts = (
-                failed_node(self.job_id)
-                if state.startswith("NODE_FAIL")
-                else hosts_to_blame(str(err))
-            )
-            return Outcome("failed", " | ".join(x for x in (lines[0], detail) if x)[:500], hosts)
+            return self._failed(state, err)
         if result.get("diverged"):
             return Outcome(
                 "diverged", f"job {self.job_id} diverged at step {result.get('final_step')}"
@@ -66,6 +55,21 @@ class SlurmSubmission:
             )
         # stop_after_steps: the job ended cleanly with a checkpoint before max_steps.
         return Outcome("requeue", f"job {self.job_id} stopped at step {result.get('final_step')}")
+
+    def _failed(self, state: str, err: RunFailed) -> Outcome:
+        """A failed job: what its nodes recorded of the failure (cluster/failure.py) says which host to
+        blame; a node failure blames the job's node (of a one-node job)."""
+        found = failure.culprit(failure.read_job(str(self.handle.exits), self.job_id))
+        lines = [ln for ln in str(err).splitlines() if ln.strip()]
+        # without a record (a node killed outright): the first node's own error
+        detail = (
+            found.line() if found else next((ln for ln in lines[1:] if ln.startswith("node ")), "")
+        )
+        if state.startswith("NODE_FAIL"):
+            hosts = failed_node(self.job_id)
+        else:
+            hosts = (found.host,) if found is not None and found.blames_host else ()
+        return Outcome("failed", " | ".join(x for x in (lines[0], detail) if x)[:500], hosts)
 
     def running(self) -> bool:
         return self._state.startswith(("RUNNING", "COMPLETING"))  # as of the last poll
@@ -135,25 +139,6 @@ def with_excluded(spec: JobSpec, hosts: tuple[str, ...]) -> JobSpec:
     )
 
 
-_NODE_CHECK = re.compile(r"node check failed on host (\S+):")
-_RANK_FAILED = re.compile(r"rank \d+ on (\S+) failed first")
-_DEVICE_ERROR = re.compile(
-    r"CUDA error|NCCL error|ncclSystemError|ncclUnhandledCudaError|uncorrectable ECC|Xid"
-)
-
-
-def hosts_to_blame(failure: str) -> tuple[str, ...]:
-    """The host a failed job's report points at: one that failed its node check, or whose rank died first of a
-    device error (CUDA, NCCL, ECC). A Python error in the training is nobody's node."""
-    m = _NODE_CHECK.search(failure)
-    if m:
-        return (m.group(1),)
-    m = _RANK_FAILED.search(failure)
-    if m and _DEVICE_ERROR.search(failure):
-        return (m.group(1),)
-    return ()
-
-
 def _hosts(nodelist: str) -> list[str]:
     """A Slurm host list (`n[1-3],gpu7`) as host names."""
     if not nodelist or nodelist in ("None", "(null)", "None assigned"):
@@ -185,6 +170,9 @@ def failed_node(job_id: str) -> tuple[str, ...]:
 
 
 class SlurmTrainingExecutor:
+    cordons = True
+    shares_machine = False
+
     def __init__(self, spec: JobSpec):
         self.spec = spec
 
@@ -213,3 +201,52 @@ class SlurmTrainingExecutor:
 
     def describe(self) -> dict:
         return {"executor": "slurm", "folder": self.spec.folder}
+
+    def validate(self, preset: str, overrides: list[str]) -> None:
+        """A job the cluster could never run (partition, nodes, GPUs, time) is refused before sbatch."""
+        from cluster.validate import SpecError, validate
+
+        try:
+            validate(self.spec, preset, overrides, check_cluster=True, check_data=False)
+        except SpecError as err:
+            raise SubmissionRejected(f"Slurm job rejected: {err}") from None
+
+    def placement(self, cfg: RunConfig, run: RunDir, allow_shrink: bool) -> Placement:
+        """The cordoned hosts the next submission must avoid, on the spec's nodes, or, with `allow_shrink`, on
+        the nodes left when cordons leave too few (checkpoints resume on another world size, and gradient
+        accumulation keeps the global batch). Too few without it is a PlacementError that says so, instead of
+        a job that queues forever."""
+        spec = self.spec
+        hosts = tuple(sorted(cordoned(run)))
+        usable = usable_nodes(spec.partition, set(hosts)) if hosts else None
+        if usable is None or len(usable) >= spec.nodes:
+            return Placement(self, hosts)
+        what = (
+            f"partition {spec.partition or '(default)'} can no longer give the job its {spec.nodes} "
+            f"nodes: {len(usable)} usable ({', '.join(usable) or 'none'}) with {', '.join(hosts)} "
+            f"cordoned in {run.cordon}"
+        )
+        if not allow_shrink:
+            raise PlacementError(
+                f"{what}; let a cordon expire (cordon_hours), ask for fewer nodes, or set allow_shrink"
+            )
+        fits = shrink_to(cfg, len(usable), spec.procs_per_node)
+        if fits is None:
+            raise PlacementError(
+                f"{what}, and the run's batch splits evenly over none of them "
+                "(train.total_batch_tokens, eval.val_tokens)"
+            )
+        return Placement(self.resized(fits), hosts, fits)
+
+
+def shrink_to(cfg: RunConfig, usable: int, procs_per_node: int) -> int | None:
+    """The most nodes, up to `usable`, over which the run's global batch and validation split evenly (7 nodes
+    left of 8 usually means 4: a 2^k batch does not split over 7)."""
+    for nodes in range(usable, 0, -1):
+        try:
+            cfg.grad_accum_steps(nodes * procs_per_node)
+            cfg.val_steps_per_rank(nodes * procs_per_node)
+        except ConfigError:
+            continue
+        return nodes
+    return None

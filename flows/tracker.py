@@ -11,6 +11,7 @@ import sys
 from collections.abc import Mapping
 
 from common.layout import RunDir
+from flows.params import TrackerParams
 
 
 class TrackerMirror:
@@ -27,15 +28,10 @@ class TrackerMirror:
     @classmethod
     async def start(
         cls,
-        kind: str,
+        t: TrackerParams,
         run: RunDir,
         log,
         credentials: Mapping[str, str],
-        uri: str | None,
-        project: str,
-        entity: str | None,
-        interval_s: float,
-        finish_timeout_s: float,
     ) -> TrackerMirror:
         cmd = [
             sys.executable,
@@ -44,20 +40,20 @@ class TrackerMirror:
             "--run-dir",
             run.url,
             "--tracker",
-            kind,
+            t.kind,
             "--project",
-            project,
+            t.project,
             "--follow",
             "--control-stdin",
             "--interval-s",
-            str(interval_s),
+            str(t.interval_s),
             "--finish-timeout-s",
-            str(finish_timeout_s),
+            str(t.finish_timeout_s),
         ]
-        if uri:
-            cmd += ["--uri", uri]
-        if entity:
-            cmd += ["--entity", entity]
+        if t.uri:
+            cmd += ["--uri", t.uri]
+        if t.entity:
+            cmd += ["--entity", t.entity]
         proc = await asyncio.create_subprocess_exec(
             *cmd,
             stdin=asyncio.subprocess.PIPE,
@@ -67,12 +63,12 @@ class TrackerMirror:
         )
         log.info(
             "%s tracker mirror started (pid %d): every %g s from %s",
-            kind,
+            t.kind,
             proc.pid,
-            interval_s,
+            t.interval_s,
             run.url,
         )
-        return cls(proc, log, kind)
+        return cls(proc, log, t.kind)
 
     async def _forward(self) -> None:
         assert self.proc.stdout is not None

@@ -12,7 +12,7 @@ from cluster.spec import JobSpec
 from common import exit_codes
 from common.cli import add_model_flags, entry_point, model_from_flags
 from common.errors import BadInput, ReproError
-from flows.params import PretrainParams
+from flows.params import PretrainParams, add_flags, from_flags
 
 
 def test_project_errors_are_one_line_with_their_exit_code(capsys):
@@ -82,9 +82,7 @@ def test_job_spec_flags_come_from_its_fields():
 
 def test_flow_parameters_flags_and_a_json_base():
     ap = argparse.ArgumentParser()
-    add_model_flags(
-        ap, PretrainParams, aliases={"overrides": ["--set"]}, comma_lists=["eval_tasks"]
-    )
+    add_flags(ap)
     args = ap.parse_args(
         [
             "--run-name",
@@ -95,17 +93,28 @@ def test_flow_parameters_flags_and_a_json_base():
             "sample_prompt=a, b",
             "--eval-tasks",
             "",
+            "--hang-floor-s",
+            "60",
+            "--tracker",
+            "tensorboard",
         ]
     )
-    p = model_from_flags(PretrainParams, args, {"run_name": "from-json", "executor": "slurm"})
-    assert (p.run_name, p.executor, p.eval_tasks) == (
-        "x",
-        "slurm",
-        [],
-    )  # flags win over the JSON base
+    base = {"run_name": "from-json", "executor": "slurm", "hang": {"floor_s": 5, "factor": 3}}
+    p = from_flags(args, base)
+    # flags win over the JSON base, a section's flag over its section's value there
+    assert (p.run_name, p.executor, p.evaluation.tasks) == ("x", "slurm", [])
+    assert (p.hang.floor_s, p.hang.factor, p.tracker.kind) == (60, 3, "tensorboard")
     assert p.overrides == ["max_steps=5", "sample_prompt=a, b"]
     args = ap.parse_args(["--eval-tasks", "hellaswag,arc_easy"])
-    assert model_from_flags(PretrainParams, args).eval_tasks == ["hellaswag", "arc_easy"]
+    assert from_flags(args).evaluation.tasks == ["hellaswag", "arc_easy"]
+    # the flat names of earlier versions are the sections' fields
+    flat = PretrainParams(eval_tasks=[], max_resubmits=1, straggler_windows=4, tracker="mlflow")
+    assert flat == PretrainParams(
+        evaluation={"tasks": []},
+        resubmission={"max_resubmits": 1},
+        stragglers={"windows": 4},
+        tracker={"kind": "mlflow"},
+    )
 
 
 def test_a_bad_flag_value_is_one_line_before_anything_is_submitted(tmp_path):

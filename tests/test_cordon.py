@@ -48,8 +48,9 @@ def test_a_partition_left_too_few_nodes_stops_the_run_plainly_or_with_allow_shri
     """Against the real cluster's sinfo (nodes n1, n2): a 2-node job with n1 cordoned."""
     import pytest
 
-    from flows.params import PretrainParams
-    from flows.pretrain import FlowFailure, placement, shrink_to
+    from cluster.spec import JobSpec
+    from flows.executors import PlacementError
+    from flows.slurm_executor import SlurmTrainingExecutor, shrink_to
     from training.config import load_config
 
     run = RunDir(str(tmp_path))
@@ -57,19 +58,20 @@ def test_a_partition_left_too_few_nodes_stops_the_run_plainly_or_with_allow_shri
     cfg = load_config(
         "tiny", ["micro_batch=2", "seq_len=32", "total_batch_tokens=128", "val_tokens=128"]
     )
-    p = PretrainParams(executor="slurm", slurm={"nodes": 2, "partition": "debug"})
+    executor = SlurmTrainingExecutor(JobSpec(nodes=2, partition="debug"))
     with pytest.raises(
-        FlowFailure,
+        PlacementError,
         match=r"^partition debug can no longer give the job its 2 nodes: 1 usable \(n2\) "
         r"with n1 cordoned in .*; .* or set allow_shrink$",
     ):
-        placement(p, cfg, run)
-    assert placement(p.model_copy(update={"allow_shrink": True}), cfg, run) == (("n1",), 1)
+        executor.placement(cfg, run, allow_shrink=False)
+    where = executor.placement(cfg, run, allow_shrink=True)
+    assert (where.exclude, where.shrunk_to, where.executor.spec.nodes) == (("n1",), 1, 1)
     assert shrink_to(cfg, 1, 1) == 1
 
 
 def test_a_shrunk_job_takes_the_most_nodes_its_batch_splits_over():
-    from flows.pretrain import shrink_to
+    from flows.slurm_executor import shrink_to
     from training.config import load_config
 
     cfg = load_config(

@@ -162,12 +162,15 @@ def test_pretrain_124m_deployment_on_slurm_with_an_s3_store(
             "executor": "slurm",
             "slurm": _slurm(folder, "gpt2-flow-s3"),
             "overrides": FAST,
-            "eval_tasks": ["hellaswag"],
-            "hellaswag_data": hs,
+            # evaluations as their own Slurm jobs
+            "evaluation": {
+                "tasks": ["hellaswag"],
+                "hellaswag_data": hs,
+                "slurm": _slurm(folder, "ignored"),
+            },
             "credentials_secret": "gpt2-store",
             "poll_seconds": 1,
-            "eval_slurm": _slurm(folder, "ignored"),
-        }  # evaluations as their own Slurm jobs
+        }
         out = cli(
             "deployment",
             "run",
@@ -656,7 +659,7 @@ def test_cancelling_the_flow_run_cancels_its_slurm_job(
         "executor": "slurm",
         "slurm": _slurm(tmp_path / "slurm", "gpt2-flow-cancel"),
         "overrides": [*FAST, "max_steps=100000", "checkpoint_every=1000"],
-        "eval_tasks": [],
+        "evaluation": {"tasks": []},
         "poll_seconds": 0.5,
     }
     worker = subprocess.Popen(
@@ -753,7 +756,7 @@ def test_served_deployments_run_without_a_work_pool(prefect_api, demo_data, tmp_
             "run_name": "laptop",
             "data": demo_data,
             "overrides": FAST,
-            "eval_tasks": [],
+            "evaluation": {"tasks": []},
             "poll_seconds": 0.5,
         }
         p = subprocess.run(
@@ -785,6 +788,7 @@ def test_served_deployments_run_without_a_work_pool(prefect_api, demo_data, tmp_
 def test_each_pretrain_deployment_is_a_valid_run_that_fits_its_gpus(size):
     """What `prefect deploy --all` registers for each GPT-2 size: parameters the flow accepts, its preset's data,
     and a global batch that the job's GPUs split evenly within an 80 GB GPU's memory (an H100)."""
+    import jsonschema
     import yaml
 
     from flows.params import PretrainParams
@@ -801,6 +805,9 @@ def test_each_pretrain_deployment_is_a_valid_run_that_fits_its_gpus(size):
     raw = json.loads(
         json.dumps(d["parameters"]["params"]).replace("{{ $GPT2_STORE }}", "s3://bucket/gpt2")
     )
+    jsonschema.validate(
+        raw, PretrainParams.model_json_schema()
+    )  # as Prefect checks a run's parameters
     p = PretrainParams(**raw)
     assert p.preset == f"gpt2-{size}" and p.executor == "slurm" and p.run_name == f"gpt2-{size}"
     cfg = load_config(p.preset)

@@ -2,6 +2,8 @@
 
 from flows.executors import Outcome
 from flows.resubmission import ResubmissionPolicy
+from training.config import Span
+from training.guard import Divergence
 
 FAILED = Outcome("failed", "node 0: exit 1")
 
@@ -51,7 +53,7 @@ def test_a_failure_after_progress_is_not_a_crash_loop():
 
 def test_divergence_is_rolled_back_until_the_cap_then_stops_naming_steps_and_data():
     policy = ResubmissionPolicy(max_resubmits=0, backoff_seconds=5, max_rollbacks=2)
-    verdict = {"steps": [700, 760], "batches": "700:761", "reasons": ["loss spike"]}
+    verdict = Divergence((700, 760), Span(700, 761), ("loss spike",))
     first = policy.decide(Outcome("diverged", "exit 3"), 500, 750, verdict)
     assert (first.action, first.wait_s) == (
         "rollback",
@@ -71,7 +73,7 @@ def test_rollbacks_of_an_earlier_flow_run_count():
     policy = ResubmissionPolicy(max_resubmits=3, backoff_seconds=0, max_rollbacks=1, rollbacks=1)
     assert (
         policy.decide(
-            Outcome("diverged", "exit 3"), 0, 10, {"steps": [5, 9], "batches": "5:10"}
+            Outcome("diverged", "exit 3"), 0, 10, Divergence((5, 9), Span(5, 10), ())
         ).action
         == "stop"
     )

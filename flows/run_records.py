@@ -1,0 +1,153 @@
+"""The records the flow keeps in the run directory (the flow is their only writer; training never writes them):
+
+{run}/job.json            the submission in flight (or how it ended): a restarted flow reattaches to it
+{run}/submissions.jsonl   every ended submission: how it ended, its steps, what the flow did next
+{run}/rollbacks.jsonl     every rollback past diverging data; rolled-back/NNN/ holds what it set aside
+{run}/trackers/{t}.json   the tracker mirror's record (written by the mirror, read here for the result)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from common import store
+from common.layout import RunDir
+from flows.executors import Outcome, Submission, TrainingExecutor
+from training import checkpoint as ck
+from training.config import RunConfig
+from training.guard import Divergence
+
+
+def latest_step(run_dir: str) -> int:
+    c = ck.latest_checkpoint(run_dir, verify=False)
+    return c.step if c else 0
+
+
+def in_flight(run: RunDir, executor: TrainingExecutor) -> tuple[str | None, int]:
+    """The job id an earlier flow run left in flight on this executor (job.json), if any, and the number of
+    submissions made so far."""
+    if not store.exists(run.job):
+        return None, 0
+    rec = store.read_json(run.job)
+    number = int(rec.get("submission", rec.get("attempt", 0)))  # "attempt": earlier versions
+    if rec.get("executor") != executor.describe()["executor"] or rec.get("ended"):
+        return None, number
+    return str(rec["job_id"]), number
+
+
+def record_start(run: RunDir, executor: TrainingExecutor, number: int, sub: Submission) -> None:
+    store.write_json(run.job, {"job_id": sub.job_id, "submission": number, **executor.describe()})
+
+
+@dataclass(frozen=True)
+class SubmissionEnd:
+    """A line of submissions.jsonl: how one submission ended and what the flow did next (`next`: done,
+    resubmit, rollback, stop; `message`: why). The optional fields are left out of the line when empty."""
+
+    submission: int
+    job_id: str
+    state: str
+    reason: str
+    start_step: int
+    end_step: int
+    next: str
+    message: str = ""
+    cordoned: list[str] = field(default_factory=list)  # hosts this submission's failure cordoned
+    nodes: int | None = None  # when it ran on fewer nodes than asked for (allow_shrink)
+    diverged: Divergence | None = None  # the guard's verdict of a diverged one
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # steps whose updates were skipped
+    time: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if v not in ("", [], None)}
+        if self.diverged is not None:
+            out["diverged"] = self.diverged.to_json()
+        if self.skipped:
+            out["skipped"] = [list(s) for s in self.skipped]
+        return out
+
+
+def record_end(
+    run: RunDir, executor: TrainingExecutor, outcome: Outcome, end: SubmissionEnd
+) -> None:
+    """job.json says the submission ended; submissions.jsonl keeps it."""
+    store.write_json(
+        run.job,
+        {
+            "job_id": end.job_id,
+            "submission": end.submission,
+            "ended": outcome.state,
+            **executor.describe(),
+        },
+    )
+    store.append_text(run.submissions, json.dumps(end.to_json()) + "\n")
+
+
+def divergence(run: RunDir) -> Divergence | None:
+    """The guard's verdict of the diverged submission, from training's result.json (None when it is not
+    there or not a verdict: the flow then rolls back to the last checkpoint without skipping data)."""
+    try:
+        verdict = store.read_json(run.result).get("diverged")
+        return Divergence.from_json(verdict) if verdict is not None else None
+    except (FileNotFoundError, ValueError, AttributeError):
+        return None
+
+
+def rollbacks(run: RunDir) -> list[dict[str, Any]]:
+    if not store.exists(run.rollbacks):
+        return []
+    text = store.read_bytes(run.rollbacks).decode()
+    return [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+
+
+def roll_back(run: RunDir, diverged: Divergence | None, number: int) -> dict[str, Any]:
+    """Set aside the checkpoints written since the trouble began (into rolled-back/, never deleted) and record
+    the data batches the next submissions pass over."""
+    first_bad = diverged.steps[0] if diverged else latest_step(run.url)
+    before = [c.step for c in ck.valid_checkpoints(run.url) if c.step <= first_bad]
+    resume = max(before, default=0)
+    aside = [s for s in ck.list_steps(run.url) if s > resume]
+    for s in aside:
+        store.move(run.checkpoint(s), store.join(run.rolled_back(number), f"step_{s:06d}"))
+    rec = {
+        "rollback": number,
+        "time": time.time(),
+        "diverged_steps": list(diverged.steps) if diverged else None,
+        "skip": str(diverged.batches) if diverged else None,
+        "reasons": list(diverged.reasons) if diverged else [],
+        "resume_step": resume,
+        "set_aside": aside,
+    }
+    store.append_text(run.rollbacks, json.dumps(rec) + "\n")
+    return rec
+
+
+def with_skips(
+    overrides: list[str], cfg: RunConfig, rollback_records: list[dict[str, Any]]
+) -> list[str]:
+    """The submission's overrides, with the data batches every rollback so far passes over."""
+    skips = [r["skip"] for r in rollback_records if r.get("skip")]
+    if not skips:
+        return overrides
+    ranges = sorted(set(cfg.data.skip_batches) | set(skips))
+    return [*overrides, f"data.skip_batches={json.dumps(ranges)}"]
+
+
+def tracker_record(run: RunDir, kind: str) -> dict[str, Any]:
+    """The tracker run mirroring this run, from the mirror's record."""
+    try:
+        rec = store.read_json(run.tracker(kind))
+    except (FileNotFoundError, ValueError):
+        return {"tracker": kind, "run_id": None}
+    return {
+        "tracker": kind,
+        "run_id": rec.get("run_id"),
+        "link": rec.get("link"),
+        "generation": rec.get("generation"),
+        "delivered_step": rec.get("delivered", {}).get("step"),
+        "outages": rec.get("outages", 0),
+        "finished": rec.get("finished"),
+    }
