@@ -42,7 +42,13 @@ class RankExit:
         """The record from its JSON object; ValueError naming the field when it is not one."""
         if not isinstance(obj, dict):
             raise ValueError(f"a rank exit record is a JSON object, not {type(obj).__name__}")
-        types = {"rank": int, "exit_code": int, "error": str, "time": (int, float), "host": str}
+        types: dict[str, type | tuple[type, ...]] = {
+            "rank": int,
+            "exit_code": int,
+            "error": str,
+            "time": (int, float),
+            "host": str,
+        }
         for name, kind in types.items():
             value = obj.get(name)
             if isinstance(value, bool) or not isinstance(value, kind):

@@ -109,7 +109,7 @@ class HeartbeatWriter:
 
 def read_heartbeats(run: RunDir) -> dict[int, dict[str, Any]]:
     """Every rank's last heartbeat, by rank; unreadable files (torn by a killed write) are left out."""
-    out = {}
+    out: dict[int, dict[str, Any]] = {}
     try:
         names = store.listdir(run.heartbeats)
     except (FileNotFoundError, OSError):
@@ -265,11 +265,12 @@ class HangDetector:
             return None
         step_s = max((rec.get("step_s") or 0.0) for rec in current.values()) if current else None
         window = self.rules.window(step_s)
-        if now - (self._moved or now) > window:
+        quiet = now - (self._moved or now)
+        if quiet > window:
             return self._hang(
                 self._max_step,
                 silent,
-                f"no new step for {now - self._moved:.0f} s (window {window:.0f} s: max("
+                f"no new step for {quiet:.0f} s (window {window:.0f} s: max("
                 f"{self.rules.factor:g} x {step_s or 0:.2f} s, {self.rules.floor_s:.0f} s))",
                 current,
             )

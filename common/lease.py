@@ -115,9 +115,9 @@ class Lease:
     def acquire(self) -> Lease:
         rec = self._read()
         state = "free" if rec is None else self._state(rec)
-        if state == "held":
+        if rec is not None and state == "held":
             raise self._held(rec)
-        if state == "unknown":
+        if rec is not None and state == "unknown":
             # Wait for a renewal (its holder lives) or for the lease to go stale (its holder died).
             seen, deadline = (
                 rec.get("renewed"),

@@ -67,8 +67,9 @@ def _read_source(source: Path) -> dict[str, bytes]:
         with tarfile.open(source) as tar:
             for member in tar.getmembers():
                 base = member.name.rsplit("/", 1)[-1]
-                if base in GPT2_BPE_FILES and member.isfile() and base not in found:
-                    found[base] = tar.extractfile(member).read()
+                f = tar.extractfile(member) if member.isfile() else None
+                if base in GPT2_BPE_FILES and f is not None and base not in found:
+                    found[base] = f.read()
     else:
         raise TokenizerFilesError(f"tokenizer source {str(source)!r} does not exist")
     missing = sorted(set(GPT2_BPE_FILES) - set(found))

@@ -15,11 +15,10 @@ from typing import Any
 import numpy as np
 
 from common import store
-from common.shards import DTYPE, PREFIX, read_manifest, write_manifest, write_shard
-from common.tokenizer import EOT_TOKEN
-from data_prep.packer import ShardPacker
-from data_prep.pipeline import DEFAULT_SHARD_TOKENS, PrepError, complete_manifest, fingerprint
-from data_prep.sources import FileSource
+from common.shards import DTYPE, PREFIX
+from data_prep.pipeline import PrepError, complete_manifest, fingerprint
+from data_prep.shard_writer import ShardWriter
+from data_prep.sources import DEFAULT_SHARD_TOKENS, FileSource
 from data_prep.tokenize import tokenize_units
 
 PARTS_DIR = ".prep/parts"
@@ -104,30 +103,14 @@ def assemble(
             f"parts {missing[:10]}{'...' if len(missing) > 10 else ''} of {len(file_urls)} are not "
             f"tokenized yet (or their source file changed)"
         )
-    records, documents = [], 0
-    packer = ShardPacker(shard_tokens)
-
-    def write(tokens: np.ndarray) -> None:
-        index = len(records)
-        records.append(write_shard(out_url, index, tokens, prefix))
-
+    writer = ShardWriter(out_url, shard_tokens, prefix)
+    documents = 0
     for i in range(len(file_urls)):
         documents += store.read_json(sidecar_url(out_url, i))["documents"]
         for toks in _part_tokens(out_url, i):
-            for shard, _ in packer.add(toks):
-                write(shard)
-    rest = packer.rest()
-    if rest is not None:
-        write(rest)
-    if not records:
-        raise PrepError(f"the source has no documents (empty dataset): {desc}")
-    write_manifest(
-        out_url,
-        records,
-        source=desc,
-        shard_tokens=shard_tokens,
-        documents=documents,
-        eot_token=EOT_TOKEN,
-        fingerprint=fp,
+            writer.add(toks)
+    manifest = writer.finish(
+        (documents, 0), source=desc, shard_tokens=shard_tokens, documents=documents, fingerprint=fp
     )
-    return read_manifest(out_url)
+    assert manifest is not None  # no max_shards: always complete
+    return manifest

