@@ -105,22 +105,44 @@ class TrainLaunch:
         for sig in (signal.SIGUSR2, signal.SIGTERM):
             self._chain(sig)
         self._proc: subprocess.Popen | None = None
+        self._done = threading.Event()
         self._killed = False
         signal.signal(signal.SIGALRM, self._kill_now)
+        self._check_node(list(env.hostnames))
+        proc = self._proc = self._start_torchrun(env.hostnames[0])
 
+        # A thread reaps torchrun so that checkpoint(), which runs inside a signal handler, can wait on an Event
+        # instead of re-entering Popen.wait.
+        def reap() -> None:
+            proc.wait()
+            self._done.set()
+
+        threading.Thread(target=reap, daemon=True).start()
+        try:
+            while not self._done.wait(0.5):
+                pass
+            return self._outcome(proc)
+        finally:
+            self._stop_children(proc)
+
+    def _check_node(self, hosts: list[str]) -> None:
+        """The node checks itself (and meets the others); a node unfit to train on ends this task, and srun
+        (--kill-on-bad-exit) the others: the job fails naming the host, with its failure record."""
         from cluster.node_check import run_node_check
 
         problem = run_node_check(
             self.gpus_per_node,
             self.run_dir,
             node=self._node,
-            hosts=list(env.hostnames),
+            hosts=hosts,
             port=node_check_port(self._job_id),
         )
-        if problem:  # ends this task, and srun (--kill-on-bad-exit) the others: the job fails naming the host
+        if problem:
             failure.write(self._exit_dir, self._node, problem)
             log.error("%s", problem.line())
             raise RunFailed(problem.line())
+
+    def _start_torchrun(self, master: str) -> subprocess.Popen:
         cmd = [
             sys.executable,
             "-m",
@@ -128,7 +150,7 @@ class TrainLaunch:
             f"--nnodes={self._nnodes}",
             f"--nproc_per_node={self.procs_per_node}",
             f"--node_rank={self._node}",
-            f"--master_addr={env.hostnames[0]}",
+            f"--master_addr={master}",
             f"--master_port={master_port(self._job_id)}",
             "--max_restarts=0",
             "-m",
@@ -145,23 +167,13 @@ class TrainLaunch:
         )
         # Own session: signals go to torchrun and its workers as a group. USR2 ignored in torchrun (the
         # default action would kill it); the workers inherit the ignore and training installs its own handler.
-        self._proc = subprocess.Popen(
+        return subprocess.Popen(
             cmd,
             cwd=REPO,
             env=penv,
             start_new_session=True,
             preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN),
         )
-        self._done = threading.Event()
-        # A thread reaps torchrun so that checkpoint(), which runs inside a signal handler, can wait on an Event
-        # instead of re-entering Popen.wait.
-        threading.Thread(target=lambda: (self._proc.wait(), self._done.set()), daemon=True).start()
-        try:
-            while not self._done.wait(0.5):
-                pass
-            return self._outcome()
-        finally:
-            self._stop_children()
 
     def _chain(self, sig: signal.Signals) -> None:
         """Remember that Slurm signalled us, then let submitit's handler (checkpoint/requeue or bypass) run."""
@@ -186,33 +198,23 @@ class TrainLaunch:
             self._exit_dir, f"killed_node_{self._node}"
         ).touch()  # tells the canceller it may scancel now
 
-    def _stop_children(self) -> None:
-        if self._proc.poll() is None:
-            log.warning("stopping torchrun (pid %d) and its workers", self._proc.pid)
-            ranks = descendants(
-                self._proc.pid
-            )  # found now: once torchrun is gone they are out of reach
-            self._killpg(signal.SIGTERM)
+    def _stop_children(self, proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            log.warning("stopping torchrun (pid %d) and its workers", proc.pid)
+            ranks = descendants(proc.pid)  # found now: once torchrun is gone they are out of reach
+            _killpg(proc, signal.SIGTERM)
             if not self._done.wait(30):
-                self._killpg(signal.SIGKILL)
+                _killpg(proc, signal.SIGKILL)
             for pid in ranks:
-                try:
-                    os.kill(
-                        pid, signal.SIGKILL
-                    )  # a rank torchrun left behind (it forwards SIGTERM, then exits)
+                try:  # a rank torchrun left behind (it forwards SIGTERM, then exits)
+                    os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
 
-    def _killpg(self, sig: signal.Signals) -> None:
-        try:
-            os.killpg(self._proc.pid, sig)
-        except ProcessLookupError:
-            pass
-
     # ------------------------------------------------------------------ how this attempt ended
 
-    def _outcome(self) -> dict[str, Any]:
-        code = self._proc.returncode
+    def _outcome(self, proc: subprocess.Popen) -> dict[str, Any]:
+        code = proc.returncode
         if (
             self._killed
         ):  # the scancel that follows ends the job as CANCELLED; not a failure to report first
@@ -398,3 +400,10 @@ class TrainLaunch:
     def __getstate__(self) -> dict[str, Any]:
         # Only the dataclass fields travel (no process handles, events or per-attempt state).
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _killpg(proc: subprocess.Popen, sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass

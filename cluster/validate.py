@@ -181,7 +181,7 @@ def partition_gpu_memory_gb(
         known = [gpu_type_memory_gb(t) for t in n.gpu_types]
         if not known or None in known:
             return None
-        sizes.append(min(known))
+        sizes.append(min(g for g in known if g is not None))
     return min(sizes) if sizes else None
 
 
@@ -235,9 +235,9 @@ def validate(
             )
     if check_data:
         try:
-            list_shards(cfg.data.data_url, "train")
+            list_shards(cfg.data.url, "train")
         except (ShardError, OSError) as err:
-            problems.append(f"data URL {cfg.data.data_url!r} is not readable: {err}")
+            problems.append(f"data URL {cfg.data.url!r} is not readable: {err}")
     mem, where = spec.gpu_mem_gb, "the job's GPUs (gpu_mem_gb)"
     if check_cluster:
         nodes, default = cluster_nodes()

@@ -152,7 +152,7 @@ def list_shards(data_url: str, split: str) -> list[Shard]:
             for n in store.listdir(data_url)
             if (parse_name(n) or ("",))[0] == split
         ]
-    shards.sort(key=lambda s: parse_name(s.name)[1])
+    shards.sort(key=lambda s: (parse_name(s.name) or ("", 0))[1])
     if not shards:
         raise ShardError(f"no {split} shards (*_{split}_NNNNNN.npy) under {data_url}")
     return shards

@@ -75,7 +75,7 @@ def examples(held_out: list[str], n: int = 100, seed: int = 0) -> list[dict[str,
         if len(b.split()) >= 5
     ]
     rng.shuffle(pairs)
-    out = []
+    out: list[dict] = []
     for doc_i, ctx, true in sorted(pairs, key=lambda p: p[0]):
         endings = {true}
         for _ in range(3):

@@ -194,7 +194,7 @@ def evaluate(
                 others += [x for x in DEFAULT_TASKS if x not in others]
             elif t != OURS and t.removeprefix("lm_eval:") not in others:
                 others.append(t.removeprefix("lm_eval:"))
-        if ours:
+        if data is not None:  # HellaSwag asked for
             r = run_hellaswag(ckpt, data, limit, dev, progress, info)
             summary["hellaswag"] = {k: r[k] for k in ("acc", "acc_norm", "n", "cached")}
         if others and info.is_master:

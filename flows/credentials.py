@@ -23,7 +23,8 @@ async def apply_secret(name: str) -> list[str]:
     from prefect.blocks.system import Secret
 
     try:
-        value = (await Secret.aload(name)).get()
+        block: Secret = await Secret.aload(name)
+        value = block.get()
     except ValueError as err:
         raise CredentialsError(f"no Prefect Secret block named {name!r} ({err})") from None
     if isinstance(value, str):

@@ -66,7 +66,7 @@ async def ensure_data(cfg: RunConfig, p: PretrainParams) -> None:
     """Shards present, or built by the prepare-data flow (a subflow in the UI) from the run's source."""
     from flows.prepare_data import prepare_data
 
-    url = cfg.data.data_url
+    url = cfg.data.url
     try:
         list_shards(url, "train")
     except ShardError:

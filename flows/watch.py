@@ -265,7 +265,7 @@ async def watch_as_task(
     on_tick: Callable[[list[dict[str, Any]]], Awaitable[None]],
 ) -> Outcome:
     """The outcome of `watch_submission`, whether its task run completed or failed."""
-    state = await watch_submission(label, watcher, submission, on_tick, return_state=True)
+    state = await watch_submission(label, watcher, submission, on_tick, return_state=True)  # type: ignore[misc]
     if state.is_completed():
         return await state.aresult()
     err = await state.aresult(raise_on_failure=False)

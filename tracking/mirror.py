@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             return 0
-        stop, outcome = threading.Event(), {}
+        stop, outcome = threading.Event(), dict[str, Any]()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         if args.control_stdin:

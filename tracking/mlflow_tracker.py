@@ -89,25 +89,32 @@ class MlflowTracker:
         self.run_id = run_id
         return run_id
 
+    @property
+    def _id(self) -> str:
+        """The open run's id (open() sets it)."""
+        if self.run_id is None:
+            raise RuntimeError("mlflow: no run is open")
+        return self.run_id
+
     def link(self) -> str:
         return (
-            f"{self.uri.rstrip('/')}/#/experiments/{self.client.get_run(self.run_id).info.experiment_id}/runs/"
-            f"{self.run_id}"
+            f"{self.uri.rstrip('/')}/#/experiments/{self.client.get_run(self._id).info.experiment_id}/runs/"
+            f"{self._id}"
             if self.uri.startswith("http")
-            else self.run_id
+            else self._id
         )
 
     # ------------------------------------------------------------------ what MLflow holds
 
     def delivered_step(self) -> int:
         """The last training step MLflow holds (-1 for none): steps go in whole, in order."""
-        history = self.client.get_metric_history(self.run_id, "loss")
+        history = self.client.get_metric_history(self._id, "loss")
         return max((m.step for m in history), default=-1)
 
     def delivered_evaluations(self, keys: set[str]) -> set[tuple[int, str]]:
         """(step, key) pairs of these evaluation metrics that MLflow holds."""
         return {
-            (m.step, key) for key in keys for m in self.client.get_metric_history(self.run_id, key)
+            (m.step, key) for key in keys for m in self.client.get_metric_history(self._id, key)
         }
 
     # ------------------------------------------------------------------ logging
@@ -118,15 +125,15 @@ class MlflowTracker:
         for step, values in rows:
             metrics = [Metric(k, v, timestamp_ms, step) for k, v in values.items()]
             if batch and len(batch) + len(metrics) > MAX_METRICS_PER_REQUEST:
-                self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+                self.client.log_batch(self._id, metrics=batch, synchronous=True)
                 batch = []
             batch += metrics
         if batch:
-            self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+            self.client.log_batch(self._id, metrics=batch, synchronous=True)
 
     def log_evaluation(self, step: int, values: dict[str, float], timestamp_ms: int) -> None:
         self.client.log_batch(
-            self.run_id,
+            self._id,
             metrics=[Metric(k, v, timestamp_ms, step) for k, v in values.items()],
             synchronous=True,
         )
@@ -137,16 +144,16 @@ class MlflowTracker:
             body = "\n\n".join(
                 f"--- sample {i} ---\n{t}" for i, t in enumerate(s.get("samples", []))
             )
-            self.client.log_text(self.run_id, body, f"samples/step_{int(s['step']):06d}.txt")
+            self.client.log_text(self._id, body, f"samples/step_{int(s['step']):06d}.txt")
 
     def log_events(self, events: list[dict[str, Any]]) -> None:
         """The whole event list as one artifact (rewritten as it grows), the latest as tags."""
         self.client.log_text(
-            self.run_id, "".join(json.dumps(e) + "\n" for e in events), "events.jsonl"
+            self._id, "".join(json.dumps(e) + "\n" for e in events), "events.jsonl"
         )
         last = events[-1]
         self.client.log_batch(
-            self.run_id,
+            self._id,
             tags=[
                 RunTag("repro.events", str(len(events))),
                 RunTag(
@@ -164,11 +171,9 @@ class MlflowTracker:
             params = [Param(k, v[:6000]) for k, v in sorted(flatten(config).items())]
             for i in range(0, len(params), MAX_PARAMS_PER_REQUEST):
                 self.client.log_batch(
-                    self.run_id, params=params[i : i + MAX_PARAMS_PER_REQUEST], synchronous=True
+                    self._id, params=params[i : i + MAX_PARAMS_PER_REQUEST], synchronous=True
                 )
-        self.client.log_text(
-            self.run_id, json.dumps(config, indent=2, sort_keys=True), "config.json"
-        )
+        self.client.log_text(self._id, json.dumps(config, indent=2, sort_keys=True), "config.json")
 
     def retire(self) -> None:
         pass  # the next generation's run marks it, once it exists
@@ -183,7 +188,7 @@ class MlflowTracker:
         """Every call above has returned once the tracker holds its data."""
 
     def finish(self, state: str) -> None:
-        self.client.set_terminated(self.run_id, STATUS[state])
+        self.client.set_terminated(self._id, STATUS[state])
 
     def close(self) -> None:
         pass

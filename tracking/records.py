@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +91,9 @@ def evaluation_values(family: str, result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def read_records(run_url: str, skip_evaluations: set[tuple[int, str]] = frozenset()) -> RunRecords:
+def read_records(
+    run_url: str, skip_evaluations: AbstractSet[tuple[int, str]] = frozenset()
+) -> RunRecords:
     """Everything a tracker shows, as the run directory holds it now. Checkpoints a rollback set aside are not
     in checkpoints/ any more, so neither are their evaluations. `skip_evaluations`: (step, family) pairs already
     read, not fetched again (one small file per checkpoint adds up on object storage)."""

@@ -41,7 +41,7 @@ class TensorBoardTracker:
 
         self._writer_class = SummaryWriter
         self.requested = logdir
-        self.logdir: str | None = None
+        self.logdir = ""  # set by open()
         self.run_id: str | None = None
         self.writer: Any = None
         self.pending: list[tuple[int, Callable[[Any], None]]] = []  # (step it is about, write it)
@@ -54,8 +54,8 @@ class TensorBoardTracker:
         )
         self.current: Path | None = None  # the event file the writer appends to
         self.uploaded: dict[str, int] = {}  # file name -> size uploaded
-        self.staging: str | None = (
-            None  # where the writer writes: the log folder, or a local copy of a remote one
+        self.staging = (
+            ""  # where the writer writes: the log folder, or a local copy of a remote one
         )
         self.local = True
         self.failed = (
@@ -136,45 +136,27 @@ class TensorBoardTracker:
 
     def log_steps(self, rows: list[tuple[int, dict[str, float]]], timestamp_ms: int) -> None:
         for step, values in rows:
-            self.pending.append(
-                (
-                    step,
-                    lambda w, s=step, v=values: [
-                        w.add_scalar(k, x, s, timestamp_ms / 1000) for k, x in v.items()
-                    ],
-                )
-            )
+            self.pending.append((step, _scalars(values, step, timestamp_ms)))
             self.last_step = max(self.last_step, step)
 
     def log_evaluation(self, step: int, values: dict[str, float], timestamp_ms: int) -> None:
-        self.pending.append(
-            (
-                -1,
-                lambda w: [
-                    w.add_scalar(k, x, step, timestamp_ms / 1000) for k, x in values.items()
-                ],
-            )
-        )
+        self.pending.append((-1, _scalars(values, step, timestamp_ms)))
         self.pending_evals |= {(step, k) for k in values}
 
     def log_samples(self, new: list[dict[str, Any]], everything: list[dict[str, Any]]) -> None:
         for s in new:
             text = "\n\n".join(f"**{i}.** {t}" for i, t in enumerate(s.get("samples", [])))
-            self.pending.append(
-                (-1, lambda w, st=int(s["step"]), t=text: w.add_text("samples", t, st))
-            )
+            self.pending.append((-1, _text("samples", text, int(s["step"]))))
 
     def log_events(self, events: list[dict[str, Any]]) -> None:
         rows = ["| time | source | event | step |", "|---|---|---|---|"]
         rows += [f"| {e['time']} | {e['source']} | {e['event']} | {e['step']} |" for e in events]
         text = "\n".join(rows)
-        self.pending.append((-1, lambda w, s=self.last_step: w.add_text("events", text, s)))
+        self.pending.append((-1, _text("events", text, self.last_step)))
 
     def log_config(self, config: dict[str, Any], first: bool) -> None:
         text = "```json\n" + json.dumps(config, indent=1, sort_keys=True, default=str) + "\n```"
-        self.pending.append(
-            (-1, lambda w, s=0 if first else self.last_step: w.add_text("config", text, s))
-        )
+        self.pending.append((-1, _text("config", text, 0 if first else self.last_step)))
 
     def flush(self) -> None:
         """Write what is queued, make it durable (uploaded, for a log folder on an object store), then the mirror
@@ -210,9 +192,7 @@ class TensorBoardTracker:
         self._drop_writer()
 
     def finish(self, state: str) -> None:
-        self.pending.append(
-            (-1, lambda w, s=self.last_step: w.add_text("status", f"run {state}", s))
-        )
+        self.pending.append((-1, _text("status", f"run {state}", self.last_step)))
         self.flush()
         self._drop_writer()
 
@@ -224,3 +204,17 @@ class TensorBoardTracker:
     def close(self) -> None:
         self._drop_writer()
         self._clean_staging()
+
+
+def _scalars(values: dict[str, float], step: int, timestamp_ms: int) -> Callable[[Any], None]:
+    """A queued write of `values` at `step` (the values and step as they are now, not when it runs)."""
+
+    def write(w: Any) -> None:
+        for k, x in values.items():
+            w.add_scalar(k, x, step, timestamp_ms / 1000)
+
+    return write
+
+
+def _text(tag: str, text: str, step: int) -> Callable[[Any], None]:
+    return lambda w: w.add_text(tag, text, step)

@@ -97,9 +97,8 @@ class WandbTracker:
 
     def log_events(self, events: list[dict[str, Any]]) -> None:
         cols = ["time", "source", "event", "step", "detail"]
-        self.run.log(
-            {"events": wandb.Table(columns=cols, data=[[e[c] for c in cols] for e in events])}
-        )
+        data = [[e[c] for c in cols] for e in events]
+        self.run.log({"events": wandb.Table(columns=list[str | int](cols), data=data)})
         self.run.summary["events"] = len(events)
 
     def log_config(self, config: dict[str, Any], first: bool) -> None:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -79,7 +79,7 @@ def _torch_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def load_model_state(model: GPT, data: bytes) -> None:
+def load_model_state(model: torch.nn.Module, data: bytes) -> None:
     sd = st_load(data)
     sd[_TIED] = sd["transformer.wte.weight"]
     unwrap(model).load_state_dict(sd, strict=True)
@@ -91,7 +91,9 @@ def load_model_state(model: GPT, data: bytes) -> None:
 def rng_state(device: torch.device) -> dict[str, Any]:
     """Every generator training draws from (python, numpy, torch CPU, CUDA), as tensors and plain numbers
     that `torch.load(weights_only=True)` reads back."""
-    np_state = np.random.get_state()
+    np_state = cast(
+        tuple, np.random.get_state(legacy=True)
+    )  # ("MT19937", keys, pos, has_gauss, cached)
     state = {
         "python": random.getstate(),
         "numpy": {
@@ -161,7 +163,7 @@ class Snapshot:
         """This rank's files; on rank 0 the shared ones, then, once every rank's file is in the store (the
         ranks write at the same time), the manifest. Returns the checkpoint URL on rank 0."""
         store.write_bytes(store.join(self.url, self.rank_name), self.rank_bytes)
-        if self.records is None:
+        if self.records is None or self.model_state is None:
             return None
         files = {r["name"]: {"bytes": r["bytes"], "sha256": r["sha256"]} for r in self.records}
         shared = {
@@ -219,7 +221,7 @@ def snapshot_checkpoint(
     data = _torch_bytes(rank_state)
     records = gather({"name": rank_name, "bytes": len(data), "sha256": store.sha256(data)})
     snap = Snapshot(url, step, world_size, rank_name, data)
-    if rank != 0:
+    if rank != 0 or records is None:
         return snap
     if len({r["name"] for r in records}) != world_size:
         raise CheckpointError(

@@ -39,7 +39,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             )  # padding is not a token: exp(-inf) = 0, no mass, no gradient
             lse = torch.logsumexp(logits, dim=-1)
             loss += (lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
-            if need_grad:
+            if grad_hidden is not None and grad_weight is not None:
                 # d mean(CE) / d logits = (softmax - onehot) / n, computed in place of the logits
                 g = logits.sub_(lse.unsqueeze(1)).exp_()
                 g.scatter_add_(1, t.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))

@@ -126,6 +126,13 @@ class DataConfig(_Section):
         True, description="check shard sha256 against the manifest when one exists"
     )
 
+    @property
+    def url(self) -> str:
+        """data_url as RunConfig resolves it (the dataset in the local store when not given)."""
+        if self.data_url is None:
+            return StoreLayout(LOCAL_STORE).dataset(self.dataset)
+        return self.data_url
+
 
 class OptimConfig(_Section):
     max_lr: float = Field(6e-4, gt=0)

@@ -18,6 +18,10 @@ from training.config import GPTConfig
 __all__ = ["GPT", "GPTConfig", "flops_per_token", "unwrap"]
 
 
+class ResidualProjection(nn.Linear):
+    """An output projection into the residual stream: initialised smaller (GPT._init_weights)."""
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -26,8 +30,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(
             config.n_embd, 3 * config.n_embd
         )  # q, k, v for all heads in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.c_proj.RESIDUAL_SCALE_INIT = True  # output projections into the residual stream
+        self.c_proj = ResidualProjection(config.n_embd, config.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
@@ -48,8 +51,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
-        self.c_proj.RESIDUAL_SCALE_INIT = True
+        self.c_proj = ResidualProjection(4 * config.n_embd, config.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.gelu(self.c_fc(x)))
@@ -69,6 +71,18 @@ class Block(nn.Module):
         return x
 
 
+class Transformer(nn.Module):
+    """The body: token and position embeddings, the blocks, the final LayerNorm (state-dict names as GPT-2's:
+    transformer.wte, transformer.wpe, transformer.h.N, transformer.ln_f)."""
+
+    def __init__(self, config: GPTConfig, vocab: int):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -76,14 +90,7 @@ class GPT(nn.Module):
         vocab = (
             config.padded_vocab_size
         )  # rows past config.vocab_size are padding: never input, never output
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(vocab, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd),
-            )
-        )
+        self.transformer = Transformer(config, vocab)
         self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
         self.transformer.wte.weight = (
             self.lm_head.weight
@@ -93,7 +100,7 @@ class GPT(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
             std = 0.02
-            if getattr(module, "RESIDUAL_SCALE_INIT", False):
+            if isinstance(module, ResidualProjection):
                 # keeps the residual stream's variance from growing with depth (two adds per block)
                 std *= (2 * self.config.n_layer) ** -0.5
             torch.nn.init.normal_(module.weight, mean=0.0, std=std)
@@ -124,17 +131,16 @@ class GPT(nn.Module):
             x = block(x)
         x = self.transformer.ln_f(x)
         if targets is not None and loss_chunk:
-            loss = chunked_linear_cross_entropy(
+            return None, chunked_linear_cross_entropy(
                 x.view(B * T, -1),
                 self.lm_head.weight,
                 targets.reshape(-1),
                 self.config.vocab_size,
                 loss_chunk,
             )
-            return None, loss
         logits = self.lm_head(x)
         padded = self.config.padded_vocab_size != self.config.vocab_size
-        loss = None
+        loss: torch.Tensor | None = None
         if targets is not None:
             if padded:
                 # Padding only makes the matmul shape friendly; the padded columns are not tokens. -inf gives
@@ -156,10 +162,9 @@ def flops_per_token(config: GPTConfig, n_params: int, seq_len: int) -> float:
 
 def unwrap(model: nn.Module) -> GPT:
     """The plain GPT under torch.compile (`_orig_mod`) and DDP (`module`) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "module") and not isinstance(model, GPT):
-            model = model.module
-        else:
-            return model
+    while not isinstance(model, GPT):
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            raise TypeError(f"{type(model).__name__} wraps no GPT")
+        model = inner
+    return model

@@ -10,10 +10,10 @@ from training.config import RunConfig
 
 def preflight(cfg: RunConfig) -> None:
     """Raises a BadInput (StoreError, ShardError, TokenizerFilesError) naming what is wrong."""
-    store.preflight(cfg.data.data_url, write=False)
-    list_shards(cfg.data.data_url, "train")
-    list_shards(cfg.data.data_url, "val")
-    check_sizes(cfg.data.data_url)
+    store.preflight(cfg.data.url, write=False)
+    list_shards(cfg.data.url, "train")
+    list_shards(cfg.data.url, "val")
+    check_sizes(cfg.data.url)
     store.preflight(cfg.train.run_dir, write=True)
     if cfg.eval.sample_every:
         from common.tokenizer import get_encoding

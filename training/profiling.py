@@ -38,7 +38,7 @@ class StepProfiler:
         if self._prof is None:
             return
         self._span.__exit__(None, None, None)
-        if step + 1 >= self.range[1]:
+        if self.range is not None and step + 1 >= self.range.stop:
             self.close(step + 1)
 
     def close(self, stopped_at: int) -> None:
@@ -49,7 +49,8 @@ class StepProfiler:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         prof.__exit__(None, None, None)
-        start, stop = self.range[0], min(self.range[1], stopped_at)
+        assert self.range is not None  # a trace is only ever started inside the range
+        start, stop = self.range.start, min(self.range.stop, stopped_at)
         url = self.run.profile(start, stop, self.rank)
         # export_chrome_trace writes a local file; the store may be object storage
         fd, path = tempfile.mkstemp(suffix=".json")

@@ -78,7 +78,7 @@ def build_model(cfg: RunConfig, device: torch.device) -> tuple[GPT, torch.optim.
 def build_loaders(cfg: RunConfig, info: DistInfo) -> tuple[ShardLoader, ShardLoader]:
     t, d = cfg.train, cfg.data
     train = ShardLoader(
-        d.data_url,
+        d.url,
         "train",
         t.micro_batch,
         t.seq_len,
@@ -89,7 +89,7 @@ def build_loaders(cfg: RunConfig, info: DistInfo) -> tuple[ShardLoader, ShardLoa
         verify=d.verify_checksums,
     )
     val = ShardLoader(
-        d.data_url,
+        d.url,
         "val",
         t.micro_batch,
         t.seq_len,
@@ -102,11 +102,15 @@ def build_loaders(cfg: RunConfig, info: DistInfo) -> tuple[ShardLoader, ShardLoa
 
 def wrap(model: GPT, t: TrainConfig, info: DistInfo, device: torch.device) -> torch.nn.Module:
     """What the step calls: the model compiled (train.compile) and under DDP (several ranks)."""
+    step_model: torch.nn.Module = model
     if t.compile:
-        model = torch.compile(model, mode=None if t.compile_mode == "default" else t.compile_mode)
+        mode = None if t.compile_mode == "default" else t.compile_mode
+        step_model = torch.compile(step_model, mode=mode)  # type: ignore[assignment]
     if info.enabled:
-        model = DDP(model, device_ids=[info.local_rank] if device.type == "cuda" else None)
-    return model
+        step_model = DDP(
+            step_model, device_ids=[info.local_rank] if device.type == "cuda" else None
+        )
+    return step_model
 
 
 # ----------------------------------------------------------------------------- the job
@@ -212,7 +216,7 @@ class Trainer:
         if info.is_master:
             for path in store.remove_stale_temporaries(t.run_dir):
                 log.info("removed %s, left by a killed write", path)
-        data = {"url": cfg.data.data_url, "fingerprint": data_fingerprint(cfg.data.data_url)}
+        data = {"url": cfg.data.url, "fingerprint": data_fingerprint(cfg.data.url)}
         accel.configure(device, tf32=t.tf32, attention=t.attention)
         self.amp_dtype = accel.autocast_dtype(cfg, device)
         self.model, self.optimizer = build_model(cfg, device)
@@ -351,7 +355,7 @@ class Trainer:
             self.val_loader.close()
             if self.lease is not None:
                 self.lease.release()
-        verdict = self.guard.diverged() if stopped_by == "diverged" else None
+        divergence = self.guard.diverged() if stopped_by == "diverged" else None
         result = {
             "final_step": step,
             "loss": last["loss"],
@@ -359,7 +363,7 @@ class Trainer:
             "checkpoint": self.checkpointer.latest,
             "complete": step >= t.max_steps,
             "stopped_by": stopped_by,
-            **({"diverged": verdict.to_json()} if verdict else {}),
+            **({"diverged": divergence.to_json()} if divergence else {}),
         }
         if self.info.is_master:
             store.write_json(self.run_dir.result, result)
@@ -383,7 +387,7 @@ class Trainer:
             cfg.eval.sample_every
             and step > 0
             and (step % cfg.eval.sample_every == 0 or last)
-            and self.info.is_master
+            and self.samples is not None  # rank 0's
         ):
             self.heartbeat.phase("sample")
             _sample(self.model, cfg, self.samples, step, self.amp_dtype)
@@ -434,7 +438,7 @@ class Trainer:
     ) -> dict[str, Any]:
         """The step's line of metrics.jsonl."""
         t = self.cfg.train
-        record = {
+        record: dict[str, Any] = {
             "step": step,
             "loss": result.loss.item(),
             "lr": lr,
@@ -460,7 +464,7 @@ class Trainer:
         rank 0's metrics line, the window's summary (the slowest rank)."""
         steps = self.telemetry.steps
         ranks = self.telemetry.gather()
-        if ranks is None:
+        if ranks is None or self.telemetry_log is None:  # another rank's: rank 0 writes the window
             return {}
         self.telemetry_log.append(
             json.dumps(window_line(step, steps, ranks), separators=(",", ":")) + "\n"
