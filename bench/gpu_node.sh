@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA checks and GPU benchmarks, one step per call (each a few minutes), on a node with an NVIDIA GPU:
-#   bash bench/gpu_node.sh check          # GPU + torch facts, then the CUDA tests (tests/test_gpu.py, model, bench)
+#   bash bench/gpu_node.sh check          # GPU + torch facts, then the CUDA tests (tests/e2e/test_gpu.py, model, bench)
 #   bash bench/gpu_node.sh train          # bench/train_throughput.py: build-nanogpt's recipe + micro-batches 16/32/64
 #   bash bench/gpu_node.sh ablation       # each optimisation of build-nanogpt's recipe off on its own
 #   bash bench/gpu_node.sh levers         # chunked CE, bigger B, attention kernels
@@ -9,7 +9,7 @@
 #   bash bench/gpu_node.sh tokenize       # bench/tokenize_throughput.py on all the node's cores
 #   bash bench/gpu_node.sh checkpoint     # bench/checkpoint_overhead.py on the 124M: none / sync / async
 # Seen on a fresh H100 node (cold compile caches): train with --profile ~2.5 min for four variants, each
-# variant's first step 20-30 s; tests/test_gpu.py ~3.5 min; checkpoint ~1.5 min; CUDA graphs ~1 min.
+# variant's first step 20-30 s; tests/e2e/test_gpu.py ~3.5 min; checkpoint ~1.5 min; CUDA graphs ~1 min.
 # Each step writes its result JSON and console log to $OUT (default bench/results/) as it goes, so a step cut
 # short still leaves every variant measured so far. `python bench/train_throughput.py --render FILE` turns a
 # result into the README's table.
@@ -59,7 +59,7 @@ bench() { python3 bench/train_throughput.py --out "$OUT/train_throughput-$step-$
       python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
       python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device visible')"
       # the benchmarks' smoke tests that need the worker's packages (prefect, moto) or many cores stay on CPU machines
-      python3 -m pytest tests/test_gpu.py tests/test_model.py tests/test_bench.py -q -p no:cacheprovider \
+      python3 -m pytest tests/e2e/test_gpu.py tests/unit/test_model.py tests/e2e/test_bench.py -q -p no:cacheprovider \
         -k "not tokenize and not fault_recovery and not store_overhead and not checkpoint_overhead" ;;
     train) bench ;;
     ablation) bench --micro-batches "" --ablation ;;

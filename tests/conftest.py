@@ -2,7 +2,7 @@ import os
 
 import pytest
 import torch
-from helpers import REPO, corpus, write_parquet
+from helpers import PARQUET_SHARD, REPO, corpus, reference_shards, write_parquet
 
 from common import tokenizer
 
@@ -48,6 +48,12 @@ def demo_data(tmp_path_factory):
 def docs():
     """FineWeb-Edu-like documents (tests/helpers.py corpus)."""
     return corpus()
+
+
+@pytest.fixture(scope="session")
+def reference(docs, enc):
+    """build-nanogpt's shards of the `docs` (tests/helpers.py reference_shards), {name: npy bytes}."""
+    return reference_shards(docs, PARQUET_SHARD, enc)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ training overrides, and the commands tests run as a user would."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -187,6 +188,35 @@ def write_parquet(path, docs, row_group_size=300) -> None:
     )
     assert tuple(table.column_names) == FINEWEB_FIELDS
     pq.write_table(table, path, row_group_size=row_group_size)
+
+
+def reference_shards(docs, shard_size, enc):
+    """build-nanogpt's fineweb.py loop, single process: {name: npy bytes}."""
+    out = {}
+
+    def write(index, toks):
+        buf = io.BytesIO()
+        np.save(buf, toks)
+        out[f"edufineweb_{'val' if index == 0 else 'train'}_{index:06d}.npy"] = buf.getvalue()
+
+    shard_index, all_tokens_np, token_count = 0, np.empty((shard_size,), dtype=np.uint16), 0
+    for doc in docs:
+        tokens = np.array([enc._special_tokens["<|endoftext|>"]] + enc.encode_ordinary(doc)).astype(
+            np.uint16
+        )
+        if token_count + len(tokens) < shard_size:
+            all_tokens_np[token_count : token_count + len(tokens)] = tokens
+            token_count += len(tokens)
+        else:
+            remainder = shard_size - token_count
+            all_tokens_np[token_count : token_count + remainder] = tokens[:remainder]
+            write(shard_index, all_tokens_np)
+            shard_index += 1
+            all_tokens_np[0 : len(tokens) - remainder] = tokens[remainder:]
+            token_count = len(tokens) - remainder
+    if token_count != 0:
+        write(shard_index, all_tokens_np[:token_count])
+    return out
 
 
 def shard_files(url) -> dict[str, bytes]:

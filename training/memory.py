@@ -20,7 +20,7 @@ inputs and outputs in bf16, LayerNorm and the loss in fp32), fused AdamW, torch.
   buffers, the allocator's slack.
 
 Checked against the H200 measurements in bench/results/ (GPT-2 124M, T=1024, one GPU, no DDP: the estimate
-without DDP buckets and without the fixed overhead, against `torch.cuda.max_memory_allocated`; tests/test_memory.py
+without DDP buckets and without the fixed overhead, against `torch.cuda.max_memory_allocated`; tests/unit/test_memory.py
 reads the same files):
 
     row (B=64 unless named)                measured          estimate

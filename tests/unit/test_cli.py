@@ -2,11 +2,8 @@
 typed models, so a field of JobSpec or PretrainParams is a flag of every command that takes one."""
 
 import argparse
-import subprocess
-import sys
 
 import pytest
-from helpers import REPO
 
 from cluster.spec import JobSpec
 from common import exit_codes
@@ -115,43 +112,3 @@ def test_flow_parameters_flags_and_a_json_base():
         stragglers={"windows": 4},
         tracker={"kind": "mlflow"},
     )
-
-
-def test_a_bad_flag_value_is_one_line_before_anything_is_submitted(tmp_path):
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cluster.submit",
-            "--config",
-            "tiny",
-            "--nodes",
-            "0",
-            "--folder",
-            str(tmp_path / "slurm"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert p.returncode == 2 and "nodes: Input should be greater than or equal to 1" in p.stderr, (
-        p.stderr
-    )
-    assert "Traceback" not in p.stderr and not (tmp_path / "slurm").exists()
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cluster.submit",
-            "--config",
-            "tiny",
-            "--spec",
-            str(tmp_path / "no.json"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert p.returncode == 2 and "cannot read --spec" in p.stderr and "Traceback" not in p.stderr

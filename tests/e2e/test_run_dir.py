@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -233,32 +232,3 @@ def test_a_loss_trace_is_the_same_with_the_lease_renewing(demo_data, tmp_path):
 def test_non_finite_numbers_are_refused(tmp_path):
     p = run_train(tmp_path, tmp_path / "run", "max_lr=inf", expect=BAD_INPUT)
     assert "optim.max_lr" in p.stderr and "finite" in p.stderr
-
-
-def test_lease_acquired_from_two_threads_at_once_has_one_winner(tmp_path):
-    url = str(tmp_path / "leases" / "flow.json")
-    results, start = {}, threading.Event()
-
-    def take(name):
-        start.wait()
-        lease = Lease(url, name, identity=name, ttl_s=2, settle_s=0.3)
-        lease._record = lambda: {
-            **Lease._record(lease),
-            "host": f"host-{name}",
-        }  # two hosts, no pid shortcut
-        try:
-            results[name] = lease.acquire()
-        except Exception as err:
-            results[name] = err
-
-    threads = [threading.Thread(target=take, args=(n,)) for n in ("a", "b")]
-    for t in threads:
-        t.start()
-    start.set()
-    for t in threads:
-        t.join()
-    winners = [n for n, r in results.items() if isinstance(r, Lease)]
-    assert len(winners) == 1, results
-    loser = next(r for r in results.values() if not isinstance(r, Lease))
-    assert "is in use by" in str(loser)
-    results[winners[0]].release()

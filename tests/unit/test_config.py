@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from training.config import ConfigError, RunConfig, load_config
@@ -131,3 +132,12 @@ def test_a_cuda_attention_kernel_on_a_cpu_run_is_an_error_before_any_model():
     accel.configure(
         torch.device("cpu"), tf32=True, attention="auto"
     )  # the default works everywhere
+
+
+def test_arrays_and_configs_keep_their_numbers_in_range():
+    from training.config import ConfigError, load_config
+
+    for bad in ("max_lr=inf", "max_lr=nan", "grad_clip=-1", "warmup_steps=-5"):
+        with pytest.raises(ConfigError):
+            load_config("tiny", [bad])
+    assert np.isfinite(load_config("tiny").optim.max_lr)

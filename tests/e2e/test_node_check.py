@@ -7,9 +7,7 @@ import socket
 import threading
 import time
 
-import pytest
-
-from cluster.node_check import NodeCheckFailed, check_node, host_name, run_node_check
+from cluster.node_check import host_name, run_node_check
 
 
 def test_a_healthy_cpu_node_passes(tmp_path):
@@ -24,15 +22,6 @@ def test_a_failing_node_is_one_line_naming_its_host(tmp_path, monkeypatch):
         f"node check failed on host {host_name()}: injected fault (GPT2_NODE_CHECK_FAIL_ONCE)"
     )
     assert run_node_check(0, str(tmp_path / "run")) is None  # once: the next node passes
-
-
-def test_a_node_that_asks_for_gpus_it_does_not_have_fails(tmp_path):
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.device_count() >= 64:
-        pytest.skip("this machine has 64 GPUs")
-    with pytest.raises(NodeCheckFailed, match=rf"^node check failed on host {host_name()}: .*GPU"):
-        check_node(64, str(tmp_path))
 
 
 HOSTS = ["localhost", "127.0.0.1"]

@@ -6,14 +6,10 @@ import subprocess
 import time
 
 import pytest
-import torch
 from helpers import REPO, losses, metrics, run_train, train_cmd, train_env, wait_for_steps
 
 from common.exit_codes import BAD_INPUT, REQUEUE
 from training import checkpoint as ck
-from training.config import load_config
-from training.model import GPT
-from training.optim import configure_optimizer
 
 
 @pytest.fixture(scope="module")
@@ -177,26 +173,6 @@ def test_missing_data_fails_before_anything_is_written(tmp_path):
 def test_bad_config_fails_naming_the_field(tmp_path):
     p = run_train(tmp_path, tmp_path / "run", "optim.max_lr=-1", expect=BAD_INPUT)
     assert "optim.max_lr" in p.stderr
-
-
-def test_model_overfits_a_single_batch(demo_data):
-    """The lecture's first sanity check: the tiny model memorises one fixed batch."""
-    from training.loader import ShardLoader
-
-    cfg = load_config("tiny")
-    torch.manual_seed(0)
-    model = GPT(cfg.model)
-    opt = configure_optimizer(model, lr=1e-2, weight_decay=0.0)
-    x, y = ShardLoader(demo_data, "train", 4, 32).next_batch()
-    x, y = x.long(), y.long()
-    for step in range(300):  # noqa: B007 (named in the message)
-        opt.zero_grad()
-        _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-        if loss.item() < 0.1:
-            break
-    assert loss.item() < 0.1, f"loss {loss.item():.3f} after {step + 1} steps"
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from training.config import GPTConfig
+from training.config import GPTConfig, load_config
 from training.model import GPT, flops_per_token
 from training.optim import configure_optimizer, cosine_lr
 
@@ -123,3 +123,23 @@ def test_chunked_loss_gives_the_plain_loss_and_gradients(amp):
     assert torch.count_nonzero(chunked_grads["transformer.wte.weight"][cfg.vocab_size :]) == 0
     with torch.no_grad():  # evaluation: the loss alone
         assert model(x, y, loss_chunk=7)[1].item() == pytest.approx(model(x, y)[1].item(), rel=1e-5)
+
+
+def test_model_overfits_a_single_batch(demo_data):
+    """The lecture's first sanity check: the tiny model memorises one fixed batch."""
+    from training.loader import ShardLoader
+
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    opt = configure_optimizer(model, lr=1e-2, weight_decay=0.0)
+    x, y = ShardLoader(demo_data, "train", 4, 32).next_batch()
+    x, y = x.long(), y.long()
+    for step in range(300):  # noqa: B007 (named in the message)
+        opt.zero_grad()
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.1:
+            break
+    assert loss.item() < 0.1, f"loss {loss.item():.3f} after {step + 1} steps"

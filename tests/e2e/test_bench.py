@@ -117,7 +117,7 @@ def test_bf16_autocast_and_chunked_loss_match_fp32_within_bf16_tolerance(demo_da
 
 @pytest.mark.slow
 def test_compiled_bf16_chunked_step_matches_fp32_after_50_steps(demo_data, fp32):
-    """The optimised path as far as a CPU has it (CUDA's flash attention and fused AdamW: tests/test_gpu.py)."""
+    """The optimised path as far as a CPU has it (CUDA's flash attention and fused AdamW: tests/e2e/test_gpu.py)."""
     fast = _losses(demo_data, True, loss_chunk=100, compile=True)
     assert abs(fast[-1] - fp32[-1]) < 0.05 * fp32[-1]
 

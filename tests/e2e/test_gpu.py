@@ -1,7 +1,7 @@
 """CUDA paths of the training step: bf16 autocast, torch.compile, the SDPA kernels, fused AdamW and the
 chunked loss give what the plain fp32 path gives. Needs a GPU: skipped on CPU machines (CI has none); on a GPU
-node, `bash bench/gpu_node.sh check` runs them. The CPU halves of these checks are in test_model.py and
-test_bench.py."""
+node, `bash bench/gpu_node.sh check` runs them. The CPU halves of these checks are in tests/unit/test_model.py and
+tests/e2e/test_bench.py."""
 
 import json
 import subprocess

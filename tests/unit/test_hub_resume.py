@@ -90,7 +90,7 @@ def hub_files(tmp_path_factory):
 def hub(files):
     return HubSource(
         "parquet", None, load_kwargs={"data_files": files}
-    )  # as tests/test_data_prep.py
+    )  # as tests/unit/test_data_prep.py
 
 
 # starts: the beginning, inside the third file's second row group, the exact total, beyond it

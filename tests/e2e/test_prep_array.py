@@ -4,7 +4,6 @@ the same shard and manifest bytes as one process, and a rerun keeps the parts al
 import os
 from pathlib import Path
 
-import pytest
 from helpers import PARQUET_SHARD as SHARD
 from helpers import shard_files
 
@@ -12,7 +11,7 @@ from cluster.prep_array import submit_prep
 from cluster.spec import JobSpec
 from common import store
 from data_prep import parts, pipeline
-from data_prep.sources import SourceError, open_source
+from data_prep.sources import open_source
 
 
 def test_job_array_writes_the_same_bytes_as_one_process(
@@ -45,22 +44,6 @@ def test_job_array_writes_the_same_bytes_as_one_process(
     submit_prep(str(parquet_dir), out, spec, shard_tokens=SHARD).wait()
     assert {i: os.stat(parts.part_url(out, i)).st_mtime_ns for i in range(3)} == first
     assert shard_files(out) == shard_files(one)
-
-
-def test_job_array_rejects_a_hub_source_and_a_missing_folder_before_sbatch(tmp_path):
-    with pytest.raises(SourceError, match="needs source files"):
-        submit_prep(
-            "hf:HuggingFaceFW/fineweb-edu:sample-10BT",
-            str(tmp_path / "out"),
-            JobSpec(folder=str(tmp_path / "s")),
-        )
-    with pytest.raises(SourceError):
-        submit_prep(
-            str(tmp_path / "nothing-here"),
-            str(tmp_path / "out"),
-            JobSpec(folder=str(tmp_path / "s")),
-        )
-    assert not (tmp_path / "s").exists()  # nothing was submitted
 
 
 def test_prepare_data_flow_runs_the_job_array(
