@@ -151,100 +151,136 @@ def join_nodes(
     """One all-reduce across the job's nodes (`hosts`, in node order; node 0's store listens on `port`):
     returns its seconds, or raises NodeCheckFailed naming the host to blame.
 
-    Node 0 waits up to `timeout_s` for the others to register, then sets a verdict ("go" or its failure line).
-    Another node waits up to `timeout_s` to reach the store, then up to `timeout_s` more for the verdict (node
-    0 may have started its wait later, after slower checks of its own). The all-reduce is bounded by
-    `timeout_s` too."""
-    import torch
-    import torch.distributed as dist
+    Node 0 waits up to `timeout_s` for the others to register, then sets a verdict ("go" or its failure
+    record). Another node waits up to `timeout_s` to reach the store, then up to `timeout_s` more for the
+    verdict (node 0 may have started its wait later, after slower checks of its own). The all-reduce is
+    bounded by `timeout_s` too."""
+    meeting = _Meeting(node, hosts, port, timeout_s)
+    st = meeting.host() if node == 0 else meeting.join()
+    seconds = meeting.all_reduce(st, gpus)
+    if node == 0:  # the store must outlive the others' last calls to it
+        _wait_quietly(st, meeting.done[1:], 10.0)
+    else:
+        _set_quietly(st, meeting.done[node])
+    return seconds
 
-    me, nnodes, wait = host_name(), len(hosts), timedelta(seconds=timeout_s)
-    joined = [f"{_KEY}/joined/{i}" for i in range(nnodes)]
-    done = [f"{_KEY}/done/{i}" for i in range(nnodes)]
-    verdict_key = f"{_KEY}/verdict"
-    within, seen = f"the all-reduce across nodes within {timeout_s:.0f} s", f"(seen from {me})"
-    if node == 0:
+
+class _Meeting:
+    """The nodes of one job meeting in node 0's TCPStore, then in one all-reduce."""
+
+    def __init__(self, node: int, hosts: list[str], port: int, timeout_s: float):
+        self.node, self.hosts, self.port, self.timeout_s = node, hosts, port, timeout_s
+        self.me, self.n, self.wait = host_name(), len(hosts), timedelta(seconds=timeout_s)
+        self.joined = [f"{_KEY}/joined/{i}" for i in range(self.n)]
+        self.done = [f"{_KEY}/done/{i}" for i in range(self.n)]
+        self.verdict = f"{_KEY}/verdict"
+        self.within = f"the all-reduce across nodes within {timeout_s:.0f} s"
+        self.seen = f"(seen from {self.me})"
+
+    def host(self):
+        """Node 0: the store, the others' registrations awaited, the verdict set."""
+        import torch.distributed as dist
+
         try:
             st = dist.TCPStore(
-                hosts[0], port, nnodes, is_master=True, timeout=wait, wait_for_workers=False
+                self.hosts[0],
+                self.port,
+                self.n,
+                is_master=True,
+                timeout=self.wait,
+                wait_for_workers=False,
             )
         except RuntimeError as err:  # the port is taken: not the node's fault, so not to cordon it
             raise NodeCheckFailed(
-                me,
-                f"port {port} for the all-reduce across nodes is taken ({_first_line(err)})",
+                self.me,
+                f"port {self.port} for the all-reduce across nodes is taken ({_first_line(err)})",
                 "check_not_run",
             ) from None
         try:
-            st.wait(joined[1:], wait)
+            st.wait(self.joined[1:], self.wait)
         except RuntimeError:  # timed out: who is missing is read below
             pass
-        missing = [i for i in range(1, nnodes) if not st.check([joined[i]])]
+        missing = [i for i in range(1, self.n) if not st.check([self.joined[i]])]
         if missing:
-            names = [hosts[i] for i in missing]
+            names = [self.hosts[i] for i in missing]
             what = (
-                f"did not join {within} {seen}"
+                f"did not join {self.within} {self.seen}"
                 if len(names) == 1
-                else f"{len(names)} nodes did not join {within}: {', '.join(names)} {seen}"
+                else f"{len(names)} nodes did not join {self.within}: {', '.join(names)} {self.seen}"
             )
             failed = NodeCheckFailed(names[0], what)
-            st.set(verdict_key, json.dumps(asdict(failed.failure)))
-            _wait_quietly(
-                st, [done[i] for i in range(1, nnodes) if i not in missing], 5.0
-            )  # they read it
+            st.set(self.verdict, json.dumps(asdict(failed.failure)))
+            present = [self.done[i] for i in range(1, self.n) if i not in missing]
+            _wait_quietly(st, present, 5.0)  # they read it
             raise failed
-        st.set(verdict_key, "go")
-    else:
+        st.set(self.verdict, "go")
+        return st
+
+    def join(self):
+        """Another node: node 0's store reached, this node registered, node 0's verdict read."""
+        import torch.distributed as dist
+
         try:
-            _reach(hosts[0], port, time.monotonic() + timeout_s)
+            _reach(self.hosts[0], self.port, time.monotonic() + self.timeout_s)
             st = dist.TCPStore(
-                hosts[0], port, nnodes, is_master=False, timeout=wait, wait_for_workers=False
+                self.hosts[0],
+                self.port,
+                self.n,
+                is_master=False,
+                timeout=self.wait,
+                wait_for_workers=False,
             )
         except (OSError, RuntimeError):
             raise NodeCheckFailed(
-                hosts[0], f"node 0's store on port {port} did not answer for {within} {seen}"
+                self.hosts[0],
+                f"node 0's store on port {self.port} did not answer for {self.within} {self.seen}",
             ) from None
         try:
-            st.set(joined[node], me)
-            st.wait([verdict_key], wait + timedelta(seconds=10))
-            verdict = st.get(verdict_key).decode()
+            st.set(self.joined[self.node], self.me)
+            st.wait([self.verdict], self.wait + timedelta(seconds=10))
+            verdict = st.get(self.verdict).decode()
         except RuntimeError as err:  # node 0 died or hangs after we reached it
             raise NodeCheckFailed(
-                hosts[0], f"node 0 gave no verdict on {within} {seen}: {_first_line(err)}"
+                self.hosts[0],
+                f"node 0 gave no verdict on {self.within} {self.seen}: {_first_line(err)}",
             ) from None
-        if (
-            verdict != "go"
-        ):  # node 0's failure: whichever node's record reaches the flow, the same host
-            _set_quietly(st, done[node])
+        if verdict != "go":  # node 0's failure: whichever node's record reaches the flow, one host
+            _set_quietly(st, self.done[self.node])
             f = Failure.parse(json.loads(verdict))
             raise NodeCheckFailed(f.host, f.detail, f.cause)
+        return st
 
-    t0 = time.monotonic()
-    try:
-        if gpus:
-            torch.cuda.set_device(0)
-        dist.init_process_group(
-            "nccl" if gpus else "gloo", store=st, rank=node, world_size=nnodes, timeout=wait
-        )
+    def all_reduce(self, st, gpus: int) -> float:
+        """A one from every node, summed (NCCL on GPU 0, else gloo): its seconds; the sum must be the count."""
+        import torch
+        import torch.distributed as dist
+
+        t0 = time.monotonic()
         try:
-            x = torch.ones(1, device="cuda:0" if gpus else "cpu")
-            dist.all_reduce(x)
-            total = x.item()
-        finally:
-            dist.destroy_process_group()
-    except RuntimeError as err:
-        raise NodeCheckFailed(
-            me, f"the all-reduce across {nnodes} nodes failed: {_first_line(err)}"
-        ) from None
-    if total != nnodes:
-        raise NodeCheckFailed(
-            me, f"the all-reduce across {nnodes} nodes summed to {total:g}, not {nnodes}"
-        )
-    seconds = time.monotonic() - t0
-    if node == 0:  # the store must outlive the others' last calls to it
-        _wait_quietly(st, done[1:], 10.0)
-    else:
-        _set_quietly(st, done[node])
-    return seconds
+            if gpus:
+                torch.cuda.set_device(0)
+            dist.init_process_group(
+                "nccl" if gpus else "gloo",
+                store=st,
+                rank=self.node,
+                world_size=self.n,
+                timeout=self.wait,
+            )
+            try:
+                x = torch.ones(1, device="cuda:0" if gpus else "cpu")
+                dist.all_reduce(x)
+                total = x.item()
+            finally:
+                dist.destroy_process_group()
+        except RuntimeError as err:
+            raise NodeCheckFailed(
+                self.me, f"the all-reduce across {self.n} nodes failed: {_first_line(err)}"
+            ) from None
+        if total != self.n:
+            raise NodeCheckFailed(
+                self.me, f"the all-reduce across {self.n} nodes summed to {total:g}, not {self.n}"
+            )
+        return time.monotonic() - t0
 
 
 def _reach(host: str, port: int, deadline: float) -> None:

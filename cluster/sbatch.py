@@ -18,30 +18,7 @@ def build_executor(
     """A submitit executor for `spec`. `params` add or replace submitit parameters (job_name, cpus_per_task,
     array_parallelism, ...); `sbatch` adds raw sbatch options (e.g. a dependency) to the spec's sbatch_extra."""
     Path(spec.folder).mkdir(parents=True, exist_ok=True)
-    python = None
-    srun_args = [
-        "--kill-on-bad-exit=1"
-    ]  # one node's task failing ends the step instead of leaving peers hung
-    c = spec.container
-    if c is not None and c.runtime == "pyxis":
-        srun_args.append(f"--container-image={c.image}")
-        if c.mounts:
-            srun_args.append(f"--container-mounts={','.join(c.mounts)}")
-        if c.workdir:
-            srun_args.append(f"--container-workdir={c.workdir}")
-        python = c.python
-    elif c is not None:
-        binds = [a for m in c.mounts for a in ("--bind", m)]
-        python = shlex.join(
-            [
-                "apptainer",
-                "exec",
-                *(["--nv"] if spec.gpus_per_node else []),
-                *binds,
-                c.image,
-                c.python,
-            ]
-        )
+    srun_args, python = _container(spec)
     ex = submitit.SlurmExecutor(
         folder=spec.folder, max_num_timeout=spec.max_timeout_requeues, python=python
     )
@@ -74,3 +51,22 @@ def build_executor(
         opts["additional_parameters"] = extra
     ex.update_parameters(**{**opts, **params})
     return ex
+
+
+def _container(spec: JobSpec) -> tuple[list[str], str | None]:
+    """srun's arguments for the spec's container (pyxis), or the python that runs inside it (apptainer)."""
+    # one node's task failing ends the step instead of leaving its peers hung
+    srun_args = ["--kill-on-bad-exit=1"]
+    c = spec.container
+    if c is None:
+        return srun_args, None
+    if c.runtime == "pyxis":
+        srun_args.append(f"--container-image={c.image}")
+        if c.mounts:
+            srun_args.append(f"--container-mounts={','.join(c.mounts)}")
+        if c.workdir:
+            srun_args.append(f"--container-workdir={c.workdir}")
+        return srun_args, c.python
+    binds = [a for m in c.mounts for a in ("--bind", m)]
+    gpu = ["--nv"] if spec.gpus_per_node else []
+    return srun_args, shlex.join(["apptainer", "exec", *gpu, *binds, c.image, c.python])

@@ -280,8 +280,7 @@ def reattach(job_id: str, folder: str) -> RunHandle:
     return RunHandle(meta["job_id"], folder, meta["nodes"], meta["run_dir"])
 
 
-@entry_point
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m cluster.submit", description=__doc__.split("\n\n")[0]
     )
@@ -323,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
         "(step, s/step, the rank furthest behind, the slowest rank) this often; 0 = never",
     )
     add_model_flags(ap, JobSpec, aliases={"time_min": ["--time"]})
+    return ap
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
     args = ap.parse_args(argv)
     if args.reattach:
         handle = reattach(args.reattach, getattr(args, "folder", None) or JobSpec().folder)
@@ -333,27 +338,29 @@ def main(argv: list[str] | None = None) -> int:
         handle = submit(spec, args.config, args.overrides)
     print(handle.job_id, flush=True)
     if args.wait:
-        hang = (
-            HangRules(args.hang_factor, args.hang_floor_s, args.startup_timeout_s)
-            if args.hang_floor_s > 0
-            else None
-        )
-
-        def say(text):
-            return print(
-                f"{time.strftime('%H:%M:%S')} job {handle.job_id}: {text}",
-                file=sys.stderr,
-                flush=True,
-            )
-
-        result = handle.wait(
-            on_state=say,
-            hang=hang,
-            on_progress=say if args.progress_s > 0 else None,
-            progress_s=args.progress_s,
-        )
-        print(json.dumps(result), flush=True)
+        print(json.dumps(_wait(handle, args)), flush=True)
     return exit_codes.OK
+
+
+def _wait(handle: RunHandle, args: argparse.Namespace) -> dict[str, Any]:
+    """The job watched to its end, its states and progress on stderr: its result (RunFailed otherwise)."""
+    hang = (
+        HangRules(args.hang_factor, args.hang_floor_s, args.startup_timeout_s)
+        if args.hang_floor_s > 0
+        else None
+    )
+
+    def say(text: str) -> None:
+        print(
+            f"{time.strftime('%H:%M:%S')} job {handle.job_id}: {text}", file=sys.stderr, flush=True
+        )
+
+    return handle.wait(
+        on_state=say,
+        hang=hang,
+        on_progress=say if args.progress_s > 0 else None,
+        progress_s=args.progress_s,
+    )
 
 
 if __name__ == "__main__":

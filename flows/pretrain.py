@@ -88,6 +88,24 @@ async def ensure_data(cfg: RunConfig, p: PretrainParams) -> None:
         raise FlowFailure(f"bad data: {err}") from None
 
 
+def check_evaluation(p: PretrainParams) -> None:
+    """HellaSwag asked for without its file is refused before anything trains (every checkpoint's evaluation
+    would fail, one by one, after hours of training)."""
+    if "hellaswag" not in p.evaluation.tasks:
+        return
+    url = p.evaluation.hellaswag_data or p.store_layout().hellaswag
+    try:
+        present = store.exists(url)
+    except Exception as err:  # an unreachable store is said where the store is checked
+        raise FlowFailure(f"store unreachable: {err}") from None
+    if not present:
+        raise FlowFailure(
+            f"bad parameter: evaluation.tasks has hellaswag but {url} does not exist: stage it with "
+            f"`python -m evaluation.hellaswag_data --out {p.store}`, point evaluation.hellaswag_data at "
+            "the file, or leave hellaswag out of evaluation.tasks"
+        )
+
+
 def check_tracker(p: PretrainParams) -> None:
     """A tracker that could never be fed is refused before anything is submitted."""
     kind = p.tracker.kind
@@ -152,6 +170,7 @@ async def _run_with(
     p: PretrainParams, executor: TrainingExecutor, log, tracker_credentials: dict[str, str]
 ) -> dict[str, Any]:
     check_tracker(p)
+    check_evaluation(p)
     try:
         cfg, overrides = resolve_config(p)
     except Exception as err:

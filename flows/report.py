@@ -41,13 +41,26 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    """Step / max steps, tokens seen and ETA, from metrics.jsonl: the progress artifact (a percentage, updated
-    in place), a status markdown artifact (a new version per 1% of the run, so at most ~100), and the log."""
+    """Step / max steps, tokens seen and ETA, from metrics.jsonl: the progress artifact (the percentage and the
+    status in one line, updated in place), a status table (a markdown artifact, a new version each time), and
+    the log. Each artifact update is an event that every watcher of the run (the UI, `prefect deployment run
+    --watch`) receives, so they are sent when something changed and at most every `ui_every_s` seconds (the
+    table every `table_every_s`), and always at the end (`force`)."""
 
-    def __init__(self, artifact_id, max_steps: int, log, key: str):
+    def __init__(
+        self,
+        artifact_id,
+        max_steps: int,
+        log,
+        key: str,
+        ui_every_s: float = 10.0,
+        table_every_s: float = 60.0,
+    ):
         self.id, self.max_steps, self.log, self.key = artifact_id, max_steps, log, key
+        self.ui_every_s, self.table_every_s = ui_every_s, table_every_s
         self.first: tuple[float, int] | None = None
-        self.last_log, self.last_status, self.last_percent = 0.0, -1, -1.0
+        self.last_log = self.last_ui = self.last_table = -float("inf")
+        self.shown: tuple[int, int] = (-1, -1)  # (step, table's step) last sent
 
     @classmethod
     async def create(cls, run_name: str, max_steps: int, log, key: str) -> Progress:
@@ -64,12 +77,6 @@ class Progress:
         done, now = metrics[-1]["step"] + 1, time.monotonic()
         if self.first is None or done < self.first[1]:
             self.first = (now, done)
-        percent_done = round(100.0 * min(done, self.max_steps) / self.max_steps, 1)
-        if (
-            force or percent_done >= min(self.last_percent + 1, 100) > self.last_percent
-        ):  # each update is an event
-            self.last_percent = percent_done
-            await aupdate_progress_artifact(self.id, percent_done)
         t0, s0 = self.first
         rate = (done - s0) / (now - t0) if now > t0 and done > s0 else 0.0
         eta = _duration((self.max_steps - done) / rate) if rate else "-"
@@ -84,21 +91,28 @@ class Progress:
                 tokens,
                 eta,
             )
-        percent = 100 * done // self.max_steps
-        if force or percent > self.last_status:
-            self.last_status = percent
-            last = metrics[-1]
-            val = next((m["val_loss"] for m in reversed(metrics) if "val_loss" in m), None)
-            await acreate_markdown_artifact(
-                f"| step | tokens seen | train loss | val loss | tokens/s | ETA | slowest rank |\n"
-                f"| --- | --- | --- | --- | --- | --- | --- |\n"
-                f"| {done} / {self.max_steps} | {tokens} | {last['loss']:.4f} | "
-                f"{f'{val:.4f}' if val is not None else '-'} | {last.get('tokens_per_s', 0):,.0f} | {eta} | "
-                f"{slowest_rank(metrics)} |\n",
-                key=f"{self.key}-status",
-                description="training status: step, tokens seen, losses, ETA, the "
-                "slowest rank of the last telemetry window",
-            )
+        if done != self.shown[0] and (force or now - self.last_ui >= self.ui_every_s):
+            self.last_ui, self.shown = now, (done, self.shown[1])
+            percent = round(100.0 * min(done, self.max_steps) / self.max_steps, 1)
+            line = f"step {done} / {self.max_steps}, {tokens} tokens seen, ETA {eta}"
+            await aupdate_progress_artifact(self.id, percent, description=line)
+        if done != self.shown[1] and (force or now - self.last_table >= self.table_every_s):
+            self.last_table, self.shown = now, (self.shown[0], done)
+            await self._table(metrics, done, tokens, eta)
+
+    async def _table(self, metrics: list[dict[str, Any]], done: int, tokens: str, eta: str) -> None:
+        last = metrics[-1]
+        val = next((m["val_loss"] for m in reversed(metrics) if "val_loss" in m), None)
+        await acreate_markdown_artifact(
+            f"| step | tokens seen | train loss | val loss | tokens/s | ETA | slowest rank |\n"
+            f"| --- | --- | --- | --- | --- | --- | --- |\n"
+            f"| {done} / {self.max_steps} | {tokens} | {last['loss']:.4f} | "
+            f"{f'{val:.4f}' if val is not None else '-'} | {last.get('tokens_per_s', 0):,.0f} | {eta} | "
+            f"{slowest_rank(metrics)} |\n",
+            key=f"{self.key}-status",
+            description="training status: step, tokens seen, losses, ETA, the "
+            "slowest rank of the last telemetry window",
+        )
 
 
 def slowest_rank(metrics: list[dict[str, Any]]) -> str:

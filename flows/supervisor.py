@@ -183,15 +183,7 @@ class RunSupervisor:
     ) -> None:
         """Cordon, record the submission's end, then do what was decided (raises FlowFailure on stop)."""
         end = latest_step(self.run.url)
-        if outcome.state == "hung":
-            self.events.add(self._row("hang", end, f"job {submission.job_id}", outcome.reason))
-        if self.cordon(outcome.hosts, f"{outcome.state}: {outcome.reason}", end):
-            self.log.warning(
-                "cordoned %s for %g h (%s): the next submissions run elsewhere",
-                ", ".join(outcome.hosts),
-                self.p.resubmission.cordon_hours,
-                outcome.state,
-            )
+        self._note_failure(submission, outcome, end)
         skips = [e for e in self.watcher.guard_events[seen_events:] if e.get("event") == "skip"]
         record_end(
             self.run,
@@ -237,6 +229,18 @@ class RunSupervisor:
         if decision.wait_s:
             self.log.warning("%s", decision.message)
             await asyncio.sleep(decision.wait_s)
+
+    def _note_failure(self, submission: Submission, outcome: Outcome, step: int) -> None:
+        """A hang in the events table; the hosts the outcome points at cordoned."""
+        if outcome.state == "hung":
+            self.events.add(self._row("hang", step, f"job {submission.job_id}", outcome.reason))
+        if self.cordon(outcome.hosts, f"{outcome.state}: {outcome.reason}", step):
+            self.log.warning(
+                "cordoned %s for %g h (%s): the next submissions run elsewhere",
+                ", ".join(outcome.hosts),
+                self.p.resubmission.cordon_hours,
+                outcome.state,
+            )
 
     async def report(self) -> dict[str, Any]:
         """The run's end in the UI: curves, every checkpoint's evaluations, the summary; and the flow's result."""

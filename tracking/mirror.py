@@ -336,8 +336,7 @@ def _control(stdin, stop: threading.Event, outcome: dict[str, str]) -> None:
     stop.set()
 
 
-@entry_point
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m tracking.mirror", description=__doc__.split("\n\n")[0]
     )
@@ -373,11 +372,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--control-stdin", action="store_true", help=argparse.SUPPRESS
     )  # the flow's orders
-    args = ap.parse_args(argv)
+    return ap
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("mlflow", "urllib3", "wandb", "alembic", "botocore", "s3fs"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-
     run = RunDir(args.run_dir)
     if not args.follow and not (store.exists(run.config) or store.exists(run.metrics)):
         raise BadInput(f"no run at {args.run_dir}: neither config.json nor metrics.jsonl is there")
@@ -394,37 +397,43 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(2)
     mirror = Mirror(args.run_dir, tracker)
     try:
-        if not args.follow:
-            try:
-                mirror.sync()
-            except BadInput:
-                raise
-            except Exception as err:
-                print(
-                    f"error: {args.tracker} does not answer ({redact(str(err))[:300]}); nothing is lost: run "
-                    "this again",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                return 1
-            if mirror.complete():
-                mirror.finish("completed")
-            print(
-                f"{args.tracker} run {mirror.record['run_id']}: steps up to {mirror.delivered['step']} delivered",
-                flush=True,
-            )
-            return 0
-        stop, outcome = threading.Event(), dict[str, Any]()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-        if args.control_stdin:
-            threading.Thread(target=_control, args=(sys.stdin, stop, outcome), daemon=True).start()
-        mirror.follow(stop, args.interval_s)
-        ok = mirror.catch_up(args.finish_timeout_s, outcome.get("state"))
-        return 0 if ok else 1
+        return _follow(mirror, args) if args.follow else _once(mirror, args.tracker)
     finally:
         tracker.close()
         lease.release()
+
+
+def _once(mirror: Mirror, kind: str) -> int:
+    """Deliver what the run directory holds now (and finish the tracker run of a complete run)."""
+    try:
+        mirror.sync()
+    except BadInput:
+        raise
+    except Exception as err:
+        print(
+            f"error: {kind} does not answer ({redact(str(err))[:300]}); nothing is lost: run this again",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
+    if mirror.complete():
+        mirror.finish("completed")
+    print(
+        f"{kind} run {mirror.record['run_id']}: steps up to {mirror.delivered['step']} delivered",
+        flush=True,
+    )
+    return 0
+
+
+def _follow(mirror: Mirror, args: argparse.Namespace) -> int:
+    """Deliver as the run goes, until a signal (or the flow's order on stdin), then catch up."""
+    stop, outcome = threading.Event(), dict[str, Any]()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if args.control_stdin:
+        threading.Thread(target=_control, args=(sys.stdin, stop, outcome), daemon=True).start()
+    mirror.follow(stop, args.interval_s)
+    return 0 if mirror.catch_up(args.finish_timeout_s, outcome.get("state")) else 1
 
 
 if __name__ == "__main__":

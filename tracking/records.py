@@ -112,31 +112,37 @@ def read_records(
         rec.config = {}
     rec.samples = [r for r in _jsonl(run.samples) if "step" in r]
     rec.rollbacks = _jsonl(run.rollbacks)
+    rec.events = _events(run)
+    rec.evaluations = _evaluations(run, rec.rollbacks, skip_evaluations)
+    return rec
+
+
+def _events(run: RunDir) -> list[dict[str, Any]]:
+    """Every line of the run's event files (EVENT_FILES), in time order, as the trackers show them."""
+    events = []
     for source, step_field in EVENT_FILES.items():
         for r in _jsonl(getattr(run, source)):
-            name = (
-                r.get("event")
-                or r.get("state")
-                or (
-                    "rollback"
-                    if source == "rollbacks"
-                    else "cordon"
-                    if source == "cordon"
-                    else source
-                )
-            )
-            rec.events.append(
+            fallback = {"rollbacks": "rollback", "cordon": "cordon"}.get(source, source)
+            events.append(
                 {
                     "time": r.get("time"),
                     "source": source,
-                    "event": str(name),
+                    "event": str(r.get("event") or r.get("state") or fallback),
                     "step": r.get(step_field, r.get("step")),
                     "detail": json.dumps(r, sort_keys=True, default=str)[:2000],
                 }
             )
-    rec.events.sort(key=lambda e: (e["time"] or 0, e["source"]))
-    # The flow's evaluations.jsonl outlives pruned checkpoints; a rollback's set-aside steps are dropped from it.
-    undone = [(float(r.get("time", 0)), int(r.get("resume_step", 0))) for r in rec.rollbacks]
+    return sorted(events, key=lambda e: (e["time"] or 0, e["source"]))
+
+
+def _evaluations(
+    run: RunDir, rollbacks: list[dict[str, Any]], skip: AbstractSet[tuple[int, str]]
+) -> dict[tuple[int, str], dict[str, float]]:
+    """Every checkpoint's evaluation values by (step, family): the flow's evaluations.jsonl (it outlives pruned
+    checkpoints; a rollback's set-aside steps are dropped from it), then the results kept in the checkpoints of
+    a run evaluated without the flow (python -m evaluation.evaluate)."""
+    out: dict[tuple[int, str], dict[str, float]] = {}
+    undone = [(float(r.get("time", 0)), int(r.get("resume_step", 0))) for r in rollbacks]
     for row in _jsonl(run.evaluations):
         step = row.get("step")
         if not isinstance(step, int) or any(
@@ -144,15 +150,13 @@ def read_records(
         ):
             continue
         for family in ("hellaswag", "lm_eval"):
-            if isinstance(row.get(family), dict) and (step, family) not in skip_evaluations:
+            if isinstance(row.get(family), dict) and (step, family) not in skip:
                 values = evaluation_values(family, row[family])
                 if values:
-                    rec.evaluations[(step, family)] = values
-    for step in list_steps(
-        run.url
-    ):  # a run evaluated without the flow (python -m evaluation.evaluate)
+                    out[(step, family)] = values
+    for step in list_steps(run.url):
         for family in ("hellaswag", "lm_eval"):
-            if (step, family) in skip_evaluations or (step, family) in rec.evaluations:
+            if (step, family) in skip or (step, family) in out:
                 continue
             try:
                 values = evaluation_values(
@@ -161,5 +165,5 @@ def read_records(
             except (FileNotFoundError, ValueError):
                 continue
             if values:
-                rec.evaluations[(step, family)] = values
-    return rec
+                out[(step, family)] = values
+    return out

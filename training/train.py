@@ -225,41 +225,12 @@ class Trainer:
             cfg, self.model, self.optimizer, self.loader, device, info, data["fingerprint"]
         )
         self.start_step = resumed.step if resumed else 0
-        # The guard's history and the position in the token stream in step batches (which differs from the step
-        # once a rollback has skipped data) come back from the checkpoint, so a resumed run decides alike.
-        self.guard = StepGuard(cfg.guard)
-        saved = resumed.train_state() if resumed else {}
-        self.guard.load_state_dict(saved.get("guard", {}))
-        self.batch = int(saved.get("data_batch", self.start_step))
-        self.skip_ranges = sorted(parse_range(r) for r in cfg.data.skip_batches)
+        self._restore_loop_state(resumed.train_state() if resumed else {})
         self.step_model = wrap(self.model, t, info, device)
-        if info.is_master:
-            store.write_json(
-                self.run_dir.config,
-                {
-                    **json.loads(cfg.to_json()),
-                    "resolved": {
-                        "world_size": info.world_size,
-                        "grad_accum_steps": self.grad_accum,
-                        "device": str(device),
-                    },
-                },
-            )
-        # rank 0's growing files (metrics, telemetry, events, samples), written off the step path on an object store
-        self.logs = LogFiles() if info.is_master else None
-        self.metrics = MetricsLog(t.run_dir, self.start_step, self.logs) if self.logs else None
-        self.events = self.logs.open(self.run_dir.events) if self.logs else None
-        self.samples = (
-            self.logs.open(self.run_dir.samples) if self.logs and cfg.eval.sample_every else None
-        )
+        self._open_run_files(info, device)
         # wte and wpe are used first in the forward, so their gradients are the last this rank's backward makes
         first_used = [self.model.transformer.wte.weight, self.model.transformer.wpe.weight]
         self.telemetry = RankTelemetry(t.telemetry_every, info, device, last_grads=first_used)
-        self.telemetry_log = (
-            self.logs.open(self.run_dir.telemetry, keep=lambda ln: line_step(ln) < self.start_step)
-            if self.logs and t.telemetry_every
-            else None
-        )
         self.step_setup = StepSetup(
             self.step_model,
             self.optimizer,
@@ -286,11 +257,40 @@ class Trainer:
             after_save=self.logs.flush if self.logs else None,
         )
         stop_signal.install()  # (already, when started by cluster/worker.py or main below)
-        n_params = self.model.num_parameters(
-            exclude_positions=True
-        )  # position lookups are not matmuls
+        n_params = self.model.num_parameters(exclude_positions=True)  # positions are no matmuls
         self.flops_per_step = flops_per_token(cfg.model, n_params, t.seq_len) * t.total_batch_tokens
         self.peak = peak_flops(device)
+
+    def _restore_loop_state(self, saved: dict[str, Any]) -> None:
+        """The guard's history and the position in the token stream in step batches (which differs from the
+        step once a rollback has skipped data) come back from the checkpoint, so a resumed run decides alike."""
+        self.guard = StepGuard(self.cfg.guard)
+        self.guard.load_state_dict(saved.get("guard", {}))
+        self.batch = int(saved.get("data_batch", self.start_step))
+        self.skip_ranges = sorted(parse_range(r) for r in self.cfg.data.skip_batches)
+
+    def _open_run_files(self, info: DistInfo, device: torch.device) -> None:
+        """Rank 0's files: the resolved config, and the growing ones (metrics, events, samples, telemetry),
+        written off the step path on an object store. Other ranks write none."""
+        cfg, t = self.cfg, self.cfg.train
+        self.logs = LogFiles() if info.is_master else None
+        self.metrics = self.events = self.samples = self.telemetry_log = None
+        if self.logs is None:
+            return
+        resolved = {
+            "world_size": info.world_size,
+            "grad_accum_steps": self.grad_accum,
+            "device": str(device),
+        }
+        store.write_json(self.run_dir.config, {**json.loads(cfg.to_json()), "resolved": resolved})
+        self.metrics = MetricsLog(t.run_dir, self.start_step, self.logs)
+        self.events = self.logs.open(self.run_dir.events)
+        if cfg.eval.sample_every:
+            self.samples = self.logs.open(self.run_dir.samples)
+        if t.telemetry_every:
+            self.telemetry_log = self.logs.open(
+                self.run_dir.telemetry, keep=lambda ln: line_step(ln) < self.start_step
+            )
 
     def amp(self):
         return (
@@ -305,42 +305,16 @@ class Trainer:
         last: dict[str, Any] = {"loss": None, "val_loss": None}
         try:
             while step < t.max_steps:
-                record = self._evaluate(step)
-                self.profiler.before(step)
-                record = {**self._step(step), **record, **self.checkpointer.timings()}
-                self.profiler.after(step)
-                self.heartbeat.progress(step + 1, record["step_ms"] / 1000, self.telemetry.busy_s)
-                if self.telemetry.due(step):
-                    record.update(self._telemetry_window(step))
-                diverged = self.guard.diverged()
+                record = self._train_and_log(step)
                 last.update(loss=record["loss"], val_loss=record.get("val_loss", last["val_loss"]))
-                if self.metrics is not None:
-                    self.metrics.log(record)
-                    if step % t.log_every == 0 or step == t.max_steps - 1 or "val_loss" in record:
-                        print(console_line(record, t.max_steps), flush=True)
+                diverged = self.guard.diverged()
                 step += 1
                 if diverged:  # every rank sees the same losses and norms, so every rank stops here
                     stopped_by = "diverged"
                     self._event({"event": "diverged", "step": step - 1, **diverged.to_json()})
                     break
-                stopped_by = self._stop_reason(step)
-                lost = self.lease is not None and self.lease.lost.is_set()
-                verdict = distributed.max_over_ranks(
-                    2 if lost else int(stopped_by is not None), self.device
-                )
-                if (
-                    verdict == 2
-                ):  # someone else writes this run directory now: not one more byte from us
-                    raise LeaseLost(
-                        f"the lease of {t.run_dir} was taken by "
-                        f"{self.lease.lost_to if self.lease else 'another writer'} at step {step}; "
-                        "stopped without writing"
-                    )
-                self.heartbeat.phase("checkpoint")
-                self.checkpointer.save_if_due(step, stopping=verdict == 1)
-                self.heartbeat.phase("step")
-                if verdict == 1:
-                    stopped_by = stopped_by or "peer rank signal"
+                stopped_by = self._checkpoint_or_stop(step)
+                if stopped_by is not None:
                     break
             self.checkpointer.wait()  # a write still in flight (a run that stopped between checkpoints)
             if self.logs is not None:
@@ -355,13 +329,52 @@ class Trainer:
             self.val_loader.close()
             if self.lease is not None:
                 self.lease.release()
+        return self._result(step, stopped_by, last)
+
+    def _train_and_log(self, step: int) -> dict[str, Any]:
+        """Step `step` with the evaluations due before it: its metrics line, logged (and printed at log_every)."""
+        t = self.cfg.train
+        record = self._evaluate(step)
+        self.profiler.before(step)
+        record = {**self._step(step), **record, **self.checkpointer.timings()}
+        self.profiler.after(step)
+        self.heartbeat.progress(step + 1, record["step_ms"] / 1000, self.telemetry.busy_s)
+        if self.telemetry.due(step):
+            record.update(self._telemetry_window(step))
+        if self.metrics is not None:
+            self.metrics.log(record)
+            if step % t.log_every == 0 or step == t.max_steps - 1 or "val_loss" in record:
+                print(console_line(record, t.max_steps), flush=True)
+        return record
+
+    def _checkpoint_or_stop(self, step: int) -> str | None:
+        """After `step` steps, every rank together: a checkpoint when one is due, and why the run stops now (a
+        signal to any rank, stop_after_steps), or None. A lost lease stops it without writing one more byte."""
+        stopped_by = self._stop_reason(step)
+        lost = self.lease is not None and self.lease.lost.is_set()
+        verdict = distributed.max_over_ranks(
+            2 if lost else int(stopped_by is not None), self.device
+        )
+        if verdict == 2:  # someone else writes this run directory now: not one more byte from us
+            raise LeaseLost(
+                f"the lease of {self.cfg.train.run_dir} was taken by "
+                f"{self.lease.lost_to if self.lease else 'another writer'} at step {step}; "
+                "stopped without writing"
+            )
+        self.heartbeat.phase("checkpoint")
+        self.checkpointer.save_if_due(step, stopping=verdict == 1)
+        self.heartbeat.phase("step")
+        return (stopped_by or "peer rank signal") if verdict == 1 else None
+
+    def _result(self, step: int, stopped_by: str | None, last: dict[str, Any]) -> dict[str, Any]:
+        """How the run ended (result.json, written by rank 0; the flow and the launcher read it)."""
         divergence = self.guard.diverged() if stopped_by == "diverged" else None
         result = {
             "final_step": step,
             "loss": last["loss"],
             "val_loss": last["val_loss"],
             "checkpoint": self.checkpointer.latest,
-            "complete": step >= t.max_steps,
+            "complete": step >= self.cfg.train.max_steps,
             "stopped_by": stopped_by,
             **({"diverged": divergence.to_json()} if divergence else {}),
         }

@@ -12,7 +12,7 @@ from helpers import FLOW_FAST, REPO, free_port, make_examples, make_shards, read
 from prefect import flow
 
 from flows.executors import LocalTrainingExecutor
-from flows.params import PretrainParams
+from flows.params import EvaluationParams, PretrainParams
 from flows.pretrain import FlowFailure, pretrain, run_pretrain
 
 SHARDS: dict[str, str] = {}
@@ -191,6 +191,16 @@ def test_crash_loop_stops_with_a_clear_message(prefect_server, tmp_path):
 def test_bad_parameter_fails_before_anything_runs(prefect_server, tmp_path):
     with pytest.raises(FlowFailure, match="bad parameter.*max_lrr"):
         asyncio.run(pretrain(_params(tmp_path, overrides=["max_lrr=1"])))
+    assert not (tmp_path / "store" / "runs").exists()
+
+
+def test_hellaswag_without_its_file_fails_before_anything_trains(prefect_server, tmp_path):
+    # the store's default file, which nobody staged
+    p = _params(tmp_path).model_copy(update={"evaluation": EvaluationParams(tasks=["hellaswag"])})
+    with pytest.raises(
+        FlowFailure, match=r"evaluation.tasks has hellaswag but .*hellaswag_val.jsonl does not"
+    ):
+        asyncio.run(pretrain(p))
     assert not (tmp_path / "store" / "runs").exists()
 
 
