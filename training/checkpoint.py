@@ -253,6 +253,49 @@ def write_checkpoint(run_dir: str, step: int, **kwargs: Any) -> str | None:
 # ----------------------------------------------------------------------------- reading
 
 
+@dataclass(frozen=True)
+class TrainState:
+    """train_state.json: what a checkpoint says of its run at its step, beside the weights. The loop adds
+    `data` (the shards it trained on: {"url", "fingerprint"}), `guard` (the guard's history), `data_batch` (the
+    position in the token stream, in step batches) and `tokens_seen`; older checkpoints lack some of them."""
+
+    step: int
+    world_size: int
+    code_version: str
+    config: dict[str, Any]
+    data: dict[str, Any] = field(default_factory=dict)
+    guard: dict[str, Any] = field(default_factory=dict)
+    data_batch: int | None = None
+    tokens_seen: int | None = None
+
+    @classmethod
+    def parse(cls, obj: Any, where: str) -> TrainState:
+        """The record, or a CheckpointError naming the file and the field that is not what it must be."""
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{where}: train_state.json is not a JSON object")
+        kinds: dict[str, tuple[type, ...]] = {
+            "step": (int,), "world_size": (int,), "code_version": (str,), "config": (dict,),
+            "data": (dict, type(None)), "guard": (dict,), "data_batch": (int, type(None)),
+            "tokens_seen": (int, type(None)),
+        }  # fmt: skip
+        for name, kind in kinds.items():
+            value = obj.get(name) if name in obj else cls.__dataclass_fields__[name].default
+            if name in ("step", "world_size", "code_version", "config") and name not in obj:
+                raise CheckpointError(f"{where}: train_state.json has no {name!r}")
+            if name in obj and (isinstance(value, bool) or not isinstance(value, kind)):
+                raise CheckpointError(f"{where}: train_state.json's {name!r} is {value!r}")
+        return cls(
+            obj["step"],
+            obj["world_size"],
+            obj["code_version"],
+            obj["config"],
+            obj.get("data") or {},
+            obj.get("guard", {}),
+            obj.get("data_batch"),
+            obj.get("tokens_seen"),
+        )
+
+
 @dataclass
 class Checkpoint:
     url: str
@@ -288,11 +331,23 @@ class Checkpoint:
             self._cache[name] = data
         return data
 
-    def train_state(self) -> dict[str, Any]:
-        return json.loads(self.read("train_state.json"))
+    def train_state(self) -> TrainState:
+        """train_state.json, which must agree with the manifest on the step and the world size (both are
+        hashed: an edited manifest must not resume the weights of another step)."""
+        try:
+            obj = json.loads(self.read("train_state.json"))
+        except ValueError as err:
+            raise CheckpointError(f"{self.url}: train_state.json is not JSON ({err})") from None
+        state = TrainState.parse(obj, self.url)
+        if (state.step, state.world_size) != (self.step, self.world_size):
+            raise CheckpointError(
+                f"{self.url}: its manifest says step {self.step} of {self.world_size} ranks, its "
+                f"train_state.json step {state.step} of {state.world_size}: not resumed from"
+            )
+        return state
 
     def config(self) -> RunConfig:
-        return config_from_json(json.dumps(self.train_state()["config"]))
+        return config_from_json(json.dumps(self.train_state().config))
 
     def model_state_bytes(self) -> bytes:
         return self.read("model.safetensors")
@@ -308,9 +363,11 @@ class Checkpoint:
         )
 
     def verify(self) -> None:
-        """Read and hash every file (the thorough check before trusting a checkpoint to resume from)."""
+        """Read and hash every file, and check the train state against the manifest (the thorough check
+        before trusting a checkpoint to resume from)."""
         for name in self.manifest["files"]:
             self.read(name)
+        self.train_state()
 
 
 def open_checkpoint(url: str) -> Checkpoint:

@@ -40,7 +40,7 @@ def check_compatible(saved: RunConfig, cfg: RunConfig) -> None:
 
 def check_same_data(ckpt: ck.Checkpoint, cfg: RunConfig, data_fingerprint: str) -> None:
     """The shards under data_url must be the ones the checkpoint was trained on (whatever their URL)."""
-    saved = ckpt.train_state().get("data") or {}
+    saved = ckpt.train_state().data
     if "fingerprint" not in saved:
         log.warning(
             "%s does not record its training data (written by an earlier version): not checked",

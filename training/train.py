@@ -36,6 +36,7 @@ from common.lease import Lease, LeaseHeld
 from common.logfiles import LogFile, LogFiles
 from common.shards import data_fingerprint
 from training import accel, distributed, stop_signal
+from training.checkpoint import TrainState
 from training.checkpointer import Checkpointer
 from training.config import RunConfig, TrainConfig, load_config, parse_range
 from training.distributed import DistInfo
@@ -225,7 +226,7 @@ class Trainer:
             cfg, self.model, self.optimizer, self.loader, device, info, data["fingerprint"]
         )
         self.start_step = resumed.step if resumed else 0
-        self._restore_loop_state(resumed.train_state() if resumed else {})
+        self._restore_loop_state(resumed.train_state() if resumed else None)
         self.step_model = wrap(self.model, t, info, device)
         self._open_run_files(info, device)
         # wte and wpe are used first in the forward, so their gradients are the last this rank's backward makes
@@ -261,12 +262,13 @@ class Trainer:
         self.flops_per_step = flops_per_token(cfg.model, n_params, t.seq_len) * t.total_batch_tokens
         self.peak = peak_flops(device)
 
-    def _restore_loop_state(self, saved: dict[str, Any]) -> None:
+    def _restore_loop_state(self, saved: TrainState | None) -> None:
         """The guard's history and the position in the token stream in step batches (which differs from the
         step once a rollback has skipped data) come back from the checkpoint, so a resumed run decides alike."""
         self.guard = StepGuard(self.cfg.guard)
-        self.guard.load_state_dict(saved.get("guard", {}))
-        self.batch = int(saved.get("data_batch", self.start_step))
+        self.guard.load_state_dict(saved.guard if saved else {})
+        batch = saved.data_batch if saved else None
+        self.batch = self.start_step if batch is None else batch
         self.skip_ranges = sorted(parse_range(r) for r in self.cfg.data.skip_batches)
 
     def _open_run_files(self, info: DistInfo, device: torch.device) -> None:

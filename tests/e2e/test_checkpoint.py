@@ -1,3 +1,4 @@
+import json
 import logging
 
 import pytest
@@ -45,7 +46,7 @@ def test_round_trip_restores_model_optimizer_and_rank_state(tmp_path, setup):
     s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
     assert all(torch.equal(s1[k]["exp_avg"], s2[k]["exp_avg"]) for k in s1)
     assert ckpt.rank_state(0)["loader"] == {"pos": 10}
-    assert ckpt.train_state()["code_version"]
+    assert ckpt.train_state().code_version
 
 
 def test_incomplete_and_corrupt_checkpoints_are_skipped(tmp_path, setup, caplog):
@@ -92,3 +93,21 @@ def test_loading_never_unpickles_code(tmp_path, setup):
     )
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
         ck.open_checkpoint(url).rank_state(0)
+
+
+def test_a_manifest_edited_to_another_step_is_not_resumed_from(tmp_path, setup, caplog):
+    """The manifest names the step; train_state.json (hashed in it) says it too. When they disagree (a
+    manifest edited, a folder copied under another step's name), the weights are another step's: refused."""
+    cfg, model, opt = setup
+    run = tmp_path / "run"
+    url = _write(str(run), 5, model, opt, cfg)
+    manifest = json.loads((run / "checkpoints" / "step_000005" / "manifest.json").read_text())
+    manifest["step"] = 9
+    (run / "checkpoints" / "step_000005" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        ck.CheckpointError, match=r"manifest says step 9 .* train_state.json step 5"
+    ):
+        ck.open_checkpoint(url).train_state()
+    with caplog.at_level(logging.WARNING):
+        assert ck.latest_checkpoint(str(run)) is None  # skipped, said: no silent resume
+    assert "manifest says step 9" in caplog.text
