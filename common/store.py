@@ -12,6 +12,7 @@ import json
 import os
 import posixpath
 import re
+import socket
 import time
 import uuid
 from typing import Any
@@ -46,7 +47,9 @@ def write_bytes(url: str, data: bytes) -> None:
         fs.pipe_file(path, data)
         return
     parent = os.path.dirname(path)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    # the writer's pid and host in the name: a restart tells a killed writer's file from a live one's at once
+    owner = f"{os.getpid()}@{socket.gethostname()}"
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.{owner}.tmp")
     try:
         os.makedirs(parent, exist_ok=True)
         with open(tmp, "wb") as f:
@@ -62,9 +65,8 @@ def write_bytes(url: str, data: bytes) -> None:
         raise StoreError(f"cannot write {url}: {err.strerror or err}") from None
 
 
-_TEMPORARY = re.compile(
-    r"^\..+\.[0-9a-f]+\.tmp$"
-)  # write_bytes's temporary names: .{name}.{hex}.tmp
+# write_bytes's temporary names: .{name}.{hex}.{pid}@{host}.tmp (.{name}.{hex}.tmp: earlier versions')
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]+(?:\.(?P<pid>\d+)@(?P<host>[^/]+))?\.tmp$")
 
 
 def is_temporary(name: str) -> bool:
@@ -72,20 +74,35 @@ def is_temporary(name: str) -> bool:
 
 
 def remove_stale_temporaries(url: str, idle_s: float = 60.0) -> list[str]:
-    """Delete the temporary files killed writers left under `url` (untouched for `idle_s`: a live writer keeps
-    its file's mtime fresh). Local stores only: object stores never show a partial object."""
+    """Delete the temporary files killed writers left under `url`: at once when the writer was a process of
+    this host that is gone, else once untouched for `idle_s` (a live writer elsewhere keeps its file's mtime
+    fresh). Local stores only: object stores never show a partial object."""
     fs, path = fs_and_path(url)
     if not isinstance(fs, LocalFileSystem) or not os.path.isdir(path):
         return []
-    removed, now = [], time.time()
+    removed, now, host = [], time.time(), socket.gethostname()
     for root, _, files in os.walk(path):
         for name in files:
+            m = _TEMPORARY.match(name)
+            if m is None:
+                continue
             full = os.path.join(root, name)
             with contextlib.suppress(OSError):
-                if _TEMPORARY.match(name) and now - os.stat(full).st_mtime > idle_s:
+                dead = m["host"] == host and not _alive(int(m["pid"]))
+                if dead or now - os.stat(full).st_mtime > idle_s:
                     os.remove(full)
                     removed.append(full)
     return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def read_bytes(url: str) -> bytes:

@@ -4,14 +4,22 @@
     torchrun --nproc_per_node 8 -m training.train --config gpt2-124m --set run_dir=s3://bucket/runs/x
 
 Resumes automatically from the latest valid checkpoint in `run_dir`, bit-exactly on the same world size.
-On SIGUSR2 or SIGTERM (Slurm's warning before preemption or the time limit) every rank finishes its step,
-a checkpoint is written collectively, and the process exits with exit_codes.REQUEUE (75).
+On SIGUSR2 or SIGTERM (Slurm's warning before preemption or the time limit) or Ctrl-C, every rank finishes
+its step, a checkpoint is written collectively, and the process exits with exit_codes.REQUEUE (75).
 
 Reading order: `Trainer.__init__` (set-up: preflight, build, resume, wrap), then `Trainer.run` (the loop);
 the step itself is training/step.py, checkpoint cadence training/checkpointer.py.
 """
 
+# ruff: noqa: E402 (the stop signal is caught before the imports below, which take seconds)
 from __future__ import annotations
+
+if (
+    __name__ == "__main__"
+):  # python -m training.train: a stop signal during start-up is kept, not fatal
+    from training import stop_signal as _stop_signal
+
+    _stop_signal.install()
 
 import argparse
 import json
@@ -19,6 +27,7 @@ import logging
 import os
 import random
 import re
+import sys
 import time
 from contextlib import nullcontext
 from typing import Any
@@ -303,10 +312,10 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         t = self.cfg.train
-        step, stopped_by = self.start_step, None
+        step, stopped_by = self.start_step, self._signalled_before_start()
         last: dict[str, Any] = {"loss": None, "val_loss": None}
         try:
-            while step < t.max_steps:
+            while stopped_by is None and step < t.max_steps:
                 record = self._train_and_log(step)
                 last.update(loss=record["loss"], val_loss=record.get("val_loss", last["val_loss"]))
                 diverged = self.guard.diverged()
@@ -332,6 +341,17 @@ class Trainer:
             if self.lease is not None:
                 self.lease.release()
         return self._result(step, stopped_by, last)
+
+    def _signalled_before_start(self) -> str | None:
+        """A stop signal that came during start-up (any rank's): the run stops before its first step, with
+        nothing new to save."""
+        mine = stop_signal.received()
+        if not distributed.any_true(mine is not None, self.device):
+            return None
+        log.warning(
+            "stopped by %s before the first step: nothing new to save", mine or "a peer rank"
+        )
+        return mine or "peer rank signal"
 
     def _train_and_log(self, step: int) -> dict[str, Any]:
         """Step `step` with the evaluations due before it: its metrics line, logged (and printed at log_every)."""
@@ -594,6 +614,13 @@ def main(argv: list[str] | None = None) -> int:
     result = train(load_config(args.config, args.overrides))
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(result), flush=True)
+        if result["stopped_by"] not in (None, "diverged", "stop_after_steps"):
+            print(
+                f"stopped by {result['stopped_by']} at step {result['final_step']}: run the same command "
+                "again to resume",
+                file=sys.stderr,
+                flush=True,
+            )
     if result["stopped_by"] == "diverged":
         return exit_codes.DIVERGED
     return exit_codes.REQUEUE if result["stopped_by"] else exit_codes.OK

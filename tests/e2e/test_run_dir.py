@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -220,6 +221,25 @@ def test_temporary_files_of_killed_writes_are_removed_at_start(demo_data, tmp_pa
     p = run_train(demo_data, run, "max_steps=10")
     assert not any(f.exists() for f in stale) and fresh.exists()
     assert "left by a killed write" in p.stderr
+
+
+def test_a_write_killed_a_moment_ago_is_removed_at_the_next_start(demo_data, tmp_path):
+    """A SIGKILL in the middle of writing a checkpoint file, and training started again at once (as the flow
+    resubmits): the killed writer's temporary is removed though it is seconds old (its process is gone)."""
+    run = tmp_path / "run"
+    run_train(demo_data, run, "checkpoint_every=4")
+    folder = run / "checkpoints" / "step_000004"
+    code = "import sys; from common import store; store.write_bytes(sys.argv[1], bytes(1 << 30))"
+    writer = subprocess.Popen([sys.executable, "-c", code, str(folder / "optimizer.pt")], cwd=REPO)
+    deadline = time.time() + 60
+    while not list(folder.glob(".optimizer.pt.*.tmp")):
+        assert writer.poll() is None and time.time() < deadline, "the write never started"
+        time.sleep(0.001)
+    writer.kill()
+    writer.wait()
+    [temporary] = list(folder.glob(".optimizer.pt.*.tmp"))  # half a write, under its temporary name
+    p = run_train(demo_data, run, "max_steps=10")
+    assert not temporary.exists() and "left by a killed write" in p.stderr
 
 
 def test_a_loss_trace_is_the_same_with_the_lease_renewing(demo_data, tmp_path):

@@ -115,8 +115,10 @@ def test_compiled_ddp_with_the_chunked_loss_matches_one_plain_process(demo_data,
         assert r1.get("val_loss", 0) == pytest.approx(r2.get("val_loss", 0), abs=1e-4)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM, signal.SIGINT])
 def test_preemption_signal_checkpoints_and_exits_with_requeue_code(demo_data, tmp_path, sig):
+    """Slurm's warnings (USR2, TERM) and Ctrl-C (INT) alike: the step in flight finished, a checkpoint, exit 75,
+    one line saying how to go on, no traceback."""
     run = tmp_path / "run"
     proc = subprocess.Popen(
         train_cmd(demo_data, run, "max_steps=5000", "val_every=5000"),
@@ -135,14 +137,17 @@ def test_preemption_signal_checkpoints_and_exits_with_requeue_code(demo_data, tm
         ck.latest_checkpoint(str(run)).step == done
     )  # the step in flight was finished, then saved
     assert json.loads(out.strip().splitlines()[-1])["stopped_by"] == sig.name
+    assert f"stopped by {sig.name} at step {done}: run the same command again to resume" in err
+    assert "Traceback" not in err
     # and the next launch resumes from there
     run_train(demo_data, run, f"max_steps={done + 2}", "val_every=5000")
     assert [m["step"] for m in metrics(run)] == list(range(done + 2))
 
 
 def test_a_stop_signal_during_start_up_is_kept(demo_data, tmp_path):
-    """Slurm may warn of a preemption while a job is still starting: the rank keeps the signal and checkpoints
-    after its first step. (torchrun's workers start with SIGUSR2 ignored, as this one does.)"""
+    """Slurm may warn of a preemption while a job is still starting: the rank keeps the signal and stops before
+    its first step, with nothing new to save (exit 75: the next start resumes). (torchrun's workers start
+    with SIGUSR2 ignored, as this one does.)"""
     run = tmp_path / "run"
     cmd = train_cmd(demo_data, run)
     cmd[cmd.index("training.train")] = "cluster.worker"
@@ -161,8 +166,27 @@ def test_a_stop_signal_during_start_up_is_kept(demo_data, tmp_path):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == REQUEUE, err[-3000:]
     assert json.loads(out.strip().splitlines()[-1])["stopped_by"] == "SIGUSR2"
-    assert ck.latest_checkpoint(str(run)).step == 1
+    trained = (run / "metrics.jsonl").read_text() if (run / "metrics.jsonl").exists() else ""
+    assert ck.latest_checkpoint(str(run)) is None and not trained.strip()  # not one step
     assert json.loads((tmp_path / "exits" / "rank_00000.json").read_text())["exit_code"] == REQUEUE
+
+
+def test_a_stop_signal_in_the_first_second_of_a_plain_training_process_is_kept(demo_data, tmp_path):
+    """`python -m training.train` itself, signalled while it imports torch: exit 75, not killed."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        train_cmd(demo_data, run),
+        cwd=REPO,
+        env=train_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.4)  # the interpreter is up; torch is still being imported
+    proc.send_signal(signal.SIGUSR2)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == REQUEUE, err[-3000:]
+    assert "stopped by SIGUSR2 at step 0: run the same command again to resume" in err
 
 
 def test_missing_data_fails_before_anything_is_written(tmp_path):
