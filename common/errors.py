@@ -12,6 +12,13 @@ class ReproError(Exception):
     exit_code = exit_codes.FAILED
 
 
+class StopRequested(ReproError):
+    """A stop signal (preemption, Ctrl-C) came while a command waited, before it had anything to save: it
+    stops with the requeue code (run it again to go on)."""
+
+    exit_code = exit_codes.REQUEUE
+
+
 class BadInput(ReproError):
     """The user's input cannot work (config, data, paths, credentials); raised before work starts."""
 

@@ -19,18 +19,37 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from common import store
-from common.errors import BadInput
+from common.errors import BadInput, StopRequested
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL_S = 60.0
 
 
+MAX_WAIT_S = 600.0  # the longest wait for a holder on another host to show it lives
+
+
 class LeaseHeld(BadInput):
     """Another live writer holds the run directory; the message names it."""
+
+
+def _malformed(rec: Any) -> str | None:
+    """What makes `rec` no lease record, or None."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    kinds = {"owner": str, "host": str, "pid": int, "id": str, "token": str}
+    for name, kind in kinds.items():
+        if name in rec and (isinstance(rec[name], bool) or not isinstance(rec[name], kind)):
+            return f"{name!r} is {rec[name]!r}"
+    for name in ("renewed", "ttl_s"):
+        value = rec.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            return f"{name!r} is {value!r}"
+    return None
 
 
 def _alive(pid: int) -> bool:
@@ -79,16 +98,25 @@ class Lease:
         }
 
     def _read(self) -> dict[str, Any] | None:
+        """The lease record; {} for one that is not a lease record (unreadable JSON, or a field of the wrong
+        kind: treated as a lease nobody renews, and said); None when there is none."""
         try:
             rec = store.read_json(self.url)
         except FileNotFoundError:
             return None
         except ValueError:
-            return {}  # unreadable: treated as a lease nobody renews
-        return rec if isinstance(rec, dict) else {}
+            rec = None
+        problem = _malformed(rec)
+        if problem:
+            log.warning(
+                "%s is not a lease record (%s): treated as a lease nobody holds", self.url, problem
+            )
+            return {}
+        return rec
 
     @staticmethod
     def describe(rec: dict[str, Any]) -> str:
+        """The holder as others read it; `rec` as `_read` returns it (its fields of the right kinds)."""
         age = time.time() - float(rec.get("renewed", 0))
         return f"{rec.get('owner', '?')} on {rec.get('host', '?')} (pid {rec.get('pid', '?')}, renewed {age:.0f} s ago)"
 
@@ -112,26 +140,15 @@ class Lease:
             "wait for it to end, stop it, or use another run"
         )
 
-    def acquire(self) -> Lease:
+    def acquire(self, should_stop: Callable[[], str | None] = lambda: None) -> Lease:
+        """Take the lease, or raise LeaseHeld naming its holder. `should_stop`: a stop asked for while this waits
+        for a holder on another host (the name of the signal), which ends the wait with StopRequested."""
         rec = self._read()
         state = "free" if rec is None else self._state(rec)
         if rec is not None and state == "held":
             raise self._held(rec)
         if rec is not None and state == "unknown":
-            # Wait for a renewal (its holder lives) or for the lease to go stale (its holder died).
-            seen, deadline = (
-                rec.get("renewed"),
-                time.monotonic() + float(rec.get("ttl_s", self.ttl_s)) + 1,
-            )
-            while time.monotonic() < deadline:
-                time.sleep(min(1.0, self.ttl_s / 8))
-                now = self._read()
-                if now is None:
-                    break
-                if now.get("renewed") != seen:
-                    raise self._held(now)
-            else:
-                log.warning("taking over the stale lease of %s", self.describe(rec))
+            self._wait_for_holder(rec, should_stop)
         elif rec:
             log.info("taking over the lease of %s", self.describe(rec))
         store.write_json(self.url, self._record())
@@ -144,6 +161,33 @@ class Lease:
         self._thread = threading.Thread(target=self._renew, name="lease-renewal", daemon=True)
         self._thread.start()
         return self
+
+    def _wait_for_holder(self, rec: dict[str, Any], should_stop: Callable[[], str | None]) -> None:
+        """A holder on another host, renewed lately: wait for a renewal (it lives: LeaseHeld) or for the lease to
+        go stale (it died). The wait is said, bounded by the longer of the two TTLs up to MAX_WAIT_S (a record
+        may claim any TTL, or a renewal in the future), and ends on a stop signal."""
+        wait_s = min(max(float(rec.get("ttl_s", self.ttl_s)), self.ttl_s), MAX_WAIT_S) + 1
+        log.warning(
+            "%s is held by %s: waiting up to %.0f s for it to be renewed (a live holder) or not (a dead one)",
+            run_of(self.url),
+            self.describe(rec),
+            wait_s,
+        )
+        seen, deadline = rec.get("renewed"), time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            time.sleep(min(1.0, self.ttl_s / 8))
+            stop = should_stop()
+            if stop:
+                raise StopRequested(
+                    f"stopped by {stop} while waiting for the lease of {run_of(self.url)} "
+                    f"(held by {self.describe(rec)})"
+                )
+            now = self._read()
+            if now is None:
+                return
+            if now.get("renewed") != seen:
+                raise self._held(now)
+        log.warning("taking over the stale lease of %s", self.describe(rec))
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 4):

@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import exit_codes, store
 from common.cli import entry_point
-from common.errors import ReproError
+from common.errors import ReproError, StopRequested
 from common.heartbeat import HeartbeatWriter, laggards, read_heartbeats
 from common.layout import RunDir
 from common.lease import Lease, LeaseHeld
@@ -188,10 +188,15 @@ def take_run_dir(cfg: RunConfig, info: DistInfo, device: torch.device) -> Lease 
             ttl_s=cfg.train.lease_ttl_s,
         )
         try:
-            lease.acquire()
-        except LeaseHeld as err:
+            lease.acquire(should_stop=stop_signal.received)
+        except (LeaseHeld, StopRequested) as err:
             refused = err
-    if distributed.any_true(refused is not None, device):
+    # every rank ends alike: 2 a stop asked for while rank 0 waited (exit 75), 1 held by another (exit 2)
+    why = 0 if refused is None else 2 if isinstance(refused, StopRequested) else 1
+    verdict = distributed.max_over_ranks(why, device)
+    if verdict == 2:
+        raise refused or StopRequested(f"stopped while rank 0 waited for the lease of {cfg.train.run_dir}")
+    if verdict == 1:
         raise refused or LeaseHeld(f"rank 0 could not take the lease of {cfg.train.run_dir}")
     return lease
 

@@ -223,6 +223,35 @@ def test_temporary_files_of_killed_writes_are_removed_at_start(demo_data, tmp_pa
     assert "left by a killed write" in p.stderr
 
 
+def test_a_trainer_waiting_for_a_holder_elsewhere_says_so_and_stops_on_sigterm(demo_data, tmp_path):
+    """A lease dated in the future with a TTL of years (a clock gone wrong, or a hand-edited file): the trainer
+    says what it waits for, and a stop signal ends the wait cleanly (75, one line), as a preemption would."""
+    run = tmp_path / "run"
+    store.write_json(
+        str(run / "leases" / "trainer.json"),
+        {
+            "owner": "trainer",
+            "host": "elsewhere",
+            "pid": 1,
+            "token": "y",
+            "renewed": time.time() + 3600,
+            "ttl_s": 1e9,
+        },
+    )
+    proc = subprocess.Popen(
+        train_cmd(demo_data, run), cwd=REPO, env=train_env(), stderr=subprocess.PIPE, text=True
+    )
+    deadline, said = time.time() + 120, ""
+    while "waiting up to" not in said:
+        assert time.time() < deadline and proc.poll() is None, said
+        said += proc.stderr.readline()
+    proc.send_signal(signal.SIGTERM)
+    err = said + proc.communicate(timeout=60)[1]
+    assert proc.returncode == REQUEUE, err[-2000:]
+    assert "stopped by SIGTERM while waiting for the lease of" in err and "Traceback" not in err
+    assert not (run / "metrics.jsonl").exists()
+
+
 def test_a_write_killed_a_moment_ago_is_removed_at_the_next_start(demo_data, tmp_path):
     """A SIGKILL in the middle of writing a checkpoint file, and training started again at once (as the flow
     resubmits): the killed writer's temporary is removed though it is seconds old (its process is gone)."""
