@@ -43,9 +43,38 @@ def entry_point(main: Callable[[list[str] | None], int | None]) -> Main:
         except ReproError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             return err.exit_code
+        except Exception as err:
+            unanswered = unanswered_call(err)
+            if unanswered is None:
+                raise  # a bug: its traceback says where
+            print(f"error: {unanswered}", file=sys.stderr, flush=True)
+            return exit_codes.FAILED
         return exit_codes.OK if code is None else code
 
     return run
+
+
+# the errors of a call whose deadline passed, by class name (botocore, aiohttp, requests, the standard library)
+_UNANSWERED = {
+    "ReadTimeoutError",
+    "ConnectTimeoutError",
+    "EndpointConnectionError",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "ServerTimeoutError",
+    "TimeoutError",
+}
+
+
+def unanswered_call(err: BaseException) -> str | None:
+    """One line for an error that says something did not answer in time (a store, a server), else None."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if _UNANSWERED & {c.__name__ for c in type(seen).__mro__}:
+            detail = str(seen) or type(seen).__name__
+            return f"{detail} (no answer in time; nothing was lost: run the command again)"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _number(kind: type, minimum: float | None, name: str):

@@ -22,9 +22,22 @@ from fsspec.implementations.local import LocalFileSystem
 
 from common.errors import BadInput
 
+# Every call to an object store has a deadline: a store that accepts connections and never answers ends in an
+# error naming its endpoint within about two minutes (2 tries of s3fs, each of 2 botocore attempts of at most
+# 10 s to connect and 30 s to read), not in a silent wait. What the user configured (FSSPEC_S3_*) wins.
+S3_DEADLINES: dict[str, Any] = {
+    "retries": 2,
+    "config_kwargs": {"connect_timeout": 10, "read_timeout": 30, "retries": {"max_attempts": 2}},
+}
+
 
 def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(str(url))
+    if fsspec.utils.get_protocol(str(url)) not in ("s3", "s3a"):
+        return fsspec.core.url_to_fs(str(url))
+    user = fsspec.config.conf.get("s3", {}).get("config_kwargs", {})
+    config = {**S3_DEADLINES["config_kwargs"], **user}
+    fs, path = fsspec.core.url_to_fs(str(url), config_kwargs=config)
+    fs.retries = S3_DEADLINES["retries"]  # s3fs's own tries (a class attribute, 5 by default)
     return fs, path
 
 

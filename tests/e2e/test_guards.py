@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -234,6 +235,40 @@ def test_config_and_source_mistakes_are_one_line(tmp_path):
         "positive integer",
     )
     assert not list(tmp_path.rglob("*.npy"))
+
+
+def test_a_store_that_never_answers_is_one_line_within_its_deadline(tmp_path):
+    """An endpoint that accepts connections and never answers (a hung proxy, a wedged gateway): every call to
+    the store has a deadline (common/store.py S3_DEADLINES; shortened here through fsspec's own setting, as a
+    user would), past which the command says what did not answer, instead of waiting without end."""
+    import socket
+    import threading
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+    held = []
+    threading.Thread(
+        target=lambda: [held.append(hole.accept()) for _ in range(64)], daemon=True
+    ).start()
+    endpoint = f"http://127.0.0.1:{hole.getsockname()[1]}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "y",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "FSSPEC_S3": json.dumps(
+            {"endpoint_url": endpoint, "config_kwargs": {"read_timeout": 2, "connect_timeout": 2}}
+        ),
+    }
+    for args in (
+        ["evaluation.evaluate", "--checkpoint", "s3://bucket/runs/r", "--hellaswag-data", "x"],
+        ["training.train", "--config", "tiny", "--set", "data_url=s3://bucket/data"],
+    ):
+        t0 = time.monotonic()
+        p = cli(*args, env=env, timeout=120)
+        assert time.monotonic() - t0 < 90
+        one_line_error(p, "Read timeout on endpoint URL", endpoint)
+    hole.close()
 
 
 def test_missing_storage_credentials_are_one_line_in_every_reader(s3_server, tmp_path):
