@@ -79,7 +79,8 @@ class Placement:
 
     executor: TrainingExecutor
     exclude: tuple[str, ...] = ()
-    shrunk_to: int | None = None
+    shrunk_to: int | None = None  # of `asked` nodes
+    asked: int | None = None
 
 
 class TrainingExecutor(Protocol):

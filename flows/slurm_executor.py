@@ -236,7 +236,7 @@ class SlurmTrainingExecutor:
                 f"{what}, and the run's batch splits evenly over none of them "
                 "(train.total_batch_tokens, eval.val_tokens)"
             )
-        return Placement(self.resized(fits), hosts, fits)
+        return Placement(self.resized(fits), hosts, fits, spec.nodes)
 
 
 def shrink_to(cfg: RunConfig, usable: int, procs_per_node: int) -> int | None:

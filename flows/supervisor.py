@@ -153,9 +153,10 @@ class RunSupervisor:
             )
         if where.shrunk_to is not None:
             self.log.warning(
-                "submission %d runs on %d nodes (allow_shrink): the others are cordoned",
+                "submission %d runs on %d of the job's %s nodes (allow_shrink): the others are cordoned",
                 self.number,
                 where.shrunk_to,
+                where.asked,
             )
         self.shrunk_to = where.shrunk_to
         overrides = with_skips(self.overrides, self.cfg, self.events.rollbacks)
