@@ -24,6 +24,7 @@ from typing import Any
 
 from common import store
 from common.errors import BadInput, StopRequested
+from common.process_tree import alive
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +51,6 @@ def _malformed(rec: Any) -> str | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             return f"{name!r} is {value!r}"
     return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Lease:
@@ -127,7 +118,7 @@ class Lease:
         if (
             rec.get("host") == socket.gethostname()
         ):  # on this host we know whether its holder is alive
-            return "held" if _alive(int(rec.get("pid", 0))) else "free"
+            return "held" if alive(int(rec.get("pid", 0))) else "free"
         return (
             "free"
             if time.time() - float(rec.get("renewed", 0)) > float(rec.get("ttl_s", self.ttl_s))

@@ -45,3 +45,14 @@ def kill_tree(root: int, sig: signal.Signals = signal.SIGKILL) -> list[int]:
     except (ProcessLookupError, PermissionError):
         pass
     return [root, *pids]
+
+
+def alive(pid: int) -> bool:
+    """Whether a process of that pid runs on this host (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -21,6 +21,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from common.errors import BadInput
+from common.process_tree import alive
 
 # Every call to an object store has a deadline: a store that accepts connections and never answers ends in an
 # error naming its endpoint within about two minutes (2 tries of s3fs, each of 2 botocore attempts of at most
@@ -101,21 +102,11 @@ def remove_stale_temporaries(url: str, idle_s: float = 60.0) -> list[str]:
                 continue
             full = os.path.join(root, name)
             with contextlib.suppress(OSError):
-                dead = m["host"] == host and not _alive(int(m["pid"]))
+                dead = m["host"] == host and not alive(int(m["pid"]))
                 if dead or now - os.stat(full).st_mtime > idle_s:
                     os.remove(full)
                     removed.append(full)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 def read_bytes(url: str) -> bytes:
