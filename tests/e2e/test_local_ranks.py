@@ -102,15 +102,20 @@ def test_two_local_ranks_that_stop_with_a_checkpoint_are_resubmitted_not_failed(
     assert _trace(tmp_path) == uninterrupted  # bit-exact resume on the same world size
 
 
-class KillRankOne(LocalTrainingExecutor):
-    """A rank that dies (the OOM killer, a segfault): SIGKILL of rank 1 alone, after the step-3 checkpoint."""
+class SignalRankOne(LocalTrainingExecutor):
+    """Rank 1 alone, in the first submission, signalled after the step-3 checkpoint: SIGKILL is a rank that
+    dies (the OOM killer, a segfault), SIGSTOP one that hangs (rank 0 then waits in its next collective)."""
+
+    def __init__(self, sig: signal.Signals):
+        super().__init__(nproc=2)
+        self.sig = sig
 
     def submit(self, preset, overrides, run, number, exclude=()):
         submission = super().submit(preset, overrides, run, number, exclude)
         if number == 1:
             pid = _rank_pid(submission.proc.pid, 1)
             _wait_for_checkpoint(Path(run.url), 3)
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, self.sig)
         return submission
 
 
@@ -120,7 +125,7 @@ def test_a_killed_local_rank_fails_the_submission_naming_it_and_the_run_resumes(
 
     @flow(name="pretrain-gpt2-killed-rank")
     async def with_killed_rank(params: PretrainParams):
-        return await run_pretrain(params, KillRankOne(nproc=2))
+        return await run_pretrain(params, SignalRankOne(signal.SIGKILL))
 
     result = asyncio.run(with_killed_rank(_params(tmp_path, shards)))
     assert result["submissions"] == 2 and result["final_step"] == 6
@@ -133,25 +138,13 @@ def test_a_killed_local_rank_fails_the_submission_naming_it_and_the_run_resumes(
     assert _trace(tmp_path) == uninterrupted
 
 
-class FreezeRankOne(LocalTrainingExecutor):
-    """A hang: SIGSTOP of rank 1 alone after the step-3 checkpoint; rank 0 waits in its next collective."""
-
-    def submit(self, preset, overrides, run, number, exclude=()):
-        submission = super().submit(preset, overrides, run, number, exclude)
-        if number == 1:
-            pid = _rank_pid(submission.proc.pid, 1)
-            _wait_for_checkpoint(Path(run.url), 3)
-            os.kill(pid, signal.SIGSTOP)
-        return submission
-
-
 def test_a_frozen_local_rank_is_found_by_its_heartbeats_and_the_run_resumes(
     uninterrupted, shards, tmp_path
 ):
 
     @flow(name="pretrain-gpt2-frozen-rank")
     async def with_frozen_rank(params: PretrainParams):
-        return await run_pretrain(params, FreezeRankOne(nproc=2))
+        return await run_pretrain(params, SignalRankOne(signal.SIGSTOP))
 
     fast = [*FLOW_FAST, "train.heartbeat_seconds=0.2"]
     result = asyncio.run(

@@ -33,7 +33,9 @@ def test_project_errors_are_one_line_with_their_exit_code(capsys):
 
 
 def test_a_call_past_its_deadline_is_one_line_naming_what_did_not_answer(capsys):
-    class ReadTimeoutError(Exception):  # botocore's, by name: the CLIs need not import every client library
+    class ReadTimeoutError(
+        Exception
+    ):  # botocore's, by name: the CLIs need not import every client library
         pass
 
     @entry_point
@@ -45,7 +47,10 @@ def test_a_call_past_its_deadline_is_one_line_naming_what_did_not_answer(capsys)
 
     assert waited([]) == exit_codes.FAILED
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and 'Read timeout on endpoint URL: "http://10.0.0.9:9000/bucket"' in err
+    assert (
+        err.count("\n") == 1
+        and 'Read timeout on endpoint URL: "http://10.0.0.9:9000/bucket"' in err
+    )
 
 
 def _parse(model, argv, **kw):
