@@ -221,12 +221,16 @@ class EvaluationScheduler:
             if wait or pending.done():
                 state = await pending
                 result = await state.aresult(raise_on_failure=False)
+                del self._pending[step]
+                new = True
+                if isinstance(result, BaseException) and step not in ck.list_steps(self.run_dir):
+                    # training pruned it (checkpoint.keep_last) while it was evaluated: not a failure
+                    self.log.info("step %d was pruned before its evaluation finished: not evaluated", step)
+                    continue
                 if isinstance(result, BaseException):
                     result = getattr(result, "result", {"step": step, "error": str(result)})
                     self.log.warning("evaluation of step %d failed: %s", step, result.get("error"))
                 elif "error" not in result:
                     self._keep(step, result)
                 self.results[step] = result
-                del self._pending[step]
-                new = True
         return new

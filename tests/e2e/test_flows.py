@@ -327,3 +327,34 @@ def test_divergence_that_survives_the_rollbacks_stops_the_run_naming_it(prefect_
         ("diverged", "stop"),
     ]
     assert subs[1]["message"].startswith("diverged at steps [4, 6]")
+
+
+def test_a_checkpoint_pruned_while_it_is_evaluated_is_not_a_failed_evaluation(
+    prefect_server, demo_data, tmp_path
+):
+    """Training prunes old checkpoints (checkpoint.keep_last) at its own pace; an evaluation that loses its
+    checkpoint that way is no failure: it is left out, and said, while the others are kept."""
+    import logging
+    import shutil
+
+    from helpers import run_train
+
+    from flows.evaluations import EvaluationScheduler
+
+    run = tmp_path / "run"
+    run_train(demo_data, run, "checkpoint_every=4")
+    hs = write_jsonl(tmp_path / "hs.jsonl", make_examples(4))
+    log = logging.getLogger("test-pruned")
+
+    @flow(name="evaluate-while-pruning")
+    async def evaluate_while_pruning():
+        evals = EvaluationScheduler(
+            str(run), EvaluationParams(tasks=["hellaswag"], hellaswag_data=hs), log
+        )
+        evals.start_new()  # both checkpoints; the evaluating processes take seconds to start
+        shutil.rmtree(run / "checkpoints" / "step_000004")  # pruned meanwhile
+        await evals.collect(wait=True)
+        return evals.results
+
+    results = asyncio.run(evaluate_while_pruning())
+    assert sorted(results) == [8] and "error" not in results[8]
