@@ -3,9 +3,32 @@ by field. cluster/sbatch.py turns it into the job; the CLIs derive their flags f
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Every value of a spec ends up in the job script that sbatch reads: a line break would add a line (a command,
+# or a directive that silently disables every #SBATCH line after it), so none is ever accepted. Names that
+# Slurm takes as one word (partition, account, qos, job name) are words; an sbatch option is one option.
+SLURM_WORD = r"^[A-Za-z0-9_.:+,@%/=-]+$"
+SBATCH_OPTION = r"^--[A-Za-z][A-Za-z0-9-]*(=[^\x00-\x1f\x7f]+)?$"
+
+
+def no_control_characters(value: object, where: str = "") -> None:
+    """ValueError when a string anywhere in `value` (lists and nested models included) holds a line break or
+    another control character."""
+    if isinstance(value, str):
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError(
+                f"{where or 'a value'} holds a line break or control character: {value!r}"
+            )
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            no_control_characters(v, where)
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            no_control_characters(getattr(value, name), f"{where}.{name}" if where else name)
 
 
 class Container(BaseModel):
@@ -34,15 +57,15 @@ class JobSpec(BaseModel):
         None, ge=1, description="CPUs of the one task per node (all its ranks)"
     )
     mem_gb: int | None = Field(None, ge=1, description="memory per node")
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
+    partition: str | None = Field(None, pattern=SLURM_WORD)
+    account: str | None = Field(None, pattern=SLURM_WORD)
+    qos: str | None = Field(None, pattern=SLURM_WORD)
     time_min: int = Field(
         60, ge=1, description="time limit of one attempt (each requeue gets it again)"
     )
     constraint: str | None = None
     exclusive: bool = False
-    job_name: str = "gpt2-train"
+    job_name: str = Field("gpt2-train", pattern=SLURM_WORD)
     sbatch_extra: list[str] = Field(
         default_factory=list,
         description="extra sbatch options, e.g. '--reservation=big' or '--exclude=n3'",
@@ -71,13 +94,19 @@ class JobSpec(BaseModel):
         "gpu:h100:8 -> 80; no check when neither is known)",
     )
 
+    @field_validator("sbatch_extra")
+    @classmethod
+    def _one_option_each(cls, lines: list[str]) -> list[str]:
+        for line in lines:
+            if not re.fullmatch(SBATCH_OPTION, line):
+                raise ValueError(
+                    f"sbatch_extra entries are long options, one each, like '--reservation=x', got {line!r}"
+                )
+        return lines
+
     @model_validator(mode="after")
     def _check(self) -> JobSpec:
-        for line in self.sbatch_extra:
-            if not line.startswith("--"):
-                raise ValueError(
-                    f"sbatch_extra entries are long options like '--reservation=x', got {line!r}"
-                )
+        no_control_characters(self)
         if self.signal_delay_s >= self.time_min * 60:
             raise ValueError(
                 f"signal_delay_s={self.signal_delay_s} is not shorter than time_min={self.time_min} min"

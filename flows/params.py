@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cluster.spec import JobSpec
 from common.cli import add_model_flags, model_from_flags
@@ -241,6 +241,13 @@ class PretrainParams(_Params):
         description="how often the flow asks for the job's state and reads "
         "its new metrics and log lines (heartbeats: every min(10 s, hang_floor_s / 4))",
     )
+
+    @field_validator("run_name")
+    @classmethod
+    def _not_a_parent(cls, name: str) -> str:
+        if name in (".", ".."):  # the store's root or its parent as the run directory
+            raise ValueError(f"run_name {name!r} is not a directory name of its own")
+        return name
 
     @model_validator(mode="before")
     @classmethod

@@ -2,6 +2,7 @@
 against sinfo's view."""
 
 import pytest
+from pydantic import ValidationError
 
 from cluster.sbatch import build_executor
 from cluster.spec import Container, JobSpec
@@ -278,3 +279,73 @@ def test_before_any_checkpoint_is_measured_its_write_time_is_estimated_from_the_
         checkpoint_time_warning(synchronous, spec.model_copy(update={"signal_delay_s": 410}))
         is None
     )
+
+
+def _string_fields(model, prefix=""):
+    """Every field of a spec that holds text (lists of text and the container's included), by dotted path."""
+    import typing
+
+    from pydantic import BaseModel
+
+    out = []
+    for name, field in model.model_fields.items():
+        text = str(field.annotation)
+        models = [a for a in typing.get_args(field.annotation) if isinstance(a, type)]
+        sub = next((a for a in models if issubclass(a, BaseModel)), None)
+        if sub is not None:
+            out += _string_fields(sub, f"{prefix}{name}.")
+        elif "str" in text:
+            out.append((prefix + name, "list" in text))
+    return out
+
+
+def _spec_with(path, value):
+    from cluster.spec import JobSpec
+
+    base = {"container": {"image": "img"}}
+    head, _, leaf = path.rpartition(".")
+    target = base["container"] if head == "container" else base
+    target[leaf] = value
+    return JobSpec.model_validate(base)
+
+
+@pytest.mark.parametrize(
+    "injection", ["x\n#SBATCH --time=1", "x\rnohup evil &", "x\x00y", "--x=1\necho pwned"]
+)
+def test_no_value_of_a_job_spec_can_add_a_line_to_the_job_script(injection):
+    """Each text field of JobSpec (and of its container), given a line break: refused, so no value can add a
+    command or a directive (which would silently disable every #SBATCH line after it)."""
+    fields = _string_fields(JobSpec)
+    names = {f for f, _ in fields}
+    assert {"job_name", "account", "partition", "sbatch_extra", "setup", "container.image"} <= names
+    for path, is_list in fields:
+        with pytest.raises(ValidationError):
+            _spec_with(path, [injection] if is_list else injection)
+
+
+def test_the_job_script_of_a_full_spec_has_its_directives_then_its_commands(tmp_path):
+    """Every field set to a value with spaces and punctuation where Slurm allows them: the script sbatch reads
+    has exactly one line per directive and per setup line, every #SBATCH line before the first command."""
+    spec = JobSpec(
+        nodes=2,
+        gpus_per_node=8,
+        cpus_per_task=16,
+        mem_gb=200,
+        partition="gpu",
+        account="proj-1",
+        qos="high",
+        constraint="h100&ib",
+        job_name="run.1",
+        time_min=240,
+        folder=str(tmp_path),
+        sbatch_extra=["--comment=a run; with words", "--exclude=n[1-3]"],
+        setup=["module load cuda/12"],
+        container=Container(image="nvcr.io#nvidia/pytorch:24.05-py3", mounts=["/shared:/shared"]),
+    )
+    text = build_executor(spec)._make_submission_file_text("python -m x", "uid")
+    lines = text.splitlines()
+    directives = [i for i, ln in enumerate(lines) if ln.startswith("#SBATCH")]
+    first_command = next(i for i, ln in enumerate(lines) if ln.strip() and not ln.startswith("#"))
+    assert directives and max(directives) < first_command
+    # submitit quotes each value: the shell never reads one as words
+    assert "#SBATCH --comment='a run; with words'" in lines and "module load cuda/12" in lines
