@@ -47,6 +47,7 @@ class GPTConfig(_Section):
     pad_vocab_to: int = Field(
         64,
         gt=0,
+        le=4096,  # a multiple for the matmul's shape, not a size: past this it only wastes memory
         description="round the embedding/logit rows up to a multiple of this (50257 -> 50304); 1 = off",
     )
 
@@ -157,7 +158,7 @@ class TrainConfig(_Section):
     )
     micro_batch: int = Field(64, gt=0, description="sequences per rank per micro-step")
     seq_len: int = Field(1024, gt=0)
-    seed: int = 1337
+    seed: int = Field(1337, ge=0, le=2**32 - 1, description="numpy takes seeds of 32 bits")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto", description="autocast dtype; auto = bf16 on CUDA"
@@ -247,7 +248,7 @@ class EvalConfig(_Section):
         "the world size); build-nanogpt: 20 steps x 64 x 1024 x 8 GPUs",
     )
     sample_every: int = Field(1000, ge=0, description="0 disables sampling during training")
-    sample_prompt: str = "Hello, I'm a language model,"
+    sample_prompt: str = Field("Hello, I'm a language model,", min_length=1)
     sample_count: int = Field(4, gt=0)
     sample_tokens: int = Field(32, gt=0)
 

@@ -35,7 +35,11 @@ class ShardLoader:
         seed: int = 0,
         verify: bool = True,
         prefetch: bool = True,
+        vocab_size: int | None = None,
     ):
+        """`vocab_size`: the model's real vocabulary; a token id at or past it (a padded row, or no GPT-2 token
+        at all) is bad data, named by shard and offset when its shard is read, not a non-finite loss later."""
+        self.vocab_size = vocab_size
         self.shards = list_shards(data_url, split)
         self.split, self.B, self.T = split, B, T
         self.rank, self.world_size = rank, world_size
@@ -73,11 +77,18 @@ class ShardLoader:
         return np.random.default_rng([self.seed, self.epoch, self.slot, 1]).permutation(n)
 
     def _fetch(self, epoch: int, slot: int) -> np.ndarray:
-        tokens = load_shard(self.shards[self._order(epoch)[slot]], self.verify)
+        shard = self.shards[self._order(epoch)[slot]]
+        tokens = load_shard(shard, self.verify)
         if tokens.size < self.B * self.T * self.world_size + 1:
             raise ShardError(
-                f"shard {self.shards[self._order(epoch)[slot]].name} has {tokens.size} tokens; "
+                f"shard {shard.name} has {tokens.size} tokens; "
                 f"one step needs {self.B * self.T * self.world_size + 1}"
+            )
+        if self.vocab_size is not None and tokens.size and int(tokens.max()) >= self.vocab_size:
+            at = int(np.argmax(tokens >= self.vocab_size))
+            raise ShardError(
+                f"shard {shard.name} holds token id {int(tokens[at])} at offset {at}, past the model's "
+                f"vocabulary of {self.vocab_size}: not GPT-2 tokens (bad data, or another tokenizer's)"
             )
         return tokens
 

@@ -97,6 +97,7 @@ def build_loaders(cfg: RunConfig, info: DistInfo) -> tuple[ShardLoader, ShardLoa
         shuffle=d.shuffle,
         seed=t.seed,
         verify=d.verify_checksums,
+        vocab_size=cfg.model.vocab_size,
     )
     val = ShardLoader(
         d.url,
@@ -106,6 +107,7 @@ def build_loaders(cfg: RunConfig, info: DistInfo) -> tuple[ShardLoader, ShardLoa
         info.rank,
         info.world_size,
         verify=d.verify_checksums,
+        vocab_size=cfg.model.vocab_size,
     )
     return train, val
 

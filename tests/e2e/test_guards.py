@@ -237,6 +237,21 @@ def test_config_and_source_mistakes_are_one_line(tmp_path):
     assert not list(tmp_path.rglob("*.npy"))
 
 
+def test_token_ids_past_the_vocabulary_are_bad_data_not_a_divergence(tmp_path):
+    """A training run on shards holding ids of the padded rows (50257..50303): one line naming the shard and
+    the offset, exit 2, instead of a non-finite loss the guard would take for divergence."""
+    data = tmp_path / "data"
+    make_shards(data, [5000, 5000])
+    shard = data / "edufineweb_train_000001.npy"
+    raw = bytearray(shard.read_bytes())
+    raw[-2:] = (50290).to_bytes(2, "little")  # the last token: a padded row's id
+    shard.write_bytes(bytes(raw))
+    run = tmp_path / "run"
+    sets = [f"data_url={data}", f"run_dir={run}", "verify_checksums=false"]
+    p = cli("training.train", "--config", "tiny", *[a for kv in sets for a in ("--set", kv)])
+    one_line_error(p, "edufineweb_train_000001.npy holds token id 50290 at offset 4999")
+
+
 def test_a_store_that_never_answers_is_one_line_within_its_deadline(tmp_path):
     """An endpoint that accepts connections and never answers (a hung proxy, a wedged gateway): every call to
     the store has a deadline (common/store.py S3_DEADLINES; shortened here through fsspec's own setting, as a

@@ -125,7 +125,13 @@ def test_flow_parameters_flags_and_a_json_base():
     assert p.overrides == ["max_steps=5", "sample_prompt=a, b"]
     args = ap.parse_args(["--eval-tasks", "hellaswag,arc_easy"])
     assert from_flags(args).evaluation.tasks == ["hellaswag", "arc_easy"]
-    for name in (".", "..", "a/b", "a\nb", ""):  # the store itself, its parent, a path, a line break
+    for name in (
+        ".",
+        "..",
+        "a/b",
+        "a\nb",
+        "",
+    ):  # the store itself, its parent, a path, a line break
         with pytest.raises(ValueError, match="run_name"):
             PretrainParams(run_name=name)
     # the flat names of earlier versions are the sections' fields

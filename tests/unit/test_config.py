@@ -137,7 +137,9 @@ def test_a_cuda_attention_kernel_on_a_cpu_run_is_an_error_before_any_model():
 def test_arrays_and_configs_keep_their_numbers_in_range():
     from training.config import ConfigError, load_config
 
-    for bad in ("max_lr=inf", "max_lr=nan", "grad_clip=-1", "warmup_steps=-5"):
+    bad_values = ("max_lr=inf", "max_lr=nan", "grad_clip=-1", "warmup_steps=-5", "seed=-1")
+    # numpy's 32-bit seeds, a sample prompt to sample from, a padding that is a multiple, not a size
+    for bad in (*bad_values, f"seed={2**32}", 'sample_prompt=""', "pad_vocab_to=1000000000"):
         with pytest.raises(ConfigError):
             load_config("tiny", [bad])
     assert np.isfinite(load_config("tiny").optim.max_lr)

@@ -141,3 +141,20 @@ def test_skip_passes_over_exactly_the_batches_reading_would(tmp_path):
     assert skipped.state_dict() == read.state_dict()
     for (x1, y1), (x2, y2) in zip(_drain(read, 5), _drain(skipped, 5)):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_a_token_id_past_the_vocabulary_is_bad_data_named_by_shard_and_offset(tmp_path):
+    """50257..50303 are the padded rows of the embedding: a model reads them without error and trains to a
+    non-finite loss. The loader names them as what they are when it reads their shard."""
+    from common.shards import write_manifest, write_shard
+
+    val, train = np.zeros(300, np.uint16), np.full(1000, 17, np.uint16)
+    train[612] = 50300
+    write_manifest(
+        str(tmp_path), [write_shard(str(tmp_path), i, t) for i, t in enumerate((val, train))]
+    )
+    ShardLoader(str(tmp_path), "train", 2, 8)  # without a vocabulary to hold it to: read as it is
+    with pytest.raises(
+        ShardError, match=r"shard \S+_train_000001\.npy holds token id 50300 at offset 612"
+    ):
+        ShardLoader(str(tmp_path), "train", 2, 8, vocab_size=50257)
