@@ -13,10 +13,12 @@ from cluster.spec import JobSpec
 from common.cli import add_model_flags, model_from_flags
 from common.heartbeat import HangRules
 from common.layout import RunDir, StoreLayout
+from common.secrets import has_password
 
 
 class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # hide_input_in_errors: an error never repeats a value that may be a secret (the UI shows errors)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, hide_input_in_errors=True)
 
 
 class EvaluationParams(_Params):
@@ -241,6 +243,25 @@ class PretrainParams(_Params):
         description="how often the flow asks for the job's state and reads "
         "its new metrics and log lines (heartbeats: every min(10 s, hang_floor_s / 4))",
     )
+
+    @model_validator(mode="after")
+    def _no_passwords(self) -> PretrainParams:
+        """Credentials are never parameters: Prefect stores them and shows them in the UI."""
+        urls = {
+            "store": self.store,
+            "data": self.data,
+            "prepare_source": self.prepare_source,
+            "evaluation.hellaswag_data": self.evaluation.hellaswag_data,
+            "evaluation.include_path": self.evaluation.include_path,
+            "tracker.uri": self.tracker.uri,
+        }
+        for name, url in urls.items():
+            if url and has_password(url):
+                raise ValueError(
+                    f"{name} carries a password in its URL: credentials are never parameters (the UI shows "
+                    "and stores them); give them through the worker's environment or credentials_secret"
+                )
+        return self
 
     @field_validator("run_name")
     @classmethod

@@ -8,8 +8,9 @@ them to the mirror's process alone."""
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, MutableMapping
+
+from common.secrets import redact as common_redact
 
 CREDENTIAL_VARS = (
     "MLFLOW_TRACKING_TOKEN",
@@ -19,8 +20,6 @@ CREDENTIAL_VARS = (
     "WANDB_API_KEY",
     "DATABRICKS_TOKEN",
 )
-# the tracker's place is not secret, but a URI may carry a user and password
-_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
 
 
 def take_credentials(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
@@ -29,10 +28,5 @@ def take_credentials(environ: MutableMapping[str, str] = os.environ) -> dict[str
 
 
 def redact(text: str, secrets: Mapping[str, str] | None = None) -> str:
-    """`text` with every credential value and a URI's user:password replaced, for logs and records."""
-    secrets = dict(os.environ) if secrets is None else secrets
-    for name in CREDENTIAL_VARS:
-        value = secrets.get(name)
-        if value and len(value) >= 4:
-            text = text.replace(value, "***")
-    return _USERINFO.sub(lambda m: m.group("scheme") + "***@", text)
+    """`text` with every tracker credential value and a URI's user:password replaced, for logs and records."""
+    return common_redact(text, CREDENTIAL_VARS, secrets)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from common.cli import validation_message
 from common.errors import BadInput
 from common.layout import LOCAL_STORE, StoreLayout
+from common.secrets import has_password
 from common.tokenizer import VOCAB_SIZE
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -334,6 +335,12 @@ class RunConfig(_Section):
             raise ValueError(
                 f"model.vocab_size ({m.vocab_size}) is smaller than the GPT-2 tokenizer's {VOCAB_SIZE} tokens"
             )
+        for name, url in (("train.run_dir", t.run_dir), ("data.data_url", self.data.data_url)):
+            if url and has_password(url):  # config.json, the logs and the UI would show it
+                raise ValueError(
+                    f"{name} carries a password in its URL: give the store's credentials through the "
+                    "environment (e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), not in the URL"
+                )
         if self.data.data_url is None:
             self.data.data_url = StoreLayout(LOCAL_STORE).dataset(self.data.dataset)
         if t.seq_len > m.block_size:

@@ -349,3 +349,8 @@ def test_slurm_and_flow_inputs_are_one_line(tmp_path):
     one_line_error(
         cli("flows.pretrain", "--run-name", "a/b", env={"PREFECT_API_URL": ""}), "run_name"
     )
+    p = cli(
+        "flows.pretrain", "--store", "sftp://alice:s3cr3t@host/gpt2", env={"PREFECT_API_URL": ""}
+    )
+    one_line_error(p, "store carries a password in its URL")
+    assert "s3cr3t" not in p.stderr + p.stdout

@@ -125,15 +125,15 @@ def test_flow_parameters_flags_and_a_json_base():
     assert p.overrides == ["max_steps=5", "sample_prompt=a, b"]
     args = ap.parse_args(["--eval-tasks", "hellaswag,arc_easy"])
     assert from_flags(args).evaluation.tasks == ["hellaswag", "arc_easy"]
-    for name in (
-        ".",
-        "..",
-        "a/b",
-        "a\nb",
-        "",
-    ):  # the store itself, its parent, a path, a line break
+    # the store itself, its parent, a path, a line break
+    for name in (".", "..", "a/b", "a\nb", ""):
         with pytest.raises(ValueError, match="run_name"):
             PretrainParams(run_name=name)
+    for field in ("store", "data", "prepare_source", "hellaswag_data", "tracker_uri"):
+        with pytest.raises(ValueError, match="carries a password in its URL") as err:
+            PretrainParams(**{field: "https://alice:s3cr3t@host/x"})
+        assert "s3cr3t" not in str(err.value)  # refused without being repeated
+    PretrainParams(store="sftp://alice@host/store")  # a user alone is no secret
     # the flat names of earlier versions are the sections' fields
     flat = PretrainParams(eval_tasks=[], max_resubmits=1, straggler_windows=4, tracker="mlflow")
     assert flat == PretrainParams(
