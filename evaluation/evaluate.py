@@ -26,7 +26,7 @@ from common.cli import entry_point, positive_int
 from common.errors import BadInput
 from common.layout import RunDir, eval_result, hf_export
 from evaluation import hellaswag as hs
-from evaluation.hellaswag_data import read_examples
+from evaluation.hellaswag_data import parse_examples, read_data
 from evaluation.lm_eval_runner import DEFAULT_TASKS
 from training import checkpoint as ck
 from training import distributed
@@ -78,10 +78,12 @@ def run_hellaswag(
     from training.model import GPT
 
     out_url = eval_result(ckpt.url, "hellaswag")
-    key = {"task": "hellaswag", "data": data_url, "limit": limit}
+    data = read_data(data_url)
+    # keyed by the file's content: the same URL holding other examples is evaluated again
+    key = {"task": "hellaswag", "data": data_url, "sha256": store.sha256(data), "limit": limit}
     if (hit := _cached(out_url, key)) is not None:
         return {**hit, "cached": True}
-    examples = read_examples(data_url, limit)
+    examples = parse_examples(data, data_url, limit)
     model = GPT(ckpt.config().model)
     ck.load_model_state(model, ckpt.model_state_bytes())
     model.to(device)

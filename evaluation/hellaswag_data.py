@@ -49,18 +49,21 @@ def parse_examples(data: bytes, where: str, limit: int | None = None) -> list[di
         try:
             ex = json.loads(line)
             label = _label(ex["label"])
+            # an empty context or ending is no question: every model would score it alike, or at 1.0
             ok = (
                 isinstance(ex["ctx"], str)
+                and bool(ex["ctx"].strip())
                 and isinstance(ex["endings"], list)
                 and len(ex["endings"]) == 4
-                and all(isinstance(e, str) for e in ex["endings"])
+                and all(isinstance(e, str) and e.strip() for e in ex["endings"])
                 and label is not None
             )
         except (ValueError, KeyError, TypeError):
             ok = False
         if not ok:
             raise HellaSwagDataError(
-                f"{where} line {i}: not a HellaSwag example (ctx, 4 endings, label 0-3)"
+                f"{where} line {i}: not a HellaSwag example (a context, 4 endings, none of them "
+                "empty, a label 0-3)"
             )
         examples.append({**ex, "label": label})
         if limit and len(examples) >= limit:
@@ -71,8 +74,13 @@ def parse_examples(data: bytes, where: str, limit: int | None = None) -> list[di
 
 
 def read_examples(url: str, limit: int | None = None) -> list[dict[str, Any]]:
+    return parse_examples(read_data(url), url, limit)
+
+
+def read_data(url: str) -> bytes:
+    """The file's bytes (parse_examples reads them; their sha256 keys the evaluations cached against them)."""
     try:
-        return parse_examples(store.read_bytes(url), url, limit)
+        return store.read_bytes(url)
     except FileNotFoundError:
         raise HellaSwagDataError(f"{url}: no such file") from None
 

@@ -377,9 +377,28 @@ def open_checkpoint(url: str) -> Checkpoint:
         raise CheckpointError(f"{url}: no {MANIFEST} (incomplete or not a checkpoint)") from None
     except (ValueError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{url}: unreadable {MANIFEST}: {err}") from None
-    if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
-        raise CheckpointError(f"{url}: {MANIFEST} is not a {FORMAT} manifest")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise CheckpointError(f"{url}: {MANIFEST} is not a {FORMAT} manifest ({problem})")
     return Checkpoint(url=url, manifest=manifest)
+
+
+def _manifest_problem(m: Any) -> str | None:
+    """What makes `m` no checkpoint manifest, or None."""
+    if not isinstance(m, dict):
+        return "not a JSON object"
+    if m.get("format") != FORMAT:
+        return f"format {m.get('format')!r}"
+    for name in ("step", "world_size"):
+        if isinstance(m.get(name), bool) or not isinstance(m.get(name), int) or m[name] < 0:
+            return f"{name} is {m.get(name)!r}"
+    files = m.get("files")
+    if not isinstance(files, dict) or not all(
+        isinstance(f, dict) and isinstance(f.get("bytes"), int) and isinstance(f.get("sha256"), str)
+        for f in files.values()
+    ):
+        return "its files are not {name: {bytes, sha256}}"
+    return None
 
 
 def list_steps(run_dir: str) -> list[int]:

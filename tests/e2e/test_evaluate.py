@@ -46,6 +46,10 @@ def test_evaluate_writes_results_and_second_call_is_a_cache_hit(checkpoint, tmp_
         checkpoint, ["hellaswag"], hellaswag_data=data, limit=5
     )  # other work: not a cache hit
     assert third["hellaswag"]["cached"] is False and third["hellaswag"]["n"] == 5
+    # the same file, other examples in it (a new version staged over it): evaluated again, not the old result
+    write_jsonl(tmp_path / "hs.jsonl", make_examples(10, seed=2))
+    fourth = evaluate(checkpoint, ["hellaswag"], hellaswag_data=data)
+    assert fourth["hellaswag"]["cached"] is False
 
 
 def test_lm_eval_on_the_export_matches_our_scoring(checkpoint, tmp_path, enc, monkeypatch):

@@ -90,6 +90,8 @@ def test_stage_local_store_then_rerun(source, tmp_path):
         ('{"ctx": "x", "endings": ["a", "b", "c"], "label": 0}', 2),  # 3 endings
         ('{"ctx": "x", "endings": ["a", "b", "c", "d"], "label": 4}', 2),  # label out of range
         ("not json", 2),
+        ('{"ctx": " ", "endings": ["a", "b", "c", "d"], "label": 0}', 2),  # no context: no question
+        ('{"ctx": "x", "endings": ["a", "", "c", "d"], "label": 1}', 2),  # an empty ending
     ],
 )
 def test_bad_format_is_rejected_before_writing(source, tmp_path, bad, line):

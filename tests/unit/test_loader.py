@@ -158,3 +158,19 @@ def test_a_token_id_past_the_vocabulary_is_bad_data_named_by_shard_and_offset(tm
         ShardError, match=r"shard \S+_train_000001\.npy holds token id 50300 at offset 612"
     ):
         ShardLoader(str(tmp_path), "train", 2, 8, vocab_size=50257)
+
+
+@pytest.mark.parametrize(
+    "shards",
+    [
+        '"no list"',
+        '[["edufineweb_val_000000.npy", 300]]',
+        '[{"name": "../../etc/passwd", "tokens": 300}]',
+        '[{"name": "edufineweb_val_000000.npy", "tokens": "300"}]',
+    ],
+)
+def test_a_shard_manifest_of_the_wrong_shape_is_one_clear_error(tmp_path, shards):
+    make_shards(tmp_path, [300, 1000])
+    (tmp_path / "manifest.json").write_text('{"shards": %s}' % shards)
+    with pytest.raises(ShardError, match="unreadable shard manifest"):
+        list_shards(str(tmp_path), "train")
