@@ -133,7 +133,9 @@ def read_manifest(data_url: str) -> dict[str, Any] | None:
         for e in manifest["shards"]:
             ok = isinstance(e, dict) and isinstance(e.get("name"), str) and parse_name(e["name"])
             if not ok or isinstance(e.get("tokens"), bool) or not isinstance(e.get("tokens"), int):
-                raise TypeError(f"entry {e!r:.80} is not {{name: a shard's file name, tokens: a count}}")
+                raise TypeError(
+                    f"entry {e!r:.80} is not {{name: a shard's file name, tokens: a count}}"
+                )
     except (ValueError, KeyError, TypeError) as err:
         raise ShardError(f"{url}: unreadable shard manifest ({err})") from None
     return manifest

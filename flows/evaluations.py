@@ -225,7 +225,9 @@ class EvaluationScheduler:
                 new = True
                 if isinstance(result, BaseException) and step not in ck.list_steps(self.run_dir):
                     # training pruned it (checkpoint.keep_last) while it was evaluated: not a failure
-                    self.log.info("step %d was pruned before its evaluation finished: not evaluated", step)
+                    self.log.info(
+                        "step %d was pruned before its evaluation finished: not evaluated", step
+                    )
                     continue
                 if isinstance(result, BaseException):
                     result = getattr(result, "result", {"step": step, "error": str(result)})

@@ -197,7 +197,9 @@ def take_run_dir(cfg: RunConfig, info: DistInfo, device: torch.device) -> Lease 
     why = 0 if refused is None else 2 if isinstance(refused, StopRequested) else 1
     verdict = distributed.max_over_ranks(why, device)
     if verdict == 2:
-        raise refused or StopRequested(f"stopped while rank 0 waited for the lease of {cfg.train.run_dir}")
+        raise refused or StopRequested(
+            f"stopped while rank 0 waited for the lease of {cfg.train.run_dir}"
+        )
     if verdict == 1:
         raise refused or LeaseHeld(f"rank 0 could not take the lease of {cfg.train.run_dir}")
     return lease
