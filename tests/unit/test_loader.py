@@ -171,6 +171,6 @@ def test_a_token_id_past_the_vocabulary_is_bad_data_named_by_shard_and_offset(tm
 )
 def test_a_shard_manifest_of_the_wrong_shape_is_one_clear_error(tmp_path, shards):
     make_shards(tmp_path, [300, 1000])
-    (tmp_path / "manifest.json").write_text('{"shards": ' + shards + '}')
+    (tmp_path / "manifest.json").write_text('{"shards": ' + shards + "}")
     with pytest.raises(ShardError, match="unreadable shard manifest"):
         list_shards(str(tmp_path), "train")
