@@ -46,6 +46,18 @@ def default_hellaswag_url(checkpoint_url: str) -> str:
     return layout.hellaswag
 
 
+def lm_eval_tasks(tasks: list[str]) -> list[str]:
+    """The tasks lm-eval runs of those asked for: all but ours (`hellaswag`); `lm_eval` stands for its default
+    set, `lm_eval:NAME` for lm-eval's task of a name ours also has."""
+    out: list[str] = []
+    for t in tasks:
+        if t in ("lm_eval", "lm-eval"):
+            out += [x for x in DEFAULT_TASKS if x not in out]
+        elif t != OURS and t.removeprefix("lm_eval:") not in out:
+            out.append(t.removeprefix("lm_eval:"))
+    return out
+
+
 def _cached(url: str, key: dict[str, Any]) -> dict[str, Any] | None:
     if not store.exists(url):
         return None
@@ -190,12 +202,7 @@ def evaluate(
     info = distributed.init(dev.type)
     try:
         summary: dict[str, Any] = {"checkpoint": ckpt.url, "step": ckpt.step}
-        others = []
-        for t in tasks:
-            if t in ("lm_eval", "lm-eval"):
-                others += [x for x in DEFAULT_TASKS if x not in others]
-            elif t != OURS and t.removeprefix("lm_eval:") not in others:
-                others.append(t.removeprefix("lm_eval:"))
+        others = lm_eval_tasks(tasks)
         if data is not None:  # HellaSwag asked for
             r = run_hellaswag(ckpt, data, limit, dev, progress, info)
             summary["hellaswag"] = {k: r[k] for k in ("acc", "acc_norm", "n", "cached")}

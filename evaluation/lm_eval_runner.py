@@ -30,6 +30,15 @@ def _local_index_serves(local: Any, tasks: list[str]) -> bool:
     return set(tasks) <= set(local.all_subtasks)
 
 
+def unknown_tasks(tasks: list[str], include_path: str | None = None) -> list[str]:
+    """Those of `tasks` that lm-eval does not know (with the task YAMLs of `include_path`): asked before
+    anything trains, so that a typo is one line at the start, not a failed evaluation of every checkpoint."""
+    from lm_eval.tasks import TaskManager
+
+    known = set(_task_manager(TaskManager, tasks, include_path).all_tasks)
+    return [t for t in tasks if t not in known]
+
+
 def run(
     hf_dir: str | Path,
     tasks: list[str],

@@ -28,6 +28,7 @@ from common.cli import entry_point, read_json_object
 from common.errors import BadInput
 from common.lease import Lease, LeaseHeld
 from common.shards import ShardError, list_shards
+from evaluation.evaluate import lm_eval_tasks
 from flows.executors import LocalTrainingExecutor, SubmissionRejected, TrainingExecutor
 from flows.params import PretrainParams, add_flags, from_flags
 from flows.run_records import tracker_record
@@ -89,8 +90,20 @@ async def ensure_data(cfg: RunConfig, p: PretrainParams) -> None:
 
 
 def check_evaluation(p: PretrainParams) -> None:
-    """HellaSwag asked for without its file is refused before anything trains (every checkpoint's evaluation
-    would fail, one by one, after hours of training)."""
+    """Evaluations that could never run are refused before anything trains (every checkpoint's evaluation would
+    fail, one by one, after hours of training): an lm-eval task lm-eval does not know, HellaSwag without its
+    file."""
+    others = lm_eval_tasks(p.evaluation.tasks)
+    if others:
+        from evaluation.lm_eval_runner import unknown_tasks
+
+        unknown = unknown_tasks(others, p.evaluation.include_path)
+        if unknown:
+            where = f" (nor in {p.evaluation.include_path})" if p.evaluation.include_path else ""
+            raise FlowFailure(
+                f"bad parameter: evaluation.tasks has {', '.join(unknown)}, which lm-eval does not "
+                f"know{where}"
+            )
     if "hellaswag" not in p.evaluation.tasks:
         return
     url = p.evaluation.hellaswag_data or p.store_layout().hellaswag
@@ -170,7 +183,7 @@ async def _run_with(
     p: PretrainParams, executor: TrainingExecutor, log, tracker_credentials: dict[str, str]
 ) -> dict[str, Any]:
     check_tracker(p)
-    check_evaluation(p)
+    await asyncio.to_thread(check_evaluation, p)  # lm-eval's task index takes seconds
     try:
         cfg, overrides = resolve_config(p)
     except Exception as err:
