@@ -3,6 +3,7 @@ import os
 import pytest
 import torch
 from helpers import PARQUET_SHARD, REPO, corpus, reference_shards, write_parquet
+from hypothesis import settings
 
 from common import tokenizer
 
@@ -10,6 +11,12 @@ from common import tokenizer
 # at them so tests never try the network.
 if "TIKTOKEN_CACHE_DIR" not in os.environ and tokenizer.staged(tokenizer.DEFAULT_CACHE_DIR):
     os.environ["TIKTOKEN_CACHE_DIR"] = str(tokenizer.DEFAULT_CACHE_DIR)
+
+
+# Property-based tests (Hypothesis): a bounded budget, no deadline per example (2 shared cores), and no example
+# database written into the repository.
+settings.register_profile("ci", max_examples=100, deadline=None, database=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True)

@@ -204,11 +204,15 @@ def test_hellaswag_without_its_file_fails_before_anything_trains(prefect_server,
     assert not (tmp_path / "store" / "runs").exists()
 
 
-def test_an_lm_eval_task_lm_eval_does_not_know_fails_before_anything_trains(prefect_server, tmp_path):
+def test_an_lm_eval_task_lm_eval_does_not_know_fails_before_anything_trains(
+    prefect_server, tmp_path
+):
     p = _params(tmp_path).model_copy(
         update={"evaluation": EvaluationParams(tasks=["hellaswag", "arc_easyy"])}
     )
-    with pytest.raises(FlowFailure, match="evaluation.tasks has arc_easyy, which lm-eval does not know"):
+    with pytest.raises(
+        FlowFailure, match="evaluation.tasks has arc_easyy, which lm-eval does not know"
+    ):
         asyncio.run(pretrain(p))
     assert not (tmp_path / "store" / "runs").exists()
 

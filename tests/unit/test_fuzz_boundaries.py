@@ -1,0 +1,160 @@
+"""Every boundary tried by a program, not by hand: generated parameters, config overrides, job specs and on-disk
+records (valid ones mutated field by field) must end in the record or a clear refusal of the boundary's own
+kind, never in another exception (a traceback for a user's input), and a job script must never gain a line.
+
+Hypothesis draws the inputs with a bounded budget (tests/conftest.py: the `ci` profile, no example database
+in the repository). The same boundaries through the real CLIs: tests/e2e/test_fuzz_cli.py."""
+
+import json
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from cluster.failure import Failure
+from cluster.rank_exits import RankExit
+from cluster.spec import JobSpec
+from common import lease
+from flows.params import FLAT_NAMES, PretrainParams
+from training import checkpoint as ck
+from training.config import LEAF_PATHS, ConfigError, load_config
+from training.guard import Divergence
+
+# any JSON value, and text with the characters that break things: line breaks, quotes, NUL, path pieces
+TEXT = st.text(
+    alphabet=st.sampled_from(list("abc-_./: \n\r\t\x00'\"$;#@[]{}=+%") + ["é", "東"]), max_size=30
+)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def mutations(valid: dict):
+    """`valid` with one field replaced by any JSON value, removed, or an unknown field added."""
+    keys = st.sampled_from(sorted(valid))
+    return st.one_of(
+        st.builds(lambda k, v: {**valid, k: v}, keys, JSON),
+        st.builds(lambda k: {x: y for x, y in valid.items() if x != k}, keys),
+        st.builds(lambda k, v: {**valid, k: v}, TEXT, JSON),
+    )
+
+
+# ------------------------------------------------------------------------------------------ parameters
+
+
+@given(
+    st.dictionaries(st.sampled_from(sorted(PretrainParams.model_fields) + sorted(FLAT_NAMES)), JSON)
+)
+def test_the_flows_parameters_are_a_model_or_a_validation_error(params):
+    try:
+        p = PretrainParams.model_validate(params)
+    except ValidationError:
+        return
+    PretrainParams.model_validate(
+        p.model_dump()
+    )  # what it accepted, it accepts again from its own form
+    assert p.run_name not in (".", "..") and "\n" not in p.run_name
+
+
+@given(st.lists(st.tuples(st.sampled_from(LEAF_PATHS) | TEXT, TEXT), max_size=4))
+def test_config_overrides_are_a_config_or_a_config_error(overrides):
+    try:
+        cfg = load_config("tiny", [f"{k}={v}" for k, v in overrides])
+    except ConfigError:
+        return
+    assert cfg.train.seed >= 0 and math.isfinite(cfg.optim.max_lr)
+
+
+@given(st.dictionaries(st.sampled_from(sorted(JobSpec.model_fields)), JSON))
+def test_a_job_spec_is_a_spec_or_a_validation_error(fields):
+    try:
+        JobSpec.model_validate(fields)
+    except ValidationError:
+        return
+
+
+@given(TEXT, st.sampled_from(["job_name", "account", "partition", "qos", "constraint"]))
+def test_no_text_adds_a_line_to_a_job_script(text, field):
+    from cluster.sbatch import build_executor
+
+    try:
+        spec = JobSpec.model_validate({field: text, "folder": "/tmp/fuzz-slurm"})
+    except ValidationError:
+        return
+    script = build_executor(spec)._make_submission_file_text("python -m x", "uid")
+    baseline = build_executor(JobSpec(folder="/tmp/fuzz-slurm"))._make_submission_file_text(
+        "python -m x", "uid"
+    )
+    added = field != "job_name" and bool(
+        text
+    )  # a directive of its own, unless empty or always there
+    assert len(script.splitlines()) == len(baseline.splitlines()) + added
+
+
+# ------------------------------------------------------------------------------------------ records
+
+RANK_EXIT = {"rank": 1, "exit_code": 75, "error": "", "time": 1.0, "host": "n1"}
+FAILURE = {"cause": "node_check", "host": "n1", "detail": "GPU 0", "rank": None, "exit_code": None}
+DIVERGENCE = {"steps": [4, 6], "batches": "4:7", "reasons": ["non-finite loss"]}
+TRAIN_STATE = {"step": 5, "world_size": 1, "code_version": "x", "config": {}, "data_batch": 5}
+LEASE = {"owner": "trainer", "host": "h", "pid": 1, "token": "t", "renewed": 1.0, "ttl_s": 60}
+
+
+@given(mutations(RANK_EXIT) | JSON)
+def test_rank_exit_records(obj):
+    try:
+        RankExit.parse(obj)
+    except ValueError:
+        pass
+
+
+@given(mutations(FAILURE) | JSON)
+def test_failure_records(obj):
+    try:
+        Failure.parse(obj).line()
+    except ValueError:
+        pass
+
+
+@given(mutations(DIVERGENCE) | JSON)
+def test_divergence_verdicts(obj):
+    try:
+        verdict = Divergence.from_json(obj)
+    except ValueError:
+        return
+    assert Divergence.from_json(verdict.to_json()) == verdict
+
+
+@given(mutations(TRAIN_STATE) | JSON)
+def test_train_states(obj):
+    try:
+        ck.TrainState.parse(obj, "step_000005")
+    except ck.CheckpointError:
+        pass
+
+
+@given(mutations(LEASE) | JSON)
+def test_lease_records_are_a_lease_or_said_not_to_be(obj):
+    if lease._malformed(obj) is None:
+        lease.Lease.describe(obj)  # what the lease reads as a record, it can describe
+
+
+@given(mutations({"format": ck.FORMAT, "step": 5, "world_size": 1, "files": {}}) | JSON)
+def test_checkpoint_manifests(tmp_path_factory, obj):
+    folder = tmp_path_factory.mktemp("ckpt")
+    (folder / "manifest.json").write_text(json.dumps(obj))
+    try:
+        ck.open_checkpoint(str(folder))
+    except ck.CheckpointError:
+        pass
+
+
+@pytest.mark.parametrize("text", ["", "{", "[]", "null", '"x"', "1e999"])
+def test_checkpoint_manifests_that_are_no_json_object(tmp_path, text):
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(ck.CheckpointError):
+        ck.open_checkpoint(str(tmp_path))
