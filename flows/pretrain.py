@@ -249,6 +249,18 @@ def api_problem() -> str | None:
     return None
 
 
+def quiet_temporary_server() -> None:
+    """Without PREFECT_API_URL, Prefect serves this one run from a temporary server in a process of its own.
+    Its background work (telemetry with no network, SQLite's own contention) logs errors with tracebacks that
+    say nothing of the run: kept off the console, so that a traceback there always means something. A server
+    of one's own (PREFECT_API_URL) keeps its settings."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
@@ -265,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     problem = api_problem()
     if problem:
         raise BadInput(problem)
+    quiet_temporary_server()
     result = asyncio.run(pretrain(params))
     print(json.dumps(result, indent=2, default=str))
     return exit_codes.OK
