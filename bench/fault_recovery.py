@@ -346,11 +346,27 @@ def run_one(
     finally:
         time.sleep(0.05)
         watch.done.set()
+    at_fault = {"time": t_fault, "done": done_at_fault, "checkpoint": ckpt_at_fault, "inode": inode}
+    return _row(a, fault, number, run, beat, victims, watch, at_fault)
+
+
+def _row(
+    a: argparse.Namespace,
+    fault: str,
+    number: int,
+    run: Path,
+    beat: dict,
+    victims: list[int],
+    watch: MetricsWatch,
+    at_fault: dict,
+) -> dict:
+    """One fault's line of the results: how it was found, how the run went on, what it cost."""
     subs = read_lines(run / "submissions.jsonl")
     first, nxt = subs[0], (subs[1] if len(subs) > 1 else None)
-    steps = [r["step"] for r in read_lines(metrics)]
-    t_new = watch.first_step_at_or_after(nxt["start_step"], inode) if nxt else None
+    steps = [r["step"] for r in read_lines(run / "metrics.jsonl")]
+    t_new = watch.first_step_at_or_after(nxt["start_step"], at_fault["inode"]) if nxt else None
     step_s = beat.get("step_s") or 0.0
+    t_fault, done_at_fault = at_fault["time"], at_fault["done"]
     return {
         "fault": fault,
         "executor": a.executor,
@@ -369,7 +385,7 @@ def run_one(
         "step_s": step_s,
         "window_s": max(a.hang_factor * step_s, a.hang_floor) if fault == "frozen" else None,
         "steps_done_at_fault": done_at_fault,
-        "checkpoint_at_fault": ckpt_at_fault,
+        "checkpoint_at_fault": at_fault["checkpoint"],
         "resumed_from": nxt["start_step"] if nxt else None,
         "steps_redone": max(0, done_at_fault - nxt["start_step"]) if nxt else None,
         "steps_lost": len(set(range(a.max_steps)) - set(steps)),
@@ -542,7 +558,7 @@ def table(res: dict, markdown: bool = False) -> str:
 # ----------------------------------------------------------------------------- main
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--faults", default=",".join(FAULTS), help=f"comma-separated, of {', '.join(FAULTS)}"
@@ -589,25 +605,12 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--render", metavar="JSON", help="print a results file as a markdown table and exit"
     )
-    a = ap.parse_args(argv)
-    if a.render:
-        print(table(json.loads(Path(a.render).read_text()), markdown=True))
-        return 0
-    faults = [f.strip() for f in a.faults.split(",") if f.strip()]
-    if not faults or any(f not in FAULTS for f in faults):
-        ap.error(f"--faults: of {', '.join(FAULTS)}")
-    a.fault_at = a.fault_at or a.checkpoint_every + max(1, a.checkpoint_every // 2)
-    if not a.checkpoint_every < a.fault_at < min(a.max_steps, 2 * a.checkpoint_every):
-        ap.error(
-            "--fault-at must fall after the first checkpoint and before the second (and the run's end)"
-        )
+    return ap
 
-    when = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(a.out or REPO / "bench" / "results" / f"fault_recovery-{when}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(a.work or tempfile.mkdtemp(prefix="fault-recovery-")).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    settings = {
+
+def _settings(a: argparse.Namespace, faults: list[str]) -> dict:
+    """What the results say they were measured with."""
+    return {
         "executor": a.executor,
         "faults": faults,
         "repeat": a.repeat,
@@ -628,7 +631,10 @@ def main(argv=None) -> int:
             else {}
         ),
     }
-    res = {"when": when, "machine": machine(), "settings": settings, "rows": [], "summary": []}
+
+
+def _run_all(a: argparse.Namespace, faults: list[str], res: dict, out: Path, work: Path) -> None:
+    """Every fault `a.repeat` times, each row written to `out` as soon as it is measured."""
     server = None
     try:
         data = a.data or random_shards(work / "data", (4096, 16384, 16384))
@@ -642,15 +648,13 @@ def main(argv=None) -> int:
             for fault in faults:
                 row = run_one(a, fault, number, work, data, env)
                 res["rows"].append(row)
-                res["summary"] = summary(res["rows"], settings)
-                out.write_text(
-                    json.dumps(res, indent=2)
-                )  # after every run: a run cut short keeps what it measured
+                res["summary"] = summary(res["rows"], res["settings"])
+                out.write_text(json.dumps(res, indent=2))  # a run cut short keeps what it measured
                 new = row["first_new_step_s"]
                 print(
-                    f"  {fault} #{number}: detected after {row['detected_s']:.2f} s, first new step after "
-                    f"{'n/a' if new is None else f'{new:.2f}'} s, steps redone {row['steps_redone']}, "
-                    f"lost {row['steps_lost']}",
+                    f"  {fault} #{number}: detected after {row['detected_s']:.2f} s, first new step "
+                    f"after {'n/a' if new is None else f'{new:.2f}'} s, steps redone "
+                    f"{row['steps_redone']}, lost {row['steps_lost']}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -659,6 +663,30 @@ def main(argv=None) -> int:
             stop_group(server)
         if a.work is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    ap = _parser()
+    a = ap.parse_args(argv)
+    if a.render:
+        print(table(json.loads(Path(a.render).read_text()), markdown=True))
+        return 0
+    faults = [f.strip() for f in a.faults.split(",") if f.strip()]
+    if not faults or any(f not in FAULTS for f in faults):
+        ap.error(f"--faults: of {', '.join(FAULTS)}")
+    a.fault_at = a.fault_at or a.checkpoint_every + max(1, a.checkpoint_every // 2)
+    if not a.checkpoint_every < a.fault_at < min(a.max_steps, 2 * a.checkpoint_every):
+        ap.error(
+            "--fault-at must fall after the first checkpoint and before the second (and the run's end)"
+        )
+    when = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(a.out or REPO / "bench" / "results" / f"fault_recovery-{when}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(a.work or tempfile.mkdtemp(prefix="fault-recovery-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    settings = _settings(a, faults)
+    res = {"when": when, "machine": machine(), "settings": settings, "rows": [], "summary": []}
+    _run_all(a, faults, res, out, work)
     print(table(res))
     print(f"results: {out}")
     return 0 if all(r["recovered"] and r["steps_lost"] == 0 for r in res["rows"]) else 1

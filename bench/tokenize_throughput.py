@@ -267,21 +267,24 @@ def measure(docs: list[str], n: int, source: str, args) -> None:
                 prev = cpu[name].get(key, (tokens, float("inf")))
                 cpu[name][key] = (tokens, min(prev[1], dc))
     src_dir.cleanup()
+    _report(best, single, cpu, args.workers)
+
+
+def _report(best: dict, single: dict, cpu: dict, workers: int) -> None:
+    """The throughputs against one thread's, the ratio to the reference, and where each coordinator saturates."""
     print(
         f"single thread: encode_ordinary {single['encode_ordinary'] / 1e6:.2f} M tokens/s, encode_to_numpy "
         f"{single['encode_to_numpy'] / 1e6:.2f} M tokens/s (first tenth of the corpus)"
     )
     for name, tps in best.items():
-        eff = [
-            tps / (args.workers * single[call]) for call in ("encode_ordinary", "encode_to_numpy")
-        ]
+        eff = [tps / (workers * single[call]) for call in ("encode_ordinary", "encode_to_numpy")]
         print(
             f"{name:>9}: {tps / 1e6:6.2f} M tokens/s   parallel efficiency {eff[0]:5.1%} of encode_ordinary, "
             f"{eff[1]:5.1%} of encode_to_numpy"
         )
     print(
         f"ratio ours/reference: {best['ours'] / best['reference']:.2f}x; ours reaches "
-        f"{best['ours'] / best['ceiling']:.0%} of this machine's {args.workers}-process ceiling"
+        f"{best['ours'] / best['ceiling']:.0%} of this machine's {workers}-process ceiling"
     )
     for name, sizes in cpu.items():
         (n_small, c_small), (n_full, c_full) = sorted(sizes.values())

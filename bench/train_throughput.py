@@ -151,21 +151,13 @@ def profile_step(step, out: Path | None, steps: int = 3) -> dict:
     }
 
 
-def measure(
-    cfg,
-    v: Variant,
-    device: torch.device,
-    seq_len: int,
-    warmup: int,
-    steps: int,
-    profile: bool | None = None,
-    profile_to: Path | None = None,
-) -> dict:
+def _step_setup(cfg, v: Variant, device: torch.device, seq_len: int) -> tuple[StepSetup, int]:
+    """The variant's model, optimizer and one fixed micro-batch, as the training step takes them, and the
+    model's parameter count (positions left out, as in the MFU)."""
     torch.manual_seed(0)
     model_cfg = cfg.model.model_copy(update={"pad_vocab_to": 64 if v.pad_vocab else 1})
     accel.configure(device, tf32=v.tf32, attention=v.attention if device.type == "cuda" else "auto")
     model = GPT(model_cfg).to(device)
-    n_params = model.num_parameters(exclude_positions=True)
     opt = configure_optimizer(
         model,
         lr=6e-4,
@@ -184,20 +176,31 @@ def measure(
     )
     if device.type == "cuda":
         tokens = tokens.pin_memory()
-    batch = lambda: (tokens[:, :-1], tokens[:, 1:])  # noqa: E731
-    amp = torch.bfloat16 if v.bf16 else None
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
     setup = StepSetup(
         run,
         opt,
-        batch,
+        lambda: (tokens[:, :-1], tokens[:, 1:]),
         grad_accum=1,
         device=device,
         grad_clip=1.0,
-        autocast_dtype=amp,
+        autocast_dtype=torch.bfloat16 if v.bf16 else None,
         loss_chunk=v.loss_chunk,
     )
+    return setup, model.num_parameters(exclude_positions=True)
+
+
+def measure(
+    cfg,
+    v: Variant,
+    device: torch.device,
+    seq_len: int,
+    warmup: int,
+    steps: int,
+    profile: bool | None = None,
+    profile_to: Path | None = None,
+) -> dict:
+    setup, n_params = _step_setup(cfg, v, device, seq_len)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def one_step() -> float:
         return train_step(setup, lr=6e-4).loss.item()
@@ -215,9 +218,10 @@ def measure(
     dt = sorted(times)[len(times) // 2]  # median: robust to a stray slow step
     tok_s = v.micro_batch * seq_len / dt
     peak = peak_flops(device)
+    model_cfg = cfg.model.model_copy(update={"pad_vocab_to": 64 if v.pad_vocab else 1})
     mfu = flops_per_token(model_cfg, n_params, seq_len) * tok_s / peak if peak else None
     mem = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
-    model = run = opt = setup = None  # the variant's memory freed before the next one is measured
+    setup = None  # the variant's memory freed before the next one is measured
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -318,7 +322,7 @@ def profiles(rows: list[dict]) -> list[str]:
     return out
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="gpt2-124m")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -355,12 +359,11 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--render", metavar="JSON", help="print a results file as a markdown table and exit"
     )
-    args = ap.parse_args(argv)
-    if args.render:
-        print(table(json.loads(Path(args.render).read_text()), markdown=True))
-        return 0
-    device = torch.device(args.device)
-    cfg = load_config(args.config)
+    return ap
+
+
+def _variants(args: argparse.Namespace) -> list[Variant]:
+    """The baseline first, then the micro-batches, the ablations and the levers asked for."""
     compile_ok = not args.no_compile
     baseline = Variant(
         "baseline: build-nanogpt recipe", args.baseline_micro_batch, compile=compile_ok
@@ -377,9 +380,49 @@ def main(argv=None) -> int:
     if args.only:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
         variants = [v for v in variants if any(w in v.name for w in wanted)]
-    variants = [baseline] + [
-        dataclasses.replace(v, compile=v.compile and compile_ok) for v in variants
-    ]
+    return [baseline] + [dataclasses.replace(v, compile=v.compile and compile_ok) for v in variants]
+
+
+def _measure_safely(cfg, v: Variant, device: torch.device, args, profile_to) -> tuple[dict, bool]:
+    """The variant's row (its error, when this torch or GPU cannot run it), and whether the CUDA context
+    survived it."""
+    try:
+        with inductor_config.patch(
+            coordinate_descent_tuning=v.coordinate_descent
+        ):  # restored after
+            row = measure(
+                cfg, v, device, args.seq_len, args.warmup, args.steps, args.profile, profile_to
+            )
+    except torch.OutOfMemoryError:
+        row = {**dataclasses.asdict(v), "error": "out of memory"}
+    except (
+        Exception
+    ) as err:  # a lever this torch/GPU cannot run (e.g. no cuDNN attention): say so, go on
+        row = {
+            **dataclasses.asdict(v),
+            "error": f"{type(err).__name__}: {str(err).splitlines()[0][:80]}",
+        }
+    if device.type == "cuda":
+        try:
+            torch.cuda.empty_cache()
+        except (
+            Exception
+        ) as err:  # a kernel fault (illegal address) poisons the context: nothing after runs
+            row = {
+                **dataclasses.asdict(v),
+                "error": f"CUDA context lost: {str(err).splitlines()[0][:80]}",
+            }
+            return row, False
+    return row, True
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.render:
+        print(table(json.loads(Path(args.render).read_text()), markdown=True))
+        return 0
+    device = torch.device(args.device)
+    cfg = load_config(args.config)
     when = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out or Path(__file__).parent / "results" / f"train_throughput-{when}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -392,49 +435,14 @@ def main(argv=None) -> int:
         "steps": args.steps,
         "rows": [],
     }
-    for v in variants:
-        try:
-            profile_to = (
-                out.with_suffix(".profile.txt") if args.profile and not res["rows"] else None
-            )
-            with inductor_config.patch(
-                coordinate_descent_tuning=v.coordinate_descent
-            ):  # restored after it
-                row = measure(
-                    cfg, v, device, args.seq_len, args.warmup, args.steps, args.profile, profile_to
-                )
-        except torch.OutOfMemoryError:
-            row = {**dataclasses.asdict(v), "error": "out of memory"}
-        except (
-            Exception
-        ) as err:  # a lever this torch/GPU cannot run (e.g. no cuDNN attention): say so, go on
-            row = {
-                **dataclasses.asdict(v),
-                "error": f"{type(err).__name__}: {str(err).splitlines()[0][:80]}",
-            }
-        context_lost = False
-        if device.type == "cuda":
-            try:
-                torch.cuda.empty_cache()
-            except (
-                Exception
-            ) as err:  # a kernel fault (illegal address) poisons the context: nothing after runs
-                context_lost = True
-                row = {
-                    **dataclasses.asdict(v),
-                    "error": f"CUDA context lost: {str(err).splitlines()[0][:80]}",
-                }
+    for v in _variants(args):
+        profile_to = out.with_suffix(".profile.txt") if args.profile and not res["rows"] else None
+        row, context_ok = _measure_safely(cfg, v, device, args, profile_to)
         res["rows"].append(row)
-        print(
-            f"  {v.name}: "
-            + (row["error"] if "error" in row else f"{row['ms_per_step']:.1f} ms/step"),
-            file=sys.stderr,
-            flush=True,
-        )
-        out.write_text(
-            json.dumps(res, indent=2)
-        )  # after every variant: a run cut short keeps what it measured
-        if context_lost:
+        said = row["error"] if "error" in row else f"{row['ms_per_step']:.1f} ms/step"
+        print(f"  {v.name}: {said}", file=sys.stderr, flush=True)
+        out.write_text(json.dumps(res, indent=2))  # after every variant: a run cut short keeps it
+        if not context_ok:
             print(
                 "the CUDA context is lost: the variants after this one need a new process (--only)",
                 file=sys.stderr,
