@@ -88,6 +88,19 @@ class RunDir:
     logs = property(lambda self: join(self.url, "logs"))
     checkpoints = property(lambda self: join(self.url, "checkpoints"))
 
+    # what the project writes at the top of a run directory (the files above, and these folders)
+    NAMES = frozenset(
+        "config.json metrics.jsonl telemetry.jsonl samples.jsonl result.json attempts.jsonl events.jsonl "
+        "rollbacks.jsonl rolled-back submissions.jsonl cordon.jsonl evaluations.jsonl stragglers.jsonl "
+        "trackers tensorboard job.json curves.png logs leases heartbeats nccl-traces profiles checkpoints "
+        "exports".split()
+    )
+
+    @staticmethod
+    def is_ours(name: str) -> bool:
+        """Whether a name at the top of a run directory is one the project writes there."""
+        return name in RunDir.NAMES or name.startswith(".preflight-")
+
     def checkpoint(self, step: int) -> str:
         return join(self.checkpoints, f"step_{step:06d}")
 

@@ -26,7 +26,9 @@ from prefect.settings import PREFECT_UI_URL
 from common import exit_codes, store
 from common.cli import entry_point, read_json_object
 from common.errors import BadInput
+from common.layout import RunDir
 from common.lease import Lease, LeaseHeld
+from common.outputs import claim_folder
 from common.shards import ShardError, list_shards
 from evaluation.evaluate import lm_eval_tasks
 from flows.executors import LocalTrainingExecutor, SubmissionRejected, TrainingExecutor
@@ -35,7 +37,7 @@ from flows.run_records import tracker_record
 from flows.supervisor import FlowFailure, RunSupervisor
 from flows.tracker import TrackerMirror
 from tracking.credentials import take_credentials
-from training.config import RunConfig, load_config
+from training.config import ConfigError, RunConfig, load_config, resolve_key
 
 __all__ = ["FlowFailure", "pretrain", "run_pretrain"]
 
@@ -54,6 +56,15 @@ def make_executor(p: PretrainParams) -> TrainingExecutor:
 def resolve_config(p: PretrainParams) -> tuple[RunConfig, list[str]]:
     """The run config every submission will use (its data and run directory in the flow's store), validated
     here before anything is submitted."""
+    for item in (
+        p.overrides
+    ):  # the flow's own: where the run lives, and what it reads (the `data` parameter)
+        key = resolve_key(item.split("=", 1)[0].strip()) if "=" in item else ""
+        if key in ("train.run_dir", "data.data_url"):
+            raise ConfigError(
+                f"override {item.split('=', 1)[0]!r}: the flow sets {key} itself (from store and run_name, "
+                "or the data parameter)"
+            )
     preset = load_config(p.preset)
     data = p.data or p.store_layout().dataset(preset.data.dataset)
     overrides = [f"run_dir={p.run_dir().url}", f"data_url={data}", *p.overrides]
@@ -197,6 +208,11 @@ async def _run_with(
         store.preflight(run.url, write=True)
     except store.StoreError as err:
         raise FlowFailure(f"store unreachable: {err}") from None
+    try:  # never into a folder holding someone else's files
+        remedy = "choose another run_name, or move those files away"
+        claim_folder(run.url, ours=RunDir.is_ours, what="a run directory", remedy=remedy)
+    except BadInput as err:
+        raise FlowFailure(f"bad parameter: run_name {p.run_name!r}: {err}") from None
     # One flow per run directory: a second one stops here naming the first; a retry of this flow run, or a
     # new one after its process died, takes over.
     lease = Lease(

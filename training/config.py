@@ -335,6 +335,10 @@ class RunConfig(_Section):
             raise ValueError(
                 f"model.vocab_size ({m.vocab_size}) is smaller than the GPT-2 tokenizer's {VOCAB_SIZE} tokens"
             )
+        if not t.run_dir.strip() or t.run_dir.startswith("memory:"):  # the current folder; gone at exit
+            raise ValueError(
+                f"train.run_dir {t.run_dir!r} is no place for a run: give a folder or a store URL"
+            )
         for name, url in (("train.run_dir", t.run_dir), ("data.data_url", self.data.data_url)):
             if url and has_password(url):  # config.json, the logs and the UI would show it
                 raise ValueError(

@@ -128,14 +128,15 @@ def wrap(model: GPT, t: TrainConfig, info: DistInfo, device: torch.device) -> to
 # ----------------------------------------------------------------------------- the job
 
 
-def train(cfg: RunConfig) -> dict[str, Any]:
+def train(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
+    """`force`: train into a run directory that holds files the project did not write."""
     device = accel.resolve_device(cfg)
     info = distributed.init(device.type, cfg.train.collective_timeout_s, cfg.train.run_dir)
     heartbeat = HeartbeatWriter(
         RunDir(cfg.train.run_dir), info.rank, info.world_size, cfg.train.heartbeat_seconds
     )
     try:
-        return Trainer(cfg, device, info, heartbeat).run()
+        return Trainer(cfg, device, info, heartbeat, force).run()
     except RuntimeError as err:
         if info.enabled and distributed.is_timeout(err):
             raise distributed.CollectiveTimeout(timeout_report(cfg, info, heartbeat, err)) from None
@@ -214,13 +215,14 @@ class Trainer:
         device: torch.device,
         info: DistInfo,
         heartbeat: HeartbeatWriter | None = None,
+        force: bool = False,
     ):
         t = cfg.train
         self.cfg, self.device, self.info, self.run_dir = cfg, device, info, RunDir(t.run_dir)
         self.heartbeat = heartbeat or HeartbeatWriter(self.run_dir, info.rank, info.world_size, 0)
         self.grad_accum = cfg.grad_accum_steps(info.world_size)
         self.val_steps = cfg.val_steps_per_rank(info.world_size)
-        preflight(cfg)  # before a model is built or the GPU is touched
+        preflight(cfg, force)  # before a model is built or the GPU is touched
         self.lease = take_run_dir(cfg, info, device)  # one writer per run directory
         self.heartbeat.start()  # only once the run directory is ours: never over another trainer's heartbeats
         try:
@@ -616,11 +618,16 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="override a config value (repeatable), e.g. --set max_steps=100 --set optim.max_lr=3e-4",
     )
+    ap.add_argument(
+        "--force",
+        action="store_true",
+        help="train into a run directory that holds files this project did not write",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    result = train(load_config(args.config, args.overrides))
+    result = train(load_config(args.config, args.overrides), args.force)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(result), flush=True)
         if result["stopped_by"] not in (None, "diverged", "stop_after_steps"):

@@ -217,6 +217,22 @@ def test_an_lm_eval_task_lm_eval_does_not_know_fails_before_anything_trains(
     assert not (tmp_path / "store" / "runs").exists()
 
 
+def test_the_flow_keeps_its_run_where_it_said_and_out_of_other_files(prefect_server, tmp_path):
+    """The flow owns where its run lives: an override that moves it elsewhere (the flow would watch an empty
+    run while training wrote another) is refused, and so is a run directory holding someone else's files."""
+    moved = _params(tmp_path, overrides=[*FLOW_FAST, f"run_dir={tmp_path / 'elsewhere'}"])
+    with pytest.raises(FlowFailure, match="override 'run_dir': the flow sets train.run_dir itself"):
+        asyncio.run(pretrain(moved))
+    run = tmp_path / "store" / "runs" / "t"
+    run.mkdir(parents=True)
+    (run / "draft.md").write_text("someone's")
+    with pytest.raises(
+        FlowFailure, match=r"holds files that are not a run directory's \(draft.md\)"
+    ):
+        asyncio.run(pretrain(_params(tmp_path)))
+    assert sorted(x.name for x in run.iterdir()) == ["draft.md"]
+
+
 def test_a_dead_prefect_server_is_one_clear_line(tmp_path):
     import subprocess
     import sys

@@ -72,6 +72,25 @@ def test_export_never_writes_over_a_run_directory_or_a_file(run_dir, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_training_never_writes_into_a_folder_of_someone_elses_files(demo_data, tmp_path):
+    """A run directory is new, empty, or a run directory; a folder of other files needs --force."""
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    sets = [
+        a
+        for kv in [f"data_url={demo_data}", f"run_dir={mine}", "max_steps=2"]
+        for a in ("--set", kv)
+    ]
+    p = cli("training.train", "--config", "tiny", *sets)
+    one_line_error(p, "holds files that are not a run directory's (thesis.tex)", "--force")
+    assert sorted(x.name for x in mine.iterdir()) == ["thesis.tex"]  # not one file added
+    assert cli("training.train", "--config", "tiny", *sets, "--force").returncode == 0
+    assert (mine / "thesis.tex").read_text() == "years of work" and (
+        mine / "metrics.jsonl"
+    ).exists()
+
+
 def test_data_prep_never_writes_over_shards_it_did_not_write(tmp_path, docs):
     src = tmp_path / "src.parquet"
     write_parquet(src, docs[:300])

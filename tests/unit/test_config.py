@@ -143,6 +143,12 @@ def test_arrays_and_configs_keep_their_numbers_in_range():
         with pytest.raises(ConfigError):
             load_config("tiny", [bad])
     assert np.isfinite(load_config("tiny").optim.max_lr)
+    for where in (
+        'run_dir=""',
+        "run_dir=memory://runs/r",
+    ):  # the current folder; a store gone at exit
+        with pytest.raises(ConfigError, match="no place for a run"):
+            load_config("tiny", [where])
     for url in ("run_dir=sftp://alice:s3cr3t@host/runs/r", "data_url=https://alice:s3cr3t@host/d"):
         with pytest.raises(ConfigError, match="carries a password in its URL") as err:
             load_config("tiny", [url])
