@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -20,6 +21,8 @@ from training import checkpoint as ck
 from training.config import RunConfig
 from training.guard import Divergence
 
+log = logging.getLogger(__name__)
+
 
 def latest_step(run_dir: str) -> int:
     c = ck.latest_checkpoint(run_dir, verify=False)
@@ -28,14 +31,29 @@ def latest_step(run_dir: str) -> int:
 
 def in_flight(run: RunDir, executor: TrainingExecutor) -> tuple[str | None, int]:
     """The job id an earlier flow run left in flight on this executor (job.json), if any, and the number of
-    submissions made so far."""
+    submissions made so far. A job.json that is not a job record is not reattached to (and said); the count
+    then comes from submissions.jsonl."""
     if not store.exists(run.job):
         return None, 0
-    rec = store.read_json(run.job)
-    number = int(rec.get("submission", rec.get("attempt", 0)))  # "attempt": earlier versions
+    try:
+        rec = store.read_json(run.job)
+        number = rec.get("submission", rec.get("attempt", 0))  # "attempt": earlier versions
+        job_id = rec["job_id"]
+        if (
+            isinstance(number, bool)
+            or not isinstance(number, int)
+            or not isinstance(job_id, (str, int))
+        ):
+            raise TypeError(f"submission {number!r}, job_id {job_id!r}")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        log.warning("%s is not a job record (%s): nothing to reattach to", run.job, err)
+        ended = (
+            store.read_bytes(run.submissions).count(b"\n") if store.exists(run.submissions) else 0
+        )
+        return None, ended
     if rec.get("executor") != executor.describe()["executor"] or rec.get("ended"):
         return None, number
-    return str(rec["job_id"]), number
+    return str(job_id), number
 
 
 def record_start(run: RunDir, executor: TrainingExecutor, number: int, sub: Submission) -> None:

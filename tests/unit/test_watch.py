@@ -1,7 +1,10 @@
 """The flow's watcher on its own (flows/watch.py): new whole lines of a growing file, torn ones skipped, and a
-straggling rank said once and kept once. The flow itself: tests/e2e/test_flows.py."""
+straggling rank said once and kept once; the job record a restarted flow reattaches by. The flow itself:
+tests/e2e/test_flows.py."""
 
 import asyncio
+
+import pytest
 
 
 def test_the_flow_reads_only_new_whole_lines_and_skips_torn_ones(tmp_path):
@@ -92,3 +95,21 @@ def test_a_rank_slower_than_the_median_in_consecutive_windows_is_one_warning_and
     assert (
         event["event"] == "straggler" and event["step"] == 29 and "rank 3 on n2" in event["detail"]
     )
+
+
+@pytest.mark.parametrize(
+    "text", ["{not json", "[1]", '{"submission": "two", "job_id": "7"}', '{"submission": 2}']
+)
+def test_a_job_record_that_is_no_job_record_is_not_reattached_to(tmp_path, text, caplog):
+    """job.json names the submission a restarted flow reattaches to: a torn or edited one is said and left,
+    and the submissions are counted from submissions.jsonl instead."""
+    from common.layout import RunDir
+    from flows.executors import LocalTrainingExecutor
+    from flows.run_records import in_flight
+
+    run = RunDir(str(tmp_path))
+    (tmp_path / "job.json").write_text(text)
+    (tmp_path / "submissions.jsonl").write_text('{"submission": 1}\n{"submission": 2}\n')
+    with caplog.at_level("WARNING"):
+        assert in_flight(run, LocalTrainingExecutor()) == (None, 2)
+    assert "is not a job record" in caplog.text
