@@ -33,13 +33,17 @@ def cordoned(run: RunDir, now: float | None = None) -> dict[str, dict[str, Any]]
     if not store.exists(run.cordon):
         return {}
     latest: dict[str, dict[str, Any]] = {}
-    for line in store.read_bytes(run.cordon).decode().splitlines():
+    for line in store.read_bytes(run.cordon).decode(errors="replace").splitlines():
         try:
             rec = json.loads(line)
-            latest[str(rec["host"])] = rec
-        except (ValueError, KeyError, TypeError):
-            continue  # a torn line
-    return {h: r for h, r in latest.items() if float(r.get("expires", 0)) > now}
+            host, expires = rec["host"], rec.get("expires", 0)
+            if not isinstance(host, str) or isinstance(expires, bool):
+                continue
+            time_, reason = float(rec.get("time", 0)), str(rec.get("reason", ""))
+            latest[host] = {**rec, "expires": float(expires), "time": time_, "reason": reason}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # a torn line, or one a person wrote that is no cordon
+    return {h: r for h, r in latest.items() if r["expires"] > now}
 
 
 def cordon_row(rec: dict[str, Any], step: int | None) -> dict[str, Any]:
