@@ -130,6 +130,13 @@ def summary_row(result: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _scores(result: dict[str, Any]) -> str:
+    """`hellaswag_acc_norm 0.2900, demo_hellaswag 0.2800`: a checkpoint's scores on one line."""
+    row = summary_row(result)
+    scores = [f"{k} {v:.4f}" for k, v in row.items() if k != "step" and isinstance(v, (int, float))]
+    return ", ".join(scores) or "no scores"
+
+
 class EvaluationFailed(ReproError):
     def __init__(self, result: dict[str, Any]):
         super().__init__(result.get("error", "evaluation failed"))
@@ -234,5 +241,6 @@ class EvaluationScheduler:
                     self.log.warning("evaluation of step %d failed: %s", step, result.get("error"))
                 elif "error" not in result:
                     self._keep(step, result)
+                    self.log.info("evaluated step %d: %s", step, _scores(result))
                 self.results[step] = result
         return new

@@ -44,8 +44,8 @@ class Progress:
     """Step / max steps, tokens seen and ETA, from metrics.jsonl: the progress artifact (the percentage and the
     status in one line, updated in place), a status table (a markdown artifact, a new version each time), and
     the log. Each artifact update is an event that every watcher of the run (the UI, `prefect deployment run
-    --watch`) receives, so they are sent when something changed and at most every `ui_every_s` seconds (the
-    table every `table_every_s`), and always at the end (`force`)."""
+    --watch`) receives, so the bar moves in steps of `ui_every_percent` at most every `ui_every_s` seconds
+    (about twenty events a run), the table at most every `table_every_s`, and both at the end (`force`)."""
 
     def __init__(
         self,
@@ -54,13 +54,16 @@ class Progress:
         log,
         key: str,
         ui_every_s: float = 10.0,
+        ui_every_percent: float = 5.0,
         table_every_s: float = 60.0,
     ):
         self.id, self.max_steps, self.log, self.key = artifact_id, max_steps, log, key
-        self.ui_every_s, self.table_every_s = ui_every_s, table_every_s
+        self.ui_every_s, self.ui_every_percent = ui_every_s, ui_every_percent
+        self.table_every_s = table_every_s
         self.first: tuple[float, int] | None = None
         self.last_log = self.last_ui = self.last_table = -float("inf")
-        self.shown: tuple[int, int] = (-1, -1)  # (step, table's step) last sent
+        self.shown_percent = -100.0  # on the progress bar
+        self.table_step = -1  # the step the status table shows
 
     @classmethod
     async def create(cls, run_name: str, max_steps: int, log, key: str) -> Progress:
@@ -91,13 +94,14 @@ class Progress:
                 tokens,
                 eta,
             )
-        if done != self.shown[0] and (force or now - self.last_ui >= self.ui_every_s):
-            self.last_ui, self.shown = now, (done, self.shown[1])
-            percent = round(100.0 * min(done, self.max_steps) / self.max_steps, 1)
+        percent = round(100.0 * min(done, self.max_steps) / self.max_steps, 1)
+        moved = percent >= self.shown_percent + self.ui_every_percent  # a change worth an event
+        if force or (moved and now - self.last_ui >= self.ui_every_s):
+            self.last_ui, self.shown_percent = now, percent
             line = f"step {done} / {self.max_steps}, {tokens} tokens seen, ETA {eta}"
             await aupdate_progress_artifact(self.id, percent, description=line)
-        if done != self.shown[1] and (force or now - self.last_table >= self.table_every_s):
-            self.last_table, self.shown = now, (self.shown[0], done)
+        if done != self.table_step and (force or now - self.last_table >= self.table_every_s):
+            self.last_table, self.table_step = now, done
             await self._table(metrics, done, tokens, eta)
 
     async def _table(self, metrics: list[dict[str, Any]], done: int, tokens: str, eta: str) -> None:

@@ -2,7 +2,8 @@
 
     python -m flows.serve [--executor local|slurm] [--store URL]
     prefect deployment run pretrain-gpt2/pretrain-124m        # from another shell; watch it in the UI
-    prefect deployment run pretrain-gpt2/demo --watch         # the demo: minutes on a CPU, fully offline
+    prefect deployment run pretrain-gpt2/demo                 # the demo: minutes on a CPU, fully offline
+    python -m flows.follow RUN_ID                             # its story on the console, until it ends
 
 The deployments are the ones prefect.yaml declares for the `gpt2-slurm` work pool, plus `demo`; their
 parameters are defaults that every run can override (`--params`, or the form in the UI).

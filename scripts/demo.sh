@@ -4,8 +4,8 @@
 #   2. a local Prefect server (SQLite in .prefect/), unless one answers already; it keeps running, UI included
 #   3. the demo's offline evaluation task (HellaSwag format, from held-out demo text)
 #   4. the deployments served from this checkout (python -m flows.serve: local executor, ./store), and the run
-#      started with the user's own command: prefect deployment run pretrain-gpt2/demo --watch
-#      (demo corpus -> shards -> training -> every checkpoint evaluated -> report)
+#      started with the user's own command, prefect deployment run pretrain-gpt2/demo, and its story followed
+#      with python -m flows.follow RUN_ID (demo corpus -> shards -> training -> every checkpoint evaluated)
 #   5. what the run achieved: val loss against the corpus's unigram entropy, the evaluations, samples
 # DEMO_STEPS=N runs N steps instead of the preset's (a run of its own, store/runs/demo-N).
 set -euo pipefail
@@ -42,8 +42,12 @@ done
 params=$("$PY" -m flows.serve --store store --print-demo-params "${DEMO_STEPS:-0}")
 run_dir=store/runs/$("$PY" -c 'import json,sys; print(json.loads(sys.argv[1])["params"]["run_name"])' "$params")
 
-echo "[demo] prefect deployment run pretrain-gpt2/demo --watch"
-"$PREFECT" deployment run pretrain-gpt2/demo --params "$params" --watch --watch-timeout 1800
+echo "[demo] prefect deployment run pretrain-gpt2/demo"
+created=$("$PREFECT" deployment run pretrain-gpt2/demo --params "$params")
+echo "$created"
+run_id=$(sed -n 's/.*UUID: *\([0-9a-f-]\{36\}\).*/\1/p' <<< "$created" | head -n 1)
+echo "[demo] python -m flows.follow $run_id"
+"$PY" -m flows.follow "$run_id" --timeout 1800
 
 echo
 "$PY" -m evaluation.summary "$run_dir"

@@ -1,5 +1,6 @@
 """`bash scripts/demo.sh` as a newcomer runs it: a fresh copy of this checkout, the README's command, shortened
-by DEMO_STEPS; its own Prefect server (real), the served deployments, `prefect deployment run --watch`, the local
+by DEMO_STEPS; its own Prefect server (real), the served deployments, `prefect deployment run` followed by
+`python -m flows.follow`, the local
 executor, the offline corpus and evaluation task; the run page checked in headless Chromium."""
 
 import asyncio
@@ -78,8 +79,19 @@ def test_the_demo_runs_the_deployment_and_shows_a_model_that_learns(demo):
     p, run = demo["p"], demo["clone"] / "store" / "runs" / "demo-40"
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     out = p.stdout
-    assert "prefect deployment run pretrain-gpt2/demo --watch" in out
+    assert "prefect deployment run pretrain-gpt2/demo" in out
     assert re.search(r"/runs/flow-run/[0-9a-f-]{36}", out)  # the run's URL, to open in the UI
+    # the console tells the run's story, not Prefect's events: the data prep, the submission, the progress,
+    # each evaluation, how it ended, the result
+    for line in (
+        r"\[prepare-data\] tokenized [\d,]+ tokens",
+        r"submission 1: job local-\d+ from step 0",
+        r"step \d+/40 \(",
+        r"evaluated step 20",
+        r"the run ended Completed",
+    ):
+        assert re.search(line, out), (line, out[-3000:])
+    assert "prefect.artifact" not in out and len(out.splitlines()) < 80, out
     m = re.search(
         r"val loss ([0-9.]+) nats \(from ([0-9.]+) at the start\) vs ([0-9.]+) nats unigram entropy",
         out,

@@ -1,0 +1,64 @@
+"""`python -m flows.follow RUN_ID`: a flow run's story on the console (its lines and its subflows', warnings from
+anywhere, not the task runs' chatter), until it ends, with an exit status that says how it ended; on a real
+Prefect server."""
+
+import uuid
+
+from prefect import flow, get_run_logger, task
+
+from common import exit_codes
+from flows.follow import main
+
+
+@task
+def _chatty():
+    get_run_logger().info("every training step")
+    get_run_logger().warning("a rank is slow")
+
+
+@flow(name="prep-part")
+def _sub():
+    get_run_logger().info("tokenized 1,000 tokens")
+
+
+@flow(name="story")
+def _story(fail: bool, lines: int):
+    log = get_run_logger()
+    log.info("the story begins")
+    _sub()
+    _chatty()
+    for i in range(lines):  # more than one page of the server's answer
+        log.info("progress %d", i)
+    if fail:
+        raise RuntimeError("the loss exploded")
+
+
+def test_a_run_is_followed_to_its_end_as_a_story(prefect_server, capsys):
+    state = _story(False, 250, return_state=True)
+    assert main([str(state.state_details.flow_run_id)]) == exit_codes.OK
+    out = capsys.readouterr().out.splitlines()
+    text = "\n".join(out)
+    assert "the story begins" in text and "[prep-part] tokenized 1,000 tokens" in text
+    assert "WARNING: a rank is slow" in text and "every training step" not in text
+    progress = [ln.split(" ", 1)[1] for ln in out if " progress " in ln]
+    assert progress == [
+        f"progress {i}" for i in range(250)
+    ]  # each line once, in order, across pages
+    assert out[-1] == "the run ended Completed"
+
+
+def test_a_failed_run_is_followed_to_its_failure_and_exits_non_zero(prefect_server, capsys):
+    state = _story(True, 0, return_state=True)
+    assert main([str(state.state_details.flow_run_id), "--tasks"]) == exit_codes.FAILED
+    out = capsys.readouterr().out
+    assert "every training step" in out  # --tasks: the task runs' lines too
+    assert "the run ended Failed" in out and "the loss exploded" in out
+
+
+def test_a_run_that_is_not_there_is_one_line(prefect_server, capsys):
+    missing = uuid.uuid4()
+    assert main([str(missing)]) == exit_codes.BAD_INPUT
+    assert main(["not-a-run"]) == exit_codes.BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"no flow run {missing} on http" in err and "'not-a-run' is not a flow run id" in err
+    assert "Traceback" not in err
