@@ -224,7 +224,7 @@ class EvaluationScheduler:
     async def collect(self, wait: bool = False) -> bool:
         """Take in the evaluations that have finished (all of them with `wait`); True when any did."""
         new = False
-        for step, pending in list(self._pending.items()):
+        for step, pending in sorted(self._pending.items()):
             if wait or pending.done():
                 state = await pending
                 result = await state.aresult(raise_on_failure=False)
