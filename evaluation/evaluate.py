@@ -65,7 +65,8 @@ def _cached(url: str, key: dict[str, Any]) -> dict[str, Any] | None:
         old = store.read_json(url)
     except ValueError:
         return None
-    return old if isinstance(old, dict) and old.get("key") == key else None  # another shape: evaluate again
+    # another shape: evaluate again
+    return old if isinstance(old, dict) and old.get("key") == key else None
 
 
 def _versions() -> dict[str, str]:

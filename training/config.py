@@ -335,7 +335,8 @@ class RunConfig(_Section):
             raise ValueError(
                 f"model.vocab_size ({m.vocab_size}) is smaller than the GPT-2 tokenizer's {VOCAB_SIZE} tokens"
             )
-        if not t.run_dir.strip() or t.run_dir.startswith("memory:"):  # the current folder; gone at exit
+        # an empty run_dir is the current folder; a memory: one is gone at exit
+        if not t.run_dir.strip() or t.run_dir.startswith("memory:"):
             raise ValueError(
                 f"train.run_dir {t.run_dir!r} is no place for a run: give a folder or a store URL"
             )

@@ -21,7 +21,8 @@ def test_a_cordon_holds_until_it_expires_and_the_latest_line_per_host_wins(tmp_p
         "n1": {"host": "n1", "reason": "hung: hang at step 7", "time": 1000.0, "expires": 4600.0}
     }
     with open(run.cordon, "a") as f:
-        f.write('{"host": "n4", "expires": "never"}\n[1]\n{"host": 5, "expires": 9999}\n')  # by a person
+        # by a person
+        f.write('{"host": "n4", "expires": "never"}\n[1]\n{"host": 5, "expires": 9999}\n')
         f.write('{"host": "n3", "rea')  # torn by a killed writer: ignored, the rest still read
     assert set(cordoned(run, now=2001.0)) == {"n1"}
 
