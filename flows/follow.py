@@ -13,11 +13,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
+
+import httpx
 
 from common import exit_codes
 from common.cli import entry_point
@@ -131,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         state = asyncio.run(follow(run_id, args.timeout, args.tasks))
     except ObjectNotFound:
         raise BadInput(f"no flow run {run_id} on {PREFECT_API_URL.value()}") from None
+    except httpx.TransportError as err:  # the server went away: the run itself goes on
+        print(
+            f"error: the Prefect server stopped answering ({err!r}); follow again with the same command",
+            file=sys.stderr,
+        )
+        return exit_codes.FAILED
     if state is None:
         print(f"still running after {args.timeout:.0f} s; follow it again with the same command")
         return exit_codes.FAILED

@@ -2,8 +2,15 @@
 anywhere, not the task runs' chatter), until it ends, with an exit status that says how it ended; on a real
 Prefect server."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 
+from helpers import REPO, free_port
 from prefect import flow, get_run_logger, task
 
 from common import exit_codes
@@ -62,3 +69,58 @@ def test_a_run_that_is_not_there_is_one_line(prefect_server, capsys):
     err = capsys.readouterr().err
     assert f"no flow run {missing} on http" in err and "'not-a-run' is not a flow run id" in err
     assert "Traceback" not in err
+
+
+def test_a_server_that_goes_away_while_followed_is_one_line(tmp_path):
+    """A server of its own, stopped for real while a run (scheduled, never picked up) is followed."""
+    port = free_port()
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(tmp_path),
+        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_CLIENT_MAX_RETRIES="0",  # what is tested is the end of the retries, not their length
+    )
+    prefect = str(Path(sys.executable).parent / "prefect")
+    server = subprocess.Popen(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        scheduled = (
+            "import asyncio\n"
+            "from prefect import flow\n"
+            "from prefect.client.orchestration import get_client\n"
+            "async def main():\n"
+            "    async with get_client() as c:\n"
+            "        print((await c.create_flow_run(flow(name='waits')(lambda: None))).id)\n"
+            "asyncio.run(main())\n"
+        )
+        deadline = time.time() + 120
+        while True:
+            made = subprocess.run(
+                [sys.executable, "-c", scheduled], env=env, capture_output=True, text=True
+            )
+            if made.returncode == 0 or time.time() > deadline:
+                break
+            time.sleep(1)
+        assert made.returncode == 0, made.stderr[-2000:]
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "flows.follow", made.stdout.strip()],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(5)
+        assert follower.poll() is None  # still following a run that has not started
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    out, err = follower.communicate(timeout=120)
+    assert follower.returncode == exit_codes.FAILED, out + err
+    assert "the Prefect server stopped answering" in err and "Traceback" not in err
