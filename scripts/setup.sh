@@ -15,15 +15,24 @@ PY=${PYTHON:-python3}
 stamp="$VENV/.setup-stamp"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16) $TORCH_SPEC"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    echo "[setup] creating $VENV and installing the project (torch: $TORCH_SPEC)"
     [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-    pip_args=(-q --disable-pip-version-check)
+    # pip's own chatter (its configuration's warnings included) goes to a log; its end is shown when it fails
+    log="$VENV/setup.log"
+    echo "[setup] installing the project into $VENV (torch: $TORCH_SPEC; pip's output: $log)"
+    pip_install() {
+        "$VENV/bin/pip" install -q --disable-pip-version-check "$@" >> "$log" 2>&1 || {
+            echo "[setup] pip install $* failed; the end of $log:" >&2
+            tail -n 40 "$log" >&2
+            exit 1
+        }
+    }
+    : > "$log"
     if [ -n "${TORCH_INDEX_URL:-}" ]; then
-        "$VENV/bin/pip" install "${pip_args[@]}" --extra-index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"
+        pip_install --extra-index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"
     else
-        "$VENV/bin/pip" install "${pip_args[@]}" "$TORCH_SPEC"
+        pip_install "$TORCH_SPEC"
     fi
-    "$VENV/bin/pip" install "${pip_args[@]}" -e ".[test]"
+    pip_install -e ".[test]"
     echo "$want" > "$stamp"
 fi
 
