@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=None, help="stop following after S seconds")
     ap.add_argument("--tasks", action="store_true", help="print the task runs' lines too")
     args = ap.parse_args(argv)
+    if args.timeout is not None and not args.timeout > 0:
+        raise BadInput(f"--timeout {args.timeout} is no time to follow a run: give seconds above 0")
     try:
         run_id = uuid.UUID(args.flow_run_id)
     except ValueError:

@@ -66,8 +66,10 @@ def test_a_run_that_is_not_there_is_one_line(prefect_server, capsys):
     missing = uuid.uuid4()
     assert main([str(missing)]) == exit_codes.BAD_INPUT
     assert main(["not-a-run"]) == exit_codes.BAD_INPUT
+    assert main([str(missing), "--timeout", "-1"]) == exit_codes.BAD_INPUT
     err = capsys.readouterr().err
     assert f"no flow run {missing} on http" in err and "'not-a-run' is not a flow run id" in err
+    assert "--timeout -1.0 is no time" in err
     assert "Traceback" not in err
 
 
