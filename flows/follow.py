@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
 
-    from flows.pretrain import api_problem
+    from flows.prefect_server import api_problem
 
     if not PREFECT_API_URL.value():
         raise BadInput("PREFECT_API_URL is not set: point it at the server the run is on")

@@ -33,6 +33,7 @@ from common.shards import ShardError, list_shards
 from evaluation.evaluate import lm_eval_tasks
 from flows.executors import LocalTrainingExecutor, SubmissionRejected, TrainingExecutor
 from flows.params import PretrainParams, add_flags, from_flags
+from flows.prefect_server import api_problem, quiet_temporary_server
 from flows.run_records import tracker_record
 from flows.supervisor import FlowFailure, RunSupervisor
 from flows.tracker import TrackerMirror
@@ -244,37 +245,6 @@ async def _run_with(
 
 
 # ----------------------------------------------------------------------------- CLI
-
-
-def api_problem() -> str | None:
-    """One line when PREFECT_API_URL names a server that does not answer (instead of a traceback mid-run)."""
-    from prefect.settings import PREFECT_API_URL
-
-    url = PREFECT_API_URL.value()
-    if not url:
-        return None  # Prefect starts a temporary local server itself
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(url.rstrip("/") + "/health", timeout=10)
-    except OSError as err:
-        return (
-            f"the Prefect server at {url} does not answer ({err}); start it (prefect server start) "
-            f"or unset PREFECT_API_URL"
-        )
-    return None
-
-
-def quiet_temporary_server() -> None:
-    """Without PREFECT_API_URL, Prefect serves this one run from a temporary server in a process of its own.
-    Its background work (telemetry with no network, SQLite's own contention) logs errors with tracebacks that
-    say nothing of the run: kept off the console, so that a traceback there always means something. A server
-    of one's own (PREFECT_API_URL) keeps its settings."""
-    from prefect.settings import PREFECT_API_URL
-
-    if not PREFECT_API_URL.value():
-        os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
-        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 @entry_point
