@@ -47,12 +47,26 @@ REPO = Path(__file__).resolve().parent.parent
 log = logging.getLogger("cluster.launch")
 
 
+def _ignore_job_signals() -> None:
+    """In torchrun, before it starts: the signals this launcher handles for the whole node."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)
+
+
 class RunFailed(ReproError):
     """The training run ended without completing and will not be requeued; the message says why."""
 
 
 class RequeueCapReached(RunFailed):
     pass
+
+
+class JobHung(RunFailed):
+    """A job whose ranks stopped stepping, cancelled by its watcher; `silent`: its silent ranks (host:rank)."""
+
+    def __init__(self, message: str, silent: list[str]):
+        super().__init__(message)
+        self.silent = silent
 
 
 # Ports derived from the job id, so that every node computes the same ones without talking, kept in 20000-31999:
@@ -167,12 +181,15 @@ class TrainLaunch:
         )
         # Own session: signals go to torchrun and its workers as a group. USR2 ignored in torchrun (the
         # default action would kill it); the workers inherit the ignore and training installs its own handler.
+        # ALRM ignored too: `scancel --signal=ALRM` reaches every process of the step, and a torchrun it killed
+        # would orphan its ranks out of reach of this launcher's kill (a stopped rank would live on, holding the
+        # run's lease).
         return subprocess.Popen(
             cmd,
             cwd=REPO,
             env=penv,
             start_new_session=True,
-            preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN),
+            preexec_fn=_ignore_job_signals,
         )
 
     def _chain(self, sig: signal.Signals) -> None:

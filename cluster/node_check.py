@@ -1,6 +1,6 @@
 """The check each node of a training job passes before torchrun starts: its GPUs are there, idle and working,
 and the run directory answers from it. A node that fails ends the job at once, naming its host, so that the
-flow cordons it (flows/cordon.py) instead of the job hanging in a rendezvous or failing mid-step.
+flow cordons it (cluster/cordon.py) instead of the job hanging in a rendezvous or failing mid-step.
 
 In a job of several nodes, the nodes that pass then meet in one all-reduce (`join_nodes`): node 0 hosts a
 TCPStore, every node registers in it, and once all have joined each adds a one (gloo on CPU, NCCL on GPU 0)

@@ -22,7 +22,8 @@ from typing import Any
 
 import submitit
 
-from cluster.launch import RunFailed, TrainLaunch
+from cluster.launch import JobHung, RunFailed, TrainLaunch
+from cluster.resubmission import BACKOFF_SECONDS, MAX_RESUBMITS, MAX_ROLLBACKS
 from cluster.sbatch import build_executor
 from cluster.spec import JobSpec
 from cluster.validate import require_slurm_client, validate
@@ -90,8 +91,17 @@ class JobNotFound(BadInput, LookupError):
 class RunHandle:
     """A submitted (or reattached) training job."""
 
-    def __init__(self, job_id: str, folder: str, nodes: int, run_dir: str):
+    def __init__(
+        self,
+        job_id: str,
+        folder: str,
+        nodes: int,
+        run_dir: str,
+        submitted: dict[str, Any] | None = None,
+    ):
         self.job_id, self.folder, self.nodes, self.run_dir = str(job_id), folder, nodes, run_dir
+        # what a resubmission needs: {"config", "overrides", "spec"} (absent in records of older versions)
+        self.submitted = submitted
         self.job: submitit.SlurmJob = submitit.SlurmJob(
             folder, self.job_id, tasks=list(range(nodes))
         )
@@ -106,9 +116,8 @@ class RunHandle:
         return Path(self.folder) / f"{self.job_id}_run.json"
 
     def save(self) -> None:
-        self._meta_path().write_text(
-            json.dumps({"job_id": self.job_id, "nodes": self.nodes, "run_dir": self.run_dir})
-        )
+        rec = {"job_id": self.job_id, "nodes": self.nodes, "run_dir": self.run_dir}
+        self._meta_path().write_text(json.dumps({**rec, **(self.submitted or {})}))
 
     def state(self) -> str:
         return sacct_state(self.job_id)[0]
@@ -182,7 +191,9 @@ class RunHandle:
                 stuck = detector.check()
                 if stuck is not None and hang is not None:
                     self.cancel(kill=True)
-                    raise RunFailed(f"job {self.job_id} hung, cancelled: {stuck.message}")
+                    raise JobHung(
+                        f"job {self.job_id} hung, cancelled: {stuck.message}", stuck.silent
+                    )
                 line = (
                     detector.progress()
                     if on_progress and time.monotonic() - shown >= progress_s
@@ -259,7 +270,12 @@ def submit(
         gpus_per_node=spec.gpus_per_node,
     )
     job = build_executor(spec).submit(launch)
-    handle = RunHandle(job.job_id, spec.folder, spec.nodes, cfg.train.run_dir)
+    submitted = {
+        "config": str(config),
+        "overrides": overrides,
+        "spec": spec.model_dump(mode="json"),
+    }
+    handle = RunHandle(job.job_id, spec.folder, spec.nodes, cfg.train.run_dir, submitted)
     handle.save()
     return handle
 
@@ -276,8 +292,33 @@ def reattach(job_id: str, folder: str) -> RunHandle:
     if not path.exists():
         raise JobNotFound(f"no job {job_id} submitted through cluster.submit under {folder}")
     require_slurm_client()
-    meta = json.loads(path.read_text())
-    return RunHandle(meta["job_id"], folder, meta["nodes"], meta["run_dir"])
+    try:
+        meta = json.loads(path.read_text())
+        job, nodes, run_dir = str(meta["job_id"]), meta["nodes"], meta["run_dir"]
+        if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+            raise TypeError(f"nodes is {nodes!r}")
+        if not isinstance(run_dir, str) or not run_dir:
+            raise TypeError(f"run_dir is {run_dir!r}")
+    except (ValueError, KeyError, TypeError) as err:
+        raise JobNotFound(f"{path} is not a job record ({err})") from None
+    submitted = {k: meta[k] for k in ("config", "overrides", "spec") if k in meta}
+    return RunHandle(job, folder, nodes, run_dir, submitted if len(submitted) == 3 else None)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -299,6 +340,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--reattach", metavar="JOB_ID", help="watch an existing job instead of submitting"
+    )
+    ap.add_argument(
+        "--no-resubmit",
+        action="store_true",
+        help="with --wait: watch the one job only; a failed or hung job is exit 1",
+    )
+    ap.add_argument(
+        "--max-resubmits",
+        type=_count,
+        default=MAX_RESUBMITS,
+        help="with --wait: resubmissions after failures and hangs (stops and requeues don't count)",
+    )
+    ap.add_argument(
+        "--max-rollbacks",
+        type=_count,
+        default=MAX_ROLLBACKS,
+        help="with --wait: rollbacks past diverging data before the run stops",
+    )
+    ap.add_argument(
+        "--backoff-s",
+        type=_seconds,
+        default=BACKOFF_SECONDS,
+        help="with --wait: wait before resubmitting a failed job (doubled with each further failure)",
+    )
+    ap.add_argument(
+        "--cordon-hours",
+        type=_seconds,
+        default=24.0,
+        help="with --wait: keep a host a failure points at out of the next submissions this long; 0 = never",
     )
     ap.add_argument(
         "--hang-floor-s",
@@ -329,20 +399,71 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
+    folder = getattr(args, "folder", None) or JobSpec().folder
+    if not args.reattach and not args.config:
+        ap.error("--config is required unless --reattach")
+    if args.wait and not args.no_resubmit:
+        return _supervise(args, folder)
     if args.reattach:
-        handle = reattach(args.reattach, getattr(args, "folder", None) or JobSpec().folder)
+        handle = reattach(args.reattach, folder)
     else:
-        if not args.config:
-            ap.error("--config is required unless --reattach")
         spec = model_from_flags(JobSpec, args, read_json_object(args.spec, "--spec"))
         handle = submit(spec, args.config, args.overrides)
     print(handle.job_id, flush=True)
     if args.wait:
-        print(json.dumps(_wait(handle, args)), flush=True)
+        try:
+            print(json.dumps(_watch(handle, args)), flush=True)
+        except KeyboardInterrupt:
+            return _stopped_watching(handle.job_id, folder)
     return exit_codes.OK
 
 
-def _wait(handle: RunHandle, args: argparse.Namespace) -> dict[str, Any]:
+def _supervise(args: argparse.Namespace, folder: str) -> int:
+    """--wait: the run to its end, resubmitted through the flow's policy (cluster/supervise.py)."""
+    from cluster.supervise import CommandLineSupervisor, Retries  # it builds on this module
+
+    retries = Retries(args.max_resubmits, args.max_rollbacks, args.backoff_s, args.cordon_hours)
+    current: list[str] = []
+
+    def on_job(job_id: str) -> None:
+        current.append(job_id)
+        print(job_id, flush=True)
+
+    def watch(handle: RunHandle) -> dict[str, Any]:
+        return _watch(handle, args)
+
+    if args.reattach:
+        sup = CommandLineSupervisor.of_job(args.reattach, folder, retries, watch, _say, on_job)
+        watching: RunHandle | None = reattach(args.reattach, folder)
+        on_job(args.reattach)
+    else:
+        spec = model_from_flags(JobSpec, args, read_json_object(args.spec, "--spec"))
+        sup = CommandLineSupervisor(spec, args.config, args.overrides, retries, watch, _say, on_job)
+        watching = None
+    try:
+        result = sup.run_to_end(watching)
+    except KeyboardInterrupt:
+        return _stopped_watching(current[-1] if current else "", folder)
+    print(json.dumps(result), flush=True)
+    return exit_codes.OK
+
+
+def _stopped_watching(job_id: str, folder: str) -> int:
+    if job_id:
+        print(
+            f"stopped watching; job {job_id} goes on (python -m cluster.submit --reattach {job_id} "
+            f"--folder {folder} --wait)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return exit_codes.INTERRUPTED
+
+
+def _say(text: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
+
+
+def _watch(handle: RunHandle, args: argparse.Namespace) -> dict[str, Any]:
     """The job watched to its end, its states and progress on stderr: its result (RunFailed otherwise)."""
     hang = (
         HangRules(args.hang_factor, args.hang_floor_s, args.startup_timeout_s)
@@ -351,9 +472,7 @@ def _wait(handle: RunHandle, args: argparse.Namespace) -> dict[str, Any]:
     )
 
     def say(text: str) -> None:
-        print(
-            f"{time.strftime('%H:%M:%S')} job {handle.job_id}: {text}", file=sys.stderr, flush=True
-        )
+        _say(f"job {handle.job_id}: {text}")
 
     return handle.wait(
         on_state=say,

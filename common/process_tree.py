@@ -48,11 +48,18 @@ def kill_tree(root: int, sig: signal.Signals = signal.SIGKILL) -> list[int]:
 
 
 def alive(pid: int) -> bool:
-    """Whether a process of that pid runs on this host (one of another user's counts)."""
+    """Whether a process of that pid runs on this host (one of another user's counts). A zombie does not: it
+    has ended, and whether it is reaped is up to its parent (or an init that never reaps, in a container)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False  # it ended just now
+    except OSError:
+        return True  # no /proc to read: the signal's answer stands
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"

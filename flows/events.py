@@ -10,9 +10,9 @@ from typing import Any
 
 from prefect.artifacts import acreate_table_artifact
 
+from cluster.cordon import cordon_row, cordoned
+from cluster.run_records import rollbacks
 from common.layout import RunDir
-from flows.cordon import cordon_row, cordoned
-from flows.run_records import rollbacks
 from flows.watch import straggler_row
 
 

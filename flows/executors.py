@@ -16,9 +16,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 from cluster import rank_exits
+from cluster.resubmission import Outcome
 from common import store
 from common.errors import ReproError
 from common.layout import RunDir
@@ -26,19 +27,6 @@ from common.process_tree import kill_tree
 from training.config import RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-# How a submission ended: completed; requeue (stopped with a checkpoint: resubmit at once); failed (resubmit
-# after a backoff); cancelled (a person did: stop); diverged (the guard stopped it: roll back past the data);
-# hung (cancelled by the flow: resubmit).
-OutcomeState = Literal["completed", "requeue", "failed", "cancelled", "diverged", "hung"]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    state: OutcomeState
-    reason: str
-    hosts: tuple[str, ...] = ()  # the hosts the failure points at (cordoned by the flow)
 
 
 class Submission(Protocol):

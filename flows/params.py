@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cluster.resubmission import BACKOFF_SECONDS, MAX_RESUBMITS, MAX_ROLLBACKS
 from cluster.spec import JobSpec
 from common.cli import add_model_flags, model_from_flags
 from common.heartbeat import HangRules
@@ -43,16 +44,18 @@ class EvaluationParams(_Params):
 
 
 class ResubmissionParams(_Params):
-    """What the flow does when a submission ends (flows/resubmission.py) and where it runs next."""
+    """What the flow does when a submission ends (cluster/resubmission.py) and where it runs next."""
 
     max_resubmits: int = Field(
-        3, ge=0, description="resubmissions after failures (requeues don't count)"
+        MAX_RESUBMITS, ge=0, description="resubmissions after failures (requeues don't count)"
     )
     max_rollbacks: int = Field(
-        3, ge=0, description="rollbacks past diverging data (training's guard) before the run stops"
+        MAX_ROLLBACKS,
+        ge=0,
+        description="rollbacks past diverging data (training's guard) before the run stops",
     )
     backoff_seconds: float = Field(
-        5.0,
+        BACKOFF_SECONDS,
         ge=0,
         description="wait before resubmitting a failed submission (doubled "
         "with each further failure)",

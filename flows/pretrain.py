@@ -7,7 +7,7 @@ is in training/, the Slurm launch in cluster/.
 This file is the flow's entry: its parameters checked, the run directory's lease taken, the tracker mirror
 started, then the run handed to flows/supervisor.py (submit -> watch -> decide -> act -> report). The other
 parts: flows/executors.py (where a submission runs), flows/watch.py (one submission, watched),
-flows/resubmission.py (what to do when it ends), flows/evaluations.py (every checkpoint evaluated),
+cluster/resubmission.py (what to do when it ends), flows/evaluations.py (every checkpoint evaluated),
 flows/report.py and flows/events.py (the UI), flows/tracker.py (the run mirrored into a tracker).
 """
 
@@ -34,9 +34,8 @@ from evaluation.evaluate import lm_eval_tasks
 from flows.executors import LocalTrainingExecutor, SubmissionRejected, TrainingExecutor
 from flows.params import PretrainParams, add_flags, from_flags
 from flows.prefect_server import api_problem, quiet_temporary_server
-from flows.run_records import tracker_record
 from flows.supervisor import FlowFailure, RunSupervisor
-from flows.tracker import TrackerMirror
+from flows.tracker import TrackerMirror, tracker_record
 from tracking.credentials import take_credentials
 from training.config import ConfigError, RunConfig, load_config, resolve_key
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import re
 import subprocess
 
-from cluster import failure
-from cluster.launch import RunFailed
+from cluster.cordon import cordoned, usable_nodes
+from cluster.job_outcome import down, ended, hostnames, with_excluded
+from cluster.resubmission import Outcome
 from cluster.spec import JobSpec
 from cluster.submit import FINAL_STATES, JobNotFound, RunHandle, reattach, submit
 from common.layout import RunDir
-from flows.cordon import cordoned, usable_nodes
-from flows.executors import Outcome, Placement, PlacementError, SubmissionRejected
+from flows.executors import Placement, PlacementError, SubmissionRejected
 from training.config import ConfigError, RunConfig
 
 
@@ -36,40 +36,7 @@ class SlurmSubmission:
 
     def poll(self) -> Outcome | None:
         state = self._state = self.handle.state()
-        if not state.startswith(FINAL_STATES):
-            return None
-        if state.startswith("CANCELLED"):
-            # Someone ran scancel: a decision, not a failure to retry (preemptions end as PREEMPTED/requeued).
-            return Outcome("cancelled", f"job {self.job_id} was cancelled ({state})")
-        try:
-            result = self.handle.result()
-        except RunFailed as err:
-            return self._failed(state, err)
-        if result.get("diverged"):
-            return Outcome(
-                "diverged", f"job {self.job_id} diverged at step {result.get('final_step')}"
-            )
-        if result.get("complete", True):
-            return Outcome(
-                "completed", f"job {self.job_id} completed at step {result.get('final_step')}"
-            )
-        # stop_after_steps: the job ended cleanly with a checkpoint before max_steps.
-        return Outcome("requeue", f"job {self.job_id} stopped at step {result.get('final_step')}")
-
-    def _failed(self, state: str, err: RunFailed) -> Outcome:
-        """A failed job: what its nodes recorded of the failure (cluster/failure.py) says which host to
-        blame; a node failure blames the job's node (of a one-node job)."""
-        found = failure.culprit(failure.read_job(str(self.handle.exits), self.job_id))
-        lines = [ln for ln in str(err).splitlines() if ln.strip()]
-        # without a record (a node killed outright): the first node's own error
-        detail = (
-            found.line() if found else next((ln for ln in lines[1:] if ln.startswith("node ")), "")
-        )
-        if state.startswith("NODE_FAIL"):
-            hosts = failed_node(self.job_id)
-        else:
-            hosts = (found.host,) if found is not None and found.blames_host else ()
-        return Outcome("failed", " | ".join(x for x in (lines[0], detail) if x)[:500], hosts)
+        return ended(self.handle, state) if state.startswith(FINAL_STATES) else None
 
     def running(self) -> bool:
         return self._state.startswith(("RUNNING", "COMPLETING"))  # as of the last poll
@@ -99,8 +66,8 @@ class SlurmSubmission:
             state, nodes, start = (line.split("|") + ["", ""])[:3]
             if state.startswith("NODE_FAIL") and (nodes, start) not in self._node_failures:
                 self._node_failures.add((nodes, start))
-                hosts = _hosts(nodes)
-                lost += hosts if len(hosts) == 1 else _down(hosts)
+                hosts = hostnames(nodes)
+                lost += hosts if len(hosts) == 1 else down(hosts)
         return tuple(dict.fromkeys(lost))
 
     def avoid(self, hosts: tuple[str, ...]) -> bool:
@@ -113,7 +80,7 @@ class SlurmSubmission:
             timeout=60,
         ).stdout
         m = re.search(r"\bExcNodeList=(\S+)", show)
-        current = _hosts(m.group(1)) if m and m.group(1) != "(null)" else []
+        current = hostnames(m.group(1)) if m and m.group(1) != "(null)" else []
         merged = ",".join(dict.fromkeys([*current, *hosts]))
         p = subprocess.run(
             ["scontrol", "update", f"JobId={self.job_id}", f"ExcNodeList={merged}"],
@@ -122,51 +89,6 @@ class SlurmSubmission:
             timeout=60,
         )
         return p.returncode == 0
-
-
-def with_excluded(spec: JobSpec, hosts: tuple[str, ...]) -> JobSpec:
-    """The spec with `hosts` added to its sbatch --exclude (merged with one the spec already has)."""
-    if not hosts:
-        return spec
-    extra, excluded = [], list(hosts)
-    for line in spec.sbatch_extra:
-        if line.startswith("--exclude="):
-            excluded = [*line.removeprefix("--exclude=").split(","), *excluded]
-        else:
-            extra.append(line)
-    return spec.model_copy(
-        update={"sbatch_extra": [*extra, f"--exclude={','.join(dict.fromkeys(excluded))}"]}
-    )
-
-
-def _hosts(nodelist: str) -> list[str]:
-    """A Slurm host list (`n[1-3],gpu7`) as host names."""
-    if not nodelist or nodelist in ("None", "(null)", "None assigned"):
-        return []
-    if not any(c in nodelist for c in "[,"):
-        return [nodelist]
-    out = subprocess.run(
-        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60
-    )
-    return out.stdout.split()
-
-
-def _down(hosts: list[str]) -> list[str]:
-    """Those of `hosts` that sinfo does not list as usable now (down, drained, not responding)."""
-    up = usable_nodes(None, set())
-    return [] if up is None else [h for h in hosts if h not in up]
-
-
-def failed_node(job_id: str) -> tuple[str, ...]:
-    """The node of a one-node job (accounting's NodeList): the host a NODE_FAIL points at."""
-    out = subprocess.run(
-        ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "NodeList"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout.splitlines()
-    hosts = _hosts(out[-1].strip()) if out else []
-    return tuple(hosts) if len(hosts) == 1 else ()
 
 
 class SlurmTrainingExecutor:

@@ -3,7 +3,7 @@
     submit   a submission of the run from its latest checkpoint (or the one an earlier flow run left in flight)
     watch    its console, metrics, heartbeats and stragglers until it ends (flows/watch.py), evaluating every
              new checkpoint meanwhile (flows/evaluations.py)
-    decide   what its end means (flows/resubmission.py): done, resubmit, roll back past diverging data, stop
+    decide   what its end means (cluster/resubmission.py): done, resubmit, roll back past diverging data, stop
     act      cordon the hosts a failure points at, record the submission, roll back, back off
     report   the final curves, evaluations and summary in the UI (flows/report.py)
 
@@ -17,13 +17,24 @@ import asyncio
 import time
 from typing import Any
 
+from cluster.cordon import cordon, cordon_row, cordoned
+from cluster.resubmission import Decision, Outcome, ResubmissionPolicy
+from cluster.run_records import (
+    SubmissionEnd,
+    divergence,
+    in_flight,
+    latest_step,
+    record_end,
+    record_start,
+    roll_back,
+    with_skips,
+)
 from common.errors import ReproError
 from common.layout import RunDir
 from common.lease import Lease
-from flows.cordon import cordon, cordon_row, cordoned
 from flows.evaluations import EvaluationScheduler
 from flows.events import EventsTable
-from flows.executors import Outcome, PlacementError, Submission, TrainingExecutor
+from flows.executors import PlacementError, Submission, TrainingExecutor
 from flows.params import PretrainParams
 from flows.report import (
     Progress,
@@ -34,18 +45,7 @@ from flows.report import (
     publish_curves,
     publish_summary,
 )
-from flows.resubmission import Decision, ResubmissionPolicy
-from flows.run_records import (
-    SubmissionEnd,
-    divergence,
-    in_flight,
-    latest_step,
-    record_end,
-    record_start,
-    roll_back,
-    tracker_record,
-    with_skips,
-)
+from flows.tracker import tracker_record
 from flows.watch import RunWatcher, straggler_record, straggler_row, watch_as_task
 from training.config import RunConfig
 from training.guard import Divergence

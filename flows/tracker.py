@@ -9,7 +9,9 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
+from typing import Any
 
+from common import store
 from common.layout import RunDir
 from flows.params import TrackerParams
 
@@ -124,3 +126,20 @@ class TrackerMirror:
                 self.kind,
                 self.proc.returncode,
             )
+
+
+def tracker_record(run: RunDir, kind: str) -> dict[str, Any]:
+    """The tracker run mirroring this run, from the mirror's record."""
+    try:
+        rec = store.read_json(run.tracker(kind))
+    except (FileNotFoundError, ValueError):
+        return {"tracker": kind, "run_id": None}
+    return {
+        "tracker": kind,
+        "run_id": rec.get("run_id"),
+        "link": rec.get("link"),
+        "generation": rec.get("generation"),
+        "delivered_step": rec.get("delivered", {}).get("step"),
+        "outages": rec.get("outages", 0),
+        "finished": rec.get("finished"),
+    }

@@ -17,12 +17,13 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from cluster.cordon import host_to_blame
+from cluster.resubmission import Outcome
 from common import store
 from common.errors import ReproError
 from common.heartbeat import HangDetector, HangRules
 from common.layout import RunDir
-from flows.cordon import host_to_blame
-from flows.executors import Outcome, Submission
+from flows.executors import Submission
 from training.metrics import parse_metrics
 from training.telemetry import Straggler, StragglerWatch
 

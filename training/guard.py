@@ -2,7 +2,7 @@
 applied. A non-finite loss or gradient norm, or one far above its recent history (a z-score over a rolling
 window, as llm.c skips updates), skips the update: the batch is consumed, the step counted, no weight moves.
 Several skips within a window mean the run has diverged: the job ends with exit code 3, and the flow rolls back
-to the last checkpoint before the trouble, skipping the offending data (flows/resubmission.py).
+to the last checkpoint before the trouble, skipping the offending data (cluster/resubmission.py).
 
 Every rank sees the same loss (averaged over ranks) and the same gradient norm (of the synced gradients), so
 every rank decides the same. The history is part of the checkpoint, so a resumed run decides exactly as an

@@ -260,6 +260,14 @@ def test_a_frozen_rank_is_found_by_its_silence_and_the_job_cancelled(job_env, de
             break
         time.sleep(0.5)
     assert sacct_state(handle.job_id)[0].startswith("CANCELLED")
+    # and the frozen rank is gone, not left stopped as an orphan (holding memory, a GPU, the run's lease)
+    from common.process_tree import alive
+
+    for _ in range(40):
+        if not alive(beats[1]["pid"]):
+            break
+        time.sleep(0.25)
+    assert not alive(beats[1]["pid"])
 
 
 def test_a_job_whose_ranks_never_reach_their_first_step_is_caught_by_the_startup_timeout(
@@ -344,3 +352,52 @@ def test_submit_cli_waits_showing_the_job_state_and_its_progress_and_prints_the_
     assert re.search(
         rf"job {job_id}: step \d+ \([a-z/]+\), \d+\.\d\d s/step, 1/1 ranks beating; ", p.stderr
     ), p.stderr[-3000:]
+
+
+def test_submit_cli_resubmits_a_hung_job_through_the_flows_policy_and_finishes_exactly(
+    job_env, demo_data, straight, tmp_path
+):
+    """`cluster.submit --wait` without Prefect: a rank frozen mid-run is found by its silence, the job cancelled
+    and resubmitted from its last checkpoint by the flow's policy, with the flow's records, and the run
+    finishes with the loss trace of an uninterrupted one."""
+    import os
+    import signal
+    import sys
+
+    from common.heartbeat import read_heartbeats
+    from common.layout import RunDir
+
+    run = tmp_path / "run"
+    extra = ("train.heartbeat_seconds=0.5", "checkpoint_every=10")
+    args = [a for kv in sets(demo_data, run, *extra) for a in ("--set", kv)]
+    cmd = [sys.executable, "-m", "cluster.submit", "--config", "tiny", "--nodes", "1"]
+    cmd += ["--time", "20", "--folder", str(tmp_path / "slurm"), *args, "--wait"]
+    cmd += ["--hang-floor-s", "5", "--backoff-s", "0", "--progress-s", "0"]
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, beat = time.time() + 120, {}
+        while time.time() < deadline and (beat.get("step") or 0) < 12:
+            beat = read_heartbeats(RunDir(str(run))).get(0, {})
+            time.sleep(0.1)
+        os.kill(beat["pid"], signal.SIGSTOP)  # the rank, a process of this machine
+        out, err = p.communicate(timeout=240)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err[-3000:]
+    first, second, result = (
+        out.splitlines()[0],
+        out.splitlines()[1],
+        json.loads(out.splitlines()[-1]),
+    )
+    assert result["complete"] and result["final_step"] == STEPS and result["job_id"] == second
+    ends = [json.loads(x) for x in (run / "submissions.jsonl").read_text().splitlines()]
+    assert [(e["job_id"], e["state"], e["next"]) for e in ends] == [
+        (first, "hung", "resubmit"),
+        (second, "completed", "done"),
+    ]
+    assert ends[1]["start_step"] in (10, 20) and ends[1]["submission"] == 2
+    assert f"job {first}: RUNNING" in err and f"submission 2: job {second} from step" in err
+    assert json.loads((run / "job.json").read_text())["ended"] == "completed"
+    assert dict(losses(run)) == dict(
+        straight
+    )  # resumed bit-exact: the trace of a run without the hang

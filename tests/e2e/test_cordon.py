@@ -1,9 +1,9 @@
-"""The run's cordon list (flows/cordon.py) and how a Slurm submission avoids its hosts. The end-to-end case (a
+"""The run's cordon list (cluster/cordon.py) and how a Slurm submission avoids its hosts. The end-to-end case (a
 hung job's node cordoned and the run finished on another node) is in test_deployments.py."""
 
+from cluster.cordon import cordon
 from cluster.spec import JobSpec
 from common.layout import RunDir
-from flows.cordon import cordon
 
 
 def test_a_partition_left_too_few_nodes_stops_the_run_plainly_or_with_allow_shrink_runs_on_the_rest(

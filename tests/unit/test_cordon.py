@@ -1,10 +1,10 @@
-"""The run's cordon list (flows/cordon.py) and how a Slurm submission avoids its hosts. The end-to-end case (a
+"""The run's cordon list (cluster/cordon.py) and how a Slurm submission avoids its hosts. The end-to-end case (a
 hung job's node cordoned and the run finished on another node) is in test_deployments.py."""
 
+from cluster.cordon import cordon, cordoned, host_to_blame
+from cluster.job_outcome import with_excluded
 from cluster.spec import JobSpec
 from common.layout import RunDir
-from flows.cordon import cordon, cordoned, host_to_blame
-from flows.slurm_executor import with_excluded
 
 
 def test_a_cordon_holds_until_it_expires_and_the_latest_line_per_host_wins(tmp_path):

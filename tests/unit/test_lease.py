@@ -96,3 +96,30 @@ def test_a_record_that_is_no_lease_is_taken_over_with_a_word_not_a_traceback(
     with caplog.at_level("WARNING"):
         Lease(str(url), "me", ttl_s=2, settle_s=0.01).acquire().release()
     assert "is not a lease record" in caplog.text
+
+
+def test_a_holder_that_ended_unreaped_holds_nothing(tmp_path):
+    """A killed holder whose parent died with it stays a zombie where nothing reaps it (a container's init): its
+    pid still answers a signal, but the lease is free (else a hung job's successor finds the run in use)."""
+    import os
+    import socket
+
+    from common.process_tree import alive
+
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        deadline = time.time() + 10
+        while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.time() < deadline
+            time.sleep(0.01)
+        os.kill(pid, 0)  # still there for a signal
+        assert not alive(pid) and alive(os.getpid())
+        url = tmp_path / "leases" / "trainer.json"
+        url.parent.mkdir()
+        rec = {"owner": "trainer", "host": socket.gethostname(), "pid": pid, "renewed": time.time()}
+        url.write_text(json.dumps(rec))
+        Lease(str(url), "next trainer", settle_s=0).acquire().release()
+    finally:
+        os.waitpid(pid, 0)

@@ -1,7 +1,6 @@
 """The flow's resubmission policy on its own: no Prefect server, no Slurm (the flow tests run it for real)."""
 
-from flows.executors import Outcome
-from flows.resubmission import ResubmissionPolicy
+from cluster.resubmission import Outcome, ResubmissionPolicy
 from training.config import Span
 from training.guard import Divergence
 

@@ -32,8 +32,8 @@ def test_a_rank_slower_than_the_median_in_consecutive_windows_is_one_warning_and
     import json
     import logging
 
+    from cluster.resubmission import Outcome
     from common.layout import RunDir
-    from flows.executors import Outcome
     from flows.watch import RunWatcher
     from training.telemetry import StragglerWatch
 
@@ -103,9 +103,9 @@ def test_a_rank_slower_than_the_median_in_consecutive_windows_is_one_warning_and
 def test_a_job_record_that_is_no_job_record_is_not_reattached_to(tmp_path, text, caplog):
     """job.json names the submission a restarted flow reattaches to: a torn or edited one is said and left,
     and the submissions are counted from submissions.jsonl instead."""
+    from cluster.run_records import in_flight
     from common.layout import RunDir
     from flows.executors import LocalTrainingExecutor
-    from flows.run_records import in_flight
 
     run = RunDir(str(tmp_path))
     (tmp_path / "job.json").write_text(text)

@@ -1,9 +1,9 @@
-"""The records the flow keeps in the run directory (the flow is their only writer; training never writes them):
+"""The records a supervisor (the flow, or `cluster.submit --wait`) keeps in the run directory; training never
+writes them:
 
 {run}/job.json            the submission in flight (or how it ended): a restarted flow reattaches to it
 {run}/submissions.jsonl   every ended submission: how it ended, its steps, what the flow did next
 {run}/rollbacks.jsonl     every rollback past diverging data; rolled-back/NNN/ holds what it set aside
-{run}/trackers/{t}.json   the tracker mirror's record (written by the mirror, read here for the result)
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from cluster.resubmission import Outcome
 from common import store
 from common.layout import RunDir
-from flows.executors import Outcome, Submission, TrainingExecutor
 from training import checkpoint as ck
 from training.config import RunConfig
 from training.guard import Divergence
@@ -24,12 +24,21 @@ from training.guard import Divergence
 log = logging.getLogger(__name__)
 
 
+class Executor(Protocol):
+    def describe(self) -> dict:
+        """What job.json records of where the submissions run (so that a restarted supervisor reattaches)."""
+
+
+class Submitted(Protocol):
+    job_id: str
+
+
 def latest_step(run_dir: str) -> int:
     c = ck.latest_checkpoint(run_dir, verify=False)
     return c.step if c else 0
 
 
-def in_flight(run: RunDir, executor: TrainingExecutor) -> tuple[str | None, int]:
+def in_flight(run: RunDir, executor: Executor) -> tuple[str | None, int]:
     """The job id an earlier flow run left in flight on this executor (job.json), if any, and the number of
     submissions made so far. A job.json that is not a job record is not reattached to (and said); the count
     then comes from submissions.jsonl."""
@@ -56,7 +65,7 @@ def in_flight(run: RunDir, executor: TrainingExecutor) -> tuple[str | None, int]
     return str(job_id), number
 
 
-def record_start(run: RunDir, executor: TrainingExecutor, number: int, sub: Submission) -> None:
+def record_start(run: RunDir, executor: Executor, number: int, sub: Submitted) -> None:
     store.write_json(run.job, {"job_id": sub.job_id, "submission": number, **executor.describe()})
 
 
@@ -88,9 +97,7 @@ class SubmissionEnd:
         return out
 
 
-def record_end(
-    run: RunDir, executor: TrainingExecutor, outcome: Outcome, end: SubmissionEnd
-) -> None:
+def record_end(run: RunDir, executor: Executor, outcome: Outcome, end: SubmissionEnd) -> None:
     """job.json says the submission ended; submissions.jsonl keeps it."""
     store.write_json(
         run.job,
@@ -152,20 +159,3 @@ def with_skips(
         return overrides
     ranges = sorted(set(cfg.data.skip_batches) | set(skips))
     return [*overrides, f"data.skip_batches={json.dumps(ranges)}"]
-
-
-def tracker_record(run: RunDir, kind: str) -> dict[str, Any]:
-    """The tracker run mirroring this run, from the mirror's record."""
-    try:
-        rec = store.read_json(run.tracker(kind))
-    except (FileNotFoundError, ValueError):
-        return {"tracker": kind, "run_id": None}
-    return {
-        "tracker": kind,
-        "run_id": rec.get("run_id"),
-        "link": rec.get("link"),
-        "generation": rec.get("generation"),
-        "delivered_step": rec.get("delivered", {}).get("step"),
-        "outages": rec.get("outages", 0),
-        "finished": rec.get("finished"),
-    }

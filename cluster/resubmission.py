@@ -1,5 +1,5 @@
-"""What the flow does when a submission ends: the resubmission policy, pure (no Prefect, no Slurm), so every
-rule is tested on its own.
+"""What a submission's end means for the run: the resubmission policy of the flow and of `cluster.submit --wait`
+alike, pure (no Prefect, no Slurm), so every rule is tested on its own.
 
 - completed: the run is done.
 - requeue (stopped with a checkpoint: a local SIGTERM, stop_after_steps): submit again at once.
@@ -18,8 +18,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from flows.executors import Outcome
 from training.guard import Divergence
+
+# How a submission ended: completed; requeue (stopped with a checkpoint: resubmit at once); failed (resubmit
+# after a backoff); cancelled (a person did: stop); diverged (the guard stopped it: roll back past the data);
+# hung (cancelled by the flow: resubmit).
+OutcomeState = Literal["completed", "requeue", "failed", "cancelled", "diverged", "hung"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: OutcomeState
+    reason: str
+    hosts: tuple[str, ...] = ()  # the hosts the failure points at (cordoned)
+
+
+# The defaults of both front ends (the flow's `resubmission` section, cluster.submit's flags).
+MAX_RESUBMITS = 3
+MAX_ROLLBACKS = 3
+BACKOFF_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
