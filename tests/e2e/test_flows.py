@@ -27,9 +27,8 @@ def _params(tmp_path, **kw):
     """The flow on the session's demo shards (preparing them is the first test's part, and others' elsewhere)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     hs = write_jsonl(tmp_path / "hs.jsonl", make_examples(4))
-    kw = {"overrides": FLOW_FAST, "data": SHARDS["demo"], **kw}
+    kw = {"overrides": FLOW_FAST, "data": SHARDS["demo"], "store": str(tmp_path / "store"), **kw}
     return PretrainParams(
-        store=str(tmp_path / "store"),
         run_name="t",
         hellaswag_data=hs,
         poll_seconds=0.5,
@@ -71,9 +70,11 @@ def _wait_for_checkpoint(run, step):
     """Until the checkpoint of `step` is whole (its manifest is written last). Checkpoints are written in the
     background, so the step's metrics line can come before its checkpoint is on disk: waiting on metrics would
     sometimes stop the job mid-write and leave it nothing to resume from."""
-    manifest = os.path.join(run.checkpoint(step), "manifest.json")
+    from common import store
+
+    manifest = store.join(run.checkpoint(step), "manifest.json")
     deadline = time.time() + 120
-    while not os.path.exists(manifest):
+    while not store.exists(manifest):
         assert time.time() < deadline, f"no checkpoint of step {step} within 120 s"
         time.sleep(0.02)
 
@@ -387,3 +388,62 @@ def test_a_checkpoint_pruned_while_it_is_evaluated_is_not_a_failed_evaluation(
 
     results = asyncio.run(evaluate_while_pruning())
     assert sorted(results) == [8] and "error" not in results[8]
+
+
+def test_a_store_credential_reaches_no_sink_of_a_local_run(
+    prefect_server, s3_server, tmp_path, monkeypatch
+):
+    """The store's secret key, given as the flow's Secret block, through a local run on S3 that trains, fails
+    once (killed), is resubmitted, evaluates and reports: it is in no log line, state message, artifact,
+    parameter shown back, or file of the run directory (its console logs, records and checkpoints included)."""
+    import json
+
+    import s3fs
+    from prefect.blocks.system import Secret
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter
+
+    secret = "s3cret-local-run-0xFEEDFACE"  # moto takes any secret key
+    Secret(value=json.dumps({**s3_server["env"], "AWS_SECRET_ACCESS_KEY": secret})).save(
+        "store-local", overwrite=True
+    )
+    bucket = s3_server["make_bucket"]("gpt2-local-secret")
+    monkeypatch.chdir(tmp_path)  # a run on a remote store keeps its console logs in ./logs/{run}/
+    before = dict(os.environ)
+    os.environ.update({k: v for k, v in s3_server["env"].items() if k != "AWS_SECRET_ACCESS_KEY"})
+
+    @flow(name="pretrain-gpt2-secret")
+    async def with_a_failure(params: PretrainParams):
+        return await run_pretrain(params, KillFirstSubmission())
+
+    params = _params(tmp_path, store=f"{bucket}/store", credentials_secret="store-local")
+    try:
+        result = asyncio.run(with_a_failure(params))
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
+    assert result["submissions"] == 2 and result["final_step"] == 6
+
+    async def shown():
+        async with get_client() as client:
+            runs = await client.read_flow_runs()
+            logs = await client.read_logs(LogFilter())
+            arts = await client.read_artifacts()
+        texts = [json.dumps(r.parameters, default=str) + str(r.state.message) for r in runs]
+        return texts + [lg.message for lg in logs] + [str(a.data) for a in arts]
+
+    texts = asyncio.run(shown())
+    assert any("credentials from Secret 'store-local'" in t for t in texts)
+    assert not [t for t in texts if secret in t]
+    fs = s3fs.S3FileSystem(
+        key="testing",
+        secret="testing",
+        endpoint_url=s3_server["endpoint_url"],
+        skip_instance_cache=True,
+    )
+    files = fs.find(f"{bucket.removeprefix('s3://')}/store/runs/t")
+    assert any("/checkpoints/" in f for f in files) and any("submissions" in f for f in files)
+    assert not [f for f in files if secret.encode() in fs.cat(f)]
+    consoles = [f for f in (tmp_path / "logs").rglob("*") if f.is_file()]
+    assert any(f.name == "submission-002.log" for f in consoles)
+    assert not [f for f in consoles if secret.encode() in f.read_bytes()]
