@@ -372,21 +372,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--hang-floor-s",
-        type=float,
+        type=_seconds,
         default=300.0,
         help="with --wait: a job with no new step for "
         "max(--hang-factor x its median step time, this) seconds is hung: cancelled, exit 1; 0 = never",
     )
-    ap.add_argument("--hang-factor", type=float, default=20.0)
+    ap.add_argument("--hang-factor", type=_seconds, default=20.0)
     ap.add_argument(
         "--startup-timeout-s",
-        type=float,
+        type=_seconds,
         default=1800.0,
         help="with --wait: hung when no first step this long after the job started running",
     )
     ap.add_argument(
         "--progress-s",
-        type=float,
+        type=_seconds,
         default=60.0,
         help="with --wait: print the ranks' last heartbeats "
         "(step, s/step, the rank furthest behind, the slowest rank) this often; 0 = never",

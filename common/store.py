@@ -43,7 +43,16 @@ def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def join(url: str, *parts: str) -> str:
+    """`url`/part/...: every path the project writes under a run directory or a store is built here, so a name
+    (a run's, a task's, a file's) that would lead out of `url` (an absolute path, a `..`) is refused here."""
+    for part in parts:
+        if part.startswith("/") or ".." in part.split("/"):
+            raise PathEscape(f"{part!r} would lead out of {url}: a name inside it is wanted")
     return posixpath.join(str(url).rstrip("/"), *parts)
+
+
+class PathEscape(BadInput, ValueError):
+    """A name that would put a file outside the folder it belongs in."""
 
 
 def is_local(url: str) -> bool:

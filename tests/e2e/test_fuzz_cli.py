@@ -23,6 +23,8 @@ KEYS = [
 CLI = settings(
     max_examples=6, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
 )
+# commands that refuse before importing torch: a bigger budget costs little
+QUICK_CLI = settings(CLI, max_examples=30)
 
 
 def _run(cwd, module, *args):
@@ -75,3 +77,27 @@ def test_the_flow_with_generated_parameters(tmp_path_factory, flag, value):
              flag, value, "--nproc", "0")  # fmt: skip
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert sum(ln.startswith("error:") for ln in p.stderr.splitlines()) <= 1
+
+
+@QUICK_CLI
+@given(st.lists(st.tuples(st.sampled_from(["--source", "--shard-tokens", "--workers", "--out"]), TEXT),
+                min_size=1, max_size=3))  # fmt: skip
+def test_data_prep_with_generated_arguments(tmp_path_factory, flags):
+    # local sources only (under run/): a hub spec would reach for the network
+    args = [a for f, v in flags for a in (f, f"run/{v}" if f in ("--source", "--out") else v)]
+    _contained(tmp_path_factory, "data_prep.fineweb", "--source", "run/none.parquet", "--out",
+               "run/out", *args)  # fmt: skip
+
+
+SPEC_FLAGS = ["--partition", "--account", "--qos", "--constraint", "--job-name", "--sbatch-extra",
+              "--setup", "--time", "--nodes", "--gpus-per-node", "--mem-gb", "--max-resubmits",
+              "--backoff-s", "--hang-floor-s", "--progress-s", "--reattach"]  # fmt: skip
+
+
+@QUICK_CLI
+@given(st.lists(st.tuples(st.sampled_from(SPEC_FLAGS), TEXT), min_size=1, max_size=3))
+def test_a_slurm_submission_with_generated_job_fields(tmp_path_factory, flags):
+    # max_steps=-1 makes even a spec the cluster would take a refusal: nothing is ever queued here
+    args = [a for f, v in flags for a in (f, v)]
+    _contained(tmp_path_factory, "cluster.submit", "--config", "tiny", "--folder", "run/slurm",
+               "--set", "max_steps=-1", *args, allowed=(2,))  # fmt: skip

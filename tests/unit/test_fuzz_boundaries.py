@@ -158,3 +158,20 @@ def test_checkpoint_manifests_that_are_no_json_object(tmp_path, text):
     (tmp_path / "manifest.json").write_text(text)
     with pytest.raises(ck.CheckpointError):
         ck.open_checkpoint(str(tmp_path))
+
+
+@given(st.lists(st.text(alphabet=st.sampled_from(list("ab./\\~ ")), max_size=8), max_size=3))
+def test_a_joined_name_stays_inside_its_folder_or_is_refused(parts):
+    """Every path written under a run directory or a store is built by store.join: whatever the names, the
+    result lies inside the folder once resolved, or the name is refused."""
+    import posixpath
+
+    from common import store
+
+    root = "/store/runs/r"
+    try:
+        joined = store.join(root, *parts)
+    except store.PathEscape as err:
+        assert "would lead out of /store/runs/r" in str(err)
+        return
+    assert posixpath.normpath(joined) == root or posixpath.normpath(joined).startswith(root + "/")
