@@ -11,7 +11,6 @@ from cluster import failure
 from cluster.cordon import usable_nodes
 from cluster.launch import RunFailed
 from cluster.resubmission import Outcome
-from cluster.spec import JobSpec
 from cluster.submit import RunHandle
 
 
@@ -52,21 +51,6 @@ def failed(handle: RunHandle, state: str, err: RunFailed) -> Outcome:
     else:
         hosts = (found.host,) if found is not None and found.blames_host else ()
     return Outcome("failed", " | ".join(x for x in (lines[0], detail) if x)[:500], hosts)
-
-
-def with_excluded(spec: JobSpec, hosts: tuple[str, ...]) -> JobSpec:
-    """The spec with `hosts` added to its sbatch --exclude (merged with one the spec already has)."""
-    if not hosts:
-        return spec
-    extra, excluded = [], list(hosts)
-    for line in spec.sbatch_extra:
-        if line.startswith("--exclude="):
-            excluded = [*line.removeprefix("--exclude=").split(","), *excluded]
-        else:
-            extra.append(line)
-    return spec.model_copy(
-        update={"sbatch_extra": [*extra, f"--exclude={','.join(dict.fromkeys(excluded))}"]}
-    )
 
 
 def hostnames(nodelist: str) -> list[str]:

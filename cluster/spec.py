@@ -120,3 +120,18 @@ class JobSpec(BaseModel):
     @property
     def world_size(self) -> int:
         return self.nodes * self.procs_per_node
+
+
+def with_excluded(spec: JobSpec, hosts: tuple[str, ...]) -> JobSpec:
+    """The spec with `hosts` added to its sbatch --exclude (merged with one the spec already has)."""
+    if not hosts:
+        return spec
+    extra, excluded = [], list(hosts)
+    for line in spec.sbatch_extra:
+        if line.startswith("--exclude="):
+            excluded = [*line.removeprefix("--exclude=").split(","), *excluded]
+        else:
+            extra.append(line)
+    return spec.model_copy(
+        update={"sbatch_extra": [*extra, f"--exclude={','.join(dict.fromkeys(excluded))}"]}
+    )

@@ -25,7 +25,7 @@ import submitit
 from cluster.launch import JobHung, RunFailed, TrainLaunch
 from cluster.resubmission import BACKOFF_SECONDS, MAX_RESUBMITS, MAX_ROLLBACKS
 from cluster.sbatch import build_executor
-from cluster.spec import JobSpec
+from cluster.spec import JobSpec, with_excluded
 from cluster.validate import require_slurm_client, validate
 from common import exit_codes
 from common.cli import add_model_flags, entry_point, model_from_flags, read_json_object
@@ -251,11 +251,19 @@ def _last_error(trace: str) -> str:
 
 
 def submit(
-    spec: JobSpec, config: str, overrides: list[str] | None = None, *, check: bool = True
+    spec: JobSpec,
+    config: str,
+    overrides: list[str] | None = None,
+    *,
+    check: bool = True,
+    exclude: tuple[str, ...] = (),
 ) -> RunHandle:
-    """Validate, then sbatch one job: `spec.nodes` tasks, each running torchrun for `training.train`."""
+    """Validate, then sbatch one job: `spec.nodes` tasks, each running torchrun for `training.train`, off the
+    hosts `exclude` (the run's cordons) as well as those the spec excludes. The job's record keeps the spec
+    as given, so that the cordons can be lifted from the job when they expire."""
     overrides = list(overrides or [])
     require_slurm_client()
+    given, spec = spec, with_excluded(spec, exclude)
     cfg = validate(spec, config, overrides, check_cluster=check, check_data=check)
     launch = TrainLaunch(
         config=str(config),
@@ -273,7 +281,7 @@ def submit(
     submitted = {
         "config": str(config),
         "overrides": overrides,
-        "spec": spec.model_dump(mode="json"),
+        "spec": given.model_dump(mode="json"),
     }
     handle = RunHandle(job.job_id, spec.folder, spec.nodes, cfg.train.run_dir, submitted)
     handle.save()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster import cordon as cordons
-from cluster.job_outcome import cancelled, failed, from_result, with_excluded
+from cluster.job_outcome import cancelled, failed, from_result
 from cluster.launch import JobHung, RunFailed
 from cluster.resubmission import (
     BACKOFF_SECONDS,
@@ -135,9 +135,8 @@ class CommandLineSupervisor:
         if self.lease.lost.is_set():
             raise RunFailed(f"the run's lease went to {self.lease.lost_to}: not resubmitted")
         avoid = tuple(cordons.cordoned(self.run))
-        spec = with_excluded(self.spec, avoid)
         overrides = with_skips(self.overrides, self.cfg, rollbacks(self.run))
-        handle = submit(spec, self.config, overrides)
+        handle = submit(self.spec, self.config, overrides, exclude=avoid)
         record_start(self.run, self, number, handle)
         self.on_job(handle.job_id)
         step = latest_step(self.run.url)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 
 from cluster.cordon import cordoned, usable_nodes
-from cluster.job_outcome import down, ended, hostnames, with_excluded
+from cluster.job_outcome import down, ended, hostnames
 from cluster.resubmission import Outcome
 from cluster.spec import JobSpec
 from cluster.submit import FINAL_STATES, JobNotFound, RunHandle, reattach, submit
@@ -33,10 +34,25 @@ class SlurmSubmission:
         self._running_checked = (
             False  # lost_nodes asked accounting since the job last started running
         )
+        self._exclusions_checked = (
+            0.0  # when a pending job's exclusions were last compared to the cordons
+        )
 
     def poll(self) -> Outcome | None:
         state = self._state = self.handle.state()
+        if state.startswith("PENDING"):
+            self._lift_expired_cordons()
         return ended(self.handle, state) if state.startswith(FINAL_STATES) else None
+
+    def _lift_expired_cordons(self, every_s: float = 15.0) -> None:
+        """A pending job keeps the hosts it was kept off (ExcNodeList) after their cordons expire: lift them, or
+        a job whose every node was cordoned once would wait forever (Slurm: BadConstraints)."""
+        if time.monotonic() - self._exclusions_checked < every_s or self.handle.submitted is None:
+            return
+        self._exclusions_checked = time.monotonic()
+        wanted = set(cordoned(RunDir(self.handle.run_dir))) | set(self._own_exclusions())
+        if set(self._excluded()) - wanted:
+            self.avoid(tuple(sorted(wanted - set(self._own_exclusions()))))
 
     def running(self) -> bool:
         return self._state.startswith(("RUNNING", "COMPLETING"))  # as of the last poll
@@ -71,17 +87,9 @@ class SlurmSubmission:
         return tuple(dict.fromkeys(lost))
 
     def avoid(self, hosts: tuple[str, ...]) -> bool:
-        """Keep the requeued job off `hosts` when Slurm starts it again (merged into its ExcNodeList: only a
-        pending job takes it)."""
-        show = subprocess.run(
-            ["scontrol", "show", "job", "-o", self.job_id],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout
-        m = re.search(r"\bExcNodeList=(\S+)", show)
-        current = hostnames(m.group(1)) if m and m.group(1) != "(null)" else []
-        merged = ",".join(dict.fromkeys([*current, *hosts]))
+        """Keep the requeued job off `hosts` (the run's cordons now) when Slurm starts it again, beside the hosts
+        its spec excludes: its ExcNodeList becomes exactly those (only a pending job takes it)."""
+        merged = ",".join(dict.fromkeys([*self._own_exclusions(), *hosts]))
         p = subprocess.run(
             ["scontrol", "update", f"JobId={self.job_id}", f"ExcNodeList={merged}"],
             capture_output=True,
@@ -89,6 +97,29 @@ class SlurmSubmission:
             timeout=60,
         )
         return p.returncode == 0
+
+    def _excluded(self) -> list[str]:
+        show = subprocess.run(
+            ["scontrol", "show", "job", "-o", self.job_id],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        m = re.search(r"\bExcNodeList=(\S+)", show)
+        return hostnames(m.group(1)) if m and m.group(1) != "(null)" else []
+
+    def _own_exclusions(self) -> list[str]:
+        """The hosts the job's own spec excludes (sbatch --exclude); of a job recorded without its spec, every
+        host it excludes now (nothing is lifted that is not known to be a cordon)."""
+        if self.handle.submitted is None:
+            return self._excluded()
+        extra = self.handle.submitted["spec"].get("sbatch_extra", [])
+        return [
+            h
+            for line in extra
+            if line.startswith("--exclude=")
+            for h in hostnames(line.removeprefix("--exclude="))
+        ]
 
 
 class SlurmTrainingExecutor:
@@ -107,7 +138,7 @@ class SlurmTrainingExecutor:
         exclude: tuple[str, ...] = (),
     ) -> SlurmSubmission:
         # Slurm writes the job's console into submitit's folder (spec.folder); the run dir is in the overrides.
-        return SlurmSubmission(submit(with_excluded(self.spec, exclude), preset, overrides))
+        return SlurmSubmission(submit(self.spec, preset, overrides, exclude=exclude))
 
     def resized(self, nodes: int) -> SlurmTrainingExecutor:
         """The same jobs on `nodes` nodes (allow_shrink: cordons left the partition too few)."""

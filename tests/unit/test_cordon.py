@@ -2,8 +2,7 @@
 hung job's node cordoned and the run finished on another node) is in test_deployments.py."""
 
 from cluster.cordon import cordon, cordoned, host_to_blame
-from cluster.job_outcome import with_excluded
-from cluster.spec import JobSpec
+from cluster.spec import JobSpec, with_excluded
 from common.layout import RunDir
 
 
