@@ -57,7 +57,12 @@ class SubmissionRejected(ReproError):
 
 
 class PlacementError(ReproError):
-    """The next submission has nowhere to run (cordons left too few nodes); the message says what to do."""
+    """The next submission has nowhere to run (cordons left too few nodes); the message says what to do.
+    `free_at`: when the first of those cordons expires (None: waiting would not help)."""
+
+    def __init__(self, message: str, free_at: float | None = None):
+        super().__init__(message)
+        self.free_at = free_at
 
 
 @dataclass(frozen=True)

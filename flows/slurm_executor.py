@@ -170,7 +170,9 @@ class SlurmTrainingExecutor:
         accumulation keeps the global batch). Too few without it is a PlacementError that says so, instead of
         a job that queues forever."""
         spec = self.spec
-        hosts = tuple(sorted(cordoned(run)))
+        cordons = cordoned(run)
+        hosts = tuple(sorted(cordons))
+        free_at = min((c["expires"] for c in cordons.values()), default=None)
         usable = usable_nodes(spec.partition, set(hosts)) if hosts else None
         if usable is None or len(usable) >= spec.nodes:
             return Placement(self, hosts)
@@ -181,7 +183,8 @@ class SlurmTrainingExecutor:
         )
         if not allow_shrink:
             raise PlacementError(
-                f"{what}; let a cordon expire (cordon_hours), ask for fewer nodes, or set allow_shrink"
+                f"{what}; let a cordon expire (cordon_hours), ask for fewer nodes, or set allow_shrink",
+                free_at,
             )
         fits = shrink_to(cfg, len(usable), spec.procs_per_node)
         if fits is None:

@@ -34,7 +34,7 @@ from common.layout import RunDir
 from common.lease import Lease
 from flows.evaluations import EvaluationScheduler
 from flows.events import EventsTable
-from flows.executors import PlacementError, Submission, TrainingExecutor
+from flows.executors import Placement, PlacementError, Submission, TrainingExecutor
 from flows.params import PretrainParams
 from flows.report import (
     Progress,
@@ -51,6 +51,10 @@ from training.config import RunConfig
 from training.guard import Divergence
 from training.metrics import read_metrics
 from training.telemetry import Straggler, StragglerWatch
+
+# A run whose every node is cordoned waits for the first cordon to expire when it does within this; a longer
+# wait (the default cordon lasts 24 h) is a person's decision: the run stops saying so.
+CORDON_WAIT_S = 1800.0
 
 
 class FlowFailure(ReproError):
@@ -118,7 +122,7 @@ class RunSupervisor:
                         "the run is complete (checkpoint at step %d): nothing to submit", start
                     )
                     break
-                submission, label = self.submit(start)
+                submission, label = self.submit(start, await self.placed())
             seen_events = len(self.watcher.guard_events)
             outcome = await watch_as_task(label, self.watcher, submission, self.on_tick)
             decision = self.decide(outcome, start)
@@ -141,12 +145,22 @@ class RunSupervisor:
         )
         return submission, f"submission {self.number} (job {submission.job_id}, reattached)"
 
-    def submit(self, start: int) -> tuple[Submission, str]:
+    async def placed(self) -> Placement:
+        """Where the next submission runs. When cordons leave it nowhere but the first of them expires within
+        CORDON_WAIT_S (short cordons, nodes that failed in a row), that wait is said and waited; else the run
+        stops saying what to do."""
+        while True:
+            try:
+                return self.executor.placement(self.cfg, self.run, self.p.resubmission.allow_shrink)
+            except PlacementError as err:
+                wait = None if err.free_at is None else err.free_at - time.time()
+                if wait is None or wait > CORDON_WAIT_S:
+                    raise FlowFailure(str(err)) from None
+                self.log.warning("%s. Waiting %.0f s for the first cordon to expire", err, wait)
+                await asyncio.sleep(max(0.0, wait) + 1)
+
+    def submit(self, start: int, where: Placement) -> tuple[Submission, str]:
         self.number += 1
-        try:
-            where = self.executor.placement(self.cfg, self.run, self.p.resubmission.allow_shrink)
-        except PlacementError as err:
-            raise FlowFailure(str(err)) from None
         if where.exclude:
             self.log.warning(
                 "submission %d avoids the cordoned hosts %s", self.number, ", ".join(where.exclude)

@@ -53,3 +53,50 @@ def test_a_shrunk_job_takes_the_most_nodes_its_batch_splits_over():
     assert shrink_to(cfg, 7, 1) == 4  # 512 tokens = 8 micro-batches of 64: not over 7, 6 or 5 ranks
     assert shrink_to(cfg, 3, 2) == 2  # 2 GPUs per node: 4 ranks
     assert shrink_to(cfg, 0, 1) is None
+
+
+def test_a_run_with_every_node_cordoned_waits_for_the_first_to_expire_if_it_expires_soon():
+    """Two nodes that failed in a row under short cordons: the supervisor says it waits and submits once the
+    first expires; cordons that last hours stop the run with the executor's own words."""
+    import asyncio
+    import logging
+    import time
+    from types import SimpleNamespace
+
+    import pytest
+
+    from flows.executors import Placement, PlacementError
+    from flows.supervisor import CORDON_WAIT_S, FlowFailure, RunSupervisor
+
+    class Executor:
+        def __init__(self, free_at):
+            self.free_at, self.calls = free_at, 0
+
+        def placement(self, cfg, run, allow_shrink):
+            self.calls += 1
+            if time.time() < self.free_at:
+                raise PlacementError(
+                    "partition debug can no longer give the job its 1 nodes", self.free_at
+                )
+            return Placement(self, ())
+
+    said = []
+    log = logging.getLogger("test")
+    log.warning = lambda fmt, *a: said.append(fmt % a)  # type: ignore[method-assign]
+
+    def sup(executor):
+        p = SimpleNamespace(resubmission=SimpleNamespace(allow_shrink=False))
+        return SimpleNamespace(executor=executor, cfg=None, run=None, p=p, log=log)
+
+    soon = Executor(time.time() + 0.5)
+    t0 = time.time()
+    where = asyncio.run(RunSupervisor.placed(sup(soon)))  # type: ignore[arg-type]
+    assert where.executor is soon and soon.calls == 2 and 0.5 <= time.time() - t0 < 5
+    assert said and said[0].startswith(
+        "partition debug can no longer give the job its 1 nodes. Waiting"
+    )
+    later = Executor(time.time() + CORDON_WAIT_S + 60)
+    with pytest.raises(
+        FlowFailure, match="^partition debug can no longer give the job its 1 nodes$"
+    ):
+        asyncio.run(RunSupervisor.placed(sup(later)))  # type: ignore[arg-type]
