@@ -119,10 +119,34 @@ def read_heartbeats(run: RunDir) -> dict[int, dict[str, Any]]:
             continue
         try:
             rec = json.loads(store.read_bytes(store.join(run.heartbeats, name)))
-            out[int(rec["rank"])] = rec
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError):
             continue
+        if is_heartbeat(rec):
+            out[rec["rank"]] = rec
     return out
+
+
+# the fields readers compute with, and their kinds (a record with any of them of another kind is no heartbeat)
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "rank": (int,),
+    "world": (int,),
+    "step": (int, type(None)),
+    "step_s": (int, float, type(None)),
+    "pid": (int,),
+    "ppid": (int,),
+    "time": (int, float),
+}
+
+
+def is_heartbeat(rec: Any) -> bool:
+    """A heartbeat record: a JSON object with an integer rank and the fields readers use of the right kinds."""
+    if not isinstance(rec, dict) or "rank" not in rec:
+        return False
+    return all(
+        not isinstance(rec[k], bool) and isinstance(rec[k], kinds)
+        for k, kinds in _FIELDS.items()
+        if k in rec
+    )
 
 
 def laggards(

@@ -78,7 +78,11 @@ def parse_metrics(lines: list[str]) -> list[dict[str, Any]]:
             row = json.loads(line)
         except ValueError:
             continue
-        if isinstance(row, dict) and "step" in row:
+        if not isinstance(row, dict):
+            continue
+        step, loss = row.get("step"), row.get("loss", 0.0)
+        # a line of another shape (edited, or from another tool) would break every reader's arithmetic
+        if isinstance(step, int) and not isinstance(step, bool) and isinstance(loss, (int, float)):
             rows.append(row)
     return rows
 

@@ -7,6 +7,7 @@ in the repository). The same boundaries through the real CLIs: tests/e2e/test_fu
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -175,3 +176,27 @@ def test_a_joined_name_stays_inside_its_folder_or_is_refused(parts):
         assert "would lead out of /store/runs/r" in str(err)
         return
     assert posixpath.normpath(joined) == root or posixpath.normpath(joined).startswith(root + "/")
+
+
+@given(st.dictionaries(st.sampled_from(["rank", "step", "step_s", "pid", "time", "world"]), JSON))
+def test_a_heartbeat_of_any_shape_is_read_or_left_out_never_a_traceback(tmp_path_factory, rec):
+    """Heartbeats are read by the hang detector on every poll: a record of another shape is left out."""
+    from common.heartbeat import HangDetector, HangRules, read_heartbeats
+    from common.layout import RunDir
+
+    run = RunDir(str(tmp_path_factory.mktemp("beats")))
+    (Path(run.heartbeats)).mkdir(parents=True)
+    (Path(run.heartbeats) / "rank-00000.json").write_text(json.dumps(rec))
+    beats = read_heartbeats(run)
+    assert set(beats) <= {0} and all(isinstance(r, int) for r in beats)
+    detector = HangDetector(run, HangRules(floor_s=0.0), owns=lambda beat: True)
+    detector.check()
+    detector.progress()
+
+
+@given(st.lists(st.dictionaries(st.sampled_from(["step", "loss", "val_loss"]), JSON), max_size=4))
+def test_metrics_lines_of_any_shape_are_parsed_or_skipped(rows):
+    from training.metrics import parse_metrics
+
+    parsed = parse_metrics([json.dumps(r) for r in rows])
+    assert all(isinstance(r["step"], int) for r in parsed)
