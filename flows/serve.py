@@ -17,9 +17,11 @@ import json
 from prefect import serve
 
 from common.cli import entry_point
+from common.errors import BadInput
 from common.layout import StoreLayout
 from flows.evaluate_checkpoint import evaluate_checkpoint
 from flows.params import EvaluationParams, PretrainParams
+from flows.prefect_server import api_problem
 from flows.prepare_data import prepare_data
 from flows.pretrain import pretrain
 
@@ -105,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         p = demo_params(args.store, args.print_demo_params or None)
         print(json.dumps({"params": p.model_dump(mode="json")}))
         return 0
+    problem = api_problem()
+    if problem:
+        raise BadInput(problem)
     serve(*deployments(args.executor, args.store))
     return 0
 

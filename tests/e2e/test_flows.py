@@ -425,10 +425,29 @@ def test_a_store_credential_reaches_no_sink_of_a_local_run(
     assert result["submissions"] == 2 and result["final_step"] == 6
 
     async def shown():
+        """Everything the server shows of this flow's runs (the server is shared: filter, page through)."""
+        from prefect.client.schemas.filters import (
+            ArtifactFilter,
+            ArtifactFilterFlowRunId,
+            FlowFilter,
+            FlowFilterName,
+            LogFilterFlowRunId,
+        )
+
         async with get_client() as client:
-            runs = await client.read_flow_runs()
-            logs = await client.read_logs(LogFilter())
-            arts = await client.read_artifacts()
+            mine = FlowFilter(name=FlowFilterName(any_=["pretrain-gpt2-secret"]))
+            runs = await client.read_flow_runs(flow_filter=mine)
+            ids = [r.id for r in runs]
+            logs, page = [], None
+            while page is None or len(page) == 200:
+                page = await client.read_logs(
+                    LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)), limit=200, offset=len(logs)
+                )
+                logs += page
+            arts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids))
+            )
+        assert runs and logs and arts
         texts = [json.dumps(r.parameters, default=str) + str(r.state.message) for r in runs]
         return texts + [lg.message for lg in logs] + [str(a.data) for a in arts]
 

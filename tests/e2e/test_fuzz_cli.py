@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from helpers import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -27,8 +28,8 @@ CLI = settings(
 QUICK_CLI = settings(CLI, max_examples=30)
 
 
-def _run(cwd, module, *args):
-    env = dict(os.environ, PREFECT_API_URL="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+def _run(cwd, module, *args, api=""):
+    env = dict(os.environ, PREFECT_API_URL=api, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
         timeout=300,
@@ -39,10 +40,10 @@ def _files(root):
     return {p for p in root.rglob("*")}
 
 
-def _contained(tmp_path_factory, module, *args, allowed=(0, 2, 75)):
+def _contained(tmp_path_factory, module, *args, allowed=(0, 2, 75), api=""):
     """The command in an empty folder: its exit and stderr, and nothing written but under run/."""
     cwd = tmp_path_factory.mktemp("cli")
-    p = _run(cwd, module, *args)
+    p = _run(cwd, module, *args, api=api)
     assert p.returncode in allowed, (args, p.stderr[-2000:])
     assert "Traceback" not in p.stderr, (args, p.stderr[-3000:])
     assert sum(ln.startswith("error:") for ln in p.stderr.splitlines()) <= 1, p.stderr[-2000:]
@@ -101,3 +102,45 @@ def test_a_slurm_submission_with_generated_job_fields(tmp_path_factory, flags):
     args = [a for f, v in flags for a in (f, v)]
     _contained(tmp_path_factory, "cluster.submit", "--config", "tiny", "--folder", "run/slurm",
                "--set", "max_steps=-1", *args, allowed=(2,))  # fmt: skip
+
+
+# The other commands: what keeps each one local and quick (a source, checkpoint or run that is not there, a
+# Prefect server that does not answer), and the flags generated on top; values of path flags go under run/.
+OTHERS = {
+    "cluster.prep_array": (["--source", "run/none.parquet", "--out", "run/out", "--folder", "run/slurm"],
+                           ["--source", "--out", "--shard-tokens", "--parallelism", "--partition",
+                            "--job-name", "--sbatch-extra", "--time-min", "--cpus-per-task"]),
+    "data_prep.verify": (["run/none"], []),
+    "evaluation.demo_task": (["--store", "run/store"], ["--store"]),
+    "evaluation.hellaswag_data": (["--out", "run/out", "--source", "run/none.jsonl"], ["--out", "--source"]),
+    "evaluation.plots": (["run/none"], ["--out"]),
+    "evaluation.summary": (["run/none"], ["--json"]),
+    "flows.follow": (["0b5e4f52-6f67-4a52-9b7e-5d1d7a3e0c11"], ["--timeout", "--tasks"]),
+    "flows.serve": (["--store", "run/store"], ["--print-demo-params", "--store", "--executor"]),
+    "tracking.mirror": (["--run-dir", "run/none", "--tracker", "tensorboard"],
+                        ["--run-dir", "--uri", "--project", "--interval-s", "--finish-timeout-s"]),
+    "training.export_hf": (["--checkpoint", "run/none", "--out", "run/out"], ["--checkpoint", "--out"]),
+    "training.sample": (["--checkpoint", "run/none"], ["--checkpoint", "--prompt", "--num-samples",
+                        "--max-new-tokens", "--top-k", "--temperature", "--seed", "--device"]),
+}  # fmt: skip
+PATH_FLAGS = {"--source", "--out", "--store", "--run-dir", "--checkpoint", "--folder"}
+SWITCHES = {"--tasks", "--json"}
+FEW = settings(CLI, max_examples=4)
+
+
+@pytest.mark.parametrize("module", sorted(OTHERS))
+@FEW
+@given(data=st.data())
+def test_every_other_command_with_generated_arguments(tmp_path_factory, module, data):
+    fixed, flags = OTHERS[module]
+    args = list(fixed)
+    for flag in data.draw(st.lists(st.sampled_from(flags), max_size=3)) if flags else []:
+        if flag in SWITCHES:
+            args.append(flag)
+            continue
+        value = data.draw(TEXT)
+        args += [flag, f"run/{value}" if flag in PATH_FLAGS else value]
+    if not flags:
+        args = [f"run/{data.draw(TEXT)}"]
+    # 1 is a documented code too: a server that does not answer (flows.follow), nothing to mirror
+    _contained(tmp_path_factory, module, *args, allowed=(0, 1, 2), api="http://127.0.0.1:9/api")
