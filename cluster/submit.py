@@ -307,7 +307,9 @@ def reattach(job_id: str, folder: str) -> RunHandle:
             raise TypeError(f"nodes is {nodes!r}")
         if not isinstance(run_dir, str) or not run_dir:
             raise TypeError(f"run_dir is {run_dir!r}")
-    except (ValueError, KeyError, TypeError) as err:
+    except KeyError as err:
+        raise JobNotFound(f"{path} is not a job record (no {err})") from None
+    except (ValueError, TypeError) as err:
         raise JobNotFound(f"{path} is not a job record ({err})") from None
     submitted = {k: meta[k] for k in ("config", "overrides", "spec") if k in meta}
     return RunHandle(job, folder, nodes, run_dir, submitted if len(submitted) == 3 else None)
@@ -441,8 +443,9 @@ def _supervise(args: argparse.Namespace, folder: str) -> int:
         return _watch(handle, args)
 
     if args.reattach:
-        sup = CommandLineSupervisor.of_job(args.reattach, folder, retries, watch, _say, on_job)
-        watching: RunHandle | None = reattach(args.reattach, folder)
+        handle = reattach(args.reattach, folder)
+        sup = CommandLineSupervisor.of_job(handle, retries, watch, _say, on_job)
+        watching: RunHandle | None = handle
         on_job(args.reattach)
     else:
         spec = model_from_flags(JobSpec, args, read_json_object(args.spec, "--spec"))

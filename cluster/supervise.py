@@ -85,13 +85,12 @@ class CommandLineSupervisor:
 
     @classmethod
     def of_job(
-        cls, job_id: str, folder: str, retries: Retries, watch, say, on_job
+        cls, handle: RunHandle, retries: Retries, watch, say, on_job
     ) -> CommandLineSupervisor:
         """The supervisor of a job submitted earlier by cluster.submit (its record says how to resubmit it)."""
-        handle = reattach(job_id, folder)
         if handle.submitted is None:
             raise RunFailed(
-                f"job {job_id}'s record predates resubmission: watch it with --no-resubmit"
+                f"job {handle.job_id}'s record predates resubmission: watch it with --no-resubmit"
             )
         s = handle.submitted
         spec = JobSpec(**s["spec"])

@@ -50,9 +50,9 @@ class SlurmSubmission:
         if time.monotonic() - self._exclusions_checked < every_s or self.handle.submitted is None:
             return
         self._exclusions_checked = time.monotonic()
-        wanted = set(cordoned(RunDir(self.handle.run_dir))) | set(self._own_exclusions())
-        if set(self._excluded()) - wanted:
-            self.avoid(tuple(sorted(wanted - set(self._own_exclusions()))))
+        cordons = set(cordoned(RunDir(self.handle.run_dir)))
+        if set(self._excluded()) - cordons - set(self._own_exclusions()):
+            self.avoid(tuple(sorted(cordons)))  # with the spec's own exclusions, as always
 
     def running(self) -> bool:
         return self._state.startswith(("RUNNING", "COMPLETING"))  # as of the last poll
