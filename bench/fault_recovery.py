@@ -60,12 +60,18 @@ FAULTS = ("frozen", "killed")
 # ----------------------------------------------------------------------------- what each run needs
 
 
-def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
-    """`prefect server start` on a free port with its own PREFECT_HOME (SQLite there); returns it and its API URL."""
+def free_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
+    return port
+
+
+def start_prefect_server(home: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """`prefect server start` on `port` (default: a free one) with its own PREFECT_HOME (SQLite there, so a
+    server started again on the same home and port has the same runs); returns it and its API URL."""
+    port = free_port() if port is None else port
     api = f"http://127.0.0.1:{port}/api"
     env = dict(
         os.environ,
@@ -73,7 +79,7 @@ def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
         PREFECT_API_URL=api,
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
     )
-    with open(home / "server.log", "wb") as log:
+    with open(home / "server.log", "ab") as log:
         server = subprocess.Popen(
             [
                 str(Path(sys.executable).parent / "prefect"),

@@ -34,14 +34,12 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -49,41 +47,22 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from cpu_run import cpu_machine, random_shards
-from fault_recovery import MetricsWatch, read_lines, stop_group
+from fault_recovery import MetricsWatch, free_port, read_lines, start_prefect_server, stop_group
 
 FAULTS = ("kill", "freeze", "node", "preempt", "flow", "server")
 
 
 class PrefectServer:
-    """`prefect server start` on a fixed port with its own home, so that it can be stopped and started again
-    with its database (SQLite) and the flow's API URL unchanged."""
+    """A Prefect server that can be stopped and started again on the same port and home, so that its database
+    (SQLite) and the flow's API URL stay the same."""
 
     def __init__(self, home: Path):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        self.port = s.getsockname()[1]
-        s.close()
-        self.home, self.api = home, f"http://127.0.0.1:{self.port}/api"
+        self.home, self.port = home, free_port()
+        self.api = f"http://127.0.0.1:{self.port}/api"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        env = dict(os.environ, PREFECT_HOME=str(self.home), PREFECT_API_URL=self.api)
-        env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-        cmd = [str(Path(sys.executable).parent / "prefect"), "server", "start"]
-        cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
-        with open(self.home / "server.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.api}/health", timeout=2)
-                return
-            except OSError:
-                if time.time() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("prefect server did not start: " + str(self.home)) from None
-                time.sleep(0.25)
+        self.proc, _ = start_prefect_server(self.home, self.port)
 
     def stop(self) -> None:
         if self.proc is not None:
