@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -27,11 +28,12 @@ from cluster.resubmission import BACKOFF_SECONDS, MAX_RESUBMITS, MAX_ROLLBACKS
 from cluster.sbatch import build_executor
 from cluster.spec import JobSpec, with_excluded
 from cluster.validate import require_slurm_client, validate
-from common import exit_codes
+from common import exit_codes, store
 from common.cli import add_model_flags, entry_point, model_from_flags, read_json_object
 from common.errors import BadInput
 from common.heartbeat import HangDetector, HangRules
 from common.layout import RunDir
+from common.stall import StallAlarm
 
 FINAL_STATES = (
     "COMPLETED",
@@ -167,11 +169,13 @@ class RunHandle:
         hang: HangRules | None = None,
         on_progress=None,
         progress_s: float = 60.0,
+        on_note=None,
     ) -> dict[str, Any]:
         """Blocks until the job ends (requeues included); the training result, or RunFailed with the reason.
         `on_state(state)` is called whenever the job's state changes (PENDING, RUNNING, REQUEUED, ...). With
         `hang`, a job whose ranks stop stepping (common/heartbeat.py) is cancelled and reported as hung.
-        `on_progress(line)` gets the ranks' last heartbeats in one line every `progress_s` while it runs."""
+        `on_progress(line)` gets the ranks' last heartbeats in one line every `progress_s` while it runs;
+        `on_note(line)` what the watch itself met: a store or Slurm that did not answer for a while."""
         deadline = None if timeout_s is None else time.time() + timeout_s
         last, shown = None, 0.0
         detector = (
@@ -179,34 +183,44 @@ class RunHandle:
             if hang or on_progress
             else None
         )
-        while True:
-            state = self.state()
-            if state != last and on_state is not None:
-                on_state(state)
-            last = state
-            if detector is not None and not state.startswith("RUNNING"):
-                detector.paused()  # queued, or requeued after a preemption: its start-up allowance again
-            elif detector is not None:
-                detector.started()
-                stuck = detector.check()
-                if stuck is not None and hang is not None:
-                    self.cancel(kill=True)
-                    raise JobHung(
-                        f"job {self.job_id} hung, cancelled: {stuck.message}", stuck.silent
+        # a Slurm or store that stops answering is said while it lasts (each call has its deadline too)
+        alarm = StallAlarm(on_note or (lambda line: None))
+        try:
+            while True:
+                with alarm.waiting_on(f"Slurm (the state of job {self.job_id})"):
+                    state = self.state()
+                if state != last and on_state is not None:
+                    on_state(state)
+                last = state
+                if detector is not None and not state.startswith("RUNNING"):
+                    detector.paused()  # queued, or requeued after a preemption: its start-up allowance again
+                elif detector is not None:
+                    detector.started()
+                    with alarm.waiting_on(f"the store ({self.run_dir})"):
+                        stuck = detector.check()
+                    for note in detector.take_notes():
+                        if on_note is not None:
+                            on_note(note)
+                    if stuck is not None and hang is not None:
+                        self.cancel(kill=True)
+                        raise JobHung(
+                            f"job {self.job_id} hung, cancelled: {stuck.message}", stuck.silent
+                        )
+                    line = (
+                        detector.progress()
+                        if on_progress and time.monotonic() - shown >= progress_s
+                        else None
                     )
-                line = (
-                    detector.progress()
-                    if on_progress and time.monotonic() - shown >= progress_s
-                    else None
-                )
-                if line:
-                    on_progress(line)
-                    shown = time.monotonic()
-            if state.startswith(FINAL_STATES):
-                return self.result()
-            if deadline is not None and time.time() > deadline:
-                raise TimeoutError(f"job {self.job_id} still {state} after {timeout_s} s")
-            time.sleep(poll_s)
+                    if line:
+                        on_progress(line)
+                        shown = time.monotonic()
+                if state.startswith(FINAL_STATES):
+                    return self.result()
+                if deadline is not None and time.time() > deadline:
+                    raise TimeoutError(f"job {self.job_id} still {state} after {timeout_s} s")
+                time.sleep(poll_s)
+        finally:
+            alarm.close()
 
     def result(self, results_wait_s: float = 15.0) -> dict[str, Any]:
         state, code = sacct_state(self.job_id)
@@ -476,6 +490,8 @@ def _say(text: str) -> None:
 
 def _watch(handle: RunHandle, args: argparse.Namespace) -> dict[str, Any]:
     """The job watched to its end, its states and progress on stderr: its result (RunFailed otherwise)."""
+    store.ride_out_outages()  # a job runs: from here an outage of its store is waited out
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")  # the store says so
     hang = (
         HangRules(args.hang_factor, args.hang_floor_s, args.startup_timeout_s)
         if args.hang_floor_s > 0
@@ -490,6 +506,7 @@ def _watch(handle: RunHandle, args: argparse.Namespace) -> dict[str, Any]:
         hang=hang,
         on_progress=say if args.progress_s > 0 else None,
         progress_s=args.progress_s,
+        on_note=say,
     )
 
 

@@ -63,6 +63,7 @@ _UNANSWERED = {
     "ReadTimeout",
     "ServerTimeoutError",
     "TimeoutError",
+    "StoreUnreachable",
 }
 
 

@@ -107,12 +107,17 @@ class HeartbeatWriter:
                 return
 
 
-def read_heartbeats(run: RunDir) -> dict[int, dict[str, Any]]:
-    """Every rank's last heartbeat, by rank; unreadable files (torn by a killed write) are left out."""
+def read_heartbeats(run: RunDir, strict: bool = False) -> dict[int, dict[str, Any]]:
+    """Every rank's last heartbeat, by rank; unreadable files (torn by a killed write) are left out. A store that
+    does not answer reads as no heartbeats, or with `strict` raises its OSError (none yet is never an error)."""
     out: dict[int, dict[str, Any]] = {}
     try:
         names = store.listdir(run.heartbeats)
-    except (FileNotFoundError, OSError):
+    except FileNotFoundError:
+        return out
+    except OSError:
+        if strict:
+            raise
         return out
     for name in names:
         if not (name.startswith("rank-") and name.endswith(".json")):
@@ -211,11 +216,19 @@ class Hang:
     message: str
 
 
+# A read of the heartbeats slower than this is a store that did not answer for that long, not a quiet job
+SLOW_READ_S = 10.0
+
+
 @dataclass
 class HangDetector:
     """Watches one submission's heartbeats. `check()` on every poll: None while the job progresses, or the Hang.
     `owns(heartbeat)` says which heartbeats the submission wrote; without it, those present at the start count
-    only once they change (a new process rewrote them)."""
+    only once they change (a new process rewrote them).
+
+    Time the store does not answer (a read that fails or takes longer than SLOW_READ_S) is not counted against
+    the job: an outage of the store stalls the ranks' writes too, and replacing the job would not bring the
+    store back. The detector says so in `notes` (taken by `take_notes()`), when it starts and when it ends."""
 
     run: RunDir
     rules: HangRules
@@ -231,6 +244,12 @@ class HangDetector:
     _current: dict[int, dict[str, Any]] = field(
         default_factory=dict
     )  # the last check's heartbeats, by rank
+    _blind_since: float | None = None  # when a read of the heartbeats first failed, while they fail
+    notes: list[str] = field(default_factory=list)
+
+    def take_notes(self) -> list[str]:
+        out, self.notes = self.notes, []
+        return out
 
     def __post_init__(self) -> None:
         if self.owns is None:
@@ -254,10 +273,48 @@ class HangDetector:
             self._seen.clear()
             self._started = self._max_step = self._moved = None
 
+    def _read(self) -> dict[int, dict[str, Any]] | None:
+        """The heartbeats, or None while the store does not answer; time without an answer is taken off every
+        clock, so that it never counts as a quiet job."""
+        start = self.clock()
+        try:
+            beats = read_heartbeats(self.run, strict=True)
+        except OSError as err:
+            if self._blind_since is None:
+                self._blind_since = start
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                self.notes.append(
+                    f"the store did not answer ({first}): the heartbeats of {self.run.url} are unreadable; "
+                    "the hang window waits for it"
+                )
+            return None
+        end = self.clock()
+        blind_from = self._blind_since
+        if blind_from is None and end - start > SLOW_READ_S:
+            blind_from = start
+        if blind_from is not None:
+            self._blind_since = None
+            gap = end - blind_from
+            self._shift(gap, end)
+            self.notes.append(
+                f"the store answered again after {gap:.0f} s: that time is not counted against the job"
+            )
+        return beats
+
+    def _shift(self, gap: float, now: float) -> None:
+        if self._started is not None:
+            self._started = min(self._started + gap, now)
+        if self._moved is not None:
+            self._moved = min(self._moved + gap, now)
+        self._seen = {r: (text, min(t + gap, now)) for r, (text, t) in self._seen.items()}
+
     def check(self) -> Hang | None:
+        beats = self._read()
+        if beats is None:
+            return None
         now = self.clock()
         current = {}
-        for rank, rec in read_heartbeats(self.run).items():
+        for rank, rec in beats.items():
             if self.owns is not None and not self.owns(rec):
                 continue  # another submission's
             text = json.dumps(rec, sort_keys=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import re
@@ -32,9 +33,72 @@ S3_DEADLINES: dict[str, Any] = {
 }
 
 
+class StoreUnreachable(ConnectionError):
+    """A store whose endpoint could not be reached, or dropped the connection: an OSError, as a local disk's
+    failures are, so that every reader that rides out a store's hiccup (`except OSError`) rides out this one
+    too. (botocore's connection errors are no OSError, its timeouts are.)"""
+
+
+_S3_REGISTERED = False
+log = logging.getLogger("store")
+
+# How long a long-running process (a trainer, a supervisor) waits for an unreachable object store to come back,
+# retrying each call, before the call fails: an outage of a few minutes is normal on a cluster, and a job
+# replaced in the middle of one meets the same store. One-shot commands keep the call's own deadline (0).
+OUTAGE_PATIENCE_S = 600.0
+_patience_s = 0.0
+_outage_since: float | None = None
+
+
+def ride_out_outages(seconds: float = OUTAGE_PATIENCE_S) -> None:
+    """From now on in this process, a call to an object store that cannot reach it is retried for up to
+    `seconds` (every few seconds, said once in the log when it starts and when it ends) before it fails."""
+    global _patience_s
+    _patience_s = seconds
+
+
+def patience_s() -> float:
+    return _patience_s
+
+
+def outage_seen() -> bool:
+    return _outage_since is not None
+
+
+def outage(err: BaseException | None, endpoint: str) -> None:
+    """Said once per outage, when the first call meets it (`err`) and when a call gets through again."""
+    global _outage_since
+    if err is not None and _outage_since is None:
+        _outage_since = time.monotonic()
+        log.warning(
+            "the store %s does not answer (%s): calls are retried for up to %.0f s",
+            endpoint,
+            str(err).splitlines()[0] if str(err) else type(err).__name__,
+            _patience_s,
+        )
+    elif err is None and _outage_since is not None:
+        log.warning(
+            "the store %s answers again after %.0f s", endpoint, time.monotonic() - _outage_since
+        )
+        _outage_since = None
+
+
+def _register_s3() -> None:
+    """s3:// and s3a:// in this process open common/s3_store.py's filesystem (s3fs, whose failures to reach the
+    endpoint are StoreUnreachable, retried while this process rides out outages)."""
+    global _S3_REGISTERED
+    if not _S3_REGISTERED:
+        from common.s3_store import S3
+
+        for protocol in ("s3", "s3a"):
+            fsspec.register_implementation(protocol, S3, clobber=True)
+        _S3_REGISTERED = True
+
+
 def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     if fsspec.utils.get_protocol(str(url)) not in ("s3", "s3a"):
         return fsspec.core.url_to_fs(str(url))
+    _register_s3()
     user = fsspec.config.conf.get("s3", {}).get("config_kwargs", {})
     config = {**S3_DEADLINES["config_kwargs"], **user}
     fs, path = fsspec.core.url_to_fs(str(url), config_kwargs=config)

@@ -222,6 +222,7 @@ async def _run_with(
         await asyncio.to_thread(lease.acquire)
     except LeaseHeld as err:
         raise FlowFailure(str(err)) from None
+    store.ride_out_outages()  # checked and ours: from here an outage of the store is waited out
     mirror, state = None, "failed"
     try:
         if p.tracker.kind != "none":

@@ -23,6 +23,7 @@ from common import store
 from common.errors import ReproError
 from common.heartbeat import HangDetector, HangRules
 from common.layout import RunDir
+from common.stall import StallAlarm
 from flows.executors import Submission
 from training.metrics import parse_metrics
 from training.telemetry import Straggler, StragglerWatch
@@ -137,34 +138,45 @@ class RunWatcher:
         detector = HangDetector(self.run, self.hang, owns=submission.owns) if self.hang else None
         # heartbeats are read every few seconds, not every poll: on S3 each read is a request per rank
         check_every, checked = min(10.0, self.hang.floor_s / 4) if self.hang else 0.0, 0.0
-        while True:
-            await asyncio.sleep(self.poll_seconds)
-            outcome = await asyncio.to_thread(
-                submission.poll
-            )  # sacct/squeue calls: not on the event loop
-            if (
-                outcome is None
-                and detector is not None
-                and time.monotonic() - checked >= check_every
-            ):
-                checked = time.monotonic()
-                hang = await asyncio.to_thread(self._hung, detector, submission)
-                if hang is not None:
-                    outcome = await self._cancel_hung(submission, hang)
-            if outcome is None and self.on_lost_nodes is not None:
-                lost = await asyncio.to_thread(submission.lost_nodes)
-                if lost:
-                    await self.on_lost_nodes(submission, lost)
-            for line in console.read()[-20:]:  # the training's own console, tail only
-                self.log.info("[train] %s", line)
-            self._log_events()
-            self._log_guard_events()
-            new = parse_metrics(self.metrics_tail.read())
-            self.metrics += new
-            await self._stragglers(new)
-            await on_tick(self.metrics)
-            if outcome is not None:
-                return outcome
+        # a store or scheduler that stops answering is said while it lasts (each call has its deadline too)
+        alarm = StallAlarm(lambda line: self.log.warning("%s", line))
+        the_store = f"the store ({self.run.url})"
+        try:
+            while True:
+                await asyncio.sleep(self.poll_seconds)
+                with alarm.waiting_on(f"the executor (the state of job {submission.job_id})"):
+                    # sacct/squeue calls: not on the event loop
+                    outcome = await asyncio.to_thread(submission.poll)
+                if (
+                    outcome is None
+                    and detector is not None
+                    and time.monotonic() - checked >= check_every
+                ):
+                    checked = time.monotonic()
+                    with alarm.waiting_on(the_store):
+                        hang = await asyncio.to_thread(self._hung, detector, submission)
+                    for note in detector.take_notes():
+                        self.log.warning("%s", note)
+                    if hang is not None:
+                        outcome = await self._cancel_hung(submission, hang)
+                if outcome is None and self.on_lost_nodes is not None:
+                    lost = await asyncio.to_thread(submission.lost_nodes)
+                    if lost:
+                        await self.on_lost_nodes(submission, lost)
+                with alarm.waiting_on(the_store):
+                    console_lines = console.read()[-20:]  # the training's own console, tail only
+                    for line in console_lines:
+                        self.log.info("[train] %s", line)
+                    self._log_events()
+                    self._log_guard_events()
+                    new = parse_metrics(self.metrics_tail.read())
+                self.metrics += new
+                await self._stragglers(new)
+                await on_tick(self.metrics)
+                if outcome is not None:
+                    return outcome
+        finally:
+            alarm.close()
 
     async def _stragglers(self, rows: list[dict[str, Any]]) -> None:
         for found in self.stragglers.feed(rows) if self.stragglers else []:

@@ -224,6 +224,7 @@ class Trainer:
         self.val_steps = cfg.val_steps_per_rank(info.world_size)
         preflight(cfg, force)  # before a model is built or the GPU is touched
         self.lease = take_run_dir(cfg, info, device)  # one writer per run directory
+        store.ride_out_outages()  # the run has started: from here an outage of the store is waited out
         self.heartbeat.start()  # only once the run directory is ours: never over another trainer's heartbeats
         try:
             self._set_up(cfg, device, info)

@@ -2,6 +2,7 @@
 this machine) through submitit and torchrun (gloo on CPU, one process per emulated node)."""
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -401,3 +402,65 @@ def test_submit_cli_resubmits_a_hung_job_through_the_flows_policy_and_finishes_e
     assert dict(losses(run)) == dict(
         straight
     )  # resumed bit-exact: the trace of a run without the hang
+
+
+def test_a_store_that_is_down_mid_run_is_waited_out_and_said_not_taken_for_a_hang(
+    job_env, s3_server, demo_data, straight, tmp_path
+):
+    """The run's store (moto's S3 server, behind a relay that closes every connection) down for 40 s mid-run,
+    under `cluster.submit --wait` with a 5 s hang floor: the ranks' writes and the watch's reads are retried
+    until it is back, the watch says so when it starts, while it lasts and when it ends, and cancels and
+    resubmits nothing (a new job would meet the same store); the run finishes with the loss trace of an
+    uninterrupted one. A store that answers nothing at all (a partition) for 30-60 s, again and again:
+    bench/fault_soak.py --store s3."""
+    import os
+    import sys
+
+    import s3fs
+
+    from bench.pausable_relay import PausableRelay
+
+    direct = s3fs.S3FileSystem(
+        key="testing",
+        secret="testing",
+        endpoint_url=s3_server["endpoint_url"],
+        skip_instance_cache=True,
+    )
+    relay = PausableRelay(("127.0.0.1", int(s3_server["endpoint_url"].rsplit(":", 1)[1]))).start()
+    bucket = s3_server["make_bucket"]("store-cut")
+    run = f"{bucket}/runs/cut"
+    env = {**os.environ, **s3_server["env"], "FSSPEC_S3_ENDPOINT_URL": relay.url}
+    args = [a for kv in sets(demo_data, run, "train.heartbeat_seconds=0.5") for a in ("--set", kv)]
+    cmd = [sys.executable, "-m", "cluster.submit", "--config", "tiny", "--nodes", "1"]
+    cmd += ["--time", "20", "--folder", str(tmp_path / "slurm"), *args, "--wait"]
+    cmd += ["--hang-floor-s", "5", "--backoff-s", "0", "--progress-s", "0"]
+    p = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline, beat = time.time() + 120, {}
+        while time.time() < deadline and (beat.get("step") or 0) < 1:
+            try:
+                beat = json.loads(direct.cat_file(f"{run}/heartbeats/rank-00000.json"))
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.1)
+        relay.cut(refuse=True)
+        time.sleep(40)
+        relay.heal()
+        out, err = p.communicate(timeout=300)
+    finally:
+        relay.stop()
+        p.kill()
+    assert p.returncode == 0, err[-3000:]
+    jobs, result = out.splitlines()[:-1], json.loads(out.splitlines()[-1])
+    assert len(jobs) == 1 and result["complete"] and result["final_step"] == STEPS, err[-3000:]
+    # said at once (the store's retries), while it lasted (the watch's alarm) and when it ended (the hang window)
+    assert re.search(r"\d\d:\d\d:\d\d the store http://127\.0\.0\.1:\d+ does not answer \(", err), (
+        err
+    )
+    assert re.search(r"the store \(s3://store-cut/runs/cut\) has not answered for \d+ s", err), err
+    assert re.search(r"the store answered again after \d+ s: that time is not counted", err), err
+    assert "hung" not in err, err
+    rows = [json.loads(x) for x in direct.cat_file(f"{run}/metrics.jsonl").decode().splitlines()]
+    assert [(m["step"], m["loss"]) for m in rows] == straight

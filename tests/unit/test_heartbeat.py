@@ -215,3 +215,62 @@ def test_nccl_flight_recorder_dumps_land_in_the_run_directory_one_folder_per_job
     assert flight_recorder_env("s3://bucket/runs/x")["TORCH_FR_DUMP_TEMP_FILE"] == str(
         tmp_path / "slurm" / "exits" / "812_2" / "nccl-traces" / "rank_"
     )
+
+
+def test_time_the_store_does_not_answer_is_not_counted_as_a_quiet_job_and_is_said(
+    tmp_path, monkeypatch
+):
+    """A store outage stalls the ranks' writes and the reader's reads alike: replacing the job would not bring
+    the store back, so the detector waits for it and says so. (The store's failure is simulated here, with the
+    clock it would have cost; a real outage, S3 behind a cut relay: bench/fault_soak.py --store s3 and
+    tests/e2e/test_train_s3.py.)"""
+    run, clock = RunDir(str(tmp_path)), Clock()
+    det = HangDetector(run, RULES, clock=clock)
+    beat(run, 0, 5, world=1)
+    assert det.check() is None
+    real_listdir = store.listdir
+
+    def unreachable(url):
+        clock.now += 40  # each read waits out its deadline
+        raise OSError("Read timeout on endpoint URL: http://store:9000/bucket")
+
+    monkeypatch.setattr(store, "listdir", unreachable)
+    for _ in range(5):  # 200 s without an answer, far past the 60 s window
+        assert det.check() is None
+    notes = det.take_notes()
+    assert len(notes) == 1 and "the store did not answer (Read timeout on endpoint URL" in notes[0]
+
+    def slow(url):  # the store answers again, after one more slow read
+        clock.now += 20
+        return real_listdir(url)
+
+    monkeypatch.setattr(store, "listdir", slow)
+    assert det.check() is None  # the job's step did not move, but the store, not the job, was quiet
+    assert det.take_notes() == [
+        "the store answered again after 220 s: that time is not counted against the job"
+    ]
+    monkeypatch.setattr(store, "listdir", real_listdir)
+    clock.now += 50
+    assert det.check() is None  # 50 s of seen quiet: inside the window
+    clock.now += 20
+    hang = det.check()  # 70 s of seen quiet: a hang after all, and it is said as one
+    assert hang is not None and hang.step == 5 and "no new step for 70 s" in hang.message
+    assert det.take_notes() == []
+
+
+def test_a_read_slower_than_its_limit_counts_as_time_without_an_answer(tmp_path, monkeypatch):
+    run, clock = RunDir(str(tmp_path)), Clock()
+    det = HangDetector(run, RULES, clock=clock)
+    beat(run, 0, 5, world=1)
+    det.check()
+    real_listdir = store.listdir
+
+    def slow(url):
+        clock.now += 90  # one read that took 90 s, then answered
+        return real_listdir(url)
+
+    monkeypatch.setattr(store, "listdir", slow)
+    assert det.check() is None
+    assert det.take_notes() == [
+        "the store answered again after 90 s: that time is not counted against the job"
+    ]
