@@ -1,7 +1,7 @@
 """Checkpoint format, atomic writes, validation and retention, and the RNG state a checkpoint stores.
 
     {run_dir}/checkpoints/step_000500/           (common/layout.py: RunDir.checkpoint)
-        model.safetensors    weights (padded vocab rows included; the tied lm_head is stored once, as wte)
+        model.safetensors    weights (padded vocab rows included; a tied lm_head is stored once, as wte)
         optimizer.pt         AdamW state_dict
         rank_00000.pt ...    per-rank loader state and RNG states (python, numpy, torch CPU, CUDA)
         train_state.json     step, resolved config, code version, world size, anything the loop adds
@@ -35,6 +35,7 @@ from common.errors import BadInput
 from common.layout import RunDir
 from training.config import RunConfig, config_from_json
 from training.model import GPT, unwrap
+from training.optim import Optimizer
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ def _torch_bytes(obj: Any) -> bytes:
 
 def load_model_state(model: torch.nn.Module, data: bytes) -> None:
     sd = st_load(data)
-    sd[_TIED] = sd["transformer.wte.weight"]
+    if _TIED not in sd:  # a tied head is stored once, as wte; an untied one under its own name
+        sd[_TIED] = sd["transformer.wte.weight"]
     unwrap(model).load_state_dict(sd, strict=True)
 
 
@@ -204,7 +206,7 @@ def snapshot_checkpoint(
     step: int,
     *,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: Optimizer | None,
     config: RunConfig,
     rank_state: dict[str, Any],
     rank: int = 0,
@@ -228,7 +230,11 @@ def snapshot_checkpoint(
             f"{url}: expected {world_size} rank states, got {sorted(r['name'] for r in records)}"
         )
     snap.records = records
-    snap.model_state = _to_host({k: v for k, v in unwrap(model).state_dict().items() if k != _TIED})
+    plain = unwrap(model)
+    tied = plain.lm_head.weight is plain.transformer.wte.weight
+    snap.model_state = _to_host(
+        {k: v for k, v in plain.state_dict().items() if not (tied and k == _TIED)}
+    )
     snap.optimizer_state = _to_host(optimizer.state_dict()) if optimizer is not None else None
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # the pinned copies are complete before anyone reads them

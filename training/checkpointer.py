@@ -23,6 +23,7 @@ from training import distributed
 from training.config import RunConfig
 from training.distributed import DistInfo
 from training.loader import ShardLoader
+from training.optim import Optimizer
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class Checkpointer:
         cfg: RunConfig,
         *,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Optimizer,
         loader: ShardLoader,
         device: torch.device,
         info: DistInfo,

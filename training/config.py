@@ -51,6 +51,23 @@ class GPTConfig(_Section):
         le=4096,  # a multiple for the matmul's shape, not a size: past this it only wastes memory
         description="round the embedding/logit rows up to a multiple of this (50257 -> 50304); 1 = off",
     )
+    # The fast recipe's switches; each default is GPT-2's.
+    pos_emb: Literal["learned", "rope"] = Field(
+        "learned", description="learned position embeddings (GPT-2), or rotary ones on q and k"
+    )
+    qk_norm: bool = Field(False, description="RMS-normalise each head's q and k before attention")
+    mlp_act: Literal["gelu", "relu2"] = Field(
+        "gelu", description="the MLP's activation: tanh GELU (GPT-2), or ReLU squared"
+    )
+    tie_embeddings: bool = Field(
+        True, description="the head shares its tensor with the token embedding (GPT-2)"
+    )
+    zero_init_proj: bool = Field(
+        False, description="output projections into the residual stream start at zero"
+    )
+    logit_softcap: float = Field(
+        0.0, ge=0, description="logits squashed to (-cap, cap) by cap*tanh(x/cap); 0 = off"
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> GPTConfig:
@@ -58,12 +75,30 @@ class GPTConfig(_Section):
             raise ValueError(
                 f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
             )
+        head = self.n_embd // self.n_head
+        if self.pos_emb == "rope" and head % 2:
+            raise ValueError(
+                f"model.pos_emb=rope rotates pairs of a head's dimensions, and the head size "
+                f"(n_embd / n_head = {head}) is odd"
+            )
         return self
 
     @property
     def padded_vocab_size(self) -> int:
         m = self.pad_vocab_to
         return (self.vocab_size + m - 1) // m * m
+
+    def not_gpt2(self) -> list[str]:
+        """The switches that make this model other than GPT-2's architecture (a Hugging Face GPT-2 cannot hold
+        it); empty when it is GPT-2-shaped."""
+        default = GPTConfig()
+        # zero_init_proj is not among them: it changes where training starts, not the shape
+        fields = ("pos_emb", "qk_norm", "mlp_act", "tie_embeddings", "logit_softcap")
+        return [
+            f"model.{f}={getattr(self, f)}"
+            for f in fields
+            if getattr(self, f) != getattr(default, f)
+        ]
 
 
 class Span(NamedTuple):
@@ -137,16 +172,34 @@ class DataConfig(_Section):
 
 
 class OptimConfig(_Section):
+    """build-nanogpt's AdamW and cosine schedule by default; Muon and the trapezoid are the fast recipe's."""
+
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw",
+        description="adamw: AdamW for every parameter; muon: Muon for the blocks' 2-D weights (at muon_lr), "
+        "AdamW for embeddings, head, biases and gains (at max_lr)",
+    )
     max_lr: float = Field(6e-4, gt=0)
     min_lr_ratio: float = Field(
-        0.1, ge=0, le=1, description="final LR as a fraction of max_lr (cosine floor)"
+        0.1, ge=0, le=1, description="final LR as a fraction of max_lr (the schedule's floor)"
     )
     warmup_steps: int = Field(715, ge=0)
+    schedule: Literal["cosine", "trapezoid"] = Field(
+        "cosine",
+        description="cosine: warmup then cosine decay; trapezoid: warmup, max_lr held, then a linear "
+        "cool-down over the last cooldown_frac of the steps",
+    )
+    cooldown_frac: float = Field(
+        0.4, gt=0, le=1, description="trapezoid: the share of max_steps spent cooling down"
+    )
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="global grad-norm clip; 0 disables")
+    muon_lr: float = Field(0.02, gt=0, description="muon: the hidden matrices' peak learning rate")
+    muon_momentum: float = Field(0.95, ge=0, lt=1)
+    muon_weight_decay: float = Field(0.0, ge=0)
 
 
 class TrainConfig(_Section):
@@ -348,6 +401,11 @@ class RunConfig(_Section):
                 )
         if self.data.data_url is None:
             self.data.data_url = StoreLayout(LOCAL_STORE).dataset(self.data.dataset)
+        if m.logit_softcap and t.loss_chunk:
+            raise ValueError(
+                "model.logit_softcap and train.loss_chunk do not combine (the chunked loss has no cap): "
+                "set one of them to 0"
+            )
         if t.seq_len > m.block_size:
             raise ValueError(
                 f"train.seq_len ({t.seq_len}) exceeds model.block_size ({m.block_size})"

@@ -11,7 +11,7 @@ import argparse
 from common.cli import entry_point
 from common.outputs import claim_folder
 from training.checkpoint import load_model
-from training.hf import EXPORT_FILES, export_hf_dir
+from training.hf import EXPORT_FILES, check_gpt2_shaped, export_hf_dir
 
 
 @entry_point
@@ -32,10 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         "--force", action="store_true", help="write into --out although it holds other files"
     )
     args = ap.parse_args(argv)
+    model, _, step = load_model(args.checkpoint)
+    check_gpt2_shaped(model.config)  # before the output folder is touched
     claim_folder(
         args.out, ours=EXPORT_FILES.__contains__, what="a Hugging Face export", force=args.force
     )
-    model, _, step = load_model(args.checkpoint)
     out = export_hf_dir(model, args.out, with_tokenizer=not args.no_tokenizer)
     print(f"exported step {step} of {args.checkpoint} to {out}")
     return 0

@@ -140,11 +140,26 @@ def hf_config(config: GPTConfig):
     )
 
 
+class NotGPT2Shaped(BadInput, ValueError):
+    """A model with the fast recipe's architecture switches: no Hugging Face GPT-2 can hold it."""
+
+
+def check_gpt2_shaped(config: GPTConfig) -> None:
+    """Raise NotGPT2Shaped, naming the switches, for a model a Hugging Face GPT-2 cannot hold."""
+    other = config.not_gpt2()
+    if other:
+        raise NotGPT2Shaped(
+            f"this checkpoint is not GPT-2-shaped ({', '.join(other)}): a Hugging Face GPT-2 cannot hold it; "
+            "evaluate it with this project's own HellaSwag scorer (python -m evaluation.evaluate --tasks hellaswag)"
+        )
+
+
 def to_hf(model: GPT):
     """A transformers GPT2LMHeadModel holding our weights (fp32)."""
     from transformers import GPT2LMHeadModel
 
     model = unwrap(model)
+    check_gpt2_shaped(model.config)
     hf = GPT2LMHeadModel(hf_config(model.config))
     missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
     # lm_head.weight is tied to wte; older transformers list the attention-mask buffers as missing.

@@ -79,12 +79,14 @@ ACTIVATION_TERMS: tuple[tuple[str, int, str], ...] = (
 
 
 def num_parameters(model: GPTConfig) -> int:
-    """Parameters of training/model.py's GPT, counting the tied wte/lm_head tensor once, padded rows included."""
+    """Parameters of training/model.py's GPT, counting a tied wte/lm_head tensor once, padded rows included."""
     c = model.n_embd
     per_layer = (
         12 * c * c + 13 * c
     )  # c_attn 3C^2+3C, attn.c_proj C^2+C, c_fc 4C^2+4C, mlp.c_proj 4C^2+C, 2 LN 4C
-    return model.padded_vocab_size * c + model.block_size * c + model.n_layer * per_layer + 2 * c
+    tables = (1 if model.tie_embeddings else 2) * model.padded_vocab_size * c
+    positions = model.block_size * c if model.pos_emb == "learned" else 0
+    return tables + positions + model.n_layer * per_layer + 2 * c
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,10 @@
 """GPT-2, as in the GPT-2 paper and build-nanogpt: learned positions, pre-norm blocks, tanh-GELU,
 causal SDPA (flash) attention, final LayerNorm, and an lm_head that shares its tensor with wte.
 
+The fast recipe's switches (GPTConfig; each off by default, and then the model is exactly the one above):
+rotary positions instead of learned ones, RMS-normalised q and k, a ReLU^2 MLP, an untied head, output
+projections that start at zero, and soft-capped logits.
+
 Parameter names follow Hugging Face's GPT-2 (`transformer.h.0.attn.c_attn.weight`, ...), so importing
 and exporting weights is a transpose of the Conv1D layers and nothing else (`training/hf.py`:
 `gpt_from_hf`, `to_hf`, `export_hf_dir`).
@@ -22,6 +26,29 @@ class ResidualProjection(nn.Linear):
     """An output projection into the residual stream: initialised smaller (GPT._init_weights)."""
 
 
+class Rotary(nn.Module):
+    """Rotary position embedding (RoFormer): each pair of a head's dimensions turned by an angle that grows
+    with the position, so that q.k depends on the distance between tokens. The tables are buffers that are
+    not saved (derived from the config)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0):
+        super().__init__()
+        freqs = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)  # (T, head_dim / 2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, n_head, T, head_dim)."""
+        T = x.size(-2)
+        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -31,6 +58,9 @@ class CausalSelfAttention(nn.Module):
             config.n_embd, 3 * config.n_embd
         )  # q, k, v for all heads in one matmul
         self.c_proj = ResidualProjection(config.n_embd, config.n_embd)
+        head_dim = config.n_embd // config.n_head
+        self.rotary = Rotary(head_dim, config.block_size) if config.pos_emb == "rope" else None
+        self.qk_norm = config.qk_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
@@ -39,6 +69,12 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if (
+            self.qk_norm
+        ):  # bounded logits whatever the weights' scale: a larger stable learning rate
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True
         )  # flash attention where available
@@ -46,11 +82,19 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y)
 
 
+class ReLU2(nn.Module):
+    """ReLU squared (Primer): cheaper than GELU, and trains as well or better at this scale."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        # GPT-2's "gelu_new" by default (the attribute keeps its name: state dicts and hooks know it)
+        self.gelu = ReLU2() if config.mlp_act == "relu2" else nn.GELU(approximate="tanh")
         self.c_proj = ResidualProjection(4 * config.n_embd, config.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,7 +122,10 @@ class Transformer(nn.Module):
     def __init__(self, config: GPTConfig, vocab: int):
         super().__init__()
         self.wte = nn.Embedding(vocab, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        # rotary positions live in the attention; then there is no position table
+        self.wpe = (
+            nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
+        )
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd)
 
@@ -92,14 +139,19 @@ class GPT(nn.Module):
         )  # rows past config.vocab_size are padding: never input, never output
         self.transformer = Transformer(config, vocab)
         self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
-        self.transformer.wte.weight = (
-            self.lm_head.weight
-        )  # weight tying: one tensor, counted and optimised once
+        if config.tie_embeddings:  # weight tying: one tensor, counted and optimised once
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
             std = 0.02
+            if isinstance(module, ResidualProjection) and self.config.zero_init_proj:
+                # each block starts as the identity: the residual stream is the embedding until trained
+                torch.nn.init.zeros_(module.weight)
+                if module.bias is not None:
+                    torch.nn.init.zeros_(module.bias)
+                return
             if isinstance(module, ResidualProjection):
                 # keeps the residual stream's variance from growing with depth (two adds per block)
                 std *= (2 * self.config.n_layer) ** -0.5
@@ -111,7 +163,7 @@ class GPT(nn.Module):
 
     def num_parameters(self, exclude_positions: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied tensor once
-        if exclude_positions:
+        if exclude_positions and self.transformer.wpe is not None:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -125,8 +177,9 @@ class GPT(nn.Module):
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        x = self.transformer.wte(idx)
+        if self.transformer.wpe is not None:
+            x = x + self.transformer.wpe(torch.arange(0, T, dtype=torch.long, device=idx.device))
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
@@ -139,6 +192,9 @@ class GPT(nn.Module):
                 loss_chunk,
             )
         logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        if cap:  # before the padding's -inf, which tanh would turn into -cap
+            logits = cap * torch.tanh(logits / cap)
         padded = self.config.padded_vocab_size != self.config.vocab_size
         loss: torch.Tensor | None = None
         if targets is not None:

@@ -12,6 +12,7 @@ from training import checkpoint as ck
 from training.config import ConfigError, RunConfig
 from training.distributed import DistInfo
 from training.loader import ShardLoader
+from training.optim import Optimizer
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def refuse_unusable_history(run_dir: str) -> None:
 def resume(
     cfg: RunConfig,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     loader: ShardLoader,
     device: torch.device,
     info: DistInfo,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from training import distributed
+from training.optim import Optimizer
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -21,7 +22,7 @@ class StepSetup:
     where its micro-batches come from, and how they are computed."""
 
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizer
     next_batch: Callable[[], Batch]
     grad_accum: int
     device: torch.device
@@ -53,7 +54,8 @@ def train_step(
         s.optimizer.zero_grad(set_to_none=True)  # no weight and no optimizer state moves
         return StepResult(loss, norm, skipped)
     for group in s.optimizer.param_groups:
-        group["lr"] = lr
+        # a group with its own rate (Muon's) keeps it in ratio to the schedule's
+        group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
     s.optimizer.step()
     return StepResult(loss, norm)
 

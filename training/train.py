@@ -54,7 +54,7 @@ from training.guard import StepGuard
 from training.loader import ShardLoader
 from training.metrics import MetricsLog, console_line, line_step, peak_flops
 from training.model import GPT, flops_per_token
-from training.optim import configure_optimizer, cosine_lr
+from training.optim import Optimizer, build_optimizer, lr_at
 from training.preflight import preflight
 from training.profiling import StepProfiler
 from training.resume import resume
@@ -67,22 +67,13 @@ log = logging.getLogger("training")
 # ----------------------------------------------------------------------------- set-up
 
 
-def build_model(cfg: RunConfig, device: torch.device) -> tuple[GPT, torch.optim.Optimizer]:
+def build_model(cfg: RunConfig, device: torch.device) -> tuple[GPT, Optimizer]:
     # Same seed on every rank: identical initial weights (DDP also broadcasts them).
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model).to(device)
-    o = cfg.optim
-    optimizer = configure_optimizer(
-        model,
-        lr=o.max_lr,
-        weight_decay=o.weight_decay,
-        betas=(o.beta1, o.beta2),
-        eps=o.eps,
-        device_type=device.type,
-    )
-    return model, optimizer
+    return model, build_optimizer(model, cfg.optim, device.type)
 
 
 def build_loaders(cfg: RunConfig, info: DistInfo) -> tuple[ShardLoader, ShardLoader]:
@@ -251,7 +242,8 @@ class Trainer:
         self.step_model = wrap(self.model, t, info, device)
         self._open_run_files(info, device)
         # wte and wpe are used first in the forward, so their gradients are the last this rank's backward makes
-        first_used = [self.model.transformer.wte.weight, self.model.transformer.wpe.weight]
+        body = self.model.transformer
+        first_used = [body.wte.weight] + ([body.wpe.weight] if body.wpe is not None else [])
         self.telemetry = RankTelemetry(t.telemetry_every, info, device, last_grads=first_used)
         self.step_setup = StepSetup(
             self.step_model,
@@ -446,13 +438,7 @@ class Trainer:
         self.heartbeat.phase("step")
         self.telemetry.step_started()
         t0 = time.perf_counter()
-        lr = cosine_lr(
-            step,
-            max_lr=cfg.optim.max_lr,
-            min_lr=cfg.optim.max_lr * cfg.optim.min_lr_ratio,
-            warmup_steps=cfg.optim.warmup_steps,
-            max_steps=t.max_steps,
-        )
+        lr = lr_at(step, cfg.optim, t.max_steps)
         self._pass_over_skipped_data()
         batch = self.batch
         result = train_step(

@@ -103,6 +103,38 @@ def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(one_process,
             assert r1["val_loss"] == pytest.approx(r2["val_loss"], abs=1e-5)
 
 
+# the fast recipe's switches, all on (their presets choose among them by measurement)
+FAST_RECIPE = [
+    "optim.optimizer=muon",
+    "optim.schedule=trapezoid",
+    "model.pos_emb=rope",
+    "model.qk_norm=true",
+    "model.mlp_act=relu2",
+    "model.tie_embeddings=false",
+    "model.zero_init_proj=true",
+    "model.logit_softcap=15",
+]
+
+
+def test_the_fast_recipe_trains_resumes_bit_exactly_and_runs_under_ddp(demo_data, tmp_path):
+    """Muon's state in the checkpoint, the untied head's tensor, no position table: a stop and resume give
+    the loss trace of a straight run, bit for bit; two ranks learn what one process learns."""
+    straight = tmp_path / "straight"
+    run_train(demo_data, straight, *FAST_RECIPE)
+    m = metrics(straight)
+    assert len(m) == 8 and m[-1]["loss"] < m[0]["loss"]
+    split = tmp_path / "split"
+    run_train(demo_data, split, *FAST_RECIPE, "stop_after_steps=3", expect=REQUEUE)
+    opt = ck.latest_checkpoint(str(split)).optimizer_state()
+    assert set(opt) == {"muon", "adamw"}
+    run_train(demo_data, split, *FAST_RECIPE)
+    assert losses(split) == losses(straight)
+    ddp = tmp_path / "ddp"
+    run_train(demo_data, ddp, *FAST_RECIPE, nproc=2)
+    for r1, r2 in zip(m, metrics(ddp), strict=True):
+        assert r1["loss"] == pytest.approx(r2["loss"], abs=1e-4)
+
+
 @pytest.mark.slow
 def test_compiled_ddp_with_the_chunked_loss_matches_one_plain_process(demo_data, tmp_path):
     """The multi-GPU combination (DDP + torch.compile + train.loss_chunk) learns what the plain path learns."""
