@@ -141,6 +141,20 @@ def run_lm_eval(
     key = {"tasks": sorted(tasks), "limit": limit, "include_path": include_path}
     if (hit := _cached(out_url, key)) is not None:
         return {**hit, "cached": True}
+    config = ckpt.config().model
+    if config.not_gpt2():  # no Hugging Face GPT-2 holds it: lm-eval runs it in-process
+        res = lm_eval_runner.run(
+            None,
+            tasks,
+            batch_size=batch_size,
+            device=str(device),
+            limit=limit,
+            include_path=include_path,
+            max_length=min(1024, config.block_size),
+            dtype=dtype or ("bfloat16" if device.type == "cuda" else "float32"),
+            checkpoint=ckpt.url,
+        )
+        return _keep_lm_eval(out_url, key, ckpt, None, res)
     export_url = hf_export(ckpt.url, ckpt.step)
     tmp = Path(tempfile.mkdtemp(prefix="hf-export-"))
     try:
@@ -164,11 +178,21 @@ def run_lm_eval(
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return _keep_lm_eval(out_url, key, ckpt, export_url, res)
+
+
+def _keep_lm_eval(
+    out_url: str,
+    key: dict[str, Any],
+    ckpt: ck.Checkpoint,
+    export_url: str | None,
+    res: dict[str, Any],
+) -> dict[str, Any]:
     result = {
         "key": key,
         "step": ckpt.step,
         "checkpoint": ckpt.url,
-        "hf_export": export_url,
+        "hf_export": export_url,  # None: evaluated in-process (not GPT-2-shaped)
         **res,
         "versions": {**_versions(), "lm_eval": res.pop("lm_eval_version", None)},
     }

@@ -1,4 +1,6 @@
-"""lm-evaluation-harness on a checkpoint, through its Hugging Face export and lm-eval's own `hf` model.
+"""lm-evaluation-harness on a checkpoint: a GPT-2-shaped one through its Hugging Face export and lm-eval's own
+`hf` model (what anyone can reproduce from the export); any other in-process, through this project's model
+(evaluation/lm_eval_model.py).
 
 Hub-free use: tasks may come from `include_path` (task YAMLs with `dataset_path: json` and local data files),
 and with HF_DATASETS_OFFLINE=1 the stock tasks read a pre-populated datasets cache.
@@ -40,7 +42,7 @@ def unknown_tasks(tasks: list[str], include_path: str | None = None) -> list[str
 
 
 def run(
-    hf_dir: str | Path,
+    hf_dir: str | Path | None,
     tasks: list[str],
     *,
     batch_size: int = 8,
@@ -49,15 +51,24 @@ def run(
     limit: int | None = None,
     include_path: str | None = None,
     max_length: int = 1024,
+    checkpoint: str | None = None,
 ) -> dict[str, Any]:
-    """Results of `lm_eval.simple_evaluate` reduced to what we keep: metrics, versions, sample counts, config."""
+    """Results of `lm_eval.simple_evaluate` reduced to what we keep: metrics, versions, sample counts, config.
+    The model: the Hugging Face export in `hf_dir`, or with `checkpoint` (hf_dir None) the checkpoint itself."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     manager = _task_manager(TaskManager, tasks, include_path)
+    if checkpoint is not None:
+        from evaluation import lm_eval_model
+
+        model = lm_eval_model.NAME
+        args: dict[str, Any] = {"checkpoint": checkpoint, "dtype": dtype, "max_length": max_length}
+    else:
+        model, args = "hf", {"pretrained": str(hf_dir), "dtype": dtype, "max_length": max_length}
     out = lm_eval.simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(hf_dir), "dtype": dtype, "max_length": max_length},
+        model=model,
+        model_args=args,
         tasks=list(tasks),
         batch_size=batch_size,
         device=device,

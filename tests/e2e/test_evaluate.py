@@ -94,6 +94,103 @@ metric_list:
     assert again["lm_eval"]["cached"] is True
 
 
+def _tiny_hellaswag_task(tmp_path, data) -> str:
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_hellaswag.yaml").write_text(f"""task: tiny_hellaswag
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {data}
+validation_split: validation
+output_type: multiple_choice
+doc_to_text: "{{{{ctx}}}}"
+doc_to_target: "{{{{label}}}}"
+doc_to_choice: "{{{{endings}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+""")
+    return str(tasks)
+
+
+@pytest.fixture(scope="module")
+def fast_checkpoint(tmp_path_factory):
+    """A checkpoint of the fast recipe's architecture: no Hugging Face GPT-2 can hold it."""
+    over = ["block_size=128", "seq_len=64", "pos_emb=rope", "tie_embeddings=false", "mlp_act=relu2"]
+    over += ["qk_norm=true", "logit_softcap=15"]
+    cfg = load_config("tiny", over)
+    torch.manual_seed(2)
+    model = GPT(cfg.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    run = tmp_path_factory.mktemp("store") / "runs" / "fast"
+    return ck.write_checkpoint(str(run), 5, model=model, optimizer=None, config=cfg, rank_state={})
+
+
+def test_a_checkpoint_that_is_not_gpt2_shaped_is_evaluated_by_lm_eval_in_process(
+    fast_checkpoint, tmp_path, monkeypatch
+):
+    """lm-eval runs the checkpoint itself (evaluation/lm_eval_model.py): its accuracy is our scorer's on the
+    same examples, and no Hugging Face export is written (none could hold it)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data = write_jsonl(tmp_path / "hs.jsonl", make_examples(16, seed=4))
+    tasks = _tiny_hellaswag_task(tmp_path, data)
+    summary = evaluate(
+        fast_checkpoint, ["hellaswag", "tiny_hellaswag"], hellaswag_data=data, include_path=tasks
+    )
+    lm = summary["lm_eval"]["tasks"]["tiny_hellaswag"]
+    assert summary["lm_eval"]["n_samples"]["tiny_hellaswag"] == 16
+    # acc (summed log-likelihood); lm-eval's acc_norm divides by bytes, ours by tokens
+    assert lm["acc"] == pytest.approx(summary["hellaswag"]["acc"])
+    saved = json.load(open(f"{fast_checkpoint}/eval/lm_eval.json"))
+    assert saved["hf_export"] is None and not os.path.exists(
+        os.path.join(os.path.dirname(os.path.dirname(fast_checkpoint)), "exports")
+    )
+
+
+def test_the_lm_eval_command_line_runs_our_model_and_refuses_an_export_it_cannot_hold(
+    fast_checkpoint, tmp_path
+):
+    data = write_jsonl(tmp_path / "hs.jsonl", make_examples(6, seed=5))
+    tasks = _tiny_hellaswag_task(tmp_path, data)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    p = subprocess.run(
+        [sys.executable, "-m", "evaluation.lm_eval_model", "--model", "gpt2repro"]
+        + ["--model_args", f"checkpoint={fast_checkpoint}", "--tasks", "tiny_hellaswag"]
+        + ["--include_path", tasks, "--batch_size", "2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "tiny_hellaswag" in p.stdout and "acc_norm" in p.stdout
+    out = tmp_path / "export"
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.export_hf",
+            "--checkpoint",
+            fast_checkpoint,
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 2 and not out.exists(), p.stderr
+    assert (
+        p.stderr.strip().splitlines()[-1].startswith("error: this checkpoint is not GPT-2-shaped")
+    )
+
+
 def test_evaluate_cli_prints_json_summary(checkpoint, tmp_path):
     data = write_jsonl(tmp_path / "hs.jsonl", make_examples(6, seed=4))
     p = subprocess.run(
