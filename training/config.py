@@ -143,6 +143,11 @@ class DataConfig(_Section):
     shuffle: bool = Field(
         False, description="seeded per-epoch shuffling (off = build-nanogpt's exact order)"
     )
+    align_docs: bool = Field(
+        False,
+        description="every training row starts at a document's first token (the fast recipe's); off = "
+        "rows cut from the token stream wherever they fall (build-nanogpt)",
+    )
     resume_on_other_data: bool = Field(
         False,
         description="resume a checkpoint although data_url now holds other "
@@ -157,6 +162,10 @@ class DataConfig(_Section):
     @model_validator(mode="after")
     def _ranges(self) -> DataConfig:
         _check_ranges(self.skip_batches, "data.skip_batches")
+        if self.align_docs and self.shuffle:
+            raise ValueError(
+                "data.align_docs reads documents in order: it does not combine with data.shuffle"
+            )
         return self
 
     verify_checksums: bool = Field(

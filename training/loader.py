@@ -4,6 +4,13 @@ Batches: every rank reads B*T+1 tokens at `base + rank*B*T` and the window advan
 micro-step, exactly as build-nanogpt's DataLoaderLite; at the end of a shard the next one is taken (already
 fetched by a background thread), and after the last shard the next epoch starts. The loader's global state
 (shard, base position, epoch) is the same on every rank, so a run can resume on a different world size.
+
+With `align_docs` (the fast recipe's), every row starts at a document's first token (the end-of-text that opens
+it): a micro-step's B*world rows are taken one after the other from the base position, each at the first
+end-of-text at or after the end of the previous row, and rank r keeps rows r*B..r*B+B-1. Tokens between a
+row's end and the next document's start are passed over. An optimizer step (`step_rows` rows over all
+ranks and micro-steps) starts in the next shard when it would not fit whole in this one, so the rows of every
+step are the same at any world size. The state is the same base position.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import numpy as np
 import torch
 
 from common.shards import ShardError, list_shards, load_shard
+from common.tokenizer import EOT_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +44,8 @@ class ShardLoader:
         verify: bool = True,
         prefetch: bool = True,
         vocab_size: int | None = None,
+        align_docs: bool = False,
+        step_rows: int | None = None,
     ):
         """`vocab_size`: the model's real vocabulary; a token id at or past it (a padded row, or no GPT-2 token
         at all) is bad data, named by shard and offset when its shard is read, not a non-finite loss later."""
@@ -44,6 +54,16 @@ class ShardLoader:
         self.split, self.B, self.T = split, B, T
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.seed, self.verify = shuffle, seed, verify
+        if align_docs and shuffle:
+            raise ValueError("document-aligned rows are read in order: no shuffling with them")
+        self.align_docs = align_docs
+        self.step_rows = (
+            step_rows or B * world_size
+        )  # rows of one optimizer step, all ranks together
+        self._rows_in_step = 0  # of the current optimizer step, read so far (aligned rows)
+        self._eot = np.zeros(
+            0, dtype=np.int64
+        )  # the current shard's end-of-text positions (aligned rows)
         need = B * T * world_size + 1
         for s in self.shards:
             if s.tokens is not None and s.tokens < need:
@@ -104,15 +124,48 @@ class ShardLoader:
             else:
                 self.tokens = self._fetch(*key)
             self._loaded = idx
+            if self.align_docs:
+                self._eot = np.flatnonzero(self.tokens == EOT_TOKEN)
         self._blocks_order = self._blocks(self.tokens.size)
+        if self.align_docs and self._aligned_rows(0, self.step_rows) is None:
+            raise ShardError(
+                f"shard {self.shards[idx].name} has no room for one step of document-aligned rows "
+                f"({self.B * self.world_size} rows of {self.T + 1} tokens, each starting at an end-of-text)"
+            )
         nxt = self._following(*key)
         self._next = None
         if self._pool is not None and self._order(nxt[0])[nxt[1]] != idx:
             self._next = (*nxt, self._pool.submit(self._fetch, *nxt))
 
     # -- batches ----------------------------------------------------------------------------------------
+    def _aligned_rows(self, base: int, n: int) -> tuple[list[int], int] | None:
+        """The starts of `n` rows from `base` (each at an end-of-text) and where the last one ends; None when
+        the shard has no room left for them."""
+        starts, cursor = [], base
+        for _ in range(n):
+            i = int(np.searchsorted(self._eot, cursor))
+            if i >= self._eot.size or int(self._eot[i]) + self.T + 1 > self.tokens.size:
+                return None
+            start = int(self._eot[i])
+            starts.append(start)
+            cursor = start + self.T  # the row's last target may open the next document
+        return starts, cursor
+
+    def _fits(self, base: int) -> bool:
+        if self.align_docs:  # a whole optimizer step, when one starts here
+            left = self.step_rows - self._rows_in_step if self._rows_in_step else self.step_rows
+            return self._aligned_rows(base, left) is not None
+        return base + self.B * self.T * self.world_size + 1 <= self.tokens.size
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) as uint16 CPU tensors of shape (B, T); widen them on the device (`.long()` after `.to`)."""
+        if self.align_docs:
+            step = self._aligned_rows(self.base, self.B * self.world_size)
+            assert step is not None  # _advance and load_state_dict leave base where a step fits
+            mine = step[0][self.rank * self.B : (self.rank + 1) * self.B]
+            rows = torch.from_numpy(np.stack([self.tokens[s : s + self.T + 1] for s in mine]))
+            self._advance()
+            return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
         B, T, stride = self.B, self.T, self.B * self.T * self.world_size
         base = self.base
         if self._blocks_order is not None:
@@ -129,9 +182,13 @@ class ShardLoader:
             self._advance()
 
     def _advance(self) -> None:
-        stride = self.B * self.T * self.world_size
-        self.base += stride
-        if self.base + stride + 1 > self.tokens.size:
+        if self.align_docs:
+            step = self._aligned_rows(self.base, self.B * self.world_size)
+            self.base = step[1] if step is not None else self.tokens.size
+            self._rows_in_step = (self._rows_in_step + self.B * self.world_size) % self.step_rows
+        else:
+            self.base += self.B * self.T * self.world_size
+        if not self._fits(self.base):
             self.epoch, self.slot = self._following(self.epoch, self.slot)
             self._load_current()
             self.base = 0
@@ -156,6 +213,7 @@ class ShardLoader:
             "B": self.B,
             "T": self.T,
             "world_size": self.world_size,
+            "align_docs": self.align_docs,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -171,14 +229,22 @@ class ShardLoader:
         self._load_current()
         stride = self.B * self.T * self.world_size
         base = int(state["base"])
-        if (state["B"], state["T"], state["world_size"]) != (self.B, self.T, self.world_size):
+        if self.align_docs != bool(state.get("align_docs", False)):
+            raise ShardError(
+                "the checkpoint's loader read "
+                + ("document-aligned rows" if state.get("align_docs") else "the plain token stream")
+                + f", this run reads {'document-aligned rows' if self.align_docs else 'the plain stream'}: "
+                "set data.align_docs as the run had it"
+            )
+        changed = (state["B"], state["T"], state["world_size"]) != (self.B, self.T, self.world_size)
+        if changed and not self.align_docs:  # aligned steps start wherever the last one ended
             base -= base % stride
             if self._blocks_order is not None and base:
                 log.warning(
                     "shuffled loader resumed with a different batch layout: restarting this shard"
                 )
                 base = 0
-        if base + stride + 1 > self.tokens.size:
+        if not self._fits(base):
             self.epoch, self.slot = self._following(self.epoch, self.slot)
             self._load_current()
             base = 0

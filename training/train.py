@@ -89,8 +89,10 @@ def build_loaders(cfg: RunConfig, info: DistInfo) -> tuple[ShardLoader, ShardLoa
         seed=t.seed,
         verify=d.verify_checksums,
         vocab_size=cfg.model.vocab_size,
+        align_docs=d.align_docs,
+        step_rows=t.total_batch_tokens // t.seq_len,
     )
-    val = ShardLoader(
+    val = ShardLoader(  # plain rows always: every recipe's val loss is measured on the same tokens
         d.url,
         "val",
         t.micro_batch,

@@ -113,6 +113,7 @@ FAST_RECIPE = [
     "model.tie_embeddings=false",
     "model.zero_init_proj=true",
     "model.logit_softcap=15",
+    "data.align_docs=true",
 ]
 
 

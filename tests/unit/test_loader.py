@@ -174,3 +174,93 @@ def test_a_shard_manifest_of_the_wrong_shape_is_one_clear_error(tmp_path, shards
     (tmp_path / "manifest.json").write_text('{"shards": ' + shards + "}")
     with pytest.raises(ShardError, match="unreadable shard manifest"):
         list_shards(str(tmp_path), "train")
+
+
+# ----------------------------------------------------------------------------- document-aligned rows
+
+EOT = 50256
+
+
+def _doc_shards(root, shards: int = 3, docs: int = 60, seed: int = 0):
+    """Shards of documents, each an end-of-text and 1-40 tokens below it (the val shard first)."""
+    from common.shards import write_manifest, write_shard
+
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(shards):
+        parts = [
+            np.concatenate([[EOT], rng.integers(0, EOT, rng.integers(1, 41))]) for _ in range(docs)
+        ]
+        records.append(write_shard(str(root), i, np.concatenate(parts).astype(np.uint16)))
+    write_manifest(str(root), records)
+    return str(root)
+
+
+def test_aligned_rows_start_at_documents_and_ranks_split_a_step_as_one_rank_reads_it(tmp_path):
+    url = _doc_shards(tmp_path)
+    B, T = 2, 16
+    one = ShardLoader(url, "train", 2 * B, T, align_docs=True, prefetch=False)
+    ranks = [
+        ShardLoader(url, "train", B, T, rank=r, world_size=2, align_docs=True, prefetch=False)
+        for r in range(2)
+    ]
+    for _ in range(30):  # across shards and into the next epoch
+        x, y = one.next_batch()
+        assert (x[:, 0] == EOT).all() and torch.equal(x[:, 1:], y[:, :-1])
+        parts = [ld.next_batch() for ld in ranks]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x)
+        assert torch.equal(torch.cat([p[1] for p in parts]), y)
+    assert one.epoch >= 1
+
+
+def test_aligned_state_round_trips_and_resumes_on_another_world_size(tmp_path):
+    url = _doc_shards(tmp_path)
+    straight = ShardLoader(url, "train", 4, 16, align_docs=True)
+    expect = [straight.next_batch()[0] for _ in range(20)]
+    first = ShardLoader(url, "train", 4, 16, align_docs=True)
+    for _ in range(7):
+        first.next_batch()
+    state = json.loads(json.dumps(first.state_dict()))
+    again = ShardLoader(url, "train", 4, 16, align_docs=True)
+    again.load_state_dict(state)
+    assert all(torch.equal(again.next_batch()[0], e) for e in expect[7:])
+    halves = [ShardLoader(url, "train", 2, 16, r, 2, align_docs=True) for r in range(2)]
+    for ld in halves:
+        ld.load_state_dict(state)
+    for e in expect[7:]:
+        assert torch.equal(torch.cat([ld.next_batch()[0] for ld in halves]), e)
+
+
+def test_aligned_optimizer_steps_hold_the_same_rows_at_any_world_size_and_micro_batch(tmp_path):
+    """An optimizer step of 8 rows read as 8 micro-steps of 1 row, 4 of 2, or 2 ranks x 2 of 2: the same rows,
+    across shard ends too (a step that would not fit whole in a shard starts in the next)."""
+    url = _doc_shards(tmp_path, docs=25)
+
+    def steps(B, world, n=12):
+        loaders = [
+            ShardLoader(url, "train", B, 16, r, world, align_docs=True, step_rows=8)
+            for r in range(world)
+        ]
+        out = []
+        for _ in range(n):
+            rows = []
+            for _ in range(8 // (B * world)):
+                rows += [ld.next_batch()[0] for ld in loaders]
+            out.append(sorted(map(tuple, torch.cat(rows).tolist())))
+        return out
+
+    assert steps(1, 1) == steps(2, 1) == steps(2, 2) == steps(4, 2)
+
+
+def test_an_aligned_run_does_not_resume_a_plain_one_and_needs_documents_to_align_to(tmp_path):
+    url = _doc_shards(tmp_path)
+    plain = ShardLoader(url, "train", 2, 16)
+    plain.next_batch()
+    with pytest.raises(ShardError, match="set data.align_docs as the run had it"):
+        ShardLoader(url, "train", 2, 16, align_docs=True).load_state_dict(plain.state_dict())
+    none = tmp_path / "no-docs"
+    make_shards(none, [100, 1000], values="positions")
+    with pytest.raises(ShardError, match="no room for one step of document-aligned rows"):
+        ShardLoader(str(none), "train", 2, 16, align_docs=True)
+    with pytest.raises(ValueError, match="no shuffling"):
+        ShardLoader(url, "train", 2, 16, align_docs=True, shuffle=True)
