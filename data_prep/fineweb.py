@@ -4,8 +4,8 @@
     python -m data_prep.fineweb verify URL
 
 SOURCE: `hf:HuggingFaceFW/fineweb-edu:sample-10BT` (the default; also sample-100BT, sample-350BT, optional
-`@revision`), parquet/jsonl files with a `text` column (paths, URLs, folders or globs, comma separated), or
-`demo` (Python's standard-library docstrings, offline).
+`@revision`), parquet/jsonl files with a `text` column or plain text files (.txt/.md/.rst, one document each)
+(paths, URLs, folders or globs, comma separated), or `demo` (Python's standard-library docstrings, offline).
 Rerunning after a crash or kill resumes from the last finished shard with identical output; a complete store
 (manifest.json present) is left as it is.
 """

@@ -42,7 +42,9 @@ HUB_TOKENS = {
     "sample-100BT": 100_000_000_000,
     "sample-350BT": 350_000_000_000,
 }
-FILE_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".json", ".json.gz")
+# plain text files are one document each (a documentation tree, a folder of books)
+TEXT_SUFFIXES = (".txt", ".md", ".rst")
+FILE_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".json", ".json.gz", *TEXT_SUFFIXES)
 BATCH_DOCS = (
     512  # documents per unit of tokenizer work: large enough to amortise IPC, small for memory
 )
@@ -251,6 +253,11 @@ class FileSource(_Reader):
                 yield from _parquet_batches(url, index, start_doc, lazy)
                 index += _parquet_rows(url)
                 continue
+            if url.endswith(TEXT_SUFFIXES):
+                if index >= start_doc:
+                    yield index, [_text_file(url)]
+                index += 1
+                continue
             for texts in _jsonl_batches(url):
                 n = len(texts)
                 if (
@@ -364,6 +371,16 @@ def _parquet_batches(
                     index = start_doc
                 yield index, texts
                 index += len(texts)
+
+
+def _text_file(url: str) -> str:
+    fs, path = fsspec.core.url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SourceError(f"{url}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def _jsonl_batches(url: str) -> Iterator[list[str]]:

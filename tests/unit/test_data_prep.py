@@ -52,6 +52,23 @@ def test_jsonl_and_hub_code_path_match_parquet(parquet_dir, docs, reference, tmp
     assert shard_files(str(tmp_path / "hub")) == reference
 
 
+def test_a_folder_of_text_files_is_one_document_per_file_and_matches_parquet(
+    parquet_dir, docs, reference, tmp_path
+):
+    """A documentation tree (.txt, .md, .rst) as a source: file by file in name order, each one document, the
+    shards the same as the same documents from parquet; resumable mid-way like every source."""
+    tree = tmp_path / "docs"
+    tree.mkdir()
+    suffixes = (".txt", ".md", ".rst")
+    for i, d in enumerate(docs):
+        (tree / f"{i:06d}{suffixes[i % 3]}").write_text(d)
+    pipeline.build(str(tmp_path / "text"), open_source(str(tree)), SHARD, 2, progress=False)
+    assert shard_files(str(tmp_path / "text")) == reference
+    (tree / "zz.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(SourceError, match="zz.txt: not UTF-8 text"):
+        pipeline.build(str(tmp_path / "bad"), open_source(str(tree)), SHARD, 1, progress=False)
+
+
 def test_hub_spec_parsing():
     s = open_source(None)
     assert (s.dataset, s.config, s.revision) == ("HuggingFaceFW/fineweb-edu", "sample-10BT", None)
