@@ -14,16 +14,20 @@ tiny preset on seeded random token shards. Once it trains, faults drawn at rando
   preempt   USR2 to the job, what Slurm sends before a preemption: checkpoint, requeue inside the job
   flow      the flow's process SIGKILLed, started again 5 s later: it must reattach to the job, not resubmit
   server    the Prefect server stopped for 20-40 s, then started again: the flow must ride it out
+  store     the run's store cut off for 30-60 s (with --store s3: moto's S3 server behind a relay that accepts
+            connections and answers nothing, bench/pausable_relay.py), then healed: the run must ride it out
 
-Each fault comes `--every` seconds (drawn uniformly) after the run trained again from the previous one. A
-requeued job is started as soon as its previous start is gone from the node (Slurm's own 120 s hold is cluster
-policy, the same with or without us; the tests do the same).
+Each fault comes `--every` seconds (drawn uniformly) after the run trained again from the previous one; no kind
+comes again before every kind has come once. A requeued job is started as soon as its previous start is gone
+from the node (Slurm's own 120 s hold is cluster policy, the same with or without us; the tests do the same).
 
 Reported: goodput (the training time of the steps in the final trace, over the run's wall time, beside the
 same figure for the same run in one plain process with no faults: its checkpoints, validation and start-up),
 per fault its detection (the first record the system wrote of it: a submission's end, a requeue, a cordon, a
-reattach) and recovery (the first new step) times and the steps redone, and whether the final loss trace is
-the uninterrupted run's, bit for bit, with no step missing. Exit 1 when it is not.
+reattach, the flow's warning that the store does not answer) and recovery (the first new step) times and the
+steps redone, and whether the final loss trace is the uninterrupted run's, bit for bit, with no step missing.
+Exit 1 when it is not. With --store s3 the anchor run still writes to a local folder: the store's own cost is
+in the soak's figure, not the anchor's.
 """
 
 from __future__ import annotations
@@ -47,9 +51,19 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from cpu_run import cpu_machine, random_shards
-from fault_recovery import MetricsWatch, free_port, read_lines, start_prefect_server, stop_group
+from fault_recovery import (
+    MetricsWatch,
+    free_port,
+    parse_lines,
+    read_lines,
+    start_prefect_server,
+    stop_group,
+)
+from pausable_relay import PausableRelay
 
-FAULTS = ("kill", "freeze", "node", "preempt", "flow", "server")
+FAULTS = ("kill", "freeze", "node", "preempt", "flow", "server", "store")
+# how the flow says that the store does not answer: its watch's alarm while it lasts, its hang detector after
+STORE_SAID = ("has not answered for", "the store did not answer", "the store answered again after")
 
 
 class PrefectServer:
@@ -69,22 +83,136 @@ class PrefectServer:
             stop_group(self.proc)
 
 
+class S3Store:
+    """moto's S3 server (its own process) with a bucket, and a relay in front of it that the run goes through:
+    the fault cuts the relay, while the soak reads the run's files from the server directly."""
+
+    def __init__(self, work: Path):
+        self.port = free_port()
+        self.log = open(work / "moto.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+        self.fs = self._fs(creds)
+        self.fs.mkdir("soak")
+        self.relay = PausableRelay(("127.0.0.1", self.port)).start()
+        self.env = {
+            **creds,
+            "FSSPEC_S3_ENDPOINT_URL": self.relay.url,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def _fs(self, creds: dict, timeout: float = 60):
+        import s3fs
+
+        deadline = time.time() + timeout
+        while True:
+            fs = s3fs.S3FileSystem(
+                endpoint_url=self.endpoint,
+                key=creds["AWS_ACCESS_KEY_ID"],
+                secret=creds["AWS_SECRET_ACCESS_KEY"],
+                skip_instance_cache=True,
+            )
+            try:
+                fs.ls("")
+                return fs
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.relay.stop()
+        stop_group(self.proc)
+
+
+class RunFiles:
+    """The run's files as the soak reads them: on local disk, or on S3 from the server itself."""
+
+    def __init__(self, fs, root: str, local: bool):
+        self.fs, self.root, self.local = fs, root.rstrip("/"), local
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def text(self, name: str) -> str:
+        return self.fs.cat_file(self.path(name)).decode()
+
+    def lines(self, name: str) -> list[dict]:
+        try:
+            return parse_lines(self.text(name))
+        except OSError:
+            return []
+
+    def latest_checkpoint(self) -> int:
+        manifests = self.fs.glob(self.path("checkpoints/step_*/manifest.json"))
+        return max(
+            (int(m.rstrip("/").split("/")[-2].removeprefix("step_")) for m in manifests),
+            default=0,
+        )
+
+
+class StoreMetricsWatch(threading.Thread):
+    """MetricsWatch for a run on S3: every new version of metrics.jsonl as (time, ETag, last step), polled."""
+
+    def __init__(self, files: RunFiles, every_s: float = 0.25):
+        super().__init__(daemon=True)
+        self.files, self.every_s = files, every_s
+        self.seen: list[tuple[float, str, int]] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        last = None
+        while not self.done.is_set():
+            try:
+                tag = self.files.fs.info(self.files.path("metrics.jsonl"))["ETag"]
+                if tag != last:
+                    last = tag
+                    rows = parse_lines(self.files.text("metrics.jsonl"))
+                    if rows:
+                        self.seen.append((time.time(), tag, rows[-1]["step"]))
+            except (OSError, KeyError):
+                pass
+            time.sleep(self.every_s)
+
+
 def slurm(*args: str) -> str:
     return subprocess.run(args, capture_output=True, text=True, timeout=60).stdout
 
 
 class Soak:
-    def __init__(self, a: argparse.Namespace, work: Path, data: str, server: PrefectServer):
-        self.a, self.work, self.data, self.server = a, work, data, server
-        self.store = work / "store"
-        self.run = self.store / "runs" / "soak"
+    def __init__(
+        self,
+        a: argparse.Namespace,
+        work: Path,
+        data: str,
+        server: PrefectServer,
+        s3: S3Store | None = None,
+    ):
+        self.a, self.work, self.data, self.server, self.s3 = a, work, data, server, s3
         self.env = dict(os.environ, PREFECT_API_URL=server.api, OMP_NUM_THREADS="1")
         self.env["PYTHONUNBUFFERED"] = "1"
+        self.watch: MetricsWatch | StoreMetricsWatch
+        if s3 is None:
+            import fsspec
+
+            self.store = str(work / "store")
+            self.files = RunFiles(fsspec.filesystem("file"), f"{self.store}/runs/soak", True)
+            self.watch = MetricsWatch(Path(self.files.path("metrics.jsonl")))
+        else:
+            self.store = "s3://soak/store"
+            self.files = RunFiles(s3.fs, "soak/store/runs/soak", False)
+            self.env.update(s3.env)
+            self.watch = StoreMetricsWatch(self.files)
         self.rng = random.Random(a.seed)
         self.flow: subprocess.Popen | None = None
         self.flow_starts = 0
         self.faults: list[dict] = []
-        self.watch = MetricsWatch(self.run / "metrics.jsonl")
 
     # ------------------------------------------------------------------ the run
 
@@ -92,7 +220,7 @@ class Soak:
         a = self.a
         return {
             "preset": "tiny",
-            "store": str(self.store),
+            "store": self.store,
             "run_name": "soak",
             "data": self.data,
             "overrides": overrides(a),
@@ -145,10 +273,10 @@ class Soak:
     # ------------------------------------------------------------------ faults
 
     def job(self) -> str:
-        return str(json.loads((self.run / "job.json").read_text())["job_id"])
+        return str(json.loads(self.files.text("job.json"))["job_id"])
 
     def beat(self) -> dict:
-        return json.loads((self.run / "heartbeats" / "rank-00000.json").read_text())
+        return json.loads(self.files.text("heartbeats/rank-00000.json"))
 
     def inject(self, kind: str) -> dict:
         """The fault, dealt from outside as the world would; what it hit."""
@@ -178,6 +306,14 @@ class Soak:
             down = self.rng.uniform(20, 40)
             time.sleep(down)
             self.server.start()
+            return {"down_s": round(down, 1)}
+        if kind == "store":
+            if self.s3 is None:
+                raise ValueError("the store fault needs --store s3")
+            self.s3.relay.cut()
+            down = self.rng.uniform(30, 60)
+            time.sleep(down)
+            self.s3.relay.heal()
             return {"down_s": round(down, 1)}
         raise ValueError(kind)
 
@@ -213,7 +349,7 @@ class Soak:
                 times = [
                     r.get("time")
                     for name in ("submissions.jsonl", "attempts.jsonl", "cordon.jsonl")
-                    for r in read_lines(self.run / name)
+                    for r in self.files.lines(name)
                 ]
                 later = [t for t in times if isinstance(t, (int, float)) and t >= at]
                 if later:
@@ -223,9 +359,25 @@ class Soak:
             time.sleep(0.05)
         return None
 
-    def resumed(self, at: float, pid: int, timeout: float = 900) -> float | None:
-        """When a process other than `pid` (the one faulted) had trained a step after `at`: a new start's
-        first step, seen through rank 0's heartbeat (which it rewrites every 0.5 s and after each step)."""
+    def said_in_flow_log(self, phrases: tuple[str, ...], at: float) -> float | None:
+        """When the flow first logged one of `phrases` after `at` (by its log lines' own times)."""
+        day = datetime.fromtimestamp(at).date()
+        text = (self.work / f"flow-{self.flow_starts}.log").read_text(errors="replace")
+        for line in text.splitlines():
+            if not any(p in line for p in phrases):
+                continue
+            try:
+                clock = datetime.strptime(line[:12], "%H:%M:%S.%f").time()
+            except ValueError:
+                continue
+            t = datetime.combine(day, clock).timestamp()
+            if t >= at:
+                return t
+        return None
+
+    def resumed(self, at: float, pid: int | None, timeout: float = 900) -> float | None:
+        """When a process other than `pid` (the one faulted; None: any process) had trained a step after `at`: a
+        new start's first step, seen through rank 0's heartbeat (rewritten every 0.5 s and after each step)."""
         deadline, first = time.time() + timeout, {}
         while time.time() < deadline:
             try:
@@ -250,6 +402,7 @@ class Soak:
         self.start_flow()
         assert self.flow is not None
         kinds = [k for k in self.a.faults.split(",") if k]
+        bag: list[str] = []
         lo, hi = self.a.every
         if self.training_again(t0) is None:
             raise RuntimeError("the run never trained: see " + str(self.work))
@@ -260,15 +413,27 @@ class Soak:
             time.sleep(wait)
             if self.flow.poll() is not None or self.last_step() >= self.a.steps - 50:
                 break
-            kind = self.rng.choice(kinds)
-            step, ckpt = self.last_step(), latest_checkpoint(self.run)
-            pid = self.beat()["pid"]
+            if not bag:  # each kind once, in a seeded random order, before any repeats
+                bag = self.rng.sample(kinds, len(kinds))
+            kind = bag.pop()
+            beat = (
+                self.beat()
+            )  # fresher than the metrics, which a run on S3 writes at checkpoints only
+            step = max(self.last_step(), (beat.get("step") or 0) - 1)
+            ckpt, pid = self.files.latest_checkpoint(), beat["pid"]
             at = time.time()
             hit = self.inject(kind)
-            stops = kind in ("kill", "freeze", "node", "preempt")  # the training itself stops
+            # the training itself stops (a store cut stops it at its next write, and it goes on where it was)
+            stops = kind in ("kill", "freeze", "node", "preempt", "store")
             since = time.time() if kind == "flow" else at  # the new flow's start
-            found = self.detected(kind, since) if kind != "server" else None
-            again = self.resumed(at, pid) if stops else None
+            found = (
+                self.said_in_flow_log(STORE_SAID, at)
+                if kind == "store"
+                else self.detected(kind, since)
+                if kind != "server"
+                else None
+            )
+            again = self.resumed(at, None if kind == "store" else pid) if stops else None
             redone = max(0, step + 1 - ckpt) if kind in ("kill", "freeze", "node") else 0
             rec = {
                 "fault": kind,
@@ -315,14 +480,6 @@ def overrides(a: argparse.Namespace) -> list[str]:
         "log_every=1",
         "train.heartbeat_seconds=0.5",
     ]
-
-
-def latest_checkpoint(run: Path) -> int:
-    steps = [
-        int(p.parent.name.removeprefix("step_"))
-        for p in (run / "checkpoints").glob("step_*/manifest.json")
-    ]
-    return max(steps, default=0)
 
 
 def reference(a: argparse.Namespace, work: Path, data: str, reuse: str | None) -> dict:
@@ -410,7 +567,16 @@ def _parser() -> argparse.ArgumentParser:
         default=(60.0, 180.0),
         help="seconds between a recovery and the next fault, LO:HI",
     )
-    ap.add_argument("--faults", default=",".join(FAULTS))
+    ap.add_argument(
+        "--faults",
+        help=f"comma-separated, from {','.join(FAULTS)} (default: all; all but store on a local store)",
+    )
+    ap.add_argument(
+        "--store",
+        choices=("local", "s3"),
+        default="local",
+        help="the run's store: a local folder, or moto's S3 server behind a relay (the store fault)",
+    )
     ap.add_argument("--hang-floor", type=float, default=20.0)
     ap.add_argument("--cordon-s", type=float, default=90.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -423,6 +589,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
+    if a.faults is None:
+        a.faults = ",".join(k for k in FAULTS if a.store == "s3" or k != "store")
+    if "store" in a.faults.split(",") and a.store != "s3":
+        _parser().error("the store fault needs --store s3")
     if a.render:
         print(table(json.loads(Path(a.render).read_text())))
         return 0
@@ -432,7 +602,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     (work / "prefect").mkdir(exist_ok=True)
     server = PrefectServer(work / "prefect")
-    soak = None
+    soak = s3 = None
     cluster = REPO / "cluster" / "local" / "slurm_cluster.sh"
     started = subprocess.run(["bash", str(cluster), "status"], capture_output=True).returncode != 0
     if started:
@@ -442,17 +612,21 @@ def main(argv=None) -> int:
         ref = reference(a, work, data, a.reference)
         print(f"reference: {ref['wall_s']:.0f} s", file=sys.stderr, flush=True)
         server.start()
-        soak = Soak(a, work, data, server)
+        if a.store == "s3":
+            s3 = S3Store(work)
+        soak = Soak(a, work, data, server, s3)
         result = soak.go()
+        rows = soak.files.lines("metrics.jsonl")
     finally:
         if soak is not None and soak.flow is not None:
             stop_group(soak.flow, signal.SIGKILL)
         server.stop()
+        if s3 is not None:
+            s3.stop()
         for host in ("n1", "n2"):
             slurm("scontrol", "update", f"NodeName={host}", "State=RESUME")
         if started:
             subprocess.run(["bash", str(cluster), "stop"], capture_output=True)
-    rows = read_lines(soak.run / "metrics.jsonl")
     final = {r["step"]: r["loss"] for r in rows}
     expect = {r["step"]: r["loss"] for r in ref["rows"]}
     res = {
