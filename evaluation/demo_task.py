@@ -40,12 +40,14 @@ def sentences(document: str) -> list[list[str]]:
     return [p for p in out if p]
 
 
-def held_out_documents(shard_tokens: int) -> list[str]:
-    """The documents wholly in the demo dataset's val shard: the pipeline cuts the same token stream."""
+def held_out_documents(shard_tokens: int, docs: list[str] | None = None) -> list[str]:
+    """The documents wholly in a dataset's val shard (the demo's, or that of `docs` in the order the pipeline
+    tokenized them): the pipeline cuts the same token stream."""
     from common.tokenizer import get_encoding
     from data_prep.sources import DemoSource
 
-    enc, docs = get_encoding(), DemoSource().texts
+    enc = get_encoding()
+    docs = DemoSource().texts if docs is None else docs
     tokens, held = 0, 0
     for doc in docs:
         tokens += 1 + len(enc.encode_ordinary(doc))
@@ -65,7 +67,9 @@ def _shuffled(sentence: str, rng: random.Random, avoid: set[str]) -> str | None:
     return None
 
 
-def examples(held_out: list[str], n: int = 100, seed: int = 0) -> list[dict[str, Any]]:
+def examples(
+    held_out: list[str], n: int = 100, seed: int = 0, name: str = "demo"
+) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     pairs = [
         (doc_i, a, b)
@@ -91,18 +95,18 @@ def examples(held_out: list[str], n: int = 100, seed: int = 0) -> list[dict[str,
                 "ctx": ctx,
                 "endings": wrong[:label] + [true] + wrong[label:],
                 "label": label,
-                "source_id": f"demo-doc-{doc_i}",
+                "source_id": f"{name}-doc-{doc_i}",
             }
         )
         if len(out) == n:
             return out
-    raise BadInput(f"the demo corpus gives only {len(out)} held-out examples; {n} wanted")
+    raise BadInput(f"the {name} corpus gives only {len(out)} held-out examples; {n} wanted")
 
 
-def lm_eval_yaml(data_path: str) -> str:
+def lm_eval_yaml(data_path: str, task: str = TASK) -> str:
     """An lm-eval task over the same file, scored like HellaSwag (multiple choice, acc and acc_norm)."""
     return (
-        f"task: {TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    validation: {data_path}\n"
+        f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    validation: {data_path}\n"
         'validation_split: validation\noutput_type: multiple_choice\ndoc_to_text: "{{ctx}}"\n'
         'doc_to_target: "{{label}}"\ndoc_to_choice: "{{endings}}"\n'
         "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"

@@ -302,3 +302,43 @@ def test_store_overhead_benchmark_sets_an_s3_run_directory_beside_a_local_one(tm
     ).stdout
     assert md.startswith("| run directory | step ms |") and "| local |" in md and "| s3 |" in md
     assert f"Measured on {os.cpu_count()} x" in md  # a figure always comes with its machine
+
+
+def test_recipe_comparison_runs_both_recipes_side_by_side_and_its_arithmetic_holds(
+    demo_data, tmp_path
+):
+    sys.path.insert(0, str(REPO / "bench"))
+    import recipe_compare as rc
+
+    # curves of (tokens, seconds, val loss): the fast one reaches the other's final 3.0 at 2,500 tokens
+    base = [(1000, 10.0, 4.0), (2000, 20.0, 3.5), (4000, 40.0, 3.0)]
+    fast = [(1000, 20.0, 3.6), (2000, 40.0, 3.2), (3000, 60.0, 2.8), (4000, 80.0, 2.6)]
+    assert rc.tokens_to(fast, 3.0) == pytest.approx(2500)
+    assert rc.tokens_to(base, 2.0) is None
+    assert rc.at(fast, 30.0, 1) == pytest.approx(3.4) and rc.at(fast, 5.0, 1) is None
+    rows = [
+        {"recipe": "build-nanogpt", "curve": base, "final_val": 3.0, "step_ms": 10.0},
+        {"recipe": "fast", "curve": fast, "final_val": 2.6, "step_ms": 20.0},
+    ]
+    s = {r["recipe"]: r for r in rc.summarise(rows)}
+    assert s["fast"]["token_ratio"] == pytest.approx(2500 / 4000)
+    assert s["fast"]["equal_wall_s"] == 40.0 and s["fast"]["val_at_equal_wall"] == pytest.approx(
+        3.2
+    )
+    assert s["build-nanogpt"]["val_at_equal_wall"] == pytest.approx(3.0)
+
+    out = tmp_path / "r.json"
+    p = subprocess.run(
+        [sys.executable, "bench/recipe_compare.py", "--data", demo_data, "--steps", "6"]
+        + ["--val-every", "3", "--seeds", "0", "--threads", "1", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [r["recipe"] for r in res["summary"]] == ["build-nanogpt", "fast"]
+    assert all(len(r["curve"]) == 3 for r in res["rows"])  # validations at steps 0, 3 and the last
+    assert "| fast |" in p.stdout and "Measured on" in p.stdout
+    assert out.with_suffix(".png").stat().st_size > 1000

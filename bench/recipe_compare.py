@@ -1,0 +1,275 @@
+"""The build-nanogpt recipe against the fast one: same data, same tokens, same seeds, side by side in one run.
+
+    python bench/recipe_compare.py --data store/data/pydoc --scale demo --steps 600 --seeds 0,1,2
+    python bench/recipe_compare.py --data store/data/pydoc --scale small --steps 1500 --seeds 0
+    python bench/recipe_compare.py --render bench/results/recipe_compare-X.json
+
+Each run is `python -m training.train` on the shards at `--data` (bench/prepare_pydoc.py makes a real-text
+corpus this machine can get: the Python documentation from its Debian package), one after the other on this
+machine. Scales: `demo` (configs/demo.toml: 3 layers of 64, ~3.4M parameters, most of them the embedding) and
+`small` (6 layers of 256, ~17.6M). Recipes:
+
+- `build-nanogpt`: the preset as it is (AdamW, cosine, learned positions, tied head, tanh-GELU);
+- `fast`: the switches of `FAST` (Muon for the hidden matrices, a trapezoid schedule, rotary positions,
+  QK-norm, ReLU^2, an untied head, zero-initialised projections, a logit soft-cap, document-aligned rows);
+- `--ablate`: the fast recipe less one switch at a time, to see what each is worth here.
+
+Reported per recipe (mean over the seeds, and each seed in the JSON): the final val loss at equal tokens, the
+val loss each recipe had reached when the faster-finishing one was done (equal wall time), the tokens the fast
+recipe needed to reach build-nanogpt's final val loss (interpolated between validations; none if it never
+did), and the median step time. Curves are plotted next to the results JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from cpu_run import measured_on, render, report
+
+# the fast recipe's switches, and the learning rates it trains at (Muon's for the hidden matrices; AdamW's for
+# the embeddings, head, biases and gains)
+FAST = {
+    "optim.optimizer": "muon",
+    "optim.schedule": "trapezoid",
+    "model.pos_emb": "rope",
+    "model.qk_norm": "true",
+    "model.mlp_act": "relu2",
+    "model.tie_embeddings": "false",
+    "model.zero_init_proj": "true",
+    "model.logit_softcap": "15",
+    "data.align_docs": "true",
+    "train.loss_chunk": "0",  # the soft-cap's logits are whole
+}
+# what switching one of them off means (the preset's value)
+BASELINE_VALUE = {
+    "optim.optimizer": "adamw",
+    "optim.schedule": "cosine",
+    "model.pos_emb": "learned",
+    "model.qk_norm": "false",
+    "model.mlp_act": "gelu",
+    "model.tie_embeddings": "true",
+    "model.zero_init_proj": "false",
+    "model.logit_softcap": "0",
+    "data.align_docs": "false",
+}
+SCALES = {
+    "demo": [],
+    "small": ["model.n_layer=6", "model.n_head=4", "model.n_embd=256", "optim.max_lr=6e-3"],
+}
+
+
+def recipes(ablate: bool) -> dict[str, list[str]]:
+    fast = [f"{k}={v}" for k, v in FAST.items()]
+    out = {"build-nanogpt": [], "fast": fast}
+    if ablate:
+        for key, off in BASELINE_VALUE.items():
+            out[f"fast - {key.split('.')[-1]}"] = [
+                f"{k}={off if k == key else v}" for k, v in FAST.items()
+            ]
+    return out
+
+
+def train(a: argparse.Namespace, work: Path, name: str, overrides: list[str], seed: int) -> dict:
+    run = work / f"{name.replace(' ', '')}-seed{seed}"
+    sets = [
+        f"run_dir={run}",
+        f"data_url={a.data}",
+        f"max_steps={a.steps}",
+        f"train.seed={1337 + seed}",
+        f"val_every={a.val_every}",
+        "sample_every=0",
+        f"checkpoint_every={a.steps}",
+        "log_every=10",
+        *SCALES[a.scale],
+        *overrides,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONUNBUFFERED="1")
+    t0 = time.time()
+    p = subprocess.run(
+        [sys.executable, "-m", "training.train", "--config", "demo"]
+        + [x for kv in sets for x in ("--set", kv)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if p.returncode != 0:
+        raise RuntimeError(f"{name} seed {seed} failed:\n{p.stderr[-3000:]}")
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    elapsed, curve = 0.0, []
+    for r in rows:  # the training's own time: its steps (validation costs every recipe the same)
+        elapsed += r["step_ms"] / 1000
+        if "val_loss" in r:
+            curve.append((r["tokens_seen"], round(elapsed, 3), r["val_loss"]))
+    return {
+        "recipe": name,
+        "seed": seed,
+        "wall_s": round(time.time() - t0, 1),
+        "step_ms": statistics.median(r["step_ms"] for r in rows),
+        "curve": curve,
+        "final_val": curve[-1][2],
+    }
+
+
+def at(curve: list, x: float, axis: int) -> float | None:
+    """The val loss at `x` on the curve's `axis` (0 tokens, 1 seconds), linear between validations."""
+    pts = [(c[axis], c[2]) for c in curve]
+    if not pts or x < pts[0][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / max(x1 - x0, 1e-12)
+    return pts[-1][1] if x >= pts[-1][0] else None
+
+
+def tokens_to(curve: list, target: float) -> float | None:
+    """The tokens at which the curve first reaches `target` (linear between validations), or None."""
+    for (t0, _, v0), (t1, _, v1) in zip(curve, curve[1:], strict=False):
+        if v1 <= target < v0:
+            return t0 + (t1 - t0) * (v0 - target) / (v0 - v1)
+    return curve[0][0] if curve and curve[0][2] <= target else None
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    names = list(dict.fromkeys(r["recipe"] for r in rows))
+    base = [r for r in rows if r["recipe"] == "build-nanogpt"]
+    target = statistics.mean(r["final_val"] for r in base)
+    base_tokens = statistics.mean(r["curve"][-1][0] for r in base)
+    out = []
+    for name in names:
+        mine = [r for r in rows if r["recipe"] == name]
+        wall = min(
+            statistics.mean(r["curve"][-1][1] for r in base),
+            statistics.mean(r["curve"][-1][1] for r in mine),
+        )
+        at_wall = [at(r["curve"], wall, 1) for r in mine]
+        reach = [tokens_to(r["curve"], target) for r in mine]
+        out.append(
+            {
+                "recipe": name,
+                "seeds": len(mine),
+                "final_val": statistics.mean(r["final_val"] for r in mine),
+                "final_val_spread": max(r["final_val"] for r in mine)
+                - min(r["final_val"] for r in mine),
+                "val_at_equal_wall": statistics.mean(v for v in at_wall if v is not None)
+                if all(v is not None for v in at_wall)
+                else None,
+                "equal_wall_s": round(wall, 1),
+                "tokens_to_baseline": statistics.mean(reach)
+                if all(v is not None for v in reach)
+                else None,
+                "token_ratio": statistics.mean(reach) / base_tokens
+                if all(v is not None for v in reach)
+                else None,
+                "step_ms": statistics.median(r["step_ms"] for r in mine),
+            }
+        )
+    return out
+
+
+def table(res: dict) -> str:
+    s = res["settings"]
+    lines = [
+        f"scale {s['scale']}, {s['steps']} steps, seeds {s['seeds']}, data {s['data']}",
+        "",
+        "| recipe | final val loss (equal tokens) | val loss at equal wall time | tokens to build-nanogpt's "
+        "final val loss | step |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in res["summary"]:
+        wall = (
+            "-"
+            if r["val_at_equal_wall"] is None
+            else f"{r['val_at_equal_wall']:.4f} ({r['equal_wall_s']:.0f} s)"
+        )
+        reach = (
+            "never"
+            if r["token_ratio"] is None
+            else f"{r['tokens_to_baseline']:,.0f} ({r['token_ratio']:.2f}x)"
+        )
+        lines.append(
+            f"| {r['recipe']} | {r['final_val']:.4f} ± {r['final_val_spread'] / 2:.4f} | {wall} | {reach} | "
+            f"{r['step_ms']:.0f} ms |"
+        )
+    lines += ["", measured_on(res)]
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = list(dict.fromkeys(r["recipe"] for r in res["rows"]))
+    for i, name in enumerate(names):
+        for j, r in enumerate(x for x in res["rows"] if x["recipe"] == name):
+            toks, _, vals = zip(*r["curve"], strict=True)
+            ax.plot(toks, vals, color=f"C{i}", alpha=0.8, label=name if j == 0 else None)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("val loss")
+    ax.set_title(f"recipes at scale {res['settings']['scale']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", help="token shards (a data_prep output folder or URL)")
+    ap.add_argument("--scale", choices=sorted(SCALES), default="demo")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--val-every", type=int, default=50)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--ablate", action="store_true", help="also the fast recipe less one switch at a time"
+    )
+    ap.add_argument("--work", help="keep the runs here (default: a temporary folder)")
+    ap.add_argument("--out", help="results JSON (and its .png of the curves)")
+    ap.add_argument("--render", help="print the table of a results JSON and exit")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = _parser()
+    a = ap.parse_args(argv)
+    if a.render:
+        return render(a.render, table)
+    if not a.data:
+        ap.error("--data is required")
+    seeds = [int(x) for x in a.seeds.split(",")]
+    work = Path(a.work or tempfile.mkdtemp(prefix="recipe-compare-"))
+    rows = []
+    for seed in (
+        seeds
+    ):  # seeds outermost: an interrupted run still compares the recipes on the seeds it did
+        for name, overrides in recipes(a.ablate).items():
+            rows.append(train(a, work, name, overrides, seed))
+            r = rows[-1]
+            print(
+                f"  {name} seed {seed}: val {r['final_val']:.4f}, {r['wall_s']:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+    settings = {k: v for k, v in vars(a).items() if k not in ("render",)}
+    code = report(settings, rows, summarise(rows), table, a.out)
+    if a.out:
+        plot(json.loads(Path(a.out).read_text()), Path(a.out).with_suffix(".png"))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
