@@ -1,0 +1,136 @@
+"""What a sweep searches: config values over a preset (`SweepSpace`), checked whole before any trial starts.
+
+    {"preset": "demo", "trials": 8, "sampler": "tpe", "max_concurrent": 2,
+     "dimensions": [{"key": "optim.max_lr", "low": 1e-3, "high": 3e-2, "log": true},
+                    {"key": "optim.optimizer", "choices": ["adamw", "muon"]}]}
+
+A dimension is a range (floats, or integers with `integer`; `log` for a log-uniform one) or a list of choices;
+its key is any `--set` key of the run config (dotted, or a unique bare name). `check()` refuses, in one line
+each: an unknown key (with the keys it resembles), a range or a choice the config itself rejects (both ends of
+every range and every choice are tried), a grid over a continuous range, and a budget past what a grid holds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from common.errors import BadInput
+from training.config import ConfigError, load_config, resolve_key
+
+Value = str | int | float | bool
+
+
+class SweepError(BadInput, ValueError):
+    """A sweep that cannot run as given; the message names the dimension."""
+
+
+class Dimension(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    key: str = Field(min_length=1, description="a run config key, as --set takes it")
+    low: float | None = None
+    high: float | None = None
+    log: bool = Field(False, description="draw log-uniformly between low and high")
+    integer: bool = Field(False, description="the range holds integers")
+    choices: list[Value] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Dimension:
+        ranged = self.low is not None or self.high is not None
+        if ranged == (self.choices is not None):
+            raise ValueError(f"{self.key}: give either low and high, or choices")
+        if ranged:
+            if self.low is None or self.high is None or not self.low < self.high:
+                raise ValueError(f"{self.key}: a range needs low < high")
+            if self.log and self.low <= 0:
+                raise ValueError(f"{self.key}: a log range needs low > 0")
+            if self.integer and (self.low != int(self.low) or self.high != int(self.high)):
+                raise ValueError(f"{self.key}: an integer range needs integer ends")
+        return self
+
+    def ends(self) -> list[Value]:
+        """The values the config must accept for the dimension to be valid: both ends, or every choice."""
+        if self.choices is not None:
+            return list(self.choices)
+        assert self.low is not None and self.high is not None
+        if self.integer:
+            return [int(self.low), int(self.high)]
+        return [self.low, self.high]
+
+    def grid(self) -> list[Value]:
+        if self.choices is not None:
+            return list(self.choices)
+        if not self.integer:
+            raise SweepError(
+                f"{self.key}: a grid needs choices or an integer range, not a continuous range "
+                "(use sampler random or tpe, or list the values as choices)"
+            )
+        assert self.low is not None and self.high is not None
+        return list(range(int(self.low), int(self.high) + 1))
+
+
+def override(key: str, value: Value) -> str:
+    """The `--set` item of a value: booleans as the config spells them."""
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    return f"{key}={text}"
+
+
+class SweepSpace(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str = Field("demo", description="the run config every trial starts from")
+    overrides: list[str] = Field(default_factory=list, description="fixed for every trial")
+    dimensions: list[Dimension] = Field(min_length=1)
+    sampler: Literal["grid", "random", "tpe"] = "tpe"
+    trials: int = Field(gt=0, description="how many trials at most")
+    max_concurrent: int = Field(1, gt=0, description="trials running at once, at most")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _distinct(self) -> SweepSpace:
+        keys = [d.key for d in self.dimensions]
+        if len(set(keys)) != len(keys):
+            raise ValueError(
+                f"a key is swept twice: {sorted(k for k in keys if keys.count(k) > 1)[0]}"
+            )
+        return self
+
+    def check(self) -> None:
+        """Everything that can be known wrong before a trial runs (module docstring)."""
+        try:
+            load_config(self.preset, self.overrides)
+        except ConfigError as err:
+            raise SweepError(f"the sweep's base config: {err}") from None
+        for dim in self.dimensions:
+            try:
+                key = resolve_key(dim.key)
+            except ConfigError as err:
+                raise SweepError(f"dimension {dim.key!r}: {err}") from None
+            for value in dim.ends():
+                try:
+                    load_config(self.preset, [*self.overrides, override(key, value)])
+                except ConfigError as err:
+                    raise SweepError(
+                        f"dimension {dim.key!r}: the run config refuses {value!r}: {err}"
+                    ) from None
+        if self.sampler == "grid":
+            size = math.prod(len(d.grid()) for d in self.dimensions)
+            if self.trials > size:
+                raise SweepError(
+                    f"the grid holds {size} trials and the budget is {self.trials}: lower trials to {size}"
+                )
+
+    def grid_points(self) -> list[dict[str, Value]]:
+        """Every point of a grid sweep, in a fixed order."""
+        keys = [d.key for d in self.dimensions]
+        return [
+            dict(zip(keys, values, strict=True))
+            for values in itertools.product(*(d.grid() for d in self.dimensions))
+        ]
+
+    def trial_overrides(self, point: dict[str, Any]) -> list[str]:
+        return [*self.overrides, *(override(k, v) for k, v in point.items())]

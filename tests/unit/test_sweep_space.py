@@ -1,0 +1,96 @@
+"""A sweep's search space (flows/sweep_space.py): what is refused before any trial, and the grid."""
+
+import pytest
+from pydantic import ValidationError
+
+from flows.sweep_space import SweepError, SweepSpace
+
+
+def space(**kw):
+    base = {
+        "preset": "tiny",
+        "trials": 4,
+        "dimensions": [
+            {"key": "optim.max_lr", "low": 1e-3, "high": 3e-2, "log": True},
+            {"key": "optimizer", "choices": ["adamw", "muon"]},
+        ],
+    }
+    return SweepSpace(**{**base, **kw})
+
+
+def test_a_good_space_passes_and_its_trials_are_config_overrides():
+    s = space()
+    s.check()
+    assert s.trial_overrides({"optim.max_lr": 0.01, "optimizer": "muon"}) == [
+        "optim.max_lr=0.01",
+        "optimizer=muon",
+    ]
+
+
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        ({"dimensions": [{"key": "optim.max_lrr", "low": 1e-3, "high": 1e-2}]}, "optim.max_lrr"),
+        ({"dimensions": [{"key": "max_lr", "low": -1.0, "high": 1e-2}]}, "refuses -1.0"),
+        ({"dimensions": [{"key": "optimizer", "choices": ["adamw", "sgd"]}]}, "refuses 'sgd'"),
+        ({"dimensions": [{"key": "n_head", "choices": [2, 3]}]}, "refuses 3"),
+        ({"preset": "no-such-preset"}, "base config"),
+        (
+            {"sampler": "grid", "dimensions": [{"key": "max_lr", "low": 1e-3, "high": 1e-2}]},
+            "continuous range",
+        ),
+        (
+            {
+                "sampler": "grid",
+                "trials": 5,
+                "dimensions": [{"key": "n_layer", "low": 1, "high": 2, "integer": True}],
+            },
+            "the grid holds 2 trials",
+        ),
+    ],
+)
+def test_what_cannot_run_is_refused_before_any_trial(kw, needle):
+    with pytest.raises(SweepError, match=None) as err:
+        space(**kw).check()
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        ({"dimensions": []}, "at least 1"),
+        ({"trials": 0}, "greater than 0"),
+        ({"dimensions": [{"key": "max_lr", "low": 1e-2, "high": 1e-3}]}, "low < high"),
+        ({"dimensions": [{"key": "max_lr", "low": 0.0, "high": 1e-3, "log": True}]}, "low > 0"),
+        ({"dimensions": [{"key": "max_lr"}]}, "either low and high, or choices"),
+        ({"dimensions": [{"key": "max_lr", "choices": [1], "low": 1, "high": 2}]}, "either"),
+        (
+            {"dimensions": [{"key": "max_lr", "choices": [1]}, {"key": "max_lr", "choices": [2]}]},
+            "swept twice",
+        ),
+        ({"dimensions": [{"key": "max_lr", "choices": [1]}], "budget": 3}, "Extra inputs"),
+    ],
+)
+def test_a_malformed_space_is_a_validation_error_naming_the_field(kw, needle):
+    with pytest.raises(ValidationError) as err:
+        space(**kw)
+    assert needle in str(err.value)
+
+
+def test_a_grid_is_every_combination_in_a_fixed_order():
+    s = space(
+        sampler="grid",
+        trials=4,
+        dimensions=[
+            {"key": "n_layer", "low": 1, "high": 2, "integer": True},
+            {"key": "qk_norm", "choices": [False, True]},
+        ],
+    )
+    s.check()
+    assert s.grid_points() == [
+        {"n_layer": 1, "qk_norm": False},
+        {"n_layer": 1, "qk_norm": True},
+        {"n_layer": 2, "qk_norm": False},
+        {"n_layer": 2, "qk_norm": True},
+    ]
+    assert s.trial_overrides(s.grid_points()[1]) == ["n_layer=1", "qk_norm=true"]
