@@ -36,7 +36,9 @@ def documents(deb: Path | None, work: Path) -> list[str]:
     tree = work / "tree"
     subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], check=True)
     # python3.11-doc/html is a link to python3.11/html: each file once, by its real path
-    files = sorted({f.resolve() for f in tree.glob("usr/share/doc/python3*/html/_sources/**/*.txt")})
+    files = sorted(
+        {f.resolve() for f in tree.glob("usr/share/doc/python3*/html/_sources/**/*.txt")}
+    )
     if not files:
         raise SystemExit(f"{deb}: no documentation sources in it")
     texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]

@@ -54,6 +54,9 @@ class Variant:
     coordinate_descent: bool = (
         False  # inductor's coordinate-descent tuning of each generated kernel's launch config
     )
+    fused_add_ln: bool = (
+        False  # training/kernels/add_layernorm.py: each residual add + LayerNorm in one
+    )
 
 
 def ablations(base: Variant) -> list[Variant]:
@@ -93,6 +96,7 @@ def levers(base: Variant) -> list[Variant]:
         # what autotuning can still gain: cuBLAS beat Triton's matmul templates at every product of this step
         # (bench/results/), so only the memory-bound fused kernels (30% of the step) are left to tune
         r(base, name="+ coordinate-descent tuning of the fused kernels", coordinate_descent=True),
+        r(base, name="+ residual add + LayerNorm kernel (ours)", fused_add_ln=True),
         # with the chunked loss: unchunked, the lm_head's weight gradient (50304 x B*T) is a product that
         # Triton's matmul templates index past 2**31 elements in autotuning (an illegal memory access on
         # torch 2.11 + Triton 3.6 that ends the process's CUDA context)
@@ -158,6 +162,7 @@ def _step_setup(cfg, v: Variant, device: torch.device, seq_len: int) -> tuple[St
     model_cfg = cfg.model.model_copy(update={"pad_vocab_to": 64 if v.pad_vocab else 1})
     accel.configure(device, tf32=v.tf32, attention=v.attention if device.type == "cuda" else "auto")
     model = GPT(model_cfg).to(device)
+    model.fused_add_layernorm = v.fused_add_ln
     opt = configure_optimizer(
         model,
         lr=6e-4,

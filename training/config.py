@@ -235,6 +235,11 @@ class TrainConfig(_Section):
         "auto",
         description="SDPA backend on CUDA; auto = PyTorch's choice, any other = that one only",
     )
+    fused_add_layernorm: bool = Field(
+        False,
+        description="each residual add and the LayerNorm after it in one Triton kernel, forward and "
+        "backward (training/kernels/add_layernorm.py; CUDA); off = PyTorch's ops",
+    )
     loss_chunk: int = Field(
         0,
         ge=0,

@@ -12,6 +12,8 @@ and exporting weights is a transpose of the Conv1D layers and nothing else (`tra
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
@@ -131,6 +133,9 @@ class Transformer(nn.Module):
 
 
 class GPT(nn.Module):
+    # each residual add and the LayerNorm after it in one kernel (train.fused_add_layernorm): the same math
+    fused_add_layernorm = False
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -180,9 +185,12 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)
         if self.transformer.wpe is not None:
             x = x + self.transformer.wpe(torch.arange(0, T, dtype=torch.long, device=idx.device))
-        for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
+        if self.fused_add_layernorm:
+            x = self._fused_blocks(x)
+        else:
+            for block in self.transformer.h:
+                x = block(x)
+            x = self.transformer.ln_f(x)
         if targets is not None and loss_chunk:
             return None, chunked_linear_cross_entropy(
                 x.view(B * T, -1),
@@ -207,6 +215,19 @@ class GPT(nn.Module):
         if padded:
             logits = logits[..., : self.config.vocab_size]  # callers see the real vocabulary only
         return logits, loss
+
+    def _fused_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks and ln_f with every residual add fused into the LayerNorm that reads its sum: each block's
+        update is carried to the next LayerNorm (training/kernels/add_layernorm.py)."""
+        from training.kernels.add_layernorm import add_layernorm
+
+        update = None
+        for module in self.transformer.h:
+            block = cast(Block, module)
+            x, y = add_layernorm(x, update, block.ln_1)
+            x, y = add_layernorm(x, block.attn(y), block.ln_2)
+            update = block.mlp(y)
+        return add_layernorm(x, update, self.transformer.ln_f)[1]
 
 
 def flops_per_token(config: GPTConfig, n_params: int, seq_len: int) -> float:

@@ -47,7 +47,7 @@ from common.shards import data_fingerprint
 from training import accel, distributed, stop_signal
 from training.checkpoint import TrainState
 from training.checkpointer import Checkpointer
-from training.config import RunConfig, TrainConfig, load_config, parse_range
+from training.config import ConfigError, RunConfig, TrainConfig, load_config, parse_range
 from training.distributed import DistInfo
 from training.faults import Poison
 from training.guard import StepGuard
@@ -67,12 +67,23 @@ log = logging.getLogger("training")
 # ----------------------------------------------------------------------------- set-up
 
 
+def check_kernels(cfg: RunConfig, device: torch.device) -> None:
+    """A kernel switch that cannot run on this device is one line before anything is built."""
+    if cfg.train.fused_add_layernorm:
+        from training.kernels import add_layernorm
+
+        why = add_layernorm.available(device)
+        if why is not None:
+            raise ConfigError(f"train.fused_add_layernorm: {why}")
+
+
 def build_model(cfg: RunConfig, device: torch.device) -> tuple[GPT, Optimizer]:
     # Same seed on every rank: identical initial weights (DDP also broadcasts them).
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model).to(device)
+    model.fused_add_layernorm = cfg.train.fused_add_layernorm
     return model, build_optimizer(model, cfg.optim, device.type)
 
 
@@ -215,6 +226,7 @@ class Trainer:
         self.heartbeat = heartbeat or HeartbeatWriter(self.run_dir, info.rank, info.world_size, 0)
         self.grad_accum = cfg.grad_accum_steps(info.world_size)
         self.val_steps = cfg.val_steps_per_rank(info.world_size)
+        check_kernels(cfg, device)
         preflight(cfg, force)  # before a model is built or the GPU is touched
         self.lease = take_run_dir(cfg, info, device)  # one writer per run directory
         store.ride_out_outages()  # the run has started: from here an outage of the store is waited out

@@ -232,6 +232,23 @@ def test_bad_config_fails_naming_the_field(tmp_path):
     assert "optim.max_lr" in p.stderr
 
 
+def test_a_kernel_switch_that_cannot_run_here_is_one_line_before_anything_runs(demo_data, tmp_path):
+    import os
+
+    env = {k: v for k, v in train_env().items() if k != "TRITON_INTERPRET"}  # a plain CPU machine
+    p = subprocess.run(
+        train_cmd(demo_data, tmp_path / "run", "train.fused_add_layernorm=true"),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == BAD_INPUT, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1].startswith("error: train.fused_add_layernorm: ")
+    assert "Traceback" not in p.stderr and not os.path.exists(tmp_path / "run")
+
+
 @pytest.mark.slow
 def test_compile_flag_keeps_losses_val_and_sampling(demo_data, tmp_path):
     run_train(demo_data, tmp_path / "eager", "max_steps=3", "val_every=2")

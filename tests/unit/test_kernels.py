@@ -1,0 +1,88 @@
+"""Our Triton kernels (training/kernels/) against the PyTorch path they replace, on the CPU under Triton's
+interpreter (TRITON_INTERPRET=1, set by tests/unit/conftest.py before Triton is imported). On a GPU:
+tests/e2e/test_gpu.py."""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def kernels():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton was imported before its interpreter was asked for")
+    from training.kernels import add_layernorm
+
+    return add_layernorm
+
+
+@pytest.mark.parametrize(
+    "shape, with_h", [((2, 5, 48), True), ((3, 7, 64), True), ((4, 33), False), ((1, 1, 100), True)]
+)
+def test_add_layernorm_matches_pytorch_forward_and_backward(kernels, shape, with_h):
+    torch.manual_seed(0)
+    C = shape[-1]
+    ln = torch.nn.LayerNorm(C)
+    with torch.no_grad():
+        ln.weight.normal_(1, 0.2)
+        ln.bias.normal_(0, 0.2)
+    x = torch.randn(shape, requires_grad=True)
+    h = torch.randn(shape, requires_grad=True) if with_h else None
+    g_s, g_y = torch.randn(shape), torch.randn(shape)
+    out = {}
+    for name, fn in (("kernel", kernels.add_layernorm), ("torch", kernels.add_layernorm_reference)):
+        for t in (x, h, ln.weight, ln.bias):
+            if t is not None:
+                t.grad = None
+        s, y = fn(x, h, ln)
+        ((s * g_s).sum() + (y * g_y).sum()).backward()
+        grads = [x.grad, None if h is None else h.grad, ln.weight.grad, ln.bias.grad]
+        out[name] = [s.detach(), y.detach(), *(None if g is None else g.clone() for g in grads)]
+    for i, (a, b) in enumerate(zip(out["kernel"], out["torch"], strict=True)):
+        if b is None:
+            assert a is None
+            continue
+        assert torch.allclose(a, b, atol=2e-5, rtol=1e-4), (i, (a - b).abs().max())
+
+
+def test_the_kernel_says_where_it_cannot_run(monkeypatch):
+    from training.kernels import add_layernorm
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "run on CUDA" in add_layernorm.available(torch.device("cpu"))
+    assert add_layernorm.available(torch.device("cuda")) is None
+
+
+def test_a_model_with_the_fused_kernel_learns_what_the_plain_one_learns(kernels):
+    from training.config import GPTConfig
+    from training.model import GPT
+
+    cfg = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    plain = GPT(cfg)
+    fused = GPT(cfg)
+    fused.load_state_dict(plain.state_dict())
+    fused.fused_add_layernorm = True
+    x = torch.randint(0, 50257, (2, 13))
+    losses = []
+    for model in (plain, fused):
+        _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        losses.append(loss)
+    assert torch.allclose(losses[0], losses[1], atol=1e-5)
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_the_switch_is_refused_where_the_kernel_cannot_run(monkeypatch):
+    from training.config import ConfigError, load_config
+    from training.train import check_kernels
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cfg = load_config("tiny", ["train.fused_add_layernorm=true"])
+    with pytest.raises(ConfigError, match="train.fused_add_layernorm: Triton kernels run on CUDA"):
+        check_kernels(cfg, torch.device("cpu"))
+    check_kernels(load_config("tiny"), torch.device("cpu"))  # off: nothing to refuse
