@@ -488,9 +488,12 @@ def _say(text: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
 
 
+_PATIENCE = store.OutagePatience()
+
+
 def _watch(handle: RunHandle, args: argparse.Namespace) -> dict[str, Any]:
     """The job watched to its end, its states and progress on stderr: its result (RunFailed otherwise)."""
-    store.ride_out_outages()  # a job runs: from here an outage of its store is waited out
+    _PATIENCE.start()  # a job runs: from here an outage of its store is waited out (till the command ends)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")  # the store says so
     hang = (
         HangRules(args.hang_factor, args.hang_floor_s, args.startup_timeout_s)

@@ -14,6 +14,7 @@ import os
 import posixpath
 import re
 import socket
+import threading
 import time
 import uuid
 from typing import Any
@@ -46,19 +47,50 @@ log = logging.getLogger("store")
 # retrying each call, before the call fails: an outage of a few minutes is normal on a cluster, and a job
 # replaced in the middle of one meets the same store. One-shot commands keep the call's own deadline (0).
 OUTAGE_PATIENCE_S = 600.0
-_patience_s = 0.0
+_patiences: list[
+    float
+] = []  # of the OutagePatience objects started and not stopped, in this process
+_patience_lock = threading.Lock()
 _outage_since: float | None = None
 
 
-def ride_out_outages(seconds: float = OUTAGE_PATIENCE_S) -> None:
-    """From now on in this process, a call to an object store that cannot reach it is retried for up to
-    `seconds` (every few seconds, said once in the log when it starts and when it ends) before it fails."""
-    global _patience_s
-    _patience_s = seconds
+class OutagePatience:
+    """While started, a call to an object store that cannot reach it is retried, in this whole process, for up to
+    `seconds` (every few seconds, said once in the log when the outage starts and when it ends) before it fails.
+    Several at once (a served process running several flows) keep the longest patience until each is stopped;
+    stopping one that is not started does nothing, so `stop()` goes in a `finally`."""
+
+    def __init__(self, seconds: float = OUTAGE_PATIENCE_S):
+        self.seconds, self.started = seconds, False
+
+    def start(self) -> OutagePatience:
+        with _patience_lock:
+            if not self.started:
+                _patiences.append(self.seconds)
+                self.started = True
+        return self
+
+    def stop(self) -> None:
+        with _patience_lock:
+            if self.started:
+                _patiences.remove(self.seconds)
+                self.started = False
+
+    def __enter__(self) -> OutagePatience:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def ride_out_outages(seconds: float = OUTAGE_PATIENCE_S) -> OutagePatience:
+    """An OutagePatience, started: stop it when the long-running part is over."""
+    return OutagePatience(seconds).start()
 
 
 def patience_s() -> float:
-    return _patience_s
+    with _patience_lock:
+        return max(_patiences, default=0.0)
 
 
 def outage_seen() -> bool:
@@ -74,7 +106,7 @@ def outage(err: BaseException | None, endpoint: str) -> None:
             "the store %s does not answer (%s): calls are retried for up to %.0f s",
             endpoint,
             str(err).splitlines()[0] if str(err) else type(err).__name__,
-            _patience_s,
+            patience_s(),
         )
     elif err is None and _outage_since is not None:
         log.warning(

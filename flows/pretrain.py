@@ -222,7 +222,8 @@ async def _run_with(
         await asyncio.to_thread(lease.acquire)
     except LeaseHeld as err:
         raise FlowFailure(str(err)) from None
-    store.ride_out_outages()  # checked and ours: from here an outage of the store is waited out
+    # checked and ours: from here an outage of the store is waited out (until this flow run ends)
+    patience = store.ride_out_outages()
     mirror, state = None, "failed"
     try:
         if p.tracker.kind != "none":
@@ -242,6 +243,7 @@ async def _run_with(
         if mirror is not None and state != "completed":
             await mirror.finish(state, p.tracker.finish_timeout_s + 60)
         await asyncio.to_thread(lease.release)
+        patience.stop()
 
 
 # ----------------------------------------------------------------------------- CLI

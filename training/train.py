@@ -139,13 +139,15 @@ def train(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     heartbeat = HeartbeatWriter(
         RunDir(cfg.train.run_dir), info.rank, info.world_size, cfg.train.heartbeat_seconds
     )
+    patience = store.OutagePatience()  # started once the run directory is ours (Trainer)
     try:
-        return Trainer(cfg, device, info, heartbeat, force).run()
+        return Trainer(cfg, device, info, heartbeat, force, patience).run()
     except RuntimeError as err:
         if info.enabled and distributed.is_timeout(err):
             raise distributed.CollectiveTimeout(timeout_report(cfg, info, heartbeat, err)) from None
         raise
     finally:
+        patience.stop()
         heartbeat.stop()
         distributed.shutdown()
 
@@ -220,7 +222,9 @@ class Trainer:
         info: DistInfo,
         heartbeat: HeartbeatWriter | None = None,
         force: bool = False,
+        patience: store.OutagePatience | None = None,
     ):
+        """`patience`: started once the run directory is ours (the caller stops it when the run ends)."""
         t = cfg.train
         self.cfg, self.device, self.info, self.run_dir = cfg, device, info, RunDir(t.run_dir)
         self.heartbeat = heartbeat or HeartbeatWriter(self.run_dir, info.rank, info.world_size, 0)
@@ -229,7 +233,10 @@ class Trainer:
         check_kernels(cfg, device)
         preflight(cfg, force)  # before a model is built or the GPU is touched
         self.lease = take_run_dir(cfg, info, device)  # one writer per run directory
-        store.ride_out_outages()  # the run has started: from here an outage of the store is waited out
+        if (
+            patience is not None
+        ):  # the run has started: from here an outage of the store is waited out
+            patience.start()
         self.heartbeat.start()  # only once the run directory is ours: never over another trainer's heartbeats
         try:
             self._set_up(cfg, device, info)

@@ -29,7 +29,6 @@ def relayed(s3_server, monkeypatch):
     store.write_bytes(f"{bucket}/d/x", b"1")
     yield relay, bucket
     relay.stop()
-    store.ride_out_outages(0)
     s3fs.S3FileSystem.clear_instance_cache()
 
 
@@ -42,29 +41,45 @@ def test_a_store_that_is_down_fails_its_calls_as_an_oserror_naming_the_endpoint(
         assert isinstance(err.value, OSError) and relay.url in str(err.value)
 
 
-def test_a_process_that_rides_out_outages_retries_until_the_store_is_back_and_says_so(
-    relayed, caplog
-):
+def test_a_process_that_rides_out_outages_retries_until_the_store_is_back_and_says_so(relayed):
     relay, bucket = relayed
-    store.ride_out_outages(60)
+    said: list[str] = []
+
+    class Heal(
+        logging.Handler
+    ):  # the store comes back a second after the process has said it is away
+        def emit(self, record):
+            said.append(record.getMessage())
+            if "does not answer" in said[-1]:
+                threading.Timer(1.0, relay.heal).start()
+
+    log = logging.getLogger("store")
+    handler = Heal(logging.WARNING)
+    log.addHandler(handler)
     relay.cut(refuse=True)
-    threading.Timer(3.0, relay.heal).start()
-    t0 = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="store"):
-        assert store.read_bytes(f"{bucket}/d/x") == b"1"
-    assert time.monotonic() - t0 >= 3.0
-    said = [r.getMessage() for r in caplog.records]
+    try:
+        with store.OutagePatience(60):
+            assert store.read_bytes(f"{bucket}/d/x") == b"1"
+    finally:
+        log.removeHandler(handler)
     assert len(said) == 2, said
     assert said[0].startswith(f"the store {relay.url} does not answer (")
     assert said[0].endswith("calls are retried for up to 60 s")
     assert said[1].startswith(f"the store {relay.url} answers again after ")
 
 
-def test_patience_has_an_end(relayed):
+def test_patience_has_an_end_and_ends_with_what_asked_for_it(relayed):
     relay, bucket = relayed
-    store.ride_out_outages(2)
     relay.cut(refuse=True)
     t0 = time.monotonic()
-    with pytest.raises(store.StoreUnreachable):
+    with store.OutagePatience(2), pytest.raises(store.StoreUnreachable):
         store.listdir(f"{bucket}/d")
     assert time.monotonic() - t0 < 30
+    # two at once (a process serving two flows): the longest holds until both are stopped
+    a, b = store.ride_out_outages(5), store.ride_out_outages(50)
+    assert store.patience_s() == 50
+    b.stop()
+    assert store.patience_s() == 5
+    b.stop()  # stopping twice changes nothing
+    a.stop()
+    assert store.patience_s() == 0
