@@ -142,9 +142,10 @@ def run_lm_eval(
     if (hit := _cached(out_url, key)) is not None:
         return {**hit, "cached": True}
     config = ckpt.config().model
-    if config.not_gpt2():  # no Hugging Face GPT-2 holds it: lm-eval runs it in-process
-        res = lm_eval_runner.run(
-            None,
+
+    def run(hf_dir: Path | None) -> dict[str, Any]:
+        return lm_eval_runner.run(
+            hf_dir,
             tasks,
             batch_size=batch_size,
             device=str(device),
@@ -152,13 +153,15 @@ def run_lm_eval(
             include_path=include_path,
             max_length=min(1024, config.block_size),
             dtype=dtype or ("bfloat16" if device.type == "cuda" else "float32"),
-            checkpoint=ckpt.url,
+            checkpoint=None if hf_dir is not None else ckpt.url,
         )
-        return _keep_lm_eval(out_url, key, ckpt, None, res)
+
+    if config.not_gpt2():  # no Hugging Face GPT-2 holds it: lm-eval runs it in-process
+        return _keep_lm_eval(out_url, key, ckpt, None, run(None))
     export_url = hf_export(ckpt.url, ckpt.step)
     tmp = Path(tempfile.mkdtemp(prefix="hf-export-"))
     try:
-        model = GPT(ckpt.config().model)
+        model = GPT(config)
         ck.load_model_state(model, ckpt.model_state_bytes())
         export_hf_dir(model, tmp)
         if not store.exists(store.join(export_url, "config.json")):
@@ -166,16 +169,7 @@ def run_lm_eval(
             files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
             for f in files:
                 store.write_bytes(store.join(export_url, f.name), f.read_bytes())
-        res = lm_eval_runner.run(
-            tmp,
-            tasks,
-            batch_size=batch_size,
-            device=str(device),
-            limit=limit,
-            include_path=include_path,
-            max_length=min(1024, model.config.block_size),
-            dtype=dtype or ("bfloat16" if device.type == "cuda" else "float32"),
-        )
+        res = run(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _keep_lm_eval(out_url, key, ckpt, export_url, res)

@@ -52,48 +52,6 @@ def test_evaluate_writes_results_and_second_call_is_a_cache_hit(checkpoint, tmp_
     assert fourth["hellaswag"]["cached"] is False
 
 
-def test_lm_eval_on_the_export_matches_our_scoring(checkpoint, tmp_path, enc, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    examples = make_examples(16, seed=3)
-    data = write_jsonl(tmp_path / "hs.jsonl", examples)
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "tiny_hellaswag.yaml").write_text(f"""task: tiny_hellaswag
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    validation: {data}
-validation_split: validation
-output_type: multiple_choice
-doc_to_text: "{{{{ctx}}}}"
-doc_to_target: "{{{{label}}}}"
-doc_to_choice: "{{{{endings}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-""")
-    summary = evaluate(
-        checkpoint,
-        ["hellaswag", "tiny_hellaswag"],
-        hellaswag_data=data,
-        include_path=str(tasks),
-        batch_size=4,
-    )
-    lm = summary["lm_eval"]["tasks"]["tiny_hellaswag"]
-    assert summary["lm_eval"]["n_samples"]["tiny_hellaswag"] == 16
-    # lm-eval's acc (summed log-likelihood of " " + ending) is our acc (summed loss) on the same examples
-    assert lm["acc"] == pytest.approx(summary["hellaswag"]["acc"])
-    saved = json.load(open(f"{checkpoint}/eval/lm_eval.json"))
-    assert saved["tasks"]["tiny_hellaswag"]["acc"] == lm["acc"] and saved["versions"]["lm_eval"]
-    export = saved["hf_export"]
-    assert os.path.exists(f"{export}/model.safetensors") and os.path.exists(
-        f"{export}/tokenizer.json"
-    )
-    again = evaluate(checkpoint, ["tiny_hellaswag"], include_path=str(tasks))
-    assert again["lm_eval"]["cached"] is True
-
-
 def _tiny_hellaswag_task(tmp_path, data) -> str:
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -112,6 +70,33 @@ metric_list:
   - metric: acc_norm
 """)
     return str(tasks)
+
+
+def test_lm_eval_on_the_export_matches_our_scoring(checkpoint, tmp_path, enc, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    examples = make_examples(16, seed=3)
+    data = write_jsonl(tmp_path / "hs.jsonl", examples)
+    tasks = _tiny_hellaswag_task(tmp_path, data)
+    summary = evaluate(
+        checkpoint,
+        ["hellaswag", "tiny_hellaswag"],
+        hellaswag_data=data,
+        include_path=tasks,
+        batch_size=4,
+    )
+    lm = summary["lm_eval"]["tasks"]["tiny_hellaswag"]
+    assert summary["lm_eval"]["n_samples"]["tiny_hellaswag"] == 16
+    # lm-eval's acc (summed log-likelihood of " " + ending) is our acc (summed loss) on the same examples
+    assert lm["acc"] == pytest.approx(summary["hellaswag"]["acc"])
+    saved = json.load(open(f"{checkpoint}/eval/lm_eval.json"))
+    assert saved["tasks"]["tiny_hellaswag"]["acc"] == lm["acc"] and saved["versions"]["lm_eval"]
+    export = saved["hf_export"]
+    assert os.path.exists(f"{export}/model.safetensors") and os.path.exists(
+        f"{export}/tokenizer.json"
+    )
+    again = evaluate(checkpoint, ["tiny_hellaswag"], include_path=tasks)
+    assert again["lm_eval"]["cached"] is True
 
 
 @pytest.fixture(scope="module")
