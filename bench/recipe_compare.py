@@ -49,7 +49,6 @@ FAST = {
     "model.zero_init_proj": "true",
     "model.logit_softcap": "15",
     "data.align_docs": "true",
-    "train.loss_chunk": "0",  # the soft-cap's logits are whole
 }
 # what switching one of them off means (the preset's value)
 BASELINE_VALUE = {

@@ -7,7 +7,8 @@ fused linear cross-entropy): the forward pass also computes d loss / d hidden an
 backward pass only scales them. Same matmuls, same FLOPs; peak memory drops by the logits, which buys a
 larger micro-batch. The matmuls keep the padded vocabulary (50304: the friendly shape padding is for); the
 padded columns are set to -inf before the softmax, so, as in `GPT.forward`, they take no probability and get
-no gradient.
+no gradient. A logit soft-cap (cap * tanh(logits / cap)) is applied per chunk before the padding's -inf, and its
+derivative (1 - (capped / cap)^2) is folded into the chunk's gradient.
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ __all__ = ["chunked_linear_cross_entropy"]
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, vocab_size: int, chunk: int, dtype: torch.dtype):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        targets,
+        vocab_size: int,
+        chunk: int,
+        dtype: torch.dtype,
+        softcap: float,
+    ):
         n = hidden.size(0)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         w = weight.to(dtype)
@@ -34,6 +44,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk].to(dtype)
             t = targets[start : start + chunk]
             logits = (h @ w.t()).float()  # as autocast: bf16 matmul, cross-entropy in fp32
+            capped = None
+            if softcap:
+                logits = logits.div_(softcap).tanh_()
+                capped = (
+                    logits.clone() if grad_hidden is not None else None
+                )  # tanh, for the derivative
+                logits = logits.mul_(softcap)
             logits[:, vocab_size:] = float(
                 "-inf"
             )  # padding is not a token: exp(-inf) = 0, no mass, no gradient
@@ -43,7 +60,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 # d mean(CE) / d logits = (softmax - onehot) / n, computed in place of the logits
                 g = logits.sub_(lse.unsqueeze(1)).exp_()
                 g.scatter_add_(1, t.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
-                g = g.div_(n).to(dtype)
+                g = g.div_(n)
+                if (
+                    capped is not None
+                ):  # d cap*tanh(a/cap) / da = 1 - tanh^2; the padding's is 0 already
+                    g = g.mul_(capped.square_().neg_().add_(1.0))
+                g = g.to(dtype)
                 grad_hidden[start : start + chunk] = (g @ w).to(hidden.dtype)
                 grad_weight += (g.t() @ h).float()
         if need_grad:
@@ -61,13 +83,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
 def chunked_linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk: int
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_size: int,
+    chunk: int,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """mean(cross_entropy(hidden @ weight[:vocab_size].T, targets)) with `chunk` tokens of logits at a time.
+    """mean(cross_entropy(hidden @ weight[:vocab_size].T, targets)) with `chunk` tokens of logits at a time;
+    with `softcap` > 0 the logits are softcap * tanh(logits / softcap) first.
 
     hidden: (N, C); weight: (V_padded, C); targets: (N,) token ids < vocab_size. Under autocast the matmuls
     run in the autocast dtype and the softmax in fp32, as the plain path does.
@@ -77,4 +106,6 @@ def chunked_linear_cross_entropy(
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     with torch.autocast(device, enabled=False):  # the dtypes above are chosen explicitly
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, vocab_size, chunk, dtype)
+        return _ChunkedLinearCrossEntropy.apply(
+            hidden, weight, targets, vocab_size, chunk, dtype, float(softcap)
+        )

@@ -415,11 +415,6 @@ class RunConfig(_Section):
                 )
         if self.data.data_url is None:
             self.data.data_url = StoreLayout(LOCAL_STORE).dataset(self.data.dataset)
-        if m.logit_softcap and t.loss_chunk:
-            raise ValueError(
-                "model.logit_softcap and train.loss_chunk do not combine (the chunked loss has no cap): "
-                "set one of them to 0"
-            )
         if t.seq_len > m.block_size:
             raise ValueError(
                 f"train.seq_len ({t.seq_len}) exceeds model.block_size ({m.block_size})"

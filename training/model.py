@@ -198,6 +198,7 @@ class GPT(nn.Module):
                 targets.reshape(-1),
                 self.config.vocab_size,
                 loss_chunk,
+                self.config.logit_softcap,
             )
         logits = self.lm_head(x)
         cap = self.config.logit_softcap

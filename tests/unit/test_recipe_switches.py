@@ -162,7 +162,6 @@ def test_trapezoid_warms_up_holds_and_cools_down_linearly():
             ["model.n_embd=18", "model.n_head=6", "model.pos_emb=rope"],
             "head size (n_embd / n_head = 3) is odd",
         ),
-        (["model.logit_softcap=15", "train.loss_chunk=1024"], "do not combine"),
         (["optim.optimizer=sgd"], "optim.optimizer"),
         (["model.mlp_act=swish"], "model.mlp_act"),
     ],
