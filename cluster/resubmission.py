@@ -41,7 +41,8 @@ BACKOFF_SECONDS = 5.0
 
 @dataclass(frozen=True)
 class Decision:
-    action: Literal["done", "resubmit", "rollback", "stop"]
+    # held: the run was asked to stop with a checkpoint and stay stopped (flows/hold.py), not a failure
+    action: Literal["done", "resubmit", "rollback", "stop", "held"]
     wait_s: float = 0.0
     message: str = ""  # why: the log line for a resubmission, the one-line failure for a stop
 

@@ -19,6 +19,8 @@
         trackers/{tracker}.json             the tracker run mirroring this run, and what it holds (tracking.mirror)
         tensorboard/                        TensorBoard event files (tracker=tensorboard, by default)
         curves.png                          loss and HellaSwag curves (flow, evaluation.plots)
+        hold.json                           a request to stop with a checkpoint and stay stopped (a sweep's
+                                            pruner; flows/hold.py)
         logs/submission-NNN.log             console of a local submission (flow, local executor)
         leases/trainer.json, leases/flow.json   who writes the run now (common/lease.py)
         heartbeats/rank-NNNNN.json          each rank's last heartbeat: step, phase, host (common/heartbeat.py)
@@ -28,6 +30,11 @@
             eval/hellaswag.json, eval/lm_eval.json     its evaluations (evaluation); a checkpoint outside a
                                             run directory keeps its Hugging Face export in eval/hf-export/
         exports/step_NNNNNN-hf/             its Hugging Face export (evaluation, training.export_hf)
+    {store}/sweeps/{sweep}/                 an experiment (SweepDir below; flows/sweep.py): its trials are
+                                            run directories runs/{sweep}-tNNN
+        sweep.json                          what it searches (the space), fixed at its first flow run
+        study.db                            the Optuna study (SQLite), unless the sweep names a database
+        curves.png, leases/flow.json        every trial's val loss; the one flow run driving it
 
 Every path is an fsspec URL (a local path, s3://...). Nothing here touches the store.
 """
@@ -64,6 +71,21 @@ class StoreLayout:
     def run(self, name: str) -> RunDir:
         return RunDir(join(self.root, "runs", name))
 
+    def sweep(self, name: str) -> SweepDir:
+        return SweepDir(join(self.root, "sweeps", name))
+
+
+@dataclass(frozen=True)
+class SweepDir:
+    url: str
+
+    space = property(lambda self: join(self.url, "sweep.json"))
+    study_db = property(lambda self: join(self.url, "study.db"))
+    curves = property(lambda self: join(self.url, "curves.png"))
+
+    def lease(self, role: str) -> str:
+        return join(self.url, "leases", f"{role}.json")
+
 
 @dataclass(frozen=True)
 class RunDir:
@@ -85,6 +107,7 @@ class RunDir:
     tensorboard = property(lambda self: join(self.url, "tensorboard"))
     job = property(lambda self: join(self.url, "job.json"))
     curves = property(lambda self: join(self.url, "curves.png"))
+    hold = property(lambda self: join(self.url, "hold.json"))
     logs = property(lambda self: join(self.url, "logs"))
     checkpoints = property(lambda self: join(self.url, "checkpoints"))
 
@@ -92,7 +115,7 @@ class RunDir:
     NAMES = frozenset(
         "config.json metrics.jsonl telemetry.jsonl samples.jsonl result.json attempts.jsonl events.jsonl "
         "rollbacks.jsonl rolled-back submissions.jsonl cordon.jsonl evaluations.jsonl stragglers.jsonl "
-        "trackers tensorboard job.json curves.png logs leases heartbeats nccl-traces profiles checkpoints "
+        "trackers tensorboard job.json curves.png hold.json logs leases heartbeats nccl-traces profiles checkpoints "
         "exports".split()
     )
 

@@ -88,6 +88,29 @@ def render_png(run_dir: str, title: str | None = None) -> bytes:
     return buf.getvalue()
 
 
+def render_trials_png(curves: dict[str, list[tuple[int, float]]], title: str) -> bytes:
+    """Several runs' val loss on one axis (a sweep's trials): one line per run, labelled with its name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, points in sorted(curves.items()):
+        steps, vals = zip(*points, strict=True)
+        ax.plot(steps, vals, marker=".", label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("val loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    ax.set_title(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(

@@ -32,6 +32,7 @@ from common.outputs import claim_folder
 from common.shards import ShardError, list_shards
 from evaluation.evaluate import lm_eval_tasks
 from flows.executors import LocalTrainingExecutor, SubmissionRejected, TrainingExecutor
+from flows.hold import clear_hold
 from flows.params import PretrainParams, add_flags, from_flags
 from flows.prefect_server import api_problem, quiet_temporary_server
 from flows.supervisor import FlowFailure, RunSupervisor
@@ -228,6 +229,8 @@ async def _run_with(
     try:
         if p.tracker.kind != "none":
             mirror = await TrackerMirror.start(p.tracker, run, log, tracker_credentials)
+        if await asyncio.to_thread(clear_hold, run):  # a new flow run on a held run goes on with it
+            log.info("the run was held: this flow run clears the hold and resumes it")
         await ensure_data(cfg, p)
         supervisor = RunSupervisor(p, executor, cfg, overrides, run, lease, log)
         result = await supervisor.run_to_end()

@@ -5,6 +5,8 @@
              new checkpoint meanwhile (flows/evaluations.py)
     decide   what its end means (cluster/resubmission.py): done, resubmit, roll back past diverging data, stop
     act      cordon the hosts a failure points at, record the submission, roll back, back off
+    hold     a hold request on the run (flows/hold.py: a sweep pruning a trial) stops the submission with a
+             checkpoint and ends the flow run there, as held
     report   the final curves, evaluations and summary in the UI (flows/report.py)
 
 What differs between executors (where a submission runs, cordons, lost nodes, how an end is decoded) is
@@ -35,6 +37,7 @@ from common.lease import Lease
 from flows.evaluations import EvaluationScheduler
 from flows.events import EventsTable
 from flows.executors import Placement, PlacementError, Submission, TrainingExecutor
+from flows.hold import HoldRequest, hold_requested
 from flows.params import PretrainParams
 from flows.report import (
     Progress,
@@ -107,6 +110,8 @@ class RunSupervisor:
         self.number = 0  # submissions made so far (by earlier flow runs too)
         self.cordoned_now: list[str] = []  # by the submission being watched
         self.shrunk_to: int | None = None  # of the submission being watched
+        self.current: Submission | None = None  # the submission being watched
+        self.held: HoldRequest | None = None  # a hold request seen on the run
 
     # ------------------------------------------------------------------------------------------ the loop
 
@@ -117,6 +122,15 @@ class RunSupervisor:
         while True:
             start = latest_step(self.run.url)
             if submission is None:
+                self.held = await asyncio.to_thread(hold_requested, self.run)
+                if self.held is not None:
+                    self.log.warning(
+                        "the run is held at step %d by %s: %s",
+                        start,
+                        self.held.by,
+                        self.held.reason,
+                    )
+                    break
                 if start >= self.max_steps:
                     self.log.info(
                         "the run is complete (checkpoint at step %d): nothing to submit", start
@@ -124,11 +138,13 @@ class RunSupervisor:
                     break
                 submission, label = self.submit(start, await self.placed())
             seen_events = len(self.watcher.guard_events)
+            self.current = submission
             outcome = await watch_as_task(label, self.watcher, submission, self.on_tick)
+            self.current = None
             decision = self.decide(outcome, start)
             await self.act(submission, outcome, decision, start, seen_events)
             submission = None
-            if decision.action == "done":
+            if decision.action in ("done", "held"):
                 break
         return await self.report()
 
@@ -185,6 +201,8 @@ class RunSupervisor:
         return sub, f"submission {self.number} (job {sub.job_id})"
 
     def decide(self, outcome: Outcome, start: int) -> Decision:
+        if self.held is not None and outcome.state != "completed":
+            return Decision("held", message=f"held by {self.held.by}: {self.held.reason}")
         self.diverged = divergence(self.run) if outcome.state == "diverged" else None
         return self.policy.decide(outcome, start, latest_step(self.run.url), self.diverged)
 
@@ -281,6 +299,8 @@ class RunSupervisor:
         }
         if self.p.tracker.kind != "none":
             result["tracker"] = tracker_record(self.run, self.p.tracker.kind)
+        if self.held is not None:
+            result["held"] = self.held.model_dump()
         await publish_summary(self.run.url, self.p.run_name, self.key, self.max_steps, result)
         return result
 
@@ -293,11 +313,27 @@ class RunSupervisor:
                 f"another flow run took over {self.run.url} ({self.lease.lost_to}); "
                 "this one stops watching"
             )
+        await self.check_hold()
         assert self.progress is not None
         await self.progress.update(metrics)
         await self.events.publish()  # a skipped update: in the UI as it happens
         self.evals.start_new()
         await self.report_evaluations()
+
+    async def check_hold(self) -> None:
+        """A hold request stops the submission being watched with a checkpoint (once); the watcher then sees it
+        end, and decide() ends the run there."""
+        if self.held is not None or self.current is None:
+            return
+        self.held = await asyncio.to_thread(hold_requested, self.run)
+        if self.held is not None:
+            self.log.warning(
+                "held by %s: %s; stopping job %s with a checkpoint",
+                self.held.by,
+                self.held.reason,
+                self.current.job_id,
+            )
+            await asyncio.to_thread(self.current.cancel)
 
     async def report_evaluations(self, wait: bool = False) -> None:
         if await self.evals.collect(wait):

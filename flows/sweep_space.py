@@ -28,6 +28,11 @@ class SweepError(BadInput, ValueError):
     """A sweep that cannot run as given; the message names the dimension."""
 
 
+def _one_line(err: Exception) -> str:
+    """The config's message (a line per problem) as one line."""
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
 class Dimension(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -104,18 +109,18 @@ class SweepSpace(BaseModel):
         try:
             load_config(self.preset, self.overrides)
         except ConfigError as err:
-            raise SweepError(f"the sweep's base config: {err}") from None
+            raise SweepError(f"the sweep's base config: {_one_line(err)}") from None
         for dim in self.dimensions:
             try:
                 key = resolve_key(dim.key)
             except ConfigError as err:
-                raise SweepError(f"dimension {dim.key!r}: {err}") from None
+                raise SweepError(f"dimension {dim.key!r}: {_one_line(err)}") from None
             for value in dim.ends():
                 try:
                     load_config(self.preset, [*self.overrides, override(key, value)])
                 except ConfigError as err:
                     raise SweepError(
-                        f"dimension {dim.key!r}: the run config refuses {value!r}: {err}"
+                        f"dimension {dim.key!r}: the run config refuses {value!r}: {_one_line(err)}"
                     ) from None
         if self.sampler == "grid":
             size = math.prod(len(d.grid()) for d in self.dimensions)

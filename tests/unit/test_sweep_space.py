@@ -94,3 +94,40 @@ def test_a_grid_is_every_combination_in_a_fixed_order():
         {"n_layer": 2, "qk_norm": True},
     ]
     assert s.trial_overrides(s.grid_points()[1]) == ["n_layer=1", "qk_norm=true"]
+
+
+def _sweep(**kw):
+    from flows.sweep import SweepParams
+
+    space = {
+        "preset": "tiny",
+        "dimensions": [{"key": "optim.max_lr", "choices": [1e-2]}],
+        "trials": 1,
+    }
+    return SweepParams.model_validate({"name": "s", "space": space, **kw})
+
+
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        ({"run": {"overrides": ["max_steps=5"]}}, "put fixed ones in space.overrides"),
+        ({"study_url": "postgresql://u:secret@db/optuna"}, "study_url carries a password"),
+        ({"name": "../up"}, "name"),
+    ],
+)
+def test_sweep_parameters_that_would_mislead_are_refused(kw, needle):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as err:
+        _sweep(**kw)
+    assert needle in str(err.value) and "secret" not in str(err.value)
+
+
+def test_a_study_needs_a_database_when_the_store_is_not_a_filesystem(tmp_path):
+    assert _sweep(run={"store": str(tmp_path)}).storage_url() == (
+        f"sqlite:///{tmp_path}/sweeps/s/study.db"
+    )
+    with pytest.raises(SweepError, match="give study_url"):
+        _sweep(run={"store": "s3://bucket/store"}).storage_url()
+    url = "postgresql://db.internal/optuna"
+    assert _sweep(run={"store": "s3://bucket/store"}, study_url=url).storage_url() == url

@@ -1,0 +1,224 @@
+"""The sweep flow on a real (temporary) Prefect server, its trials real pretrain runs on the local executor, its
+study a real Optuna SQLite study in the store."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from helpers import REPO, fast_run, read_jsonl
+
+from flows.sweep import SweepParams, sweep
+
+# the tiny preset at ~30 ms steps: a validation every 5 steps is a rung
+RUN = [*fast_run(30, val_every=5, checkpoint_every=5), "max_skips=2"]
+
+
+def _params(tmp_path, demo_data, space: dict, **kw) -> SweepParams:
+    run = {
+        "store": str(tmp_path / "store"),
+        "data": demo_data,
+        "evaluation": {"tasks": []},
+        "resubmission": {"max_rollbacks": 0, "backoff_seconds": 0},
+        "poll_seconds": 0.5,
+    }
+    space = {"preset": "tiny", "overrides": RUN, **space}
+    return SweepParams.model_validate({"name": "s", "space": space, "run": run, **kw})
+
+
+def _study(tmp_path, name="s"):
+    db = tmp_path / "store" / "sweeps" / name / "study.db"
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+
+
+def _most_at_once(trials) -> int:
+    """The most trials that ran at the same moment, from the study's own start and end times."""
+    edges = []
+    for t in trials:
+        edges += [(t.datetime_start.timestamp(), 1), (t.datetime_complete.timestamp(), -1)]
+    now = most = 0
+    for _, d in sorted(edges, key=lambda e: (e[0], e[1])):
+        now += d
+        most = max(most, now)
+    return most
+
+
+def test_a_sweep_prunes_the_trial_that_is_behind_records_the_failed_one_and_names_the_winner(
+    prefect_server, demo_data, tmp_path
+):
+    space = {
+        "dimensions": [
+            {"key": "optim.max_lr", "choices": [1e-2, 1e-6]},
+            # a trial that fails for its own reasons: it diverges (NaN losses) and has no rollback left
+            {"key": "debug.fault_steps", "choices": ["[]", "[1,2,3]"]},
+        ],
+        "sampler": "grid",
+        "trials": 4,
+        "max_concurrent": 2,
+    }
+    p = _params(tmp_path, demo_data, space, pruner="halving", min_steps=5)
+    result = asyncio.run(sweep(p))
+
+    study = _study(tmp_path)
+    trials = sorted(study.get_trials(), key=lambda t: t.number)
+    by = {(t.params["optim.max_lr"], t.params["debug.fault_steps"]): t for t in trials}
+    assert len(trials) == 4 and len(by) == 4  # every grid point once
+    good, slow = by[(1e-2, "[]")], by[(1e-6, "[]")]
+    assert good.state.name == "COMPLETE" and good.value == pytest.approx(
+        read_jsonl(tmp_path / "store" / "runs" / f"s-t{good.number:03d}" / "metrics.jsonl")[-1][
+            "val_loss"
+        ]
+    )
+    assert by[(1e-2, "[1,2,3]")].state.name == by[(1e-6, "[1,2,3]")].state.name == "FAIL"
+    assert "diverged" in by[(1e-2, "[1,2,3]")].user_attrs["result"]["message"]
+    # the slow trial was pruned at a rung, and stopped there with a checkpoint to resume from
+    assert slow.state.name == "PRUNED"
+    slow_run = tmp_path / "store" / "runs" / f"s-t{slow.number:03d}"
+    held = json.loads((slow_run / "hold.json").read_text())
+    assert held["by"] == "sweep s" and held["reason"].startswith("pruned at step")
+    subs = read_jsonl(slow_run / "submissions.jsonl")
+    assert [s["next"] for s in subs] == ["held"]
+    assert subs[0]["end_step"] < 30 and (slow_run / "checkpoints").is_dir()
+    assert _most_at_once(trials) == 2  # the limit, reached and never exceeded
+
+    assert result["winner"]["trial"] == good.number and result["winner"]["params"] == {
+        "optim.max_lr": 1e-2,
+        "debug.fault_steps": "[]",
+    }
+    assert (result["completed"], result["pruned"], result["failed"]) == (1, 1, 2)
+    assert (tmp_path / "store" / "sweeps" / "s" / "curves.png").exists()
+
+    from prefect.client.orchestration import get_client
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts()
+
+    table = max(
+        (a for a in asyncio.run(artifacts()) if a.key == "sweep-s-trials"), key=lambda a: a.created
+    )
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert sorted(r["state"] for r in rows) == ["completed", "failed", "failed", "pruned"]
+
+    # promoted: the pruned trial resumes from its checkpoint and runs to its end; nothing else runs
+    promoted = asyncio.run(sweep(p.model_copy(update={"promote": [slow.number]})))
+    subs = read_jsonl(slow_run / "submissions.jsonl")
+    assert [s["next"] for s in subs] == ["held", "done"]
+    assert subs[1]["start_step"] == subs[0]["end_step"]  # resumed, not started over
+    assert read_jsonl(slow_run / "metrics.jsonl")[-1]["step"] == 29
+    assert not (slow_run / "hold.json").exists()
+    assert promoted["promoted"] == [slow.number] and promoted["trials"] == 4
+    assert len(_study(tmp_path).get_trials()) == 4  # no new trial
+
+
+def _sweep_cmd(params: SweepParams) -> list[str]:
+    return [sys.executable, "-m", "flows.sweep", "--params", params.model_dump_json()]
+
+
+def test_a_sweep_killed_mid_trial_and_restarted_adopts_that_trial_and_repeats_none(
+    demo_data, tmp_path
+):
+    space = {
+        "dimensions": [{"key": "optim.max_lr", "choices": [1e-2, 3e-3, 1e-3]}],
+        "sampler": "grid",
+        "trials": 3,
+        "max_concurrent": 1,
+        "overrides": [*fast_run(40, val_every=10, checkpoint_every=10)],
+    }
+    p = _params(tmp_path, demo_data, space, pruner="none")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("PREFECT_API_URL", None)  # each flow run on its own temporary server, as a fresh worker
+    second_trial = tmp_path / "store" / "runs" / "s-t001"
+    first = subprocess.Popen(
+        _sweep_cmd(p),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while not (second_trial / "checkpoints" / "step_000010").exists():
+        assert first.poll() is None and time.time() < deadline, (
+            "the second trial never checkpointed"
+        )
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # the sweep and its trial's flow run die at once
+    first.wait()
+    states = [t.state.name for t in _study(tmp_path).get_trials()]
+    assert states == ["COMPLETE", "RUNNING", "WAITING"]  # the grid's last point not asked yet
+
+    second = subprocess.run(
+        _sweep_cmd(p), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "adopting 1 trial(s) left running by an earlier flow run: s-t001" in second.stderr
+    trials = sorted(_study(tmp_path).get_trials(), key=lambda t: t.number)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert [t.params["optim.max_lr"] for t in trials] == [1e-2, 3e-3, 1e-3]
+    runs = tmp_path / "store" / "runs"
+    assert sorted(x.name for x in runs.iterdir()) == ["s-t000", "s-t001", "s-t002"]
+    assert len(read_jsonl(runs / "s-t000" / "submissions.jsonl")) == 1  # not run twice
+    # the adopted trial went on from where it was: its training (a process of its own) may have finished
+    # meanwhile, or it resumed from a checkpoint; it never started over
+    subs = runs / "s-t001" / "submissions.jsonl"
+    assert all(s["start_step"] >= 10 for s in (read_jsonl(subs) if subs.exists() else []))
+    steps = [m["step"] for m in read_jsonl(runs / "s-t001" / "metrics.jsonl")]
+    assert sorted(set(steps)) == list(range(40))
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"dimensions": [{"key": "optim.max_lrr", "low": 1e-3, "high": 1e-2}]}, "max_lrr"),
+        ({"dimensions": []}, "space.dimensions"),
+        ({"trials": 0}, "space.trials"),
+        (
+            {"dimensions": [{"key": "model.n_head", "choices": [2, 3]}]},
+            "the run config refuses 3",
+        ),
+    ],
+    ids=["unknown-key", "empty-space", "no-budget", "rejected-value"],
+)
+def test_a_sweep_that_cannot_run_is_one_line_and_exit_2_before_any_trial(
+    demo_data, tmp_path, change, needle
+):
+    base = {"dimensions": [{"key": "optim.max_lr", "low": 1e-3, "high": 1e-2}], "trials": 2}
+    p = _params(tmp_path, demo_data, base).model_dump(mode="json")
+    p["space"].update(change)
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.sweep", "--params", json.dumps(p)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and needle in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1  # one line, no traceback
+    assert not (tmp_path / "store" / "runs").exists()
+
+
+def test_a_study_that_belongs_to_another_sweep_is_refused(demo_data, tmp_path):
+    from flows.sweep import prepare_sweep
+
+    first = _params(
+        tmp_path,
+        demo_data,
+        {"dimensions": [{"key": "optim.max_lr", "choices": [1e-2]}], "trials": 1},
+    )
+    prepare_sweep(first)
+    other = first.model_copy(deep=True)
+    other.space.dimensions[0].choices = [3e-3]
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.sweep", "--params", other.model_dump_json()],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "exists" in out.stderr and "another search space" in out.stderr
+    assert not (tmp_path / "store" / "runs").exists()
