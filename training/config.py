@@ -145,8 +145,9 @@ class DataConfig(_Section):
     )
     align_docs: bool = Field(
         False,
-        description="every training row starts at a document's first token (the fast recipe's); off = "
-        "rows cut from the token stream wherever they fall (build-nanogpt)",
+        description="every training row starts at a document's first token (the fast recipe's); the rest "
+        "of a document longer than a row is passed over, so it suits documents about as long as a row or "
+        "shorter; off = rows cut from the token stream wherever they fall (build-nanogpt)",
     )
     resume_on_other_data: bool = Field(
         False,

@@ -126,6 +126,7 @@ class ShardLoader:
             self._loaded = idx
             if self.align_docs:
                 self._eot = np.flatnonzero(self.tokens == EOT_TOKEN)
+                self._say_what_alignment_passes_over(idx)
         self._blocks_order = self._blocks(self.tokens.size)
         if self.align_docs and self._aligned_rows(0, self.step_rows) is None:
             raise ShardError(
@@ -136,6 +137,22 @@ class ShardLoader:
         self._next = None
         if self._pool is not None and self._order(nxt[0])[nxt[1]] != idx:
             self._next = (*nxt, self._pool.submit(self._fetch, *nxt))
+
+    def _say_what_alignment_passes_over(self, idx: int) -> None:
+        """Aligned rows read at most one row per document: with documents much longer than a row, most of the
+        text is never read and an epoch is a few rows, memorised soon. Said once per run, with the remedy."""
+        reads = min(1.0, self._eot.size * (self.T + 1) / max(self.tokens.size, 1))
+        if reads < 0.5 and not getattr(self, "_said_coverage", False):
+            self._said_coverage = True
+            log.warning(
+                "document-aligned rows read at most %.0f%% of shard %s: its documents (%d tokens on average) "
+                "are longer than a row (%d tokens) and the rest of each is passed over; "
+                "data.align_docs=false reads them whole",
+                100 * reads,
+                self.shards[idx].name,
+                self.tokens.size // max(self._eot.size, 1),
+                self.T + 1,
+            )
 
     # -- batches ----------------------------------------------------------------------------------------
     def _aligned_rows(self, base: int, n: int) -> tuple[list[int], int] | None:

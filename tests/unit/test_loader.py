@@ -264,3 +264,28 @@ def test_an_aligned_run_does_not_resume_a_plain_one_and_needs_documents_to_align
         ShardLoader(str(none), "train", 2, 16, align_docs=True)
     with pytest.raises(ValueError, match="no shuffling"):
         ShardLoader(url, "train", 2, 16, align_docs=True, shuffle=True)
+
+
+def test_aligned_rows_over_documents_much_longer_than_a_row_say_how_little_they_read(
+    tmp_path, caplog
+):
+    from common.shards import write_manifest, write_shard
+
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(2):  # documents of 200 tokens in rows of 17: at most 9% of the text is read
+        docs = [np.concatenate([[EOT], rng.integers(0, EOT, 199)]) for _ in range(10)]
+        records.append(write_shard(str(tmp_path), i, np.concatenate(docs).astype(np.uint16)))
+    write_manifest(str(tmp_path), records)
+    with caplog.at_level("WARNING", logger="training.loader"):
+        ShardLoader(str(tmp_path), "train", 2, 16, align_docs=True, prefetch=False)
+        ShardLoader(str(tmp_path), "train", 2, 16, prefetch=False)  # the plain stream reads it all
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "read at most 8% of shard" in said[0]
+    assert "data.align_docs=false" in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="training.loader"):  # documents about a row long: quiet
+        ShardLoader(
+            _doc_shards(tmp_path / "short"), "train", 2, 16, align_docs=True, prefetch=False
+        )
+    assert not caplog.records
