@@ -3,6 +3,7 @@
     python -m flows.serve [--executor local|slurm] [--store URL]
     prefect deployment run pretrain-gpt2/pretrain-124m        # from another shell; watch it in the UI
     prefect deployment run pretrain-gpt2/demo                 # the demo: minutes on a CPU, fully offline
+    prefect deployment run pretrain-sweep/demo-sweep          # a sweep of the demo: four runs, some pruned
     python -m flows.follow RUN_ID                             # its story on the console, until it ends
 
 The deployments are the ones prefect.yaml declares for the `gpt2-slurm` work pool, plus `demo`; their
@@ -24,6 +25,8 @@ from flows.params import EvaluationParams, PretrainParams
 from flows.prefect_server import api_problem
 from flows.prepare_data import prepare_data
 from flows.pretrain import pretrain
+from flows.sweep import SweepParams, sweep
+from flows.sweep_space import Dimension, SweepSpace
 
 
 def demo_params(store: str, max_steps: int | None = None) -> PretrainParams:
@@ -47,6 +50,25 @@ def demo_params(store: str, max_steps: int | None = None) -> PretrainParams:
             include_path=task,
         ),
         poll_seconds=1.0,
+    )
+
+
+def demo_sweep_params(store: str) -> SweepParams:
+    """The demo sweep: four peak learning rates of the demo model for 150 steps each, two at a time, the ones
+    behind pruned by successive halving at their validations, every checkpoint evaluated as in the demo."""
+    demo = demo_params(store)
+    return SweepParams(
+        name="demo-sweep",
+        space=SweepSpace(
+            preset="demo",
+            overrides=["max_steps=150", "val_every=25", "checkpoint_every=75", "sample_every=0"],
+            dimensions=[Dimension(key="optim.max_lr", choices=[3e-2, 1e-2, 3e-3, 3e-4])],
+            sampler="grid",
+            trials=4,
+            max_concurrent=2,
+        ),
+        run=demo.model_copy(update={"run_name": "demo-sweep", "overrides": []}),
+        pruner="halving",
     )
 
 
@@ -86,6 +108,12 @@ def deployments(executor: str, store: str) -> list:
             parameters={"out": StoreLayout(store).dataset("fineweb-edu/sample-10BT")},
         ),
         evaluate_checkpoint.to_deployment(name="evaluate"),
+        sweep.to_deployment(
+            name="demo-sweep",
+            parameters={"params": demo_sweep_params(store).model_dump(mode="json")},
+            description="Four learning rates of the demo model, two at a time, the ones behind pruned: "
+            "minutes on a CPU, offline.",
+        ),
     ]
 
 

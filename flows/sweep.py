@@ -2,6 +2,7 @@
 the study kept in the store so that a restarted sweep goes on where it was.
 
     python -m flows.sweep --params sweep.json          # a SweepParams JSON object (or the object itself)
+    python -m flows.sweep --demo                       # four learning rates of the demo model, on a CPU
 
 Each trial is a full pretrain run (a child flow run of `pretrain-gpt2`, named `{sweep}-tNNN`, in the run
 directory of that name): the same resubmission, hang detection, rollback and evaluation as any run. While it
@@ -41,7 +42,14 @@ from common.secrets import has_password
 from flows.hold import request_hold
 from flows.params import PretrainParams, _Params
 from flows.prefect_server import api_problem, quiet_temporary_server
-from flows.pretrain import FlowFailure, check_evaluation, check_tracker, pretrain
+from flows.pretrain import (
+    FlowFailure,
+    check_evaluation,
+    check_tracker,
+    ensure_data,
+    pretrain,
+    resolve_config,
+)
 from flows.report import artifact_key
 from flows.sweep_space import SweepError, SweepSpace, Value
 from training.config import load_config
@@ -73,6 +81,12 @@ class SweepParams(_Params):
     )
     reduction_factor: int = Field(
         3, ge=2, description="halving and Hyperband: the fraction 1/this of a rung goes on"
+    )
+    scaling: bool = Field(
+        False,
+        description="fit the completed trials' final val loss against their training compute "
+        "(L = E + A * C^-alpha: a sweep over model sizes or tokens is a scaling study's first step) and "
+        "plot it with its residuals",
     )
     promote: list[int] = Field(
         default_factory=list,
@@ -390,6 +404,13 @@ async def run_sweep(p: SweepParams) -> dict[str, Any]:
     except LeaseHeld as err:
         raise FlowFailure(str(err)) from None
     try:
+        # the data once, before the trials (each would otherwise prepare the same shards at once)
+        first = p.trial_params(0, p.space.overrides)
+        try:
+            cfg, _ = resolve_config(first)
+        except Exception as err:
+            raise FlowFailure(f"bad parameter: {err}") from None
+        await ensure_data(cfg, first)
         return await SweepDriver(p, study, log).run()
     finally:
         await asyncio.to_thread(lease.release)
@@ -443,7 +464,10 @@ class SweepDriver:
                 self.records[number] = task.result()
             await self.publish()
         await self.publish()
-        return self.summary()
+        out = self.summary()
+        if self.p.scaling:
+            out["scaling"] = await self.fit_scaling()
+        return out
 
     async def promote_asked(self) -> None:
         """The trials of `promote`, pruned ones, run to their end (one after the other, before new trials)."""
@@ -566,6 +590,50 @@ class SweepDriver:
         store.write_bytes(self.p.folder().curves, png)
         return png
 
+    def compute_of(self, number: int, tokens: float) -> float:
+        """A trial's training compute: FLOPs per token of its model at its sequence length, times its tokens."""
+        from training.memory import num_parameters
+        from training.model import flops_per_token
+
+        t = next(t for t in self._all() if t.number == number)
+        cfg = load_config(self.p.space.preset, t.user_attrs["overrides"])
+        n = num_parameters(cfg.model)
+        return flops_per_token(cfg.model, n, cfg.train.seq_len) * tokens
+
+    async def fit_scaling(self) -> dict[str, Any]:
+        """The completed trials' final val loss against their compute: the fit, its plot, the exponent."""
+        from evaluation.scaling import fit_power_law, render_png
+
+        done = sorted(
+            (r for r in self.records.values() if r["state"] == "completed" and r["final_val_loss"]),
+            key=lambda r: r["trial"],
+        )
+        compute = [self.compute_of(r["trial"], r["tokens"]) for r in done]
+        loss = [r["final_val_loss"] for r in done]
+        try:
+            fit = fit_power_law(compute, loss)
+        except BadInput as err:
+            self.log.warning("no scaling fit: %s", err)
+            return {"error": str(err)}
+        png = render_png(compute, loss, fit, labels=[r["run"] for r in done])
+        url = store.join(self.p.folder().url, "scaling.png")
+        store.write_bytes(url, png)
+        self.log.info("scaling fit over %d trials: %s", len(done), fit.describe())
+        await acreate_markdown_artifact(
+            f"## sweep {self.p.name}: loss against compute\n\n{fit.describe()}\n\n"
+            f"![fit and residuals](data:image/png;base64,{base64.b64encode(png).decode()})\n\n`{url}`\n",
+            key=f"{self.key}-scaling",
+            description=f"sweep {self.p.name}: scaling fit",
+        )
+        return {
+            "E": fit.E,
+            "A": fit.A,
+            "alpha": fit.alpha,
+            "rmse": fit.rmse,
+            "points": [[c, v] for c, v in zip(compute, loss, strict=True)],
+            "plot": url,
+        }
+
     def summary(self) -> dict[str, Any]:
         win = self.winner()
         states = [r["state"] for r in self.records.values()]
@@ -611,9 +679,20 @@ def read_params(text: str) -> SweepParams:
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", required=True, help="a SweepParams JSON object, or a file of one")
+    how = ap.add_mutually_exclusive_group(required=True)
+    how.add_argument("--params", help="a SweepParams JSON object, or a file of one")
+    how.add_argument(
+        "--demo",
+        action="store_true",
+        help="the demo sweep: four learning rates of the demo model, two at a time, on ./store",
+    )
     args = ap.parse_args(argv)
-    params = read_params(args.params)
+    if args.demo:
+        from flows.serve import demo_sweep_params
+
+        params = demo_sweep_params("store")
+    else:
+        params = read_params(args.params)
     prepare_sweep(params)  # bad input: one line, exit 2, before any flow run or trial
     problem = api_problem()
     if problem:

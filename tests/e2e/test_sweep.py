@@ -222,3 +222,23 @@ def test_a_study_that_belongs_to_another_sweep_is_refused(demo_data, tmp_path):
     assert out.returncode == 2, out.stderr
     assert "exists" in out.stderr and "another search space" in out.stderr
     assert not (tmp_path / "store" / "runs").exists()
+
+
+def test_a_sweep_over_model_sizes_fits_loss_against_compute(prefect_server, demo_data, tmp_path):
+    space = {
+        "dimensions": [{"key": "model.n_embd", "choices": [8, 16, 32]}],
+        "sampler": "grid",
+        "trials": 3,
+        "max_concurrent": 3,
+        "overrides": [*fast_run(12, val_every=6, checkpoint_every=12), "model.n_head=2"],
+    }
+    result = asyncio.run(sweep(_params(tmp_path, demo_data, space, pruner="none", scaling=True)))
+    fit = result["scaling"]
+    assert "error" not in fit, fit
+    compute = [c for c, _ in fit["points"]]
+    assert len(compute) == 3 and compute == sorted(compute)  # more width, more FLOPs, same tokens
+    losses = [v for _, v in fit["points"]]
+    assert max(
+        abs(fit["E"] + fit["A"] * c ** -fit["alpha"] - v) for c, v in zip(compute, losses)
+    ) < (fit["rmse"] * 3 + 1e-6)  # the law it reports is the one through its points
+    assert (tmp_path / "store" / "sweeps" / "s" / "scaling.png").stat().st_size > 0
