@@ -690,7 +690,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.demo:
         from flows.serve import demo_sweep_params
 
-        params = demo_sweep_params("store")
+        # through JSON: under `python -m` this module is __main__, whose SweepParams is the flow's type
+        params = SweepParams.model_validate(demo_sweep_params("store").model_dump(mode="json"))
     else:
         params = read_params(args.params)
     prepare_sweep(params)  # bad input: one line, exit 2, before any flow run or trial

@@ -45,6 +45,20 @@ def fast_run(
     ]
 
 
+# the fast recipe's switches, all on (their presets choose among them by measurement)
+FAST_RECIPE = [
+    "optim.optimizer=muon",
+    "optim.schedule=trapezoid",
+    "model.pos_emb=rope",
+    "model.qk_norm=true",
+    "model.mlp_act=relu2",
+    "model.tie_embeddings=false",
+    "model.zero_init_proj=true",
+    "model.logit_softcap=15",
+    "data.align_docs=true",
+]
+
+
 # The training-job tests: gradient accumulation in play (256 tokens = 4 micro-steps), one checkpoint at the end.
 TRAIN_BASE = fast_run(8, val_every=3, checkpoint_every=100, batch_tokens=256, val_tokens=128)
 # The flow tests: a checkpoint (and so an evaluation) every few steps.
@@ -319,3 +333,24 @@ def release_after_requeue(job_id: str, timeout=60) -> None:
             return
         time.sleep(0.1)
     raise TimeoutError(f"job {job_id} was not requeued")
+
+
+def tiny_hellaswag_task(tmp_path, data) -> str:
+    """An lm-eval task `tiny_hellaswag` over a HellaSwag-format jsonl (no hub): the folder of its YAML."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_hellaswag.yaml").write_text(f"""task: tiny_hellaswag
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {data}
+validation_split: validation
+output_type: multiple_choice
+doc_to_text: "{{{{ctx}}}}"
+doc_to_target: "{{{{label}}}}"
+doc_to_choice: "{{{{endings}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+""")
+    return str(tasks)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO, make_examples, write_jsonl
+from helpers import REPO, make_examples, tiny_hellaswag_task, write_jsonl
 
 from evaluation.evaluate import evaluate
 from training import checkpoint as ck
@@ -52,32 +52,12 @@ def test_evaluate_writes_results_and_second_call_is_a_cache_hit(checkpoint, tmp_
     assert fourth["hellaswag"]["cached"] is False
 
 
-def _tiny_hellaswag_task(tmp_path, data) -> str:
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "tiny_hellaswag.yaml").write_text(f"""task: tiny_hellaswag
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    validation: {data}
-validation_split: validation
-output_type: multiple_choice
-doc_to_text: "{{{{ctx}}}}"
-doc_to_target: "{{{{label}}}}"
-doc_to_choice: "{{{{endings}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-""")
-    return str(tasks)
-
-
 def test_lm_eval_on_the_export_matches_our_scoring(checkpoint, tmp_path, enc, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     examples = make_examples(16, seed=3)
     data = write_jsonl(tmp_path / "hs.jsonl", examples)
-    tasks = _tiny_hellaswag_task(tmp_path, data)
+    tasks = tiny_hellaswag_task(tmp_path, data)
     summary = evaluate(
         checkpoint,
         ["hellaswag", "tiny_hellaswag"],
@@ -122,7 +102,7 @@ def test_a_checkpoint_that_is_not_gpt2_shaped_is_evaluated_by_lm_eval_in_process
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     data = write_jsonl(tmp_path / "hs.jsonl", make_examples(16, seed=4))
-    tasks = _tiny_hellaswag_task(tmp_path, data)
+    tasks = tiny_hellaswag_task(tmp_path, data)
     summary = evaluate(
         fast_checkpoint, ["hellaswag", "tiny_hellaswag"], hellaswag_data=data, include_path=tasks
     )
@@ -140,7 +120,7 @@ def test_the_lm_eval_command_line_runs_our_model_and_refuses_an_export_it_cannot
     fast_checkpoint, tmp_path
 ):
     data = write_jsonl(tmp_path / "hs.jsonl", make_examples(6, seed=5))
-    tasks = _tiny_hellaswag_task(tmp_path, data)
+    tasks = tiny_hellaswag_task(tmp_path, data)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     p = subprocess.run(
         [sys.executable, "-m", "evaluation.lm_eval_model", "--model", "gpt2repro"]

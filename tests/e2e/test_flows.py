@@ -1,6 +1,7 @@
 """The pretrain flow on a real (temporary) Prefect server, with the local executor."""
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -8,7 +9,17 @@ import socket
 import time
 
 import pytest
-from helpers import FLOW_FAST, REPO, free_port, make_examples, make_shards, read_jsonl, write_jsonl
+from helpers import (
+    FAST_RECIPE,
+    FLOW_FAST,
+    REPO,
+    free_port,
+    make_examples,
+    make_shards,
+    read_jsonl,
+    tiny_hellaswag_task,
+    write_jsonl,
+)
 from prefect import flow
 
 from flows.executors import LocalTrainingExecutor
@@ -466,3 +477,43 @@ def test_a_store_credential_reaches_no_sink_of_a_local_run(
     consoles = [f for f in (tmp_path / "logs").rglob("*") if f.is_file()]
     assert any(f.name == "submission-002.log" for f in consoles)
     assert not [f for f in consoles if secret.encode() in f.read_bytes()]
+
+
+def test_the_fast_recipe_through_the_flow_resumes_bit_exactly_and_is_evaluated_by_both_scorers(
+    prefect_server, demo_data, tmp_path, monkeypatch
+):
+    """The fast recipe's run stopped after 3 steps and resubmitted by the flow gives a straight run's trace bit
+    for bit, and each checkpoint (a model no Hugging Face GPT-2 holds) is evaluated by our scorer and by
+    lm-eval running it in-process, with the same accuracy."""
+    from helpers import losses
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    asyncio.run(
+        pretrain(
+            _params(tmp_path / "straight", overrides=[*FLOW_FAST, *FAST_RECIPE], eval_tasks=[])
+        )
+    )
+    straight = tmp_path / "straight" / "store" / "runs" / "t"
+    data = write_jsonl(tmp_path / "hs.jsonl", make_examples(8, seed=3))
+    p = _params(
+        tmp_path / "flow",
+        overrides=[*FLOW_FAST, *FAST_RECIPE, "stop_after_steps=3"],
+        evaluation={
+            "tasks": ["hellaswag", "tiny_hellaswag"],
+            "hellaswag_data": data,
+            "include_path": tiny_hellaswag_task(tmp_path, data),
+        },
+    )
+    result = asyncio.run(pretrain(p))
+    run = tmp_path / "flow" / "store" / "runs" / "t"
+    subs = read_jsonl(run / "submissions.jsonl")
+    assert [(s["state"], s["end_step"]) for s in subs] == [("requeue", 3), ("completed", 6)]
+    assert losses(run) == losses(straight)
+    assert [r["step"] for r in result["evaluations"]] == [3, 6]
+    for step in (3, 6):
+        ev = run / "checkpoints" / f"step_{step:06d}" / "eval"
+        ours = json.loads((ev / "hellaswag.json").read_text())
+        lm = json.loads((ev / "lm_eval.json").read_text())
+        assert lm["hf_export"] is None  # run in-process: not GPT-2-shaped
+        assert lm["tasks"]["tiny_hellaswag"]["acc"] == pytest.approx(ours["acc"])

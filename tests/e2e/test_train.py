@@ -6,7 +6,16 @@ import subprocess
 import time
 
 import pytest
-from helpers import REPO, losses, metrics, run_train, train_cmd, train_env, wait_for_steps
+from helpers import (
+    FAST_RECIPE,
+    REPO,
+    losses,
+    metrics,
+    run_train,
+    train_cmd,
+    train_env,
+    wait_for_steps,
+)
 
 from common.exit_codes import BAD_INPUT, REQUEUE
 from training import checkpoint as ck
@@ -101,20 +110,6 @@ def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(one_process,
         assert r1["loss"] == pytest.approx(r2["loss"], abs=1e-5)
         if "val_loss" in r1:
             assert r1["val_loss"] == pytest.approx(r2["val_loss"], abs=1e-5)
-
-
-# the fast recipe's switches, all on (their presets choose among them by measurement)
-FAST_RECIPE = [
-    "optim.optimizer=muon",
-    "optim.schedule=trapezoid",
-    "model.pos_emb=rope",
-    "model.qk_norm=true",
-    "model.mlp_act=relu2",
-    "model.tie_embeddings=false",
-    "model.zero_init_proj=true",
-    "model.logit_softcap=15",
-    "data.align_docs=true",
-]
 
 
 def test_the_fast_recipe_trains_resumes_bit_exactly_and_runs_under_ddp(demo_data, tmp_path):
