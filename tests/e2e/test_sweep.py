@@ -120,8 +120,19 @@ def _sweep_cmd(params: SweepParams) -> list[str]:
     return [sys.executable, "-m", "flows.sweep", "--params", params.model_dump_json()]
 
 
+def _slurm_jobs(name: str, since: float) -> list[str]:
+    start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since - 1))
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "--name", name, "-o", "JobID", "-S", start],
+        capture_output=True,
+        text=True,
+    ).stdout
+    return [ln for ln in out.split() if ln.strip()]
+
+
+@pytest.mark.parametrize("executor", ["local", "slurm"])
 def test_a_sweep_killed_mid_trial_and_restarted_adopts_that_trial_and_repeats_none(
-    demo_data, tmp_path
+    demo_data, tmp_path, request, executor
 ):
     space = {
         "dimensions": [{"key": "optim.max_lr", "choices": [1e-2, 3e-3, 1e-3]}],
@@ -131,6 +142,19 @@ def test_a_sweep_killed_mid_trial_and_restarted_adopts_that_trial_and_repeats_no
         "overrides": [*fast_run(40, val_every=10, checkpoint_every=10)],
     }
     p = _params(tmp_path, demo_data, space, pruner="none")
+    t0 = time.time()
+    if executor == "slurm":  # the trial's job runs on the cluster and outlives the sweep
+        request.getfixturevalue("slurm_cluster")
+        job_name = f"gpt2-sweep-restart-{os.getpid()}"
+        slurm = {
+            "nodes": 1,
+            "time_min": 20,
+            "folder": str(tmp_path / "slurm"),
+            "job_name": job_name,
+        }
+        p = p.model_copy(
+            update={"run": p.run.model_copy(update={"executor": "slurm", "slurm": slurm})}
+        )
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("PREFECT_API_URL", None)  # each flow run on its own temporary server, as a fresh worker
     second_trial = tmp_path / "store" / "runs" / "s-t001"
@@ -164,12 +188,17 @@ def test_a_sweep_killed_mid_trial_and_restarted_adopts_that_trial_and_repeats_no
     runs = tmp_path / "store" / "runs"
     assert sorted(x.name for x in runs.iterdir()) == ["s-t000", "s-t001", "s-t002"]
     assert len(read_jsonl(runs / "s-t000" / "submissions.jsonl")) == 1  # not run twice
-    # the adopted trial went on from where it was: its training (a process of its own) may have finished
-    # meanwhile, or it resumed from a checkpoint; it never started over
+    # the adopted trial went on from where it was: its training (a process or job of its own) finished
+    # meanwhile, was reattached to, or resumed from a checkpoint; it never started over
     subs = runs / "s-t001" / "submissions.jsonl"
     assert all(s["start_step"] >= 10 for s in (read_jsonl(subs) if subs.exists() else []))
     steps = [m["step"] for m in read_jsonl(runs / "s-t001" / "metrics.jsonl")]
     assert sorted(set(steps)) == list(range(40))
+    if (
+        executor == "slurm"
+    ):  # one job per trial: the adopted one was watched again, not submitted again
+        assert len(_slurm_jobs(job_name, t0)) == 3
+        assert "reattached to job" in second.stderr
 
 
 @pytest.mark.parametrize(
