@@ -144,3 +144,37 @@ def test_every_other_command_with_generated_arguments(tmp_path_factory, module, 
         args = [f"run/{data.draw(TEXT)}"]
     # 1 is a documented code too: a server that does not answer (flows.follow), nothing to mirror
     _contained(tmp_path_factory, module, *args, allowed=(0, 1, 2), api="http://127.0.0.1:9/api")
+
+
+NUMBER = st.floats(allow_nan=True, allow_infinity=True) | st.integers(-(10**12), 10**12)
+
+
+@CLI
+@given(
+    name=TEXT,
+    key=st.sampled_from(KEYS) | TEXT,
+    dim=st.fixed_dictionaries({"low": NUMBER, "high": NUMBER}, optional={"log": st.booleans()})
+    | st.fixed_dictionaries({"choices": st.lists(TEXT | NUMBER | st.booleans(), max_size=3)}),
+    sampler=st.sampled_from(["grid", "random", "tpe"]) | TEXT,
+    trials=st.integers(-2, 5),
+)
+def test_the_sweep_with_generated_parameters(tmp_path_factory, name, key, dim, sampler, trials):
+    """Whatever the space, the sweep refuses in one line before a trial: a bad one for what it is, a good one
+    because the Prefect server does not answer. Its study, when it makes one, stays under the store given."""
+    import json
+
+    params = {
+        "name": name,
+        "space": {"preset": "tiny", "dimensions": [{"key": key, **dim}], "sampler": sampler,
+                  "trials": trials},
+        "run": {"store": "run/store", "evaluation": {"tasks": []}},
+    }  # fmt: skip
+    p = _contained(
+        tmp_path_factory,
+        "flows.sweep",
+        "--params",
+        json.dumps(params),
+        allowed=(2,),
+        api="http://127.0.0.1:9/api",
+    )
+    assert p.stderr.startswith("error: ")

@@ -153,3 +153,39 @@ def test_arrays_and_configs_keep_their_numbers_in_range():
         with pytest.raises(ConfigError, match="carries a password in its URL") as err:
             load_config("tiny", [url])
         assert "s3cr3t" not in str(err.value)
+
+
+# what a fast preset may change of its recipe: the fast recipe's switches, their learning rate and schedule
+# shape, and where and how long it runs
+FAST_SWITCHES = {
+    "model.pos_emb",
+    "model.qk_norm",
+    "model.mlp_act",
+    "model.tie_embeddings",
+    "model.zero_init_proj",
+    "model.logit_softcap",
+    "optim.optimizer",
+    "optim.muon_lr",
+    "optim.schedule",
+    "optim.cooldown_frac",
+    "train.run_dir",
+    "train.max_steps",
+    "name",
+}
+
+
+@pytest.mark.parametrize("fast, faithful", [("demo-fast", "demo"), ("gpt2-124m-fast", "gpt2-124m")])
+def test_a_fast_preset_is_its_recipe_with_the_fast_switches_and_nothing_else(fast, faithful):
+    a, b = load_config(fast).model_dump(), load_config(faithful).model_dump()
+    changed = {
+        f"{section}.{k}"
+        for section, fields in a.items()
+        if isinstance(fields, dict)
+        for k in fields
+        if fields[k] != b[section][k]
+    } | ({"name"} if a["name"] != b["name"] else set())
+    assert changed <= FAST_SWITCHES, changed - FAST_SWITCHES
+    assert {"optim.optimizer", "model.pos_emb", "model.mlp_act", "optim.schedule"} <= changed
+    assert (
+        load_config(fast).train.run_dir != load_config(faithful).train.run_dir
+    )  # never one run dir
