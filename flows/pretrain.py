@@ -37,7 +37,7 @@ from flows.params import PretrainParams, add_flags, from_flags
 from flows.prefect_server import api_problem, quiet_temporary_server
 from flows.supervisor import FlowFailure, RunSupervisor
 from flows.tracker import TrackerMirror, tracker_record
-from tracking.credentials import take_credentials
+from tracking.credentials import HELD
 from training.config import ConfigError, RunConfig, load_config, resolve_key
 
 __all__ = ["FlowFailure", "pretrain", "run_pretrain"]
@@ -183,12 +183,13 @@ async def run_pretrain(p: PretrainParams, executor: TrainingExecutor) -> dict[st
         names = await apply_secret(p.credentials_secret)
         log.info("credentials from Secret %r: %s", p.credentials_secret, ", ".join(names))
     # Tracker credentials go to the tracker mirror alone: out of this environment while the jobs inherit it,
-    # back when the flow ends (a process serving several flow runs needs them for the next).
-    tracker_credentials = take_credentials(os.environ)
+    # back when the last flow run of this process that took them ends (a process serving several flow runs, or a
+    # sweep's trials at once, needs them for the others).
+    tracker_credentials = HELD.enter(os.environ)
     try:
         return await _run_with(p, executor, log, tracker_credentials)
     finally:
-        os.environ.update(tracker_credentials)
+        HELD.leave(os.environ)
 
 
 async def _run_with(

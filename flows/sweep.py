@@ -208,7 +208,7 @@ def open_study(p: SweepParams):
             f"the study {p.name!r} in {_where(p)} belongs to another sweep (its search space differs): "
             "give this sweep another name"
         )
-    if p.space.sampler == "grid" and not study.get_trials(deepcopy=False):
+    if p.space.sampler == "grid":  # each point once, however many flow runs enqueue them
         for point in p.space.grid_points():
             study.enqueue_trial(point, skip_if_exists=True)
     if not store.exists(folder.space):
@@ -490,10 +490,20 @@ class SweepDriver:
     def _start_next(self, adopt: list) -> tuple[asyncio.Task, int] | None:
         """The next trial's task: an adopted one, else a new one while the budget lasts."""
         optuna = _optuna()
-        if adopt:
+        while adopt:
             frozen = adopt.pop(0)
             trial = optuna.trial.Trial(self.study, frozen._trial_id)
-            overrides = frozen.user_attrs["overrides"]
+            overrides = frozen.user_attrs.get("overrides")
+            if overrides is None:  # its flow run died between asking and starting it: nothing ran
+                keys = [d.key for d in self.p.space.dimensions]
+                if not set(keys) <= set(frozen.params):
+                    self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    self.log.warning(
+                        "trial %d was left half-asked by an earlier flow run", frozen.number
+                    )
+                    continue
+                overrides = self.p.space.trial_overrides({k: frozen.params[k] for k in keys})
+                trial.set_user_attr("overrides", overrides)
             runner = TrialRunner(self.p, self.study, trial, self.log)
             return asyncio.create_task(runner.run_to_end(overrides, adopted=True)), frozen.number
         if len(self._all()) >= self.p.space.trials:

@@ -27,6 +27,31 @@ def take_credentials(environ: MutableMapping[str, str] = os.environ) -> dict[str
     return {name: environ.pop(name) for name in CREDENTIAL_VARS if name in environ}
 
 
+class _Held:
+    """The credentials taken out of this process's environment while any flow run in it needs them kept out: one
+    process may run several flow runs at once (a sweep's trials). The first to enter takes them, every one gets
+    them, and the last to leave puts them back."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+        self.holders = 0
+
+    def enter(self, environ: MutableMapping[str, str]) -> dict[str, str]:
+        self.values.update(take_credentials(environ))
+        self.holders += 1
+        return dict(self.values)
+
+    def leave(self, environ: MutableMapping[str, str]) -> None:
+        self.holders -= 1
+        if self.holders <= 0:
+            self.holders = 0
+            environ.update(self.values)
+            self.values.clear()
+
+
+HELD = _Held()
+
+
 def redact(text: str, secrets: Mapping[str, str] | None = None) -> str:
     """`text` with every tracker credential value and a URI's user:password replaced, for logs and records."""
     return common_redact(text, CREDENTIAL_VARS, secrets)
