@@ -194,7 +194,9 @@ def table(res: dict) -> str:
             else f"{r['val_at_equal_wall']:.4f} ({r['equal_wall_s']:.0f} s)"
         )
         reach = (
-            "never"
+            "(the target)"
+            if r["recipe"] == "build-nanogpt"
+            else "never"
             if r["token_ratio"] is None
             else f"{r['tokens_to_baseline']:,.0f} ({r['token_ratio']:.2f}x)"
         )
