@@ -1,0 +1,147 @@
+"""One trial of a sweep: its pretrain run as a child flow run, its validations reported to the study as they
+appear, a hold on the run when the pruner says it is behind (flows/hold.py), its end told to the study; and the
+promotion of a pruned trial (its run resumed to the end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from common.layout import RunDir
+from flows.hold import request_hold
+from flows.pretrain import FlowFailure, pretrain
+from flows.sweep_study import SweepParams, optuna_lib
+from training.metrics import read_metrics
+
+# ----------------------------------------------------------------------------- one trial
+
+
+class TrialRunner:
+    """One trial: its pretrain run as a child flow run, its val losses reported to the study as they appear,
+    a hold when the pruner says so, and its end told to the study."""
+
+    def __init__(self, p: SweepParams, study, trial, log):
+        self.p, self.study, self.trial, self.log = p, study, trial, log
+        self.number = trial.number
+        self.name = p.trial_name(self.number)
+        self.run = p.run.store_layout().run(self.name)
+        self.pruned_at: int | None = None
+
+    async def run_to_end(self, overrides: list[str], adopted: bool) -> dict[str, Any]:
+        optuna = optuna_lib()
+        params = self.p.trial_params(self.number, overrides)
+        self.log.info(
+            "trial %d (%s)%s: %s",
+            self.number,
+            self.name,
+            " adopted from an earlier flow run" if adopted else "",
+            " ".join(overrides[len(self.p.space.overrides) :]) or "the base config",
+        )
+        child = pretrain.with_options(flow_run_name=self.name)
+        reporter = asyncio.create_task(self.report_rungs())
+        t0 = time.time()
+        state, result, message = "failed", None, ""
+        try:
+            result = await child(params)
+            state = "pruned" if result.get("held") else "completed"
+        except FlowFailure as err:
+            message = str(err)
+        except Exception as err:  # the trial's own failure; the sweep goes on
+            message = f"{type(err).__name__}: {err}"
+        finally:
+            reporter.cancel()
+        record = trial_record(
+            self.run, self.number, state, result, message, time.time() - t0, params.world_size()
+        )
+        self.trial.set_user_attr("result", record)
+        if state == "completed" and record["final_val_loss"] is not None:
+            self.study.tell(self.trial, record["final_val_loss"])
+        elif state == "pruned":
+            self.study.tell(self.trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            self.study.tell(self.trial, state=optuna.trial.TrialState.FAIL)
+        self.log.info(
+            "trial %d (%s) %s%s",
+            self.number,
+            self.name,
+            state,
+            f": {message}" if message else f", val loss {record['final_val_loss']}",
+        )
+        return record
+
+    async def report_rungs(self) -> None:
+        """Every new validation of the run, reported at its step; a hold on the run once the pruner says so."""
+        # what an earlier flow run reported already (the storage API: a Trial has no public reader of it)
+        seen = set(self.study._storage.get_trial(self.trial._trial_id).intermediate_values)
+        while True:
+            await asyncio.sleep(max(self.p.run.poll_seconds, 1.0))
+            rows = await asyncio.to_thread(read_metrics, self.run.url)
+            new = [r for r in rows if "val_loss" in r and r["step"] not in seen and r["step"] > 0]
+            for r in new:
+                seen.add(r["step"])
+                self.trial.report(float(r["val_loss"]), int(r["step"]))
+            if new and self.trial.should_prune():
+                step, val = new[-1]["step"], new[-1]["val_loss"]
+                self.pruned_at = step
+                reason = (
+                    f"pruned at step {step}: val loss {val:.4f} is behind the other trials there"
+                )
+                await asyncio.to_thread(request_hold, self.run, f"sweep {self.p.name}", reason)
+                self.log.info("trial %d (%s) %s", self.number, self.name, reason)
+                return
+
+
+def trial_record(
+    run: RunDir,
+    number: int,
+    state: str,
+    result: dict[str, Any] | None,
+    message: str,
+    seconds: float,
+    world_size: int,
+) -> dict[str, Any]:
+    """What the sweep keeps of a trial's run (in the study, beside the trial): its state, losses, progress,
+    best evaluation and cost."""
+    metrics = read_metrics(run.url)
+    vals = [m["val_loss"] for m in metrics if "val_loss" in m]
+    busy_s = sum(m.get("step_ms", 0.0) for m in metrics) / 1000
+    best = (result or {}).get("best_checkpoint") or {}
+    return {
+        "trial": number,
+        "run": run.url.rstrip("/").rsplit("/", 1)[-1],
+        "state": state,
+        "final_val_loss": vals[-1] if vals else None,
+        "best_val_loss": min(vals) if vals else None,
+        "final_step": metrics[-1]["step"] + 1 if metrics else 0,
+        "tokens": metrics[-1].get("tokens_seen", 0) if metrics else 0,
+        "eval": {best["metric"]: best["value"]} if best else {},
+        # device-hours: the training steps' time on every process of the run
+        "device_hours": round(busy_s * world_size / 3600, 4),
+        "minutes": round(seconds / 60, 2),
+        "message": message[:500],
+    }
+
+
+async def promote(p: SweepParams, study, frozen, log) -> dict[str, Any]:
+    """A pruned trial run to its end: its pretrain run again, which clears the hold and resumes from the
+    checkpoint it stopped at. Optuna keeps the trial as pruned (a finished trial does not change); the result
+    is kept beside it in the study, and the sweep's table shows both."""
+    name = p.trial_name(frozen.number)
+    params = p.trial_params(frozen.number, frozen.user_attrs["overrides"])
+    log.info("promoting trial %d (%s): resuming it from its checkpoint", frozen.number, name)
+    t0 = time.time()
+    state, result, message = "failed", None, ""
+    try:
+        result = await pretrain.with_options(flow_run_name=f"{name}-promoted")(params)
+        state = "completed"
+    except Exception as err:
+        message = str(err) if isinstance(err, FlowFailure) else f"{type(err).__name__}: {err}"
+    run = p.run.store_layout().run(name)
+    record = trial_record(
+        run, frozen.number, state, result, message, time.time() - t0, params.world_size()
+    )
+    study.set_user_attr(f"promoted-{frozen.number}", record)
+    log.info("promoted trial %d (%s) %s", frozen.number, name, message or state)
+    return record
