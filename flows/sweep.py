@@ -32,6 +32,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from prefect.runtime import flow_run as current_run
+from prefect.settings import PREFECT_UI_URL
 from pydantic import ValidationError
 
 from common import exit_codes, store
@@ -240,7 +241,8 @@ class SweepDriver:
         counts: dict[str, int] = {}
         for r in rows:
             counts[r["state"]] = counts.get(r["state"], 0) + 1
-        lines += ["", ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
+        lines += ["", ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), ""]
+        lines += await self.linked_table(rows)
         if png:
             lines += [
                 "",
@@ -249,6 +251,41 @@ class SweepDriver:
         await acreate_markdown_artifact(
             "\n".join(lines), key=f"{self.key}-summary", description=f"sweep {self.p.name}"
         )
+
+    async def linked_table(self, rows: list[dict[str, Any]]) -> list[str]:
+        """The trials as a markdown table, each run named with a link to its flow run's page (its latest, by
+        name: a promoted trial's resumption is a flow run of its own)."""
+        links = await self.flow_run_links([r["run"] for r in rows])
+        if not rows:
+            return []
+        cols = [c for c in rows[0] if c != "trial"]
+        out = ["| trial | " + " | ".join(cols) + " |", "| ---: |" + " --- |" * len(cols)]
+        for r in rows:
+            cells = [
+                f"[{r['run']}]({links[r['run']]})" if c == "run" and r["run"] in links else str(r[c])
+                for c in cols
+            ]
+            out.append(f"| {r['trial']} | " + " | ".join(cells) + " |")
+        return out
+
+    async def flow_run_links(self, names: list[str]) -> dict[str, str]:
+        ui = PREFECT_UI_URL.value()
+        if not ui or not names:
+            return {}
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+        from prefect.client.schemas.sorting import FlowRunSort
+
+        try:
+            async with get_client() as client:
+                found = await client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=names)),
+                    sort=FlowRunSort.START_TIME_ASC,
+                )
+        except Exception as err:  # the table goes without links rather than not at all
+            self.log.warning("no links to the trials' flow runs: %s", err)
+            return {}
+        return {r.name: f"{ui.rstrip('/')}/runs/flow-run/{r.id}" for r in found}  # the latest wins
 
     def render_curves(self) -> bytes | None:
         from evaluation.plots import render_trials_png

@@ -104,6 +104,13 @@ def test_a_sweep_prunes_the_trial_that_is_behind_records_the_failed_one_and_name
     )
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert sorted(r["state"] for r in rows) == ["completed", "failed", "failed", "pruned"]
+    summary = max(
+        (a for a in asyncio.run(artifacts()) if a.key == "sweep-s-summary"), key=lambda a: a.created
+    )
+    assert f"winner: trial {good.number} (`s-t{good.number:03d}`)" in summary.data
+    assert (
+        f"[s-t{slow.number:03d}](" in summary.data and "/runs/flow-run/" in summary.data
+    )  # linked
 
     # promoted: the pruned trial resumes from its checkpoint and runs to its end; nothing else runs
     promoted = asyncio.run(sweep(p.model_copy(update={"promote": [slow.number]})))
