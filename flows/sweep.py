@@ -262,7 +262,9 @@ class SweepDriver:
         out = ["| trial | " + " | ".join(cols) + " |", "| ---: |" + " --- |" * len(cols)]
         for r in rows:
             cells = [
-                f"[{r['run']}]({links[r['run']]})" if c == "run" and r["run"] in links else str(r[c])
+                f"[{r['run']}]({links[r['run']]})"
+                if c == "run" and r["run"] in links
+                else str(r[c])
                 for c in cols
             ]
             out.append(f"| {r['trial']} | " + " | ".join(cells) + " |")
