@@ -106,6 +106,11 @@ def train(a: argparse.Namespace, work: Path, name: str, overrides: list[str], se
     )
     if p.returncode != 0:
         raise RuntimeError(f"{name} seed {seed} failed:\n{p.stderr[-3000:]}")
+    return collected(run, name, seed, time.time() - t0)
+
+
+def collected(run: Path, name: str, seed: int, wall_s: float | None = None) -> dict:
+    """One finished run's row: its val curve against tokens and against its own training time."""
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     elapsed, curve = 0.0, []
     for r in rows:  # the training's own time: its steps (validation costs every recipe the same)
@@ -115,7 +120,7 @@ def train(a: argparse.Namespace, work: Path, name: str, overrides: list[str], se
     return {
         "recipe": name,
         "seed": seed,
-        "wall_s": round(time.time() - t0, 1),
+        "wall_s": None if wall_s is None else round(wall_s, 1),
         "step_ms": statistics.median(r["step_ms"] for r in rows),
         "curve": curve,
         "final_val": curve[-1][2],
@@ -242,6 +247,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--work", help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--out", help="results JSON (and its .png of the curves)")
     ap.add_argument("--render", help="print the table of a results JSON and exit")
+    ap.add_argument(
+        "--collect",
+        action="store_true",
+        help="train nothing: compare the runs of --work that reached --steps (an interrupted comparison)",
+    )
     return ap
 
 
@@ -255,10 +265,15 @@ def main(argv=None) -> int:
     seeds = [int(x) for x in a.seeds.split(",")]
     work = Path(a.work or tempfile.mkdtemp(prefix="recipe-compare-"))
     rows = []
-    for seed in (
-        seeds
-    ):  # seeds outermost: an interrupted run still compares the recipes on the seeds it did
+    # seeds outermost: an interrupted comparison still compares the recipes on the seeds it did (--collect)
+    for seed in seeds:
         for name, overrides in recipes(a.ablate).items():
+            if a.collect:
+                run = work / f"{name.replace(' ', '')}-seed{seed}"
+                done = run / "result.json"
+                if done.exists() and json.loads(done.read_text()).get("complete"):
+                    rows.append(collected(run, name, seed))
+                continue
             rows.append(train(a, work, name, overrides, seed))
             r = rows[-1]
             print(
@@ -266,7 +281,14 @@ def main(argv=None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-    settings = {k: v for k, v in vars(a).items() if k not in ("render",)}
+    if a.collect:  # the seeds every recipe finished
+        names = set(recipes(a.ablate))
+        whole = [x for x in seeds if {r["recipe"] for r in rows if r["seed"] == x} == names]
+        if not whole:
+            ap.error(f"no seed in {work} that every recipe finished")
+        rows = [r for r in rows if r["seed"] in whole]
+        a.seeds = ",".join(map(str, whole))
+    settings = {k: v for k, v in vars(a).items() if k not in ("render", "collect")}
     code = report(settings, rows, summarise(rows), table, a.out)
     if a.out:
         plot(json.loads(Path(a.out).read_text()), Path(a.out).with_suffix(".png"))
