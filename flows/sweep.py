@@ -209,7 +209,10 @@ class SweepDriver:
                     "device-hours": rec.get("device_hours", ""),
                 }
             )
-        return rows
+        # one set of columns for all: a trial still running, pruned before its first evaluation or of
+        # another sampled shape has fewer of them
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        return [{c: r.get(c, "") for c in columns} for r in rows]
 
     def winner(self) -> dict[str, Any] | None:
         done = [
@@ -225,6 +228,13 @@ class SweepDriver:
         return {**best, "params": params}
 
     async def publish(self) -> None:
+        """The sweep's page brought up to date; a failure to do so is said, and the trials go on."""
+        try:
+            await self._publish()
+        except Exception as err:
+            self.log.warning("the sweep's page was not updated: %s: %s", type(err).__name__, err)
+
+    async def _publish(self) -> None:
         rows = self.rows()
         await acreate_table_artifact(
             rows, key=f"{self.key}-trials", description=f"sweep {self.p.name}: every trial"

@@ -131,3 +131,33 @@ def test_a_study_needs_a_database_when_the_store_is_not_a_filesystem(tmp_path):
         _sweep(run={"store": "s3://bucket/store"}).storage_url()
     url = "postgresql://db.internal/optuna"
     assert _sweep(run={"store": "s3://bucket/store"}, study_url=url).storage_url() == url
+
+
+def test_the_trials_table_has_one_set_of_columns_whatever_each_trial_has(tmp_path):
+    """A trial evaluated, one pruned before its first evaluation, one still running: one table."""
+    import logging
+
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from flows.sweep import SweepDriver
+
+    p = _sweep(run={"store": str(tmp_path)})
+    study = optuna.create_study()
+    lr = {"optim.max_lr": FloatDistribution(1e-4, 1e-1)}
+    for i, state in enumerate([TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING]):
+        value = 3.0 if state == TrialState.COMPLETE else None
+        study.add_trial(create_trial(state=state, value=value, params={"optim.max_lr": 0.01 * (i + 1)},
+                                     distributions=lr))  # fmt: skip
+    driver = SweepDriver(p, study, logging.getLogger("test"))
+    base = {"best_val_loss": 3.0, "final_val_loss": 3.0, "final_step": 10, "tokens": 100}
+    driver.records = {
+        0: {**base, "trial": 0, "run": "s-t000", "state": "completed", "eval": {"hellaswag": 0.3}},
+        1: {**base, "trial": 1, "run": "s-t001", "state": "pruned", "eval": {}},
+    }
+    rows = driver.rows()
+    assert len({tuple(r) for r in rows}) == 1  # the same columns, in the same order
+    assert [r["hellaswag"] for r in rows] == [0.3, "", ""]
+    assert [r["state"] for r in rows] == ["completed", "pruned", "running"]
+    assert driver.winner()["trial"] == 0
