@@ -6,8 +6,8 @@
     prefect deployment run pretrain-sweep/demo-sweep          # a sweep of the demo: four runs, some pruned
     python -m flows.follow RUN_ID                             # its story on the console, until it ends
 
-The deployments are the ones prefect.yaml declares for the `gpt2-slurm` work pool, plus `demo`; their
-parameters are defaults that every run can override (`--params`, or the form in the UI).
+The deployments are the ones prefect.yaml declares for the `gpt2-slurm` work pool, plus the demos (`demo`,
+`demo-sweep`); their parameters are defaults that every run can override (`--params`, or the form in the UI).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def test_each_pretrain_deployment_is_a_valid_run_that_fits_its_gpus(size):
     assert (p.prepare_source or cfg.data.source).startswith("hf:HuggingFaceFW/fineweb")
 
 
-def test_served_deployments_are_prefect_yaml_s_plus_the_demo():
+def test_served_deployments_are_prefect_yaml_s_plus_the_demos():
     import yaml
 
     from flows.serve import deployments
@@ -49,5 +49,6 @@ def test_served_deployments_are_prefect_yaml_s_plus_the_demo():
         d["name"] for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
     }
     served = {d.name: d for d in deployments("slurm", "s3://bucket/gpt2")}
-    assert set(served) == declared | {"demo"}
+    assert set(served) == declared | {"demo", "demo-sweep"}  # the demos: served, never on a work pool
+    assert served["demo-sweep"].parameters["params"]["run"]["store"] == "s3://bucket/gpt2"
     assert served["pretrain-1558m"].parameters["params"]["preset"] == "gpt2-1558m"
