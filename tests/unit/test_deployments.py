@@ -49,6 +49,9 @@ def test_served_deployments_are_prefect_yaml_s_plus_the_demos():
         d["name"] for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
     }
     served = {d.name: d for d in deployments("slurm", "s3://bucket/gpt2")}
-    assert set(served) == declared | {"demo", "demo-sweep"}  # the demos: served, never on a work pool
+    assert set(served) == declared | {
+        "demo",
+        "demo-sweep",
+    }  # the demos: served, never on a work pool
     assert served["demo-sweep"].parameters["params"]["run"]["store"] == "s3://bucket/gpt2"
     assert served["pretrain-1558m"].parameters["params"]["preset"] == "gpt2-1558m"
