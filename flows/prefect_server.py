@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import urllib.request
+from typing import Any
 
 from prefect.settings import PREFECT_API_URL
 
@@ -32,3 +35,16 @@ def quiet_temporary_server() -> None:
     if not PREFECT_API_URL.value():
         os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def run_flow_here(flow_fn: Any, params: Any) -> None:
+    """A flow run from a command line: the server checked (BadInput naming it when it does not answer), a
+    temporary one kept quiet, the flow run to its end and its result printed as JSON."""
+    from common.errors import BadInput
+
+    problem = api_problem()
+    if problem:
+        raise BadInput(problem)
+    quiet_temporary_server()
+    result = asyncio.run(flow_fn(params))
+    print(json.dumps(result, indent=2, default=str))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 from typing import Any
 
@@ -34,7 +33,7 @@ from evaluation.evaluate import lm_eval_tasks
 from flows.executors import LocalTrainingExecutor, SubmissionRejected, TrainingExecutor
 from flows.hold import clear_hold
 from flows.params import PretrainParams, add_flags, from_flags
-from flows.prefect_server import api_problem, quiet_temporary_server
+from flows.prefect_server import run_flow_here
 from flows.supervisor import FlowFailure, RunSupervisor
 from flows.tracker import TrackerMirror, tracker_record
 from tracking.credentials import HELD
@@ -266,12 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     add_flags(ap)
     args = ap.parse_args(argv)
     params = from_flags(args, read_json_object(args.params, "--params"))
-    problem = api_problem()
-    if problem:
-        raise BadInput(problem)
-    quiet_temporary_server()
-    result = asyncio.run(pretrain(params))
-    print(json.dumps(result, indent=2, default=str))
+    run_flow_here(pretrain, params)
     return exit_codes.OK
 
 

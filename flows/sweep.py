@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import json
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -39,7 +38,7 @@ from common import exit_codes, store
 from common.cli import entry_point, read_json_object
 from common.errors import BadInput
 from common.lease import Lease, LeaseHeld
-from flows.prefect_server import api_problem, quiet_temporary_server
+from flows.prefect_server import run_flow_here
 from flows.pretrain import FlowFailure, ensure_data, resolve_config
 from flows.report import artifact_key
 from flows.sweep_space import SweepError
@@ -421,12 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         params = read_params(args.params)
     prepare_sweep(params)  # bad input: one line, exit 2, before any flow run or trial
-    problem = api_problem()
-    if problem:
-        raise BadInput(problem)
-    quiet_temporary_server()
-    result = asyncio.run(sweep(params))
-    print(json.dumps(result, indent=2, default=str))
+    run_flow_here(sweep, params)
     return exit_codes.OK
 
 
