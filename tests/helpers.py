@@ -354,3 +354,14 @@ metric_list:
   - metric: acc_norm
 """)
     return str(tasks)
+
+
+def sacct_jobs(name, since: float) -> list[list[str]]:
+    """[job id, state] of every Slurm job named `name` submitted since `since` (accounting's record)."""
+    start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since - 1))
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "--name", name, "-o", "JobID,State", "-S", start],
+        capture_output=True,
+        text=True,
+    ).stdout
+    return [ln.split("|") for ln in out.splitlines() if ln.strip()]

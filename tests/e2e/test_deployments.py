@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 from helpers import DEPLOYMENT_FAST as FAST
-from helpers import REPO, free_port, make_examples, read_jsonl, release_after_requeue, write_jsonl
+from helpers import (
+    REPO,
+    free_port,
+    make_examples,
+    read_jsonl,
+    release_after_requeue,
+    sacct_jobs,
+    write_jsonl,
+)
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 
@@ -79,16 +87,6 @@ def _api(coro_fn):
 def _slurm(folder, name, **kw):
     # time_min=20: below ~10 min submitit counts every signal as a time-out
     return {"nodes": 1, "time_min": 20, "folder": str(folder), "job_name": name, **kw}
-
-
-def _sacct_jobs(name, since: float):
-    start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since - 1))
-    out = subprocess.run(
-        ["sacct", "-n", "-X", "-P", "--name", name, "-o", "JobID,State", "-S", start],
-        capture_output=True,
-        text=True,
-    ).stdout
-    return [ln.split("|") for ln in out.splitlines() if ln.strip()]
 
 
 def _stop_worker(worker: subprocess.Popen) -> None:
@@ -216,7 +214,7 @@ def test_pretrain_124m_deployment_on_slurm_with_an_s3_store(
         )
     ] == ["completed"]
     assert fs.exists(f"{run}/curves.png")
-    evals = [j for j in _sacct_jobs("gpt2-eval", t0) if j[1] == "COMPLETED"]
+    evals = [j for j in sacct_jobs("gpt2-eval", t0) if j[1] == "COMPLETED"]
     assert len(evals) >= 2  # one job per checkpoint, not on the training job's nodes
 
     flows = {f.id: f.name for f in _api(lambda c: c.read_flows())}
@@ -630,7 +628,7 @@ def test_a_restarted_flow_reattaches_to_its_job_and_logs_its_requeues(
     )  # the requeue inside the job reached the flow's log
     subs = read_jsonl(run / "submissions.jsonl")
     assert [(s["job_id"], s["state"]) for s in subs] == [(job, "completed")]
-    assert [j[0] for j in _sacct_jobs("gpt2-flow-restart", t0)] == [job]  # no second job
+    assert [j[0] for j in sacct_jobs("gpt2-flow-restart", t0)] == [job]  # no second job
     assert read_jsonl(run / "metrics.jsonl")[-1]["step"] == 399
 
 

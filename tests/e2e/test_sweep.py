@@ -11,7 +11,7 @@ import time
 
 import optuna
 import pytest
-from helpers import REPO, fast_run, read_jsonl
+from helpers import REPO, fast_run, read_jsonl, sacct_jobs
 
 from flows.sweep import SweepParams, sweep
 
@@ -127,16 +127,6 @@ def _sweep_cmd(params: SweepParams) -> list[str]:
     return [sys.executable, "-m", "flows.sweep", "--params", params.model_dump_json()]
 
 
-def _slurm_jobs(name: str, since: float) -> list[str]:
-    start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since - 1))
-    out = subprocess.run(
-        ["sacct", "-n", "-X", "-P", "--name", name, "-o", "JobID", "-S", start],
-        capture_output=True,
-        text=True,
-    ).stdout
-    return [ln for ln in out.split() if ln.strip()]
-
-
 @pytest.mark.parametrize("executor", ["local", "slurm"])
 def test_a_sweep_killed_mid_trial_and_restarted_adopts_that_trial_and_repeats_none(
     demo_data, tmp_path, request, executor
@@ -204,7 +194,7 @@ def test_a_sweep_killed_mid_trial_and_restarted_adopts_that_trial_and_repeats_no
     if (
         executor == "slurm"
     ):  # one job per trial: the adopted one was watched again, not submitted again
-        assert len(_slurm_jobs(job_name, t0)) == 3
+        assert len(sacct_jobs(job_name, t0)) == 3
         assert "reattached to job" in second.stderr
 
 
