@@ -82,9 +82,15 @@ class SweepDir:
     space = property(lambda self: join(self.url, "sweep.json"))
     study_db = property(lambda self: join(self.url, "study.db"))
     curves = property(lambda self: join(self.url, "curves.png"))
+    summary = property(lambda self: join(self.url, "summary.json"))  # common/sweep_summary.py
+    tensorboard = property(lambda self: join(self.url, "tensorboard"))  # a folder per trial
 
     def lease(self, role: str) -> str:
         return join(self.url, "leases", f"{role}.json")
+
+    def tracker(self, kind: str) -> str:
+        """The sweep's tracker mirror's record: which tracker run is the trials' parent."""
+        return join(self.url, "trackers", f"{kind}.json")
 
 
 @dataclass(frozen=True)

@@ -147,6 +147,11 @@ class TrackerParams(_Params):
         "{run}/tensorboard)",
     )
     entity: str | None = Field(None, description="W&B entity (default: the API key's)")
+    sweep: str | None = Field(
+        None,
+        description="the sweep folder whose tracker run is this run's parent (pretrain-sweep sets it for "
+        "its trials: an MLflow child run, a run of the sweep's W&B group)",
+    )
     interval_s: float = Field(
         15.0, gt=0, description="seconds between two deliveries to the tracker"
     )

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import os
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -38,12 +39,15 @@ from common import exit_codes, store
 from common.cli import entry_point, read_json_object
 from common.errors import BadInput
 from common.lease import Lease, LeaseHeld
+from common.sweep_summary import SweepSummary, TrialSummary, write_summary
 from flows.prefect_server import run_flow_here
 from flows.pretrain import FlowFailure, ensure_data, resolve_config
 from flows.report import artifact_key
 from flows.sweep_space import SweepError
 from flows.sweep_study import SweepParams, optuna_lib, prepare_sweep, study_location, suggest
 from flows.sweep_trial import TrialRunner, promote
+from flows.tracker import TrackerMirror
+from tracking.credentials import HELD
 from training.config import load_config
 from training.metrics import read_metrics
 
@@ -78,9 +82,39 @@ async def run_sweep(p: SweepParams) -> dict[str, Any]:
         except Exception as err:
             raise FlowFailure(f"bad parameter: {err}") from None
         await ensure_data(cfg, first)
-        return await SweepDriver(p, study, log).run()
+        return await _with_tracker(p, SweepDriver(p, study, log), log)
     finally:
         await asyncio.to_thread(lease.release)
+
+
+async def _with_tracker(p: SweepParams, driver: SweepDriver, log) -> dict[str, Any]:
+    """The sweep driven, with its tracker run (the parent of its trials' runs) kept up to date beside it by a
+    process of its own (tracking/sweep_mirror.py)."""
+    t = p.run.tracker
+    if t.kind == "none":
+        return await driver.run()
+    if p.run.credentials_secret:
+        from flows.credentials import apply_secret
+
+        await apply_secret(p.run.credentials_secret)
+    credentials = HELD.enter(
+        os.environ
+    )  # the trials' flow runs hold them too (tracking/credentials.py)
+    mirror, state = None, "failed"
+    try:
+        if t.kind == "tensorboard":
+            t = t.model_copy(update={"uri": p.tensorboard_root()})
+        mirror = await TrackerMirror.start_for_sweep(t, p.folder(), log, credentials)
+        result = await driver.run()
+        state = "completed"
+        return result
+    except asyncio.CancelledError:
+        state = "stopped"
+        raise
+    finally:
+        if mirror is not None:
+            await mirror.finish(state, t.finish_timeout_s + 60)
+        HELD.leave(os.environ)
 
 
 class SweepDriver:
@@ -118,6 +152,7 @@ class SweepDriver:
             )
         tasks: dict[asyncio.Task, int] = {}
         while True:
+            before = len(tasks)
             while len(tasks) < self.p.space.max_concurrent:
                 started = self._start_next(adopt)
                 if started is None:
@@ -125,12 +160,16 @@ class SweepDriver:
                 tasks[started[0]] = started[1]
             if not tasks:
                 break
+            if (
+                len(tasks) > before
+            ):  # the page and the tracker's parent run show the trials as they start
+                await self.publish()
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 number = tasks.pop(task)
                 self.records[number] = task.result()
             await self.publish()
-        await self.publish()
+        await self.publish(finished=True)
         out = self.summary()
         if self.p.scaling:
             out["scaling"] = await self.fit_scaling()
@@ -226,8 +265,50 @@ class SweepDriver:
         params = next(t.params for t in self._all() if t.number == best["trial"])
         return {**best, "params": params}
 
-    async def publish(self) -> None:
-        """The sweep's page brought up to date; a failure to do so is said, and the trials go on."""
+    def sweep_summary(self, finished: bool = False) -> SweepSummary:
+        """The typed summary a tracker's parent run shows (common/sweep_summary.py)."""
+        trials, promoted = [], self.promoted()
+        for t in sorted(self._all(), key=lambda t: t.number):
+            rec = self.records.get(t.number, {})
+            state = rec.get("state", t.state.name.lower())
+            if t.number in promoted:
+                rec = promoted[t.number]
+                state = f"pruned, promoted: {rec['state']}"
+            trials.append(
+                TrialSummary(
+                    trial=t.number,
+                    run=self.p.trial_name(t.number),
+                    params=dict(t.params),
+                    state=state,
+                    best_val_loss=rec.get("best_val_loss"),
+                    final_val_loss=rec.get("final_val_loss"),
+                    evals=rec.get("eval", {}),
+                    step=rec.get("final_step", 0),
+                    tokens=rec.get("tokens", 0),
+                    device_hours=rec.get("device_hours", 0.0),
+                )
+            )
+        win = self.winner()
+        settings = {
+            "space": self.p.space.model_dump(mode="json"),
+            **self.p.model_dump(mode="json", include={"pruner", "min_steps", "reduction_factor"}),
+        }
+        return SweepSummary(
+            sweep=self.p.name,
+            url=self.p.folder().url,
+            settings=settings,
+            trials=trials,
+            winner=win["trial"] if win else None,
+            finished=finished,
+        )
+
+    async def publish(self, finished: bool = False) -> None:
+        """The sweep's page and summary file brought up to date; a failure to do so is said, and the trials
+        go on."""
+        try:
+            await asyncio.to_thread(write_summary, self.sweep_summary(finished))
+        except Exception as err:
+            self.log.warning("the sweep's summary was not written: %s: %s", type(err).__name__, err)
         try:
             await self._publish()
         except Exception as err:

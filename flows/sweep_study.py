@@ -6,14 +6,14 @@ when it belongs to another sweep), everything checked before a trial starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from common import store
 from common.layout import SweepDir
 from common.secrets import has_password
-from flows.params import PretrainParams, _Params
+from flows.params import PretrainParams, TrackerParams, _Params
 from flows.pretrain import FlowFailure, check_evaluation, check_tracker
 from flows.sweep_space import SweepError, SweepSpace, Value
 from training.config import load_config
@@ -99,8 +99,23 @@ class SweepParams(_Params):
                 "preset": self.space.preset,
                 "run_name": self.trial_name(number),
                 "overrides": overrides,
+                "tracker": self.trial_tracker(number),
             }
         )
+
+    def trial_tracker(self, number: int) -> TrackerParams:
+        """A trial's tracker run is a child of the sweep's; TensorBoard's trials are folders of one log folder
+        (the sweep's, or the `uri` given), side by side in one `tensorboard --logdir`."""
+        t = self.run.tracker
+        if t.kind == "none":
+            return t
+        update: dict[str, Any] = {"sweep": self.folder().url}
+        if t.kind == "tensorboard":
+            update["uri"] = store.join(self.tensorboard_root(), self.trial_name(number))
+        return t.model_copy(update=update)
+
+    def tensorboard_root(self) -> str:
+        return (self.run.tracker.uri or self.folder().tensorboard).rstrip("/")
 
 
 # ----------------------------------------------------------------------------- the study

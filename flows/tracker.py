@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from common import store
-from common.layout import RunDir
+from common.layout import RunDir, SweepDir
 from flows.params import TrackerParams
 
 
@@ -35,12 +35,29 @@ class TrackerMirror:
         log,
         credentials: Mapping[str, str],
     ) -> TrackerMirror:
+        """The mirror of one run directory (tracking/mirror.py)."""
+        cmd = ["tracking.mirror", "--run-dir", run.url]
+        if t.sweep:
+            cmd += ["--sweep", t.sweep]
+        return await cls._spawn(cmd, t, log, credentials)
+
+    @classmethod
+    async def start_for_sweep(
+        cls, t: TrackerParams, folder: SweepDir, log, credentials: Mapping[str, str]
+    ) -> TrackerMirror:
+        """The mirror of a sweep: the parent run of its trials (tracking/sweep_mirror.py)."""
+        cmd = ["tracking.sweep_mirror", "--sweep-dir", folder.url]
+        return await cls._spawn(cmd, t, log, credentials)
+
+    @classmethod
+    async def _spawn(
+        cls, cmd: list[str], t: TrackerParams, log, credentials: Mapping[str, str]
+    ) -> TrackerMirror:
+        target = cmd[2]  # the run or sweep folder it mirrors
         cmd = [
             sys.executable,
             "-m",
-            "tracking.mirror",
-            "--run-dir",
-            run.url,
+            *cmd,
             "--tracker",
             t.kind,
             "--project",
@@ -68,7 +85,7 @@ class TrackerMirror:
             t.kind,
             proc.pid,
             t.interval_s,
-            run.url,
+            target,
         )
         return cls(proc, log, t.kind)
 

@@ -48,6 +48,9 @@ class Tracker(Protocol):
         self, run_url: str, run_name: str, generation: int, known: str | None, delivered_step: int
     ) -> str: ...
     def link(self) -> str: ...
+    def attach_to_sweep(
+        self,
+    ) -> bool: ...  # a sweep's trial: its run under the sweep's (False: not yet)
     def delivered_step(self) -> int | None: ...
     def delivered_evaluations(self, keys: set[str]) -> set[tuple[int, str]] | None: ...
     def log_steps(self, rows: list[tuple[int, dict[str, float]]], timestamp_ms: int) -> None: ...
@@ -62,8 +65,15 @@ class Tracker(Protocol):
     def close(self) -> None: ...
 
 
-def make_tracker(kind: str, uri: str | None, project: str, entity: str | None = None) -> Tracker:
-    """The tracker client; a missing library or address is the user's to fix (BadInput), said in one line."""
+def make_tracker(
+    kind: str,
+    uri: str | None,
+    project: str,
+    entity: str | None = None,
+    sweep: str | None = None,
+) -> Tracker:
+    """The tracker client (of a sweep's trial: `sweep`, the sweep's folder); a missing library or address is
+    the user's to fix (BadInput), said in one line."""
     if kind not in TRACKERS:
         raise BadInput(f"unknown tracker {kind!r}: one of {', '.join(TRACKERS)}")
     try:
@@ -75,14 +85,14 @@ def make_tracker(kind: str, uri: str | None, project: str, entity: str | None = 
                 )
             from tracking.mlflow_tracker import MlflowTracker
 
-            return MlflowTracker(uri, project)
+            return MlflowTracker(uri, project, sweep)
         if kind == "tensorboard":
             from tracking.tensorboard_tracker import TensorBoardTracker
 
             return TensorBoardTracker(uri)
         from tracking.wandb_tracker import WandbTracker
 
-        return WandbTracker(project, entity)
+        return WandbTracker(project, entity, sweep)
     except ImportError as err:
         raise BadInput(
             f"the {kind} tracker needs its library ({err.name}): pip install 'gpt2-repro[trackers]'"
@@ -196,6 +206,8 @@ class Mirror:
         self.latest = rec
         if not self.opened:
             self._open()
+        if self.record.get("attached") != self.record["run_id"] and self.tracker.attach_to_sweep():
+            self.record["attached"] = self.record["run_id"]  # under its sweep's run (a trial's)
         if len(rec.rollbacks) > d["rollbacks"]:
             resume = min(int(r.get("resume_step", 0)) for r in rec.rollbacks[d["rollbacks"] :])
             if d["step"] > resume:
@@ -325,7 +337,7 @@ class Mirror:
 # ----------------------------------------------------------------------------- CLI
 
 
-def _control(stdin, stop: threading.Event, outcome: dict[str, str]) -> None:
+def follow_orders(stdin, stop: threading.Event, outcome: dict[str, str]) -> None:
     """The flow's orders on stdin: `finish STATE`; end of input (the flow is gone) finishes too."""
     for line in stdin:
         parts = line.split()
@@ -354,6 +366,12 @@ def _parser() -> argparse.ArgumentParser:
         help="MLflow experiment / W&B project (default: gpt2-repro)",
     )
     ap.add_argument("--entity", default=None, help="W&B entity (default: the API key's)")
+    ap.add_argument(
+        "--sweep",
+        default=None,
+        help="the sweep folder of a sweep's trial: its tracker run goes under the sweep's "
+        "(tracking/sweep_mirror.py)",
+    )
     ap.add_argument(
         "--follow", action="store_true", help="keep syncing until interrupted (Ctrl-C, SIGTERM)"
     )
@@ -384,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     run = RunDir(args.run_dir)
     if not args.follow and not (store.exists(run.config) or store.exists(run.metrics)):
         raise BadInput(f"no run at {args.run_dir}: neither config.json nor metrics.jsonl is there")
-    tracker = make_tracker(args.tracker, args.uri, args.project, args.entity)
+    tracker = make_tracker(args.tracker, args.uri, args.project, args.entity, args.sweep)
     lease = Lease(run.lease(f"tracker-{args.tracker}"), f"{args.tracker} tracker mirror")
     deadline = time.monotonic() + (90 if args.follow else 0)
     while True:  # a restarted flow's mirror waits for the one it replaces to finish
@@ -431,7 +449,7 @@ def _follow(mirror: Mirror, args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     if args.control_stdin:
-        threading.Thread(target=_control, args=(sys.stdin, stop, outcome), daemon=True).start()
+        threading.Thread(target=follow_orders, args=(sys.stdin, stop, outcome), daemon=True).start()
     mirror.follow(stop, args.interval_s)
     return 0 if mirror.catch_up(args.finish_timeout_s, outcome.get("state")) else 1
 

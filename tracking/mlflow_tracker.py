@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+import time
 from typing import Any
 
 # Fail fast and let the mirror retry: MLflow's client otherwise retries a dead server for minutes.
@@ -45,8 +47,8 @@ def flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, str]:
 class MlflowTracker:
     kind = "mlflow"
 
-    def __init__(self, uri: str, experiment: str):
-        self.uri, self.experiment = uri, experiment
+    def __init__(self, uri: str, experiment: str, sweep: str | None = None):
+        self.uri, self.experiment, self.sweep = uri, experiment, sweep
         self.client = MlflowClient(uri)
         self.run_id: str | None = None
 
@@ -78,16 +80,26 @@ class MlflowTracker:
         exp_id = self._experiment_id()
         run_id = known or self._find(exp_id, run_url, generation)
         if run_id is None:
-            run = self.client.create_run(
-                exp_id,
-                run_name=run_name,
-                tags={"repro.run_dir": run_url, "repro.generation": str(generation)},
-            )
+            tags = {"repro.run_dir": run_url, "repro.generation": str(generation)}
+            if self.sweep:
+                tags.update({"repro.sweep_dir": self.sweep, "repro.role": "trial"})
+            run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
             run_id = run.info.run_id
         else:
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         self.run_id = run_id
         return run_id
+
+    def attach_to_sweep(self) -> bool:
+        """Make this run a child of its sweep's run (MLflow nests it there), once the sweep's mirror has made
+        that run: until then False, and the mirror asks again at its next delivery."""
+        if not self.sweep:
+            return True
+        parent = find_sweep_run(self.client, self._experiment_id(), self.sweep)
+        if parent is None:
+            return False
+        self.client.set_tag(self._id, "mlflow.parentRunId", parent)
+        return True
 
     @property
     def _id(self) -> str:
@@ -189,6 +201,112 @@ class MlflowTracker:
 
     def finish(self, state: str) -> None:
         self.client.set_terminated(self._id, STATUS[state])
+
+    def close(self) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------- a sweep: the parent run
+
+
+def find_sweep_run(client: MlflowClient, exp_id: str, sweep_url: str) -> str | None:
+    found = client.search_runs(
+        [exp_id],
+        f"tags.`repro.sweep_dir` = '{sweep_url}' and tags.`repro.role` = 'sweep'",
+        run_view_type=ViewType.ACTIVE_ONLY,
+        max_results=1,
+    )
+    return found[0].info.run_id if found else None
+
+
+class MlflowSweep:
+    """A sweep as one MLflow run, the parent of its trials' runs: its settings as params, every trial's final
+    val loss (at the trial's number) and the best so far as metrics, the winner as tags, the trials table
+    (trials.json) and the overlaid curves (curves.png) as artifacts. Only the sweep's mirror creates it (the
+    trials' mirrors find it by its tags), so a sweep has one."""
+
+    kind = "mlflow"
+
+    def __init__(self, uri: str, experiment: str):
+        self.trials = MlflowTracker(uri, experiment)  # the client, experiment and link
+        self.client = self.trials.client
+        self.run_id: str | None = None
+
+    def open(self, sweep_url: str, name: str, known: str | None, settings: dict[str, Any]) -> str:
+        exp_id = self.trials._experiment_id()
+        rid = known or find_sweep_run(self.client, exp_id, sweep_url)
+        if rid is None:
+            tags = {"repro.sweep_dir": sweep_url, "repro.role": "sweep"}
+            rid = self.client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+            params = [Param(k, v[:6000]) for k, v in sorted(flatten(settings).items())]
+            for i in range(0, len(params), MAX_PARAMS_PER_REQUEST):
+                self.client.log_batch(
+                    rid, params=params[i : i + MAX_PARAMS_PER_REQUEST], synchronous=True
+                )
+        else:
+            self.client.update_run(rid, status=RunStatus.to_string(RunStatus.RUNNING))
+        self.run_id = self.trials.run_id = rid
+        return rid
+
+    def link(self) -> str:
+        return self.trials.link()
+
+    def show(self, summary: Any, delivered: dict[str, Any], curves: bytes | None) -> None:
+        """Bring the run up to `summary` (common/sweep_summary.py); `delivered` is the mirror's memory of what
+        was sent (a metric point is sent once: MLflow appends a value logged again)."""
+        rid = self.trials._id
+        self._adopt(summary.url)
+        now_ms = int(time.time() * 1000)
+        sent = set(delivered.setdefault("trials", []))
+        best = delivered.get("best")
+        for t in summary.trials:
+            if t.trial in sent or not t.finished() or t.final_val_loss is None:
+                continue
+            metrics = [Metric("trial_final_val_loss", t.final_val_loss, now_ms, t.trial)]
+            if t.state == "completed":
+                best = t.final_val_loss if best is None else min(best, t.final_val_loss)
+                metrics.append(Metric("best_final_val_loss", best, now_ms, t.trial))
+            self.client.log_batch(rid, metrics=metrics, synchronous=True)
+            delivered["trials"].append(t.trial)
+            delivered["best"] = best
+        counts: dict[str, int] = {}
+        for t in summary.trials:
+            counts[t.state] = counts.get(t.state, 0) + 1
+        tags = [RunTag(f"trials.{state}", str(n)) for state, n in sorted(counts.items())]
+        win = summary.trial(summary.winner) if summary.winner is not None else None
+        if win is not None:
+            tags += [
+                RunTag("winner.trial", str(win.trial)),
+                RunTag("winner.run", win.run),
+                RunTag("winner.final_val_loss", str(win.final_val_loss)),
+                *(RunTag(f"winner.{k}", json.dumps(v)) for k, v in sorted(win.params.items())),
+            ]
+        self.client.log_batch(rid, tags=tags, synchronous=True)
+        rows = [t.model_dump(mode="json") for t in summary.trials]
+        self.client.log_text(rid, json.dumps(rows, indent=1), "trials.json")
+        if curves:
+            with tempfile.TemporaryDirectory() as d:
+                path = os.path.join(d, "curves.png")
+                with open(path, "wb") as f:
+                    f.write(curves)
+                self.client.log_artifact(rid, path)
+
+    def _adopt(self, sweep_url: str) -> None:
+        """The trials' runs made before this one existed (their mirrors attach them when they can, but a short
+        trial may end first): made its children here."""
+        rid = self.trials._id
+        trials = self.client.search_runs(
+            [self.trials._experiment_id()],
+            f"tags.`repro.sweep_dir` = '{sweep_url}' and tags.`repro.role` = 'trial'",
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=10000,
+        )
+        for t in trials:
+            if t.data.tags.get("mlflow.parentRunId") != rid:
+                self.client.set_tag(t.info.run_id, "mlflow.parentRunId", rid)
+
+    def finish(self, state: str) -> None:
+        self.client.set_terminated(self.trials._id, STATUS[state])
 
     def close(self) -> None:
         pass

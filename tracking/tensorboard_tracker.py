@@ -87,6 +87,9 @@ class TensorBoardTracker:
     def link(self) -> str:
         return f"tensorboard --logdir {self.logdir}"
 
+    def attach_to_sweep(self) -> bool:
+        return True  # a trial's log folder is a folder of its sweep's (the sweep gives its uri)
+
     def _files(self) -> set[Path]:
         return set(Path(self.staging).glob("events.out.tfevents.*"))
 
@@ -218,3 +221,88 @@ def _scalars(values: dict[str, float], step: int, timestamp_ms: int) -> Callable
 
 def _text(tag: str, text: str, step: int) -> Callable[[Any], None]:
     return lambda w: w.add_text(tag, text, step)
+
+
+# ----------------------------------------------------------------------------- a sweep: the HParams table
+
+
+class TensorBoardSweep:
+    """A sweep in TensorBoard: its trials' log folders side by side under one log folder (the sweep gives each
+    trial `{root}/{trial}`), and for each finished trial a session of the HParams dashboard in
+    `{root}/{trial}/hparams` (its parameters, final and best val loss, evaluation); the trials table as text
+    in `{root}/sweep`. Each is one event file of a fixed name, rewritten when its content changes, so nothing
+    shows twice."""
+
+    kind = "tensorboard"
+    FILE = "events.out.tfevents.0.repro"
+
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+        self.run_id: str | None = None
+
+    def open(self, sweep_url: str, name: str, known: str | None, settings: dict[str, Any]) -> str:
+        self.run_id = self.root
+        return self.root
+
+    def link(self) -> str:
+        return f"tensorboard --logdir {self.root}"
+
+    def _write(self, folder: str, write: Callable[[Any], None]) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with tempfile.TemporaryDirectory() as d:
+            w = SummaryWriter(log_dir=d)
+            write(w)
+            w.close()
+            (path,) = Path(d).glob("events.out.tfevents.*")
+            store.write_bytes(store.join(self.root, folder, self.FILE), path.read_bytes())
+
+    def show(self, summary: Any, delivered: dict[str, Any], curves: bytes | None) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        written = delivered.setdefault("trials", {})
+        for t in summary.trials:
+            if not t.finished():
+                continue
+            metrics = {
+                k: v
+                for k, v in {
+                    "final_val_loss": t.final_val_loss,
+                    "best_val_loss": t.best_val_loss,
+                    **t.evals,
+                }.items()
+                if v is not None
+            }
+            values = {
+                k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+                for k, v in t.params.items()
+            }
+            values["state"] = t.state
+            key = json.dumps([values, metrics], sort_keys=True)
+            if written.get(t.run) == key:
+                continue
+
+            def write(w: Any, values=values, metrics=metrics) -> None:
+                for part in hparams(values, metrics):
+                    w.file_writer.add_summary(part)
+                for k, v in metrics.items():
+                    w.add_scalar(k, v, 0)
+
+            self._write(f"{t.run}/hparams", write)
+            written[t.run] = key
+        rows = ["| trial | run | parameters | state | final val loss |", "|---|---|---|---|---|"]
+        rows += [
+            f"| {t.trial} | {t.run} | {', '.join(f'{k}={v}' for k, v in t.params.items())} | "
+            f"{t.state} | {'' if t.final_val_loss is None else f'{t.final_val_loss:.4f}'} |"
+            for t in summary.trials
+        ]
+        table = "\n".join(rows)
+        if delivered.get("table") != table:
+            self._write("sweep", lambda w: w.add_text("trials", table, 0))
+            delivered["table"] = table
+
+    def finish(self, state: str) -> None:
+        pass  # each trial's session says how the trial ended
+
+    def close(self) -> None:
+        pass

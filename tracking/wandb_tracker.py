@@ -12,7 +12,10 @@ offline runs cannot use it."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
+import tempfile
 from typing import Any
 
 import wandb
@@ -26,11 +29,27 @@ def run_id(run_url: str, run_name: str, generation: int) -> str:
     return base if generation == 1 else f"{base}-g{generation}"
 
 
+def _settings() -> Any:
+    return wandb.Settings(
+        init_timeout=60,
+        silent=True,
+        console="off",
+        x_disable_stats=True,
+        x_disable_meta=True,
+        disable_git=True,
+        save_code=False,
+    )
+
+
+def sweep_name(sweep_url: str) -> str:
+    return sweep_url.rstrip("/").rsplit("/", 1)[-1]
+
+
 class WandbTracker:
     kind = "wandb"
 
-    def __init__(self, project: str, entity: str | None = None):
-        self.project, self.entity = project, entity
+    def __init__(self, project: str, entity: str | None = None, sweep: str | None = None):
+        self.project, self.entity, self.sweep = project, entity, sweep
         self.run: Any = None
         self.run_id: str | None = None
 
@@ -50,16 +69,11 @@ class WandbTracker:
             name=run_name,
             resume="allow",
             tags=[f"generation-{generation}"],
+            # a sweep's trials are one W&B group, beside the sweep's own run (WandbSweep)
+            group=sweep_name(self.sweep) if self.sweep else None,
+            job_type="trial" if self.sweep else None,
             reinit="create_new",
-            settings=wandb.Settings(
-                init_timeout=60,
-                silent=True,
-                console="off",
-                x_disable_stats=True,
-                x_disable_meta=True,
-                disable_git=True,
-                save_code=False,
-            ),
+            settings=_settings(),
         )
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
@@ -70,6 +84,9 @@ class WandbTracker:
         )
         self.run_id = rid
         return rid
+
+    def attach_to_sweep(self) -> bool:
+        return True  # the group was given when the run was opened
 
     def link(self) -> str:
         return (
@@ -114,6 +131,80 @@ class WandbTracker:
 
     def flush(self) -> None:
         """wandb's own process holds what was logged, and retries it until the server has it."""
+
+    def finish(self, state: str) -> None:
+        self.run.finish(exit_code=EXIT_CODE[state])
+        self.run = None
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+class WandbSweep:
+    """A sweep as one W&B run in the group of its trials (job type `sweep`): its settings as config, the trials
+    table (its latest version), the winner and the best final val loss in the summary, the overlaid curves."""
+
+    kind = "wandb"
+
+    def __init__(self, project: str, entity: str | None = None):
+        self.project, self.entity = project, entity
+        self.run: Any = None
+        self.run_id: str | None = None
+
+    def open(self, sweep_url: str, name: str, known: str | None, settings: dict[str, Any]) -> str:
+        rid = known or run_id(sweep_url, f"sweep-{name}", 1)
+        self.run = wandb.init(
+            project=self.project,
+            entity=self.entity,
+            id=rid,
+            name=name,
+            group=name,
+            job_type="sweep",
+            resume="allow",
+            reinit="create_new",
+            settings=_settings(),
+        )
+        self.run.config.update(
+            {"sweep": settings, "repro": {"sweep_dir": sweep_url}}, allow_val_change=True
+        )
+        self.run_id = rid
+        return rid
+
+    def link(self) -> str:
+        return (
+            getattr(self.run, "url", None)
+            or f"{self.project}/{self.run_id} (offline: `wandb sync` uploads it)"
+        )
+
+    def show(self, summary: Any, delivered: dict[str, Any], curves: bytes | None) -> None:
+        rows = [t.model_dump(mode="json") for t in summary.trials]
+        keys = list(dict.fromkeys(k for t in summary.trials for k in t.params))
+        cols = ["trial", "run", *keys, "state", "best_val_loss", "final_val_loss", "step", "tokens"]
+        data = [
+            [r["trial"], r["run"], *(json.dumps(r["params"].get(k)) for k in keys)]
+            + [r["state"], r["best_val_loss"], r["final_val_loss"], r["step"], r["tokens"]]
+            for r in rows
+        ]
+        logged: dict[str, Any] = {"trials": wandb.Table(columns=cols, data=data)}
+        if curves:
+            with tempfile.TemporaryDirectory() as d:
+                path = os.path.join(d, "curves.png")
+                with open(path, "wb") as f:
+                    f.write(curves)
+                logged["curves"] = wandb.Image(path)
+                self.run.log(logged)
+        else:
+            self.run.log(logged)
+        win = summary.trial(summary.winner) if summary.winner is not None else None
+        if win is not None:
+            self.run.summary.update(
+                {
+                    "winner": {"trial": win.trial, "run": win.run, "params": win.params},
+                    "best_final_val_loss": win.final_val_loss,
+                }
+            )
 
     def finish(self, state: str) -> None:
         self.run.finish(exit_code=EXIT_CODE[state])

@@ -119,11 +119,21 @@ OTHERS = {
     "flows.serve": (["--store", "run/store"], ["--print-demo-params", "--store", "--executor"]),
     "tracking.mirror": (["--run-dir", "run/none", "--tracker", "tensorboard"],
                         ["--run-dir", "--uri", "--project", "--interval-s", "--finish-timeout-s"]),
+    "tracking.sweep_mirror": (["--sweep-dir", "run/none", "--tracker", "tensorboard"],
+                              ["--sweep-dir", "--uri", "--project", "--interval-s", "--finish-timeout-s"]),
     "training.export_hf": (["--checkpoint", "run/none", "--out", "run/out"], ["--checkpoint", "--out"]),
     "training.sample": (["--checkpoint", "run/none"], ["--checkpoint", "--prompt", "--num-samples",
                         "--max-new-tokens", "--top-k", "--temperature", "--seed", "--device"]),
 }  # fmt: skip
-PATH_FLAGS = {"--source", "--out", "--store", "--run-dir", "--checkpoint", "--folder"}
+PATH_FLAGS = {
+    "--source",
+    "--out",
+    "--store",
+    "--run-dir",
+    "--sweep-dir",
+    "--checkpoint",
+    "--folder",
+}
 SWITCHES = {"--tasks", "--json"}
 FEW = settings(CLI, max_examples=4)
 

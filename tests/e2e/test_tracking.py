@@ -644,3 +644,148 @@ def test_credentials_leave_the_environment_and_never_reach_a_log_line():
     assert env == {"PATH": "/bin"} and set(taken) == {"MLFLOW_TRACKING_TOKEN", "WANDB_API_KEY"}
     line = f"401 from https://alice:pw@mlflow.lab/api with Bearer {SECRET} and key {'k' * 40}"
     assert redact(line, taken) == "401 from https://***@mlflow.lab/api with Bearer *** and key ***"
+
+
+# ----------------------------------------------------------------------------- a sweep: one parent run
+
+
+def test_a_sweep_is_one_tracker_run_with_its_trials_as_children(
+    prefect_server, mlflow_server, demo_data, tmp_path
+):
+    """MLflow through the sweep flow (the sweep's mirror and each trial's, as a user runs them); then the same
+    sweep's folders into W&B (offline) and TensorBoard through the mirrors' command lines."""
+    from helpers import fast_run
+    from mlflow import MlflowClient
+
+    from flows.sweep import SweepParams, sweep
+
+    store_dir = tmp_path / "store"
+    p = SweepParams.model_validate(
+        {
+            "name": "lr",
+            "space": {
+                "preset": "tiny",
+                "overrides": fast_run(10, val_every=5, checkpoint_every=5),
+                "dimensions": [{"key": "optim.max_lr", "choices": [1e-2, 1e-3]}],
+                "sampler": "grid",
+                "trials": 2,
+                "max_concurrent": 2,
+            },
+            "run": {
+                "store": str(store_dir),
+                "data": demo_data,
+                "evaluation": {"tasks": []},
+                "poll_seconds": 0.5,
+                "tracker": {"kind": "mlflow", "uri": mlflow_server, "interval_s": 0.5},
+            },
+            "pruner": "none",
+        }
+    )
+    result = asyncio.run(sweep(p))
+    assert result["completed"] == 2
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("gpt2-repro")
+    sweep_dir = store_dir / "sweeps" / "lr"
+    parents = client.search_runs(
+        [exp.experiment_id],
+        f"tags.`repro.sweep_dir` = '{sweep_dir}' and tags.`repro.role` = 'sweep'",
+    )
+    assert len(parents) == 1  # one parent, made by the sweep's mirror alone
+    parent = parents[0]
+    assert parent.info.run_name == "lr" and parent.info.status == "FINISHED"
+    assert parent.data.params["space.sampler"] == "grid" and parent.data.params["pruner"] == "none"
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert sorted(r.info.run_name for r in children) == ["lr-t000", "lr-t001"]
+    for child in children:  # each trial's own run: every step, and the swept value among its params
+        metrics = read_jsonl(store_dir / "runs" / child.info.run_name / "metrics.jsonl")
+        history = client.get_metric_history(child.info.run_id, "loss")
+        assert sorted(m.step for m in history) == [m["step"] for m in metrics]
+        assert child.info.status == "FINISHED" and "optim.max_lr" in child.data.params
+
+    win = result["winner"]
+    assert parent.data.tags["winner.run"] == win["run"]
+    assert float(parent.data.tags["winner.final_val_loss"]) == pytest.approx(win["final_val_loss"])
+    finals = client.get_metric_history(parent.info.run_id, "trial_final_val_loss")
+    assert sorted((m.step, round(m.value, 5)) for m in finals) == sorted(
+        (t["trial"], round(t["final_val_loss"], 5))
+        for t in json.loads(
+            Path(
+                client.download_artifacts(parent.info.run_id, "trials.json", str(tmp_path))
+            ).read_text()
+        )
+    )
+    assert "curves.png" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+
+    # W&B, offline: the trials one group, the sweep's run in it
+    wandb_dir = tmp_path / "wandb"
+    wandb_dir.mkdir()
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tracking.sweep_mirror",
+            "--sweep-dir",
+            str(sweep_dir),
+            "--tracker",
+            "wandb",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    trial = store_dir / "runs" / "lr-t000"
+    done = _mirror(
+        "--run-dir", str(trial), "--tracker", "wandb", "--sweep", str(sweep_dir), env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = {}
+    for f in glob.glob(f"{wandb_dir}/wandb/offline-run-*/run-*.wandb"):
+        for r in _wandb_records(f):
+            if r.WhichOneof("record_type") == "run":
+                runs[r.run.display_name] = (r.run.run_group, r.run.job_type)
+    assert runs == {"lr": ("lr", "sweep"), "lr-t000": ("lr", "trial")}
+
+    # TensorBoard: a trial's folder under the sweep's log folder, its HParams session beside it
+    tb = tmp_path / "tb"
+    for t in ("lr-t000", "lr-t001"):
+        _mirror_cli(store_dir / "runs" / t, "--uri", str(tb / t), "--sweep", str(sweep_dir))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tracking.sweep_mirror",
+            "--sweep-dir",
+            str(sweep_dir),
+            "--tracker",
+            "tensorboard",
+            "--uri",
+            str(tb),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    for t in ("lr-t000", "lr-t001"):
+        shown = _tensorboard(tb / t)["scalars"]
+        metrics = read_jsonl(store_dir / "runs" / t / "metrics.jsonl")
+        assert [s for s, _ in shown["loss"]] == [m["step"] for m in metrics]
+        acc = EventAccumulator(str(tb / t / "hparams"))
+        acc.Reload()
+        start = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        info = plugin_data_pb2.HParamsPluginData.FromString(start).session_start_info
+        assert info.hparams["optim.max_lr"].number_value in (1e-2, 1e-3)
+        final = [e.value for e in acc.Scalars("final_val_loss")]
+        assert final == pytest.approx([metrics[-1]["val_loss"]], rel=1e-5)
+    assert "lr-t001" in _tensorboard(tb / "sweep")["texts"]["trials/text_summary"][0][1]

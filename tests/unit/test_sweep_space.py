@@ -161,3 +161,44 @@ def test_the_trials_table_has_one_set_of_columns_whatever_each_trial_has(tmp_pat
     assert [r["hellaswag"] for r in rows] == [0.3, "", ""]
     assert [r["state"] for r in rows] == ["completed", "pruned", "running"]
     assert driver.winner()["trial"] == 0
+    # the summary a tracker's parent run shows: the same trials, typed, read back as written
+    from common.sweep_summary import read_summary, write_summary
+
+    write_summary(driver.sweep_summary(finished=True))
+    summary = read_summary(p.folder())
+    assert [(t.trial, t.state, t.final_val_loss) for t in summary.trials] == [
+        (0, "completed", 3.0),
+        (1, "pruned", 3.0),
+        (2, "running", None),
+    ]
+    assert summary.winner == 0 and summary.finished and summary.settings["pruner"] == "halving"
+
+
+def test_a_trials_tracker_run_goes_under_its_sweeps_and_tensorboard_puts_the_trials_side_by_side(
+    tmp_path,
+):
+    untracked = _sweep(run={"store": str(tmp_path)})
+    assert untracked.trial_params(3, []).tracker.kind == "none"
+    assert untracked.trial_params(3, []).tracker.sweep is None
+
+    mlflow = _sweep(run={"store": str(tmp_path), "tracker": {"kind": "mlflow", "uri": "http://m"}})
+    t = mlflow.trial_params(3, []).tracker
+    assert (t.sweep, t.uri) == (f"{tmp_path}/sweeps/s", "http://m")  # the one server, as given
+
+    tb = _sweep(run={"store": str(tmp_path), "tracker": {"kind": "tensorboard"}})
+    assert tb.trial_params(3, []).tracker.uri == f"{tmp_path}/sweeps/s/tensorboard/s-t003"
+    tb = _sweep(
+        run={"store": str(tmp_path), "tracker": {"kind": "tensorboard", "uri": "s3://b/tb/"}}
+    )
+    assert tb.trial_params(3, []).tracker.uri == "s3://b/tb/s-t003"
+
+
+def test_a_summary_file_that_is_not_one_is_refused_when_read(tmp_path):
+    from common.layout import SweepDir
+    from common.sweep_summary import read_summary
+
+    folder = SweepDir(str(tmp_path))
+    assert read_summary(folder) is None
+    (tmp_path / "summary.json").write_text('{"sweep": "s", "trials": "all of them"}')
+    with pytest.raises(ValueError):
+        read_summary(folder)
