@@ -21,6 +21,7 @@
         curves.png                          loss and HellaSwag curves (flow, evaluation.plots)
         hold.json                           a request to stop with a checkpoint and stay stopped (a sweep's
                                             pruner; flows/hold.py)
+        faults/{fault}.json                 a fault injected on purpose that has happened once (training/faults.py)
         logs/submission-NNN.log             console of a local submission (flow, local executor)
         leases/trainer.json, leases/flow.json   who writes the run now (common/lease.py)
         heartbeats/rank-NNNNN.json          each rank's last heartbeat: step, phase, host (common/heartbeat.py)
@@ -35,6 +36,9 @@
         sweep.json                          what it searches (the space), fixed at its first flow run
         study.db                            the Optuna study (SQLite), unless the sweep names a database
         curves.png, leases/flow.json        every trial's val loss; the one flow run driving it
+        summary.json                        every trial's parameters, state and results (common/sweep_summary.py)
+        trackers/{tracker}.json             the tracker run that is its trials' parent (tracking/sweep_mirror.py)
+        tensorboard/{trial}/                the trials' TensorBoard folders, side by side (tracker=tensorboard)
 
 Every path is an fsspec URL (a local path, s3://...). Nothing here touches the store.
 """
@@ -121,8 +125,8 @@ class RunDir:
     NAMES = frozenset(
         "config.json metrics.jsonl telemetry.jsonl samples.jsonl result.json attempts.jsonl events.jsonl "
         "rollbacks.jsonl rolled-back submissions.jsonl cordon.jsonl evaluations.jsonl stragglers.jsonl "
-        "trackers tensorboard job.json curves.png hold.json logs leases heartbeats nccl-traces profiles checkpoints "
-        "exports".split()
+        "trackers tensorboard job.json curves.png hold.json faults logs leases heartbeats nccl-traces profiles "
+        "checkpoints exports".split()
     )
 
     @staticmethod
@@ -150,6 +154,10 @@ class RunDir:
     def profile(self, start: int, stop: int, rank: int) -> str:
         """Rank `rank`'s torch.profiler trace of steps start..stop-1 (training/profiling.py)."""
         return join(self.url, "profiles", f"steps_{start}-{stop}", f"rank-{rank:05d}.json")
+
+    def fault_marker(self, name: str) -> str:
+        """A fault injected on purpose that has happened (training/faults.py): it happens once per run."""
+        return join(self.url, "faults", f"{name}.json")
 
     def tracker(self, kind: str) -> str:
         """The record of the `kind` tracker's run of this run directory (tracking/mirror.py)."""

@@ -365,6 +365,12 @@ class DebugConfig(_Section):
         "nan",
         description="what poisoning does (a NaN loss, or a loss and gradients 1000 times too large)",
     )
+    die_at_step: int | None = Field(
+        None,
+        ge=0,
+        description="every training process kills itself (SIGKILL, as on a node that fails) when it "
+        "reaches this step, once per run directory: the resubmission that resumes goes past it",
+    )
 
     @model_validator(mode="after")
     def _ranges(self) -> DebugConfig:

@@ -1,10 +1,20 @@
 """Faults injected on purpose (the config's `debug` section, a testing aid): a real NaN or a real spike through
-the whole step (forward, backward, clipping), so that the guard, the rollback and the flow are tried on a run
-as it would meet them, not on a simulated return value."""
+the whole step (forward, backward, clipping), and a real death of the training processes, so that the guard,
+the rollback, the flow's resubmission and a sweep are tried on a run as it would meet them, not on a simulated
+return value."""
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import time
+
+from common import store
+from common.layout import RunDir
 from training.config import DebugConfig, parse_range
+
+log = logging.getLogger(__name__)
 
 
 class Poison:
@@ -17,3 +27,23 @@ class Poison:
         if step in self.cfg.fault_steps or any(r.holds(batch) for r in self.batches):
             return float("nan") if self.cfg.fault == "nan" else 1000.0
         return 1.0
+
+
+class Death:
+    """`debug.die_at_step`: the process kills itself at that step, as a node that fails takes it (no checkpoint,
+    no flush, no exit code of its own). Once per run directory: whether it is due is read when the process
+    starts, and rank 0 leaves a marker before it dies, so the submission that resumes goes past the step."""
+
+    def __init__(self, cfg: DebugConfig, run: RunDir, is_master: bool):
+        self.marker = run.fault_marker(f"died-at-step-{cfg.die_at_step}")
+        due = cfg.die_at_step is not None and not store.exists(self.marker)
+        self.step = cfg.die_at_step if due else None
+        self.is_master = is_master
+
+    def at(self, step: int) -> None:
+        if step != self.step:
+            return
+        if self.is_master:
+            store.write_json(self.marker, {"step": step, "time": time.time(), "pid": os.getpid()})
+        log.warning("debug.die_at_step: killed at step %d, as a failing node would be", step)
+        os.kill(os.getpid(), signal.SIGKILL)

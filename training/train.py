@@ -49,7 +49,7 @@ from training.checkpoint import TrainState
 from training.checkpointer import Checkpointer
 from training.config import ConfigError, RunConfig, TrainConfig, load_config, parse_range
 from training.distributed import DistInfo
-from training.faults import Poison
+from training.faults import Death, Poison
 from training.guard import StepGuard
 from training.loader import ShardLoader
 from training.metrics import MetricsLog, console_line, line_step, peak_flops
@@ -278,6 +278,7 @@ class Trainer:
             loss_chunk=t.loss_chunk,
         )
         self.poison = Poison(cfg.debug)  # faults injected on purpose: a testing aid, off by default
+        self.death = Death(cfg.debug, self.run_dir, info.is_master)
         self.profiler = StepProfiler(t.profile_steps, self.run_dir, info.rank, device)
         self.checkpointer = Checkpointer(
             cfg,
@@ -341,6 +342,7 @@ class Trainer:
         last: dict[str, Any] = {"loss": None, "val_loss": None}
         try:
             while stopped_by is None and step < t.max_steps:
+                self.death.at(step)
                 record = self._train_and_log(step)
                 last.update(loss=record["loss"], val_loss=record.get("val_loss", last["val_loss"]))
                 diverged = self.guard.diverged()

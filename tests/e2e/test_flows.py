@@ -137,6 +137,22 @@ def test_failed_attempt_is_resubmitted_and_the_loss_trace_matches(
     assert _trace(tmp_path / "b") == uninterrupted
 
 
+def test_a_run_configured_to_die_at_a_step_dies_there_once_and_its_resubmission_goes_past_it(
+    prefect_server, uninterrupted, tmp_path
+):
+    """debug.die_at_step: the fault a sweep's demonstration injects, from inside the run (no test executor),
+    so that it works on any executor and from a deployment."""
+    params = _params(tmp_path, eval_tasks=[], overrides=[*FLOW_FAST, "debug.die_at_step=4"])
+    result = asyncio.run(pretrain(params))
+    run = tmp_path / "store" / "runs" / "t"
+    subs = read_jsonl(run / "submissions.jsonl")
+    assert [s["state"] for s in subs] == ["failed", "completed"] and result["submissions"] == 2
+    assert "signal 9" in subs[0]["reason"] and subs[0]["end_step"] == 3  # its last checkpoint
+    assert subs[1]["start_step"] == 3
+    assert json.loads((run / "faults" / "died-at-step-4.json").read_text())["step"] == 4
+    assert _trace(tmp_path) == uninterrupted  # the same run, only interrupted
+
+
 class FreezeFirstSubmission(LocalTrainingExecutor):
     """A hang: SIGSTOP the first submission's process group after its first checkpoint. It still looks alive
     (its process exists, nothing exits); only its heartbeats and its steps stop."""
