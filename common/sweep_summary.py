@@ -29,6 +29,12 @@ class TrialSummary(BaseModel):
     step: int = 0  # steps trained
     tokens: int = 0
     device_hours: float = 0.0
+    submissions: int = (
+        0  # jobs its run took: more than one when the cluster failed it and it was resubmitted
+    )
+    interruptions: list[str] = Field(
+        default_factory=list
+    )  # each failure its flow resubmitted or rolled back
 
     def finished(self) -> bool:
         return self.state != "running"

@@ -55,13 +55,19 @@ def demo_params(store: str, max_steps: int | None = None) -> PretrainParams:
 
 def demo_sweep_params(store: str) -> SweepParams:
     """The demo sweep: four peak learning rates of the demo model for 150 steps each, two at a time, the ones
-    behind pruned by successive halving at their validations, every checkpoint evaluated as in the demo."""
+    behind pruned by successive halving at their validations, every checkpoint evaluated as in the demo, and a
+    node failure (injected) in each trial that gets to step 80, resubmitted by the trial's flow."""
     demo = demo_params(store)
     return SweepParams(
         name="demo-sweep",
         space=SweepSpace(
             preset="demo",
-            overrides=["max_steps=150", "val_every=25", "checkpoint_every=75", "sample_every=0"],
+            overrides=[
+                *["max_steps=150", "val_every=25", "checkpoint_every=75", "sample_every=0"],
+                # a node that fails: every trial that gets to step 80 dies there once, as on a cluster, and
+                # its flow resubmits it from its checkpoint at 75 (the sweep's result lists it)
+                "debug.die_at_step=80",
+            ],
             dimensions=[Dimension(key="optim.max_lr", choices=[3e-2, 1e-2, 3e-3, 3e-4])],
             sampler="grid",
             trials=4,

@@ -45,7 +45,7 @@ from flows.pretrain import FlowFailure, ensure_data, resolve_config
 from flows.report import artifact_key
 from flows.sweep_space import SweepError
 from flows.sweep_study import SweepParams, optuna_lib, prepare_sweep, study_location, suggest
-from flows.sweep_trial import TrialRunner, promote
+from flows.sweep_trial import TrialRunner, check_concurrency_limit, promote
 from flows.tracker import TrackerMirror
 from tracking.credentials import HELD
 from training.config import load_config
@@ -81,6 +81,7 @@ async def run_sweep(p: SweepParams) -> dict[str, Any]:
             cfg, _ = resolve_config(first)
         except Exception as err:
             raise FlowFailure(f"bad parameter: {err}") from None
+        await check_concurrency_limit(p)
         await ensure_data(cfg, first)
         return await _with_tracker(p, SweepDriver(p, study, log), log)
     finally:
@@ -245,6 +246,7 @@ class SweepDriver:
                     "step": rec.get("final_step", ""),
                     "tokens": rec.get("tokens", ""),
                     "device-hours": rec.get("device_hours", ""),
+                    "submissions": rec.get("submissions", ""),
                 }
             )
         # one set of columns for all: a trial still running, pruned before its first evaluation or of
@@ -286,6 +288,8 @@ class SweepDriver:
                     step=rec.get("final_step", 0),
                     tokens=rec.get("tokens", 0),
                     device_hours=rec.get("device_hours", 0.0),
+                    submissions=rec.get("submissions", 0),
+                    interruptions=rec.get("interruptions", []),
                 )
             )
         win = self.winner()
@@ -451,6 +455,12 @@ class SweepDriver:
             "pruned": states.count("pruned"),
             "failed": states.count("failed"),
             "promoted": sorted(self.promoted()),
+            # trials the cluster failed and their flow runs resubmitted (the search never saw it)
+            "resubmitted": {
+                r["run"]: r["interruptions"]
+                for r in sorted(self.records.values(), key=lambda r: r["trial"])
+                if r.get("interruptions")
+            },
             "winner": win,
             "curves": self.p.folder().curves,
         }

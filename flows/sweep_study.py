@@ -54,6 +54,14 @@ class SweepParams(_Params):
         description="pruned trials (their numbers) to run to their end first, each resumed from the "
         "checkpoint it was pruned at",
     )
+    concurrency_limit: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        max_length=80,
+        description="a Prefect global concurrency limit (`prefect gcl create trials --limit 8`) that every "
+        "trial takes a slot of while it runs: sweeps naming the same limit share it, so together they run "
+        "at most that many trials; the others wait (max_concurrent still bounds this sweep's own)",
+    )
     study_url: str | None = Field(
         None,
         description="an Optuna storage URL (a database the sweep's flow runs share, e.g. "

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import Any
 
+from prefect.concurrency.asyncio import concurrency
+
+from cluster.run_records import read_submissions
 from common.layout import RunDir
 from flows.hold import request_hold
 from flows.pretrain import FlowFailure, pretrain
@@ -44,7 +48,8 @@ class TrialRunner:
         t0 = time.time()
         state, result, message = "failed", None, ""
         try:
-            result = await child(params)
+            async with trial_slot(self.p):
+                result = await child(params)
             state = "pruned" if result.get("held") else "completed"
         except FlowFailure as err:
             message = str(err)
@@ -93,6 +98,37 @@ class TrialRunner:
                 return
 
 
+def trial_slot(p: SweepParams) -> AbstractAsyncContextManager[Any]:
+    """A slot of the sweep's Prefect global concurrency limit, held while a trial runs (none without one). Its
+    lease is renewed while the flow run lives, so a sweep that dies frees its slots when the leases expire."""
+    if not p.concurrency_limit:
+        return nullcontext()
+    return concurrency(p.concurrency_limit, occupy=1, strict=True)
+
+
+async def check_concurrency_limit(p: SweepParams) -> None:
+    """The limit named exists on the server (FlowFailure, one line, before any trial): a slot of one that does
+    not would be taken without limiting anything."""
+    if not p.concurrency_limit:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    async with get_client() as client:
+        try:
+            limit = await client.read_global_concurrency_limit_by_name(p.concurrency_limit)
+        except ObjectNotFound:
+            raise FlowFailure(
+                f"bad parameter: concurrency_limit {p.concurrency_limit!r} is not a global concurrency "
+                f"limit of this Prefect server: `prefect gcl create {p.concurrency_limit} --limit N` makes it"
+            ) from None
+    if not limit.active:
+        raise FlowFailure(
+            f"bad parameter: the concurrency limit {p.concurrency_limit!r} is inactive, so it limits nothing: "
+            f"`prefect gcl update {p.concurrency_limit} --enable`"
+        )
+
+
 def trial_record(
     run: RunDir,
     number: int,
@@ -108,6 +144,7 @@ def trial_record(
     vals = [m["val_loss"] for m in metrics if "val_loss" in m]
     busy_s = sum(m.get("step_ms", 0.0) for m in metrics) / 1000
     best = (result or {}).get("best_checkpoint") or {}
+    subs = read_submissions(run)
     return {
         "trial": number,
         "run": run.url.rstrip("/").rsplit("/", 1)[-1],
@@ -120,6 +157,13 @@ def trial_record(
         # device-hours: the training steps' time on every process of the run
         "device_hours": round(busy_s * world_size / 3600, 4),
         "minutes": round(seconds / 60, 2),
+        # the cluster's failures its flow resubmitted (or rolled back past): the trial's, not the search's
+        "submissions": len(subs),
+        "interruptions": [
+            f"{s.get('state')} at step {s.get('end_step')} ({s.get('reason')}): {s.get('next')}"
+            for s in subs
+            if s.get("next") not in ("done", "stop", "held")
+        ],
         "message": message[:500],
     }
 
@@ -134,7 +178,8 @@ async def promote(p: SweepParams, study, frozen, log) -> dict[str, Any]:
     t0 = time.time()
     state, result, message = "failed", None, ""
     try:
-        result = await pretrain.with_options(flow_run_name=f"{name}-promoted")(params)
+        async with trial_slot(p):
+            result = await pretrain.with_options(flow_run_name=f"{name}-promoted")(params)
         state = "completed"
     except Exception as err:
         message = str(err) if isinstance(err, FlowFailure) else f"{type(err).__name__}: {err}"

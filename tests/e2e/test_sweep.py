@@ -61,6 +61,9 @@ def test_a_sweep_prunes_the_trial_that_is_behind_records_the_failed_one_and_name
         "trials": 4,
         "max_concurrent": 2,
     }
+    # and one that fails for the cluster's reasons: every trial's processes die at step 12 once, as on a node
+    # that fails; only the trial that gets that far meets it, and its own flow resubmits it
+    space["overrides"] = [*RUN, "debug.die_at_step=12"]
     p = _params(tmp_path, demo_data, space, pruner="halving", min_steps=5)
     result = asyncio.run(sweep(p))
 
@@ -91,6 +94,11 @@ def test_a_sweep_prunes_the_trial_that_is_behind_records_the_failed_one_and_name
         "debug.fault_steps": "[]",
     }
     assert (result["completed"], result["pruned"], result["failed"]) == (1, 1, 2)
+    good_run = f"s-t{good.number:03d}"
+    assert result["resubmitted"] == {
+        good_run: ["failed at step 10 (killed by signal 9): resubmit"]
+    }  # resumed from its checkpoint at step 10, then completed
+    assert good.user_attrs["result"]["submissions"] == 2
     assert (tmp_path / "store" / "sweeps" / "s" / "curves.png").exists()
 
     from prefect.client.orchestration import get_client
@@ -115,7 +123,8 @@ def test_a_sweep_prunes_the_trial_that_is_behind_records_the_failed_one_and_name
     # promoted: the pruned trial resumes from its checkpoint and runs to its end; nothing else runs
     promoted = asyncio.run(sweep(p.model_copy(update={"promote": [slow.number]})))
     subs = read_jsonl(slow_run / "submissions.jsonl")
-    assert [s["next"] for s in subs] == ["held", "done"]
+    # it meets the node failure at step 12 on its way, and its flow resubmits it too
+    assert [s["next"] for s in subs] == ["held", "resubmit", "done"]
     assert subs[1]["start_step"] == subs[0]["end_step"]  # resumed, not started over
     assert read_jsonl(slow_run / "metrics.jsonl")[-1]["step"] == 29
     assert not (slow_run / "hold.json").exists()
@@ -268,3 +277,59 @@ def test_a_sweep_over_model_sizes_fits_loss_against_compute(prefect_server, demo
         abs(fit["E"] + fit["A"] * c ** -fit["alpha"] - v) for c, v in zip(compute, losses)
     ) < (fit["rmse"] * 3 + 1e-6)  # the law it reports is the one through its points
     assert (tmp_path / "store" / "sweeps" / "s" / "scaling.png").stat().st_size > 0
+
+
+def test_sweeps_that_name_one_concurrency_limit_share_it(prefect_server, demo_data, tmp_path):
+    """Two sweeps at once, two trials each and two at a time of their own, under a Prefect global concurrency
+    limit of 1: one trial at a time in all. A limit the server lacks is refused before any trial."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    from flows.pretrain import FlowFailure
+
+    space = {
+        "overrides": fast_run(6, val_every=3, checkpoint_every=3),
+        "dimensions": [{"key": "optim.max_lr", "choices": [1e-2, 1e-3]}],
+        "sampler": "grid",
+        "trials": 2,
+        "max_concurrent": 2,
+    }
+
+    def params(name, limit):
+        p = _params(tmp_path, demo_data, space, pruner="none", concurrency_limit=limit)
+        return p.model_copy(update={"name": name})
+
+    with pytest.raises(FlowFailure, match="prefect gcl create nowhere --limit N"):
+        asyncio.run(sweep(params("x", "nowhere")))
+    assert not (tmp_path / "store" / "runs" / "x-t000").exists()  # no trial started
+
+    async def both():
+        async with get_client() as client:
+            await client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name="trials", limit=1)
+            )
+        return await asyncio.gather(sweep(params("a", "trials")), sweep(params("b", "trials")))
+
+    results = asyncio.run(both())
+    assert [r["completed"] for r in results] == [2, 2]
+
+    async def trial_runs():
+        async with get_client() as client:
+            names = [f"{s}-t{i:03d}" for s in "ab" for i in range(2)]
+            return await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=names))
+            )
+
+    runs = asyncio.run(trial_runs())
+    assert len(runs) == 4 and all(r.state.is_completed() for r in runs)
+    edges = sorted(
+        [(r.start_time.timestamp(), 1) for r in runs]
+        + [(r.end_time.timestamp(), -1) for r in runs],
+        key=lambda e: (e[0], e[1]),
+    )
+    now = most = 0
+    for _, d in edges:
+        now += d
+        most = max(most, now)
+    assert most == 1  # each sweep would have run two at once alone
