@@ -4,9 +4,10 @@
     python bench/recipe_compare.py --data store/data/pydoc --scale small --steps 1500 --seeds 0
     python bench/recipe_compare.py --render bench/results/recipe_compare-X.json
 
-Each run is `python -m training.train` on the shards at `--data` (bench/prepare_pydoc.py makes a real-text
-corpus this machine can get: the Python documentation from its Debian package), one after the other on this
-machine. Scales: `demo` (configs/demo.toml: 3 layers of 64, ~3.4M parameters, most of them the embedding) and
+Each run is `python -m training.train` on the shards at `--data` (bench/prepare_docs.py makes a real-text
+corpus this machine can get from Debian's documentation packages: `--packages python3.11-doc` is the
+Python documentation alone, the corpus the results in bench/results/ were measured on), one after the other on
+this machine. Scales: `demo` (configs/demo.toml: 3 layers of 64, ~3.4M parameters, most of them the embedding) and
 `small` (6 layers of 256, ~17.6M). Recipes:
 
 - `build-nanogpt`: the preset as it is (AdamW, cosine, learned positions, tied head, tanh-GELU);
