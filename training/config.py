@@ -212,6 +212,12 @@ class OptimConfig(_Section):
     muon_weight_decay: float = Field(0.0, ge=0)
 
 
+_NO_ROOM_TO_GROW = (
+    "train.batch_warmup_steps grows the batch in whole micro-batches, but at {0} x {1} tokens per micro-batch "
+    "on {2} rank(s) the batch is one micro-batch: lower train.micro_batch"
+)
+
+
 class TrainConfig(_Section):
     run_dir: str = Field(
         "runs/default", description="fsspec URL everything this run writes goes under"
@@ -221,6 +227,16 @@ class TrainConfig(_Section):
         524288, gt=0, description="tokens per optimizer step, all ranks"
     )
     micro_batch: int = Field(64, gt=0, description="sequences per rank per micro-step")
+    batch_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="grow the batch over this many first steps, from batch_warmup_start of "
+        "total_batch_tokens to all of it, in whole micro-batches (so it needs gradient accumulation: "
+        "micro_batch x seq_len x ranks below total_batch_tokens); 0 = build-nanogpt's fixed batch",
+    )
+    batch_warmup_start: float = Field(
+        0.25, gt=0, le=1, description="the first step's share of the batch, with batch_warmup_steps"
+    )
     seq_len: int = Field(1024, gt=0)
     seed: int = Field(1337, ge=0, le=2**32 - 1, description="numpy takes seeds of 32 bits")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -432,6 +448,8 @@ class RunConfig(_Section):
                 f"train.total_batch_tokens ({t.total_batch_tokens}) must be divisible by "
                 f"train.micro_batch x train.seq_len ({t.micro_batch} x {t.seq_len} = {per_micro})"
             )
+        if t.batch_warmup_steps and t.total_batch_tokens == per_micro:
+            raise ValueError(_NO_ROOM_TO_GROW.format(t.micro_batch, t.seq_len, 1))
         return self
 
     def grad_accum_steps(self, world_size: int) -> int:
@@ -444,7 +462,18 @@ class RunConfig(_Section):
                 f"train.micro_batch x train.seq_len x world_size "
                 f"({t.micro_batch} x {t.seq_len} x {world_size} = {per_step})"
             )
+        if t.batch_warmup_steps and t.total_batch_tokens == per_step:
+            raise ConfigError(_NO_ROOM_TO_GROW.format(t.micro_batch, t.seq_len, world_size))
         return t.total_batch_tokens // per_step
+
+    def micro_steps(self, batch: int, world_size: int) -> int:
+        """Micro-steps of data batch `batch` on each rank: all of them, or fewer during the batch warm-up (a
+        function of the batch alone, so a resumed or rolled-back run reads the data it would have)."""
+        full, t = self.grad_accum_steps(world_size), self.train
+        if batch >= t.batch_warmup_steps:
+            return full
+        share = t.batch_warmup_start + (1 - t.batch_warmup_start) * batch / t.batch_warmup_steps
+        return max(1, min(full, round(full * share)))
 
     def val_steps_per_rank(self, world_size: int) -> int:
         t, v = self.train, self.eval.val_tokens

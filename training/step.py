@@ -44,11 +44,12 @@ def train_step(
     lr: float,
     judge: Callable[[float, float], str | None] | None = None,
     loss_scale: float = 1.0,
+    micro_steps: int | None = None,
 ) -> StepResult:
     """One step at `lr`. `judge(loss, norm)` sees the step's loss and gradient norm before the optimizer moves
     and returns a reason to skip its update, or None to apply it. `loss_scale` poisons the step on purpose
     (the `debug` section's faults); 1.0 otherwise."""
-    loss, norm = _gradients(s, loss_scale)
+    loss, norm = _gradients(s, loss_scale, micro_steps or s.grad_accum)
     skipped = judge(loss.item(), norm.item()) if judge is not None else None
     if skipped is not None:
         s.optimizer.zero_grad(set_to_none=True)  # no weight and no optimizer state moves
@@ -60,21 +61,23 @@ def train_step(
     return StepResult(loss, norm)
 
 
-def _gradients(s: StepSetup, loss_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _gradients(
+    s: StepSetup, loss_scale: float, micro_steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The accumulated gradients of one step's micro-batches (clipped), its loss and gradient norm."""
     s.model.train()
     s.optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=s.device)
-    for micro in range(s.grad_accum):
+    for micro in range(micro_steps):
         x, y = s.next_batch()
         x = x.to(s.device, non_blocking=True).long()  # uint16 over the wire, widened on the device
         y = y.to(s.device, non_blocking=True).long()
-        last = micro == s.grad_accum - 1
+        last = micro == micro_steps - 1
         with s.model.no_sync() if s.ddp and not last else nullcontext():  # type: ignore[operator]
             amp = s.autocast_dtype
             with torch.autocast(s.device.type, dtype=amp) if amp else nullcontext():
                 _, loss = s.model(x, y, loss_chunk=s.loss_chunk) if s.loss_chunk else s.model(x, y)
-            loss = loss / s.grad_accum  # the gradient of the mean over the whole batch
+            loss = loss / micro_steps  # the gradient of the mean over the whole batch
             if loss_scale != 1.0:
                 loss = loss * loss_scale
             loss_accum += loss.detach()

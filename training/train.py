@@ -469,6 +469,7 @@ class Trainer:
             lr,
             judge=lambda loss, norm: self.guard.check(step, batch, loss, norm),
             loss_scale=self.poison.loss_scale(step, batch),
+            micro_steps=self._micro_steps(batch),
         )
         self.batch += 1
         if self.device.type == "cuda":
@@ -489,20 +490,40 @@ class Trainer:
             )
         return record
 
+    def _micro_steps(self, batch: int) -> int:
+        """Micro-batches of data batch `batch` per rank (fewer than grad_accum during a batch warm-up)."""
+        if batch >= self.cfg.train.batch_warmup_steps:
+            return self.grad_accum
+        return self.cfg.micro_steps(batch, self.info.world_size)
+
+    def _batch_tokens(self, batch: int) -> int:
+        t = self.cfg.train
+        return self._micro_steps(batch) * t.micro_batch * t.seq_len * self.info.world_size
+
+    def _tokens_through(self, step: int) -> int:
+        """Tokens trained on up to and including `step` (the batches of a warm-up are smaller)."""
+        t = self.cfg.train
+        warm = min(step + 1, t.batch_warmup_steps)
+        return (
+            sum(self._batch_tokens(b) for b in range(warm))
+            + (step + 1 - warm) * t.total_batch_tokens
+        )
+
     def _step_record(
         self, step: int, batch: int, lr: float, result: StepResult, dt: float
     ) -> dict[str, Any]:
         """The step's line of metrics.jsonl."""
         t = self.cfg.train
+        share = self._batch_tokens(batch) / t.total_batch_tokens
         record: dict[str, Any] = {
             "step": step,
             "loss": result.loss.item(),
             "lr": lr,
             "grad_norm": float(result.norm),
             "step_ms": 1000 * dt,
-            "tokens_per_s": t.total_batch_tokens / dt,
-            "tokens_seen": (step + 1) * t.total_batch_tokens,
-            "mfu": self.flops_per_step / dt / (self.peak * self.info.world_size)
+            "tokens_per_s": self._batch_tokens(batch) / dt,
+            "tokens_seen": self._tokens_through(step),
+            "mfu": share * self.flops_per_step / dt / (self.peak * self.info.world_size)
             if self.peak
             else None,
             "mem_gb": torch.cuda.max_memory_allocated(self.device) / 1e9
@@ -531,7 +552,7 @@ class Trainer:
         """Before a step that would read data inside a skip range, move the loader to the range's end."""
         for start, stop in self.skip_ranges:
             if start <= self.batch < stop:
-                self.loader.skip((stop - self.batch) * self.grad_accum)
+                self.loader.skip(sum(self._micro_steps(b) for b in range(self.batch, stop)))
                 log.info("passing over data batches %d:%d (data.skip_batches)", self.batch, stop)
                 self.batch = stop
 

@@ -131,6 +131,30 @@ def test_the_fast_recipe_trains_resumes_bit_exactly_and_runs_under_ddp(demo_data
         assert r1["loss"] == pytest.approx(r2["loss"], abs=1e-4)
 
 
+def test_a_batch_warm_up_grows_the_batch_in_whole_micro_batches_and_resumes_bit_exactly(
+    demo_data, one_process, tmp_path
+):
+    """From a quarter of the batch to all of it over 4 steps, in micro-batches of 2 x 32 tokens (4 make the
+    batch): 1, 2, 2, 3, then 4 each; stopped inside the warm-up and resumed, the same trace bit for bit."""
+    warm = ["batch_warmup_steps=4", "batch_warmup_start=0.25"]
+    straight = tmp_path / "straight"
+    run_train(demo_data, straight, *warm)
+    m = metrics(straight)
+    micro = [1, 2, 2, 3, 4, 4, 4, 4]
+    assert [r["tokens_seen"] for r in m] == [64 * sum(micro[: i + 1]) for i in range(8)]
+    assert (
+        m[0]["loss"] != metrics(one_process)[0]["loss"]
+    )  # a smaller first batch, not the same step
+    split = tmp_path / "split"
+    run_train(demo_data, split, *warm, "stop_after_steps=2", expect=REQUEUE)
+    run_train(demo_data, split, *warm)
+    assert losses(split) == losses(straight)
+    # a batch of one micro-batch has nothing to grow by: one line, before anything runs
+    p = run_train(demo_data, tmp_path / "bad", *warm, "micro_batch=8", expect=2)
+    assert "train.batch_warmup_steps grows the batch in whole micro-batches" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
 @pytest.mark.slow
 def test_compiled_ddp_with_the_chunked_loss_matches_one_plain_process(demo_data, tmp_path):
     """The multi-GPU combination (DDP + torch.compile + train.loss_chunk) learns what the plain path learns."""
