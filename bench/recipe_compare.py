@@ -16,7 +16,8 @@ this machine. Scales: `demo` (configs/demo.toml: 3 layers of 64, ~3.4M parameter
   (data.align_docs) are left out: each row starts at a document, so the rest of a document longer than a row
   is passed over, and the Python documentation's ~7,000-token documents in 128-token rows would leave 2% of
   the text to train on (the model memorises it: train loss 0.5, val loss rising);
-- `--ablate`: the fast recipe less one switch at a time, to see what each is worth here.
+- `--ablate`: the fast recipe less one switch at a time, to see what each is worth here;
+- `--batch-warmup STEPS`: the fast recipe with the batch growing over its first STEPS steps as well.
 
 Reported per recipe (mean over the seeds, and each seed in the JSON): the final val loss at equal tokens, the
 val loss each recipe had reached when the faster-finishing one was done (equal wall time), the tokens the fast
@@ -70,7 +71,7 @@ SCALES = {
 }
 
 
-def recipes(ablate: bool) -> dict[str, list[str]]:
+def recipes(ablate: bool, batch_warmup: int = 0) -> dict[str, list[str]]:
     fast = [f"{k}={v}" for k, v in FAST.items()]
     out = {"build-nanogpt": [], "fast": fast}
     if ablate:
@@ -78,6 +79,8 @@ def recipes(ablate: bool) -> dict[str, list[str]]:
             out[f"fast - {key.split('.')[-1]}"] = [
                 f"{k}={off if k == key else v}" for k, v in FAST.items()
             ]
+    if batch_warmup:
+        out["fast + batch warm-up"] = [*fast, f"batch_warmup_steps={batch_warmup}"]
     return out
 
 
@@ -93,6 +96,7 @@ def train(a: argparse.Namespace, work: Path, name: str, overrides: list[str], se
         f"checkpoint_every={a.steps}",
         "log_every=10",
         *SCALES[a.scale],
+        *a.set,
         *overrides,
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONUNBUFFERED="1")
@@ -245,6 +249,21 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--ablate", action="store_true", help="also the fast recipe less one switch at a time"
     )
+    ap.add_argument(
+        "--batch-warmup",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also the fast recipe with a batch-size warm-up over this many steps (it grows in whole "
+        "micro-batches: give a micro_batch below the batch with --set)",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every recipe (e.g. micro_batch=2)",
+    )
     ap.add_argument("--work", help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--out", help="results JSON (and its .png of the curves)")
     ap.add_argument("--render", help="print the table of a results JSON and exit")
@@ -268,7 +287,7 @@ def main(argv=None) -> int:
     rows = []
     # seeds outermost: an interrupted comparison still compares the recipes on the seeds it did (--collect)
     for seed in seeds:
-        for name, overrides in recipes(a.ablate).items():
+        for name, overrides in recipes(a.ablate, a.batch_warmup).items():
             if a.collect:
                 run = work / f"{name.replace(' ', '')}-seed{seed}"
                 done = run / "result.json"
@@ -283,7 +302,7 @@ def main(argv=None) -> int:
                 flush=True,
             )
     if a.collect:  # the seeds every recipe finished
-        names = set(recipes(a.ablate))
+        names = set(recipes(a.ablate, a.batch_warmup))
         whole = [x for x in seeds if {r["recipe"] for r in rows if r["seed"] == x} == names]
         if not whole:
             ap.error(f"no seed in {work} that every recipe finished")
