@@ -149,6 +149,23 @@ def test_a_batch_warm_up_grows_the_batch_in_whole_micro_batches_and_resumes_bit_
     run_train(demo_data, split, *warm, "stop_after_steps=2", expect=REQUEUE)
     run_train(demo_data, split, *warm)
     assert losses(split) == losses(straight)
+    # data passed over (a rollback's skip) is passed over in the warm-up's sizes: 2 steps after skipping
+    # batches 1 and 2 leave the loader where 4 straight steps do (1 + [2 + 2] + 3 micro-batches)
+    skipped = tmp_path / "skipped"
+    run_train(
+        demo_data, skipped, *warm, "data.skip_batches=['1:3']", "stop_after_steps=2", expect=REQUEUE
+    )
+    four = tmp_path / "four"
+    run_train(demo_data, four, *warm, "stop_after_steps=4", expect=REQUEUE)
+    loader = [ck.latest_checkpoint(str(r)).rank_state(0)["loader"] for r in (skipped, four)]
+    assert loader[0] == loader[1]
+    # two ranks: micro-batches of 2 x 2 x 32 tokens, 2 make the batch: 1, 1, 1, 2, then 2 each
+    ddp = tmp_path / "ddp"
+    run_train(demo_data, ddp, *warm, nproc=2)
+    micro2 = [1, 1, 1, 2, 2, 2, 2, 2]
+    assert [r["tokens_seen"] for r in metrics(ddp)] == [
+        128 * sum(micro2[: i + 1]) for i in range(8)
+    ]
     # a batch of one micro-batch has nothing to grow by: one line, before anything runs
     p = run_train(demo_data, tmp_path / "bad", *warm, "micro_batch=8", expect=2)
     assert "train.batch_warmup_steps grows the batch in whole micro-batches" in p.stderr
