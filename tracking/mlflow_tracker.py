@@ -231,6 +231,7 @@ class MlflowSweep:
         self.trials = MlflowTracker(uri, experiment)  # the client, experiment and link
         self.client = self.trials.client
         self.run_id: str | None = None
+        self.reconciled = False
 
     def open(self, sweep_url: str, name: str, known: str | None, settings: dict[str, Any]) -> str:
         exp_id = self.trials._experiment_id()
@@ -258,6 +259,11 @@ class MlflowSweep:
         self._adopt(summary.url)
         now_ms = int(time.time() * 1000)
         sent = set(delivered.setdefault("trials", []))
+        if not self.reconciled:  # what a mirror that died before saving its record had sent already
+            held = {m.step for m in self.client.get_metric_history(rid, "trial_final_val_loss")}
+            delivered["trials"] += sorted(held - sent)
+            sent |= held
+            self.reconciled = True
         best = delivered.get("best")
         for t in summary.trials:
             if t.trial in sent or not t.finished() or t.final_val_loss is None:

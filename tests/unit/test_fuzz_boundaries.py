@@ -105,6 +105,30 @@ TRAIN_STATE = {"step": 5, "world_size": 1, "code_version": "x", "config": {}, "d
 LEASE = {"owner": "trainer", "host": "h", "pid": 1, "token": "t", "renewed": 1.0, "ttl_s": 60}
 
 
+SWEEP_SUMMARY = {
+    "sweep": "s",
+    "url": "store/sweeps/s",
+    "settings": {"pruner": "halving"},
+    "trials": [
+        {"trial": 0, "run": "s-t000", "params": {"optim.max_lr": 0.01}, "state": "completed"}
+    ],
+    "winner": 0,
+    "finished": True,
+}
+
+
+@given(mutations(SWEEP_SUMMARY) | mutations(SWEEP_SUMMARY["trials"][0]).map(
+    lambda t: {**SWEEP_SUMMARY, "trials": [t]}) | JSON)  # fmt: skip
+def test_sweep_summaries_are_a_summary_or_a_value_error(obj):
+    """What the sweep's tracker mirror reads (common/sweep_summary.py): a summary, or refused as one."""
+    from common.sweep_summary import SweepSummary
+
+    try:
+        SweepSummary.model_validate(obj).content_hash()
+    except ValueError:
+        pass
+
+
 @given(mutations(RANK_EXIT) | JSON)
 def test_rank_exit_records(obj):
     try:
