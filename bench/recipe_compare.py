@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -86,6 +87,8 @@ def recipes(ablate: bool, batch_warmup: int = 0) -> dict[str, list[str]]:
 
 def train(a: argparse.Namespace, work: Path, name: str, overrides: list[str], seed: int) -> dict:
     run = work / f"{name.replace(' ', '')}-seed{seed}"
+    if run.exists():  # an interrupted run of an earlier comparison: start it over
+        shutil.rmtree(run)
     sets = [
         f"run_dir={run}",
         f"data_url={a.data}",
@@ -112,6 +115,15 @@ def train(a: argparse.Namespace, work: Path, name: str, overrides: list[str], se
     if p.returncode != 0:
         raise RuntimeError(f"{name} seed {seed} failed:\n{p.stderr[-3000:]}")
     return collected(run, name, seed, time.time() - t0)
+
+
+def finished(run: Path, steps: int) -> bool:
+    """Whether `run` trained to the end of this comparison's steps (a run of another length is not it)."""
+    done = run / "result.json"
+    if not done.exists():
+        return False
+    result = json.loads(done.read_text())
+    return bool(result.get("complete")) and result.get("final_step") == steps
 
 
 def collected(run: Path, name: str, seed: int, wall_s: float | None = None) -> dict:
@@ -151,11 +163,21 @@ def tokens_to(curve: list, target: float) -> float | None:
     return curve[0][0] if curve and curve[0][2] <= target else None
 
 
+def mean_of_all(values: list[float | None]) -> float | None:
+    """The mean, or None when any seed lacks the figure (a curve that never reached it)."""
+    known = [v for v in values if v is not None]
+    return statistics.mean(known) if known and len(known) == len(values) else None
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     names = list(dict.fromkeys(r["recipe"] for r in rows))
     base = [r for r in rows if r["recipe"] == "build-nanogpt"]
     target = statistics.mean(r["final_val"] for r in base)
     base_tokens = statistics.mean(r["curve"][-1][0] for r in base)
+    # a batch warm-up trains fewer tokens in the same steps: every recipe is also read at the fewest any reached
+    fewest = min(r["curve"][-1][0] for r in rows)
+    fast = [r for r in rows if r["recipe"] == "fast"]
+    fast_target = statistics.mean(r["final_val"] for r in fast) if fast else None
     out = []
     for name in names:
         mine = [r for r in rows if r["recipe"] == name]
@@ -163,8 +185,10 @@ def summarise(rows: list[dict]) -> list[dict]:
             statistics.mean(r["curve"][-1][1] for r in base),
             statistics.mean(r["curve"][-1][1] for r in mine),
         )
-        at_wall = [at(r["curve"], wall, 1) for r in mine]
-        reach = [tokens_to(r["curve"], target) for r in mine]
+        reach = mean_of_all([tokens_to(r["curve"], target) for r in mine])
+        to_fast = [
+            None if fast_target is None else tokens_to(r["curve"], fast_target) for r in mine
+        ]
         out.append(
             {
                 "recipe": name,
@@ -172,16 +196,15 @@ def summarise(rows: list[dict]) -> list[dict]:
                 "final_val": statistics.mean(r["final_val"] for r in mine),
                 "final_val_spread": max(r["final_val"] for r in mine)
                 - min(r["final_val"] for r in mine),
-                "val_at_equal_wall": statistics.mean(v for v in at_wall if v is not None)
-                if all(v is not None for v in at_wall)
-                else None,
+                "tokens": statistics.mean(r["curve"][-1][0] for r in mine),
+                "val_at_equal_tokens": mean_of_all([at(r["curve"], fewest, 0) for r in mine]),
+                "equal_tokens": fewest,
+                "val_at_equal_wall": mean_of_all([at(r["curve"], wall, 1) for r in mine]),
                 "equal_wall_s": round(wall, 1),
-                "tokens_to_baseline": statistics.mean(reach)
-                if all(v is not None for v in reach)
-                else None,
-                "token_ratio": statistics.mean(reach) / base_tokens
-                if all(v is not None for v in reach)
-                else None,
+                "tokens_to_baseline": reach,
+                "token_ratio": None if reach is None else reach / base_tokens,
+                # the tokens to the fast recipe's final val loss: what a change to the fast recipe saves
+                "tokens_to_fast": mean_of_all(to_fast),
                 "step_ms": statistics.median(r["step_ms"] for r in mine),
             }
         )
@@ -190,14 +213,24 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def table(res: dict) -> str:
     s = res["settings"]
+    summary = res["summary"]
+    # recipes that trained different tokens in the same steps (a batch warm-up) are also read at the fewest
+    uneven = len({r.get("tokens") for r in summary}) > 1
+    head = "| recipe | final val loss (equal tokens) | val loss at equal wall time | tokens to build-nanogpt's "
+    head += "final val loss | step |"
+    if uneven:
+        head = (
+            f"| recipe | tokens | final val loss | val loss at {summary[0]['equal_tokens']:,.0f} tokens | val "
+            "loss at equal wall time | tokens to build-nanogpt's final val loss | tokens to the fast "
+            "recipe's final val loss | step |"
+        )
     lines = [
         f"scale {s['scale']}, {s['steps']} steps, seeds {s['seeds']}, data {s['data']}",
         "",
-        "| recipe | final val loss (equal tokens) | val loss at equal wall time | tokens to build-nanogpt's "
-        "final val loss | step |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        head,
+        "| --- |" + " ---: |" * (head.count("|") - 2),
     ]
-    for r in res["summary"]:
+    for r in summary:
         wall = (
             "-"
             if r["val_at_equal_wall"] is None
@@ -210,9 +243,20 @@ def table(res: dict) -> str:
             if r["token_ratio"] is None
             else f"{r['tokens_to_baseline']:,.0f} ({r['token_ratio']:.2f}x)"
         )
+        final = f"{r['final_val']:.4f} ± {r['final_val_spread'] / 2:.4f}"
+        if not uneven:
+            lines.append(f"| {r['recipe']} | {final} | {wall} | {reach} | {r['step_ms']:.0f} ms |")
+            continue
+        to_fast = (
+            "(the target)"
+            if r["recipe"] == "fast"
+            else "never"
+            if r.get("tokens_to_fast") is None
+            else f"{r['tokens_to_fast']:,.0f}"
+        )
         lines.append(
-            f"| {r['recipe']} | {r['final_val']:.4f} ± {r['final_val_spread'] / 2:.4f} | {wall} | {reach} | "
-            f"{r['step_ms']:.0f} ms |"
+            f"| {r['recipe']} | {r['tokens']:,.0f} | {final} | {r['val_at_equal_tokens']:.4f} | {wall} | "
+            f"{reach} | {to_fast} | {r['step_ms']:.0f} ms |"
         )
     lines += ["", measured_on(res)]
     return "\n".join(lines)
@@ -288,11 +332,14 @@ def main(argv=None) -> int:
     # seeds outermost: an interrupted comparison still compares the recipes on the seeds it did (--collect)
     for seed in seeds:
         for name, overrides in recipes(a.ablate, a.batch_warmup).items():
+            run = work / f"{name.replace(' ', '')}-seed{seed}"
+            if finished(
+                run, a.steps
+            ):  # a comparison run again in the same --work trains only what it lacks
+                rows.append(collected(run, name, seed))
+                print(f"  {name} seed {seed}: trained before", file=sys.stderr, flush=True)
+                continue
             if a.collect:
-                run = work / f"{name.replace(' ', '')}-seed{seed}"
-                done = run / "result.json"
-                if done.exists() and json.loads(done.read_text()).get("complete"):
-                    rows.append(collected(run, name, seed))
                 continue
             rows.append(train(a, work, name, overrides, seed))
             r = rows[-1]

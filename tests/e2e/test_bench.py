@@ -326,11 +326,29 @@ def test_recipe_comparison_runs_both_recipes_side_by_side_and_its_arithmetic_hol
         3.2
     )
     assert s["build-nanogpt"]["val_at_equal_wall"] == pytest.approx(3.0)
+    # a batch warm-up trains fewer tokens in the same steps: every recipe is also read at the fewest tokens
+    warm = [(500, 10.0, 3.6), (1500, 30.0, 3.0), (3500, 70.0, 2.5)]
+    rows.append(
+        {"recipe": "fast + batch warm-up", "curve": warm, "final_val": 2.5, "step_ms": 20.0}
+    )
+    s = {r["recipe"]: r for r in rc.summarise(rows)}
+    assert s["fast"]["equal_tokens"] == 3500
+    # fast at 3,500 tokens: halfway from 2.8 to 2.6; the warm-up reaches fast's 2.6 80% of the way to 3,500
+    assert s["fast"]["val_at_equal_tokens"] == pytest.approx(2.7)
+    assert s["fast + batch warm-up"]["tokens_to_fast"] == pytest.approx(3100)
+    assert s["fast + batch warm-up"]["token_ratio"] == pytest.approx(1500 / 4000)
+    machine = {"cpus": 2, "cpu_model": "x", "torch": "t", "python": "p"}
+    settings = {"scale": "demo", "steps": 3, "seeds": "0", "data": "d"}
+    md = rc.table(
+        {"settings": settings, "summary": list(s.values()), "machine": machine, "time": "t"}
+    )
+    assert "| val loss at 3,500 tokens |" in md and "| fast + batch warm-up | 3,500 |" in md
 
     out = tmp_path / "r.json"
     p = subprocess.run(
         [sys.executable, "bench/recipe_compare.py", "--data", demo_data, "--steps", "6"]
-        + ["--val-every", "3", "--seeds", "0", "--threads", "1", "--out", str(out)],
+        + ["--val-every", "3", "--seeds", "0", "--threads", "1", "--out", str(out)]
+        + ["--work", str(tmp_path / "runs")],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -342,3 +360,14 @@ def test_recipe_comparison_runs_both_recipes_side_by_side_and_its_arithmetic_hol
     assert all(len(r["curve"]) == 3 for r in res["rows"])  # validations at steps 0, 3 and the last
     assert "| fast |" in p.stdout and "Measured on" in p.stdout
     assert out.with_suffix(".png").stat().st_size > 1000
+    # run again on the same runs: nothing is trained twice, and the comparison is the same
+    again = subprocess.run(
+        p.args[:-4] + ["--out", str(tmp_path / "again.json"), "--work", str(tmp_path / "runs")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("trained before") == 2
+    assert json.loads((tmp_path / "again.json").read_text())["summary"] == res["summary"]
