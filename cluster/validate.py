@@ -33,7 +33,7 @@ class NodeInfo:
     ] = ()  # the type names of its Gres ("h100" of gpu:h100:8), when it has them
 
 
-SLURM_COMMANDS = ("sbatch", "squeue", "sacct", "scancel", "sinfo")
+SLURM_COMMANDS = ("sbatch", "srun", "squeue", "sacct", "scancel", "sinfo")
 
 
 def require_slurm_client() -> None:

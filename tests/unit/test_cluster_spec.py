@@ -67,6 +67,17 @@ def test_cpu_spec_requests_no_gres(tmp_path):
     )
 
 
+def test_a_job_script_is_written_where_slurm_is_not_and_a_submission_there_is_refused_in_one_line(
+    tmp_path, monkeypatch
+):
+    from cluster.validate import SpecError, require_slurm_client
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun, no sbatch: a laptop, or a CI machine
+    assert "#SBATCH --nodes=2\n" in sbatch_text(JobSpec(nodes=2, folder=str(tmp_path)))
+    with pytest.raises(SpecError, match=r"no Slurm client on this machine \(sbatch, srun, squeue"):
+        require_slurm_client()
+
+
 def test_containers(tmp_path):
     pyxis = sbatch_text(
         JobSpec(
