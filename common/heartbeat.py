@@ -123,11 +123,13 @@ def read_heartbeats(run: RunDir, strict: bool = False) -> dict[int, dict[str, An
         if not (name.startswith("rank-") and name.endswith(".json")):
             continue
         try:
+            rank = int(name[len("rank-") : -len(".json")])
             rec = json.loads(store.read_bytes(store.join(run.heartbeats, name)))
         except (OSError, ValueError):
             continue
-        if is_heartbeat(rec):
-            out[rec["rank"]] = rec
+        # a record that names another rank than its file's is no one's heartbeat: it would hide the rank it names
+        if is_heartbeat(rec) and rec["rank"] == rank:
+            out[rank] = rec
     return out
 
 

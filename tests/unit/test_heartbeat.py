@@ -177,6 +177,17 @@ def test_the_writer_beats_from_its_own_thread_with_the_loops_progress(tmp_path):
     assert json.loads((tmp_path / "heartbeats" / "rank-00003.json").read_text())["rank"] == 3
 
 
+def test_a_record_in_another_ranks_file_is_no_ones_heartbeat(tmp_path):
+    """Rank 0's file claiming rank 1 would stand in for rank 1, whose own beats (or silence) decide a hang."""
+    run = RunDir(str(tmp_path))
+    beats = tmp_path / "heartbeats"
+    beats.mkdir()
+    (beats / "rank-00000.json").write_text(json.dumps({"rank": 1, "world": 2, "pid": 7}))
+    (beats / "rank-00001.json").write_text(json.dumps({"rank": 1, "world": 2, "pid": 8}))
+    (beats / "rank-x.json").write_text(json.dumps({"rank": 0, "world": 2, "pid": 9}))
+    assert {r: b["pid"] for r, b in read_heartbeats(run).items()} == {1: 8}
+
+
 def test_a_job_requeued_inside_slurm_gets_its_startup_allowance_again(tmp_path):
     run, clock = RunDir(str(tmp_path)), Clock()
     det = HangDetector(run, RULES, owns=lambda rec: rec.get("process") == "p", clock=clock)
