@@ -3,6 +3,7 @@
     python bench/recipe_compare.py --data store/data/pydoc --scale demo --steps 600 --seeds 0,1,2
     python bench/recipe_compare.py --data store/data/pydoc --scale small --steps 1500 --seeds 0
     python bench/recipe_compare.py --render bench/results/recipe_compare-X.json
+    python bench/recipe_compare.py --merge A.json B.json --out C.json   # the same comparison on more seeds
 
 Each run is `python -m training.train` on the shards at `--data` (bench/prepare_docs.py makes a real-text
 corpus this machine can get from Debian's documentation packages: `--packages python3.11-doc` is the
@@ -312,6 +313,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", help="results JSON (and its .png of the curves)")
     ap.add_argument("--render", help="print the table of a results JSON and exit")
     ap.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="train nothing: one comparison of results files measured alike on other seeds (with --out)",
+    )
+    ap.add_argument(
         "--collect",
         action="store_true",
         help="train nothing: compare the runs of --work that reached --steps (an interrupted comparison)",
@@ -319,11 +326,50 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+# the settings that make two results one comparison (seeds, the work folder and the output aside)
+ALIKE = ("data", "scale", "steps", "val_every", "threads", "ablate", "batch_warmup", "set")
+
+
+def merge(ap: argparse.ArgumentParser, paths: list[str], out: str | None) -> int:
+    """Results of the same comparison on other seeds, on the same machine, as one comparison."""
+    parts = []
+    for path in paths:
+        try:
+            parts.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as err:
+            ap.error(f"cannot read {path}: {err}")
+    first = parts[0]
+    for path, res in zip(paths[1:], parts[1:], strict=True):
+        for key in ALIKE:  # a setting a file has not is its default (an older file's)
+            mine, theirs = (x["settings"].get(key, ap.get_default(key)) for x in (res, first))
+            if mine != theirs:
+                ap.error(
+                    f"{path} was measured with {key}={mine!r}, {paths[0]} with {theirs!r}: not one "
+                    "comparison"
+                )
+        if res["machine"] != first["machine"]:
+            ap.error(
+                f"{path} was measured on another machine than {paths[0]}: step times would not compare"
+            )
+    rows = [r for res in parts for r in res["rows"]]
+    runs = [(r["recipe"], r["seed"]) for r in rows]
+    if len(set(runs)) != len(runs):
+        ap.error("the files share a recipe and seed: merge results of other seeds")
+    seeds = sorted({r["seed"] for r in rows})
+    settings = dict(first["settings"], seeds=",".join(map(str, seeds)), out=out, merged=paths)
+    code = report(settings, rows, summarise(rows), table, out)
+    if out:
+        plot(json.loads(Path(out).read_text()), Path(out).with_suffix(".png"))
+    return code
+
+
 def main(argv=None) -> int:
     ap = _parser()
     a = ap.parse_args(argv)
     if a.render:
         return render(a.render, table)
+    if a.merge:
+        return merge(ap, a.merge, a.out)
     if not a.data:
         ap.error("--data is required")
     seeds = [int(x) for x in a.seeds.split(",")]

@@ -371,3 +371,19 @@ def test_recipe_comparison_runs_both_recipes_side_by_side_and_its_arithmetic_hol
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("trained before") == 2
     assert json.loads((tmp_path / "again.json").read_text())["summary"] == res["summary"]
+
+    # results of other seeds, measured alike, merge into one comparison; others are refused in one line
+    other = dict(res, rows=[dict(r, seed=1, final_val=r["final_val"] + 0.5) for r in res["rows"]])
+    (tmp_path / "seed1.json").write_text(json.dumps(other))
+    merged = tmp_path / "merged.json"
+    assert rc.main(["--merge", str(out), str(tmp_path / "seed1.json"), "--out", str(merged)]) == 0
+    both = {r["recipe"]: r for r in json.loads(merged.read_text())["summary"]}
+    assert both["fast"]["seeds"] == 2 and both["fast"]["final_val"] == pytest.approx(
+        {r["recipe"]: r for r in res["summary"]}["fast"]["final_val"] + 0.25
+    )
+    unlike = dict(other, settings=dict(other["settings"], steps=7))
+    (tmp_path / "unlike.json").write_text(json.dumps(unlike))
+    for files in ([out, tmp_path / "unlike.json"], [out, out]):
+        with pytest.raises(SystemExit) as refused:
+            rc.main(["--merge", *map(str, files), "--out", str(merged)])
+        assert refused.value.code == 2
