@@ -168,6 +168,9 @@ FAST_SWITCHES = {
     "optim.muon_lr",
     "optim.schedule",
     "optim.cooldown_frac",
+    "train.batch_warmup_steps",
+    "train.batch_warmup_start",
+    "train.micro_batch",  # how a step's batch is cut, not what it holds: room for a batch warm-up
     "train.run_dir",
     "train.max_steps",
     "name",
