@@ -20,6 +20,7 @@ from prefect import serve
 from common.cli import entry_point
 from common.errors import BadInput
 from common.layout import StoreLayout
+from common.store import is_local
 from flows.evaluate_checkpoint import evaluate_checkpoint
 from flows.params import EvaluationParams, PretrainParams
 from flows.prefect_server import api_problem
@@ -144,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     problem = api_problem()
     if problem:
         raise BadInput(problem)
+    if is_local(args.store):  # the demos' evaluation task, which their runs check before training
+        from evaluation.demo_task import build as stage_demo_task
+
+        stage_demo_task(args.store)
     serve(*deployments(args.executor, args.store))
     return 0
 

@@ -504,8 +504,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     if args.demo:
+        from evaluation.demo_task import build as stage_demo_task
         from flows.serve import demo_sweep_params
 
+        stage_demo_task("store")  # the trials' evaluation task, checked before any trial starts
         # through JSON: under `python -m` this module is __main__, whose SweepParams is the flow's type
         params = SweepParams.model_validate(demo_sweep_params("store").model_dump(mode="json"))
     else:

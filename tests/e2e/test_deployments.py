@@ -24,6 +24,8 @@ from helpers import (
     write_jsonl,
 )
 
+from common.layout import StoreLayout
+
 PREFECT = str(Path(sys.executable).parent / "prefect")
 
 SECRET = "s3cret-flow-0xBADC0DE"  # the store's secret key: must never show up in logs, artifacts or job files
@@ -749,6 +751,11 @@ def test_served_deployments_run_without_a_work_pool(prefect_api, demo_data, tmp_
                 "flows.serve did not register pretrain-124m:\n"
                 + (tmp_path / "serve.log").read_text()[-3000:]
             )
+        # the demos it serves run on a fresh store: the evaluation task they check before training is there
+        task = Path(StoreLayout(str(tmp_path / "store")).demo_eval)
+        assert (task / "demo_hellaswag.jsonl").stat().st_size and (
+            task / "demo_hellaswag.yaml"
+        ).exists()
         params = {
             "preset": "tiny",
             "store": str(tmp_path / "store"),
