@@ -160,7 +160,9 @@ def trial_record(
         # the cluster's failures its flow resubmitted (or rolled back past): the trial's, not the search's
         "submissions": len(subs),
         "interruptions": [
-            f"{s.get('state')} at step {s.get('end_step')} ({s.get('reason')}): {s.get('next')}"
+            # end_step is the last checkpoint (where it goes on from), not the step it was at
+            f"{s.get('state')} ({s.get('reason')}) after its checkpoint at step {s.get('end_step')}: "
+            f"{s.get('next')}"
             for s in subs
             if s.get("next") not in ("done", "stop", "held")
         ],

@@ -96,7 +96,7 @@ def test_a_sweep_prunes_the_trial_that_is_behind_records_the_failed_one_and_name
     assert (result["completed"], result["pruned"], result["failed"]) == (1, 1, 2)
     good_run = f"s-t{good.number:03d}"
     assert result["resubmitted"] == {
-        good_run: ["failed at step 10 (killed by signal 9): resubmit"]
+        good_run: ["failed (killed by signal 9) after its checkpoint at step 10: resubmit"]
     }  # resumed from its checkpoint at step 10, then completed
     assert good.user_attrs["result"]["submissions"] == 2
     assert (tmp_path / "store" / "sweeps" / "s" / "curves.png").exists()
