@@ -67,19 +67,7 @@ def in_flight(run: RunDir, executor: Executor) -> tuple[str | None, int]:
 
 def read_submissions(run: RunDir) -> list[dict[str, Any]]:
     """Every ended submission (submissions.jsonl), oldest first; a line torn by a killed writer is left out."""
-    try:
-        text = store.read_bytes(run.submissions).decode(errors="replace")
-    except FileNotFoundError:
-        return []
-    rows = []
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+    return store.read_jsonl(run.submissions)
 
 
 def record_start(run: RunDir, executor: Executor, number: int, sub: Submitted) -> None:

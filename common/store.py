@@ -227,6 +227,24 @@ def read_json(url: str) -> Any:
     return json.loads(read_bytes(url))
 
 
+def read_jsonl(url: str) -> list[dict[str, Any]]:
+    """The records of an append-only JSON-lines file, oldest first; none when it does not exist yet. A line torn
+    by a killed writer, or one that is no object, is left out."""
+    try:
+        text = read_bytes(url).decode(errors="replace")
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def exists(url: str) -> bool:
     fs, path = fs_and_path(url)
     return fs.exists(path)

@@ -50,22 +50,6 @@ class RunRecords:
         return (self.config.get("train") or {}).get("max_steps")
 
 
-def _jsonl(url: str) -> list[dict[str, Any]]:
-    try:
-        text = store.read_bytes(url).decode(errors="replace")
-    except FileNotFoundError:
-        return []
-    rows = []
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # torn by a killed writer
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
 def step_values(row: dict[str, Any]) -> dict[str, float]:
     """A metrics line's numbers (NaN and inf included: a diverging step is shown as it was), without its step."""
     return {
@@ -110,8 +94,8 @@ def read_records(
         rec.config = store.read_json(run.config)
     except (FileNotFoundError, ValueError):
         rec.config = {}
-    rec.samples = [r for r in _jsonl(run.samples) if "step" in r]
-    rec.rollbacks = _jsonl(run.rollbacks)
+    rec.samples = [r for r in store.read_jsonl(run.samples) if "step" in r]
+    rec.rollbacks = store.read_jsonl(run.rollbacks)
     rec.events = _events(run)
     rec.evaluations = _evaluations(run, rec.rollbacks, skip_evaluations)
     return rec
@@ -121,7 +105,7 @@ def _events(run: RunDir) -> list[dict[str, Any]]:
     """Every line of the run's event files (EVENT_FILES), in time order, as the trackers show them."""
     events = []
     for source, step_field in EVENT_FILES.items():
-        for r in _jsonl(getattr(run, source)):
+        for r in store.read_jsonl(getattr(run, source)):
             fallback = {"rollbacks": "rollback", "cordon": "cordon"}.get(source, source)
             events.append(
                 {
@@ -143,7 +127,7 @@ def _evaluations(
     a run evaluated without the flow (python -m evaluation.evaluate)."""
     out: dict[tuple[int, str], dict[str, float]] = {}
     undone = [(float(r.get("time", 0)), int(r.get("resume_step", 0))) for r in rollbacks]
-    for row in _jsonl(run.evaluations):
+    for row in store.read_jsonl(run.evaluations):
         step = row.get("step")
         if not isinstance(step, int) or any(
             row.get("time", 0) < t and step > resume for t, resume in undone
