@@ -61,9 +61,10 @@ def test_a_sweep_prunes_the_trial_that_is_behind_records_the_failed_one_and_name
         "trials": 4,
         "max_concurrent": 2,
     }
-    # and one that fails for the cluster's reasons: every trial's processes die at step 12 once, as on a node
-    # that fails; only the trial that gets that far meets it, and its own flow resubmits it
-    space["overrides"] = [*RUN, "debug.die_at_step=12"]
+    # and one that fails for the cluster's reasons: every trial's processes die at step 27 once, as on a node
+    # that fails; only the trial that gets that far meets it, and its own flow resubmits it. Late in the run: a
+    # pruned trial's hold lands a few polls after its rung, and at ~30 ms a step an early death would race it
+    space["overrides"] = [*RUN, "debug.die_at_step=27"]
     p = _params(tmp_path, demo_data, space, pruner="halving", min_steps=5)
     result = asyncio.run(sweep(p))
 
@@ -96,8 +97,8 @@ def test_a_sweep_prunes_the_trial_that_is_behind_records_the_failed_one_and_name
     assert (result["completed"], result["pruned"], result["failed"]) == (1, 1, 2)
     good_run = f"s-t{good.number:03d}"
     assert result["resubmitted"] == {
-        good_run: ["failed (killed by signal 9) after its checkpoint at step 10: resubmit"]
-    }  # resumed from its checkpoint at step 10, then completed
+        good_run: ["failed (killed by signal 9) after its checkpoint at step 25: resubmit"]
+    }  # resumed from its checkpoint at step 25, then completed
     assert good.user_attrs["result"]["submissions"] == 2
     assert (tmp_path / "store" / "sweeps" / "s" / "curves.png").exists()
 
