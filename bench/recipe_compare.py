@@ -335,9 +335,13 @@ def merge(ap: argparse.ArgumentParser, paths: list[str], out: str | None) -> int
     parts = []
     for path in paths:
         try:
-            parts.append(json.loads(Path(path).read_text()))
+            res = json.loads(Path(path).read_text())
         except (OSError, ValueError) as err:
             ap.error(f"cannot read {path}: {err}")
+        shape = {"settings": dict, "machine": dict, "rows": list}
+        if not (isinstance(res, dict) and all(isinstance(res.get(k), t) for k, t in shape.items())):
+            ap.error(f"{path} is not a results file of recipe_compare (settings, machine and rows)")
+        parts.append(res)
     first = parts[0]
     for path, res in zip(paths[1:], parts[1:], strict=True):
         for key in ALIKE:  # a setting a file has not is its default (an older file's)

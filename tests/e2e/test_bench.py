@@ -383,7 +383,8 @@ def test_recipe_comparison_runs_both_recipes_side_by_side_and_its_arithmetic_hol
     )
     unlike = dict(other, settings=dict(other["settings"], steps=7))
     (tmp_path / "unlike.json").write_text(json.dumps(unlike))
-    for files in ([out, tmp_path / "unlike.json"], [out, out]):
+    (tmp_path / "other.json").write_text(json.dumps({"rows": "x"}))
+    for files in ([out, tmp_path / "unlike.json"], [out, out], [out, tmp_path / "other.json"]):
         with pytest.raises(SystemExit) as refused:
             rc.main(["--merge", *map(str, files), "--out", str(merged)])
         assert refused.value.code == 2
