@@ -385,7 +385,8 @@ class DebugConfig(_Section):
         None,
         ge=0,
         description="every training process kills itself (SIGKILL, as on a node that fails) when it "
-        "reaches this step, once per run directory: the resubmission that resumes goes past it",
+        "reaches this step, once per run directory, after any checkpoint still being written has landed: the "
+        "resubmission resumes from the last checkpoint before it and goes past it",
     )
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 
 from common import store
 from common.layout import RunDir
@@ -32,7 +33,11 @@ class Poison:
 class Death:
     """`debug.die_at_step`: the process kills itself at that step, as a node that fails takes it (no checkpoint,
     no flush, no exit code of its own). Once per run directory: whether it is due is read when the process
-    starts, and rank 0 leaves a marker before it dies, so the submission that resumes goes past the step."""
+    starts, and rank 0 leaves a marker before it dies, so the submission that resumes goes past the step.
+
+    A checkpoint still being written in the background is let land first, so that where the resubmission
+    resumes from is fixed by the config, not by how fast the store was that time (a death in the middle of a
+    write is a different fault, which the checkpoint's manifest already covers)."""
 
     def __init__(self, cfg: DebugConfig, run: RunDir, is_master: bool):
         self.marker = run.fault_marker(f"died-at-step-{cfg.die_at_step}")
@@ -40,9 +45,11 @@ class Death:
         self.step = cfg.die_at_step if due else None
         self.is_master = is_master
 
-    def at(self, step: int) -> None:
+    def at(self, step: int, settle: Callable[[], None]) -> None:
+        """Die here if `step` is the one; `settle` first waits for the writes in flight."""
         if step != self.step:
             return
+        settle()
         if self.is_master:
             store.write_json(self.marker, {"step": step, "time": time.time(), "pid": os.getpid()})
         log.warning("debug.die_at_step: killed at step %d, as a failing node would be", step)

@@ -342,7 +342,7 @@ class Trainer:
         last: dict[str, Any] = {"loss": None, "val_loss": None}
         try:
             while stopped_by is None and step < t.max_steps:
-                self.death.at(step)
+                self.death.at(step, settle=self.checkpointer.wait)
                 record = self._train_and_log(step)
                 last.update(loss=record["loss"], val_loss=record.get("val_loss", last["val_loss"]))
                 diverged = self.guard.diverged()
