@@ -124,7 +124,7 @@ def test_a_sweep_prunes_the_trial_that_is_behind_records_the_failed_one_and_name
     # promoted: the pruned trial resumes from its checkpoint and runs to its end; nothing else runs
     promoted = asyncio.run(sweep(p.model_copy(update={"promote": [slow.number]})))
     subs = read_jsonl(slow_run / "submissions.jsonl")
-    # it meets the node failure at step 12 on its way, and its flow resubmits it too
+    # it meets the node failure at step 27 on its way, and its flow resubmits it too
     assert [s["next"] for s in subs] == ["held", "resubmit", "done"]
     assert subs[1]["start_step"] == subs[0]["end_step"]  # resumed, not started over
     assert read_jsonl(slow_run / "metrics.jsonl")[-1]["step"] == 29
