@@ -18,7 +18,9 @@ this machine. Scales: `demo` (configs/demo.toml: 3 layers of 64, ~3.4M parameter
   is passed over, and the Python documentation's ~7,000-token documents in 128-token rows would leave 2% of
   the text to train on (the model memorises it: train loss 0.5, val loss rising);
 - `--ablate`: the fast recipe less one switch at a time, to see what each is worth here;
-- `--batch-warmup STEPS`: the fast recipe with the batch growing over its first STEPS steps as well.
+- `--batch-warmup STEPS`: the fast recipe with the batch growing over its first STEPS steps as well;
+- `--plus "KEY=VALUE ..."` (repeatable): the fast recipe with these overrides as well, a recipe each (e.g. the
+  switches it leaves off: `--plus model.value_embeds=1 --plus model.unet_skips=true`).
 
 Reported per recipe (mean over the seeds, and each seed in the JSON): the final val loss at equal tokens, the
 val loss each recipe had reached when the faster-finishing one was done (equal wall time), the tokens the fast
@@ -73,7 +75,9 @@ SCALES = {
 }
 
 
-def recipes(ablate: bool, batch_warmup: int = 0) -> dict[str, list[str]]:
+def recipes(
+    ablate: bool, batch_warmup: int = 0, plus: list[str] | None = None
+) -> dict[str, list[str]]:
     fast = [f"{k}={v}" for k, v in FAST.items()]
     out = {"build-nanogpt": [], "fast": fast}
     if ablate:
@@ -83,6 +87,10 @@ def recipes(ablate: bool, batch_warmup: int = 0) -> dict[str, list[str]]:
             ]
     if batch_warmup:
         out["fast + batch warm-up"] = [*fast, f"batch_warmup_steps={batch_warmup}"]
+    for more in (
+        plus or []
+    ):  # "KEY=VALUE KEY=VALUE": one recipe, the fast one with these overrides too
+        out[f"fast + {more}"] = [*fast, *more.split()]
     return out
 
 
@@ -303,6 +311,13 @@ def _parser() -> argparse.ArgumentParser:
         "micro-batches: give a micro_batch below the batch with --set)",
     )
     ap.add_argument(
+        "--plus",
+        action="append",
+        default=[],
+        metavar='"KEY=VALUE ..."',
+        help="also the fast recipe with these overrides (space-separated), a recipe per --plus",
+    )
+    ap.add_argument(
         "--set",
         action="append",
         default=[],
@@ -327,7 +342,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # the settings that make two results one comparison (seeds, the work folder and the output aside)
-ALIKE = ("data", "scale", "steps", "val_every", "threads", "ablate", "batch_warmup", "set")
+ALIKE = ("data", "scale", "steps", "val_every", "threads", "ablate", "batch_warmup", "plus", "set")
 
 
 def merge(ap: argparse.ArgumentParser, paths: list[str], out: str | None) -> int:
@@ -381,7 +396,7 @@ def main(argv=None) -> int:
     rows = []
     # seeds outermost: an interrupted comparison still compares the recipes on the seeds it did (--collect)
     for seed in seeds:
-        for name, overrides in recipes(a.ablate, a.batch_warmup).items():
+        for name, overrides in recipes(a.ablate, a.batch_warmup, a.plus).items():
             run = work / f"{name.replace(' ', '')}-seed{seed}"
             if finished(
                 run, a.steps
@@ -399,7 +414,7 @@ def main(argv=None) -> int:
                 flush=True,
             )
     if a.collect:  # the seeds every recipe finished
-        names = set(recipes(a.ablate, a.batch_warmup))
+        names = set(recipes(a.ablate, a.batch_warmup, a.plus))
         whole = [x for x in seeds if {r["recipe"] for r in rows if r["seed"] == x} == names]
         if not whole:
             ap.error(f"no seed in {work} that every recipe finished")

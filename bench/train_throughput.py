@@ -191,7 +191,7 @@ def _step_setup(cfg, v: Variant, device: torch.device, seq_len: int) -> tuple[St
         autocast_dtype=torch.bfloat16 if v.bf16 else None,
         loss_chunk=v.loss_chunk,
     )
-    return setup, model.num_parameters(exclude_positions=True)
+    return setup, model.num_parameters(exclude_lookups=True)
 
 
 def measure(

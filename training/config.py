@@ -68,6 +68,17 @@ class GPTConfig(_Section):
     logit_softcap: float = Field(
         0.0, ge=0, description="logits squashed to (-cap, cap) by cap*tanh(x/cap); 0 = off"
     )
+    value_embeds: int = Field(
+        0,
+        ge=0,
+        description="token-embedding tables mixed into the attention's values (v = a*v + b*table[token], a "
+        "and b learned per layer): table k serves layer k and layer n_layer - value_embeds + k; 0 = off",
+    )
+    unet_skips: bool = Field(
+        False,
+        description="U-net skips: the output of each of the first n_layer/2 blocks is added, with a learned "
+        "weight, to the input of its mirror in the last n_layer/2 (the last block takes the first's)",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> GPTConfig:
@@ -81,7 +92,28 @@ class GPTConfig(_Section):
                 f"model.pos_emb=rope rotates pairs of a head's dimensions, and the head size "
                 f"(n_embd / n_head = {head}) is odd"
             )
+        if 2 * self.value_embeds > self.n_layer:
+            raise ValueError(
+                f"model.value_embeds={self.value_embeds} tables serve the first and the last "
+                f"{self.value_embeds} layers, and the model has {self.n_layer}: at most {self.n_layer // 2}"
+            )
+        if self.unet_skips and self.n_layer < 2:
+            raise ValueError(
+                "model.unet_skips joins the first half of the blocks to the second: it needs 2 layers"
+            )
         return self
+
+    def value_table(self, layer: int) -> int | None:
+        """Which value-embedding table `layer` mixes into its values (model.value_embeds), or None."""
+        n, first_late = self.value_embeds, self.n_layer - self.value_embeds
+        if layer < n:
+            return layer
+        return layer - first_late if n and layer >= first_late else None
+
+    @property
+    def unet_pairs(self) -> int:
+        """How many blocks pass their output on to a mirror (model.unet_skips): the first n_layer // 2."""
+        return self.n_layer // 2 if self.unet_skips else 0
 
     @property
     def padded_vocab_size(self) -> int:
@@ -93,7 +125,15 @@ class GPTConfig(_Section):
         it); empty when it is GPT-2-shaped."""
         default = GPTConfig()
         # zero_init_proj is not among them: it changes where training starts, not the shape
-        fields = ("pos_emb", "qk_norm", "mlp_act", "tie_embeddings", "logit_softcap")
+        fields = (
+            "pos_emb",
+            "qk_norm",
+            "mlp_act",
+            "tie_embeddings",
+            "logit_softcap",
+            "value_embeds",
+            "unet_skips",
+        )
         return [
             f"model.{f}={getattr(self, f)}"
             for f in fields

@@ -84,9 +84,13 @@ def num_parameters(model: GPTConfig) -> int:
     per_layer = (
         12 * c * c + 13 * c
     )  # c_attn 3C^2+3C, attn.c_proj C^2+C, c_fc 4C^2+4C, mlp.c_proj 4C^2+C, 2 LN 4C
-    tables = (1 if model.tie_embeddings else 2) * model.padded_vocab_size * c
+    heads = 1 if model.tie_embeddings else 2
+    tables = (heads + model.value_embeds) * model.padded_vocab_size * c
     positions = model.block_size * c if model.pos_emb == "learned" else 0
-    return tables + positions + model.n_layer * per_layer + 2 * c
+    gains = (
+        2 * 2 * model.value_embeds + model.unet_pairs
+    )  # each value-embedding layer's a, b; skip weights
+    return tables + positions + model.n_layer * per_layer + 2 * c + gains
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,10 @@ def estimate(
     # after the blocks: ln_f's input, and its output as the lm_head's input (with the chunked loss instead the
     # fp32 gradient for it, computed in the forward pass)
     head = (residual + (residual if t.loss_chunk else act)) * c
-    activations = tokens * (m.n_layer * per_layer + head)
+    # value embeddings: each table's lookup (fp32), and per layer that mixes one in, its copy in the matmul dtype
+    # and the values before the mix
+    values = (m.value_embeds * residual + 2 * m.value_embeds * 2 * act) * c
+    activations = tokens * (m.n_layer * per_layer + head + values)
     if t.loss_chunk:
         per_logit = act + 4  # one chunk's product in the matmul dtype, and in fp32 for the softmax
     elif bf16 and t.compile:

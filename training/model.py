@@ -3,7 +3,8 @@ causal SDPA (flash) attention, final LayerNorm, and an lm_head that shares its t
 
 The fast recipe's switches (GPTConfig; each off by default, and then the model is exactly the one above):
 rotary positions instead of learned ones, RMS-normalised q and k, a ReLU^2 MLP, an untied head, output
-projections that start at zero, and soft-capped logits.
+projections that start at zero, soft-capped logits, value embeddings (token tables mixed into the first and last
+layers' attention values) and U-net skips (each block of the first half feeds its mirror in the second).
 
 Parameter names follow Hugging Face's GPT-2 (`transformer.h.0.attn.c_attn.weight`, ...), so importing
 and exporting weights is a transpose of the Conv1D layers and nothing else (`training/hf.py`:
@@ -52,7 +53,7 @@ class Rotary(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
         self.n_head = config.n_head
         self.n_embd = config.n_embd
@@ -63,10 +64,16 @@ class CausalSelfAttention(nn.Module):
         head_dim = config.n_embd // config.n_head
         self.rotary = Rotary(head_dim, config.block_size) if config.pos_emb == "rope" else None
         self.qk_norm = config.qk_norm
+        if config.value_table(layer) is not None:
+            # v = a*v + b*(the token's value embedding); modded-nanogpt starts both at a half
+            self.value_mix = nn.Parameter(torch.full((2,), 0.5))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ve: torch.Tensor | None = None) -> torch.Tensor:
+        """ve: this layer's value embedding of the tokens (B, T, C), when it takes one."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        if ve is not None:  # the 0-dim gains keep v's dtype (bf16 under autocast)
+            v = self.value_mix[0] * v + self.value_mix[1] * ve.to(v.dtype)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
@@ -104,22 +111,23 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, ve: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), ve)
         x = x + self.mlp(self.ln_2(x))
         return x
 
 
 class Transformer(nn.Module):
     """The body: token and position embeddings, the blocks, the final LayerNorm (state-dict names as GPT-2's:
-    transformer.wte, transformer.wpe, transformer.h.N, transformer.ln_f)."""
+    transformer.wte, transformer.wpe, transformer.h.N, transformer.ln_f), and the switches' own parameters:
+    value-embedding tables (transformer.vte.K) and U-net skip weights (transformer.skip_weights)."""
 
     def __init__(self, config: GPTConfig, vocab: int):
         super().__init__()
@@ -128,8 +136,13 @@ class Transformer(nn.Module):
         self.wpe = (
             nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
         )
-        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd)
+        self.vte = nn.ModuleList(
+            [nn.Embedding(vocab, config.n_embd) for _ in range(config.value_embeds)]
+        )
+        if config.unet_pairs:  # one weight per block of the second half that takes a skip
+            self.skip_weights = nn.Parameter(torch.ones(config.unet_pairs))
 
 
 class GPT(nn.Module):
@@ -166,10 +179,17 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def num_parameters(self, exclude_positions: bool = False) -> int:
+    def num_parameters(self, exclude_lookups: bool = False) -> int:
+        """All parameters (the tied tensor once); `exclude_lookups`: only those that take part in matmuls, the
+        N of the 6N FLOPs per token (tables that are only read from are not: positions, value embeddings, and
+        the token embedding when the head does not share it)."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied tensor once
-        if exclude_positions and self.transformer.wpe is not None:
-            n -= self.transformer.wpe.weight.numel()
+        if exclude_lookups:
+            t = self.transformer
+            tables = [*([t.wpe] if t.wpe is not None else []), *t.vte]
+            if not self.config.tie_embeddings:
+                tables.append(t.wte)
+            n -= sum(cast(nn.Embedding, e).weight.numel() for e in tables)
         return n
 
     def forward(
@@ -185,12 +205,11 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)
         if self.transformer.wpe is not None:
             x = x + self.transformer.wpe(torch.arange(0, T, dtype=torch.long, device=idx.device))
+        ves = self._value_embeddings(idx)
         if self.fused_add_layernorm:
-            x = self._fused_blocks(x)
+            x = self._fused_blocks(x, ves)
         else:
-            for block in self.transformer.h:
-                x = block(x)
-            x = self.transformer.ln_f(x)
+            x = self.transformer.ln_f(self._blocks(x, ves))
         if targets is not None and loss_chunk:
             return None, chunked_linear_cross_entropy(
                 x.view(B * T, -1),
@@ -217,16 +236,45 @@ class GPT(nn.Module):
             logits = logits[..., : self.config.vocab_size]  # callers see the real vocabulary only
         return logits, loss
 
-    def _fused_blocks(self, x: torch.Tensor) -> torch.Tensor:
+    def _value_embeddings(self, idx: torch.Tensor) -> list[torch.Tensor | None]:
+        """Each layer's value embedding of the tokens (model.value_embeds), None for a layer without one."""
+        looked_up = [table(idx) for table in self.transformer.vte]
+        tables = [self.config.value_table(i) for i in range(self.config.n_layer)]
+        return [None if k is None else looked_up[k] for k in tables]
+
+    def _blocks(self, x: torch.Tensor, ves: list[torch.Tensor | None]) -> torch.Tensor:
+        """The residual stream through the blocks. With U-net skips, the output of each block of the first half
+        is kept, and added (weighted) to the input of the block that mirrors it in the second half."""
+        pairs, L = self.config.unet_pairs, self.config.n_layer
+        skips: list[torch.Tensor] = []
+        for i, block in enumerate(self.transformer.h):
+            if i >= L - pairs:  # block L-1-j takes block j's output
+                x = x + self.transformer.skip_weights[i - (L - pairs)] * skips.pop()
+            x = block(x, ves[i])
+            if i < pairs:
+                skips.append(x)
+        return x
+
+    def _fused_blocks(self, x: torch.Tensor, ves: list[torch.Tensor | None]) -> torch.Tensor:
         """The blocks and ln_f with every residual add fused into the LayerNorm that reads its sum: each block's
-        update is carried to the next LayerNorm (training/kernels/add_layernorm.py)."""
+        update is carried to the next LayerNorm (training/kernels/add_layernorm.py). With U-net skips, a block
+        whose output is kept, or whose input takes a skip, has the add before it done apart, so the same sums
+        are formed as in _blocks."""
         from training.kernels.add_layernorm import add_layernorm
 
-        update = None
-        for module in self.transformer.h:
+        pairs, L = self.config.unet_pairs, self.config.n_layer
+        skips: list[torch.Tensor] = []
+        update: torch.Tensor | None = None
+        for i, module in enumerate(self.transformer.h):
             block = cast(Block, module)
+            if pairs and (0 < i <= pairs or i >= L - pairs):
+                x, update = (x if update is None else x + update), None  # block i-1's output
+                if i <= pairs:
+                    skips.append(x)
+                if i >= L - pairs:
+                    update = self.transformer.skip_weights[i - (L - pairs)] * skips.pop()
             x, y = add_layernorm(x, update, block.ln_1)
-            x, y = add_layernorm(x, block.attn(y), block.ln_2)
+            x, y = add_layernorm(x, block.attn(y, ves[i]), block.ln_2)
             update = block.mlp(y)
         return add_layernorm(x, update, self.transformer.ln_f)[1]
 

@@ -293,7 +293,9 @@ class Trainer:
             after_save=self.logs.flush if self.logs else None,
         )
         stop_signal.install()  # (already, when started by cluster/worker.py or main below)
-        n_params = self.model.num_parameters(exclude_positions=True)  # positions are no matmuls
+        n_params = self.model.num_parameters(
+            exclude_lookups=True
+        )  # tables only read from are no matmuls
         self.flops_per_step = flops_per_token(cfg.model, n_params, t.seq_len) * t.total_batch_tokens
         self.peak = peak_flops(device)
 

@@ -371,6 +371,26 @@ def test_recipe_comparison_runs_both_recipes_side_by_side_and_its_arithmetic_hol
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("trained before") == 2
     assert json.loads((tmp_path / "again.json").read_text())["summary"] == res["summary"]
+    # a switch the fast recipe leaves off, measured on top of it: only that recipe is trained
+    more = "model.value_embeds=1 model.unet_skips=true"
+    assert rc.recipes(False, 0, [more])[f"fast + {more}"] == [
+        *rc.recipes(False)["fast"],
+        *more.split(),
+    ]
+    plus = subprocess.run(
+        p.args[:-4]
+        + ["--out", str(tmp_path / "plus.json"), "--work", str(tmp_path / "runs")]
+        + ["--plus", more],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert plus.returncode == 0 and plus.stderr.count("trained before") == 2, plus.stderr[-3000:]
+    summary = json.loads((tmp_path / "plus.json").read_text())["summary"]
+    assert [r["recipe"] for r in summary] == ["build-nanogpt", "fast", f"fast + {more}"]
+    config = json.loads(next((tmp_path / "runs").glob("fast+*-seed0/config.json")).read_text())
+    assert config["model"]["value_embeds"] == 1 and config["model"]["unet_skips"] is True
 
     # results of other seeds, measured alike, merge into one comparison; others are refused in one line
     other = dict(res, rows=[dict(r, seed=1, final_val=r["final_val"] + 0.5) for r in res["rows"]])

@@ -164,6 +164,8 @@ FAST_SWITCHES = {
     "model.tie_embeddings",
     "model.zero_init_proj",
     "model.logit_softcap",
+    "model.value_embeds",
+    "model.unet_skips",
     "optim.optimizer",
     "optim.muon_lr",
     "optim.schedule",

@@ -56,15 +56,27 @@ def test_the_kernel_says_where_it_cannot_run(monkeypatch):
     assert add_layernorm.available(torch.device("cuda")) is None
 
 
-def test_a_model_with_the_fused_kernel_learns_what_the_plain_one_learns(kernels):
+@pytest.mark.parametrize(
+    "switches",
+    [{}, {"n_layer": 3, "unet_skips": True, "value_embeds": 1}, {"n_layer": 4, "unet_skips": True}],
+    ids=["gpt2", "odd-unet-value-embeds", "even-unet"],
+)
+def test_a_model_with_the_fused_kernel_learns_what_the_plain_one_learns(kernels, switches):
+    """With U-net skips the fused path forms the same sums another way (training/model.py: _fused_blocks)."""
     from training.config import GPTConfig
     from training.model import GPT
 
-    cfg = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32)
+    cfg = GPTConfig(block_size=16, n_head=2, n_embd=32, **{"n_layer": 2, **switches})
     torch.manual_seed(0)
     plain = GPT(cfg)
     fused = GPT(cfg)
     fused.load_state_dict(plain.state_dict())
+    if (
+        cfg.unet_skips
+    ):  # weights other than their start of 1, so that a skip taken from the wrong block shows
+        with torch.no_grad():
+            for m in (plain, fused):
+                m.transformer.skip_weights.copy_(torch.linspace(0.5, 1.5, cfg.unet_pairs))
     fused.fused_add_layernorm = True
     x = torch.randint(0, 50257, (2, 13))
     losses = []

@@ -78,6 +78,81 @@ def test_relu2_zero_init_and_softcap_do_what_they_say():
     assert logits.abs().max() <= 5.0 and logits.abs().max() > 4.9
 
 
+@pytest.mark.parametrize(
+    "switches",
+    [
+        {"value_embeds": 1},
+        {"unet_skips": True},
+        {"n_layer": 3, "value_embeds": 1, "unet_skips": True, "tie_embeddings": False},
+        {"n_layer": 4, "value_embeds": 2, "unet_skips": True, "pos_emb": "rope"},
+    ],
+    ids=["value-embeds", "unet", "both-odd-untied", "both-even-rope"],
+)
+def test_value_embeddings_and_unet_skips_build_train_and_are_counted(switches):
+    cfg = GPTConfig(**{**SMALL, **switches})
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    assert model.num_parameters() == num_parameters(cfg)
+    t = model.transformer
+    assert len(t.vte) == cfg.value_embeds
+    # table k serves layer k and layer n_layer - value_embeds + k; the others take none
+    served = [i for i, b in enumerate(t.h) if hasattr(b.attn, "value_mix")]
+    n = cfg.value_embeds
+    assert served == [*range(n), *range(cfg.n_layer - n, cfg.n_layer)]
+    assert [cfg.value_table(i) for i in served] == [*range(n), *range(n)]
+    if cfg.unet_skips:
+        assert t.skip_weights.shape == (cfg.n_layer // 2,)
+    # the tables are lookups (AdamW's), the gains 1-D (AdamW's): Muon keeps the blocks' matrices only
+    opt = build_optimizer(model, OptimConfig(optimizer="muon", max_lr=1e-2, muon_lr=0.05), "cpu")
+    assert len(opt.muon.param_groups[0]["params"]) == 4 * cfg.n_layer
+    assert model.num_parameters(exclude_lookups=True) == model.num_parameters() - sum(
+        e.weight.numel()
+        for e in [
+            *t.vte,
+            *([t.wpe] if t.wpe is not None else []),
+            *([] if cfg.tie_embeddings else [t.wte]),
+        ]
+    )
+    x = torch.randint(0, 50257, (2, 16))
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} takes no part in the loss"
+
+
+def test_neutral_value_mixes_and_skip_weights_give_back_the_plain_model_and_others_do_not():
+    """v = 1*v + 0*ve, and skips weighted 0, are the model without the switches (its weights loaded as they
+    are): what the switches add is exactly the mix and the skips."""
+    cfg = GPTConfig(**{**SMALL, "n_layer": 4})
+    torch.manual_seed(0)
+    plain = GPT(cfg)
+    both = GPT(cfg.model_copy(update={"value_embeds": 1, "unet_skips": True}))
+    missing = both.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == [
+        "transformer.h.0.attn.value_mix",
+        "transformer.h.3.attn.value_mix",
+        "transformer.skip_weights",
+        "transformer.vte.0.weight",
+    ]
+    x = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        for i in (0, 3):
+            both.transformer.h[i].attn.value_mix.copy_(torch.tensor([1.0, 0.0]))
+        both.transformer.skip_weights.zero_()
+        assert torch.allclose(both(x)[0], plain(x)[0], atol=1e-6)
+        both.transformer.skip_weights.fill_(0.5)
+        assert not torch.allclose(both(x)[0], plain(x)[0], atol=1e-3)
+        both.transformer.skip_weights.zero_()
+        both.transformer.h[3].attn.value_mix.copy_(torch.tensor([0.5, 0.5]))
+        assert not torch.allclose(both(x)[0], plain(x)[0], atol=1e-3)
+
+
 def test_muon_takes_the_hidden_matrices_and_adamw_every_other_parameter_once():
     model = GPT(GPTConfig(**SMALL, tie_embeddings=False))
     o = OptimConfig(optimizer="muon", max_lr=1e-3, muon_lr=0.02, weight_decay=0.1)
@@ -107,7 +182,8 @@ def test_muon_takes_the_hidden_matrices_and_adamw_every_other_parameter_once():
 def test_muon_state_resumes_bit_exactly_through_its_saved_bytes():
     """What a checkpoint does with the optimizer (training/checkpoint.py: torch.save, then a weights_only
     load): 3 + 3 steps across a save and restore equal 6 straight."""
-    cfg, o = GPTConfig(**SMALL, pos_emb="rope"), OptimConfig(optimizer="muon", max_lr=1e-2)
+    cfg = GPTConfig(**SMALL, pos_emb="rope", value_embeds=1, unet_skips=True)
+    o = OptimConfig(optimizer="muon", max_lr=1e-2)
     x = torch.randint(0, 50257, (2, 17), generator=torch.Generator().manual_seed(1))
 
     def fresh():
@@ -164,6 +240,11 @@ def test_trapezoid_warms_up_holds_and_cools_down_linearly():
         ),
         (["optim.optimizer=sgd"], "optim.optimizer"),
         (["model.mlp_act=swish"], "model.mlp_act"),
+        (
+            ["model.value_embeds=2"],
+            "model.value_embeds=2 tables serve the first and the last 2 layers",
+        ),
+        (["model.n_layer=1", "model.unet_skips=true"], "model.unet_skips joins the first half"),
     ],
 )
 def test_switches_that_do_not_fit_are_one_clear_error(overrides, needle):
@@ -176,3 +257,5 @@ def test_a_model_that_is_not_gpt2_shaped_is_not_exported_to_hugging_face():
     with pytest.raises(NotGPT2Shaped, match=r"model.pos_emb=rope, model.tie_embeddings=False"):
         to_hf(GPT(GPTConfig(**SMALL, pos_emb="rope", tie_embeddings=False)))
     assert GPTConfig(**SMALL, zero_init_proj=True).not_gpt2() == []  # only where it starts
+    with pytest.raises(NotGPT2Shaped, match=r"model.value_embeds=1, model.unet_skips=True"):
+        to_hf(GPT(GPTConfig(**SMALL, value_embeds=1, unet_skips=True)))
