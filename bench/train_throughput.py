@@ -3,6 +3,7 @@
     python bench/train_throughput.py                          # gpt2-124m, micro-batches 16/32/64, on CUDA
     python bench/train_throughput.py --ablation               # + each build-nanogpt optimisation switched off
     python bench/train_throughput.py --levers                 # + what goes beyond the recipe (see levers())
+    python bench/train_throughput.py --levers --combine --profile   # + the levers that gained, together
     python bench/train_throughput.py --only chunked,cuDNN     # the baseline + the variants whose names match
     python bench/train_throughput.py --render bench/results/train_throughput-X.json   # the markdown table
     python bench/train_throughput.py --config tiny --device cpu --micro-batches 2 --seq-len 64 --steps 2  # smoke
@@ -57,6 +58,9 @@ class Variant:
     fused_add_ln: bool = (
         False  # training/kernels/add_layernorm.py: each residual add + LayerNorm in one
     )
+    fused_classifier: bool = (
+        False  # training/kernels/classifier.py: the loss's softmax and gradient in one
+    )
 
 
 def ablations(base: Variant) -> list[Variant]:
@@ -97,6 +101,13 @@ def levers(base: Variant) -> list[Variant]:
         # (bench/results/), so only the memory-bound fused kernels (30% of the step) are left to tune
         r(base, name="+ coordinate-descent tuning of the fused kernels", coordinate_descent=True),
         r(base, name="+ residual add + LayerNorm kernel (ours)", fused_add_ln=True),
+        r(base, name="+ fused classifier (ours)", fused_classifier=True),
+        r(
+            base,
+            name="+ fused classifier, chunked (8192 tok)",
+            fused_classifier=True,
+            loss_chunk=8192,
+        ),
         # with the chunked loss: unchunked, the lm_head's weight gradient (50304 x B*T) is a product that
         # Triton's matmul templates index past 2**31 elements in autotuning (an illegal memory access on
         # torch 2.11 + Triton 3.6 that ends the process's CUDA context)
@@ -107,6 +118,36 @@ def levers(base: Variant) -> list[Variant]:
             loss_chunk=8192,
         ),
     ]
+
+
+def best_combination(base: Variant, rows: list[dict], min_gain: float = 0.01) -> Variant | None:
+    """The levers ("+ ..." rows) that beat the baseline (the first row) by more than `min_gain`, together: the
+    best first, and each later one only where it sets no field that a better one set otherwise (two attention
+    kernels, two compile modes, two micro-batches: the faster stays). None when fewer than two levers gained."""
+    fields = [f.name for f in dataclasses.fields(Variant) if f.name != "name"]
+    base_tok_s = rows[0].get("tokens_per_s")
+    if not base_tok_s:
+        return None
+    levers_ = (
+        r for r in rows[1:] if r["name"].startswith("+ ")
+    )  # not the ablations, not other B's
+    gained = sorted(
+        (r for r in levers_ if r.get("tokens_per_s", 0) > base_tok_s * (1 + min_gain)),
+        key=lambda r: -r["tokens_per_s"],
+    )
+    chosen: dict[str, object] = {}
+    names = []
+    for r in gained:
+        changes = {f: r[f] for f in fields if f in r and r[f] != getattr(base, f)}
+        if not changes or any(chosen.get(f, v) != v for f, v in changes.items()):
+            continue
+        if changes.items() <= chosen.items():
+            continue  # nothing new (a lever already inside a better one)
+        chosen.update(changes)
+        names.append(r["name"].removeprefix("+ "))
+    if len(names) < 2:
+        return None
+    return dataclasses.replace(base, name="best combination: " + " + ".join(names), **chosen)
 
 
 # Kernel families by name, for the profile's breakdown of where a step's GPU time goes.
@@ -163,6 +204,7 @@ def _step_setup(cfg, v: Variant, device: torch.device, seq_len: int) -> tuple[St
     accel.configure(device, tf32=v.tf32, attention=v.attention if device.type == "cuda" else "auto")
     model = GPT(model_cfg).to(device)
     model.fused_add_layernorm = v.fused_add_ln
+    model.fused_classifier = v.fused_classifier
     opt = configure_optimizer(
         model,
         lr=6e-4,
@@ -341,6 +383,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--levers", action="store_true", help="each lever beyond the recipe on its own")
     ap.add_argument(
+        "--combine",
+        action="store_true",
+        help="then the levers that gained, together in one row (best_combination), profiled with --profile",
+    )
+    ap.add_argument(
         "--only",
         default=None,
         help="comma-separated parts of variant names; the baseline always runs",
@@ -440,8 +487,13 @@ def main(argv=None) -> int:
         "steps": args.steps,
         "rows": [],
     }
-    for v in _variants(args):
+    variants = _variants(args)
+    baseline = variants[0]
+    while variants:
+        v = variants.pop(0)
         profile_to = out.with_suffix(".profile.txt") if args.profile and not res["rows"] else None
+        if v.name.startswith("best combination"):
+            profile_to = out.with_suffix(".best.profile.txt") if args.profile else None
         row, context_ok = _measure_safely(cfg, v, device, args, profile_to)
         res["rows"].append(row)
         said = row["error"] if "error" in row else f"{row['ms_per_step']:.1f} ms/step"
@@ -453,6 +505,10 @@ def main(argv=None) -> int:
                 file=sys.stderr,
             )
             break
+        if args.combine and not variants and not v.name.startswith("best combination"):
+            best = best_combination(baseline, res["rows"])
+            if best is not None:
+                variants.append(best)
     print(table(res))
     print(f"results: {out}")
     return 0

@@ -9,6 +9,9 @@ larger micro-batch. The matmuls keep the padded vocabulary (50304: the friendly 
 padded columns are set to -inf before the softmax, so, as in `GPT.forward`, they take no probability and get
 no gradient. A logit soft-cap (cap * tanh(logits / cap)) is applied per chunk before the padding's -inf, and its
 derivative (1 - (capped / cap)^2) is folded into the chunk's gradient.
+
+With `fused`, all of that after the matmul is one Triton kernel that overwrites the chunk's logits with their
+gradient (training/kernels/classifier.py, llm.c's fused classifier).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         chunk: int,
         dtype: torch.dtype,
         softcap: float,
+        fused: bool,
     ):
         n = hidden.size(0)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -43,6 +47,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk):
             h = hidden[start : start + chunk].to(dtype)
             t = targets[start : start + chunk]
+            if fused:
+                from training.kernels.classifier import classify_
+
+                g = h @ w.t()  # the logits, and once classify_ is done, their gradient
+                loss += classify_(g, t, vocab_size, softcap, 1.0 / n if need_grad else None).sum()
+                if grad_hidden is not None and grad_weight is not None:
+                    grad_hidden[start : start + chunk] = (g @ w).to(hidden.dtype)
+                    grad_weight += (g.t() @ h).float()
+                continue
             logits = (h @ w.t()).float()  # as autocast: bf16 matmul, cross-entropy in fp32
             capped = None
             if softcap:
@@ -84,6 +97,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -94,9 +108,11 @@ def chunked_linear_cross_entropy(
     vocab_size: int,
     chunk: int,
     softcap: float = 0.0,
+    fused: bool = False,
 ) -> torch.Tensor:
     """mean(cross_entropy(hidden @ weight[:vocab_size].T, targets)) with `chunk` tokens of logits at a time;
-    with `softcap` > 0 the logits are softcap * tanh(logits / softcap) first.
+    with `softcap` > 0 the logits are softcap * tanh(logits / softcap) first. `fused`: the softmax and the
+    gradient by our Triton kernel (training/kernels/classifier.py) instead of PyTorch's ops.
 
     hidden: (N, C); weight: (V_padded, C); targets: (N,) token ids < vocab_size. Under autocast the matmuls
     run in the autocast dtype and the softmax in fp32, as the plain path does.
@@ -107,5 +123,5 @@ def chunked_linear_cross_entropy(
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     with torch.autocast(device, enabled=False):  # the dtypes above are chosen explicitly
         return _ChunkedLinearCrossEntropy.apply(
-            hidden, weight, targets, vocab_size, chunk, dtype, float(softcap)
+            hidden, weight, targets, vocab_size, chunk, dtype, float(softcap), fused
         )

@@ -297,6 +297,12 @@ class TrainConfig(_Section):
         description="each residual add and the LayerNorm after it in one Triton kernel, forward and "
         "backward (training/kernels/add_layernorm.py; CUDA); off = PyTorch's ops",
     )
+    fused_classifier: bool = Field(
+        False,
+        description="the loss's softmax, cross-entropy and logit gradient in one Triton kernel, in place of "
+        "the logits, as llm.c's fused classifier (training/kernels/classifier.py; CUDA); it takes the path "
+        "of loss_chunk, with one chunk of every token when that is 0; off = PyTorch's ops",
+    )
     loss_chunk: int = Field(
         0,
         ge=0,

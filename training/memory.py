@@ -15,7 +15,8 @@ inputs and outputs in bf16, LayerNorm and the loss in fp32), fused AdamW, torch.
   LayerNorm's input and output. `train.attention = "math"` adds the score and probability matrices.
 - logits: (tokens x padded vocab). Compiled, the bf16 logits and one fp32 tensor for the loss (6 bytes each);
   eager, or without autocast, three fp32 tensors at the start of the backward pass (log-softmax output, its
-  gradient, the logits' gradient: 12 bytes). With `train.loss_chunk` only one chunk's exists at a time.
+  gradient, the logits' gradient: 12 bytes). With `train.loss_chunk` only one chunk's exists at a time; with
+  `train.fused_classifier` only the logits in the matmul dtype, which their gradient overwrites.
 - a fixed 2.5 GB for what PyTorch's allocator does not count: the CUDA context, cuBLAS/cuDNN workspaces, NCCL's
   buffers, the allocator's slack.
 
@@ -163,12 +164,17 @@ def estimate(
         per_layer += 2 * m.n_head * t.seq_len * act
     # after the blocks: ln_f's input, and its output as the lm_head's input (with the chunked loss instead the
     # fp32 gradient for it, computed in the forward pass)
-    head = (residual + (residual if t.loss_chunk else act)) * c
+    chunked = (
+        t.loss_chunk or t.fused_classifier
+    )  # the fused classifier takes the chunked loss's path
+    head = (residual + (residual if chunked else act)) * c
     # value embeddings: each table's lookup (fp32), and per layer that mixes one in, its copy in the matmul dtype
     # and the values before the mix
     values = (m.value_embeds * residual + 2 * m.value_embeds * 2 * act) * c
     activations = tokens * (m.n_layer * per_layer + head + values)
-    if t.loss_chunk:
+    if t.fused_classifier:
+        per_logit = act  # the logits, overwritten by their gradient in place
+    elif t.loss_chunk:
         per_logit = act + 4  # one chunk's product in the matmul dtype, and in fp32 for the softmax
     elif bf16 and t.compile:
         per_logit = act + 4  # the bf16 logits and one fp32 tensor of the fused loss

@@ -148,6 +148,8 @@ class Transformer(nn.Module):
 class GPT(nn.Module):
     # each residual add and the LayerNorm after it in one kernel (train.fused_add_layernorm): the same math
     fused_add_layernorm = False
+    # the loss's softmax, cross-entropy and gradient in one kernel (train.fused_classifier), on the chunked path
+    fused_classifier = False
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -198,7 +200,8 @@ class GPT(nn.Module):
         """idx: (B, T) token ids. Returns logits over the real vocabulary (B, T, vocab_size) and the loss.
 
         With targets and `loss_chunk` > 0, the loss is computed `loss_chunk` tokens at a time
-        (training/chunked_loss.py) and no logits are returned: the training step's memory lever."""
+        (training/chunked_loss.py) and no logits are returned: the training step's memory lever. The fused
+        classifier takes that path too (every token one chunk when `loss_chunk` is 0)."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -210,14 +213,15 @@ class GPT(nn.Module):
             x = self._fused_blocks(x, ves)
         else:
             x = self.transformer.ln_f(self._blocks(x, ves))
-        if targets is not None and loss_chunk:
+        if targets is not None and (loss_chunk or self.fused_classifier):
             return None, chunked_linear_cross_entropy(
                 x.view(B * T, -1),
                 self.lm_head.weight,
                 targets.reshape(-1),
                 self.config.vocab_size,
-                loss_chunk,
+                loss_chunk or B * T,
                 self.config.logit_softcap,
+                fused=self.fused_classifier,
             )
         logits = self.lm_head(x)
         cap = self.config.logit_softcap

@@ -69,12 +69,12 @@ log = logging.getLogger("training")
 
 def check_kernels(cfg: RunConfig, device: torch.device) -> None:
     """A kernel switch that cannot run on this device is one line before anything is built."""
-    if cfg.train.fused_add_layernorm:
-        from training.kernels import add_layernorm
+    from training.kernels import available
 
-        why = add_layernorm.available(device)
+    for switch in ("fused_add_layernorm", "fused_classifier"):
+        why = available(device) if getattr(cfg.train, switch) else None
         if why is not None:
-            raise ConfigError(f"train.fused_add_layernorm: {why}")
+            raise ConfigError(f"train.{switch}: {why}")
 
 
 def build_model(cfg: RunConfig, device: torch.device) -> tuple[GPT, Optimizer]:
@@ -84,6 +84,7 @@ def build_model(cfg: RunConfig, device: torch.device) -> tuple[GPT, Optimizer]:
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model).to(device)
     model.fused_add_layernorm = cfg.train.fused_add_layernorm
+    model.fused_classifier = cfg.train.fused_classifier
     return model, build_optimizer(model, cfg.optim, device.type)
 
 

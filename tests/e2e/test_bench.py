@@ -1,6 +1,7 @@
 """The throughput benchmarks run (CPU smoke; GPU figures come from bench/results/), the optimised numeric path
 does not change what is learned, and the fault-recovery benchmark measures a recovered run."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -40,7 +41,8 @@ def test_benchmark_prints_rows_against_the_baseline_and_records_the_machine(tmp_
             "--ablation",
             "--levers",
             "--only",
-            "fused,chunked lm_head,coordinate-descent",
+            "fused AdamW,chunked lm_head,coordinate-descent",
+            "--combine",
             "--no-compile",
             "--out",
             str(out),
@@ -58,13 +60,23 @@ def test_benchmark_prints_rows_against_the_baseline_and_records_the_machine(tmp_
     )
     res = json.loads(out.read_text())
     assert res["machine"]["torch"] == torch.__version__
-    assert [r["name"] for r in res["rows"]] == [
+    assert [r["name"] for r in res["rows"]][:4] == [
         "baseline: build-nanogpt recipe",
         "- fused AdamW",
         "+ chunked lm_head+CE (8192 tok)",
         "+ coordinate-descent tuning of the fused kernels",
     ]
-    assert [r["coordinate_descent"] for r in res["rows"]] == [False, False, False, True]
+    assert [r["coordinate_descent"] for r in res["rows"]][:4] == [False, False, False, True]
+    # --combine: the two levers together when both gained (on a CPU, at the noise's whim), never an ablation
+    assert [r["name"] for r in res["rows"][4:]] in (
+        [],
+        [
+            "best combination: chunked lm_head+CE (8192 tok) + coordinate-descent tuning of the fused kernels"
+        ],
+        [
+            "best combination: coordinate-descent tuning of the fused kernels + chunked lm_head+CE (8192 tok)"
+        ],
+    )
     assert all(
         r["tokens_per_s"] > 0 and r["mfu"] is None for r in res["rows"]
     )  # no invented MFU on CPU
@@ -302,6 +314,34 @@ def test_store_overhead_benchmark_sets_an_s3_run_directory_beside_a_local_one(tm
     ).stdout
     assert md.startswith("| run directory | step ms |") and "| local |" in md and "| s3 |" in md
     assert f"Measured on {os.cpu_count()} x" in md  # a figure always comes with its machine
+
+
+def test_the_best_combination_takes_the_levers_that_gained_and_the_faster_of_two_that_clash():
+    sys.path.insert(0, str(REPO / "bench"))
+    import train_throughput as tt
+
+    base = tt.Variant("baseline", 64)
+    r = dataclasses.replace
+
+    def row(v, tok_s):
+        return {**dataclasses.asdict(v), "tokens_per_s": tok_s}
+
+    rows = [
+        row(base, 100.0),
+        row(r(base, name="+ flash", attention="flash"), 103.0),
+        row(
+            r(base, name="+ cuDNN", attention="cudnn"), 105.0
+        ),  # clashes with flash: the faster stays
+        row(r(base, name="+ chunked", loss_chunk=8192), 110.0),
+        row(r(base, name="+ chunked, B=96", micro_batch=96, loss_chunk=8192), 112.0),
+        row(r(base, name="+ ours", fused_add_ln=True), 100.5),  # within the noise: left out
+        {**dataclasses.asdict(r(base, name="+ broken", fused_classifier=True)), "error": "x"},
+    ]
+    best = tt.best_combination(base, rows)
+    assert best.name == "best combination: chunked, B=96 + cuDNN"  # "+ chunked" is inside "B=96"
+    assert (best.micro_batch, best.loss_chunk, best.attention) == (96, 8192, "cudnn")
+    assert not best.fused_add_ln and not best.fused_classifier
+    assert tt.best_combination(base, rows[:2]) is None  # one lever is no combination
 
 
 def test_recipe_comparison_runs_both_recipes_side_by_side_and_its_arithmetic_holds(

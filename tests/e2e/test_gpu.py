@@ -35,13 +35,16 @@ def _default_kernels():
     accel.configure(CUDA, tf32=True)
 
 
-def _losses(demo_data, *, fast: bool, steps=50, loss_chunk=0, fused_add_ln=False):
+def _losses(
+    demo_data, *, fast: bool, steps=50, loss_chunk=0, fused_add_ln=False, fused_classifier=False
+):
     """50 optimizer steps of a GPT-2-shaped model (12 x 768, T=256) on real tokens, fast or plain fp32."""
     cfg = GPTConfig(block_size=256)
     accel.configure(CUDA, tf32=fast, attention="auto" if fast else "math")
     torch.manual_seed(0)
     model = GPT(cfg).to(CUDA)
     model.fused_add_layernorm = fused_add_ln
+    model.fused_classifier = fused_classifier
     opt = configure_optimizer(model, lr=6e-4, weight_decay=0.1, device_type="cuda", fused=fast)
     run = torch.compile(model) if fast else model
     loader = ShardLoader(demo_data, "train", 8, 256)
@@ -73,6 +76,16 @@ def test_the_residual_add_layernorm_kernel_learns_what_the_plain_step_learns(dem
     step's trace (its interpreter twin: tests/unit/test_kernels.py)."""
     plain = _losses(demo_data, fast=False)
     fused = _losses(demo_data, fast=True, fused_add_ln=True)
+    tail = lambda xs: sum(xs[-5:]) / 5  # noqa: E731
+    assert tail(fused) == pytest.approx(tail(plain), rel=0.02)
+
+
+@pytest.mark.parametrize("loss_chunk", [0, 1024])
+def test_the_fused_classifier_learns_what_the_plain_step_learns(demo_data, loss_chunk):
+    """training/kernels/classifier.py compiled for the GPU, in the bf16 compiled step, whole and chunked: the
+    plain fp32 step's trace (its interpreter twin: tests/unit/test_kernels.py)."""
+    plain = _losses(demo_data, fast=False)
+    fused = _losses(demo_data, fast=True, fused_classifier=True, loss_chunk=loss_chunk)
     tail = lambda xs: sum(xs[-5:]) / 5  # noqa: E731
     assert tail(fused) == pytest.approx(tail(plain), rel=0.02)
 

@@ -89,12 +89,79 @@ def test_a_model_with_the_fused_kernel_learns_what_the_plain_one_learns(kernels,
         assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
 
 
-def test_the_switch_is_refused_where_the_kernel_cannot_run(monkeypatch):
+@pytest.mark.parametrize("switch", ["fused_add_layernorm", "fused_classifier"])
+def test_the_switch_is_refused_where_the_kernel_cannot_run(monkeypatch, switch):
     from training.config import ConfigError, load_config
     from training.train import check_kernels
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    cfg = load_config("tiny", ["train.fused_add_layernorm=true"])
-    with pytest.raises(ConfigError, match="train.fused_add_layernorm: Triton kernels run on CUDA"):
+    cfg = load_config("tiny", [f"train.{switch}=true"])
+    with pytest.raises(ConfigError, match=f"train.{switch}: Triton kernels run on CUDA"):
         check_kernels(cfg, torch.device("cpu"))
     check_kernels(load_config("tiny"), torch.device("cpu"))  # off: nothing to refuse
+
+
+def _classifier_reference(logits, targets, vocab, softcap):
+    """Each row's cross-entropy and d(mean) / d logits by PyTorch's ops, in fp32."""
+    ref = logits.float().clone().requires_grad_()
+    x = softcap * torch.tanh(ref / softcap) if softcap else ref
+    pad = torch.full((x.size(0), x.size(1) - vocab), float("-inf"))
+    rows = torch.nn.functional.cross_entropy(
+        torch.cat([x[:, :vocab], pad], 1), targets, reduction="none"
+    )
+    rows.mean().backward()
+    return rows.detach(), ref.grad
+
+
+@pytest.mark.parametrize("softcap", [0.0, 3.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("vocab, padded", [(100, 128), (300, 300), (5000, 5056)])
+def test_the_fused_classifier_gives_the_loss_and_gradient_of_pytorchs_ops(
+    kernels, softcap, dtype, vocab, padded
+):
+    from training.kernels.classifier import classify_
+
+    torch.manual_seed(0)
+    n = 9
+    logits = (torch.randn(n, padded) * 4).to(dtype)
+    targets = torch.randint(0, vocab, (n,))
+    targets[0] = vocab - 1  # the last real column
+    rows, grad = _classifier_reference(logits, targets, vocab, softcap)
+
+    kept = logits.clone()
+    assert torch.allclose(classify_(kept, targets, vocab, softcap), rows, atol=1e-5)
+    assert torch.equal(kept, logits)  # without a grad_scale the logits are left as they were
+
+    g = logits.clone()
+    assert torch.allclose(classify_(g, targets, vocab, softcap, 1.0 / n), rows, atol=1e-5)
+    assert g.dtype == dtype and not g[:, vocab:].any()  # the padding takes no gradient
+    # the gradient in the logits' own dtype: fp32 to float error, bf16 to one unit of its last place (the
+    # interpreter's cast may truncate where the GPU's rounds to nearest)
+    tol = 1e-6 if dtype == torch.float32 else 2**-7 * grad.abs().max().item()
+    assert (g.float() - grad).abs().max() <= tol
+
+
+@pytest.mark.parametrize("chunk, softcap", [(0, 0.0), (5, 0.0), (5, 4.0)])
+def test_a_model_with_the_fused_classifier_learns_what_the_plain_one_learns(
+    kernels, chunk, softcap
+):
+    from training.config import GPTConfig
+    from training.model import GPT
+
+    cfg = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, logit_softcap=softcap)
+    torch.manual_seed(0)
+    plain = GPT(cfg)
+    fused = GPT(cfg)
+    fused.load_state_dict(plain.state_dict())
+    fused.fused_classifier = True
+    x = torch.randint(0, 50257, (2, 13))
+    losses = []
+    for model in (plain, fused):
+        _, loss = model(x[:, :-1], x[:, 1:], loss_chunk=chunk)
+        loss.backward()
+        losses.append(loss)
+    assert torch.allclose(losses[0], losses[1], atol=1e-5)
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4), name
+    with torch.no_grad():  # validation: the loss alone
+        assert torch.allclose(fused(x[:, :-1], x[:, 1:])[1], losses[0], atol=1e-5)

@@ -116,6 +116,15 @@ def test_estimate_grows_with_the_micro_batch_and_adds_ddp_and_overhead(preset):
     assert (
         chunked.logits * 8 == plain.logits and chunked.activations >= plain.activations
     )  # 65,536 tokens
+    # the fused classifier keeps the bf16 logits alone (their gradient overwrites them): a third of the
+    # compiled loss's bf16 + fp32, chunked or not
+    fused = estimate(load_config(preset, ["fused_classifier=true"]), world_size=8, micro_batch=64)
+    both = ["fused_classifier=true", "loss_chunk=8192"]
+    assert fused.logits * 3 == plain.logits and fused.activations == chunked.activations
+    assert (
+        estimate(load_config(preset, both), world_size=8, micro_batch=64).logits * 24
+        == plain.logits
+    )
 
 
 @pytest.mark.parametrize("preset", FAMILY)

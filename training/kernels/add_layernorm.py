@@ -11,26 +11,12 @@ of rows in the kernel and over the blocks by PyTorch (no atomics: the same resul
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the switch says so before anything runs (training/preflight.py)
-    triton = None
-    tl = None
+from training.kernels import available, tl, triton
 
-
-def available(device: torch.device) -> str | None:
-    """None when the kernel can run on `device`, else why not."""
-    if triton is None:
-        return "Triton is not installed (pip install triton)"
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return f"Triton kernels run on CUDA (or on the CPU under TRITON_INTERPRET=1), not on {device.type}"
-    return None
+__all__ = ["add_layernorm", "add_layernorm_reference", "available"]
 
 
 if triton is not None:
