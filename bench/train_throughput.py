@@ -95,6 +95,7 @@ def levers(base: Variant) -> list[Variant]:
         r(base, name="+ chunked CE, B=128", micro_batch=128, loss_chunk=8192),
         r(base, name="+ flash attention forced", attention="flash"),
         r(base, name="+ cuDNN attention", attention="cudnn"),
+        r(base, name="+ FlashAttention-4 (flash-attn-4)", attention="fa4"),
         # before max-autotune: its autotuning takes minutes, and a fault in it ends the process
         r(base, name="+ CUDA graphs (reduce-overhead)", compile_mode="reduce-overhead"),
         # what autotuning can still gain: cuBLAS beat Triton's matmul templates at every product of this step
@@ -205,6 +206,7 @@ def _step_setup(cfg, v: Variant, device: torch.device, seq_len: int) -> tuple[St
     model = GPT(model_cfg).to(device)
     model.fused_add_layernorm = v.fused_add_ln
     model.fused_classifier = v.fused_classifier
+    model.use_flash_attention4(v.attention == "fa4")
     opt = configure_optimizer(
         model,
         lr=6e-4,

@@ -45,7 +45,8 @@ ATTENTION_BACKENDS = ("flash", "cudnn", "efficient", "math")
 
 def configure(device: torch.device, *, tf32: bool, attention: str = "auto") -> None:
     """Process-wide switches (PyTorch keeps them global). `attention` other than "auto" enables that SDPA
-    backend alone, so a measurement of it can never silently fall back to another."""
+    backend alone, so a measurement of it can never silently fall back to another. "fa4" leaves SDPA for
+    FlashAttention-4 (training/kernels/flash_attention4.py), which the model calls itself."""
     if device.type != "cuda":
         if attention != "auto":
             raise ConfigError(
@@ -54,6 +55,8 @@ def configure(device: torch.device, *, tf32: bool, attention: str = "auto") -> N
         return
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
+    if attention == "fa4":
+        attention = "auto"
     if attention not in ("auto", *ATTENTION_BACKENDS):
         raise ConfigError(
             f"train.attention={attention!r}: expected auto or one of {', '.join(ATTENTION_BACKENDS)}"

@@ -288,9 +288,10 @@ class TrainConfig(_Section):
         "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
     ] = Field("default", description="torch.compile mode; reduce-overhead adds CUDA graphs")
     tf32: bool = True
-    attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = Field(
+    attention: Literal["auto", "flash", "cudnn", "efficient", "math", "fa4"] = Field(
         "auto",
-        description="SDPA backend on CUDA; auto = PyTorch's choice, any other = that one only",
+        description="SDPA backend on CUDA; auto = PyTorch's choice, any other = that one only; fa4 = "
+        "FlashAttention-4 instead of SDPA (the flash-attn-4 package; Hopper and Blackwell GPUs)",
     )
     fused_add_layernorm: bool = Field(
         False,

@@ -64,6 +64,7 @@ class CausalSelfAttention(nn.Module):
         head_dim = config.n_embd // config.n_head
         self.rotary = Rotary(head_dim, config.block_size) if config.pos_emb == "rope" else None
         self.qk_norm = config.qk_norm
+        self.flash_attention4 = False  # train.attention=fa4 (GPT.use_flash_attention4)
         if config.value_table(layer) is not None:
             # v = a*v + b*(the token's value embedding); modded-nanogpt starts both at a half
             self.value_mix = nn.Parameter(torch.full((2,), 0.5))
@@ -84,6 +85,11 @@ class CausalSelfAttention(nn.Module):
             q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
+        if self.flash_attention4:  # (B, T, n_head, head_dim) in and out: views, no copies
+            from training.kernels.flash_attention4 import attention
+
+            y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return self.c_proj(y.reshape(B, T, C))
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True
         )  # flash attention where available
@@ -180,6 +186,11 @@ class GPT(nn.Module):
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def use_flash_attention4(self, on: bool = True) -> None:
+        """Every layer's attention by FlashAttention-4 instead of SDPA (train.attention=fa4)."""
+        for block in self.transformer.h:
+            cast(Block, block).attn.flash_attention4 = on
 
     def num_parameters(self, exclude_lookups: bool = False) -> int:
         """All parameters (the tied tensor once); `exclude_lookups`: only those that take part in matmuls, the

@@ -75,6 +75,12 @@ def check_kernels(cfg: RunConfig, device: torch.device) -> None:
         why = available(device) if getattr(cfg.train, switch) else None
         if why is not None:
             raise ConfigError(f"train.{switch}: {why}")
+    if cfg.train.attention == "fa4":
+        from training.kernels import flash_attention4
+
+        why = flash_attention4.available(device)
+        if why is not None:
+            raise ConfigError(f"train.attention=fa4: {why}")
 
 
 def build_model(cfg: RunConfig, device: torch.device) -> tuple[GPT, Optimizer]:
@@ -85,6 +91,7 @@ def build_model(cfg: RunConfig, device: torch.device) -> tuple[GPT, Optimizer]:
     model = GPT(cfg.model).to(device)
     model.fused_add_layernorm = cfg.train.fused_add_layernorm
     model.fused_classifier = cfg.train.fused_classifier
+    model.use_flash_attention4(cfg.train.attention == "fa4")
     return model, build_optimizer(model, cfg.optim, device.type)
 
 

@@ -90,8 +90,15 @@ def test_the_fused_classifier_learns_what_the_plain_step_learns(demo_data, loss_
     assert tail(fused) == pytest.approx(tail(plain), rel=0.02)
 
 
-@pytest.mark.parametrize("backend", ["flash", "cudnn", "efficient"])
+@pytest.mark.parametrize("backend", ["flash", "cudnn", "efficient", "fa4"])
 def test_each_attention_kernel_matches_the_math_kernel(backend):
+    """SDPA's kernels, and FlashAttention-4 (train.attention=fa4) where the package and the GPU allow it."""
+    if backend == "fa4":
+        from training.kernels import flash_attention4
+
+        why = flash_attention4.available(CUDA)
+        if why is not None:
+            pytest.skip(why)
     cfg = GPTConfig(block_size=1024, n_layer=2)
     torch.manual_seed(0)
     model = GPT(cfg).to(CUDA)
@@ -99,6 +106,7 @@ def test_each_attention_kernel_matches_the_math_kernel(backend):
 
     def run(attention):
         accel.configure(CUDA, tf32=False, attention=attention)
+        model.use_flash_attention4(attention == "fa4")
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits, loss = model(x, x)

@@ -165,3 +165,43 @@ def test_a_model_with_the_fused_classifier_learns_what_the_plain_one_learns(
         assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4), name
     with torch.no_grad():  # validation: the loss alone
         assert torch.allclose(fused(x[:, :-1], x[:, 1:])[1], losses[0], atol=1e-5)
+
+
+def test_flash_attention4_is_refused_in_one_line_where_it_cannot_run():
+    from training.config import ConfigError, load_config
+    from training.kernels import flash_attention4
+    from training.train import check_kernels
+
+    assert "not on cpu" in flash_attention4.available(torch.device("cpu"))
+    with pytest.raises(ConfigError, match="train.attention=fa4: FlashAttention-4 runs on Hopper"):
+        check_kernels(load_config("tiny", ["train.attention=fa4"]), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("switches", [{}, {"pos_emb": "rope", "qk_norm": True, "value_embeds": 1}])
+def test_flash_attention4_gets_and_gives_back_the_layout_it_works_in(monkeypatch, switches):
+    """The library runs on Hopper and Blackwell GPUs only, so here a stand-in of the same contract (causal
+    attention of (B, T, heads, head_dim) tensors, by SDPA) takes its place: what is checked is our side, the
+    layout going in and coming back. The library itself is held to SDPA's math kernel in tests/e2e/test_gpu.py."""
+    import torch.nn.functional as F
+
+    from training.config import GPTConfig
+    from training.kernels import flash_attention4
+    from training.model import GPT
+
+    seen = []
+
+    def stand_in(q, k, v):
+        seen.append(q.shape)
+        bhtd = [t.transpose(1, 2) for t in (q, k, v)]
+        return F.scaled_dot_product_attention(*bhtd, is_causal=True).transpose(1, 2)
+
+    monkeypatch.setattr(flash_attention4, "attention", stand_in)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, **switches))
+    x = torch.randint(0, 50257, (3, 11))
+    plain = model(x)[0]
+    model.use_flash_attention4()
+    assert torch.allclose(model(x)[0], plain, atol=1e-5)
+    assert seen == [(3, 11, 2, 16)] * 2  # (B, T, heads, head_dim), once per layer
+    model.use_flash_attention4(False)
+    assert torch.equal(model(x)[0], plain) and len(seen) == 2
