@@ -5,6 +5,7 @@
 #   bash bench/gpu_node.sh ablation       # each optimisation of build-nanogpt's recipe off on its own
 #   bash bench/gpu_node.sh levers         # chunked CE, bigger B, attention kernels
 #   bash bench/gpu_node.sh autotune       # coordinate-descent tuning of the fused (memory-bound) kernels
+#   bash bench/gpu_node.sh kernels        # our kernels, FlashAttention-4, then the levers that gained together, profiled
 #   bash bench/gpu_node.sh compile-modes  # CUDA graphs, max-autotune (its autotuning alone outlasts 4 minutes)
 #   bash bench/gpu_node.sh tokenize       # bench/tokenize_throughput.py on all the node's cores
 #   bash bench/gpu_node.sh checkpoint     # bench/checkpoint_overhead.py on the 124M: none / sync / async
@@ -20,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${GPU_NODE_STAGE:-.cache/gpu-node}
-step=${1:?usage: gpu_node.sh stage|check|train|ablation|levers|autotune|compile-modes|tokenize|checkpoint}
+step=${1:?usage: gpu_node.sh stage|check|train|ablation|levers|autotune|kernels|compile-modes|tokenize|checkpoint}
 
 if [ "$step" = stage ]; then
   PY=${VENV:-.venv}/bin/python
@@ -65,6 +66,8 @@ bench() { python3 bench/train_throughput.py --out "$OUT/train_throughput-$step-$
     ablation) bench --micro-batches "" --ablation ;;
     levers) bench --micro-batches "" --levers --only "chunked,attention" ;;
     autotune) bench --micro-batches "" --levers --only "coordinate-descent" ;;
+    kernels) bench --micro-batches "" --levers --combine --profile \
+      --only "(ours),fused classifier,chunked lm_head,cuDNN,FlashAttention-4,coordinate-descent" ;;
     compile-modes) bench --micro-batches "" --levers --only "CUDA graphs,max-autotune" ;;  # autotuning is slow
     tokenize) python3 bench/tokenize_throughput.py --tokens 200e6 --repeats 3 ;;
     # one micro-batch per step (B=64, T=1024) so that the three variants fit in a few minutes; the blocked time
