@@ -6,6 +6,7 @@
 #   bash bench/gpu_node.sh levers         # chunked CE, bigger B, attention kernels
 #   bash bench/gpu_node.sh autotune       # coordinate-descent tuning of the fused (memory-bound) kernels
 #   bash bench/gpu_node.sh kernels        # our kernels, FlashAttention-4, then the levers that gained together, profiled
+#   bash bench/gpu_node.sh recipe-switches  # what each switch of gpt2-124m-fast costs per step, then all of them
 #   bash bench/gpu_node.sh compile-modes  # CUDA graphs, max-autotune (its autotuning alone outlasts 4 minutes)
 #   bash bench/gpu_node.sh tokenize       # bench/tokenize_throughput.py on all the node's cores
 #   bash bench/gpu_node.sh checkpoint     # bench/checkpoint_overhead.py on the 124M: none / sync / async
@@ -21,7 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${GPU_NODE_STAGE:-.cache/gpu-node}
-step=${1:?usage: gpu_node.sh stage|check|train|ablation|levers|autotune|kernels|compile-modes|tokenize|checkpoint}
+step=${1:?usage: gpu_node.sh stage|check|train|ablation|levers|autotune|kernels|recipe-switches|compile-modes|tokenize|checkpoint}
 
 if [ "$step" = stage ]; then
   PY=${VENV:-.venv}/bin/python
@@ -66,6 +67,7 @@ bench() { python3 bench/train_throughput.py --out "$OUT/train_throughput-$step-$
     ablation) bench --micro-batches "" --ablation ;;
     levers) bench --micro-batches "" --levers --only "chunked,attention" ;;
     autotune) bench --micro-batches "" --levers --only "coordinate-descent" ;;
+    recipe-switches) bench --micro-batches "" --recipe-switches gpt2-124m-fast ;;
     kernels) bench --micro-batches "" --levers --combine --profile \
       --only "(ours),fused classifier,chunked lm_head,cuDNN,FlashAttention-4,coordinate-descent" ;;
     compile-modes) bench --micro-batches "" --levers --only "CUDA graphs,max-autotune" ;;  # autotuning is slow

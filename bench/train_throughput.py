@@ -4,6 +4,7 @@
     python bench/train_throughput.py --ablation               # + each build-nanogpt optimisation switched off
     python bench/train_throughput.py --levers                 # + what goes beyond the recipe (see levers())
     python bench/train_throughput.py --levers --combine --profile   # + the levers that gained, together
+    python bench/train_throughput.py --recipe-switches gpt2-124m-fast   # + what each fast-recipe switch costs
     python bench/train_throughput.py --only chunked,cuDNN     # the baseline + the variants whose names match
     python bench/train_throughput.py --render bench/results/train_throughput-X.json   # the markdown table
     python bench/train_throughput.py --config tiny --device cpu --micro-batches 2 --seq-len 64 --steps 2  # smoke
@@ -31,10 +32,10 @@ import torch._inductor.config as inductor_config
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training import accel
-from training.config import load_config
+from training.config import ConfigError, apply_overrides, build_config, load_config
 from training.metrics import peak_flops
 from training.model import GPT, flops_per_token
-from training.optim import configure_optimizer
+from training.optim import build_optimizer, configure_optimizer
 from training.step import StepSetup, train_step
 
 
@@ -61,6 +62,8 @@ class Variant:
     fused_classifier: bool = (
         False  # training/kernels/classifier.py: the loss's softmax and gradient in one
     )
+    # config overrides of the model and the optimizer (the fast recipe's switches: recipe_switches)
+    overrides: tuple[str, ...] = ()
 
 
 def ablations(base: Variant) -> list[Variant]:
@@ -118,6 +121,40 @@ def levers(base: Variant) -> list[Variant]:
             compile_mode="max-autotune-no-cudagraphs",
             loss_chunk=8192,
         ),
+    ]
+
+
+def recipe_switches(base: Variant, faithful: str, fast: str) -> list[Variant]:
+    """The fast preset's switches that change the step's work (its model.* fields and the optimizer; not the
+    schedule or learning rates), each on its own on top of the baseline, then all of them: what each costs per
+    step, read from the two presets so that the rows follow the preset."""
+    a, b = load_config(faithful).model_dump(), load_config(fast).model_dump()
+    shape = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "pad_vocab_to")
+    other = [k for k in shape if a["model"][k] != b["model"][k]]
+    if other:
+        raise ValueError(
+            f"{fast} is not {faithful} with switches: its model.{other[0]} is {b['model'][other[0]]}, "
+            f"not {a['model'][other[0]]}"
+        )
+    switches = [
+        f"model.{k}={v if isinstance(v, str) else json.dumps(v)}"
+        for k, v in b["model"].items()
+        if v != a["model"][k]
+    ]
+    if b["optim"]["optimizer"] != a["optim"]["optimizer"]:
+        switches.append(f"optim.optimizer={b['optim']['optimizer']}")
+    rows = [
+        dataclasses.replace(base, name=f"+ {s.replace('=', ' = ')}", overrides=(s,))
+        for s in switches
+    ]
+    everything = f"optim.muon_lr={b['optim']['muon_lr']}"  # Muon's own rate, for a real update
+    return [
+        dataclasses.replace(r, overrides=(*r.overrides, everything)) if "muon" in r.name else r
+        for r in rows
+    ] + [
+        dataclasses.replace(
+            base, name=f"+ all of {fast}'s switches", overrides=(*switches, everything)
+        )
     ]
 
 
@@ -201,18 +238,24 @@ def _step_setup(cfg, v: Variant, device: torch.device, seq_len: int) -> tuple[St
     """The variant's model, optimizer and one fixed micro-batch, as the training step takes them, and the
     model's parameter count (positions left out, as in the MFU)."""
     torch.manual_seed(0)
+    if v.overrides:
+        cfg = build_config(apply_overrides(cfg.model_dump(), list(v.overrides)), v.name)
     model_cfg = cfg.model.model_copy(update={"pad_vocab_to": 64 if v.pad_vocab else 1})
     accel.configure(device, tf32=v.tf32, attention=v.attention if device.type == "cuda" else "auto")
     model = GPT(model_cfg).to(device)
     model.fused_add_layernorm = v.fused_add_ln
     model.fused_classifier = v.fused_classifier
     model.use_flash_attention4(v.attention == "fa4")
-    opt = configure_optimizer(
-        model,
-        lr=6e-4,
-        weight_decay=0.1,
-        device_type=device.type,
-        fused=v.fused_adamw and device.type == "cuda",
+    opt = (
+        build_optimizer(model, cfg.optim, device.type)
+        if cfg.optim.optimizer == "muon"
+        else configure_optimizer(
+            model,
+            lr=6e-4,
+            weight_decay=0.1,
+            device_type=device.type,
+            fused=v.fused_adamw and device.type == "cuda",
+        )
     )
     mode = None if v.compile_mode == "default" else v.compile_mode
     # A fresh compilation per variant: dynamo's caches would otherwise turn a second batch size into a
@@ -385,6 +428,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--levers", action="store_true", help="each lever beyond the recipe on its own")
     ap.add_argument(
+        "--recipe-switches",
+        metavar="FAST_PRESET",
+        help="each switch of this preset (e.g. gpt2-124m-fast) that --config lacks, on its own, then all of "
+        "them: the per-step cost of the fast recipe",
+    )
+    ap.add_argument(
         "--combine",
         action="store_true",
         help="then the levers that gained, together in one row (best_combination), profiled with --profile",
@@ -431,6 +480,8 @@ def _variants(args: argparse.Namespace) -> list[Variant]:
         variants += ablations(baseline)
     if args.levers:
         variants += levers(baseline)
+    if args.recipe_switches:
+        variants += recipe_switches(baseline, args.config, args.recipe_switches)
     if args.only:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
         variants = [v for v in variants if any(w in v.name for w in wanted)]
@@ -471,10 +522,18 @@ def _measure_safely(cfg, v: Variant, device: torch.device, args, profile_to) -> 
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    ap = _parser()
+    args = ap.parse_args(argv)
     if args.render:
         print(table(json.loads(Path(args.render).read_text()), markdown=True))
         return 0
+    try:
+        variants = _variants(args)
+    except (
+        ValueError,
+        ConfigError,
+    ) as err:  # a preset that is not there, or not this one with switches
+        ap.error(str(err))
     device = torch.device(args.device)
     cfg = load_config(args.config)
     when = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -489,7 +548,6 @@ def main(argv=None) -> int:
         "steps": args.steps,
         "rows": [],
     }
-    variants = _variants(args)
     baseline = variants[0]
     while variants:
         v = variants.pop(0)

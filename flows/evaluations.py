@@ -158,7 +158,9 @@ async def evaluate_step(
     include_path: str | None,
     background: bool = False,
 ) -> dict[str, Any]:
-    """One checkpoint's evaluation as a task run; a failed evaluation fails it with the error."""
+    """One checkpoint's evaluation as a task run; a failed evaluation fails it with the error. A checkpoint that
+    training pruned (checkpoint.keep_last) while it was evaluated failed nothing: the task completes, saying so,
+    with {"step", "pruned": True}."""
     result = await (
         run_evaluation_on_slurm(url, tasks, slurm, hellaswag_data, include_path=include_path)
         if slurm
@@ -167,6 +169,11 @@ async def evaluate_step(
         )
     )
     if "error" in result:
+        if not store.exists(store.join(url, ck.MANIFEST)):
+            get_run_logger().info(
+                "step %d was pruned before its evaluation finished: not evaluated", step
+            )
+            return {"step": step, "pruned": True}
         raise EvaluationFailed(result)
     get_run_logger().info("evaluated step %d: %s", step, json.dumps(summary_row(result)))
     return result
@@ -230,8 +237,14 @@ class EvaluationScheduler:
                 result = await state.aresult(raise_on_failure=False)
                 del self._pending[step]
                 new = True
-                if isinstance(result, BaseException) and step not in ck.list_steps(self.run_dir):
-                    # training pruned it (checkpoint.keep_last) while it was evaluated: not a failure
+                pruned = isinstance(result, dict) and result.get("pruned")
+                if (
+                    pruned
+                    or (
+                        isinstance(result, BaseException)
+                        and step not in ck.list_steps(self.run_dir)
+                    )
+                ):  # training pruned it (checkpoint.keep_last) while it was evaluated: not a failure
                     self.log.info(
                         "step %d was pruned before its evaluation finished: not evaluated", step
                     )

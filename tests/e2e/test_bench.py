@@ -344,6 +344,35 @@ def test_the_best_combination_takes_the_levers_that_gained_and_the_faster_of_two
     assert tt.best_combination(base, rows[:2]) is None  # one lever is no combination
 
 
+def test_the_fast_recipes_switches_are_rows_each_on_its_own_then_all_together():
+    """What each switch of a fast preset costs per step: the rows follow the preset (its model switches and its
+    optimizer, not its schedule), and a preset of another shape is refused."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import train_throughput as tt
+
+    base = tt.Variant("baseline", 8)
+    rows = tt.recipe_switches(base, "gpt2-124m", "gpt2-124m-fast")
+    fast = load_config("gpt2-124m-fast")
+    assert rows[-1].name == "+ all of gpt2-124m-fast's switches"
+    singles = {r.name: r.overrides for r in rows[:-1]}
+    assert singles["+ model.pos_emb = rope"] == ("model.pos_emb=rope",)
+    assert singles["+ model.tie_embeddings = false"] == ("model.tie_embeddings=false",)
+    assert singles["+ optim.optimizer = muon"] == (
+        "optim.optimizer=muon",
+        f"optim.muon_lr={fast.optim.muon_lr}",
+    )
+    assert not any("schedule" in name for name in singles)  # no cost of its own per step
+    assert len(rows[-1].overrides) == len(singles) + 1
+    with pytest.raises(
+        ValueError, match="demo-fast is not tiny with switches: its model.block_size"
+    ):
+        tt.recipe_switches(base, "tiny", "demo-fast")
+    # measured through the step as any row is (a CPU smoke: the real figures come from a GPU)
+    on_cpu = dataclasses.replace(rows[-1], compile=False)
+    row = tt.measure(load_config("demo"), on_cpu, torch.device("cpu"), 16, 0, 1)
+    assert row["tokens_per_s"] > 0 and row["overrides"] == rows[-1].overrides
+
+
 def test_recipe_comparison_runs_both_recipes_side_by_side_and_its_arithmetic_holds(
     demo_data, tmp_path
 ):

@@ -390,11 +390,13 @@ def test_a_checkpoint_pruned_while_it_is_evaluated_is_not_a_failed_evaluation(
     prefect_server, demo_data, tmp_path
 ):
     """Training prunes old checkpoints (checkpoint.keep_last) at its own pace; an evaluation that loses its
-    checkpoint that way is no failure: it is left out, and said, while the others are kept."""
+    checkpoint that way is no failure: it is left out, and said, while the others are kept; its task run in
+    Prefect completes (a red task for it would send a person to look at nothing)."""
     import logging
     import shutil
 
     from helpers import run_train
+    from prefect.runtime import flow_run
 
     from flows.evaluations import EvaluationScheduler
 
@@ -411,10 +413,25 @@ def test_a_checkpoint_pruned_while_it_is_evaluated_is_not_a_failed_evaluation(
         evals.start_new()  # both checkpoints; the evaluating processes take seconds to start
         shutil.rmtree(run / "checkpoints" / "step_000004")  # pruned meanwhile
         await evals.collect(wait=True)
-        return evals.results
+        return evals.results, flow_run.get_id()
 
-    results = asyncio.run(evaluate_while_pruning())
+    results, run_id = asyncio.run(evaluate_while_pruning())
     assert sorted(results) == [8] and "error" not in results[8]
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def task_states():
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+            )
+            return {r.name: r.state.type.value for r in runs}
+
+    assert asyncio.run(task_states()) == {
+        "evaluate step 4": "COMPLETED",
+        "evaluate step 8": "COMPLETED",
+    }
 
 
 def test_a_store_credential_reaches_no_sink_of_a_local_run(
