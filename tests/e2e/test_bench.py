@@ -428,6 +428,11 @@ def test_recipe_comparison_runs_both_recipes_side_by_side_and_its_arithmetic_hol
     assert [r["recipe"] for r in res["summary"]] == ["build-nanogpt", "fast"]
     assert all(len(r["curve"]) == 3 for r in res["rows"])  # validations at steps 0, 3 and the last
     assert "| fast |" in p.stdout and "Measured on" in p.stdout
+    # each final checkpoint also read on the whole val split, once
+    kept = json.loads((tmp_path / "runs" / "fast-seed0" / "whole_val.json").read_text())
+    assert kept["step"] == 6 and kept["tokens"] > 8192  # more than a validation during training reads
+    assert {r["recipe"]: r["whole_val"] for r in res["rows"]}["fast"] == round(kept["val_loss"], 5)
+    assert "| on the whole val split |" in p.stdout
     assert out.with_suffix(".png").stat().st_size > 1000
     # run again on the same runs: nothing is trained twice, and the comparison is the same
     again = subprocess.run(
