@@ -430,7 +430,9 @@ def test_recipe_comparison_runs_both_recipes_side_by_side_and_its_arithmetic_hol
     assert "| fast |" in p.stdout and "Measured on" in p.stdout
     # each final checkpoint also read on the whole val split, once
     kept = json.loads((tmp_path / "runs" / "fast-seed0" / "whole_val.json").read_text())
-    assert kept["step"] == 6 and kept["tokens"] > 8192  # more than a validation during training reads
+    assert (
+        kept["step"] == 6 and kept["tokens"] > 8192
+    )  # more than a validation during training reads
     assert {r["recipe"]: r["whole_val"] for r in res["rows"]}["fast"] == round(kept["val_loss"], 5)
     assert "| on the whole val split |" in p.stdout
     assert out.with_suffix(".png").stat().st_size > 1000
