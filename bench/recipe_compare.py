@@ -144,18 +144,19 @@ def whole_val(run: Path, data: str) -> float:
         return json.loads(kept.read_text())["val_loss"]
     from contextlib import nullcontext
 
-    import numpy as np
     import torch
 
+    from common.shards import load_shard
     from training import checkpoint as ck
     from training.loader import ShardLoader
     from training.train import evaluate_val
 
     model, cfg, step = ck.load_model(str(run))
     t = cfg.train
-    tokens = sum(np.load(f, mmap_mode="r").shape[0] for f in Path(data).glob("*_val_*.npy"))
-    batches = (tokens - 1) // (t.micro_batch * t.seq_len)
     loader = ShardLoader(data, "val", t.micro_batch, t.seq_len, prefetch=False)
+    # the split's shards as the loader lists them (their manifest's counts, else the files themselves)
+    tokens = sum(s.tokens if s.tokens is not None else len(load_shard(s)) for s in loader.shards)
+    batches = (tokens - 1) // (t.micro_batch * t.seq_len)
     try:
         loss = evaluate_val(model, loader, batches, torch.device("cpu"), nullcontext)
     finally:

@@ -52,33 +52,26 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
                 g = h @ w.t()  # the logits, and once classify_ is done, their gradient
                 loss += classify_(g, t, vocab_size, softcap, 1.0 / n if need_grad else None).sum()
-                if grad_hidden is not None and grad_weight is not None:
-                    grad_hidden[start : start + chunk] = (g @ w).to(hidden.dtype)
-                    grad_weight += (g.t() @ h).float()
-                continue
-            logits = (h @ w.t()).float()  # as autocast: bf16 matmul, cross-entropy in fp32
-            capped = None
-            if softcap:
-                logits = logits.div_(softcap).tanh_()
-                capped = (
-                    logits.clone() if grad_hidden is not None else None
-                )  # tanh, for the derivative
-                logits = logits.mul_(softcap)
-            logits[:, vocab_size:] = float(
-                "-inf"
-            )  # padding is not a token: exp(-inf) = 0, no mass, no gradient
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += (lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
+            else:
+                logits = (h @ w.t()).float()  # as autocast: bf16 matmul, cross-entropy in fp32
+                capped = None
+                if softcap:
+                    logits = logits.div_(softcap).tanh_()
+                    capped = logits.clone() if need_grad else None  # tanh, for the derivative
+                    logits = logits.mul_(softcap)
+                # padding is not a token: exp(-inf) = 0, no mass, no gradient
+                logits[:, vocab_size:] = float("-inf")
+                lse = torch.logsumexp(logits, dim=-1)
+                loss += (lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
+                if need_grad:
+                    # d mean(CE) / d logits = (softmax - onehot) / n, computed in place of the logits
+                    g = logits.sub_(lse.unsqueeze(1)).exp_()
+                    g.scatter_add_(1, t.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
+                    g = g.div_(n)
+                    if capped is not None:  # d cap*tanh(a/cap) / da = 1 - tanh^2; padding's is 0
+                        g = g.mul_(capped.square_().neg_().add_(1.0))
+                    g = g.to(dtype)
             if grad_hidden is not None and grad_weight is not None:
-                # d mean(CE) / d logits = (softmax - onehot) / n, computed in place of the logits
-                g = logits.sub_(lse.unsqueeze(1)).exp_()
-                g.scatter_add_(1, t.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
-                g = g.div_(n)
-                if (
-                    capped is not None
-                ):  # d cap*tanh(a/cap) / da = 1 - tanh^2; the padding's is 0 already
-                    g = g.mul_(capped.square_().neg_().add_(1.0))
-                g = g.to(dtype)
                 grad_hidden[start : start + chunk] = (g @ w).to(hidden.dtype)
                 grad_weight += (g.t() @ h).float()
         if need_grad:

@@ -29,6 +29,19 @@ def combos():
         yield dict(zip(keys, values, strict=True))
 
 
+def _learns_one_batch(model, opt) -> None:
+    """Eight steps on one batch, learned by heart: the loss must fall."""
+    x = torch.randint(0, 50257, (2, 16))
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
 @pytest.mark.parametrize("switches", list(combos()), ids=lambda d: "-".join(map(str, d.values())))
 def test_every_combination_builds_trains_and_is_counted_as_the_memory_estimate_counts_it(switches):
     cfg = GPTConfig(**SMALL, **switches)
@@ -38,15 +51,7 @@ def test_every_combination_builds_trains_and_is_counted_as_the_memory_estimate_c
     assert (model.transformer.wpe is None) == (switches["pos_emb"] == "rope")
     assert (model.lm_head.weight is model.transformer.wte.weight) == switches["tie_embeddings"]
     opt = build_optimizer(model, OptimConfig(optimizer="muon", max_lr=1e-2, muon_lr=0.05), "cpu")
-    x = torch.randint(0, 50257, (2, 16))
-    losses = []
-    for _ in range(8):  # one batch, learned by heart: the loss must fall
-        opt.zero_grad()
-        _, loss = model(x[:, :-1], x[:, 1:])
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.5, losses
+    _learns_one_batch(model, opt)
 
 
 def test_rotary_scores_depend_only_on_the_distance_between_tokens():
@@ -113,15 +118,7 @@ def test_value_embeddings_and_unet_skips_build_train_and_are_counted(switches):
             *([] if cfg.tie_embeddings else [t.wte]),
         ]
     )
-    x = torch.randint(0, 50257, (2, 16))
-    losses = []
-    for _ in range(8):
-        opt.zero_grad()
-        _, loss = model(x[:, :-1], x[:, 1:])
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.5, losses
+    _learns_one_batch(model, opt)
     for name, p in model.named_parameters():
         assert p.grad is not None, f"{name} takes no part in the loss"
 
