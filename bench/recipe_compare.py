@@ -439,6 +439,13 @@ def main(argv=None) -> int:
     if not a.data:
         ap.error("--data is required")
     seeds = [int(x) for x in a.seeds.split(",")]
+    from training.config import ConfigError, load_config
+
+    for name, overrides in recipes(a.ablate, a.batch_warmup, a.plus).items():
+        try:  # every recipe's config, before any trains: a bad --plus or --set is one line, nothing run
+            load_config("demo", [*SCALES[a.scale], *a.set, *overrides])
+        except ConfigError as err:
+            ap.error(f"recipe {name!r}: {' '.join(str(err).split())}")
     work = Path(a.work or tempfile.mkdtemp(prefix="recipe-compare-"))
     rows = []
     # seeds outermost: an interrupted comparison still compares the recipes on the seeds it did (--collect)

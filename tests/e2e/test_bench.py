@@ -484,3 +484,31 @@ def test_recipe_comparison_runs_both_recipes_side_by_side_and_its_arithmetic_hol
         with pytest.raises(SystemExit) as refused:
             rc.main(["--merge", *map(str, files), "--out", str(merged)])
         assert refused.value.code == 2
+
+
+def test_a_recipe_the_config_rejects_is_one_line_before_any_recipe_trains(
+    demo_data, tmp_path, capsys
+):
+    sys.path.insert(0, str(REPO / "bench"))
+    import recipe_compare as rc
+
+    work = tmp_path / "runs"
+    with pytest.raises(SystemExit) as refused:
+        rc.main(
+            [
+                "--data",
+                demo_data,
+                "--steps",
+                "3",
+                "--work",
+                str(work),
+                "--plus",
+                "model.value_embeds=9",
+            ]
+        )
+    assert refused.value.code == 2 and not work.exists()  # the first recipes did not train either
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        "error: recipe 'fast + model.value_embeds=9': invalid config" in err
+    )  # argparse's one line
+    assert "at most 1" in err
