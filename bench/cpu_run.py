@@ -28,7 +28,7 @@ def random_shards(url: Path, sizes: tuple[int, ...], seed: int = 0) -> str:
 
 
 def cpu_machine() -> dict:
-    """CPU count and model, torch and Python versions."""
+    """CPU count and model, torch and Python versions, and the GPU where there is one."""
     import torch
 
     info = Path("/proc/cpuinfo")
@@ -44,12 +44,17 @@ def cpu_machine() -> dict:
         if info.exists()
         else platform.processor()
     )
-    return {
+    out = {
         "cpus": os.cpu_count(),
         "cpu_model": model,
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+    if (
+        torch.cuda.is_available()
+    ):  # a run that trained on a GPU names it (CPU results keep their shape)
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
 
 
 def cell(value: float | None, spec: str) -> str:
@@ -60,7 +65,9 @@ def cell(value: float | None, spec: str) -> str:
 def measured_on(res: dict) -> str:
     """The line every results table ends with: a figure always comes with its machine."""
     mc = res["machine"]
-    return f"Measured on {mc['cpus']} x {mc['cpu_model']}, torch {mc['torch']}, Python {mc['python']}; {res['time']}."
+    gpu = f"{mc['gpu']} with " if mc.get("gpu") else ""
+    versions = f"torch {mc['torch']}, Python {mc['python']}"
+    return f"Measured on {gpu}{mc['cpus']} x {mc['cpu_model']}, {versions}; {res['time']}."
 
 
 def report(

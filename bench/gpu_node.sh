@@ -7,6 +7,7 @@
 #   bash bench/gpu_node.sh autotune       # coordinate-descent tuning of the fused (memory-bound) kernels
 #   bash bench/gpu_node.sh kernels        # our kernels, FlashAttention-4, then the levers that gained together, profiled
 #   bash bench/gpu_node.sh recipe-switches  # what each switch of gpt2-124m-fast costs per step, then all of them
+#   bash bench/gpu_node.sh recipes        # the 124M: build-nanogpt's recipe against gpt2-124m-fast, the same steps
 #   bash bench/gpu_node.sh compile-modes  # CUDA graphs, max-autotune (its autotuning alone outlasts 4 minutes)
 #   bash bench/gpu_node.sh tokenize       # bench/tokenize_throughput.py on all the node's cores
 #   bash bench/gpu_node.sh checkpoint     # bench/checkpoint_overhead.py on the 124M: none / sync / async
@@ -22,7 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${GPU_NODE_STAGE:-.cache/gpu-node}
-step=${1:?usage: gpu_node.sh stage|check|train|ablation|levers|autotune|kernels|recipe-switches|compile-modes|tokenize|checkpoint}
+step=${1:?usage: gpu_node.sh stage|check|train|ablation|levers|autotune|kernels|recipe-switches|recipes|compile-modes|tokenize|checkpoint}
 
 if [ "$step" = stage ]; then
   PY=${VENV:-.venv}/bin/python
@@ -70,6 +71,15 @@ bench() { python3 bench/train_throughput.py --out "$OUT/train_throughput-$step-$
     recipe-switches) bench --micro-batches "" --recipe-switches gpt2-124m-fast ;;
     kernels) bench --micro-batches "" --levers --combine --profile \
       --only "(ours),fused classifier,chunked lm_head,cuDNN,FlashAttention-4,coordinate-descent" ;;
+    # 300 steps of 131k tokens each (~40M tokens, under 1.5 min a recipe on an H100, plus a compile each) on the
+    # documentation corpus (22.5M tokens): make it with `python bench/prepare_docs.py --out store/data/docs`
+    # where the packages can be fetched, and copy store/data/docs (45 MB) with the checkout. STEPS and SEEDS
+    # change the length and the seeds.
+    recipes)
+      docs=${DOCS:-store/data/docs}
+      [ -f "$docs/manifest.json" ] || { echo "no corpus at $docs: run 'python bench/prepare_docs.py --out $docs' on a machine with network and copy it here" >&2; exit 2; }
+      python3 bench/recipe_compare.py --data "$docs" --scale gpt2-124m --steps "${STEPS:-300}" --val-every 25 \
+        --seeds "${SEEDS:-0}" --work /tmp/recipe-compare-124m --out "$OUT/recipe_compare-gpu-124m-$when.json" ;;
     compile-modes) bench --micro-batches "" --levers --only "CUDA graphs,max-autotune" ;;  # autotuning is slow
     tokenize) python3 bench/tokenize_throughput.py --tokens 200e6 --repeats 3 ;;
     # one micro-batch per step (B=64, T=1024) so that the three variants fit in a few minutes; the blocked time

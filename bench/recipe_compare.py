@@ -9,7 +9,8 @@ Each run is `python -m training.train` on the shards at `--data` (bench/prepare_
 corpus this machine can get from Debian's documentation packages: `--packages python3.11-doc` is the
 Python documentation alone, the corpus the results in bench/results/ were measured on), one after the other on
 this machine. Scales: `demo` (configs/demo.toml: 3 layers of 64, ~3.4M parameters, most of them the embedding) and
-`small` (6 layers of 256, ~17.6M). Recipes:
+`small` (6 layers of 256, ~17.6M) on a CPU; `gpt2-124m` on a GPU (`bash bench/gpu_node.sh recipes`: the presets
+gpt2-124m and gpt2-124m-fast at a batch of 131k tokens, on the 22.5M-token corpus of every package). Recipes:
 
 - `build-nanogpt`: the preset as it is (AdamW, cosine, learned positions, tied head, tanh-GELU);
 - `fast`: the switches of `FAST` (Muon for the hidden matrices, a trapezoid schedule, rotary positions,
@@ -69,9 +70,26 @@ BASELINE_VALUE = {
     "model.zero_init_proj": "false",
     "model.logit_softcap": "0",
 }
+# each scale: the preset it starts from, and its overrides
 SCALES = {
-    "demo": [],
-    "small": ["model.n_layer=6", "model.n_head=4", "model.n_embd=256", "optim.max_lr=6e-3"],
+    "demo": ("demo", []),
+    "small": (
+        "demo",
+        ["model.n_layer=6", "model.n_head=4", "model.n_embd=256", "optim.max_lr=6e-3"],
+    ),
+    # GPT-2 124M on one GPU for a few minutes a recipe (bench/gpu_node.sh recipes): 2 micro-batches of 64 x 1024
+    # a step, so that a few hundred steps see a few tens of millions of tokens (the documentation corpus is
+    # 22.5M: about two passes); a warm-up as short as the run, and val batches the 200k-token val shard holds
+    "gpt2-124m": (
+        "gpt2-124m",
+        [
+            "total_batch_tokens=131072",
+            "micro_batch=64",
+            "optim.warmup_steps=20",
+            "val_tokens=131072",
+            "keep_every=0",
+        ],
+    ),
 }
 
 
@@ -107,14 +125,14 @@ def train(a: argparse.Namespace, work: Path, name: str, overrides: list[str], se
         "sample_every=0",
         f"checkpoint_every={a.steps}",
         "log_every=10",
-        *SCALES[a.scale],
+        *SCALES[a.scale][1],
         *a.set,
         *overrides,
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONUNBUFFERED="1")
     t0 = time.time()
     p = subprocess.run(
-        [sys.executable, "-m", "training.train", "--config", "demo"]
+        [sys.executable, "-m", "training.train", "--config", SCALES[a.scale][0]]
         + [x for kv in sets for x in ("--set", kv)],
         cwd=REPO,
         env=env,
@@ -136,29 +154,35 @@ def finished(run: Path, steps: int) -> bool:
 
 
 def whole_val(run: Path, data: str) -> float:
-    """The run's final checkpoint's loss on the whole val split. The validations during training read 8,192
-    tokens and move by 0.1-0.3 between validations; the whole split (200k tokens of the Python documentation)
-    leaves the seeds' own spread. Kept in {run}/whole_val.json, so a run is evaluated once."""
+    """The run's final checkpoint's loss on the whole val split. The validations during training read a few
+    batches and move by 0.1-0.3 between validations at the CPU scales; the whole split (200k tokens of the
+    documentation corpus) leaves the seeds' own spread. Read on the GPU where there is one, under the run's own
+    autocast. Kept in {run}/whole_val.json, so a run is evaluated once."""
     kept = run / "whole_val.json"
     if kept.exists():
         return json.loads(kept.read_text())["val_loss"]
     from contextlib import nullcontext
+    from functools import partial
 
     import torch
 
     from common.shards import load_shard
     from training import checkpoint as ck
+    from training.accel import autocast_dtype, pick_device
     from training.loader import ShardLoader
     from training.train import evaluate_val
 
-    model, cfg, step = ck.load_model(str(run))
+    device = pick_device("auto")
+    model, cfg, step = ck.load_model(str(run), device)
     t = cfg.train
+    dtype = autocast_dtype(cfg, device)
+    amp = nullcontext if dtype is None else partial(torch.autocast, device.type, dtype=dtype)
     loader = ShardLoader(data, "val", t.micro_batch, t.seq_len, prefetch=False)
     # the split's shards as the loader lists them (their manifest's counts, else the files themselves)
     tokens = sum(s.tokens if s.tokens is not None else len(load_shard(s)) for s in loader.shards)
     batches = (tokens - 1) // (t.micro_batch * t.seq_len)
     try:
-        loss = evaluate_val(model, loader, batches, torch.device("cpu"), nullcontext)
+        loss = evaluate_val(model, loader, batches, device, amp, t.loss_chunk)
     finally:
         loader.close()
     kept.write_text(
@@ -173,16 +197,20 @@ def collected(
     """One finished run's row: its val curve against tokens and against its own training time, and with
     `data`, its final loss on the whole val split."""
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    median_ms = statistics.median(r["step_ms"] for r in rows)
     elapsed, curve = 0.0, []
-    for r in rows:  # the training's own time: its steps (validation costs every recipe the same)
-        elapsed += r["step_ms"] / 1000
+    for i, r in enumerate(
+        rows
+    ):  # the training's own time: its steps (validation costs every recipe the same)
+        # the first step holds torch.compile's compilation (a minute on a GPU): it counts as a median step
+        elapsed += (median_ms if i == 0 else r["step_ms"]) / 1000
         if "val_loss" in r:
             curve.append((r["tokens_seen"], round(elapsed, 3), r["val_loss"]))
     return {
         "recipe": name,
         "seed": seed,
         "wall_s": None if wall_s is None else round(wall_s, 1),
-        "step_ms": statistics.median(r["step_ms"] for r in rows),
+        "step_ms": median_ms,
         "curve": curve,
         "final_val": curve[-1][2],
         **({"whole_val": round(whole_val(run, data), 5)} if data else {}),
@@ -443,7 +471,7 @@ def main(argv=None) -> int:
 
     for name, overrides in recipes(a.ablate, a.batch_warmup, a.plus).items():
         try:  # every recipe's config, before any trains: a bad --plus or --set is one line, nothing run
-            load_config("demo", [*SCALES[a.scale], *a.set, *overrides])
+            load_config(SCALES[a.scale][0], [*SCALES[a.scale][1], *a.set, *overrides])
         except ConfigError as err:
             ap.error(f"recipe {name!r}: {' '.join(str(err).split())}")
     work = Path(a.work or tempfile.mkdtemp(prefix="recipe-compare-"))

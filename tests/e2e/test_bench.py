@@ -512,3 +512,53 @@ def test_a_recipe_the_config_rejects_is_one_line_before_any_recipe_trains(
         "error: recipe 'fast + model.value_embeds=9': invalid config" in err
     )  # argparse's one line
     assert "at most 1" in err
+
+
+def test_the_124m_comparison_trains_the_two_presets_and_a_compiled_first_step_is_not_its_wall_time(
+    demo_data, tmp_path
+):
+    sys.path.insert(0, str(REPO / "bench"))
+    import recipe_compare as rc
+
+    from training.config import load_config
+
+    # what the GPU comparison calls fast is the gpt2-124m-fast preset, whatever either file comes to say
+    preset, scale = rc.SCALES["gpt2-124m"]
+    fast = load_config(preset, [*scale, *rc.recipes(False)["fast"]]).model_dump()
+    shipped = load_config("gpt2-124m-fast", scale).model_dump()
+    for cfg in (fast, shipped):
+        cfg.pop("name"), cfg["train"].pop("run_dir")
+    assert fast == shipped
+
+    # the scale's path end to end (the preset, its overrides, the whole-val pass), on a model shrunk to a CPU
+    shrink = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "compile=false"]
+    shrink += ["micro_batch=2", "seq_len=64", "total_batch_tokens=256", "val_tokens=256"]
+    out = tmp_path / "r.json"
+    p = subprocess.run(
+        [sys.executable, "bench/recipe_compare.py", "--data", demo_data, "--scale", "gpt2-124m"]
+        + ["--steps", "4", "--val-every", "2", "--seeds", "0", "--threads", "1"]
+        + [x for kv in shrink for x in ("--set", kv)]
+        + ["--out", str(out), "--work", str(tmp_path / "runs")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [r["recipe"] for r in res["summary"]] == ["build-nanogpt", "fast"]
+    config = json.loads((tmp_path / "runs" / "fast-seed0" / "config.json").read_text())
+    assert config["model"]["pos_emb"] == "rope" and config["optim"]["optimizer"] == "muon"
+    assert config["optim"]["warmup_steps"] == 20 and config["train"]["micro_batch"] == 2
+    assert all(r["whole_val"] > 0 for r in res["rows"])
+
+    # a first step that compiled for a minute counts as a median step in the time axis
+    run = tmp_path / "compiled"
+    run.mkdir()
+    steps = [
+        dict(step=i, step_ms=60_000.0 if i == 0 else 100.0, tokens_seen=i + 1) for i in range(5)
+    ]
+    steps[0]["val_loss"], steps[4]["val_loss"] = 5.0, 4.0
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(s) for s in steps))
+    row = rc.collected(run, "x", 0)
+    assert row["curve"] == [(1, 0.1, 5.0), (5, 0.5, 4.0)] and row["step_ms"] == 100.0
