@@ -5,6 +5,8 @@ Local run directories get each line appended at once. Object stores have no appe
 in memory and rewritten whole, by one thread for all of a process's files, each time with every line given so
 far: at most every `flush_seconds` (only the files with new lines), and at every flush() (a checkpoint, the
 end of the run), which returns once every file holds every line given before it was called.
+
+`LogTail` reads them back as they grow: only the bytes added since its last read.
 """
 
 from __future__ import annotations
@@ -107,3 +109,28 @@ class LogFiles:
                 Exception
             ) as err:  # a store hiccup: the next rewrite or flush() carries these lines too
                 log.warning("could not rewrite a log file of the run: %s", err)
+
+
+class LogTail:
+    """New whole lines of a growing file since the last call."""
+
+    def __init__(self, url: str):
+        self.url, self.offset = url, 0
+
+    def read(self) -> list[str]:
+        fs, path = store.fs_and_path(self.url)
+        try:
+            fs.invalidate_cache(path)
+            size = fs.size(path)
+            if size < self.offset:  # truncated (a requeued Slurm job reopened its log)
+                self.offset = 0
+            if size == self.offset:
+                return []
+            with fs.open(path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(size - self.offset)
+        except (FileNotFoundError, OSError):
+            return []
+        end = data.rfind(b"\n") + 1  # whole lines only: a torn last line is read next time
+        self.offset += end
+        return data[:end].decode(errors="replace").splitlines()

@@ -49,7 +49,7 @@ from flows.sweep_trial import TrialRunner, check_concurrency_limit, promote
 from flows.tracker import TrackerMirror
 from tracking.credentials import HELD
 from training.config import load_config
-from training.metrics import read_metrics
+from training.metrics import ValCurve
 
 __all__ = ["SweepParams", "sweep", "prepare_sweep"]
 
@@ -123,6 +123,7 @@ class SweepDriver:
         self.p, self.study, self.log = p, study, log
         self.key = f"sweep-{artifact_key(p.name)}"
         self.records: dict[int, dict[str, Any]] = {}
+        self.val_curves: dict[str, ValCurve] = {}
 
     def promoted(self) -> dict[int, dict[str, Any]]:
         return {
@@ -389,8 +390,11 @@ class SweepDriver:
         curves = {}
         for t in self._all():
             name = self.p.trial_name(t.number)
-            rows = read_metrics(self.p.run.store_layout().run(name).url)
-            pts = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+            if (
+                name not in self.val_curves
+            ):  # each page update reads what the trials added since the last
+                self.val_curves[name] = ValCurve(self.p.run.store_layout().run(name).url)
+            pts = self.val_curves[name].read()
             if pts:
                 state = self.records.get(t.number, {}).get("state", "running")
                 curves[f"{name} ({state})"] = pts

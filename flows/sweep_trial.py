@@ -17,7 +17,7 @@ from common.layout import RunDir
 from flows.hold import request_hold
 from flows.pretrain import FlowFailure, pretrain
 from flows.sweep_study import SweepParams, optuna_lib
-from training.metrics import read_metrics
+from training.metrics import MetricsTail, read_metrics
 
 # ----------------------------------------------------------------------------- one trial
 
@@ -80,9 +80,10 @@ class TrialRunner:
         """Every new validation of the run, reported at its step; a hold on the run once the pruner says so."""
         # what an earlier flow run reported already (the storage API: a Trial has no public reader of it)
         seen = set(self.study._storage.get_trial(self.trial._trial_id).intermediate_values)
+        metrics = MetricsTail(self.run.url)  # each poll reads the lines added since the last one
         while True:
             await asyncio.sleep(max(self.p.run.poll_seconds, 1.0))
-            rows = await asyncio.to_thread(read_metrics, self.run.url)
+            rows = await asyncio.to_thread(metrics.read)
             new = [r for r in rows if "val_loss" in r and r["step"] not in seen and r["step"] > 0]
             for r in new:
                 seen.add(r["step"])

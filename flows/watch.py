@@ -23,35 +23,11 @@ from common import store
 from common.errors import ReproError
 from common.heartbeat import HangDetector, HangRules
 from common.layout import RunDir
+from common.logfiles import LogTail
 from common.stall import StallAlarm
 from flows.executors import Submission
 from training.metrics import parse_metrics
 from training.telemetry import Straggler, StragglerWatch
-
-
-class LogTail:
-    """New whole lines of a growing file since the last call."""
-
-    def __init__(self, url: str):
-        self.url, self.offset = url, 0
-
-    def read(self) -> list[str]:
-        fs, path = store.fs_and_path(self.url)
-        try:
-            fs.invalidate_cache(path)
-            size = fs.size(path)
-            if size < self.offset:  # truncated (a requeued Slurm job reopened its log)
-                self.offset = 0
-            if size == self.offset:
-                return []
-            with fs.open(path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read(size - self.offset)
-        except (FileNotFoundError, OSError):
-            return []
-        end = data.rfind(b"\n") + 1  # whole lines only: a torn last line is read next time
-        self.offset += end
-        return data[:end].decode(errors="replace").splitlines()
 
 
 def _parse(lines: list[str]) -> list[dict[str, Any]]:

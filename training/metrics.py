@@ -10,7 +10,7 @@ import torch
 
 from common import store
 from common.layout import RunDir
-from common.logfiles import LogFiles
+from common.logfiles import LogFiles, LogTail
 
 # Dense bf16 peak FLOP/s per GPU (no sparsity). Unknown devices (CPU included) report no MFU rather than a guess.
 PEAK_BF16_FLOPS = {
@@ -67,6 +67,38 @@ def read_metrics(run_dir: str) -> list[dict[str, Any]]:
     if not store.exists(url):
         return []
     return parse_metrics(store.read_bytes(url).decode(errors="replace").splitlines())
+
+
+class MetricsTail:
+    """A run's metrics rows as the run writes them: each read returns the rows added since the last, reading
+    only the new bytes (polling a long run on an object store is one small ranged read, not the whole file).
+    A resumed run writes again the steps it redoes: a reader that keeps rows by step keeps the latest."""
+
+    def __init__(self, run_dir: str):
+        self.tail = LogTail(RunDir(run_dir).metrics)
+
+    def read(self) -> list[dict[str, Any]]:
+        return parse_metrics(self.tail.read())
+
+
+class ValCurve:
+    """A run's val loss by step, brought up to date from the lines added since the last read. A resumed run
+    writes again from the step it resumed at: the points from there on are the redone ones, not the old."""
+
+    def __init__(self, run_dir: str):
+        self.metrics = MetricsTail(run_dir)
+        self.points: dict[int, float] = {}
+        self.last = -1  # the step of the last row read
+
+    def read(self) -> list[tuple[int, float]]:
+        for r in self.metrics.read():
+            step = r["step"]
+            if step <= self.last:  # a resumed run redoes these steps
+                self.points = {k: v for k, v in self.points.items() if k < step}
+            self.last = step
+            if isinstance(r.get("val_loss"), (int, float)):
+                self.points[step] = r["val_loss"]
+        return sorted(self.points.items())
 
 
 def parse_metrics(lines: list[str]) -> list[dict[str, Any]]:

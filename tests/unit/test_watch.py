@@ -6,9 +6,13 @@ import asyncio
 
 import pytest
 
+# prefect configures logging when first imported: at collection, so that it does not take caplog's handler off
+# the root logger in the middle of a test run on its own
+import flows.watch  # noqa: F401
+
 
 def test_the_flow_reads_only_new_whole_lines_and_skips_torn_ones(tmp_path):
-    from flows.watch import LogTail
+    from common.logfiles import LogTail
     from training.metrics import parse_metrics
 
     f = tmp_path / "metrics.jsonl"
@@ -23,6 +27,60 @@ def test_the_flow_reads_only_new_whole_lines_and_skips_torn_ones(tmp_path):
     ]  # the torn line is skipped, nothing re-read
     f.write_text('{"step": 0, "loss": 2.0}\n')  # truncated and rewritten: read from the start again
     assert parse_metrics(tail.read()) == [{"step": 0, "loss": 2.0}]
+
+
+def test_a_val_curve_reads_only_what_was_added_and_a_resumed_run_replaces_the_steps_it_redoes(
+    tmp_path, monkeypatch
+):
+    import json
+
+    from common import store
+    from training.metrics import ValCurve
+
+    f = tmp_path / "metrics.jsonl"
+
+    def write(rows, mode="a"):
+        with open(f, mode) as out:
+            out.writelines(json.dumps(r) + "\n" for r in rows)
+
+    curve = ValCurve(str(tmp_path))
+    assert curve.read() == []
+    write(
+        [
+            {"step": s, "loss": 5.0, **({"val_loss": 9.0 - s} if s % 2 == 0 else {})}
+            for s in range(5)
+        ]
+    )
+    assert curve.read() == [(0, 9.0), (2, 7.0), (4, 5.0)]
+    # the bytes read from here on are only the new ones
+    read = []
+    real = store.fs_and_path
+
+    def spy(url):
+        fs, path = real(url)
+        opened = fs.open
+
+        class Counting:
+            def __getattr__(self, name):
+                return getattr(fs, name)
+
+            def open(self, p, mode="rb"):
+                handle = opened(p, mode)
+                here = handle.read
+                handle.read = lambda n=-1: read.append(len(data := here(n))) or data
+                return handle
+
+        return Counting(), path
+
+    monkeypatch.setattr(store, "fs_and_path", spy)
+    write([{"step": 5, "loss": 4.0}, {"step": 6, "loss": 4.0, "val_loss": 4.5}])
+    added = len(json.dumps({"step": 5, "loss": 4.0})) + len(
+        json.dumps({"step": 6, "loss": 4.0, "val_loss": 4.5})
+    )
+    assert curve.read() == [(0, 9.0), (2, 7.0), (4, 5.0), (6, 4.5)] and read == [added + 2]
+    # resumed from a checkpoint at step 3: it drops the lines after it and writes its steps again
+    write([{"step": 3, "loss": 4.0}, {"step": 4, "loss": 4.0, "val_loss": 6.5}])
+    assert curve.read() == [(0, 9.0), (2, 7.0), (4, 6.5)]
 
 
 def test_a_rank_slower_than_the_median_in_consecutive_windows_is_one_warning_and_one_event(
