@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The CUDA checks and GPU benchmarks, one step per call (each a few minutes), on a node with an NVIDIA GPU:
+# The CUDA checks and GPU benchmarks, on a node with an NVIDIA GPU: one step or several per call (each a few
+# minutes; `bash bench/gpu_node.sh check kernels` runs two, one after the other, the second even if the first fails):
 #   bash bench/gpu_node.sh check          # GPU + torch facts, then the CUDA tests (tests/e2e/test_gpu.py, model, bench)
 #   bash bench/gpu_node.sh train          # bench/train_throughput.py: build-nanogpt's recipe + micro-batches 16/32/64
 #   bash bench/gpu_node.sh ablation       # each optimisation of build-nanogpt's recipe off on its own
@@ -23,9 +24,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${GPU_NODE_STAGE:-.cache/gpu-node}
-step=${1:?usage: gpu_node.sh stage|check|train|ablation|levers|autotune|kernels|recipe-switches|recipes|compile-modes|tokenize|checkpoint}
+[ $# -gt 0 ] || { echo "usage: gpu_node.sh stage | STEP [STEP ...] (check train ablation levers autotune kernels recipe-switches recipes compile-modes tokenize checkpoint)" >&2; exit 2; }
 
-if [ "$step" = stage ]; then
+if [ "$1" = stage ]; then
   PY=${VENV:-.venv}/bin/python
   rm -rf "$STAGE/wheels" && mkdir -p "$STAGE/wheels" "$STAGE/tiktoken"
   # the versions this checkout runs with, built for the node's CPython 3.12 on x86-64
@@ -51,43 +52,59 @@ fi
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT" bench/results
-when=$(date -u +%Y%m%dT%H%M%SZ)
-log="$OUT/$step-$when.log"
-bench() { python3 bench/train_throughput.py --out "$OUT/train_throughput-$step-$when.json" "$@"; }
+run_step() {
+  local step=$1 when log
+  when=$(date -u +%Y%m%dT%H%M%SZ)
+  log="$OUT/$step-$when.log"
+  bench() { python3 bench/train_throughput.py --out "$OUT/train_throughput-$step-$when.json" "$@"; }
+  {
+    case "$step" in
+      check)
+        nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+        # (chained: a step runs with errexit off, so that a failed step does not stop the next)
+        python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())" &&
+        python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device visible')" &&
+        # the benchmarks' smoke tests that need the worker's packages (prefect, moto) or many cores stay on CPU machines
+        python3 -m pytest tests/e2e/test_gpu.py tests/unit/test_model.py tests/e2e/test_bench.py -q -p no:cacheprovider \
+          -k "not tokenize and not fault_recovery and not store_overhead and not checkpoint_overhead" ;;
+      train) bench ;;
+      ablation) bench --micro-batches "" --ablation ;;
+      levers) bench --micro-batches "" --levers --only "chunked,attention" ;;
+      autotune) bench --micro-batches "" --levers --only "coordinate-descent" ;;
+      recipe-switches) bench --micro-batches "" --recipe-switches gpt2-124m-fast ;;
+      kernels) bench --micro-batches "" --levers --combine --profile \
+        --only "(ours),fused classifier,chunked lm_head,cuDNN,FlashAttention-4,coordinate-descent" ;;
+      # 300 steps of 131k tokens each (~40M tokens, under 1.5 min a recipe on an H100, plus a compile each) on the
+      # documentation corpus (22.5M tokens): make it with `python bench/prepare_docs.py --out store/data/docs`
+      # where the packages can be fetched, and copy store/data/docs (45 MB) with the checkout. STEPS and SEEDS
+      # change the length and the seeds.
+      recipes)
+        docs=${DOCS:-store/data/docs}
+        [ -f "$docs/manifest.json" ] || { echo "no corpus at $docs: run 'python bench/prepare_docs.py --out $docs' on a machine with network and copy it here" >&2; exit 2; }
+        python3 bench/recipe_compare.py --data "$docs" --scale gpt2-124m --steps "${STEPS:-300}" --val-every 25 \
+          --seeds "${SEEDS:-0}" --work /tmp/recipe-compare-124m --out "$OUT/recipe_compare-gpu-124m-$when.json" ;;
+      compile-modes) bench --micro-batches "" --levers --only "CUDA graphs,max-autotune" ;;  # autotuning is slow
+      tokenize) python3 bench/tokenize_throughput.py --tokens 200e6 --repeats 3 ;;
+      # one micro-batch per step (B=64, T=1024) so that the three variants fit in a few minutes; the blocked time
+      # per checkpoint does not depend on the cadence, the preset's 1000 steps is then a matter of arithmetic
+      checkpoint) python3 bench/checkpoint_overhead.py --config gpt2-124m --set total_batch_tokens=65536 \
+        --set val_tokens=65536 --steps 60 --checkpoint-every 20 --repeat 1 \
+        --out "$OUT/checkpoint_overhead-gpu-$when.json" ;;
+    esac
+  } 2>&1 | tee "$log"
+  return "${PIPESTATUS[0]}"
+}
 
-{
+# several steps in one call run one after the other; a step that fails does not keep the next from running
+for step in "$@"; do
   case "$step" in
-    check)
-      nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
-      python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
-      python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device visible')"
-      # the benchmarks' smoke tests that need the worker's packages (prefect, moto) or many cores stay on CPU machines
-      python3 -m pytest tests/e2e/test_gpu.py tests/unit/test_model.py tests/e2e/test_bench.py -q -p no:cacheprovider \
-        -k "not tokenize and not fault_recovery and not store_overhead and not checkpoint_overhead" ;;
-    train) bench ;;
-    ablation) bench --micro-batches "" --ablation ;;
-    levers) bench --micro-batches "" --levers --only "chunked,attention" ;;
-    autotune) bench --micro-batches "" --levers --only "coordinate-descent" ;;
-    recipe-switches) bench --micro-batches "" --recipe-switches gpt2-124m-fast ;;
-    kernels) bench --micro-batches "" --levers --combine --profile \
-      --only "(ours),fused classifier,chunked lm_head,cuDNN,FlashAttention-4,coordinate-descent" ;;
-    # 300 steps of 131k tokens each (~40M tokens, under 1.5 min a recipe on an H100, plus a compile each) on the
-    # documentation corpus (22.5M tokens): make it with `python bench/prepare_docs.py --out store/data/docs`
-    # where the packages can be fetched, and copy store/data/docs (45 MB) with the checkout. STEPS and SEEDS
-    # change the length and the seeds.
-    recipes)
-      docs=${DOCS:-store/data/docs}
-      [ -f "$docs/manifest.json" ] || { echo "no corpus at $docs: run 'python bench/prepare_docs.py --out $docs' on a machine with network and copy it here" >&2; exit 2; }
-      python3 bench/recipe_compare.py --data "$docs" --scale gpt2-124m --steps "${STEPS:-300}" --val-every 25 \
-        --seeds "${SEEDS:-0}" --work /tmp/recipe-compare-124m --out "$OUT/recipe_compare-gpu-124m-$when.json" ;;
-    compile-modes) bench --micro-batches "" --levers --only "CUDA graphs,max-autotune" ;;  # autotuning is slow
-    tokenize) python3 bench/tokenize_throughput.py --tokens 200e6 --repeats 3 ;;
-    # one micro-batch per step (B=64, T=1024) so that the three variants fit in a few minutes; the blocked time
-    # per checkpoint does not depend on the cadence, the preset's 1000 steps is then a matter of arithmetic
-    checkpoint) python3 bench/checkpoint_overhead.py --config gpt2-124m --set total_batch_tokens=65536 \
-      --set val_tokens=65536 --steps 60 --checkpoint-every 20 --repeat 1 \
-      --out "$OUT/checkpoint_overhead-gpu-$when.json" ;;
-    *) echo "unknown step $step" >&2; exit 2 ;;
+    check|train|ablation|levers|autotune|kernels|recipe-switches|recipes|compile-modes|tokenize|checkpoint) ;;
+    *) echo "unknown step $step (before any ran)" >&2; exit 2 ;;
   esac
-} 2>&1 | tee "$log"
-exit "${PIPESTATUS[0]}"
+done
+failed=()
+for step in "$@"; do
+  echo "== $step" >&2
+  run_step "$step" || failed+=("$step")
+done
+[ ${#failed[@]} -eq 0 ] || { echo "failed: ${failed[*]}" >&2; exit 1; }
