@@ -5,9 +5,16 @@
                     {"key": "optim.optimizer", "choices": ["adamw", "muon"]}]}
 
 A dimension is a range (floats, or integers with `integer`; `log` for a log-uniform one) or a list of choices;
-its key is any `--set` key of the run config (dotted, or a unique bare name). `check()` refuses, in one line
-each: an unknown key (with the keys it resembles), a range or a choice the config itself rejects (both ends of
-every range and every choice are tried), a grid over a continuous range, and a budget past what a grid holds.
+its key is any `--set` key of the run config (dotted, or a unique bare name). Values that only make sense
+together (a model shape: n_layer, n_head and n_embd) are one dimension of named `sets`, each a group of keys and
+values; its key names the dimension, and a trial's value is the name of its set:
+
+     {"key": "shape", "sets": {"d2": {"n_layer": 2, "n_head": 2, "n_embd": 64},
+                               "d4": {"n_layer": 4, "n_head": 4, "n_embd": 128}}}
+
+`check()` refuses, in one line each: an unknown key (with the keys it resembles), a range, choice or set the
+config itself rejects (both ends of every range, every choice and every set are tried), a key that two
+dimensions sweep, a grid over a continuous range, and a budget past what a grid holds.
 """
 
 from __future__ import annotations
@@ -36,18 +43,32 @@ def _one_line(err: Exception) -> str:
 class Dimension(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    key: str = Field(min_length=1, description="a run config key, as --set takes it")
+    key: str = Field(
+        min_length=1,
+        max_length=100,
+        description="a run config key, as --set takes it; with sets, the dimension's name",
+    )
     low: float | None = None
     high: float | None = None
     log: bool = Field(False, description="draw log-uniformly between low and high")
     integer: bool = Field(False, description="the range holds integers")
     choices: list[Value] | None = Field(None, min_length=1)
+    sets: dict[str, dict[str, Value]] | None = Field(
+        None,
+        min_length=1,
+        description="named choices, each a group of config keys and values set together (a model shape)",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> Dimension:
         ranged = self.low is not None or self.high is not None
-        if ranged == (self.choices is not None):
-            raise ValueError(f"{self.key}: give either low and high, or choices")
+        if ranged + (self.choices is not None) + (self.sets is not None) != 1:
+            raise ValueError(f"{self.key}: give one of low and high, choices, or sets")
+        for name, values in (self.sets or {}).items():
+            if not name.strip() or len(name) > 100:
+                raise ValueError(f"{self.key}: a set's name is 1 to 100 characters")
+            if not values:
+                raise ValueError(f"{self.key}: set {name!r} sets nothing")
         if ranged:
             if self.low is None or self.high is None or not self.low < self.high:
                 raise ValueError(f"{self.key}: a range needs low < high")
@@ -58,7 +79,10 @@ class Dimension(BaseModel):
         return self
 
     def ends(self) -> list[Value]:
-        """The values the config must accept for the dimension to be valid: both ends, or every choice."""
+        """The values the config must accept for the dimension to be valid: both ends, every choice, or every
+        set's name."""
+        if self.sets is not None:
+            return list(self.sets)
         if self.choices is not None:
             return list(self.choices)
         assert self.low is not None and self.high is not None
@@ -66,7 +90,27 @@ class Dimension(BaseModel):
             return [int(self.low), int(self.high)]
         return [self.low, self.high]
 
+    def config_keys(self) -> list[str]:  # not keys(): Prefect would take the model for a mapping
+        """The config keys the dimension sets."""
+        return (
+            [self.key]
+            if self.sets is None
+            else list(dict.fromkeys(k for v in self.sets.values() for k in v))
+        )
+
+    def overrides(self, value: Value) -> list[str]:
+        """The `--set` items of one of its values (a set's name: every key of that set)."""
+        if self.sets is None:
+            return [override(self.key, value)]
+        if not isinstance(value, str) or value not in self.sets:
+            raise SweepError(
+                f"dimension {self.key!r} has no set {value!r}: its sets are {list(self.sets)}"
+            )
+        return [override(k, v) for k, v in self.sets[value].items()]
+
     def grid(self) -> list[Value]:
+        if self.sets is not None:
+            return list(self.sets)
         if self.choices is not None:
             return list(self.choices)
         if not self.integer:
@@ -110,17 +154,24 @@ class SweepSpace(BaseModel):
             load_config(self.preset, self.overrides)
         except ConfigError as err:
             raise SweepError(f"the sweep's base config: {_one_line(err)}") from None
+        swept: dict[str, str] = {}  # config key -> the dimension that sweeps it
         for dim in self.dimensions:
-            try:
-                key = resolve_key(dim.key)
-            except ConfigError as err:
-                raise SweepError(f"dimension {dim.key!r}: {_one_line(err)}") from None
-            for value in dim.ends():
+            for key in dim.config_keys():
                 try:
-                    load_config(self.preset, [*self.overrides, override(key, value)])
+                    full = resolve_key(key)
+                except ConfigError as err:
+                    raise SweepError(f"dimension {dim.key!r}: {_one_line(err)}") from None
+                if swept.setdefault(full, dim.key) != dim.key:
+                    raise SweepError(
+                        f"{full} is swept by two dimensions, {swept[full]!r} and {dim.key!r}"
+                    )
+            for value in dim.ends():
+                what = f"set {value!r}" if dim.sets is not None else repr(value)
+                try:
+                    load_config(self.preset, [*self.overrides, *dim.overrides(value)])
                 except ConfigError as err:
                     raise SweepError(
-                        f"dimension {dim.key!r}: the run config refuses {value!r}: {_one_line(err)}"
+                        f"dimension {dim.key!r}: the run config refuses {what}: {_one_line(err)}"
                     ) from None
         if self.sampler == "grid":
             size = math.prod(len(d.grid()) for d in self.dimensions)
@@ -138,4 +189,5 @@ class SweepSpace(BaseModel):
         ]
 
     def trial_overrides(self, point: dict[str, Any]) -> list[str]:
-        return [*self.overrides, *(override(k, v) for k, v in point.items())]
+        """A trial's config overrides: the fixed ones, then each dimension's value (a set: all its keys)."""
+        return [*self.overrides, *(o for d in self.dimensions for o in d.overrides(point[d.key]))]

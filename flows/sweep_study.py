@@ -222,7 +222,9 @@ def prepare_sweep(p: SweepParams):
 def suggest(trial, space: SweepSpace) -> dict[str, Value]:
     point: dict[str, Value] = {}
     for d in space.dimensions:
-        if d.choices is not None:
+        if d.sets is not None:  # a set is drawn by its name
+            point[d.key] = trial.suggest_categorical(d.key, list(d.sets))
+        elif d.choices is not None:
             point[d.key] = trial.suggest_categorical(d.key, d.choices)
         elif space.sampler == "grid":  # the enqueued point's value
             point[d.key] = trial.suggest_categorical(d.key, d.grid())

@@ -53,7 +53,17 @@ def test_a_sweep_prunes_the_trial_that_is_behind_records_the_failed_one_and_name
 ):
     space = {
         "dimensions": [
-            {"key": "optim.max_lr", "choices": [1e-2, 1e-6]},
+            # a learning rate that learns and one that hardly does. The good one also fails once for the
+            # cluster's reasons: its processes die at step 27, as on a node that fails, and its own flow
+            # resubmits it. A set gives the death to those trials alone: a pruned trial's hold lands a few polls
+            # after its rung, and a death on its way there would race the hold
+            {
+                "key": "lr",
+                "sets": {
+                    "good": {"optim.max_lr": 1e-2, "debug.die_at_step": 27},
+                    "slow": {"optim.max_lr": 1e-6},
+                },
+            },
             # a trial that fails for its own reasons: it diverges (NaN losses) and has no rollback left
             {"key": "debug.fault_steps", "choices": ["[]", "[1,2,3]"]},
         ],
@@ -61,25 +71,27 @@ def test_a_sweep_prunes_the_trial_that_is_behind_records_the_failed_one_and_name
         "trials": 4,
         "max_concurrent": 2,
     }
-    # and one that fails for the cluster's reasons: every trial's processes die at step 27 once, as on a node
-    # that fails; only the trial that gets that far meets it, and its own flow resubmits it. Late in the run: a
-    # pruned trial's hold lands a few polls after its rung, and at ~30 ms a step an early death would race it
-    space["overrides"] = [*RUN, "debug.die_at_step=27"]
     p = _params(tmp_path, demo_data, space, pruner="halving", min_steps=5)
     result = asyncio.run(sweep(p))
 
     study = _study(tmp_path)
     trials = sorted(study.get_trials(), key=lambda t: t.number)
-    by = {(t.params["optim.max_lr"], t.params["debug.fault_steps"]): t for t in trials}
+    by = {(t.params["lr"], t.params["debug.fault_steps"]): t for t in trials}
     assert len(trials) == 4 and len(by) == 4  # every grid point once
-    good, slow = by[(1e-2, "[]")], by[(1e-6, "[]")]
+    good, slow = by[("good", "[]")], by[("slow", "[]")]
+    config = json.loads(
+        (tmp_path / "store" / "runs" / f"s-t{good.number:03d}" / "config.json").read_text()
+    )
+    assert (
+        config["optim"]["max_lr"] == 1e-2 and config["debug"]["die_at_step"] == 27
+    )  # the set, whole
     assert good.state.name == "COMPLETE" and good.value == pytest.approx(
         read_jsonl(tmp_path / "store" / "runs" / f"s-t{good.number:03d}" / "metrics.jsonl")[-1][
             "val_loss"
         ]
     )
-    assert by[(1e-2, "[1,2,3]")].state.name == by[(1e-6, "[1,2,3]")].state.name == "FAIL"
-    assert "diverged" in by[(1e-2, "[1,2,3]")].user_attrs["result"]["message"]
+    assert by[("good", "[1,2,3]")].state.name == by[("slow", "[1,2,3]")].state.name == "FAIL"
+    assert "diverged" in by[("good", "[1,2,3]")].user_attrs["result"]["message"]
     # the slow trial was pruned at a rung, and stopped there with a checkpoint to resume from
     assert slow.state.name == "PRUNED"
     slow_run = tmp_path / "store" / "runs" / f"s-t{slow.number:03d}"
@@ -91,7 +103,7 @@ def test_a_sweep_prunes_the_trial_that_is_behind_records_the_failed_one_and_name
     assert _most_at_once(trials) == 2  # the limit, reached and never exceeded
 
     assert result["winner"]["trial"] == good.number and result["winner"]["params"] == {
-        "optim.max_lr": 1e-2,
+        "lr": "good",
         "debug.fault_steps": "[]",
     }
     assert (result["completed"], result["pruned"], result["failed"]) == (1, 1, 2)
@@ -124,8 +136,7 @@ def test_a_sweep_prunes_the_trial_that_is_behind_records_the_failed_one_and_name
     # promoted: the pruned trial resumes from its checkpoint and runs to its end; nothing else runs
     promoted = asyncio.run(sweep(p.model_copy(update={"promote": [slow.number]})))
     subs = read_jsonl(slow_run / "submissions.jsonl")
-    # it meets the node failure at step 27 on its way, and its flow resubmits it too
-    assert [s["next"] for s in subs] == ["held", "resubmit", "done"]
+    assert [s["next"] for s in subs] == ["held", "done"]
     assert subs[1]["start_step"] == subs[0]["end_step"]  # resumed, not started over
     assert read_jsonl(slow_run / "metrics.jsonl")[-1]["step"] == 29
     assert not (slow_run / "hold.json").exists()

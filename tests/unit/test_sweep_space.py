@@ -62,8 +62,11 @@ def test_what_cannot_run_is_refused_before_any_trial(kw, needle):
         ({"trials": 0}, "greater than 0"),
         ({"dimensions": [{"key": "max_lr", "low": 1e-2, "high": 1e-3}]}, "low < high"),
         ({"dimensions": [{"key": "max_lr", "low": 0.0, "high": 1e-3, "log": True}]}, "low > 0"),
-        ({"dimensions": [{"key": "max_lr"}]}, "either low and high, or choices"),
-        ({"dimensions": [{"key": "max_lr", "choices": [1], "low": 1, "high": 2}]}, "either"),
+        ({"dimensions": [{"key": "max_lr"}]}, "one of low and high, choices, or sets"),
+        ({"dimensions": [{"key": "max_lr", "choices": [1], "low": 1, "high": 2}]}, "one of"),
+        ({"dimensions": [{"key": "s", "choices": [1], "sets": {"a": {"n_layer": 1}}}]}, "one of"),
+        ({"dimensions": [{"key": "s", "sets": {}}]}, "at least 1"),
+        ({"dimensions": [{"key": "s", "sets": {"a": {}}}]}, "set 'a' sets nothing"),
         (
             {"dimensions": [{"key": "max_lr", "choices": [1]}, {"key": "max_lr", "choices": [2]}]},
             "swept twice",
@@ -94,6 +97,63 @@ def test_a_grid_is_every_combination_in_a_fixed_order():
         {"n_layer": 2, "qk_norm": True},
     ]
     assert s.trial_overrides(s.grid_points()[1]) == ["n_layer=1", "qk_norm=true"]
+
+
+SHAPES = {
+    "key": "shape",
+    "sets": {
+        "d1": {"n_layer": 1, "n_head": 2, "n_embd": 16},
+        "d2": {"n_layer": 2, "n_head": 4, "n_embd": 32},
+    },
+}
+
+
+def test_values_that_go_together_are_one_dimension_of_named_sets():
+    s = space(
+        sampler="grid", trials=4, dimensions=[SHAPES, {"key": "max_lr", "choices": [1e-2, 1e-3]}]
+    )
+    s.check()
+    assert s.grid_points()[2] == {
+        "shape": "d2",
+        "max_lr": 1e-2,
+    }  # a trial's value is its set's name
+    assert s.trial_overrides(s.grid_points()[2]) == [
+        "n_layer=2",
+        "n_head=4",
+        "n_embd=32",
+        "max_lr=0.01",
+    ]
+    with pytest.raises(SweepError, match="has no set 'd9'"):  # a study made from another space
+        s.trial_overrides({"shape": "d9", "max_lr": 1e-2})
+
+
+@pytest.mark.parametrize(
+    "dims, needle",
+    [
+        # every set is tried whole: n_head must divide n_embd
+        (
+            [{"key": "shape", "sets": {"ok": {"n_head": 2}, "odd": {"n_head": 3, "n_embd": 16}}}],
+            "dimension 'shape': the run config refuses set 'odd'",
+        ),
+        ([{"key": "shape", "sets": {"a": {"n_layr": 2}}}], "unknown config key 'n_layr'"),
+        ([SHAPES, {"key": "model.n_embd", "choices": [8, 16]}], "model.n_embd is swept by two"),
+    ],
+)
+def test_a_set_that_cannot_run_or_that_another_dimension_sweeps_is_refused(dims, needle):
+    with pytest.raises(SweepError) as err:
+        space(dimensions=dims).check()
+    assert needle in str(err.value)
+
+
+def test_a_sampler_draws_a_set_by_its_name(tmp_path):
+    import optuna
+
+    from flows.sweep_study import suggest
+
+    s = space(sampler="random", dimensions=[SHAPES])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = {suggest(study.ask(), s)["shape"] for _ in range(20)}
+    assert drawn == {"d1", "d2"}
 
 
 def _sweep(**kw):
