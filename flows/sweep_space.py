@@ -14,7 +14,9 @@ values; its key names the dimension, and a trial's value is the name of its set:
 
 `check()` refuses, in one line each: an unknown key (with the keys it resembles), a range, choice or set the
 config itself rejects (both ends of every range, every choice and every set are tried), a key that two
-dimensions sweep, a grid over a continuous range, and a budget past what a grid holds.
+dimensions sweep, a grid over a continuous range, a budget past what a grid holds, and a grid trial whose values,
+each accepted alone, clash (n_head and n_embd). A random or TPE sampler's trials are drawn later: one whose
+values clash fails as a trial, with the config's reason, and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -179,6 +181,14 @@ class SweepSpace(BaseModel):
                 raise SweepError(
                     f"the grid holds {size} trials and the budget is {self.trials}: lower trials to {size}"
                 )
+            # a grid's trials are known now: each is tried whole (values the config takes alone can clash)
+            for point in self.grid_points()[: self.trials]:
+                try:
+                    load_config(self.preset, self.trial_overrides(point))
+                except ConfigError as err:
+                    raise SweepError(
+                        f"the grid's trial {point}: the run config refuses it: {_one_line(err)}"
+                    ) from None
 
     def grid_points(self) -> list[dict[str, Value]]:
         """Every point of a grid sweep, in a fixed order."""

@@ -70,6 +70,63 @@ def test_config_overrides_are_a_config_or_a_config_error(overrides):
     assert cfg.train.seed >= 0 and math.isfinite(cfg.optim.max_lr)
 
 
+SWEEP_SPACE = {
+    "preset": "tiny",
+    "sampler": "grid",
+    "trials": 2,
+    "dimensions": [
+        {"key": "shape", "sets": {"a": {"n_layer": 1, "n_head": 2}, "b": {"n_layer": 2}}},
+        {"key": "optim.max_lr", "choices": [1e-3]},
+    ],
+}
+KEYS = st.sampled_from(["n_layer", "optim.max_lr", "n_head", "optimizer", "max_steps"]) | TEXT
+# values a config key could take, and some it could not (text with line breaks, '=', quotes)
+VALUE = st.integers(-2, 70) | st.floats(-1.0, 1.0) | st.booleans() | TEXT
+NUMBER = st.integers(-2, 70) | st.floats(-1.0, 70)
+DIMENSION = st.one_of(
+    st.fixed_dictionaries(
+        {"key": KEYS, "low": NUMBER, "high": NUMBER},
+        optional={"log": st.booleans(), "integer": st.booleans()},
+    ),
+    st.fixed_dictionaries({"key": KEYS, "choices": st.lists(VALUE, min_size=1, max_size=3)}),
+    st.fixed_dictionaries(
+        {
+            "key": KEYS,
+            "sets": st.dictionaries(
+                TEXT, st.dictionaries(KEYS, VALUE, min_size=1, max_size=3), min_size=1, max_size=3
+            ),
+        }
+    ),
+    # and of any shape
+    st.fixed_dictionaries(
+        {"key": JSON},
+        optional={k: JSON for k in ("low", "high", "log", "integer", "choices", "sets")},
+    ),
+)
+
+
+@given(
+    mutations(SWEEP_SPACE)
+    | st.lists(DIMENSION, max_size=3).map(lambda d: {**SWEEP_SPACE, "dimensions": d})
+    | mutations(SWEEP_SPACE["dimensions"][0]).map(
+        lambda d: {**SWEEP_SPACE, "dimensions": [d, SWEEP_SPACE["dimensions"][1]]}
+    )
+)
+def test_a_sweep_space_is_refused_in_one_line_or_every_trial_it_makes_is_a_config(space):
+    """What a sweep is given (flows/sweep_space.py): a validation error, a SweepError before any trial, or a
+    space whose every grid trial is a config the run accepts."""
+    from flows.sweep_space import SweepError, SweepSpace
+
+    try:
+        s = SweepSpace.model_validate(space)
+        s.check()
+    except (ValidationError, SweepError):
+        return
+    if s.sampler == "grid":
+        for point in s.grid_points()[: s.trials][:4]:
+            load_config(s.preset, s.trial_overrides(point))
+
+
 @given(st.dictionaries(st.sampled_from(sorted(JobSpec.model_fields)), JSON))
 def test_a_job_spec_is_a_spec_or_a_validation_error(fields):
     try:

@@ -145,6 +145,17 @@ def test_a_set_that_cannot_run_or_that_another_dimension_sweeps_is_refused(dims,
     assert needle in str(err.value)
 
 
+def test_a_grid_trial_whose_values_clash_is_refused_before_any_trial():
+    """n_head=4 and n_embd=6 are each a config of the tiny preset (n_embd 16, n_head 2), not together."""
+    clash = [{"key": "n_head", "choices": [2, 4]}, {"key": "n_embd", "choices": [16, 6]}]
+    with pytest.raises(SweepError) as err:
+        space(sampler="grid", trials=4, dimensions=clash).check()
+    assert "the grid's trial {'n_head': 4, 'n_embd': 6}: the run config refuses it" in str(
+        err.value
+    )
+    space(sampler="grid", trials=3, dimensions=clash).check()  # the budget stops before that trial
+
+
 def test_a_sampler_draws_a_set_by_its_name(tmp_path):
     import optuna
 
