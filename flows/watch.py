@@ -26,7 +26,7 @@ from common.layout import RunDir
 from common.logfiles import LogTail
 from common.stall import StallAlarm
 from flows.executors import Submission
-from training.metrics import parse_metrics
+from training.metrics import MetricsTail
 from training.telemetry import Straggler, StragglerWatch
 
 
@@ -93,7 +93,7 @@ class RunWatcher:
         self.guard_events: list[dict[str, Any]] = _parse(
             self.guard_tail.read()
         )  # shown whole in the UI
-        self.metrics_tail = LogTail(run.metrics)
+        self.metrics_tail = MetricsTail(run.url)
         self.metrics: list[dict[str, Any]] = []
         # stragglers already recorded: a restarted flow reads the metrics from the start and finds them again
         self.earlier_stragglers = _parse(LogTail(run.stragglers).read())
@@ -145,7 +145,7 @@ class RunWatcher:
                         self.log.info("[train] %s", line)
                     self._log_events()
                     self._log_guard_events()
-                    new = parse_metrics(self.metrics_tail.read())
+                    new = self.metrics_tail.read()
                 self.metrics += new
                 await self._stragglers(new)
                 await on_tick(self.metrics)
