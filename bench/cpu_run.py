@@ -50,9 +50,8 @@ def cpu_machine() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    if (
-        torch.cuda.is_available()
-    ):  # a run that trained on a GPU names it (CPU results keep their shape)
+    # a run that trained on a GPU names it (CPU results keep their shape)
+    if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(0)
     return out
 

@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -70,17 +71,23 @@ BASELINE_VALUE = {
     "model.zero_init_proj": "false",
     "model.logit_softcap": "0",
 }
-# each scale: the preset it starts from, and its overrides
+
+
+class Scale(NamedTuple):
+    preset: str  # the config it starts from
+    overrides: list[str]
+
+
 SCALES = {
-    "demo": ("demo", []),
-    "small": (
+    "demo": Scale("demo", []),
+    "small": Scale(
         "demo",
         ["model.n_layer=6", "model.n_head=4", "model.n_embd=256", "optim.max_lr=6e-3"],
     ),
     # GPT-2 124M on one GPU for a few minutes a recipe (bench/gpu_node.sh recipes): 2 micro-batches of 64 x 1024
     # a step, so that a few hundred steps see a few tens of millions of tokens (the documentation corpus is
     # 22.5M: about two passes); a warm-up as short as the run, and val batches the 200k-token val shard holds
-    "gpt2-124m": (
+    "gpt2-124m": Scale(
         "gpt2-124m",
         [
             "total_batch_tokens=131072",
@@ -125,14 +132,14 @@ def train(a: argparse.Namespace, work: Path, name: str, overrides: list[str], se
         "sample_every=0",
         f"checkpoint_every={a.steps}",
         "log_every=10",
-        *SCALES[a.scale][1],
+        *SCALES[a.scale].overrides,
         *a.set,
         *overrides,
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONUNBUFFERED="1")
     t0 = time.time()
     p = subprocess.run(
-        [sys.executable, "-m", "training.train", "--config", SCALES[a.scale][0]]
+        [sys.executable, "-m", "training.train", "--config", SCALES[a.scale].preset]
         + [x for kv in sets for x in ("--set", kv)],
         cwd=REPO,
         env=env,
@@ -199,10 +206,9 @@ def collected(
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     median_ms = statistics.median(r["step_ms"] for r in rows)
     elapsed, curve = 0.0, []
-    for i, r in enumerate(
-        rows
-    ):  # the training's own time: its steps (validation costs every recipe the same)
-        # the first step holds torch.compile's compilation (a minute on a GPU): it counts as a median step
+    # the training's own time: its steps (validation costs every recipe the same); the first step holds
+    # torch.compile's compilation (a minute on a GPU), so it counts as a median step
+    for i, r in enumerate(rows):
         elapsed += (median_ms if i == 0 else r["step_ms"]) / 1000
         if "val_loss" in r:
             curve.append((r["tokens_seen"], round(elapsed, 3), r["val_loss"]))
@@ -469,9 +475,10 @@ def main(argv=None) -> int:
     seeds = [int(x) for x in a.seeds.split(",")]
     from training.config import ConfigError, load_config
 
+    scale = SCALES[a.scale]
     for name, overrides in recipes(a.ablate, a.batch_warmup, a.plus).items():
         try:  # every recipe's config, before any trains: a bad --plus or --set is one line, nothing run
-            load_config(SCALES[a.scale][0], [*SCALES[a.scale][1], *a.set, *overrides])
+            load_config(scale.preset, [*scale.overrides, *a.set, *overrides])
         except ConfigError as err:
             ap.error(f"recipe {name!r}: {' '.join(str(err).split())}")
     work = Path(a.work or tempfile.mkdtemp(prefix="recipe-compare-"))

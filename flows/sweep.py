@@ -390,9 +390,8 @@ class SweepDriver:
         curves = {}
         for t in self._all():
             name = self.p.trial_name(t.number)
-            if (
-                name not in self.val_curves
-            ):  # each page update reads what the trials added since the last
+            # each page update reads what the trials added since the last
+            if name not in self.val_curves:
                 self.val_curves[name] = ValCurve(self.p.run.store_layout().run(name).url)
             pts = self.val_curves[name].read()
             if pts:
