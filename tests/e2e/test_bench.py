@@ -373,6 +373,17 @@ def test_the_fast_recipes_switches_are_rows_each_on_its_own_then_all_together():
     assert row["tokens_per_s"] > 0 and row["overrides"] == rows[-1].overrides
 
 
+def _recipe_compare(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """bench/recipe_compare.py with these arguments, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "bench/recipe_compare.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def test_recipe_comparison_runs_both_recipes_side_by_side_and_its_arithmetic_holds(
     demo_data, tmp_path
 ):
@@ -414,15 +425,20 @@ def test_recipe_comparison_runs_both_recipes_side_by_side_and_its_arithmetic_hol
     assert "| val loss at 3,500 tokens |" in md and "| fast + batch warm-up | 3,500 |" in md
 
     out = tmp_path / "r.json"
-    p = subprocess.run(
-        [sys.executable, "bench/recipe_compare.py", "--data", demo_data, "--steps", "6"]
-        + ["--val-every", "3", "--seeds", "0", "--threads", "1", "--out", str(out)]
-        + ["--work", str(tmp_path / "runs")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    runs = ["--work", str(tmp_path / "runs")]
+    base = [
+        "--data",
+        demo_data,
+        "--steps",
+        "6",
+        "--val-every",
+        "3",
+        "--seeds",
+        "0",
+        "--threads",
+        "1",
+    ]
+    p = _recipe_compare([*base, "--out", str(out), *runs], timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(out.read_text())
     assert [r["recipe"] for r in res["summary"]] == ["build-nanogpt", "fast"]
@@ -437,13 +453,7 @@ def test_recipe_comparison_runs_both_recipes_side_by_side_and_its_arithmetic_hol
     assert "| on the whole val split |" in p.stdout
     assert out.with_suffix(".png").stat().st_size > 1000
     # run again on the same runs: nothing is trained twice, and the comparison is the same
-    again = subprocess.run(
-        p.args[:-4] + ["--out", str(tmp_path / "again.json"), "--work", str(tmp_path / "runs")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    again = _recipe_compare([*base, "--out", str(tmp_path / "again.json"), *runs], timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("trained before") == 2
     assert json.loads((tmp_path / "again.json").read_text())["summary"] == res["summary"]
@@ -453,14 +463,8 @@ def test_recipe_comparison_runs_both_recipes_side_by_side_and_its_arithmetic_hol
         *rc.recipes(False)["fast"],
         *more.split(),
     ]
-    plus = subprocess.run(
-        p.args[:-4]
-        + ["--out", str(tmp_path / "plus.json"), "--work", str(tmp_path / "runs")]
-        + ["--plus", more],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    plus = _recipe_compare(
+        [*base, "--out", str(tmp_path / "plus.json"), *runs, "--plus", more], timeout=300
     )
     assert plus.returncode == 0 and plus.stderr.count("trained before") == 2, plus.stderr[-3000:]
     summary = json.loads((tmp_path / "plus.json").read_text())["summary"]
@@ -534,14 +538,10 @@ def test_the_124m_comparison_trains_the_two_presets_and_a_compiled_first_step_is
     shrink = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "compile=false"]
     shrink += ["micro_batch=2", "seq_len=64", "total_batch_tokens=256", "val_tokens=256"]
     out = tmp_path / "r.json"
-    p = subprocess.run(
-        [sys.executable, "bench/recipe_compare.py", "--data", demo_data, "--scale", "gpt2-124m"]
-        + ["--steps", "4", "--val-every", "2", "--seeds", "0", "--threads", "1"]
-        + [x for kv in shrink for x in ("--set", kv)]
+    p = _recipe_compare(
+        ["--data", demo_data, "--scale", "gpt2-124m", "--steps", "4", "--val-every", "2"]
+        + ["--seeds", "0", "--threads", "1", *[x for kv in shrink for x in ("--set", kv)]]
         + ["--out", str(out), "--work", str(tmp_path / "runs")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     assert p.returncode == 0, p.stderr[-3000:]
