@@ -24,7 +24,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${GPU_NODE_STAGE:-.cache/gpu-node}
-[ $# -gt 0 ] || { echo "usage: gpu_node.sh stage | STEP [STEP ...] (check train ablation levers autotune kernels recipe-switches recipes compile-modes tokenize checkpoint)" >&2; exit 2; }
+STEPS=" check train ablation levers autotune kernels recipe-switches recipes compile-modes tokenize checkpoint "
+[ $# -gt 0 ] || { echo "usage: gpu_node.sh stage | STEP [STEP ...] (STEP:$STEPS)" >&2; exit 2; }
 
 if [ "$1" = stage ]; then
   PY=${VENV:-.venv}/bin/python
@@ -97,10 +98,7 @@ run_step() {
 
 # several steps in one call run one after the other; a step that fails does not keep the next from running
 for step in "$@"; do
-  case "$step" in
-    check|train|ablation|levers|autotune|kernels|recipe-switches|recipes|compile-modes|tokenize|checkpoint) ;;
-    *) echo "unknown step $step (before any ran)" >&2; exit 2 ;;
-  esac
+  [[ $step =~ ^[a-z-]+$ && "$STEPS" == *" $step "* ]] || { echo "unknown step $step (before any ran; steps:$STEPS)" >&2; exit 2; }
 done
 failed=()
 for step in "$@"; do
