@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -40,6 +41,9 @@ class SweepError(BadInput, ValueError):
 def _one_line(err: Exception) -> str:
     """The config's message (a line per problem) as one line."""
     return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 
 
 class Dimension(BaseModel):
@@ -66,9 +70,16 @@ class Dimension(BaseModel):
         ranged = self.low is not None or self.high is not None
         if ranged + (self.choices is not None) + (self.sets is not None) != 1:
             raise ValueError(f"{self.key}: give one of low and high, choices, or sets")
+        # a sets dimension's name and its sets' names are shown in tables, tags and params: plain names only
+        if self.sets is not None and not _PLAIN_NAME.fullmatch(self.key):
+            raise ValueError(
+                f"{self.key!r}: a dimension of sets is named in letters, digits, '.', '_', '-'"
+            )
         for name, values in (self.sets or {}).items():
-            if not name.strip() or len(name) > 100:
-                raise ValueError(f"{self.key}: a set's name is 1 to 100 characters")
+            if not _PLAIN_NAME.fullmatch(name):
+                raise ValueError(
+                    f"{self.key}: set {name!r}: a set is named in 1 to 100 letters, digits, '.', '_', '-'"
+                )
             if not values:
                 raise ValueError(f"{self.key}: set {name!r} sets nothing")
         if ranged:

@@ -122,6 +122,9 @@ def test_a_sweep_space_is_refused_in_one_line_or_every_trial_it_makes_is_a_confi
         s.check()
     except (ValidationError, SweepError):
         return
+    # what the trials table, the tracker's params and tags show of a set: one plain word each
+    shown = [n for d in s.dimensions if d.sets for n in (d.key, *d.sets)]
+    assert not any(c in n for n in shown for c in "\n\r|` ")
     if s.sampler == "grid":
         for point in s.grid_points()[: s.trials][:4]:
             load_config(s.preset, s.trial_overrides(point))

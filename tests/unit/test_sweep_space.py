@@ -67,6 +67,10 @@ def test_what_cannot_run_is_refused_before_any_trial(kw, needle):
         ({"dimensions": [{"key": "s", "choices": [1], "sets": {"a": {"n_layer": 1}}}]}, "one of"),
         ({"dimensions": [{"key": "s", "sets": {}}]}, "at least 1"),
         ({"dimensions": [{"key": "s", "sets": {"a": {}}}]}, "set 'a' sets nothing"),
+        # names a table, a tag or a param shows: no line break, no markup
+        ({"dimensions": [{"key": "s", "sets": {"a\n| b": {"n_layer": 1}}}]}, "letters, digits"),
+        ({"dimensions": [{"key": "s|x", "sets": {"a": {"n_layer": 1}}}]}, "letters, digits"),
+        ({"dimensions": [{"key": "s", "sets": {"": {"n_layer": 1}}}]}, "1 to 100"),
         (
             {"dimensions": [{"key": "max_lr", "choices": [1]}, {"key": "max_lr", "choices": [2]}]},
             "swept twice",
